@@ -1,0 +1,332 @@
+"""The page arena: page data in a tmpfs-backed file, in self-describing slots.
+
+Why a file and not Python objects: the pool's memory must be measurable, returnable to the host
+(punch-hole) and must outlive the host agent process, so that a host agent killed with SIGKILL and
+started again finds every persistent page it had acknowledged.
+
+Layout: the file is cut into slabs of `SLAB_SIZE` bytes. A slab in use belongs to one size class and
+starts with a slab header naming the class; its slots follow back to back. Every slot starts with a
+header that names its page (pool handle, object id, index), its encoding and length, a generation
+(a global counter: the higher one wins when two slots claim one key after a crash) and a checksum over
+key, generation and data. Slots are reused while their slab is in use (first-touch faults of fresh tmpfs
+memory cost ~10x a warm write); a slab whose last slot is freed is returned to the host with
+MADV_REMOVE (punch-hole on tmpfs) once its class has a slab's worth of free slots to spare.
+"""
+
+from __future__ import annotations
+
+import heapq
+import mmap
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from guestagent.wire import PAGE_SIZE
+
+SLAB_SHIFT: Final = 18
+SLAB_SIZE: Final = 1 << SLAB_SHIFT  # 256 KiB
+
+SLAB_MAGIC: Final = 0x42414C53  # "SLAB"
+SLAB_HEADER: Final = struct.Struct("<IIQ")  # magic, size class, reserved
+SLAB_HEADER_SIZE: Final = 64  # slots start here
+
+SLOT_LIVE: Final = 0x45564C53  # "SLVE"
+SLOT_FREE: Final = 0
+# state, pool handle, generation, object id, index, checksum, data length, encoding, flags
+SLOT_HEADER: Final = struct.Struct("<IIQ24sIIHBB")
+SLOT_HEADER_SIZE: Final = SLOT_HEADER.size  # 52
+_STATE = struct.Struct("<I")
+_STATE_GEN = struct.Struct("<I4xQ")
+_GEN = struct.Struct("<Q")
+_DATA_INFO = struct.Struct("<HB")  # length, encoding
+_DATA_INFO_OFFSET: Final = 48
+_GEN_OFFSET: Final = 8
+
+FLAG_CHECKSUM: Final = 1  # the slot carries a checksum (persistent pages); others are not rebuilt
+
+# Slot sizes including the header. The smallest holds a same-filled page (8-byte word); the largest a
+# raw page. In between, steps fine enough that lz4 pages (typically 1.3-3 KiB) pack densely.
+SLOT_SIZES: Final[tuple[int, ...]] = (
+    64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048, 2304, 2560, 2816, 3072, 3328, 3584, 3840,
+    SLOT_HEADER_SIZE + PAGE_SIZE,
+)
+RAW_CLASS: Final = len(SLOT_SIZES) - 1
+# The longest compressed page worth keeping: anything longer lands in the raw class anyway.
+MAX_COMPRESSED: Final = SLOT_SIZES[RAW_CLASS - 1] - SLOT_HEADER_SIZE
+SLOTS_PER_SLAB: Final[tuple[int, ...]] = tuple(
+    (SLAB_SIZE - SLAB_HEADER_SIZE) // size for size in SLOT_SIZES
+)
+# CLASS_FOR_LENGTH[n] = the smallest class whose slot holds n data bytes.
+CLASS_FOR_LENGTH: Final[tuple[int, ...]] = tuple(
+    next(c for c, size in enumerate(SLOT_SIZES) if size - SLOT_HEADER_SIZE >= n)
+    for n in range(PAGE_SIZE + 1)
+)
+
+_NO_SLAB: Final = -1
+
+
+class ArenaError(Exception):
+    """The arena file cannot be used (wrong size, not mappable, ...)."""
+
+
+class ArenaFull(ArenaError):
+    """No free slab is left for a size class: the caller must free slots or refuse."""
+
+
+def checksum(handle: int, generation: int, oid: bytes, index: int, encoding: int, data: bytes) -> int:
+    """CRC-32 over a slot's key, generation, encoding and data: a torn header or page fails it."""
+    seed = (handle * 0x9E3779B1 ^ generation ^ (index << 7) ^ (encoding << 29) ^ len(data)) & 0xFFFFFFFF
+    return zlib.crc32(data, zlib.crc32(oid, seed))
+
+
+@dataclass(frozen=True, slots=True)
+class SlotRecord:
+    """A live slot found by `Arena.scan` (rebuild after a restart)."""
+
+    offset: int
+    size_class: int
+    handle: int
+    generation: int
+    oid: bytes
+    index: int
+    encoding: int
+    verified: bool  # carries a checksum and it matches
+
+
+class Arena:
+    """Slab-allocated slots in one mmap of a tmpfs file.
+
+    Not thread-safe: the host agent owns it from one event loop.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], capacity_bytes: int) -> None:
+        self.path = Path(path)
+        nslabs = max(len(SLOT_SIZES), -(-capacity_bytes // SLAB_SIZE))
+        self.capacity_bytes = nslabs * SLAB_SIZE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            size = os.fstat(self._fd).st_size
+            if size > self.capacity_bytes:
+                # A previous run had a larger arena: keep it whole, its slabs may hold pages.
+                nslabs = -(-size // SLAB_SIZE)
+                self.capacity_bytes = nslabs * SLAB_SIZE
+            if size != self.capacity_bytes:
+                os.ftruncate(self._fd, self.capacity_bytes)
+            self._mm = mmap.mmap(self._fd, self.capacity_bytes, mmap.MAP_SHARED)
+        except OSError as err:
+            os.close(self._fd)
+            raise ArenaError(f"cannot map arena {self.path}: {err}") from err
+        self._nslabs = nslabs
+        self._slab_class: list[int] = [_NO_SLAB] * nslabs
+        self._slab_live: list[int] = [0] * nslabs
+        self._free_slabs: list[int] = list(range(nslabs))  # a heap: lowest slabs first, file stays dense
+        self._free: list[list[int]] = [[] for _ in SLOT_SIZES]  # freed slots, LIFO: warm ones reused
+        self._bump: list[int] = [0] * len(SLOT_SIZES)  # next never-used slot in the class's newest slab
+        self._bump_end: list[int] = [0] * len(SLOT_SIZES)
+        self.slabs_in_use = 0
+        self.slots_in_use = 0
+        self.used_bytes = 0  # bytes of live slots (what clients are charged)
+        self.max_generation = 0
+        self.scanned = False
+
+    # -- allocation -------------------------------------------------------------------------------
+
+    def alloc(self, size_class: int) -> int:
+        """A free slot of `size_class`; raises ArenaFull when no slab is left."""
+        free = self._free[size_class]
+        if free:
+            offset = free.pop()
+        else:
+            offset = self._bump[size_class]
+            if offset == 0 or offset + SLOT_SIZES[size_class] > self._bump_end[size_class]:
+                offset = self._new_slab(size_class)
+            self._bump[size_class] = offset + SLOT_SIZES[size_class]
+        self._slab_live[offset >> SLAB_SHIFT] += 1
+        self.slots_in_use += 1
+        self.used_bytes += SLOT_SIZES[size_class]
+        return offset
+
+    def store(self, size_class: int, handle: int, generation: int, oid: bytes, index: int,
+              encoding: int, data: bytes, crc: int, flags: int) -> int:
+        """Allocate a slot and fill it (the put hot path: one call instead of two)."""
+        offset = self.alloc(size_class)
+        start = offset + SLOT_HEADER_SIZE
+        mm = self._mm
+        mm[start : start + len(data)] = data
+        SLOT_HEADER.pack_into(mm, offset, SLOT_LIVE, handle, generation, oid, index, crc,
+                              len(data), encoding, flags)
+        return offset
+
+    def _new_slab(self, size_class: int) -> int:
+        if not self._free_slabs:
+            raise ArenaFull(f"arena {self.path} has no free slab ({self.capacity_bytes} bytes)")
+        slab = heapq.heappop(self._free_slabs)
+        base = slab << SLAB_SHIFT
+        self._slab_class[slab] = size_class
+        self.slabs_in_use += 1
+        SLAB_HEADER.pack_into(self._mm, base, SLAB_MAGIC, size_class, 0)
+        first = base + SLAB_HEADER_SIZE
+        self._bump_end[size_class] = first + SLOTS_PER_SLAB[size_class] * SLOT_SIZES[size_class]
+        return first
+
+    def free(self, offset: int) -> int:
+        """Mark a slot free; returns the slot's size (the bytes its owner is no longer charged)."""
+        _STATE.pack_into(self._mm, offset, SLOT_FREE)
+        slab = offset >> SLAB_SHIFT
+        size_class = self._slab_class[slab]
+        size = SLOT_SIZES[size_class]
+        self.slots_in_use -= 1
+        self.used_bytes -= size
+        free = self._free[size_class]
+        free.append(offset)
+        live = self._slab_live[slab] - 1
+        self._slab_live[slab] = live
+        if live == 0 and len(free) >= 2 * SLOTS_PER_SLAB[size_class]:
+            self._release_slab(slab)
+        return size
+
+    def _release_slab(self, slab: int) -> None:
+        size_class = self._slab_class[slab]
+        base = slab << SLAB_SHIFT
+        first = base + SLAB_HEADER_SIZE
+        if self._bump_end[size_class] == first + SLOTS_PER_SLAB[size_class] * SLOT_SIZES[size_class]:
+            return  # still the class's bump slab: keep it, it is about to be used again
+        self._free[size_class] = [o for o in self._free[size_class] if o >> SLAB_SHIFT != slab]
+        self._mm.madvise(mmap.MADV_REMOVE, base, SLAB_SIZE)
+        self._slab_class[slab] = _NO_SLAB
+        self.slabs_in_use -= 1
+        heapq.heappush(self._free_slabs, slab)
+
+    def release_empty_slabs(self) -> int:
+        """Return every empty slab to the host (for `reserve`); returns bytes released."""
+        released = 0
+        for slab, live in enumerate(self._slab_live):
+            if live == 0 and self._slab_class[slab] != _NO_SLAB:
+                before = self.slabs_in_use
+                self._release_slab(slab)
+                released += (before - self.slabs_in_use) * SLAB_SIZE
+        return released
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of slabs in use: the arena's real memory footprint."""
+        return self.slabs_in_use * SLAB_SIZE
+
+    def free_slot_bytes(self) -> int:
+        """Bytes of free slots inside slabs in use (internal fragmentation, reusable)."""
+        return self.resident_bytes - self.used_bytes - self.slabs_in_use * SLAB_HEADER_SIZE
+
+    # -- slot contents ----------------------------------------------------------------------------
+
+    def write(self, offset: int, handle: int, generation: int, oid: bytes, index: int,
+              encoding: int, data: bytes, crc: int, flags: int) -> None:
+        """Fill a slot: data first, then the header that makes it live."""
+        start = offset + SLOT_HEADER_SIZE
+        self._mm[start : start + len(data)] = data
+        SLOT_HEADER.pack_into(self._mm, offset, SLOT_LIVE, handle, generation, oid, index, crc,
+                              len(data), encoding, flags)
+
+    def read(self, offset: int) -> tuple[int, bytes]:
+        """(encoding, stored bytes) of a live slot."""
+        mm = self._mm
+        length, encoding = _DATA_INFO.unpack_from(mm, offset + _DATA_INFO_OFFSET)
+        start = offset + SLOT_HEADER_SIZE
+        return encoding, mm[start : start + length]
+
+    def take(self, offset: int) -> tuple[int, bytes, int]:
+        """Read and free a slot (an exclusive get): (encoding, stored bytes, slot size)."""
+        mm = self._mm
+        length, encoding = _DATA_INFO.unpack_from(mm, offset + _DATA_INFO_OFFSET)
+        start = offset + SLOT_HEADER_SIZE
+        data = mm[start : start + length]
+        return encoding, data, self.free(offset)
+
+    def header(self, offset: int) -> tuple[int, int, int, bytes, int, int, int, int, int]:
+        """The raw slot header: state, handle, generation, oid, index, crc, length, encoding, flags."""
+        fields: tuple[int, int, int, bytes, int, int, int, int, int] = SLOT_HEADER.unpack_from(
+            self._mm, offset)
+        return fields
+
+    def live_generation(self, offset: int) -> int:
+        """The slot's generation if it is live, else 0: how LRU logs tell stale entries."""
+        if self._slab_class[offset >> SLAB_SHIFT] == _NO_SLAB:
+            return 0  # a released slab: reading it would fault fresh memory in
+        state, generation = _STATE_GEN.unpack_from(self._mm, offset)
+        return int(generation) if state == SLOT_LIVE else 0
+
+    def set_generation(self, offset: int, generation: int) -> None:
+        """Re-stamp a live slot (an LRU touch on a shared pool) without rewriting its data."""
+        _GEN.pack_into(self._mm, offset + _GEN_OFFSET, generation)
+
+    def size_of(self, offset: int) -> int:
+        return SLOT_SIZES[self._slab_class[offset >> SLAB_SHIFT]]
+
+    # -- rebuild ----------------------------------------------------------------------------------
+
+    def scan(self) -> Iterator[SlotRecord]:
+        """Rebuild the allocator from the file and yield every live slot, checksum verified.
+
+        Must run once, before any allocation. Holes (never-used or punched slabs) are skipped with
+        SEEK_DATA and read with pread, so scanning does not fault fresh memory in. The caller frees
+        the records it does not keep.
+        """
+        if self.scanned or self.slabs_in_use:
+            raise ArenaError("scan() must run once, on a fresh Arena, before any allocation")
+        self.scanned = True
+        in_use: set[int] = set()
+        offset = 0
+        while offset < self.capacity_bytes:
+            try:
+                offset = os.lseek(self._fd, offset, os.SEEK_DATA)
+            except OSError:
+                break  # ENXIO: no data past offset
+            slab = offset >> SLAB_SHIFT
+            base = slab << SLAB_SHIFT
+            raw = os.pread(self._fd, SLAB_SIZE, base)
+            offset = base + SLAB_SIZE
+            magic, size_class, _ = SLAB_HEADER.unpack_from(raw, 0)
+            if magic != SLAB_MAGIC or not 0 <= size_class < len(SLOT_SIZES):
+                continue
+            in_use.add(slab)
+            self._slab_class[slab] = size_class
+            self.slabs_in_use += 1
+            size = SLOT_SIZES[size_class]
+            free = self._free[size_class]
+            for pos in range(SLAB_HEADER_SIZE, SLAB_HEADER_SIZE + SLOTS_PER_SLAB[size_class] * size, size):
+                state, handle, gen, oid, index, crc, length, encoding, flags = SLOT_HEADER.unpack_from(
+                    raw, pos)
+                if state != SLOT_LIVE or length > size - SLOT_HEADER_SIZE:
+                    free.append(base + pos)
+                    continue
+                data = raw[pos + SLOT_HEADER_SIZE : pos + SLOT_HEADER_SIZE + length]
+                verified = bool(flags & FLAG_CHECKSUM) and crc == checksum(
+                    handle, gen, oid, index, encoding, data)
+                self._slab_live[slab] += 1
+                self.slots_in_use += 1
+                self.used_bytes += size
+                self.max_generation = max(self.max_generation, gen)
+                yield SlotRecord(base + pos, size_class, handle, gen, oid, index, encoding, verified)
+        self._free_slabs = [s for s in range(self._nslabs) if s not in in_use]
+        heapq.heapify(self._free_slabs)
+
+    def release_unused_after_scan(self) -> None:
+        """After the caller freed what it rejected, give back slabs left empty."""
+        for slab in range(self._nslabs):
+            if self._slab_class[slab] != _NO_SLAB and self._slab_live[slab] == 0:
+                self._release_slab(slab)
+
+    def close(self) -> None:
+        """Unmap and close; the file (and every page in it) stays for the next run."""
+        if not self._mm.closed:
+            self._mm.close()
+            os.close(self._fd)
+
+    def destroy(self) -> None:
+        """Close and delete the file: all pages are gone."""
+        self.close()
+        self.path.unlink(missing_ok=True)

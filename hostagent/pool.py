@@ -1,0 +1,687 @@
+"""The tmem pool engine: clients, pools, pages, eviction, quotas and the budget.
+
+Pure logic over the arena: no sockets, no clocks, no libvirt, so tests drive it directly and the host
+agent calls it from one event loop. The contract it implements is DESIGN.md section 3:
+
+- put overwrites or refuses; a refused put leaves no older copy readable;
+- gets are exclusive on private ephemeral pools and on persistent pools created with EXCLUSIVE_GETS;
+- flushes and destroys always succeed;
+- ephemeral pages may vanish (eviction), persistent pages never do and survive a host-agent restart.
+
+Index layout, chosen for memory (<= 128 bytes of Python heap per stored page) and speed: each pool maps
+object id -> {index: arena offset}. The key of a slot is stored in the slot itself, so eviction needs
+no reverse map. Ephemeral pools keep an insertion log of (offset, generation) in an `array`; an entry is
+stale when its slot's generation changed, so gets and flushes never search the log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from array import array
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from guestagent.wire import PAGE_SIZE, PoolFlag
+
+from . import compress
+from .arena import (
+    CLASS_FOR_LENGTH,
+    FLAG_CHECKSUM,
+    MAX_COMPRESSED,
+    SLOT_SIZES,
+    Arena,
+    ArenaFull,
+    checksum,
+)
+
+NO_UUID: Final = bytes(16)
+_LAST_WORD: Final = PAGE_SIZE - 8
+MAX_POOLS_PER_CLIENT: Final = 1024
+POOL_TABLE: Final = "pools.json"
+
+
+class EngineError(Exception):
+    """Base of the engine's errors."""
+
+
+class UnknownPool(EngineError):
+    """The client does not own this pool id: for a channel, a protocol error."""
+
+
+class PoolDenied(EngineError):
+    """A shared pool the client is not authorised for: never a silent private pool."""
+
+
+class OutOfSpace(EngineError):
+    """The client has reached its limit of pools."""
+
+
+@dataclass
+class ClientSettings:
+    """Per-guest policy, all changeable at run time (`hostagent set`)."""
+
+    weight: int = 1
+    cap_bytes: int = 0  # ephemeral arena bytes; 0 = no cap
+    quota_bytes: int = 256 << 20  # persistent arena bytes
+    compress: bool = True
+
+
+class Counters:
+    """Per client and pool type: operations by the client, storage charged to it."""
+
+    __slots__ = ("evicted", "flushes", "gets", "hits", "pages", "puts", "puts_refused", "stored")
+
+    def __init__(self) -> None:
+        self.puts = 0
+        self.puts_refused = 0
+        self.gets = 0
+        self.hits = 0
+        self.flushes = 0
+        self.evicted = 0
+        self.pages = 0
+        self.stored = 0  # arena bytes
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "puts": self.puts, "puts_refused": self.puts_refused, "gets": self.gets,
+            "hits": self.hits, "flushes": self.flushes, "evicted": self.evicted,
+            "pages": self.pages, "bytes": self.stored, "raw_bytes": self.pages * PAGE_SIZE,
+        }
+
+
+class Client:
+    """One guest, known by name (the channel it arrives on decides which)."""
+
+    def __init__(self, name: str, settings: ClientSettings) -> None:
+        self.name = name
+        self.settings = settings
+        self.pools: dict[int, Pool] = {}
+        self.next_pool_id = 1
+        self.eph = Counters()
+        self.pers = Counters()
+
+
+class Pool:
+    """A tmem pool; `owner` is charged for its pages (for shared pools, the longest member)."""
+
+    __slots__ = (
+        "exclusive", "flags", "handle", "log", "log_head", "members", "objects", "owner",
+        "persistent", "shared", "storage", "uuid",
+    )
+
+    def __init__(self, handle: int, flags: int, uuid: bytes, owner: Client) -> None:
+        self.handle = handle
+        self.flags = flags
+        self.persistent = bool(flags & PoolFlag.PERSISTENT)
+        self.shared = bool(flags & PoolFlag.SHARED)
+        # Private ephemeral gets are always exclusive (a victim cache); persistent ones on request.
+        self.exclusive = (not self.persistent and not self.shared) or bool(
+            flags & PoolFlag.EXCLUSIVE_GETS)
+        self.uuid = uuid
+        self.owner = owner
+        self.storage = owner.pers if self.persistent else owner.eph
+        self.members: dict[str, int] = {}  # client name -> that client's id for this pool
+        self.objects: dict[bytes, dict[int, int]] = {}
+        self.log = array("Q")  # ephemeral only: offset, generation, offset, generation, ...
+        self.log_head = 0
+
+    @property
+    def kind(self) -> str:
+        return ("shared-" if self.shared else "private-") + (
+            "persistent" if self.persistent else "ephemeral")
+
+
+class PoolEngine:
+    """All pools of all guests over one arena."""
+
+    def __init__(self, arena: Arena, *, limit_bytes: int, host_reserve_bytes: int = 0,
+                 shared_acl: Mapping[bytes, Collection[str]] | None = None) -> None:
+        self.arena = arena
+        self.limit_bytes = limit_bytes
+        self.host_reserve_bytes = host_reserve_bytes
+        self.shared_acl: dict[bytes, frozenset[str]] = {
+            bytes(k): frozenset(v) for k, v in (shared_acl or {}).items()}
+        self.host_available: int | None = None
+        self._host_budget: int | None = None
+        self._budget = limit_bytes
+        self._clients: dict[str, Client] = {}
+        self._pools: dict[int, Pool] = {}  # by handle
+        self._shared: dict[bytes, Pool] = {}
+        self._next_handle = 1
+        self._generation = 0
+        self.evictions = 0
+        self.eph_bytes = 0
+        self._table = Path(arena.path).with_name(POOL_TABLE)
+        self.rebuilt_pages = 0
+        self.rejected_slots = 0
+        self._rebuild()
+
+    # -- clients ----------------------------------------------------------------------------------
+
+    def client(self, name: str, settings: ClientSettings | None = None) -> Client:
+        """The client for guest `name`, created on first use; `settings` replace its policy."""
+        c = self._clients.get(name)
+        if c is None:
+            c = self._clients[name] = Client(name, settings or ClientSettings())
+        elif settings is not None:
+            c.settings = settings
+        return c
+
+    def configure(self, name: str, *, weight: int | None = None, cap_bytes: int | None = None,
+                  quota_bytes: int | None = None, compress: bool | None = None) -> Client:
+        c = self.client(name)
+        s = c.settings
+        if weight is not None:
+            if weight < 1:
+                raise ValueError("weight must be >= 1")
+            s.weight = weight
+        if cap_bytes is not None:
+            if cap_bytes < 0:
+                raise ValueError("cap must be >= 0")
+            s.cap_bytes = cap_bytes
+            self._enforce_cap(c)
+        if quota_bytes is not None:
+            if quota_bytes < 0:
+                raise ValueError("quota must be >= 0")
+            s.quota_bytes = quota_bytes
+        if compress is not None:
+            s.compress = compress
+        return c
+
+    def clients(self) -> Iterable[Client]:
+        return self._clients.values()
+
+    # -- pools ------------------------------------------------------------------------------------
+
+    def new_pool(self, client: Client, flags: int, uuid: bytes = NO_UUID) -> int:
+        flags &= PoolFlag.PERSISTENT | PoolFlag.SHARED | PoolFlag.EXCLUSIVE_GETS
+        if len(client.pools) >= MAX_POOLS_PER_CLIENT:
+            raise OutOfSpace(f"{client.name} has {MAX_POOLS_PER_CLIENT} pools")
+        if flags & PoolFlag.SHARED:
+            uuid = bytes(uuid)
+            if uuid == NO_UUID or client.name not in self.shared_acl.get(uuid, ()):
+                raise PoolDenied(f"{client.name} is not authorised for shared pool {uuid.hex()}")
+            pool = self._shared.get(uuid)
+            if pool is not None and pool.flags != flags:
+                raise PoolDenied(f"shared pool {uuid.hex()} exists with other flags")
+            if pool is not None and client.name in pool.members:
+                return pool.members[client.name]
+        else:
+            uuid, pool = NO_UUID, None
+        pool_id = client.next_pool_id
+        client.next_pool_id += 1
+        if pool is None:
+            pool = Pool(self._next_handle, flags, uuid, client)
+            self._next_handle += 1
+            self._pools[pool.handle] = pool
+            if pool.shared:
+                self._shared[uuid] = pool
+        pool.members[client.name] = pool_id
+        client.pools[pool_id] = pool
+        if pool.persistent:
+            self._save_table()
+        return pool_id
+
+    def pool_flags(self, client: Client, pool_id: int) -> int | None:
+        pool = client.pools.get(pool_id)
+        return None if pool is None else pool.flags
+
+    def owned_pools(self, client: Client) -> dict[int, int]:
+        return {pid: pool.flags for pid, pool in client.pools.items()}
+
+    def destroy_pool(self, client: Client, pool_id: int) -> None:
+        """Destroy a private pool, or leave a shared one (its pages live while members remain)."""
+        pool = self._pool(client, pool_id)
+        del client.pools[pool_id]
+        del pool.members[client.name]
+        if pool.members:
+            if pool.owner is client:
+                self._transfer(pool, self._clients[next(iter(pool.members))])
+        else:
+            self._drop_pool(pool)
+        if pool.persistent:
+            self._save_table()
+
+    def _drop_pool(self, pool: Pool) -> None:
+        free = self.arena.free
+        storage = pool.storage
+        for pages in pool.objects.values():
+            for offset in pages.values():
+                size = free(offset)
+                storage.pages -= 1
+                storage.stored -= size
+                if not pool.persistent:
+                    self.eph_bytes -= size
+        pool.objects.clear()
+        del pool.log[:]
+        pool.log_head = 0
+        self._pools.pop(pool.handle, None)
+        if pool.shared:
+            self._shared.pop(pool.uuid, None)
+
+    def _transfer(self, pool: Pool, new_owner: Client) -> None:
+        old = pool.storage
+        new = new_owner.pers if pool.persistent else new_owner.eph
+        pages = sum(len(p) for p in pool.objects.values())
+        stored = sum(self.arena.size_of(o) for p in pool.objects.values() for o in p.values())
+        old.pages -= pages
+        old.stored -= stored
+        new.pages += pages
+        new.stored += stored
+        pool.owner = new_owner
+        pool.storage = new
+
+    def _pool(self, client: Client, pool_id: int) -> Pool:
+        pool = client.pools.get(pool_id)
+        if pool is None:
+            raise UnknownPool(f"pool {pool_id} is not owned by {client.name}")
+        return pool
+
+    # -- pages ------------------------------------------------------------------------------------
+
+    def put(self, client: Client, pool_id: int, oid: bytes, index: int,
+            page: bytes | bytearray | memoryview) -> bool:
+        """Store a page (True) or refuse it (False, and no older copy stays readable)."""
+        pool = client.pools.get(pool_id)
+        if pool is None:
+            raise UnknownPool(f"pool {pool_id} is not owned by {client.name}")
+        if type(page) is not bytes:
+            page = bytes(page)
+        if len(page) != PAGE_SIZE:
+            raise ValueError(f"a page is {PAGE_SIZE} bytes, not {len(page)}")
+        persistent = pool.persistent
+        (client.pers if persistent else client.eph).puts += 1
+        objects = pool.objects
+        pages = objects.get(oid)
+        if pages is not None:
+            old = pages.pop(index, None)
+            if old is not None:
+                self._forget(pool, old)
+                if not pages:
+                    del objects[oid]
+                    pages = None
+        owner = pool.owner
+        # Encoding, inlined from compress.encode: this is the hot path.
+        if page[:8] == page[_LAST_WORD:] and page[8:] == page[:-8]:
+            encoding, data = compress.FILL, page[:8]
+        elif owner.settings.compress:
+            encoding, data = compress.encode(page, True, MAX_COMPRESSED)
+        else:
+            encoding, data = compress.RAW, page
+        size_class = CLASS_FOR_LENGTH[len(data)]
+        size = SLOT_SIZES[size_class]
+        storage = pool.storage
+        arena = self.arena
+        if persistent:
+            if storage.stored + size > owner.settings.quota_bytes:
+                return self._refuse(client, persistent)
+        elif owner.settings.cap_bytes:
+            cap = owner.settings.cap_bytes
+            while storage.stored + size > cap:
+                if not self._evict_from(owner):
+                    return self._refuse(client, persistent)
+                pages = objects.get(oid)
+        if arena.used_bytes + size > self._budget:
+            while arena.used_bytes + size > self._budget:
+                if not self._evict_one():
+                    return self._refuse(client, persistent)
+            pages = objects.get(oid)
+        self._generation = generation = self._generation + 1
+        handle = pool.handle
+        try:
+            if persistent:
+                crc = checksum(handle, generation, oid, index, encoding, data)
+                offset = arena.store(size_class, handle, generation, oid, index, encoding, data,
+                                     crc, FLAG_CHECKSUM)
+            else:
+                offset = arena.store(size_class, handle, generation, oid, index, encoding, data,
+                                     0, 0)
+        except ArenaFull:
+            return self._store_fragmented(client, pool, oid, index, page)
+        if not persistent:
+            log = pool.log
+            log.append(offset)
+            log.append(generation)
+            self.eph_bytes += size
+        if pages is None:
+            pages = objects[oid] = {}
+        pages[index] = offset
+        storage.pages += 1
+        storage.stored += size
+        return True
+
+    def _store_fragmented(self, client: Client, pool: Pool, oid: bytes, index: int,
+                          page: bytes) -> bool:
+        """Slow path: no slab left for the slot's class; make one free, then put again."""
+        while not self.arena.release_empty_slabs():
+            if not self._evict_one():
+                return self._refuse(client, pool.persistent)
+        (client.pers if pool.persistent else client.eph).puts -= 1  # counted again by the retry
+        return self.put(client, pool.members[client.name], oid, index, page)
+
+    def _refuse(self, client: Client, persistent: bool) -> bool:
+        (client.pers if persistent else client.eph).puts_refused += 1
+        return False
+
+    def _forget(self, pool: Pool, offset: int) -> None:
+        """Free one page's slot and uncharge its owner (the index entry is already gone)."""
+        size = self.arena.free(offset)
+        storage = pool.storage
+        storage.pages -= 1
+        storage.stored -= size
+        if not pool.persistent:
+            self.eph_bytes -= size
+
+    def get(self, client: Client, pool_id: int, oid: bytes, index: int) -> bytes | None:
+        pool = client.pools.get(pool_id)
+        if pool is None:
+            raise UnknownPool(f"pool {pool_id} is not owned by {client.name}")
+        counters = client.pers if pool.persistent else client.eph
+        counters.gets += 1
+        pages = pool.objects.get(oid)
+        if pages is None:
+            return None
+        if pool.exclusive:
+            offset = pages.pop(index, None)
+            if offset is None:
+                return None
+            if not pages:
+                del pool.objects[oid]
+            encoding, data, size = self.arena.take(offset)
+            storage = pool.storage
+            storage.pages -= 1
+            storage.stored -= size
+            if not pool.persistent:
+                self.eph_bytes -= size
+        else:
+            offset = pages.get(index)
+            if offset is None:
+                return None
+            encoding, data = self.arena.read(offset)
+            if not pool.persistent:
+                self._touch(pool, offset)
+        counters.hits += 1
+        return data if encoding == compress.RAW else compress.decode(encoding, data)
+
+    def _touch(self, pool: Pool, offset: int) -> None:
+        """A use of a shared ephemeral page: move it to the young end of its pool's log."""
+        self._generation = generation = self._generation + 1
+        self.arena.set_generation(offset, generation)
+        pool.log.append(offset)
+        pool.log.append(generation)
+
+    def flush_page(self, client: Client, pool_id: int, oid: bytes, index: int) -> None:
+        pool = self._pool(client, pool_id)
+        (client.pers if pool.persistent else client.eph).flushes += 1
+        pages = pool.objects.get(oid)
+        if pages is None:
+            return
+        offset = pages.pop(index, None)
+        if offset is not None:
+            self._forget(pool, offset)
+            if not pages:
+                del pool.objects[oid]
+
+    def flush_object(self, client: Client, pool_id: int, oid: bytes) -> None:
+        pool = self._pool(client, pool_id)
+        (client.pers if pool.persistent else client.eph).flushes += 1
+        pages = pool.objects.pop(oid, None)
+        if pages:
+            for offset in pages.values():
+                self._forget(pool, offset)
+
+    # -- eviction ---------------------------------------------------------------------------------
+
+    def _oldest(self, pool: Pool) -> tuple[int, int]:
+        """(generation, offset) of the pool's least recently used live page, or (0, -1)."""
+        log = pool.log
+        head = pool.log_head
+        live_generation = self.arena.live_generation
+        end = len(log)
+        while head < end:
+            offset = log[head]
+            generation = log[head + 1]
+            if live_generation(offset) == generation:
+                break
+            head += 2
+        else:
+            del log[:]
+            pool.log_head = 0
+            return 0, -1
+        if head > 4096 and head * 2 > end:
+            del log[:head]
+            head = 0
+        pool.log_head = head
+        return log[head + 1], log[head]
+
+    def _evict_page(self, pool: Pool, offset: int) -> None:
+        _, _, _, oid, index, _, _, _, _ = self.arena.header(offset)
+        pages = pool.objects[oid]
+        del pages[index]
+        if not pages:
+            del pool.objects[oid]
+        pool.storage.evicted += 1
+        self._forget(pool, offset)
+        self.evictions += 1
+        pool.log_head += 2
+
+    def _evict_from(self, client: Client) -> bool:
+        """Evict the oldest ephemeral page charged to `client`."""
+        best: tuple[int, int, Pool | None] = (0, -1, None)
+        for pool in self._pools.values():
+            if pool.owner is client and not pool.persistent and pool.objects:
+                generation, offset = self._oldest(pool)
+                if offset >= 0 and (best[2] is None or generation < best[0]):
+                    best = (generation, offset, pool)
+        if best[2] is None:
+            return False
+        self._evict_page(best[2], best[1])
+        return True
+
+    def _evict_one(self) -> bool:
+        """Evict one ephemeral page: from the guest most above its weighted share, else the LRU page."""
+        holders = [c for c in self._clients.values() if c.eph.stored > 0]
+        if not holders:
+            return False
+        total_weight = sum(c.settings.weight for c in holders)
+        victim = max(holders, key=lambda c: c.eph.stored / c.settings.weight)
+        share = self.eph_bytes * victim.settings.weight / total_weight
+        # A little slack so balanced guests fall back to plain LRU instead of strict alternation.
+        if victim.eph.stored > share + share / 32 + 32768 and self._evict_from(victim):
+            return True
+        best: tuple[int, int, Pool | None] = (0, -1, None)
+        for pool in self._pools.values():
+            if not pool.persistent and pool.objects:
+                generation, offset = self._oldest(pool)
+                if offset >= 0 and (best[2] is None or generation < best[0]):
+                    best = (generation, offset, pool)
+        if best[2] is None:
+            return False
+        self._evict_page(best[2], best[1])
+        return True
+
+    def _enforce_cap(self, client: Client) -> None:
+        cap = client.settings.cap_bytes
+        while cap and client.eph.stored > cap and self._evict_from(client):
+            pass
+
+    # -- budget -----------------------------------------------------------------------------------
+
+    @property
+    def budget_bytes(self) -> int:
+        """What the pool may use now: the limit, and the host's available memory minus the reserve."""
+        return self._budget
+
+    def set_limit(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        host = self._host_budget
+        self._budget = limit_bytes if host is None else min(limit_bytes, host)
+        while self.arena.used_bytes > self._budget and self._evict_one():
+            pass
+
+    def set_host_available(self, nbytes: int) -> None:
+        """Feed the host's available memory; the pool's own pages count as usable by the pool."""
+        self.host_available = nbytes
+        self._host_budget = max(0, self.arena.used_bytes + nbytes - self.host_reserve_bytes)
+        self.set_limit(self.limit_bytes)
+
+    def reserve(self, nbytes: int) -> int:
+        """Drop ephemeral pages until the host has `nbytes` available; returns bytes given back."""
+        available = self.host_available or 0
+        arena = self.arena
+        before = arena.resident_bytes
+        arena.release_empty_slabs()
+        while available + before - arena.resident_bytes < nbytes:
+            evicted = 0
+            while evicted < 256 and self._evict_one():
+                evicted += 1
+            arena.release_empty_slabs()
+            if not evicted:
+                break
+        given = before - arena.resident_bytes
+        if self.host_available is not None:
+            self.set_host_available(self.host_available + given)
+        return given
+
+    # -- guests leaving ---------------------------------------------------------------------------
+
+    def disconnect(self, client: Client) -> None:
+        """The guest's channel closed: its ephemeral pools go, persistent ones stay for it."""
+        for pool_id, pool in list(client.pools.items()):
+            if not pool.persistent:
+                self.destroy_pool(client, pool_id)
+
+    def remove(self, client: Client) -> None:
+        """The guest is gone for good: every pool it had goes, then the client."""
+        for pool_id in list(client.pools):
+            self.destroy_pool(client, pool_id)
+        self._clients.pop(client.name, None)
+
+    # -- persistence ------------------------------------------------------------------------------
+
+    def _save_table(self) -> None:
+        """Persist persistent pools' identities (atomic rename), so a restart can rebuild them."""
+        pools = [
+            {"handle": p.handle, "flags": p.flags, "uuid": p.uuid.hex(), "owner": p.owner.name,
+             "members": p.members}
+            for p in self._pools.values() if p.persistent
+        ]
+        next_ids = {c.name: c.next_pool_id for c in self._clients.values()}
+        tmp = self._table.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"version": 1, "next_handle": self._next_handle, "next_ids": next_ids,
+                       "pools": pools}, f)
+        os.replace(tmp, self._table)
+
+    def _rebuild(self) -> None:
+        """Rebuild persistent pools and pages from the pool table and the arena's slots."""
+        table: dict[str, Any] = {}
+        if self._table.exists():
+            try:
+                table = json.loads(self._table.read_text())
+            except (OSError, ValueError):
+                table = {}
+        for entry in table.get("pools", []):
+            owner = self.client(entry["owner"])
+            pool = Pool(int(entry["handle"]), int(entry["flags"]), bytes.fromhex(entry["uuid"]), owner)
+            self._pools[pool.handle] = pool
+            for name, pool_id in entry["members"].items():
+                member = self.client(name)
+                member.pools[int(pool_id)] = pool
+                pool.members[name] = int(pool_id)
+                member.next_pool_id = max(member.next_pool_id, int(pool_id) + 1)
+            if pool.shared:
+                self._shared[pool.uuid] = pool
+        for name, next_id in table.get("next_ids", {}).items():
+            c = self.client(name)
+            c.next_pool_id = max(c.next_pool_id, int(next_id))
+        self._next_handle = max([int(table.get("next_handle", 1))] + [h + 1 for h in self._pools])
+        rejected: list[int] = []
+        best: dict[tuple[int, bytes, int], tuple[int, int]] = {}  # key -> (generation, offset)
+        for rec in list(self.arena.scan()):
+            found = self._pools.get(rec.handle)
+            if found is None or not found.persistent or not rec.verified:
+                if found is not None and found.persistent:
+                    self.rejected_slots += 1
+                rejected.append(rec.offset)
+                continue
+            key = (rec.handle, rec.oid, rec.index)
+            old = best.get(key)
+            if old is None or old[0] < rec.generation:
+                if old is not None:
+                    rejected.append(old[1])
+                best[key] = (rec.generation, rec.offset)
+            else:
+                rejected.append(rec.offset)
+        for offset in rejected:
+            self.arena.free(offset)
+        for (handle, oid, index), (_, offset) in best.items():
+            pool = self._pools[handle]
+            pool.objects.setdefault(oid, {})[index] = offset
+            pool.storage.pages += 1
+            pool.storage.stored += self.arena.size_of(offset)
+        self.arena.release_unused_after_scan()
+        self.rebuilt_pages = len(best)
+        self._generation = self.arena.max_generation
+        if self._pools or self._table.exists():
+            self._save_table()
+
+    def close(self) -> None:
+        self.arena.close()
+
+    # -- observability ----------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        arena = self.arena
+        eph_pages = sum(c.eph.pages for c in self._clients.values())
+        pers_pages = sum(c.pers.pages for c in self._clients.values())
+        return {
+            "pool": {
+                "limit_bytes": self.limit_bytes,
+                "budget_bytes": self.budget_bytes,
+                "used_bytes": arena.used_bytes,
+                "resident_bytes": arena.resident_bytes,
+                "capacity_bytes": arena.capacity_bytes,
+                "pages": eph_pages + pers_pages,
+                "raw_bytes": (eph_pages + pers_pages) * PAGE_SIZE,
+                "ephemeral_pages": eph_pages,
+                "persistent_pages": pers_pages,
+                "ephemeral_bytes": self.eph_bytes,
+                "evictions": self.evictions,
+                "host_available_bytes": self.host_available,
+                "host_reserve_bytes": self.host_reserve_bytes,
+                "pools": len(self._pools),
+                "rebuilt_pages": self.rebuilt_pages,
+                "rejected_slots": self.rejected_slots,
+            },
+            "guests": {
+                c.name: {
+                    **asdict(c.settings),
+                    "pools": len(c.pools),
+                    "ephemeral": c.eph.as_dict(),
+                    "persistent": c.pers.as_dict(),
+                }
+                for c in self._clients.values()
+            },
+        }
+
+    def pools_info(self) -> list[dict[str, Any]]:
+        out = []
+        for pool in self._pools.values():
+            pages = sum(len(p) for p in pool.objects.values())
+            out.append({
+                "handle": pool.handle, "kind": pool.kind, "flags": pool.flags,
+                "uuid": pool.uuid.hex() if pool.shared else None, "owner": pool.owner.name,
+                "members": dict(pool.members), "objects": len(pool.objects), "pages": pages,
+                "exclusive_gets": pool.exclusive,
+            })
+        return out
+
+
+__all__ = [
+    "Client", "ClientSettings", "Counters", "EngineError", "OutOfSpace", "Pool", "PoolDenied",
+    "PoolEngine", "UnknownPool",
+]
