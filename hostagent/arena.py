@@ -104,8 +104,14 @@ class Arena:
     """
 
     def __init__(self, path: str | os.PathLike[str], capacity_bytes: int) -> None:
+        """Open (or create) the arena file for up to `capacity_bytes` of live slots.
+
+        The file gets room on top for partly used slabs (1/8, plus two slabs per size class); it is
+        sparse, so the room costs nothing until used.
+        """
         self.path = Path(path)
-        nslabs = max(len(SLOT_SIZES), -(-capacity_bytes // SLAB_SIZE))
+        room = capacity_bytes + capacity_bytes // 8 + 2 * len(SLOT_SIZES) * SLAB_SIZE
+        nslabs = -(-room // SLAB_SIZE)
         self.capacity_bytes = nslabs * SLAB_SIZE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
