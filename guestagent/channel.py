@@ -1,0 +1,839 @@
+"""Guest side of the tmem channel: a pipelined trio client for the host agent.
+
+One `Channel` owns one connection (a unix socket, or a virtio-serial port inside a VM) and
+multiplexes every request over it: callers in many tasks each get a request id, a single
+writer task sends everything queued since its last wakeup in one `send_all`, and a single
+reader task decodes replies and wakes the waiting callers by id.  No task is spawned per
+request, and a waiting caller is parked with `wait_task_rescheduled` rather than an Event,
+because the per-request overhead is what decides the round trip time of a page fault.
+
+The channel survives the host agent going away.  On EOF, a transport error or an ERROR
+frame it reconnects with backoff and a fresh HELLO, then restores the pools: ephemeral pools
+are re-created (their contents were dropped by the host anyway, so in-flight gets on them
+simply miss and in-flight puts are dropped), persistent pools are re-checked with QUERY_POOL
+and their in-flight requests are re-sent, so a fault handler waiting for a page completes
+once the host is back.  A persistent pool the host no longer has is *lost*: its operations
+raise `PoolLost`.
+
+Everything above the transport is identical for unix sockets and virtio-serial ports, so
+the whole client is tested over unix sockets against a real host agent.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import struct
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Final
+
+import outcome
+import trio
+from trio.lowlevel import Abort, Task, current_task, reschedule, wait_task_rescheduled
+
+from guestagent import wire
+
+__all__ = [
+    "Channel",
+    "ChannelClosed",
+    "ChannelError",
+    "Pool",
+    "PoolLost",
+    "open_channel",
+    "resolve_channel_path",
+]
+
+log = logging.getLogger(__name__)
+
+VIRTIO_PORTS_DIR: Final = "/dev/virtio-ports"
+
+_RECV_SIZE: Final = 1 << 16  # bytes asked of the transport per receive
+_READ_MAX_PAYLOAD: Final = 1 << 24  # the host is trusted for size; vectors bound what we ask for
+_READ_MAX_VECTOR: Final = 1024
+_HANDSHAKE_TIMEOUT: Final = 10.0  # a host that accepts but never answers HELLO is retried
+_MAX_BACKOFF_FACTOR: Final = 8  # reconnect delay grows to retry_interval * this
+_STABLE_SESSION: Final = 2.0  # a session that lasted this long resets the backoff
+_HOST_ERROR_STRIKES: Final = 3  # re-sends of one request into host ERRORs before giving up
+_NOWAIT_QUEUE_LIMIT: Final = 4096  # queued parts above which put_nowait degrades to a flush
+_NOTICE_BUFFER: Final = 64
+
+_NO_OID: Final = wire.NO_OID
+_PAGE_SIZE: Final = wire.PAGE_SIZE
+_MAGIC: Final = wire.MAGIC
+_VERSION: Final = wire.VERSION
+_REPLY: Final = int(wire.Flag.REPLY)
+_NOREPLY: Final = int(wire.Flag.NOREPLY)
+_OK: Final = int(wire.Status.OK)
+_NOT_FOUND: Final = int(wire.Status.NOT_FOUND)
+_NO_SPACE: Final = int(wire.Status.NO_SPACE)
+_NOTICE: Final = int(wire.Op.NOTICE)
+_PUT: Final = int(wire.Op.PUT)
+_GET: Final = int(wire.Op.GET)
+_FLUSH_PAGE: Final = int(wire.Op.FLUSH_PAGE)
+_FLUSH_OBJECT: Final = int(wire.Op.FLUSH_OBJECT)
+_PERSISTENT: Final = int(wire.PoolFlag.PERSISTENT)
+_pack_header = wire.HEADER.pack
+_DROPPED: Final[outcome.Value[None]] = outcome.Value(None)
+
+
+class ChannelError(Exception):
+    """The channel cannot do what was asked (host refused, protocol failure, no reconnect)."""
+
+
+class PoolLost(ChannelError):
+    """A persistent pool did not survive a host-agent restart; its pages are gone."""
+
+
+class ChannelClosed(ChannelError):
+    """The channel was closed by its owner (the `open_channel` block was left)."""
+
+
+class _Broken(Exception):
+    """Internal: this connection is unusable; `host_error` if the host sent ERROR."""
+
+    def __init__(self, message: str, *, host_error: bool = False) -> None:
+        super().__init__(message)
+        self.host_error = host_error
+
+
+class _Fatal(ChannelError):
+    """Internal: reconnecting cannot help (e.g. the host rejects our protocol version)."""
+
+
+def resolve_channel_path(spec: str) -> tuple[str, str]:
+    """Map a channel spec to (transport, path).
+
+    A bare name is a virtio-serial port (what QEMU's `name=` property exposes in the guest);
+    anything with a slash is a unix socket path, which is how the tests and host-side tools
+    reach the host agent.
+    """
+    if not spec:
+        raise ValueError("empty channel spec")
+    if "/" not in spec:
+        return "virtio", f"{VIRTIO_PORTS_DIR}/{spec}"
+    return "unix", spec
+
+
+async def _open_transport(kind: str, path: str) -> trio.abc.Stream:
+    if kind == "unix":
+        return await trio.open_unix_socket(path)
+    fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    return trio.lowlevel.FdStream(fd)
+
+
+def _header(op: int, flags: int, rid: int, pool: int, oid: bytes, index: int, length: int) -> bytes:
+    """Pack a request header; bad arguments are the caller's bug, so ValueError.
+
+    Header and payload are queued as separate parts so that the writer's single join is the
+    only copy a page goes through on its way out.
+    """
+    if len(oid) != 24:
+        raise ValueError(f"oid is {len(oid)} bytes, want 24")
+    try:
+        return _pack_header(_MAGIC, _VERSION, op, flags, 0, 0, rid, pool, oid, index, length)
+    except struct.error as exc:
+        raise ValueError(f"cannot encode {wire.Op(op).name} request: {exc}") from None
+
+
+def _status_name(status: int) -> str:
+    try:
+        return wire.Status(status).name
+    except ValueError:
+        return str(status)
+
+
+class _Req:
+    """One request awaiting its reply; kept (with its bytes) until answered or given up."""
+
+    __slots__ = ("body", "head", "pool", "result", "strikes", "task")
+
+    def __init__(self, head: bytes, body: bytes, pool: Pool | None) -> None:
+        self.head = head
+        self.body = body
+        self.pool = pool  # None for the channel's own requests (handshake, NEW_POOL)
+        self.task: Task | None = None
+        self.result: outcome.Outcome[Any] | None = None
+        self.strikes = 0
+
+
+def _complete(req: _Req, result: outcome.Outcome[Any]) -> None:
+    task = req.task
+    if task is None:
+        req.result = result  # the caller has not parked yet (later chunk of a vector op)
+    else:
+        req.task = None
+        reschedule(task, result)
+
+
+class _Conn:
+    """State of one transport connection; a reconnect gets a fresh one."""
+
+    __slots__ = ("error", "outq", "scope", "stream", "writer")
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.outq: list[bytes] = []
+        self.writer: Task | None = None  # the writer task while it is parked on an empty queue
+        self.scope = trio.CancelScope()
+        self.error: BaseException | None = None
+
+
+class Pool:
+    """A local handle on a host pool; it stays valid while the remote id changes.
+
+    Obtain one with `Channel.new_pool`.  Operations on an ephemeral pool never block on a
+    missing host: while disconnected a get misses and a put is dropped, which is exactly
+    what the host would do with a pool it dropped.  Operations on a persistent pool wait
+    for the host and raise `PoolLost` if it comes back without the pool.
+    """
+
+    __slots__ = ("_ch", "_destroyed", "_lost", "_remote", "_uuid", "flags", "persistent")
+
+    def __init__(self, channel: Channel, flags: int, uuid: bytes) -> None:
+        self._ch = channel
+        self.flags = flags
+        self.persistent = bool(flags & _PERSISTENT)
+        self._uuid = uuid
+        self._remote = 0
+        self._lost: str | None = None
+        self._destroyed = False
+
+    def __repr__(self) -> str:
+        kind = "persistent" if self.persistent else "ephemeral"
+        state = " lost" if self._lost else " destroyed" if self._destroyed else ""
+        return f"<Pool {kind} flags={self.flags:#x} remote={self._remote}{state}>"
+
+    @property
+    def remote_id(self) -> int:
+        """The host's id for this pool on the current connection (changes on reconnect)."""
+        return self._remote
+
+    async def put(self, oid: bytes, index: int, page: bytes) -> bool:
+        """Store one page; True if stored, False if the host refused (or it was dropped)."""
+        if len(page) != _PAGE_SIZE:
+            raise ValueError(f"page is {len(page)} bytes, want {_PAGE_SIZE}")
+        frame = await self._ch._call(self, _PUT, oid, index, page)
+        if frame is None:
+            return False
+        status = frame.status
+        if status == _OK:
+            return True
+        if status == _NO_SPACE:
+            return False
+        raise self._ch._failed(frame)
+
+    def put_nowait(self, oid: bytes, index: int, page: bytes) -> None:
+        """Queue a NOREPLY put on an ephemeral pool and return at once.
+
+        Safe to lose, so it is dropped while disconnected (the pool comes back empty).  If
+        the host is not draining the queue it degrades to a NOREPLY flush of that key: the
+        page is not cached, and no older copy of it can be served stale.
+        """
+        if self.persistent:
+            raise ValueError("put_nowait is only for ephemeral pools (a lost put is data loss)")
+        if len(page) != _PAGE_SIZE:
+            raise ValueError(f"page is {len(page)} bytes, want {_PAGE_SIZE}")
+        ch = self._ch
+        ch._check_pool(self)
+        conn = ch._conn
+        if not ch._ready or conn is None:
+            return
+        if len(conn.outq) < _NOWAIT_QUEUE_LIMIT:
+            ch._send(conn, _header(_PUT, _NOREPLY, 0, self._remote, oid, index, _PAGE_SIZE), page)
+        else:
+            ch._send(conn, _header(_FLUSH_PAGE, _NOREPLY, 0, self._remote, oid, index, 0), b"")
+
+    async def get(self, oid: bytes, index: int) -> bytes | None:
+        """The page stored under (oid, index), or None on a miss."""
+        frame = await self._ch._call(self, _GET, oid, index, b"")
+        if frame is None:
+            return None
+        status = frame.status
+        if status == _OK:
+            return frame.payload
+        if status == _NOT_FOUND:
+            return None
+        raise self._ch._failed(frame)
+
+    async def flush_page(self, oid: bytes, index: int) -> None:
+        """Drop one page from the pool."""
+        frame = await self._ch._call(self, _FLUSH_PAGE, oid, index, b"")
+        if frame is not None and frame.status != _OK:
+            raise self._ch._failed(frame)
+
+    async def flush_object(self, oid: bytes) -> None:
+        """Drop every page of an object (e.g. a file that was truncated or deleted)."""
+        frame = await self._ch._call(self, _FLUSH_OBJECT, oid, 0, b"")
+        if frame is not None and frame.status != _OK:
+            raise self._ch._failed(frame)
+
+    async def put_many(self, items: Sequence[tuple[bytes, int, bytes]]) -> list[bool]:
+        """Store many pages with PUT_VEC frames (split to the host's limits, pipelined)."""
+        parts: list[tuple[int, bytes]] = []
+        step = self._ch._chunk
+        for start in range(0, len(items), step):
+            part = items[start : start + step]
+            keys = [(oid, index) for oid, index, _ in part]
+            body = wire.put_vec_payload(keys, [page for _, _, page in part])
+            parts.append((len(part), body))
+        frames = await self._ch._call_vector(self, wire.Op.PUT_VEC, parts)
+        out: list[bool] = []
+        for (n, _), frame in zip(parts, frames, strict=True):
+            if frame is None or (frame.status == _NO_SPACE and not frame.payload):
+                out.extend([False] * n)
+            elif frame.status != _OK:
+                raise self._ch._failed(frame)
+            else:
+                for status in frame.payload:
+                    if status not in (_OK, _NO_SPACE):
+                        raise ChannelError(f"PUT_VEC key failed: {_status_name(status)}")
+                    out.append(status == _OK)
+        return out
+
+    async def get_many(self, keys: Sequence[tuple[bytes, int]]) -> list[bytes | None]:
+        """Fetch many pages with GET_VEC frames; None for each miss."""
+        parts = self._key_parts(keys)
+        frames = await self._ch._call_vector(self, wire.Op.GET_VEC, parts)
+        out: list[bytes | None] = []
+        for (n, _), frame in zip(parts, frames, strict=True):
+            if frame is None:
+                out.extend([None] * n)
+            elif frame.status != _OK:
+                raise self._ch._failed(frame)
+            else:
+                out.extend(wire.parse_get_vec_reply(frame.payload, n))
+        return out
+
+    async def flush_many(self, keys: Sequence[tuple[bytes, int]]) -> None:
+        """Drop many pages with FLUSH_VEC frames."""
+        parts = self._key_parts(keys)
+        for frame in await self._ch._call_vector(self, wire.Op.FLUSH_VEC, parts):
+            if frame is not None and frame.status != _OK:
+                raise self._ch._failed(frame)
+
+    async def destroy(self) -> None:
+        """Drop the pool and its pages on the host; the handle is unusable afterwards."""
+        ch = self._ch
+        if self._destroyed or self._lost is not None:
+            self._destroyed = True
+            ch._pools.pop(self, None)
+            await trio.lowlevel.checkpoint()
+            return
+        ch._check_open()
+        self._destroyed = True
+        if not self.persistent:
+            # an ephemeral pool dies with its connection, so it must not be re-created
+            ch._pools.pop(self, None)
+        try:
+            frame = await ch._call(self, wire.Op.DESTROY_POOL, _NO_OID, 0, b"", destroying=True)
+        except PoolLost:
+            frame = None
+        finally:
+            ch._pools.pop(self, None)
+        if frame is not None and frame.status != _OK:
+            raise ch._failed(frame)
+
+    def _key_parts(self, keys: Sequence[tuple[bytes, int]]) -> list[tuple[int, bytes]]:
+        step = self._ch._chunk
+        parts = []
+        for start in range(0, len(keys), step):
+            part = keys[start : start + step]
+            parts.append((len(part), wire.keys_payload(part)))
+        return parts
+
+
+class Channel:
+    """A connection to the host agent, kept alive across host-agent restarts.
+
+    Create it with `open_channel`; the attributes below describe the live connection.
+    """
+
+    welcome: wire.Welcome  # from the last handshake
+    generation: int  # increments on every (re)connect
+    notices: trio.MemoryReceiveChannel[tuple[wire.Notice, int]]  # host notices, oldest dropped
+
+    def __init__(self, spec: str, *, name: str, reconnect: bool, retry_interval: float) -> None:
+        self.spec = spec
+        self.transport, self.path = resolve_channel_path(spec)
+        self.name = name
+        if len(name.encode("utf-8")) > wire.MAX_NAME:
+            raise ValueError(f"channel name is longer than {wire.MAX_NAME} utf-8 bytes")
+        if not retry_interval > 0 or not math.isfinite(retry_interval):
+            raise ValueError("retry_interval must be a positive number of seconds")
+        self._reconnect = reconnect
+        self._retry_interval = retry_interval
+        self.welcome = wire.Welcome(
+            wire.VERSION, wire.PAGE_SIZE, wire.DEFAULT_MAX_PAYLOAD, wire.DEFAULT_MAX_VECTOR
+        )
+        self.generation = 0
+        self._chunk = wire.DEFAULT_MAX_VECTOR
+        self._conn: _Conn | None = None
+        self._ready = False  # handshake done and pools restored on self._conn
+        self._ready_event = trio.Event()
+        self._pending: dict[int, _Req] = {}
+        self._pools: dict[Pool, None] = {}  # insertion-ordered set of live pools
+        self._rid = 0
+        self._closed = False
+        self._fatal: ChannelError | None = None
+        self._notice_send, self.notices = trio.open_memory_channel[tuple[wire.Notice, int]](_NOTICE_BUFFER)
+
+    def __repr__(self) -> str:
+        state = "connected" if self._ready else "closed" if self._closed else "disconnected"
+        return f"<Channel {self.spec!r} {state} generation={self.generation}>"
+
+    @property
+    def connected(self) -> bool:
+        """True while a handshaken connection with restored pools is up."""
+        return self._ready
+
+    async def wait_connected(self) -> None:
+        """Wait until connected; raises ChannelClosed/ChannelError if that cannot happen."""
+        await trio.lowlevel.checkpoint()
+        while not self._ready:
+            self._check_open()
+            await self._ready_event.wait()
+        self._check_open()
+
+    async def new_pool(self, flags: int, uuid: bytes | None = None) -> Pool:
+        """Create a pool on the host (waits for a connection); see `Pool`."""
+        spec = wire.pool_spec_payload(flags, uuid if uuid is not None else bytes(16))
+        pool = Pool(self, flags, spec[4:])
+        adopt = 0  # a persistent pool the host created for us on a connection that then broke
+        while True:
+            await self.wait_connected()
+            generation, conn = self.generation, self._conn
+            assert conn is not None
+            if adopt:
+                frame = await self._request(conn, None, wire.Op.QUERY_POOL, adopt, b"")
+                if frame is None:
+                    continue
+                if self._fresh(generation) and self._same_pool(frame, flags):
+                    return self._adopt(pool, adopt)
+                adopt = 0
+                continue
+            frame = await self._request(conn, None, wire.Op.NEW_POOL, 0, spec)
+            if frame is None:
+                continue
+            if frame.status != _OK:
+                raise ChannelError(f"host refused the pool (flags {flags:#x}): {_status_name(frame.status)}")
+            if self._fresh(generation):
+                return self._adopt(pool, frame.pool)
+            if pool.persistent:
+                adopt = frame.pool
+
+    async def report_stats(self, values: Mapping[str, int]) -> None:
+        """Send a STATS report (no reply); dropped while disconnected, it is only advisory."""
+        payload = wire.stats_payload(values)
+        self._check_open()
+        await trio.lowlevel.checkpoint()
+        conn = self._conn
+        if self._ready and conn is not None:
+            head = _header(int(wire.Op.STATS), 0, 0, 0, _NO_OID, 0, len(payload))
+            self._send(conn, head, payload)
+
+    # ----------------------------------------------------------------- request machinery
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ChannelClosed("channel closed")
+        if self._fatal is not None:
+            raise ChannelError(str(self._fatal))
+
+    def _check_pool(self, pool: Pool) -> None:
+        self._check_open()
+        if pool._lost is not None:
+            raise PoolLost(pool._lost)
+        if pool._destroyed:
+            raise ChannelError("pool was destroyed")
+
+    def _fresh(self, generation: int) -> bool:
+        return self._ready and self.generation == generation
+
+    @staticmethod
+    def _same_pool(frame: wire.Frame, flags: int) -> bool:
+        return frame.status == _OK and wire.parse_pool_flags(frame.payload) == flags
+
+    def _adopt(self, pool: Pool, remote: int) -> Pool:
+        pool._remote = remote
+        self._pools[pool] = None
+        return pool
+
+    def _failed(self, frame: wire.Frame) -> ChannelError:
+        return ChannelError(
+            f"{wire.Op(frame.opcode).name} on pool {frame.pool} failed: {_status_name(frame.status)}"
+        )
+
+    def _send(self, conn: _Conn, head: bytes, body: bytes) -> None:
+        """Queue bytes for the writer and wake it if it sleeps (no checkpoint, no task)."""
+        q = conn.outq
+        q.append(head)
+        if body:
+            q.append(body)
+        writer = conn.writer
+        if writer is not None:
+            conn.writer = None
+            reschedule(writer)
+
+    def _submit(
+        self, conn: _Conn, pool: Pool | None, op: int, remote: int, oid: bytes, index: int,
+        body: bytes,
+    ) -> tuple[int, _Req]:  # fmt: skip
+        rid = self._rid + 1 if self._rid < 0xFFFF_FFFF else 1
+        head = _header(op, 0, rid, remote, oid, index, len(body))
+        self._rid = rid
+        req = _Req(head, body, pool)
+        self._pending[rid] = req
+        self._send(conn, head, body)
+        return rid, req
+
+    async def _wait(self, rid: int, req: _Req) -> Any:
+        """The reply frame (None if dropped by a break), or the error it completed with."""
+        result = req.result
+        if result is not None:
+            return result.unwrap()
+        req.task = current_task()
+        pending = self._pending
+
+        def abort(_: Any) -> Abort:
+            req.task = None
+            pending.pop(rid, None)  # a late reply for rid is then ignored
+            return Abort.SUCCEEDED
+
+        return await wait_task_rescheduled(abort)
+
+    async def _gate(self, pool: Pool, destroying: bool) -> bool:
+        """Wait until `pool` may send; False means "drop it" (ephemeral, disconnected)."""
+        while True:
+            self._check_open()
+            if pool._lost is not None:
+                raise PoolLost(pool._lost)
+            if pool._destroyed and not destroying:
+                raise ChannelError("pool was destroyed")
+            if self._ready:
+                return True
+            if not pool.persistent:
+                await trio.lowlevel.checkpoint()
+                return False
+            await self._ready_event.wait()
+
+    async def _call(
+        self, pool: Pool, op: int, oid: bytes, index: int, body: bytes, *, destroying: bool = False
+    ) -> wire.Frame | None:
+        """One request on a pool: the reply, or None if dropped (ephemeral pool, no host)."""
+        if not self._ready or pool._destroyed or pool._lost is not None:
+            may_send = await self._gate(pool, destroying)
+            if not may_send:
+                return None
+        conn = self._conn
+        assert conn is not None
+        rid, req = self._submit(conn, pool, op, pool._remote, oid, index, body)
+        frame: wire.Frame | None = await self._wait(rid, req)
+        return frame
+
+    async def _call_vector(
+        self, pool: Pool, op: int, parts: Sequence[tuple[int, bytes]]
+    ) -> list[wire.Frame | None]:
+        """Send every chunk at once (one batch for the writer), then collect the replies."""
+        if not parts:
+            self._check_pool(pool)
+            await trio.lowlevel.checkpoint()
+            return []
+        if not await self._gate(pool, False):
+            return [None] * len(parts)
+        conn = self._conn
+        assert conn is not None
+        sent = [self._submit(conn, pool, op, pool._remote, _NO_OID, n, body) for n, body in parts]
+        out: list[wire.Frame | None] = []
+        try:
+            for rid, req in sent:
+                out.append(await self._wait(rid, req))
+        finally:
+            for rid, _ in sent[len(out) :]:
+                self._pending.pop(rid, None)
+        return out
+
+    async def _request(
+        self, conn: _Conn, pool: Pool | None, op: int, remote: int, body: bytes
+    ) -> wire.Frame | None:
+        """A channel-level request on `conn`, not gated on readiness (used by the handshake)."""
+        rid, req = self._submit(conn, pool, op, remote, _NO_OID, 0, body)
+        frame: wire.Frame | None = await self._wait(rid, req)
+        return frame
+
+    # ----------------------------------------------------------------- connection tasks
+
+    async def _reader(self, conn: _Conn) -> None:
+        """Decode replies and wake their callers; any failure breaks the connection."""
+        frames_in = wire.FrameReader(wire.Role.GUEST, _READ_MAX_PAYLOAD, _READ_MAX_VECTOR)
+        feed = frames_in.feed
+        receive = conn.stream.receive_some
+        pending = self._pending
+        try:
+            while True:
+                data = await receive(_RECV_SIZE)
+                if not data:
+                    frames_in.eof()
+                    raise _Broken("host agent closed the channel")
+                try:
+                    frames = feed(data)
+                except wire.ProtocolError as err:
+                    self._dispatch(err.frames, pending)
+                    raise
+                self._dispatch(frames, pending)
+        except (_Broken, wire.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError,
+                OSError) as exc:  # fmt: skip
+            self._break(conn, exc)
+
+    def _dispatch(self, frames: list[wire.Frame], pending: dict[int, _Req]) -> None:
+        for frame in frames:
+            if frame.flags & _REPLY:
+                req = pending.pop(frame.request_id, None)
+                if req is not None:  # else: its caller was cancelled
+                    _complete(req, outcome.Value(frame))
+            elif frame.opcode == _NOTICE:
+                self._notice(frame)
+            else:  # ERROR: the host closes the channel after it
+                reason = wire.parse_error(frame.payload)
+                raise _Broken(
+                    f"host agent sent ERROR ({_status_name(frame.status)}): {reason}",
+                    host_error=True,
+                )
+
+    def _notice(self, frame: wire.Frame) -> None:
+        """Queue a host notice; when nobody keeps up, the oldest goes (the newest matters)."""
+        try:
+            item = wire.parse_notice(frame.payload)
+        except wire.ProtocolError as err:
+            log.warning("ignoring host notice: %s", err)  # a newer host; not worth a reconnect
+            return
+        try:
+            try:
+                self._notice_send.send_nowait(item)
+            except trio.WouldBlock:
+                self.notices.receive_nowait()
+                self._notice_send.send_nowait(item)
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def _writer(self, conn: _Conn) -> None:
+        """Send everything queued since the last wakeup in one send_all."""
+        q = conn.outq
+        send_all = conn.stream.send_all
+
+        def abort(_: Any) -> Abort:
+            conn.writer = None
+            return Abort.SUCCEEDED
+
+        try:
+            while True:
+                if not q:
+                    conn.writer = current_task()
+                    await wait_task_rescheduled(abort)
+                    continue
+                data = b"".join(q)
+                q.clear()
+                await send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._break(conn, exc)
+
+    def _break(self, conn: _Conn, exc: BaseException) -> None:
+        """Mark `conn` dead (first reason wins) and stop its tasks."""
+        if conn.error is None:
+            conn.error = exc
+        if self._conn is conn and self._ready:
+            self._ready = False
+            self._ready_event = trio.Event()
+        conn.scope.cancel()
+
+    # ----------------------------------------------------------------- connection lifecycle
+
+    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, serve, reconnect; reports started after the first handshake (or failure)."""
+        started = False
+
+        def on_ready() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                task_status.started()
+
+        failures = 0
+        try:
+            while True:
+                began = trio.current_time()
+                try:
+                    stream = await _open_transport(self.transport, self.path)
+                except OSError as exc:
+                    problem: BaseException = exc
+                    if failures == 0:
+                        log.info("host agent not reachable at %s: %s", self.spec, exc)
+                else:
+                    problem = await self._session(stream, on_ready)
+                    if isinstance(problem, _Fatal):
+                        raise problem
+                    log.warning("channel %s lost: %s", self.spec, problem)
+                if not self._reconnect:
+                    raise ChannelError(f"channel {self.spec}: {problem}")
+                if trio.current_time() - began >= _STABLE_SESSION:
+                    failures = 0
+                delay = (
+                    0.0
+                    if failures == 0
+                    else self._retry_interval * min(2 ** (failures - 1), _MAX_BACKOFF_FACTOR)
+                )
+                failures += 1
+                await trio.sleep(delay)
+        except ChannelError as exc:
+            reason = str(exc)
+            self._fatal = exc
+            self._fail_all(lambda: ChannelError(reason))
+            # without reconnect the caller gets the error itself; with it, this is an outage
+            log.log(logging.ERROR if self._reconnect else logging.DEBUG,
+                    "channel %s gave up: %s", self.spec, reason)  # fmt: skip
+            if not started:
+                task_status.started()
+
+    async def _session(self, stream: trio.abc.Stream, on_ready: Callable[[], None]) -> BaseException:
+        """Serve one connection until it breaks; returns why it ended."""
+        conn = _Conn(stream)
+        self._conn = conn
+        try:
+            with conn.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._reader, conn)
+                    nursery.start_soon(self._writer, conn)
+                    try:
+                        with trio.fail_after(_HANDSHAKE_TIMEOUT):
+                            await self._handshake(conn)
+                    except trio.TooSlowError:
+                        self._break(conn, _Broken("no answer to the handshake"))
+                    except (ChannelError, wire.ProtocolError, _Broken) as exc:
+                        self._break(conn, exc)  # a _Fatal ends up in conn.error, see _run
+                    else:
+                        self._go_ready(conn)
+                        on_ready()
+        finally:
+            self._conn = None
+            if self._ready:
+                self._ready = False
+                self._ready_event = trio.Event()
+            self._stall_or_drop(conn)
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+        return conn.error if conn.error is not None else _Broken("connection ended")
+
+    async def _handshake(self, conn: _Conn) -> None:
+        """HELLO, then bring every pool back: re-create ephemeral ones, re-check persistent."""
+        hello = wire.hello_payload(wire.Hello(wire.VERSION, wire.VERSION, _PAGE_SIZE, self.name))
+        frame = await self._request(conn, None, wire.Op.HELLO, 0, hello)
+        if frame is None:
+            raise _Broken("channel broke during the handshake")
+        if frame.status != _OK:
+            raise _Fatal(f"host agent refused the handshake: {_status_name(frame.status)}")
+        welcome = wire.parse_welcome(frame.payload)
+        if welcome.version != wire.VERSION or welcome.page_size != _PAGE_SIZE:
+            raise _Fatal(f"host agent speaks {welcome}, we need version {wire.VERSION}")
+        self.welcome = welcome
+        per_key = wire.KEY_SIZE + _PAGE_SIZE
+        self._chunk = max(1, min(welcome.max_vector, _READ_MAX_VECTOR, welcome.max_payload // per_key))
+        # persistent pools first: the host answers in order, so their QUERY_POOLs cannot see
+        # an ephemeral pool re-created under a reused id
+        pools = sorted((p for p in self._pools if p._lost is None), key=lambda p: not p.persistent)
+        sent = []
+        for pool in pools:  # all at once: restoring many pools costs one round trip
+            if pool.persistent:
+                sent.append(self._submit(conn, None, wire.Op.QUERY_POOL, pool._remote, _NO_OID, 0, b""))
+            else:
+                spec = wire.pool_spec_payload(pool.flags, pool._uuid)
+                sent.append(self._submit(conn, None, wire.Op.NEW_POOL, 0, _NO_OID, 0, spec))
+        for pool, (rid, req) in zip(pools, sent, strict=True):
+            frame = await self._wait(rid, req)
+            if frame is None:
+                raise _Broken("channel broke while restoring pools")
+            if pool.persistent:
+                if not self._same_pool(frame, pool.flags):
+                    pool._lost = f"persistent pool {pool._remote} did not survive the host restart"
+                    log.warning("%s", pool._lost)
+            elif frame.status == _OK:
+                pool._remote = frame.pool
+            else:
+                pool._lost = f"host refused to re-create the pool: {_status_name(frame.status)}"
+                log.warning("%s", pool._lost)
+        for pool in pools:
+            if pool._lost is not None:
+                self._pools.pop(pool, None)
+
+    def _go_ready(self, conn: _Conn) -> None:
+        """Re-send the persistent requests stalled by the last break, in order; open the gate."""
+        for rid, req in list(self._pending.items()):
+            pool = req.pool
+            if pool is not None and pool._lost is not None:
+                del self._pending[rid]
+                _complete(req, outcome.Error(PoolLost(pool._lost)))
+            else:
+                self._send(conn, req.head, req.body)
+        self.generation += 1
+        self._ready = True
+        self._ready_event.set()
+        log.info("channel %s connected (generation %d)", self.spec, self.generation)
+
+    def _stall_or_drop(self, conn: _Conn) -> None:
+        """After a break: requests on persistent pools wait for a re-send, the rest are dropped."""
+        host_error = isinstance(conn.error, _Broken) and conn.error.host_error
+        for rid, req in list(self._pending.items()):
+            pool = req.pool
+            if pool is not None and pool.persistent:
+                if host_error:
+                    req.strikes += 1
+                if req.strikes < _HOST_ERROR_STRIKES:
+                    continue
+                del self._pending[rid]
+                _complete(req, outcome.Error(ChannelError(f"host agent rejected it: {conn.error}")))
+            else:
+                del self._pending[rid]
+                _complete(req, _DROPPED)
+
+    def _fail_all(self, make: Callable[[], ChannelError]) -> None:
+        """Complete every pending request with an error and wake everyone waiting to send."""
+        pending = list(self._pending.values())
+        self._pending.clear()
+        for req in pending:
+            _complete(req, outcome.Error(make()))
+        self._ready = False
+        self._ready_event.set()
+        self._notice_send.close()
+
+    def _shutdown(self) -> None:
+        self._closed = True
+        self._fail_all(lambda: ChannelClosed("channel closed"))
+
+
+@asynccontextmanager
+async def open_channel(
+    spec: str, *, name: str = "", reconnect: bool = True, retry_interval: float = 0.5
+) -> AsyncIterator[Channel]:
+    """Connect to the host agent and keep the channel up for the duration of the block.
+
+    Returns once the first handshake is done; with reconnect=True it waits for an absent
+    host agent (bound it with trio.move_on_after), with reconnect=False it raises
+    ChannelError instead and any later break fails requests rather than reconnecting.
+    """
+    channel = Channel(spec, name=name, reconnect=reconnect, retry_interval=retry_interval)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(channel._run)
+            if channel._fatal is not None:
+                raise ChannelError(str(channel._fatal))
+            try:
+                yield channel
+            finally:
+                channel._shutdown()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # our tasks never raise, so a lone exception is the caller's (or ours above): unwrap
+        # it rather than make every caller handle an ExceptionGroup
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise

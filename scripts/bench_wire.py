@@ -1,0 +1,318 @@
+"""Wire benchmark: the guest `Channel` against a raw echo baseline, measured in one run.
+
+Prints ONE JSON object.  Every figure is taken on this machine in this run, over unix
+sockets, with the messages a page operation moves (48-byte header + 4096-byte page):
+
+baseline (what the transport alone costs; the echo server is a separate process using the
+host agent's I/O machinery, an asyncio Protocol that writes back whatever it receives; the
+client uses the Channel's machinery, a trio SocketStream with send_all/receive_some):
+- `echo_rtt_us`: median time to send one 4144-byte message and read all 4144 bytes back,
+  one message in flight, over `rtt_samples` samples.
+- `echo_throughput_mbs`: with `window` messages in flight (a single trio task sends W, then
+  tops the window up as complete echoes arrive) for about `seconds` seconds:
+  completed messages * 4096 / elapsed / 1e6.  Counting 4096 page bytes per message is the
+  same unit as ours, although an echo moves a full message in *both* directions.
+
+ours (a real `hostagent run` subprocess: temp config, arena in a tmp dir on /dev/shm, default
+guest settings, so compression is on; client = `open_channel` + `Pool`):
+- `get_rtt_us`: median `Pool.get` of one stored page on a persistent pool created WITHOUT
+  EXCLUSIVE_GETS (so every get hits), one request in flight, `rtt_samples` samples.
+- `throughput_mbs`: `window` tasks, each looping `put(k)` then `get(k)` on the same kind of
+  pool over its own keys (working set `window` * 64 pages), i.e. `window` requests in flight
+  for about `seconds` seconds: (puts + gets) * 4096 / elapsed / 1e6 (page bytes moved).
+
+Pages are half random bytes, half zeros (lz4 halves them: realistic work for the host's
+compressor).  The four measurements are interleaved over `rounds` rounds and each figure is
+the median of its rounds, so a burst of noise on a busy machine hits both sides alike.
+
+ratios: `get_rtt_ratio` = get_rtt_us / echo_rtt_us (target <= 3) and `throughput_ratio` =
+throughput_mbs / echo_throughput_mbs (target >= 0.25); `targets_met` holds one boolean each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from guestagent import wire
+from guestagent.channel import Pool, open_channel
+
+MESSAGE = wire.HEADER_SIZE + wire.PAGE_SIZE
+RTT_TARGET = 3.0
+THROUGHPUT_TARGET = 0.25
+KEYS_PER_TASK = 64
+
+
+def _page(seed: int) -> bytes:
+    return os.urandom(wire.PAGE_SIZE // 2) + bytes(wire.PAGE_SIZE // 2 - 4) + seed.to_bytes(4)
+
+
+# ------------------------------------------------------------------------- echo server process
+
+
+def echo_server(path: str) -> None:
+    """The baseline peer: an asyncio Protocol echoing every byte (host agent's I/O path)."""
+
+    class Echo(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            assert isinstance(transport, asyncio.Transport)
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            self.transport.write(data)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        await loop.create_unix_server(Echo, path)
+        print("ready", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+# ------------------------------------------------------------------------- measurements
+
+
+async def echo_rtt(path: str, samples: int) -> float:
+    stream = await trio.open_unix_socket(path)
+    message = _page(0) + bytes(wire.HEADER_SIZE)
+    times = []
+    async with stream:
+        for _ in range(samples):
+            t0 = time.perf_counter()
+            await stream.send_all(message)
+            got = 0
+            while got < MESSAGE:
+                got += len(await stream.receive_some(1 << 16))
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+async def echo_throughput(path: str, window: int, seconds: float) -> float:
+    stream = await trio.open_unix_socket(path)
+    message = _page(0) + bytes(wire.HEADER_SIZE)
+    async with stream:
+        t0 = time.perf_counter()
+        deadline = t0 + seconds
+        await stream.send_all(message * window)
+        sent, received = window, 0
+        while True:
+            received += len(await stream.receive_some(1 << 16))
+            done = received // MESSAGE
+            if time.perf_counter() >= deadline:
+                break
+            more = window - (sent - done)
+            if more > 0:
+                await stream.send_all(message * more)
+                sent += more
+        elapsed = time.perf_counter() - t0
+    return done * wire.PAGE_SIZE / elapsed / 1e6
+
+
+async def get_rtt(pool: Pool, samples: int) -> float:
+    oid = b"rtt".ljust(24, b"\0")
+    page = _page(1)
+    if not await pool.put(oid, 0, page):
+        raise RuntimeError("the host refused the RTT page")
+    times = []
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        got = await pool.get(oid, 0)
+        times.append(time.perf_counter() - t0)
+        if got != page:
+            raise RuntimeError("get returned the wrong page")
+    return statistics.median(times) * 1e6
+
+
+async def channel_throughput(pool: Pool, window: int, seconds: float) -> float:
+    pages = [_page(i) for i in range(KEYS_PER_TASK)]
+    ops = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker(task: int) -> None:
+        nonlocal ops
+        oid = task.to_bytes(4) + bytes(20)
+        i = 0
+        while time.perf_counter() < deadline:
+            key = i % KEYS_PER_TASK
+            stored = await pool.put(oid, key, pages[key])
+            got = await pool.get(oid, key)
+            if stored and got != pages[key]:
+                raise RuntimeError("get returned the wrong page")
+            ops += 2
+            i += 1
+
+    t0 = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for task in range(window):
+            nursery.start_soon(worker, task)
+    elapsed = time.perf_counter() - t0
+    return ops * wire.PAGE_SIZE / elapsed / 1e6
+
+
+# ------------------------------------------------------------------------- processes
+
+
+def _start(argv: list[str], ready: Callable[[], bool], what: str, **kw: object) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(argv, **kw)  # type: ignore[call-overload]
+    deadline = time.monotonic() + 15
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"{what} did not start")
+        time.sleep(0.02)
+    return proc  # type: ignore[no-any-return]
+
+
+def _listening(path: str) -> bool:
+    """True once a server accepts on `path` (the file appears a moment before listen())."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _config(tmp: Path, shm: Path) -> Path:
+    config = tmp / "hostagent.toml"
+    config.write_text(
+        f"""
+[pool]
+limit_mib = 256
+host_reserve_mib = 0
+arena_dir = "{shm}/arena"
+[control]
+socket = "{tmp}/control.sock"
+[channels]
+dir = "{tmp}/guests"
+[[guest]]
+name = "bench"
+"""
+    )
+    return config
+
+
+async def measure(args: argparse.Namespace, echo_path: str, guest_path: str) -> dict[str, object]:
+    rounds: dict[str, list[float]] = {k: [] for k in ("echo_rtt", "get_rtt", "echo_tp", "tp")}
+    async with open_channel(guest_path, name="bench", reconnect=False) as channel:
+        rtt_pool = await channel.new_pool(wire.PoolFlag.PERSISTENT)
+        for _ in range(args.rounds):
+            rounds["echo_rtt"].append(await echo_rtt(echo_path, args.rtt_samples))
+            rounds["get_rtt"].append(await get_rtt(rtt_pool, args.rtt_samples))
+            rounds["echo_tp"].append(await echo_throughput(echo_path, args.window, args.seconds))
+            rounds["tp"].append(await channel_throughput(rtt_pool, args.window, args.seconds))
+        await rtt_pool.destroy()
+    med = {k: statistics.median(v) for k, v in rounds.items()}
+    rtt_ratio = med["get_rtt"] / med["echo_rtt"]
+    tp_ratio = med["tp"] / med["echo_tp"]
+    return {
+        "echo_rtt_us": round(med["echo_rtt"], 1),
+        "get_rtt_us": round(med["get_rtt"], 1),
+        "echo_throughput_mbs": round(med["echo_tp"], 1),
+        "throughput_mbs": round(med["tp"], 1),
+        "get_rtt_ratio": round(rtt_ratio, 2),
+        "throughput_ratio": round(tp_ratio, 3),
+        "targets": {"get_rtt_ratio_max": RTT_TARGET, "throughput_ratio_min": THROUGHPUT_TARGET},
+        "targets_met": {
+            "get_rtt": rtt_ratio <= RTT_TARGET,
+            "throughput": tp_ratio >= THROUGHPUT_TARGET,
+        },
+        "rounds": {k: [round(x, 1) for x in v] for k, v in rounds.items()},
+        "params": {
+            "window": args.window,
+            "rtt_samples": args.rtt_samples,
+            "seconds": args.seconds,
+            "rounds": args.rounds,
+            "message_bytes": MESSAGE,
+            "page": "2048 random + 2048 zero bytes",
+            "compress": True,
+            "cpus": os.cpu_count(),
+        },
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--window", type=int, default=32, help="requests in flight (W)")
+    parser.add_argument("--rtt-samples", type=int, default=2000, help="round trips per round (N)")
+    parser.add_argument("--seconds", type=float, default=2.0, help="length of a throughput run")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median kept)")
+    parser.add_argument("--echo-server", metavar="PATH", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.echo_server:
+        echo_server(args.echo_server)
+        return 0
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-wire-") as tmpdir,
+        tempfile.TemporaryDirectory(prefix="bench-wire-", dir="/dev/shm") as shmdir,
+    ):
+        tmp, shm = Path(tmpdir), Path(shmdir)
+        echo_path = str(tmp / "echo.sock")
+        guest_path = str(tmp / "guests" / "bench.sock")
+        log = open(tmp / "hostagent.log", "wb")  # noqa: SIM115 - closed below
+        procs = []
+        try:
+            procs.append(
+                _start(
+                    [sys.executable, __file__, "--echo-server", echo_path],
+                    lambda: _listening(echo_path),
+                    "echo server",
+                    stdout=subprocess.DEVNULL,
+                )
+            )
+            procs.append(
+                _start(
+                    [
+                        sys.executable,
+                        "-m",
+                        "hostagent",
+                        "run",
+                        "--config",
+                        str(_config(tmp, shm)),
+                        "--log-level",
+                        "WARNING",
+                    ],
+                    lambda: _listening(guest_path),
+                    "hostagent run",
+                    stderr=log,
+                )
+            )
+            result = trio.run(measure, args, echo_path, guest_path)
+        except BaseException:
+            log.flush()
+            sys.stderr.write((tmp / "hostagent.log").read_text())
+            raise
+        finally:
+            for proc in procs:
+                _stop(proc)
+            log.close()
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,505 @@
+"""The guest channel client against a real `hostagent run` process over real unix sockets.
+
+Each test drives trio with `trio.run` (no pytest plugin needed) under a hard deadline.  Host
+agent outages are real: SIGSTOP freezes the agent so that requests are provably in flight,
+SIGKILL ends it without cleanup, and a restart on the same config and arena brings back the
+persistent pages.  Blocking agent control runs in a thread so the channel keeps running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import trio
+
+from guestagent import wire
+from guestagent.channel import (
+    Channel,
+    ChannelClosed,
+    ChannelError,
+    Pool,
+    PoolLost,
+    open_channel,
+    resolve_channel_path,
+)
+from guestagent.wire import Frame, Op, PoolFlag, Status
+from tests.conftest import SHARED_UUID, HostAgentProcess, oid, page
+
+PERSISTENT = int(PoolFlag.PERSISTENT)
+DEADLINE = 30.0  # per test; a hang is a failure, not a stuck suite
+RETRY = 0.05  # reconnect interval in tests (backoff grows to 8x)
+
+
+def run(main: Callable[[], Awaitable[None]]) -> None:
+    async def bounded() -> None:
+        with trio.fail_after(DEADLINE):
+            await main()
+
+    trio.run(bounded)
+
+
+async def in_thread(fn: Callable[[], Any]) -> Any:
+    return await trio.to_thread.run_sync(fn)
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+async def agent_pools(agent: HostAgentProcess, guest: str = "g1") -> list[dict[str, Any]]:
+    pools: list[dict[str, Any]] = await in_thread(lambda: agent.request("pools"))
+    return [p for p in pools if p["owner"] == guest]
+
+
+def test_resolve_channel_path() -> None:
+    assert resolve_channel_path("org.tmem.0") == ("virtio", "/dev/virtio-ports/org.tmem.0")
+    assert resolve_channel_path("/run/tmem/guests/g1.sock") == ("unix", "/run/tmem/guests/g1.sock")
+    assert resolve_channel_path("./g1.sock") == ("unix", "./g1.sock")
+    with pytest.raises(ValueError):
+        resolve_channel_path("")
+
+
+# -- round trips ----------------------------------------------------------------------------------
+
+
+def test_every_op_round_trips(host_agent: HostAgentProcess) -> None:
+    async def main() -> None:
+        async with open_channel(host_agent.sockets["g1"], name="t-ops") as ch:
+            assert ch.connected and ch.generation == 1
+            assert ch.welcome == wire.Welcome(
+                wire.VERSION, wire.PAGE_SIZE, host_agent.max_payload, host_agent.max_vector
+            )
+            eph = await ch.new_pool(0)
+            per = await ch.new_pool(PERSISTENT)
+            assert (eph.persistent, per.persistent) == (False, True)
+            assert len(await agent_pools(host_agent)) == 2
+            for n, pool in enumerate((eph, per)):
+                base = 100 * n
+                assert await pool.get(oid(1), 0) is None
+                assert await pool.put(oid(1), 0, page(base + 1))
+                assert await pool.put(oid(1), 1, page(base + 2))
+                assert await pool.put(oid(2), 0, page(base + 3))
+                assert await pool.get(oid(1), 0) == page(base + 1)
+                await pool.flush_page(oid(1), 1)
+                assert await pool.get(oid(1), 1) is None
+                assert await pool.put(oid(1), 5, page(base + 4))
+                await pool.flush_object(oid(1))
+                assert await pool.get(oid(1), 5) is None
+                assert await pool.get(oid(2), 0) == page(base + 3)
+            # NOREPLY put: queued ahead of the get, so the host has it when the get arrives
+            eph.put_nowait(oid(3), 7, page(9))
+            assert await eph.get(oid(3), 7) == page(9)
+            with pytest.raises(ValueError):
+                per.put_nowait(oid(3), 7, page(9))
+            # local mistakes are ValueErrors and never reach the host (the channel stays up)
+            with pytest.raises(ValueError):
+                await per.put(oid(4), 0, b"short")
+            with pytest.raises(ValueError):
+                await per.get(b"short oid", 0)
+            with pytest.raises(ValueError):
+                await per.get(oid(4), 1 << 32)
+            await ch.report_stats({"pages_cached": 12, "faults": -1})
+            await until(
+                lambda: (
+                    (host_agent.stats()["guests"]["g1"]["report"] or {}).get("values")
+                    == {"pages_cached": 12, "faults": -1}
+                ),
+                "the STATS report",
+            )
+            await eph.destroy()
+            await per.destroy()
+            await per.destroy()  # idempotent
+            assert await agent_pools(host_agent) == []
+            with pytest.raises(ChannelError):
+                await eph.get(oid(2), 0)
+            assert ch.connected and ch.generation == 1
+        with pytest.raises(ChannelClosed):
+            await ch.new_pool(0)
+
+    run(main)
+
+
+def test_many_concurrent_requests_are_pipelined(
+    host_agent: HostAgentProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """200 tasks at once: every reply reaches its own caller, and the writer batches."""
+    sends = 0
+    send_all = trio.SocketStream.send_all
+
+    async def counting_send_all(self: trio.SocketStream, data: Any) -> None:
+        nonlocal sends
+        sends += 1
+        await send_all(self, data)
+
+    monkeypatch.setattr(trio.SocketStream, "send_all", counting_send_all)
+    tasks, per_task = 200, 5
+
+    async def main() -> None:
+        async with open_channel(host_agent.sockets["g1"]) as ch:
+            pool = await ch.new_pool(PERSISTENT)
+            nonlocal sends
+            sends = 0
+
+            async def worker(i: int) -> None:
+                for j in range(per_task):
+                    assert await pool.put(oid(i), j, page(i * per_task + j))
+                for j in reversed(range(per_task)):
+                    assert await pool.get(oid(i), j) == page(i * per_task + j)
+
+            async with trio.open_nursery() as nursery:
+                for i in range(tasks):
+                    nursery.start_soon(worker, i)
+            requests = tasks * per_task * 2
+            assert sends * 4 <= requests, f"{sends} send_all calls for {requests} requests"
+
+    run(main)
+
+
+def test_vectored_ops_split_by_max_vector(host_agent: HostAgentProcess) -> None:
+    n = 2 * host_agent.max_vector + 22  # three PUT_VEC frames
+
+    async def main() -> None:
+        async with open_channel(host_agent.sockets["g1"]) as ch:
+            for flags in (PERSISTENT, 0):
+                pool = await ch.new_pool(flags)
+                items = [(oid(i // 10), i % 10, page(i)) for i in range(n)]
+                keys = [(o, i) for o, i, _ in items]
+                pages = [p for _, _, p in items]
+                assert await pool.put_many(items) == [True] * n
+                got = await pool.get_many([*keys, (oid(999), 0)])
+                assert got == [*pages, None]
+                if flags:  # persistent gets are not exclusive: the pages are still there
+                    await pool.flush_many(keys[: n // 2])
+                    assert await pool.get_many(keys) == [None] * (n // 2) + pages[n // 2 :]
+                else:  # a private ephemeral pool is a victim cache: gets took the pages
+                    assert await pool.get_many(keys[:3]) == [None] * 3
+                assert await pool.put_many([]) == []
+                assert await pool.get_many([]) == []
+                await pool.flush_many([])
+                with pytest.raises(ValueError):
+                    await pool.put_many([(oid(1), 0, b"short")])
+
+    run(main)
+
+
+def test_shared_pool_between_guests(host_agent: HostAgentProcess) -> None:
+    async def main() -> None:
+        async with (
+            open_channel(host_agent.sockets["g1"]) as ch1,
+            open_channel(host_agent.sockets["g2"]) as ch2,
+            open_channel(host_agent.sockets["g3"]) as ch3,
+        ):
+            a = await ch1.new_pool(int(PoolFlag.SHARED), SHARED_UUID)
+            b = await ch2.new_pool(int(PoolFlag.SHARED), SHARED_UUID)
+            assert await a.put(oid(1), 0, page(1))
+            assert await b.get(oid(1), 0) == page(1)
+            with pytest.raises(ChannelError, match="DENIED"):
+                await ch3.new_pool(int(PoolFlag.SHARED), SHARED_UUID)
+            assert ch3.connected  # a refusal is an answer, not a channel failure
+
+    run(main)
+
+
+# -- outages --------------------------------------------------------------------------------------
+
+
+def test_persistent_get_survives_host_agent_restart(host_agent: HostAgentProcess) -> None:
+    """A get in flight when the agent dies, and one issued while it is down, both complete
+    with the right bytes once it is back; the ephemeral pool keeps working, empty."""
+
+    async def main() -> None:
+        async with open_channel(host_agent.sockets["g1"], retry_interval=RETRY) as ch:
+            per = await ch.new_pool(PERSISTENT)
+            eph = await ch.new_pool(0)
+            assert await per.put(oid(1), 0, page(1))
+            assert await per.put(oid(1), 1, page(2))
+            assert await eph.put(oid(2), 0, page(3))
+            per_id = per.remote_id
+            got: dict[str, bytes | None] = {}
+
+            async def fetch(label: str, pool: Pool, key: int, index: int) -> None:
+                got[label] = await pool.get(oid(key), index)
+
+            async with trio.open_nursery() as nursery:
+                os.kill(host_agent.pid, signal.SIGSTOP)  # frozen: requests stay in flight
+                nursery.start_soon(fetch, "persistent in flight", per, 1, 0)
+                nursery.start_soon(fetch, "ephemeral in flight", eph, 2, 0)
+                await trio.sleep(0.2)
+                assert got == {}
+                await in_thread(host_agent.kill)
+                await until(lambda: not ch.connected, "the channel to notice")
+                await until(lambda: "ephemeral in flight" in got, "the ephemeral get to miss")
+                assert got == {"ephemeral in flight": None}
+                nursery.start_soon(fetch, "persistent while down", per, 1, 1)
+                # ephemeral ops do not wait for the host: misses and dropped puts
+                assert await eph.get(oid(2), 0) is None
+                assert await eph.put(oid(2), 0, page(4)) is False
+                eph.put_nowait(oid(2), 0, page(4))
+                await trio.sleep(0.3)
+                assert "persistent in flight" not in got
+                await in_thread(host_agent.start)
+            assert got == {
+                "ephemeral in flight": None,
+                "persistent in flight": page(1),
+                "persistent while down": page(2),
+            }
+            assert ch.connected and ch.generation == 2
+            assert per.remote_id == per_id
+            assert await eph.get(oid(2), 0) is None  # the old contents are gone
+            assert await eph.put(oid(2), 0, page(5))
+            assert await eph.get(oid(2), 0) == page(5)
+            assert len(await agent_pools(host_agent)) == 2
+
+    run(main)
+
+
+def test_persistent_pool_lost_with_its_arena(host_agent: HostAgentProcess) -> None:
+    """Restarting on an empty arena loses persistent pools: waiting requests raise PoolLost."""
+
+    async def main() -> None:
+        async with open_channel(host_agent.sockets["g1"], retry_interval=RETRY) as ch:
+            eph = await ch.new_pool(0)
+            per = await ch.new_pool(PERSISTENT)
+            assert await per.put(oid(1), 0, page(1))
+            outcome: list[BaseException] = []
+
+            async def fetch() -> None:
+                try:
+                    await per.get(oid(1), 0)
+                except PoolLost as exc:
+                    outcome.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                os.kill(host_agent.pid, signal.SIGSTOP)
+                nursery.start_soon(fetch)
+                await trio.sleep(0.1)
+                await in_thread(host_agent.kill)
+                for f in host_agent.arena_dir.iterdir():
+                    f.unlink()
+                await in_thread(host_agent.start)
+            assert len(outcome) == 1
+            with pytest.raises(PoolLost):
+                await per.put(oid(1), 0, page(1))
+            await per.destroy()  # destroying a lost pool is fine
+            assert await eph.put(oid(1), 0, page(2))  # re-created under the new agent
+            fresh = await ch.new_pool(PERSISTENT)
+            assert await fresh.put(oid(1), 0, page(3))
+            assert await fresh.get(oid(1), 0) == page(3)
+
+    run(main)
+
+
+def test_client_started_before_host_agent(host_agent_stopped: HostAgentProcess) -> None:
+    async def main() -> None:
+        agent = host_agent_stopped
+        started = trio.Event()
+
+        async def start_later() -> None:
+            await trio.sleep(0.4)
+            await in_thread(agent.start)
+            started.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(start_later)
+            async with open_channel(agent.sockets["g1"], retry_interval=RETRY) as ch:
+                assert started.is_set()  # open_channel waited for the agent
+                assert ch.connected and ch.generation == 1
+                pool = await ch.new_pool(PERSISTENT)
+                assert await pool.put(oid(1), 0, page(1))
+                assert await pool.get(oid(1), 0) == page(1)
+
+    run(main)
+
+
+def test_no_reconnect_fails_fast(host_agent: HostAgentProcess) -> None:
+    async def main() -> None:
+        with pytest.raises(ChannelError, match="No such file"):
+            async with open_channel(host_agent.sockets["g1"] + ".missing", reconnect=False):
+                pass  # pragma: no cover
+        async with open_channel(host_agent.sockets["g1"], reconnect=False) as ch:
+            per = await ch.new_pool(PERSISTENT)
+            await in_thread(host_agent.kill)
+            with pytest.raises(ChannelError):
+                await per.get(oid(1), 0)  # would wait forever with reconnect
+            assert not ch.connected
+        await in_thread(host_agent.start)  # the fixture stops it at teardown
+
+    run(main)
+
+
+def test_host_error_frame_makes_the_channel_reconnect(host_agent: HostAgentProcess) -> None:
+    """A second connection on g1's socket makes the host close ours with an ERROR frame."""
+
+    async def main() -> None:
+        async with open_channel(host_agent.sockets["g1"], retry_interval=RETRY) as ch:
+            eph = await ch.new_pool(0)
+            per = await ch.new_pool(PERSISTENT)
+            assert await per.put(oid(1), 0, page(1))
+            # it says nothing: our channel reconnects at once and replaces it in turn
+            intruder = await in_thread(lambda: host_agent.connect("g1", hello=False))
+            try:
+                await until(lambda: ch.generation == 2 and ch.connected, "a reconnect")
+                assert (await in_thread(intruder.expect_error)).opcode == Op.ERROR
+            finally:
+                intruder.close()
+            assert await per.get(oid(1), 0) == page(1)
+            assert await eph.put(oid(2), 0, page(2))
+            assert await eph.get(oid(2), 0) == page(2)
+
+    run(main)
+
+
+def test_cancelled_request_leaves_the_channel_usable(host_agent: HostAgentProcess) -> None:
+    async def main() -> None:
+        async with open_channel(host_agent.sockets["g1"]) as ch:
+            per = await ch.new_pool(PERSISTENT)
+            assert await per.put(oid(1), 0, page(1))
+            os.kill(host_agent.pid, signal.SIGSTOP)
+            try:
+                with trio.move_on_after(0.2) as scope:
+                    await per.get(oid(1), 0)
+                assert scope.cancelled_caught
+            finally:
+                os.kill(host_agent.pid, signal.SIGCONT)
+            # the late reply to the cancelled get must not be taken for this one
+            assert await per.put(oid(1), 1, page(2))
+            assert await per.get(oid(1), 1) == page(2)
+            assert ch.generation == 1
+
+    run(main)
+
+
+def test_closing_fails_waiting_requests(host_agent: HostAgentProcess) -> None:
+    async def main() -> None:
+        errors: list[BaseException] = []
+
+        async def blocked(pool: Pool) -> None:
+            try:
+                await pool.get(oid(1), 0)
+            except ChannelClosed as exc:
+                errors.append(exc)
+
+        async with (
+            trio.open_nursery() as nursery,
+            open_channel(host_agent.sockets["g1"], retry_interval=RETRY) as ch,
+        ):
+            per = await ch.new_pool(PERSISTENT)
+            await in_thread(host_agent.kill)
+            await until(lambda: not ch.connected, "the channel to notice")
+            nursery.start_soon(blocked, per)
+            await trio.sleep(0.1)
+            assert errors == []
+        assert len(errors) == 1
+        with pytest.raises(ChannelClosed):
+            await per.get(oid(1), 0)
+        await in_thread(host_agent.start)
+
+    run(main)
+
+
+# -- a scripted peer, for what the real agent has no trigger for yet -------------------------------
+
+
+async def scripted_host(
+    path: str,
+    script: Callable[[trio.SocketStream], Awaitable[None]],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept one connection on `path` and run `script` on it."""
+    sock = trio.socket.socket(trio.socket.AF_UNIX)
+    await sock.bind(path)
+    sock.listen()
+    async with trio.SocketListener(sock) as listener:
+        task_status.started()
+        async with await listener.accept() as stream:
+            await script(stream)
+
+
+async def read_frame(stream: trio.SocketStream, reader: wire.FrameReader) -> Frame:
+    while True:
+        if frames := reader.feed(await stream.receive_some(1 << 16)):
+            assert len(frames) == 1
+            return frames[0]
+
+
+def test_notices_and_refused_handshake(tmp_path: Any) -> None:
+    """NOTICE frames reach `channel.notices`; a host refusing HELLO is fatal, not retried."""
+    path = str(tmp_path / "peer.sock")
+
+    async def welcome_then_notify(stream: trio.SocketStream) -> None:
+        hello = await read_frame(stream, wire.FrameReader(wire.Role.HOST))
+        assert wire.parse_hello(hello.payload).name == "scripted"
+        welcome = wire.welcome_payload(wire.Welcome(1, wire.PAGE_SIZE, 1 << 20, 64))
+        await stream.send_all(
+            wire.encode(wire.reply_to(hello, payload=welcome))
+            + wire.encode(Frame(Op.NOTICE, payload=wire.notice_payload(wire.Notice(2), 1 << 20)))
+            + wire.encode(Frame(Op.NOTICE, payload=wire.notice_payload(wire.Notice(1), 300)))
+        )
+        await trio.sleep_forever()
+
+    async def refuse(stream: trio.SocketStream) -> None:
+        hello = await read_frame(stream, wire.FrameReader(wire.Role.HOST))
+        await stream.send_all(wire.encode(wire.reply_to(hello, Status.INVALID)))
+        await trio.sleep_forever()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(scripted_host, path, welcome_then_notify)
+            ch: Channel
+            async with open_channel(path, name="scripted") as ch:
+                assert await ch.notices.receive() == (wire.Notice.BALLOON_TARGET, 1 << 20)
+                assert await ch.notices.receive() == (wire.Notice.SHRINK_PERSISTENT, 300)
+            nursery.cancel_scope.cancel()
+        os.unlink(path)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(scripted_host, path, refuse)
+            with pytest.raises(ChannelError, match="refused the handshake: INVALID"):
+                async with open_channel(path, retry_interval=RETRY):
+                    pass  # pragma: no cover
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+# -- the CLI --------------------------------------------------------------------------------------
+
+
+def guestagent_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "guestagent", *args],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+
+
+def test_check_cli(host_agent: HostAgentProcess) -> None:
+    res = guestagent_cli("check", host_agent.sockets["g2"], "--name", "cli")
+    assert res.returncode == 0, res.stdout + res.stderr
+    result = json.loads(res.stdout)
+    assert result["ok"] is True
+    assert result["transport"] == "unix"
+    assert result["welcome"]["page_size"] == wire.PAGE_SIZE
+    for kind in ("ephemeral", "persistent"):
+        assert result[kind] | {"pool": 0, "get_rtt_us": 0} == {
+            "ok": True, "put": True, "get": True, "flush": True, "pool": 0, "get_rtt_us": 0,
+        }  # fmt: skip
+    assert [p for p in host_agent.request("pools") if p["owner"] == "g2"] == []  # cleaned up
+
+    res = guestagent_cli("check", host_agent.sockets["g2"] + ".missing", "--timeout", "5")
+    assert res.returncode == 1
+    result = json.loads(res.stdout)
+    assert result["ok"] is False and "No such file" in result["error"]
+
+    res = guestagent_cli("--help")
+    assert res.returncode == 0 and "check" in res.stdout
+    res = guestagent_cli()
+    assert res.returncode == 2
