@@ -42,8 +42,6 @@ SLOT_HEADER_SIZE: Final = SLOT_HEADER.size  # 52
 _STATE = struct.Struct("<I")
 _STATE_GEN = struct.Struct("<I4xQ")
 _GEN = struct.Struct("<Q")
-_DATA_INFO = struct.Struct("<HB")  # length, encoding
-_DATA_INFO_OFFSET: Final = 48
 _GEN_OFFSET: Final = 8
 
 FLAG_CHECKSUM: Final = 1  # the slot carries a checksum (persistent pages); others are not rebuilt
@@ -68,6 +66,19 @@ CLASS_FOR_LENGTH: Final[tuple[int, ...]] = tuple(
 
 _NO_SLAB: Final = -1
 
+# A slot reference packs what a read needs into one int, so a get touches no header:
+# offset << REF_SHIFT | data length << 2 | encoding.
+REF_SHIFT: Final = 16
+_REF_LENGTH_MASK: Final = 0x3FFF
+
+
+def make_ref(offset: int, length: int, encoding: int) -> int:
+    return offset << REF_SHIFT | length << 2 | encoding
+
+
+def ref_offset(ref: int) -> int:
+    return ref >> REF_SHIFT
+
 
 class ArenaError(Exception):
     """The arena file cannot be used (wrong size, not mappable, ...)."""
@@ -88,6 +99,7 @@ class SlotRecord:
     """A live slot found by `Arena.scan` (rebuild after a restart)."""
 
     offset: int
+    ref: int
     size_class: int
     handle: int
     generation: int
@@ -112,6 +124,8 @@ class Arena:
         self.path = Path(path)
         room = capacity_bytes + capacity_bytes // 8 + 2 * len(SLOT_SIZES) * SLAB_SIZE
         nslabs = -(-room // SLAB_SIZE)
+        if nslabs * SLAB_SIZE >= 1 << 40:
+            raise ArenaError("an arena is limited to 1 TiB (slot offsets fit 40 bits in LRU logs)")
         self.capacity_bytes = nslabs * SLAB_SIZE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -159,14 +173,15 @@ class Arena:
 
     def store(self, size_class: int, handle: int, generation: int, oid: bytes, index: int,
               encoding: int, data: bytes, crc: int, flags: int) -> int:
-        """Allocate a slot and fill it (the put hot path: one call instead of two)."""
+        """Allocate a slot and fill it (the put hot path: one call); returns its reference."""
         offset = self.alloc(size_class)
         start = offset + SLOT_HEADER_SIZE
+        length = len(data)
         mm = self._mm
-        mm[start : start + len(data)] = data
+        mm[start : start + length] = data
         SLOT_HEADER.pack_into(mm, offset, SLOT_LIVE, handle, generation, oid, index, crc,
-                              len(data), encoding, flags)
-        return offset
+                              length, encoding, flags)
+        return offset << REF_SHIFT | length << 2 | encoding
 
     def _new_slab(self, size_class: int) -> int:
         if not self._free_slabs:
@@ -180,9 +195,15 @@ class Arena:
         self._bump_end[size_class] = first + SLOTS_PER_SLAB[size_class] * SLOT_SIZES[size_class]
         return first
 
-    def free(self, offset: int) -> int:
-        """Mark a slot free; returns the slot's size (the bytes its owner is no longer charged)."""
-        _STATE.pack_into(self._mm, offset, SLOT_FREE)
+    def free(self, ref: int, mark: bool = True) -> int:
+        """Free a slot; returns its size (the bytes its owner is no longer charged).
+
+        `mark` writes the free state into the slot, so a restart does not bring it back: needed for
+        checksummed (persistent) slots only, since nothing else is ever rebuilt.
+        """
+        offset = ref >> REF_SHIFT
+        if mark:
+            _STATE.pack_into(self._mm, offset, SLOT_FREE)
         slab = offset >> SLAB_SHIFT
         size_class = self._slab_class[slab]
         size = SLOT_SIZES[size_class]
@@ -237,20 +258,16 @@ class Arena:
         SLOT_HEADER.pack_into(self._mm, offset, SLOT_LIVE, handle, generation, oid, index, crc,
                               len(data), encoding, flags)
 
-    def read(self, offset: int) -> tuple[int, bytes]:
+    def read(self, ref: int) -> tuple[int, bytes]:
         """(encoding, stored bytes) of a live slot."""
-        mm = self._mm
-        length, encoding = _DATA_INFO.unpack_from(mm, offset + _DATA_INFO_OFFSET)
-        start = offset + SLOT_HEADER_SIZE
-        return encoding, mm[start : start + length]
+        start = (ref >> REF_SHIFT) + SLOT_HEADER_SIZE
+        return ref & 3, self._mm[start : start + (ref >> 2 & _REF_LENGTH_MASK)]
 
-    def take(self, offset: int) -> tuple[int, bytes, int]:
+    def take(self, ref: int, mark: bool) -> tuple[int, bytes, int]:
         """Read and free a slot (an exclusive get): (encoding, stored bytes, slot size)."""
-        mm = self._mm
-        length, encoding = _DATA_INFO.unpack_from(mm, offset + _DATA_INFO_OFFSET)
-        start = offset + SLOT_HEADER_SIZE
-        data = mm[start : start + length]
-        return encoding, data, self.free(offset)
+        start = (ref >> REF_SHIFT) + SLOT_HEADER_SIZE
+        data = self._mm[start : start + (ref >> 2 & _REF_LENGTH_MASK)]
+        return ref & 3, data, self.free(ref, mark)
 
     def header(self, offset: int) -> tuple[int, int, int, bytes, int, int, int, int, int]:
         """The raw slot header: state, handle, generation, oid, index, crc, length, encoding, flags."""
@@ -269,8 +286,8 @@ class Arena:
         """Re-stamp a live slot (an LRU touch on a shared pool) without rewriting its data."""
         _GEN.pack_into(self._mm, offset + _GEN_OFFSET, generation)
 
-    def size_of(self, offset: int) -> int:
-        return SLOT_SIZES[self._slab_class[offset >> SLAB_SHIFT]]
+    def size_of(self, ref: int) -> int:
+        return SLOT_SIZES[self._slab_class[ref >> REF_SHIFT >> SLAB_SHIFT]]
 
     # -- rebuild ----------------------------------------------------------------------------------
 
@@ -316,7 +333,8 @@ class Arena:
                 self.slots_in_use += 1
                 self.used_bytes += size
                 self.max_generation = max(self.max_generation, gen)
-                yield SlotRecord(base + pos, size_class, handle, gen, oid, index, encoding, verified)
+                yield SlotRecord(base + pos, make_ref(base + pos, length, encoding), size_class, handle,
+                                 gen, oid, index, encoding, verified)
         self._free_slabs = [s for s in range(self._nslabs) if s not in in_use]
         heapq.heapify(self._free_slabs)
 

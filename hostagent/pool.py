@@ -9,9 +9,11 @@ agent calls it from one event loop. The contract it implements is DESIGN.md sect
 - ephemeral pages may vanish (eviction), persistent pages never do and survive a host-agent restart.
 
 Index layout, chosen for memory (<= 128 bytes of Python heap per stored page) and speed: each pool maps
-object id -> {index: arena offset}. The key of a slot is stored in the slot itself, so eviction needs
-no reverse map. Ephemeral pools keep an insertion log of (offset, generation) in an `array`; an entry is
-stale when its slot's generation changed, so gets and flushes never search the log.
+object id -> {index: slot reference} (arena offset, length and encoding in one int, so a get reads no
+header). The key of a slot is stored in the slot itself, so eviction needs no reverse map. Ephemeral
+pools keep an insertion log of offset << 24 | generation (low 24 bits) in an `array`; an entry is stale
+when its slot's generation changed or the index no longer points at the slot, so gets and flushes never
+search the log.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from .arena import (
     CLASS_FOR_LENGTH,
     FLAG_CHECKSUM,
     MAX_COMPRESSED,
+    REF_SHIFT,
     SLOT_SIZES,
     Arena,
     ArenaFull,
@@ -39,6 +42,8 @@ from .arena import (
 
 NO_UUID: Final = bytes(16)
 _LAST_WORD: Final = PAGE_SIZE - 8
+_LOG_SHIFT: Final = 24
+_LOG_GEN: Final = (1 << _LOG_SHIFT) - 1
 MAX_POOLS_PER_CLIENT: Final = 1024
 POOL_TABLE: Final = "pools.json"
 
@@ -125,7 +130,7 @@ class Pool:
         self.storage = owner.pers if self.persistent else owner.eph
         self.members: dict[str, int] = {}  # client name -> that client's id for this pool
         self.objects: dict[bytes, dict[int, int]] = {}
-        self.log = array("Q")  # ephemeral only: offset, generation, offset, generation, ...
+        self.log = array("Q")  # ephemeral only: offset << 24 | generation & 0xFFFFFF, oldest first
         self.log_head = 0
 
     @property
@@ -248,9 +253,10 @@ class PoolEngine:
     def _drop_pool(self, pool: Pool) -> None:
         free = self.arena.free
         storage = pool.storage
+        mark = pool.persistent
         for pages in pool.objects.values():
-            for offset in pages.values():
-                size = free(offset)
+            for ref in pages.values():
+                size = free(ref, mark)
                 storage.pages -= 1
                 storage.stored -= size
                 if not pool.persistent:
@@ -266,7 +272,7 @@ class PoolEngine:
         old = pool.storage
         new = new_owner.pers if pool.persistent else new_owner.eph
         pages = sum(len(p) for p in pool.objects.values())
-        stored = sum(self.arena.size_of(o) for p in pool.objects.values() for o in p.values())
+        stored = sum(self.arena.size_of(r) for p in pool.objects.values() for r in p.values())
         old.pages -= pages
         old.stored -= stored
         new.pages += pages
@@ -305,7 +311,8 @@ class PoolEngine:
                     pages = None
         owner = pool.owner
         # Encoding, inlined from compress.encode: this is the hot path.
-        if page[:8] == page[_LAST_WORD:] and page[8:] == page[:-8]:
+        if (page[0] == page[_LAST_WORD] and page[7] == page[PAGE_SIZE - 1]
+                and page[:8] == page[_LAST_WORD:] and page[8:] == page[:-8]):
             encoding, data = compress.FILL, page[:8]
         elif owner.settings.compress:
             encoding, data = compress.encode(page, True, MAX_COMPRESSED)
@@ -334,21 +341,18 @@ class PoolEngine:
         try:
             if persistent:
                 crc = checksum(handle, generation, oid, index, encoding, data)
-                offset = arena.store(size_class, handle, generation, oid, index, encoding, data,
-                                     crc, FLAG_CHECKSUM)
+                ref = arena.store(size_class, handle, generation, oid, index, encoding, data,
+                                  crc, FLAG_CHECKSUM)
             else:
-                offset = arena.store(size_class, handle, generation, oid, index, encoding, data,
-                                     0, 0)
+                ref = arena.store(size_class, handle, generation, oid, index, encoding, data, 0, 0)
         except ArenaFull:
             return self._store_fragmented(client, pool, oid, index, page)
         if not persistent:
-            log = pool.log
-            log.append(offset)
-            log.append(generation)
+            pool.log.append((ref >> REF_SHIFT) << _LOG_SHIFT | (generation & _LOG_GEN))
             self.eph_bytes += size
         if pages is None:
             pages = objects[oid] = {}
-        pages[index] = offset
+        pages[index] = ref
         storage.pages += 1
         storage.stored += size
         return True
@@ -366,9 +370,9 @@ class PoolEngine:
         (client.pers if persistent else client.eph).puts_refused += 1
         return False
 
-    def _forget(self, pool: Pool, offset: int) -> None:
+    def _forget(self, pool: Pool, ref: int) -> None:
         """Free one page's slot and uncharge its owner (the index entry is already gone)."""
-        size = self.arena.free(offset)
+        size = self.arena.free(ref, pool.persistent)
         storage = pool.storage
         storage.pages -= 1
         storage.stored -= size
@@ -385,33 +389,33 @@ class PoolEngine:
         if pages is None:
             return None
         if pool.exclusive:
-            offset = pages.pop(index, None)
-            if offset is None:
+            ref = pages.pop(index, None)
+            if ref is None:
                 return None
             if not pages:
                 del pool.objects[oid]
-            encoding, data, size = self.arena.take(offset)
+            encoding, data, size = self.arena.take(ref, pool.persistent)
             storage = pool.storage
             storage.pages -= 1
             storage.stored -= size
             if not pool.persistent:
                 self.eph_bytes -= size
         else:
-            offset = pages.get(index)
-            if offset is None:
+            ref = pages.get(index)
+            if ref is None:
                 return None
-            encoding, data = self.arena.read(offset)
+            encoding, data = self.arena.read(ref)
             if not pool.persistent:
-                self._touch(pool, offset)
+                self._touch(pool, ref)
         counters.hits += 1
         return data if encoding == compress.RAW else compress.decode(encoding, data)
 
-    def _touch(self, pool: Pool, offset: int) -> None:
+    def _touch(self, pool: Pool, ref: int) -> None:
         """A use of a shared ephemeral page: move it to the young end of its pool's log."""
         self._generation = generation = self._generation + 1
+        offset = ref >> REF_SHIFT
         self.arena.set_generation(offset, generation)
-        pool.log.append(offset)
-        pool.log.append(generation)
+        pool.log.append(offset << _LOG_SHIFT | (generation & _LOG_GEN))
 
     def flush_page(self, client: Client, pool_id: int, oid: bytes, index: int) -> None:
         pool = self._pool(client, pool_id)
@@ -419,9 +423,9 @@ class PoolEngine:
         pages = pool.objects.get(oid)
         if pages is None:
             return
-        offset = pages.pop(index, None)
-        if offset is not None:
-            self._forget(pool, offset)
+        ref = pages.pop(index, None)
+        if ref is not None:
+            self._forget(pool, ref)
             if not pages:
                 del pool.objects[oid]
 
@@ -430,56 +434,71 @@ class PoolEngine:
         (client.pers if pool.persistent else client.eph).flushes += 1
         pages = pool.objects.pop(oid, None)
         if pages:
-            for offset in pages.values():
-                self._forget(pool, offset)
+            for ref in pages.values():
+                self._forget(pool, ref)
 
     # -- eviction ---------------------------------------------------------------------------------
 
-    def _oldest(self, pool: Pool) -> tuple[int, int]:
-        """(generation, offset) of the pool's least recently used live page, or (0, -1)."""
+    def _oldest(self, pool: Pool) -> tuple[int, int, bytes, int] | None:
+        """(generation, ref, oid, index) of the pool's least recently used page, or None.
+
+        Stale log entries met on the way (pages already got, flushed or touched) are dropped.
+        """
         log = pool.log
         head = pool.log_head
-        live_generation = self.arena.live_generation
         end = len(log)
+        arena = self.arena
+        found: tuple[int, int, bytes, int] | None = None
         while head < end:
-            offset = log[head]
-            generation = log[head + 1]
-            if live_generation(offset) == generation:
-                break
-            head += 2
-        else:
+            entry = log[head]
+            offset = entry >> _LOG_SHIFT
+            generation = arena.live_generation(offset)
+            if generation and generation & _LOG_GEN == entry & _LOG_GEN:
+                _, _, _, oid, index, _, _, _, _ = arena.header(offset)
+                pages = pool.objects.get(oid)
+                ref = pages.get(index) if pages is not None else None
+                if ref is not None and ref >> REF_SHIFT == offset:
+                    found = (generation, ref, oid, index)
+                    break
+            head += 1
+        if found is None:
             del log[:]
             pool.log_head = 0
-            return 0, -1
+            return None
         if head > 4096 and head * 2 > end:
             del log[:head]
             head = 0
         pool.log_head = head
-        return log[head + 1], log[head]
+        return found
 
-    def _evict_page(self, pool: Pool, offset: int) -> None:
-        _, _, _, oid, index, _, _, _, _ = self.arena.header(offset)
+    def _evict(self, pool: Pool, ref: int, oid: bytes, index: int) -> None:
         pages = pool.objects[oid]
         del pages[index]
         if not pages:
             del pool.objects[oid]
         pool.storage.evicted += 1
-        self._forget(pool, offset)
+        self._forget(pool, ref)
         self.evictions += 1
-        pool.log_head += 2
+        pool.log_head += 1
+
+    def _evict_lru(self, owner: Client | None) -> bool:
+        """Evict the least recently used ephemeral page (of pools charged to `owner`, if given)."""
+        best: tuple[int, int, bytes, int] | None = None
+        victim: Pool | None = None
+        for pool in self._pools.values():
+            if pool.persistent or not pool.objects or (owner is not None and pool.owner is not owner):
+                continue
+            oldest = self._oldest(pool)
+            if oldest is not None and (best is None or oldest[0] < best[0]):
+                best, victim = oldest, pool
+        if best is None or victim is None:
+            return False
+        self._evict(victim, best[1], best[2], best[3])
+        return True
 
     def _evict_from(self, client: Client) -> bool:
         """Evict the oldest ephemeral page charged to `client`."""
-        best: tuple[int, int, Pool | None] = (0, -1, None)
-        for pool in self._pools.values():
-            if pool.owner is client and not pool.persistent and pool.objects:
-                generation, offset = self._oldest(pool)
-                if offset >= 0 and (best[2] is None or generation < best[0]):
-                    best = (generation, offset, pool)
-        if best[2] is None:
-            return False
-        self._evict_page(best[2], best[1])
-        return True
+        return self._evict_lru(client)
 
     def _evict_one(self) -> bool:
         """Evict one ephemeral page: from the guest most above its weighted share, else the LRU page."""
@@ -490,18 +509,9 @@ class PoolEngine:
         victim = max(holders, key=lambda c: c.eph.stored / c.settings.weight)
         share = self.eph_bytes * victim.settings.weight / total_weight
         # A little slack so balanced guests fall back to plain LRU instead of strict alternation.
-        if victim.eph.stored > share + share / 32 + 32768 and self._evict_from(victim):
+        if victim.eph.stored > share + share / 32 + 32768 and self._evict_lru(victim):
             return True
-        best: tuple[int, int, Pool | None] = (0, -1, None)
-        for pool in self._pools.values():
-            if not pool.persistent and pool.objects:
-                generation, offset = self._oldest(pool)
-                if offset >= 0 and (best[2] is None or generation < best[0]):
-                    best = (generation, offset, pool)
-        if best[2] is None:
-            return False
-        self._evict_page(best[2], best[1])
-        return True
+        return self._evict_lru(None)
 
     def _enforce_cap(self, client: Client) -> None:
         cap = client.settings.cap_bytes
@@ -600,29 +610,29 @@ class PoolEngine:
             c.next_pool_id = max(c.next_pool_id, int(next_id))
         self._next_handle = max([int(table.get("next_handle", 1))] + [h + 1 for h in self._pools])
         rejected: list[int] = []
-        best: dict[tuple[int, bytes, int], tuple[int, int]] = {}  # key -> (generation, offset)
+        best: dict[tuple[int, bytes, int], tuple[int, int]] = {}  # key -> (generation, ref)
         for rec in list(self.arena.scan()):
             found = self._pools.get(rec.handle)
             if found is None or not found.persistent or not rec.verified:
                 if found is not None and found.persistent:
                     self.rejected_slots += 1
-                rejected.append(rec.offset)
+                rejected.append(rec.ref)
                 continue
             key = (rec.handle, rec.oid, rec.index)
             old = best.get(key)
             if old is None or old[0] < rec.generation:
                 if old is not None:
                     rejected.append(old[1])
-                best[key] = (rec.generation, rec.offset)
+                best[key] = (rec.generation, rec.ref)
             else:
-                rejected.append(rec.offset)
-        for offset in rejected:
-            self.arena.free(offset)
-        for (handle, oid, index), (_, offset) in best.items():
+                rejected.append(rec.ref)
+        for ref in rejected:
+            self.arena.free(ref)
+        for (handle, oid, index), (_, ref) in best.items():
             pool = self._pools[handle]
-            pool.objects.setdefault(oid, {})[index] = offset
+            pool.objects.setdefault(oid, {})[index] = ref
             pool.storage.pages += 1
-            pool.storage.stored += self.arena.size_of(offset)
+            pool.storage.stored += self.arena.size_of(ref)
         self.arena.release_unused_after_scan()
         self.rebuilt_pages = len(best)
         self._generation = self.arena.max_generation
