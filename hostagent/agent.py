@@ -1,0 +1,277 @@
+"""The host agent process: one asyncio loop serving every guest's channel and the control socket.
+
+It owns the arena and the pool engine (the only process that touches the pool), feeds the engine the
+host's available memory every `sample_interval`, and answers the control commands. Guest sockets are
+listened on before the control socket appears, so a present control socket means "ready".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import stat
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from hostagent.arena import Arena, ArenaError
+from hostagent.channel import Guest, GuestChannel
+from hostagent.config import Config
+from hostagent.control import ControlError, ControlServer, is_listening
+from hostagent.pool import ClientSettings, PoolEngine
+
+log = logging.getLogger("hostagent")
+
+ARENA_FILE = "arena"  # inside [pool] arena_dir
+MIB = 1 << 20
+
+
+class StartupError(Exception):
+    """The agent cannot start (another agent running, a path it cannot use); shown as one line."""
+
+
+def client_settings(weight: int, cap_mib: int, quota_mib: int, compress: bool) -> ClientSettings:
+    return ClientSettings(weight=weight, cap_bytes=cap_mib * MIB, quota_bytes=quota_mib * MIB,
+                          compress=compress)
+
+
+def host_available() -> int:
+    return int(psutil.virtual_memory().available)
+
+
+class HostAgent:
+    """Arena + engine + servers, built from a `Config`. `run()` serves until SIGTERM/SIGINT."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.started = time.monotonic()
+        self.process = psutil.Process()
+        self.engine: PoolEngine | None = None
+        self.guests: dict[str, Guest] = {}
+        self._servers: list[asyncio.AbstractServer] = []
+        self._control: ControlServer | None = None
+        self._stop: asyncio.Event | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Start, serve until a signal, shut down cleanly. Raises StartupError."""
+        asyncio.run(self._main())
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    async def _main(self) -> None:
+        cfg = self.config
+        if is_listening(cfg.control.socket):
+            raise StartupError(f"another host agent is running at {cfg.control.socket}")
+        os.umask(0o077)  # sockets and the arena are the host's alone
+        self._stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        try:
+            engine = self._open_engine()
+            try:
+                await self._serve(engine)
+            finally:
+                engine.close()
+                self.engine = None
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    def _open_engine(self) -> PoolEngine:
+        cfg = self.config
+        arena_path = Path(cfg.pool.arena_dir) / ARENA_FILE
+        try:
+            arena = Arena(arena_path, cfg.pool.limit_mib * MIB)
+        except ArenaError as err:
+            raise StartupError(str(err)) from None
+        except OSError as err:
+            reason = err.strerror or err
+            raise StartupError(f"cannot open the arena {arena_path}: {reason}") from None
+        engine = PoolEngine(arena, limit_bytes=cfg.pool.limit_mib * MIB,
+                            host_reserve_bytes=cfg.pool.host_reserve_mib * MIB,
+                            shared_acl=cfg.shared_acl())
+        engine.set_host_available(host_available())
+        for g in cfg.guests:
+            settings = client_settings(g.weight, g.cap_mib, g.quota_mib, g.compress)
+            client = engine.client(g.name, settings)
+            # A client rebuilt from the arena keeps the settings of its last run: the file wins.
+            engine.configure(g.name, weight=g.weight, cap_bytes=settings.cap_bytes,
+                             quota_bytes=settings.quota_bytes, compress=g.compress)
+            self.guests[g.name] = Guest(g.name, g.socket, client)
+        if not cfg.guests:
+            log.warning("no guests configured: nothing will connect (see hostagent.example.toml)")
+        for c in engine.clients():
+            if c.name not in self.guests:
+                log.warning("guest %s has pools in the arena but is not configured", c.name)
+        self.engine = engine
+        return engine
+
+    async def _serve(self, engine: PoolEngine) -> None:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        try:
+            for guest in self.guests.values():
+                _prepare_socket_path(guest.socket_path)
+
+                def factory(guest: Guest = guest) -> GuestChannel:
+                    return GuestChannel(guest, engine, max_payload=cfg.channels.max_payload,
+                                        max_vector=cfg.channels.max_vector)
+
+                self._servers.append(await loop.create_unix_server(factory, guest.socket_path))
+                os.chmod(guest.socket_path, 0o600)
+            _prepare_socket_path(cfg.control.socket)
+            self._control = ControlServer(cfg.control.socket, self.handle)
+            await self._control.start()
+        except OSError as err:
+            await self._close_servers()
+            raise StartupError(str(err)) from None
+        log.info("host agent ready: pid %d, %d guest(s), pool limit %d MiB, control %s",
+                 os.getpid(), len(self.guests), cfg.pool.limit_mib, cfg.control.socket)
+        sampler = asyncio.create_task(self._sample(engine))
+        try:
+            assert self._stop is not None
+            await self._stop.wait()
+            log.info("host agent stopping")
+        finally:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
+            await self._close_servers()
+
+    async def _close_servers(self) -> None:
+        if self._control is not None:
+            await self._control.close()
+            self._control = None
+        for server in self._servers:
+            server.close()
+        self._close_channels()
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+        for guest in self.guests.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(guest.socket_path)
+
+    def _close_channels(self) -> None:
+        for guest in self.guests.values():
+            guest.close_channel("host agent shutting down")
+
+    async def _sample(self, engine: PoolEngine) -> None:
+        """Feed the engine the host's available memory: the pool's budget follows it."""
+        while True:
+            await asyncio.sleep(self.config.pool.sample_interval)
+            try:
+                engine.set_host_available(host_available())
+            except Exception:
+                log.exception("sampling host memory failed")
+
+    # -- control commands -------------------------------------------------------------------------
+
+    def handle(self, req: Mapping[str, Any]) -> Any:
+        cmd = req.get("cmd")
+        if cmd == "stats":
+            return self.stats()
+        if cmd == "pools":
+            return self._engine().pools_info()
+        if cmd == "set":
+            return self.set_guest(req)
+        if cmd == "reserve":
+            return self.reserve(req)
+        raise ControlError(f"unknown command {cmd!r} (known: pools, reserve, set, stats)")
+
+    def _engine(self) -> PoolEngine:
+        if self.engine is None:
+            raise ControlError("the host agent is shutting down")
+        return self.engine
+
+    def stats(self) -> dict[str, Any]:
+        """engine.stats(), plus per guest its channel and latest report, plus the agent itself."""
+        result = self._engine().stats()
+        now = time.monotonic()
+        for name, g in result["guests"].items():
+            guest = self.guests.get(name)
+            g["configured"] = guest is not None
+            g["connected"] = guest is not None and guest.connected
+            g["connected_since"] = guest.connected_since if guest is not None else None
+            g["name_in_hello"] = guest.hello_name if guest is not None else ""
+            g["report"] = (
+                {"values": guest.report, "age": round(now - guest.report_time, 3)}
+                if guest is not None and guest.report is not None else None
+            )
+        cpu = self.process.cpu_times()
+        result["agent"] = {
+            "pid": os.getpid(),
+            "uptime": round(now - self.started, 3),
+            "cpu_seconds": round(cpu.user + cpu.system, 3),
+        }
+        return result
+
+    def set_guest(self, req: Mapping[str, Any]) -> dict[str, Any]:
+        name = req.get("guest")
+        if not isinstance(name, str) or name not in self.guests:
+            raise ControlError(f"unknown guest {name!r}")
+        allowed = {"cmd", "guest", "weight", "cap_mib", "quota_mib", "compress"}
+        for key in req:
+            if key not in allowed:
+                raise ControlError(f"unknown setting {key!r} (known: weight, cap_mib, quota_mib, "
+                                   "compress)")
+        changes: dict[str, Any] = {}
+        if "weight" in req:
+            changes["weight"] = _int_arg(req, "weight", 1)
+        if "cap_mib" in req:
+            changes["cap_bytes"] = _int_arg(req, "cap_mib", 0) * MIB
+        if "quota_mib" in req:
+            changes["quota_bytes"] = _int_arg(req, "quota_mib", 0) * MIB
+        if "compress" in req:
+            if not isinstance(req["compress"], bool):
+                raise ControlError(f"compress: expected true or false, got {req['compress']!r}")
+            changes["compress"] = req["compress"]
+        if not changes:
+            raise ControlError("nothing to set (weight, cap_mib, quota_mib, compress)")
+        client = self._engine().configure(name, **changes)
+        s = client.settings
+        log.info("guest %s: settings changed: %s", name,
+                 ", ".join(f"{k}={v}" for k, v in changes.items()))
+        return {"guest": name, "weight": s.weight, "cap_mib": s.cap_bytes / MIB,
+                "quota_mib": s.quota_bytes / MIB, "compress": s.compress}
+
+    def reserve(self, req: Mapping[str, Any]) -> dict[str, Any]:
+        mib = _int_arg(req, "mib", 0)
+        engine = self._engine()
+        engine.set_host_available(host_available())  # decide on a fresh figure
+        freed = engine.reserve(mib * MIB)
+        log.info("reserve %d MiB: freed %d bytes", mib, freed)
+        return {"requested_bytes": mib * MIB, "freed_bytes": freed,
+                "host_available_bytes": host_available()}
+
+
+def _int_arg(req: Mapping[str, Any], key: str, minimum: int) -> int:
+    value = req.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ControlError(f"{key}: expected an integer, got {value!r}")
+    if value < minimum:
+        raise ControlError(f"{key}: must be at least {minimum}, got {value}")
+    return value
+
+
+def _prepare_socket_path(path: str) -> None:
+    """Create the socket's directory and remove a stale socket file; never replace anything else."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(f"{path} exists and is not a socket")
+    os.unlink(path)

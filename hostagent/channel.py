@@ -1,0 +1,334 @@
+"""One guest's channel: an asyncio Protocol feeding the wire decoder and dispatching to the engine.
+
+This is the host's hot path. Every `data_received` decodes all complete frames, applies them to the
+engine in order and answers with ONE write of all the replies, so a pipelining guest costs one read
+and one write per wakeup. Nothing here logs per frame.
+
+The guest is the socket the connection arrived on (`Guest`), never a field it sends. A guest that
+breaks the protocol gets an ERROR frame and loses its channel; nothing else is affected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from guestagent import wire
+from guestagent.wire import Flag, Op, PoolFlag, Status
+from hostagent.pool import Client, EngineError, OutOfSpace, PoolDenied, PoolEngine, UnknownPool
+
+log = logging.getLogger("hostagent.channel")
+
+# Replies queued in the transport above HIGH_WATER bytes stop reading from the guest until they
+# drain below LOW_WATER: a guest that never reads its replies must not grow host memory.
+HIGH_WATER = 1 << 20
+LOW_WATER = 256 << 10
+
+# Longest reason text sent in an ERROR frame (keeps it far below any guest's max_payload).
+_MAX_REASON = 512
+
+_pack_header = wire.HEADER.pack
+_MAGIC = wire.MAGIC
+_VERSION = wire.VERSION
+_REPLY = int(Flag.REPLY)
+_NOREPLY = int(Flag.NOREPLY)
+_OK = int(Status.OK)
+_NOT_FOUND = int(Status.NOT_FOUND)
+_NO_SPACE = int(Status.NO_SPACE)
+_PUT = int(Op.PUT)
+_GET = int(Op.GET)
+_FLUSH_PAGE = int(Op.FLUSH_PAGE)
+_FLUSH_OBJECT = int(Op.FLUSH_OBJECT)
+_PUT_VEC = int(Op.PUT_VEC)
+_GET_VEC = int(Op.GET_VEC)
+_FLUSH_VEC = int(Op.FLUSH_VEC)
+_STATS = int(Op.STATS)
+_HELLO = int(Op.HELLO)
+_KNOWN_POOL_FLAGS = int(PoolFlag.PERSISTENT | PoolFlag.SHARED | PoolFlag.EXCLUSIVE_GETS)
+
+
+class ChannelError(Exception):
+    """A reason to close one guest's channel, with the status code its ERROR frame carries."""
+
+    def __init__(self, reason: str, status: Status = Status.PROTOCOL) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+class Guest:
+    """The host's view of one configured guest: engine client, live channel, last report."""
+
+    def __init__(self, name: str, socket_path: str, client: Client) -> None:
+        self.name = name
+        self.socket_path = socket_path
+        self.client = client
+        self.channel: GuestChannel | None = None
+        self.connected_since: float | None = None  # wall clock (time.time()) of the connection
+        self.hello_name = ""  # the display name the guest sent in HELLO
+        self.report: dict[str, int] | None = None  # latest STATS values
+        self.report_time = 0.0  # time.monotonic() when `report` arrived
+
+    @property
+    def connected(self) -> bool:
+        return self.channel is not None
+
+    def send_notice(self, kind: wire.Notice, value: int) -> bool:
+        """Send a NOTICE if the guest is connected; False if it is not (nothing is queued)."""
+        return self.channel is not None and self.channel.send_notice(kind, value)
+
+    def close_channel(self, reason: str) -> None:
+        if self.channel is not None:
+            self.channel.close(reason, Status.INVALID)
+
+
+class GuestChannel(asyncio.Protocol):
+    """One connection of one guest. A newer connection on the same socket replaces it."""
+
+    def __init__(self, guest: Guest, engine: PoolEngine, *, max_payload: int,
+                 max_vector: int) -> None:
+        self.guest = guest
+        self.engine = engine
+        self.max_payload = max_payload
+        self.max_vector = max_vector
+        self.reader = wire.FrameReader(wire.Role.HOST, max_payload=max_payload,
+                                       max_vector=max_vector)
+        self.transport: asyncio.Transport | None = None
+        self.attached = False  # owns guest.channel and the engine client's connection
+        self.welcomed = False  # HELLO done
+
+    # -- asyncio.Protocol -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
+        guest = self.guest
+        old = guest.channel
+        if old is not None:
+            log.warning("guest %s: a new connection replaces the current one", guest.name)
+            # Synchronously, so the old channel's pools are gone before the new one says HELLO.
+            old.close("replaced by a new connection on the same socket", Status.INVALID)
+        guest.channel = self
+        guest.connected_since = time.time()
+        self.attached = True
+        log.info("guest %s: connected", guest.name)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.attached:
+            return
+        out: list[bytes] = []
+        broken: wire.ProtocolError | None = None
+        try:
+            frames = self.reader.feed(data)
+        except wire.ProtocolError as err:
+            # Apply the good frames that came before the bad one: requests are applied in order.
+            frames, broken = err.frames, err
+        try:
+            for frame in frames:
+                try:
+                    self._handle(frame, out)
+                except UnknownPool:
+                    raise ChannelError(
+                        f"{_op_name(frame.opcode)} on pool {frame.pool}, "
+                        "which this guest does not own"
+                    ) from None
+            if broken is not None:
+                raise broken
+        except (wire.ProtocolError, ChannelError) as err:
+            self._fail(str(err), err.status, out)
+            return
+        except Exception as err:  # an engine bug must cost one channel, not the agent
+            log.exception("guest %s: internal error", self.guest.name)
+            self._fail(f"internal error: {type(err).__name__}", Status.INVALID, out)
+            return
+        if out:
+            assert self.transport is not None
+            self.transport.write(b"".join(out))
+
+    def eof_received(self) -> bool | None:
+        if self.attached:
+            try:
+                self.reader.eof()
+            except wire.ProtocolError as err:
+                self._fail(str(err), err.status, [])
+        return None  # let the transport close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.attached:
+            if exc is None or isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+                log.info("guest %s: disconnected", self.guest.name)  # a guest may just go away
+            else:
+                log.warning("guest %s: connection lost: %s", self.guest.name, exc)
+            self._detach()
+
+    def pause_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and self.attached:
+            self.transport.resume_reading()
+
+    # -- host-initiated ---------------------------------------------------------------------------
+
+    def send_notice(self, kind: wire.Notice, value: int) -> bool:
+        if not (self.attached and self.welcomed) or self.transport is None:
+            return False
+        self.transport.write(wire.encode(wire.Frame(Op.NOTICE,
+                                                    payload=wire.notice_payload(kind, value))))
+        return True
+
+    def close(self, reason: str, status: Status = Status.INVALID) -> None:
+        """Close this channel from the host side, telling the guest why."""
+        if self.attached:
+            self._fail(reason, status, [], level=logging.INFO)
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _fail(self, reason: str, status: Status, out: list[bytes],
+              level: int = logging.WARNING) -> None:
+        """Send what was answered so far, then ERROR; close; drop the guest's ephemeral pools."""
+        log.log(level, "guest %s: closing channel: %s", self.guest.name, reason)
+        text = wire.error_payload(reason)[:_MAX_REASON]
+        out.append(wire.encode(wire.Frame(Op.ERROR, status=int(status), payload=text)))
+        assert self.transport is not None
+        self.transport.write(b"".join(out))
+        self.transport.close()
+        self._detach()
+
+    def _detach(self) -> None:
+        self.attached = False
+        guest = self.guest
+        if guest.channel is self:
+            guest.channel = None
+            guest.connected_since = None
+        if self.welcomed:
+            self.engine.disconnect(guest.client)
+
+    def _handle(self, f: wire.Frame, out: list[bytes]) -> None:
+        """Apply one request; append its reply (if any) to `out`. Most frequent ops first."""
+        op = f.opcode
+        if not self.welcomed:
+            self._hello(f, out)
+            return
+        engine = self.engine
+        client = self.guest.client
+        if op == _PUT:
+            ok = engine.put(client, f.pool, f.oid, f.index, f.payload)
+            if not f.flags & _NOREPLY:
+                out.append(_pack_header(_MAGIC, _VERSION, _PUT, _REPLY, _OK if ok else _NO_SPACE, 0,
+                                        f.request_id, f.pool, f.oid, f.index, 0))
+        elif op == _GET:
+            page = engine.get(client, f.pool, f.oid, f.index)
+            if page is None:
+                out.append(_pack_header(_MAGIC, _VERSION, _GET, _REPLY, _NOT_FOUND, 0,
+                                        f.request_id, f.pool, f.oid, f.index, 0))
+            else:
+                out.append(_pack_header(_MAGIC, _VERSION, _GET, _REPLY, _OK, 0,
+                                        f.request_id, f.pool, f.oid, f.index, len(page)))
+                out.append(page)
+        elif op == _FLUSH_PAGE:
+            engine.flush_page(client, f.pool, f.oid, f.index)
+            if not f.flags & _NOREPLY:
+                out.append(_pack_header(_MAGIC, _VERSION, op, _REPLY, _OK, 0,
+                                        f.request_id, f.pool, f.oid, f.index, 0))
+        elif op == _PUT_VEC:
+            keys, pages = wire.parse_put_vec(f.payload, f.index)
+            pool = f.pool
+            statuses = bytes([_OK if engine.put(client, pool, oid, index, page) else _NO_SPACE
+                              for (oid, index), page in zip(keys, pages, strict=True)])
+            if not f.flags & _NOREPLY:
+                self._reply(out, f, payload=statuses)
+        elif op == _GET_VEC:
+            pool = f.pool
+            found = [engine.get(client, pool, oid, index)
+                     for oid, index in wire.parse_keys(f.payload, f.index)]
+            statuses = bytes([_NOT_FOUND if p is None else _OK for p in found])
+            self._reply(out, f, payload=wire.get_vec_reply_payload(
+                list(statuses), [p for p in found if p is not None]))
+        elif op == _FLUSH_VEC:
+            pool = f.pool
+            for oid, index in wire.parse_keys(f.payload, f.index):
+                engine.flush_page(client, pool, oid, index)
+            if not f.flags & _NOREPLY:
+                self._reply(out, f)
+        elif op == _FLUSH_OBJECT:
+            engine.flush_object(client, f.pool, f.oid)
+            if not f.flags & _NOREPLY:
+                self._reply(out, f)
+        elif op == _STATS:
+            self.guest.report = wire.parse_stats(f.payload)
+            self.guest.report_time = time.monotonic()
+        elif op == Op.QUERY_POOL:
+            flags = engine.pool_flags(client, f.pool)
+            if flags is None:
+                self._reply(out, f, Status.NO_POOL)
+            else:
+                self._reply(out, f, payload=wire.pool_flags_payload(flags))
+        elif op == Op.NEW_POOL:
+            self._new_pool(f, out)
+        elif op == Op.DESTROY_POOL:
+            engine.destroy_pool(client, f.pool)
+            self._reply(out, f)
+        elif op == _HELLO:
+            raise ChannelError("second HELLO on an open channel")
+        else:  # the decoder admits only requests; a new opcode must be handled here
+            raise ChannelError(f"opcode {_op_name(op)} is not served by this host")
+
+    def _hello(self, f: wire.Frame, out: list[bytes]) -> None:
+        if f.opcode != _HELLO:
+            raise ChannelError(f"first frame must be HELLO, got {_op_name(f.opcode)}")
+        hello = wire.parse_hello(f.payload)
+        guest = self.guest
+        versions_ok = hello.min_version <= _VERSION <= hello.max_version
+        if not versions_ok or hello.page_size != wire.PAGE_SIZE:
+            self._reply(out, f, Status.INVALID)
+            raise ChannelError(
+                f"no common protocol: guest offers versions {hello.min_version}.."
+                f"{hello.max_version} and page size {hello.page_size}, host speaks {_VERSION} "
+                f"with {wire.PAGE_SIZE}",
+                Status.INVALID,
+            )
+        welcome = wire.Welcome(version=_VERSION, page_size=wire.PAGE_SIZE,
+                               max_payload=self.max_payload, max_vector=self.max_vector)
+        self._reply(out, f, payload=wire.welcome_payload(welcome))
+        self.welcomed = True
+        guest.hello_name = hello.name
+        log.info("guest %s: handshake done (calls itself %r)", guest.name, hello.name)
+
+    def _new_pool(self, f: wire.Frame, out: list[bytes]) -> None:
+        flags, uuid = wire.parse_pool_spec(f.payload)
+        if flags & ~_KNOWN_POOL_FLAGS:
+            self._reply(out, f, Status.INVALID)
+            return
+        try:
+            pool_id = self.engine.new_pool(self.guest.client, flags, uuid)
+        except PoolDenied as err:
+            log.warning("guest %s: shared pool denied: %s", self.guest.name, err)
+            self._reply(out, f, Status.DENIED)
+        except OutOfSpace:
+            self._reply(out, f, Status.NO_SPACE)
+        except UnknownPool:
+            raise
+        except EngineError as err:
+            log.warning("guest %s: pool refused: %s", self.guest.name, err)
+            self._reply(out, f, Status.INVALID)
+        else:
+            out.append(_pack_header(_MAGIC, _VERSION, f.opcode, _REPLY, _OK, 0,
+                                    f.request_id, pool_id, f.oid, f.index, 0))
+
+    @staticmethod
+    def _reply(out: list[bytes], f: wire.Frame, status: int = _OK, payload: bytes = b"") -> None:
+        """Append a reply echoing the request's pool, oid and index (vector replies need n back)."""
+        out.append(_pack_header(_MAGIC, _VERSION, f.opcode, _REPLY, status, 0,
+                                f.request_id, f.pool, f.oid, f.index, len(payload)))
+        if payload:
+            out.append(payload)
+
+
+def _op_name(op: int) -> str:
+    try:
+        return Op(op).name
+    except ValueError:
+        return str(op)

@@ -1,0 +1,202 @@
+"""`hostagent`: run the host agent, or ask a running one for stats and change its settings.
+
+Client subcommands talk to the agent's control socket. Errors are one line on stderr and a non-zero
+exit status (2 for bad usage, 1 for everything else), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from hostagent import config as configmod
+from hostagent import control, statsview
+
+PROG = "hostagent"
+MIB = 1 << 20
+
+_SET_KEYS = {"weight": "weight", "cap": "cap_mib", "quota": "quota_mib", "compress": "compress"}
+_ON = {"on": True, "true": True, "yes": True, "1": True,
+       "off": False, "false": False, "no": False, "0": False}
+_SET_USAGE = "expected weight=N, cap=MiB, quota=MiB or compress=on|off"
+
+
+class UsageError(Exception):
+    """Bad command-line syntax that argparse cannot see (exit 2)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="tmem host agent: serves a page pool to guests and reports on it.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the host agent in the foreground (logs to stderr)")
+    run.add_argument("--config", metavar="FILE",
+                     help="TOML configuration (see hostagent/hostagent.example.toml); "
+                          "without it every setting has its default and no guest is configured")
+    run.add_argument("--log-level", default="INFO", type=str.upper,
+                     choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: INFO")
+
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument("--control", metavar="PATH",
+                        help=f"control socket (default: from --config, else "
+                             f"{configmod.DEFAULT_CONTROL_SOCKET})")
+    client.add_argument("--config", metavar="FILE", help="read the control socket path from here")
+
+    stats = sub.add_parser("stats", parents=[client], help="per-guest and pool statistics")
+    stats.add_argument("--json", action="store_true", help="print the raw JSON result")
+    stats.add_argument("--watch", type=_positive_float, metavar="SECONDS",
+                       help="repeat every SECONDS until interrupted")
+
+    pools = sub.add_parser("pools", parents=[client], help="list the pools")
+    pools.add_argument("--json", action="store_true", help="print the raw JSON result")
+
+    setp = sub.add_parser(
+        "set", parents=[client], help="change a guest's settings",
+        description="Change a guest's settings at run time, e.g. "
+                    "`hostagent set g1 weight=3 cap=100 quota=64 compress=off` (any subset).",
+    )
+    setp.add_argument("guest", help="configured guest name")
+    setp.add_argument("settings", nargs="+", metavar="KEY=VALUE",
+                      help="weight=N, cap=MiB (0 = no cap), quota=MiB, compress=on|off")
+
+    reserve = sub.add_parser(
+        "reserve", parents=[client], help="drop ephemeral pages until the host has MiB available")
+    reserve.add_argument("mib", type=_non_negative_int, metavar="MiB")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        path = _control_path(args)
+        if args.command == "stats":
+            return _stats(path, args.json, args.watch)
+        if args.command == "pools":
+            result = control.request(path, {"cmd": "pools"})
+            print(json.dumps(result, indent=2) if args.json else statsview.format_pools(result))
+            return 0
+        if args.command == "set":
+            return _set(path, args.guest, args.settings)
+        if args.command == "reserve":
+            return _reserve(path, args.mib)
+        raise AssertionError(args.command)
+    except UsageError as err:
+        print(f"{PROG} {args.command}: {err}", file=sys.stderr)
+        return 2
+    except (control.ControlError, configmod.ConfigError) as err:
+        print(f"{PROG}: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    # Imported here so the client commands stay quick and need neither the engine nor the arena.
+    from hostagent.agent import HostAgent, StartupError
+
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = configmod.load(args.config) if args.config else configmod.Config()
+    try:
+        HostAgent(cfg).run()
+    except StartupError as err:
+        print(f"{PROG}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _control_path(args: argparse.Namespace) -> str:
+    if args.control:
+        return str(args.control)
+    if args.config:
+        return configmod.load(args.config).control.socket
+    return configmod.DEFAULT_CONTROL_SOCKET
+
+
+def _stats(path: str, as_json: bool, watch: float | None) -> int:
+    while True:
+        result = control.request(path, {"cmd": "stats"})
+        if as_json:  # one line per sample when watching, so the output can be streamed
+            print(json.dumps(result, indent=None if watch else 2))
+        else:
+            if watch and sys.stdout.isatty():
+                print("\x1b[H\x1b[2J", end="")
+            print(statsview.format_stats(result))
+            if watch:
+                print()
+        sys.stdout.flush()
+        if not watch:
+            return 0
+        time.sleep(watch)
+
+
+def parse_settings(items: Sequence[str]) -> dict[str, Any]:
+    """`weight=3 cap=100 compress=off` -> the control request's fields; UsageError if malformed."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in _SET_KEYS:
+            raise UsageError(f"bad setting {item!r}: {_SET_USAGE}")
+        field = _SET_KEYS[key]
+        if field in out:
+            raise UsageError(f"{key} given twice")
+        if key == "compress":
+            if value.lower() not in _ON:
+                raise UsageError(f"bad setting {item!r}: compress must be on or off")
+            out[field] = _ON[value.lower()]
+        else:
+            try:
+                number = int(value)
+            except ValueError:
+                raise UsageError(f"bad setting {item!r}: {key} must be a whole number") from None
+            least = 1 if key == "weight" else 0
+            if number < least:
+                raise UsageError(f"bad setting {item!r}: {key} must be at least {least}")
+            out[field] = number
+    return out
+
+
+def _set(path: str, guest: str, items: Sequence[str]) -> int:
+    changes = parse_settings(items)
+    r = control.request(path, {"cmd": "set", "guest": guest, **changes})
+    cap = "none" if not r["cap_mib"] else f"{r['cap_mib']:g} MiB"
+    print(f"{r['guest']}: weight={r['weight']} cap={cap} quota={r['quota_mib']:g} MiB "
+          f"compress={'on' if r['compress'] else 'off'}")
+    return 0
+
+
+def _reserve(path: str, mib: int) -> int:
+    r = control.request(path, {"cmd": "reserve", "mib": mib})
+    print(f"reserve {mib} MiB: freed {r['freed_bytes'] / MIB:.1f} MiB of pool memory; "
+          f"host available now {r['host_available_bytes'] / MIB:.0f} MiB")
+    return 0
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0: {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value

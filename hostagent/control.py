@@ -1,0 +1,141 @@
+"""The local control socket: one JSON object per line in, one per line out.
+
+A unix socket (mode 0600) rather than a TCP port: only root on the host may steer the pool. The
+server side is an asyncio stream server that hands each decoded request to a handler owned by the
+agent; the client side is a blocking function for the CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable, Mapping
+from typing import Any
+
+log = logging.getLogger("hostagent.control")
+
+# A request line longer than this is refused (the control protocol's requests are tiny).
+MAX_LINE = 64 << 10
+# The client's cap on one reply line (stats of many guests stay far below it).
+MAX_REPLY = 64 << 20
+
+Handler = Callable[[Mapping[str, Any]], Any]
+
+
+class ControlError(Exception):
+    """A request the agent refused (unknown guest, bad value): its message is shown to the user."""
+
+
+class AgentNotRunning(ControlError):
+    """No host agent answers on the control socket."""
+
+
+class ControlServer:
+    """Serve `handler` on a unix socket; it returns a JSON-able result or raises ControlError."""
+
+    def __init__(self, path: str, handler: Handler) -> None:
+        self.path = path
+        self.handler = handler
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        """Listen; the path must be free (the agent removes a stale socket file first)."""
+        self._server = await asyncio.start_unix_server(self._serve, path=self.path, limit=MAX_LINE)
+        os.chmod(self.path, 0o600)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except ValueError:  # over MAX_LINE
+                    writer.write(_line({"ok": False, "error": "request too long"}))
+                    break
+                if not line:
+                    break
+                writer.write(_line(self.dispatch(line)))
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    def dispatch(self, line: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(line)
+        except ValueError:
+            return {"ok": False, "error": "request is not JSON"}
+        if not isinstance(request, dict):
+            return {"ok": False, "error": "request must be a JSON object"}
+        try:
+            return {"ok": True, "result": self.handler(request)}
+        except ControlError as err:
+            return {"ok": False, "error": str(err)}
+        except Exception as err:
+            log.exception("control request %r failed", request.get("cmd"))
+            return {"ok": False, "error": f"internal error: {type(err).__name__}: {err}"}
+
+
+def is_listening(path: str) -> bool:
+    """True if something accepts connections on the unix socket `path` (e.g. a running agent)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+        return True
+
+
+def request(path: str, req: Mapping[str, Any], timeout: float = 10.0) -> Any:
+    """Send one request to the agent at `path`; return its result or raise ControlError."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise AgentNotRunning(f"host agent not running at {path}") from None
+        except OSError as err:
+            reason = err.strerror or err
+            raise ControlError(f"cannot reach the host agent at {path}: {reason}") from None
+        try:
+            s.sendall(_line(req))
+            buf = bytearray()
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(1 << 16)
+                if not chunk:
+                    raise ControlError(f"the host agent at {path} closed the connection")
+                buf += chunk
+                if len(buf) > MAX_REPLY:
+                    raise ControlError(f"reply from the host agent at {path} is too long")
+        except TimeoutError:
+            raise ControlError(f"no answer from the agent at {path} in {timeout:g} s") from None
+        except OSError as err:
+            reason = err.strerror or err
+            raise ControlError(f"talking to the host agent at {path}: {reason}") from None
+    try:
+        reply = json.loads(buf)
+    except ValueError:
+        raise ControlError(f"the host agent at {path} sent a reply that is not JSON") from None
+    if not isinstance(reply, dict) or "ok" not in reply:
+        raise ControlError(f"the host agent at {path} sent a malformed reply")
+    if not reply["ok"]:
+        raise ControlError(str(reply.get("error", "request failed")))
+    return reply.get("result")
+
+
+def _line(obj: Mapping[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"

@@ -1,0 +1,105 @@
+"""Fixed-width tables for `hostagent stats` and `hostagent pools`.
+
+Pure functions from the agent's JSON results to text, so the table layout can change without
+touching the agent, and `--json` stays the exact, machine-readable form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+MIB = 1 << 20
+
+_KINDS = (("ephemeral", "ephemeral"), ("persistent", "persistent"))
+_OPS = ("puts", "gets", "hits", "flushes", "pages")
+_OP_HEAD = ("puts", "gets", "hits", "flush", "pages")
+_NUM = 7  # width of a count column
+_MIBW = 13  # width of "stored/raw MiB"
+_GROUP = (_NUM + 1) * len(_OPS) + _MIBW
+
+
+def count(n: int | None) -> str:
+    """A count that fits 7 columns: exact up to a million, then k/M/G."""
+    if n is None:
+        return "-"
+    if n < 1_000_000:
+        return str(n)
+    for unit, div in (("M", 1_000_000), ("G", 1_000_000_000)):
+        if n < div * 1000:
+            return f"{n / div:.1f}{unit}"
+    return f"{n / 1e12:.1f}T"
+
+
+def mib(nbytes: int | None, digits: int = 1) -> str:
+    if nbytes is None:
+        return "-"
+    return f"{nbytes / MIB:.{digits}f}"
+
+
+def format_stats(stats: Mapping[str, Any]) -> str:
+    """One row per guest (ephemeral and persistent side by side) and a pool summary line."""
+    name_w = max([5, *(len(n) for n in stats.get("guests", {}))])
+    head1 = " " * (name_w + 6)
+    head2 = f"{'GUEST':<{name_w}} {'CONN':<4} "
+    for _, title in _KINDS:
+        head1 += f" {' ' + title + ' ':-^{_GROUP - 1}} "
+        head2 += "".join(f"{h:>{_NUM}} " for h in _OP_HEAD) + f"{'MiB/raw':>{_MIBW}} "
+    lines = [head1.rstrip(), head2.rstrip()]
+    for name, g in sorted(stats.get("guests", {}).items()):
+        row = f"{name:<{name_w}} {'yes' if g.get('connected') else 'no':<4} "
+        for key, _ in _KINDS:
+            c = g.get(key, {})
+            row += "".join(f"{count(c.get(op)):>{_NUM}} " for op in _OPS)
+            row += f"{mib(c.get('bytes')) + '/' + mib(c.get('raw_bytes')):>{_MIBW}} "
+        lines.append(row.rstrip())
+    if len(lines) == 2:
+        lines.append("(no guests)")
+    p = stats.get("pool", {})
+    a = stats.get("agent", {})
+    lines.append(
+        f"pool: {mib(p.get('used_bytes'))} MiB used / {mib(p.get('budget_bytes'))} budget / "
+        f"{mib(p.get('limit_bytes'), 0)} limit; {count(p.get('pages'))} pages "
+        f"({count(p.get('ephemeral_pages'))} ephemeral, {count(p.get('persistent_pages'))} "
+        f"persistent, {mib(p.get('raw_bytes'))} MiB raw); {count(p.get('evictions'))} evictions; "
+        f"host available {mib(p.get('host_available_bytes'), 0)} MiB; "
+        f"agent CPU {a.get('cpu_seconds', 0):.2f} s (up {_duration(a.get('uptime', 0))})"
+    )
+    for name, g in sorted(stats.get("guests", {}).items()):
+        report = g.get("report")
+        if report:
+            values = " ".join(f"{k}={v}" for k, v in report.get("values", {}).items())
+            lines.append(f"report from {name} ({report.get('age', 0):.0f}s ago): {values}")
+    return "\n".join(lines)
+
+
+def format_pools(pools: Sequence[Mapping[str, Any]]) -> str:
+    """One row per (guest, pool id): a shared pool appears once for each member."""
+    rows: list[tuple[str, str, str, str, str]] = []
+    for pool in pools:
+        members = pool.get("members") or {pool.get("owner", "?"): pool.get("handle", "?")}
+        for guest, pool_id in sorted(members.items()):
+            stored = pool.get("bytes")  # NEEDS(engine): per-pool stored bytes in pools_info()
+            rows.append((str(guest), str(pool_id), str(pool.get("kind", "?")),
+                         count(pool.get("pages")), "-" if stored is None else mib(stored, 2)))
+    rows.sort()
+    head = ("GUEST", "ID", "TYPE", "PAGES", "MiB")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    left = (True, False, True, False, False)
+    out = []
+    for r in [head, *rows]:
+        cells = [c.ljust(w) if lft else c.rjust(w)
+                 for c, w, lft in zip(r, widths, left, strict=True)]
+        out.append("  ".join(cells).rstrip())
+    if not rows:
+        out.append("(no pools)")
+    return "\n".join(out)
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
