@@ -105,7 +105,8 @@ class HostAgent:
         for g in cfg.guests:
             settings = client_settings(g.weight, g.cap_mib, g.quota_mib, g.compress)
             client = engine.client(g.name, settings)
-            # A client rebuilt from the arena keeps the settings of its last run: the file wins.
+            # The engine may already have this client, rebuilt from the arena's persistent pools,
+            # and client() need not apply settings to an existing one: the config file wins.
             engine.configure(g.name, weight=g.weight, cap_bytes=settings.cap_bytes,
                              quota_bytes=settings.quota_bytes, compress=g.compress)
             self.guests[g.name] = Guest(g.name, g.socket, client)

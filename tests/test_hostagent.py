@@ -338,9 +338,9 @@ def test_a_guest_that_never_reads_cannot_grow_host_memory(host_agent: HostAgentP
             try:
                 sent += g.sock.send(chunk[sent % len(chunk):])
             except BlockingIOError:
-                _, writable, _ = select.select([], [g.sock], [], 1.0)
+                _, writable, _ = select.select([], [g.sock], [], 0.5)
                 if not writable:
-                    break  # the agent stopped reading for a whole second
+                    break  # the agent stopped reading for half a second
         assert sent < limit, "the agent kept reading while its replies piled up"
 
         # Now read: the agent resumes, and every complete GET is answered.
@@ -407,6 +407,14 @@ def test_cli_help_works_without_an_agent(host_agent_stopped: HostAgentProcess) -
     assert res.returncode == 0
     for cmd in ("run", "stats", "pools", "set", "reserve"):
         assert cmd in res.stdout
+
+
+def test_cli_run_with_a_bad_config_names_the_key(host_agent_stopped: HostAgentProcess) -> None:
+    bad = host_agent_stopped.workdir / "bad.toml"
+    bad.write_text("[pool]\nlimit_mib = 0\n")
+    res = host_agent_stopped.cli("run", "--config", str(bad), control_flag=False)
+    assert res.returncode == 1
+    assert res.stderr.strip() == f"hostagent: {bad}: pool.limit_mib: must be at least 1, got 0"
 
 
 def test_cli_without_an_agent_says_so(host_agent_stopped: HostAgentProcess) -> None:
