@@ -24,6 +24,7 @@ log = logging.getLogger("hostagent.channel")
 # drain below LOW_WATER: a guest that never reads its replies must not grow host memory.
 HIGH_WATER = 1 << 20
 LOW_WATER = 256 << 10
+CHECK_EVERY = 16  # frames applied between measurements of the replies waiting to be written
 
 # Longest reason text sent in an ERROR frame (keeps it far below any guest's max_payload).
 _MAX_REASON = 512
@@ -96,6 +97,11 @@ class GuestChannel(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.attached = False  # owns guest.channel and the engine client's connection
         self.welcomed = False  # HELLO done
+        self.writing_paused = False
+        # Frames decoded but not yet applied because the guest is not reading its replies, and the
+        # protocol error (if any) that followed them.
+        self.pending: list[wire.Frame] = []
+        self.pending_error: wire.ProtocolError | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -117,15 +123,28 @@ class GuestChannel(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if not self.attached:
             return
-        out: list[bytes] = []
         broken: wire.ProtocolError | None = None
         try:
             frames = self.reader.feed(data)
         except wire.ProtocolError as err:
             # Apply the good frames that came before the bad one: requests are applied in order.
             frames, broken = err.frames, err
+        if self.pending or self.pending_error is not None:  # keep order behind frames still waiting
+            self.pending.extend(frames)
+            self.pending_error = self.pending_error or broken
+            return
+        self._apply(frames, broken)
+
+    def _apply(self, frames: list[wire.Frame], broken: wire.ProtocolError | None) -> None:
+        """Apply frames in order, answering in one write, unless the replies pile up unread.
+
+        Every CHECK_EVERY frames the replies so far are measured; past HIGH_WATER they are written
+        at once, and if the transport then says the guest is not reading, the rest of the frames
+        wait in `pending` until it drains: one read of small GETs cannot make megabytes of replies.
+        """
+        out: list[bytes] = []
         try:
-            for frame in frames:
+            for i, frame in enumerate(frames, 1):
                 try:
                     self._handle(frame, out)
                 except UnknownPool:
@@ -133,6 +152,14 @@ class GuestChannel(asyncio.Protocol):
                         f"{_op_name(frame.opcode)} on pool {frame.pool}, "
                         "which this guest does not own"
                     ) from None
+                if i % CHECK_EVERY == 0 and sum(map(len, out)) > HIGH_WATER:
+                    assert self.transport is not None
+                    self.transport.write(b"".join(out))
+                    out = []
+                    if self.writing_paused and i < len(frames):
+                        self.pending = frames[i:]
+                        self.pending_error = broken
+                        return
             if broken is not None:
                 raise broken
         except (wire.ProtocolError, ChannelError) as err:
@@ -163,12 +190,21 @@ class GuestChannel(asyncio.Protocol):
             self._detach()
 
     def pause_writing(self) -> None:
+        self.writing_paused = True
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.transport is not None and self.attached:
-            self.transport.resume_reading()
+        self.writing_paused = False
+        if self.transport is None or not self.attached:
+            return
+        if self.pending or self.pending_error is not None:
+            frames, broken = self.pending, self.pending_error
+            self.pending, self.pending_error = [], None
+            self._apply(frames, broken)
+            if self.writing_paused or not self.attached:
+                return
+        self.transport.resume_reading()
 
     # -- host-initiated ---------------------------------------------------------------------------
 

@@ -110,10 +110,15 @@ class Client:
 
 
 class Pool:
-    """A tmem pool; `owner` is charged for its pages (for shared pools, the longest member)."""
+    """A tmem pool.
+
+    A private pool's pages are charged to its owner (its cap and quota apply). A shared pool's pages are
+    charged to the pool itself, bounded by the shared-pool quota and the global LRU: no member can be
+    pushed over its own limits by what other members put, or by a member leaving.
+    """
 
     __slots__ = (
-        "exclusive", "flags", "handle", "log", "log_head", "members", "objects", "owner",
+        "charged", "exclusive", "flags", "handle", "log", "log_head", "members", "objects", "owner",
         "persistent", "shared", "storage", "uuid",
     )
 
@@ -126,8 +131,9 @@ class Pool:
         self.exclusive = (not self.persistent and not self.shared) or bool(
             flags & PoolFlag.EXCLUSIVE_GETS)
         self.uuid = uuid
-        self.owner = owner
-        self.storage = owner.pers if self.persistent else owner.eph
+        self.owner = owner  # creator, or the longest remaining member: its compress switch applies
+        self.charged: Client | None = None if self.shared else owner
+        self.storage = Counters() if self.shared else owner.pers if self.persistent else owner.eph
         self.members: dict[str, int] = {}  # client name -> that client's id for this pool
         self.objects: dict[bytes, dict[int, int]] = {}
         self.log = array("Q")  # ephemeral only: offset << 24 | generation & 0xFFFFFF, oldest first
@@ -143,8 +149,10 @@ class PoolEngine:
     """All pools of all guests over one arena."""
 
     def __init__(self, arena: Arena, *, limit_bytes: int, host_reserve_bytes: int = 0,
-                 shared_acl: Mapping[bytes, Collection[str]] | None = None) -> None:
+                 shared_acl: Mapping[bytes, Collection[str]] | None = None,
+                 shared_quota_bytes: int = 256 << 20) -> None:
         self.arena = arena
+        self.shared_quota_bytes = shared_quota_bytes
         self.limit_bytes = limit_bytes
         self.host_reserve_bytes = host_reserve_bytes
         self.shared_acl: dict[bytes, frozenset[str]] = {
@@ -244,7 +252,7 @@ class PoolEngine:
         del pool.members[client.name]
         if pool.members:
             if pool.owner is client:
-                self._transfer(pool, self._clients[next(iter(pool.members))])
+                pool.owner = self._clients[next(iter(pool.members))]
         else:
             self._drop_pool(pool)
         if pool.persistent:
@@ -267,18 +275,6 @@ class PoolEngine:
         self._pools.pop(pool.handle, None)
         if pool.shared:
             self._shared.pop(pool.uuid, None)
-
-    def _transfer(self, pool: Pool, new_owner: Client) -> None:
-        old = pool.storage
-        new = new_owner.pers if pool.persistent else new_owner.eph
-        pages = sum(len(p) for p in pool.objects.values())
-        stored = sum(self.arena.size_of(r) for p in pool.objects.values() for r in p.values())
-        old.pages -= pages
-        old.stored -= stored
-        new.pages += pages
-        new.stored += stored
-        pool.owner = new_owner
-        pool.storage = new
 
     def _pool(self, client: Client, pool_id: int) -> Pool:
         pool = client.pools.get(pool_id)
@@ -322,13 +318,15 @@ class PoolEngine:
         size = SLOT_SIZES[size_class]
         storage = pool.storage
         arena = self.arena
+        charged = pool.charged
         if persistent:
-            if storage.stored + size > owner.settings.quota_bytes:
+            quota = self.shared_quota_bytes if charged is None else charged.settings.quota_bytes
+            if storage.stored + size > quota:
                 return self._refuse(client, persistent)
-        elif owner.settings.cap_bytes:
-            cap = owner.settings.cap_bytes
+        elif charged is not None and charged.settings.cap_bytes:
+            cap = charged.settings.cap_bytes
             while storage.stored + size > cap:
-                if not self._evict_from(owner):
+                if not self._evict_lru(charged):
                     return self._refuse(client, persistent)
                 pages = objects.get(oid)
         if arena.used_bytes + size > self._budget:
@@ -486,7 +484,7 @@ class PoolEngine:
         best: tuple[int, int, bytes, int] | None = None
         victim: Pool | None = None
         for pool in self._pools.values():
-            if pool.persistent or not pool.objects or (owner is not None and pool.owner is not owner):
+            if pool.persistent or not pool.objects or (owner is not None and pool.charged is not owner):
                 continue
             oldest = self._oldest(pool)
             if oldest is not None and (best is None or oldest[0] < best[0]):
@@ -495,10 +493,6 @@ class PoolEngine:
             return False
         self._evict(victim, best[1], best[2], best[3])
         return True
-
-    def _evict_from(self, client: Client) -> bool:
-        """Evict the oldest ephemeral page charged to `client`."""
-        return self._evict_lru(client)
 
     def _evict_one(self) -> bool:
         """Evict one ephemeral page: from the guest most above its weighted share, else the LRU page."""
@@ -515,7 +509,7 @@ class PoolEngine:
 
     def _enforce_cap(self, client: Client) -> None:
         cap = client.settings.cap_bytes
-        while cap and client.eph.stored > cap and self._evict_from(client):
+        while cap and client.eph.stored > cap and self._evict_lru(client):
             pass
 
     # -- budget -----------------------------------------------------------------------------------
@@ -648,6 +642,11 @@ class PoolEngine:
         arena = self.arena
         eph_pages = sum(c.eph.pages for c in self._clients.values())
         pers_pages = sum(c.pers.pages for c in self._clients.values())
+        for pool in self._shared.values():
+            if pool.persistent:
+                pers_pages += pool.storage.pages
+            else:
+                eph_pages += pool.storage.pages
         return {
             "pool": {
                 "limit_bytes": self.limit_bytes,
@@ -667,6 +666,12 @@ class PoolEngine:
                 "rebuilt_pages": self.rebuilt_pages,
                 "rejected_slots": self.rejected_slots,
             },
+            "shared": {
+                pool.uuid.hex(): {"kind": pool.kind, "members": sorted(pool.members),
+                                  "quota_bytes": self.shared_quota_bytes if pool.persistent else 0,
+                                  **pool.storage.as_dict()}
+                for pool in self._shared.values()
+            },
             "guests": {
                 c.name: {
                     **asdict(c.settings),
@@ -682,10 +687,12 @@ class PoolEngine:
         out = []
         for pool in self._pools.values():
             pages = sum(len(p) for p in pool.objects.values())
+            stored = sum(self.arena.size_of(r) for p in pool.objects.values() for r in p.values())
             out.append({
                 "handle": pool.handle, "kind": pool.kind, "flags": pool.flags,
                 "uuid": pool.uuid.hex() if pool.shared else None, "owner": pool.owner.name,
                 "members": dict(pool.members), "objects": len(pool.objects), "pages": pages,
+                "bytes": stored, "raw_bytes": pages * PAGE_SIZE,
                 "exclusive_gets": pool.exclusive,
             })
         return out
