@@ -2,10 +2,12 @@
 
 One `Channel` owns one connection (a unix socket, or a virtio-serial port inside a VM) and
 multiplexes every request over it: callers in many tasks each get a request id, a single
-writer task sends everything queued since its last wakeup in one `send_all`, and a single
+writer task sends everything queued since its last wakeup in one write, and a single
 reader task decodes replies and wakes the waiting callers by id.  No task is spawned per
 request, and a waiting caller is parked with `wait_task_rescheduled` rather than an Event,
-because the per-request overhead is what decides the round trip time of a page fault.
+because the per-request overhead is what decides the round trip time of a page fault.  For
+the same reason a lone request (nothing else in flight, writer idle) is written by its
+caller directly, sparing the writer's scheduler pass.
 
 The channel survives the host agent going away.  On EOF, a transport error or an ERROR
 frame it reconnects with backoff and a fresh HELLO, then restores the pools: ephemeral pools
@@ -24,12 +26,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import struct
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Final
+from typing import Any, Final, cast
 
-import outcome
 import trio
 from trio.lowlevel import Abort, Task, current_task, reschedule, wait_task_rescheduled
 
@@ -75,7 +77,6 @@ _FLUSH_PAGE: Final = int(wire.Op.FLUSH_PAGE)
 _FLUSH_OBJECT: Final = int(wire.Op.FLUSH_OBJECT)
 _PERSISTENT: Final = int(wire.PoolFlag.PERSISTENT)
 _pack_header = wire.HEADER.pack
-_DROPPED: Final[outcome.Value[None]] = outcome.Value(None)
 
 
 class ChannelError(Exception):
@@ -116,11 +117,27 @@ def resolve_channel_path(spec: str) -> tuple[str, str]:
     return "unix", spec
 
 
-async def _open_transport(kind: str, path: str) -> trio.abc.Stream:
+async def _open_transport(kind: str, path: str) -> int:
+    """A non-blocking, close-on-exec fd for the channel, which we own from here on.
+
+    Both transports end up as a bare fd driven with trio.lowlevel.wait_readable/wait_writable
+    and os.readv/os.writev: the stream wrappers add two scheduler passes per receive and a
+    copy per send, which a page fault's round trip cannot afford.
+    """
     if kind == "unix":
-        return await trio.open_unix_socket(path)
-    fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-    return trio.lowlevel.FdStream(fd)
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.connect(path)
+        except BaseException:
+            sock.close()
+            raise
+        return sock.detach()
+    return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+def _close_fd(fd: int) -> None:
+    trio.lowlevel.notify_closing(fd)
+    os.close(fd)
 
 
 def _header(op: int, flags: int, rid: int, pool: int, oid: bytes, index: int, length: int) -> bytes:
@@ -145,35 +162,62 @@ def _status_name(status: int) -> str:
 
 
 class _Req:
-    """One request awaiting its reply; kept (with its bytes) until answered or given up."""
+    """One request awaiting its reply; kept (with its bytes) until answered or given up.
 
-    __slots__ = ("body", "head", "pool", "result", "strikes", "task")
+    It doubles as the outcome its parked caller is resumed with: trio hands the value given
+    to `reschedule` back to `wait_task_rescheduled`, which returns `value.unwrap()`.  Passing
+    the request itself saves allocating an `outcome.Value` for every reply.
+    """
 
-    def __init__(self, head: bytes, body: bytes, pool: Pool | None) -> None:
+    __slots__ = (
+        "body", "done", "error", "frame", "head", "pending", "pool", "rid", "strikes", "task",
+    )  # fmt: skip
+
+    def __init__(
+        self, rid: int, head: bytes, body: bytes, pool: Pool | None, pending: dict[int, _Req]
+    ) -> None:
+        self.rid = rid
         self.head = head
         self.body = body
         self.pool = pool  # None for the channel's own requests (handshake, NEW_POOL)
+        self.pending = pending
         self.task: Task | None = None
-        self.result: outcome.Outcome[Any] | None = None
+        self.done = False
+        self.frame: wire.Frame | None = None  # the reply; None = dropped by a break
+        self.error: ChannelError | None = None
         self.strikes = 0
 
+    def unwrap(self) -> wire.Frame | None:
+        """The reply, or raise what the request failed with (the outcome protocol)."""
+        if self.error is not None:
+            raise self.error
+        return self.frame
 
-def _complete(req: _Req, result: outcome.Outcome[Any]) -> None:
+    def abort(self, _: Any) -> Abort:
+        """Cancelled while waiting: forget the request, so a late reply is ignored."""
+        self.task = None
+        self.pending.pop(self.rid, None)
+        return Abort.SUCCEEDED
+
+
+def _complete(req: _Req, frame: wire.Frame | None, error: ChannelError | None = None) -> None:
+    """Record the result; wake the caller if it is parked (a vector op may not be yet)."""
+    req.frame = frame
+    req.error = error
+    req.done = True
     task = req.task
-    if task is None:
-        req.result = result  # the caller has not parked yet (later chunk of a vector op)
-    else:
+    if task is not None:
         req.task = None
-        reschedule(task, result)
+        reschedule(task, cast(Any, req))  # see the class docstring
 
 
 class _Conn:
     """State of one transport connection; a reconnect gets a fresh one."""
 
-    __slots__ = ("error", "outq", "scope", "stream", "writer")
+    __slots__ = ("error", "fd", "outq", "scope", "writer")
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
         self.outq: list[bytes] = []
         self.writer: Task | None = None  # the writer task while it is parked on an empty queue
         self.scope = trio.CancelScope()
@@ -214,7 +258,12 @@ class Pool:
         """Store one page; True if stored, False if the host refused (or it was dropped)."""
         if len(page) != _PAGE_SIZE:
             raise ValueError(f"page is {len(page)} bytes, want {_PAGE_SIZE}")
-        frame = await self._ch._call(self, _PUT, oid, index, page)
+        ch = self._ch
+        req = ch._start(self, _PUT, oid, index, page)
+        if req is not None:
+            frame: wire.Frame | None = await wait_task_rescheduled(req.abort)
+        else:
+            frame = await ch._call(self, _PUT, oid, index, page)
         if frame is None:
             return False
         status = frame.status
@@ -247,7 +296,12 @@ class Pool:
 
     async def get(self, oid: bytes, index: int) -> bytes | None:
         """The page stored under (oid, index), or None on a miss."""
-        frame = await self._ch._call(self, _GET, oid, index, b"")
+        ch = self._ch
+        req = ch._start(self, _GET, oid, index, b"")
+        if req is not None:  # the fast path, without a coroutine of its own
+            frame: wire.Frame | None = await wait_task_rescheduled(req.abort)
+        else:
+            frame = await ch._call(self, _GET, oid, index, b"")
         if frame is None:
             return None
         status = frame.status
@@ -476,32 +530,42 @@ class Channel:
             conn.writer = None
             reschedule(writer)
 
+    def _send_now(self, conn: _Conn, head: bytes, body: bytes) -> None:
+        """Write a lone request straight to the fd, saving the writer's scheduler pass.
+
+        Only called while the writer is parked on an empty queue, so nothing can be
+        reordered; whatever the kernel does not take is queued for the writer.
+        """
+        try:
+            n = os.writev(conn.fd, (head, body) if body else (head,))
+        except BlockingIOError:
+            n = 0
+        except OSError as exc:
+            self._break(conn, exc)  # the caller's request stays pending: stalled or dropped
+            return
+        if n < len(head):
+            self._send(conn, head[n:], body)
+        elif n < len(head) + len(body):
+            self._send(conn, memoryview(body)[n - len(head) :].tobytes(), b"")
+
     def _submit(
         self, conn: _Conn, pool: Pool | None, op: int, remote: int, oid: bytes, index: int,
         body: bytes,
-    ) -> tuple[int, _Req]:  # fmt: skip
+    ) -> _Req:  # fmt: skip
         rid = self._rid + 1 if self._rid < 0xFFFF_FFFF else 1
         head = _header(op, 0, rid, remote, oid, index, len(body))
         self._rid = rid
-        req = _Req(head, body, pool)
-        self._pending[rid] = req
+        req = self._pending[rid] = _Req(rid, head, body, pool, self._pending)
         self._send(conn, head, body)
-        return rid, req
+        return req
 
-    async def _wait(self, rid: int, req: _Req) -> Any:
+    async def _wait(self, req: _Req) -> wire.Frame | None:
         """The reply frame (None if dropped by a break), or the error it completed with."""
-        result = req.result
-        if result is not None:
-            return result.unwrap()
+        if req.done:
+            return req.unwrap()
         req.task = current_task()
-        pending = self._pending
-
-        def abort(_: Any) -> Abort:
-            req.task = None
-            pending.pop(rid, None)  # a late reply for rid is then ignored
-            return Abort.SUCCEEDED
-
-        return await wait_task_rescheduled(abort)
+        frame: wire.Frame | None = await wait_task_rescheduled(req.abort)
+        return frame
 
     async def _gate(self, pool: Pool, destroying: bool) -> bool:
         """Wait until `pool` may send; False means "drop it" (ephemeral, disconnected)."""
@@ -518,18 +582,56 @@ class Channel:
                 return False
             await self._ready_event.wait()
 
+    def _start(
+        self, pool: Pool, op: int, oid: bytes, index: int, body: bytes, destroying: bool = False
+    ) -> _Req | None:
+        """Send a request for the calling task, which must park right after (on `req.abort`).
+
+        None if it may not be sent right now (not connected, pool lost or destroyed): then
+        `_call` sorts it out.  The hot path of every page operation, hence all inline, and
+        callable without a coroutine of its own.
+        """
+        if not self._ready or (pool._destroyed and not destroying) or pool._lost is not None:
+            return None
+        conn = self._conn
+        assert conn is not None
+        rid = self._rid + 1 if self._rid < 0xFFFF_FFFF else 1
+        if len(oid) != 24:
+            raise ValueError(f"oid is {len(oid)} bytes, want 24")
+        try:
+            head = _pack_header(_MAGIC, _VERSION, op, 0, 0, 0, rid, pool._remote, oid, index, len(body))
+        except struct.error as exc:
+            raise ValueError(f"cannot encode {wire.Op(op).name} request: {exc}") from None
+        self._rid = rid
+        pending = self._pending
+        lone = not pending and conn.writer is not None
+        req = pending[rid] = _Req(rid, head, body, pool, pending)
+        req.task = current_task()
+        if lone:
+            self._send_now(conn, head, body)
+        else:
+            q = conn.outq
+            q.append(head)
+            if body:
+                q.append(body)
+            writer = conn.writer
+            if writer is not None:
+                conn.writer = None
+                reschedule(writer)
+        return req
+
     async def _call(
         self, pool: Pool, op: int, oid: bytes, index: int, body: bytes, *, destroying: bool = False
     ) -> wire.Frame | None:
         """One request on a pool: the reply, or None if dropped (ephemeral pool, no host)."""
-        if not self._ready or pool._destroyed or pool._lost is not None:
+        req = self._start(pool, op, oid, index, body, destroying)
+        if req is None:
             may_send = await self._gate(pool, destroying)
             if not may_send:
                 return None
-        conn = self._conn
-        assert conn is not None
-        rid, req = self._submit(conn, pool, op, pool._remote, oid, index, body)
-        frame: wire.Frame | None = await self._wait(rid, req)
+            req = self._start(pool, op, oid, index, body, destroying)
+            assert req is not None  # _gate checked the same conditions, and nothing ran since
+        frame: wire.Frame | None = await wait_task_rescheduled(req.abort)
         return frame
 
     async def _call_vector(
@@ -547,51 +649,74 @@ class Channel:
         sent = [self._submit(conn, pool, op, pool._remote, _NO_OID, n, body) for n, body in parts]
         out: list[wire.Frame | None] = []
         try:
-            for rid, req in sent:
-                out.append(await self._wait(rid, req))
+            for req in sent:
+                out.append(await self._wait(req))
         finally:
-            for rid, _ in sent[len(out) :]:
-                self._pending.pop(rid, None)
+            for req in sent[len(out) :]:
+                self._pending.pop(req.rid, None)
         return out
 
     async def _request(
         self, conn: _Conn, pool: Pool | None, op: int, remote: int, body: bytes
     ) -> wire.Frame | None:
         """A channel-level request on `conn`, not gated on readiness (used by the handshake)."""
-        rid, req = self._submit(conn, pool, op, remote, _NO_OID, 0, body)
-        frame: wire.Frame | None = await self._wait(rid, req)
+        frame: wire.Frame | None = await self._wait(self._submit(conn, pool, op, remote, _NO_OID, 0, body))
         return frame
 
     # ----------------------------------------------------------------- connection tasks
 
     async def _reader(self, conn: _Conn) -> None:
-        """Decode replies and wake their callers; any failure breaks the connection."""
+        """Decode replies and wake their callers; any failure breaks the connection.
+
+        Reads first and waits only when the fd is dry: no scheduler pass for data that is
+        already there.  This cannot starve other tasks, as the host only sends replies to
+        requests, and the callers we wake must run before they can make more.
+        """
         frames_in = wire.FrameReader(wire.Role.GUEST, _READ_MAX_PAYLOAD, _READ_MAX_VECTOR)
         feed = frames_in.feed
-        receive = conn.stream.receive_some
+        fd = conn.fd
+        buf = bytearray(_RECV_SIZE)
+        view = memoryview(buf)
+        buffers = (buf,)
+        readv = os.readv
+        wait_readable = trio.lowlevel.wait_readable
         pending = self._pending
         try:
             while True:
-                data = await receive(_RECV_SIZE)
-                if not data:
+                try:
+                    n = readv(fd, buffers)
+                except BlockingIOError:
+                    await wait_readable(fd)
+                    continue
+                if not n:
                     frames_in.eof()
                     raise _Broken("host agent closed the channel")
                 try:
-                    frames = feed(data)
+                    frames = feed(view[:n])
                 except wire.ProtocolError as err:
-                    self._dispatch(err.frames, pending)
+                    self._dispatch(err.frames)
                     raise
-                self._dispatch(frames, pending)
-        except (_Broken, wire.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError,
-                OSError) as exc:  # fmt: skip
+                for frame in frames:  # _dispatch, inlined for the common case
+                    if frame.flags & _REPLY:
+                        req = pending.pop(frame.request_id, None)
+                        if req is not None:  # else: its caller was cancelled
+                            req.frame = frame
+                            req.done = True
+                            task = req.task
+                            if task is not None:
+                                req.task = None
+                                reschedule(task, req)  # type: ignore[arg-type]  # see _Req
+                    else:
+                        self._dispatch((frame,))
+        except (_Broken, wire.ProtocolError, trio.ClosedResourceError, OSError) as exc:
             self._break(conn, exc)
 
-    def _dispatch(self, frames: list[wire.Frame], pending: dict[int, _Req]) -> None:
+    def _dispatch(self, frames: Iterable[wire.Frame]) -> None:
         for frame in frames:
             if frame.flags & _REPLY:
-                req = pending.pop(frame.request_id, None)
+                req = self._pending.pop(frame.request_id, None)
                 if req is not None:  # else: its caller was cancelled
-                    _complete(req, outcome.Value(frame))
+                    _complete(req, frame)
             elif frame.opcode == _NOTICE:
                 self._notice(frame)
             else:  # ERROR: the host closes the channel after it
@@ -618,9 +743,12 @@ class Channel:
             pass
 
     async def _writer(self, conn: _Conn) -> None:
-        """Send everything queued since the last wakeup in one send_all."""
+        """Send everything queued since the last wakeup with one write (and its tail, if the
+        kernel took only part of it)."""
         q = conn.outq
-        send_all = conn.stream.send_all
+        fd = conn.fd
+        write = os.write
+        wait_writable = trio.lowlevel.wait_writable
 
         def abort(_: Any) -> Abort:
             conn.writer = None
@@ -632,10 +760,14 @@ class Channel:
                     conn.writer = current_task()
                     await wait_task_rescheduled(abort)
                     continue
-                data = b"".join(q)
+                data = memoryview(b"".join(q))
                 q.clear()
-                await send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                while data:
+                    try:
+                        data = data[write(fd, data) :]
+                    except BlockingIOError:
+                        await wait_writable(fd)
+        except (trio.ClosedResourceError, OSError) as exc:
             self._break(conn, exc)
 
     def _break(self, conn: _Conn, exc: BaseException) -> None:
@@ -664,13 +796,13 @@ class Channel:
             while True:
                 began = trio.current_time()
                 try:
-                    stream = await _open_transport(self.transport, self.path)
+                    fd = await _open_transport(self.transport, self.path)
                 except OSError as exc:
                     problem: BaseException = exc
                     if failures == 0:
                         log.info("host agent not reachable at %s: %s", self.spec, exc)
                 else:
-                    problem = await self._session(stream, on_ready)
+                    problem = await self._session(fd, on_ready)
                     if isinstance(problem, _Fatal):
                         raise problem
                     log.warning("channel %s lost: %s", self.spec, problem)
@@ -695,9 +827,9 @@ class Channel:
             if not started:
                 task_status.started()
 
-    async def _session(self, stream: trio.abc.Stream, on_ready: Callable[[], None]) -> BaseException:
+    async def _session(self, fd: int, on_ready: Callable[[], None]) -> BaseException:
         """Serve one connection until it breaks; returns why it ended."""
-        conn = _Conn(stream)
+        conn = _Conn(fd)
         self._conn = conn
         try:
             with conn.scope:
@@ -720,8 +852,7 @@ class Channel:
                 self._ready = False
                 self._ready_event = trio.Event()
             self._stall_or_drop(conn)
-            with trio.CancelScope(shield=True):
-                await stream.aclose()
+            _close_fd(fd)
         return conn.error if conn.error is not None else _Broken("connection ended")
 
     async def _handshake(self, conn: _Conn) -> None:
@@ -748,8 +879,8 @@ class Channel:
             else:
                 spec = wire.pool_spec_payload(pool.flags, pool._uuid)
                 sent.append(self._submit(conn, None, wire.Op.NEW_POOL, 0, _NO_OID, 0, spec))
-        for pool, (rid, req) in zip(pools, sent, strict=True):
-            frame = await self._wait(rid, req)
+        for pool, req in zip(pools, sent, strict=True):
+            frame = await self._wait(req)
             if frame is None:
                 raise _Broken("channel broke while restoring pools")
             if pool.persistent:
@@ -771,7 +902,7 @@ class Channel:
             pool = req.pool
             if pool is not None and pool._lost is not None:
                 del self._pending[rid]
-                _complete(req, outcome.Error(PoolLost(pool._lost)))
+                _complete(req, None, PoolLost(pool._lost))
             else:
                 self._send(conn, req.head, req.body)
         self.generation += 1
@@ -790,17 +921,17 @@ class Channel:
                 if req.strikes < _HOST_ERROR_STRIKES:
                     continue
                 del self._pending[rid]
-                _complete(req, outcome.Error(ChannelError(f"host agent rejected it: {conn.error}")))
+                _complete(req, None, ChannelError(f"host agent rejected it: {conn.error}"))
             else:
                 del self._pending[rid]
-                _complete(req, _DROPPED)
+                _complete(req, None)
 
     def _fail_all(self, make: Callable[[], ChannelError]) -> None:
         """Complete every pending request with an error and wake everyone waiting to send."""
         pending = list(self._pending.values())
         self._pending.clear()
         for req in pending:
-            _complete(req, outcome.Error(make()))
+            _complete(req, None, make())
         self._ready = False
         self._ready_event.set()
         self._notice_send.close()

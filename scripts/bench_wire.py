@@ -5,7 +5,8 @@ sockets, with the messages a page operation moves (48-byte header + 4096-byte pa
 
 baseline (what the transport alone costs; the echo server is a separate process using the
 host agent's I/O machinery, an asyncio Protocol that writes back whatever it receives; the
-client uses the Channel's machinery, a trio SocketStream with send_all/receive_some):
+client uses the Channel's machinery: a unix socket fd connected by trio, os.write/os.readv,
+trio.lowlevel.wait_writable/wait_readable when the fd is full/dry, one task):
 - `echo_rtt_us`: median time to send one 4144-byte message and read all 4144 bytes back,
   one message in flight, over `rtt_samples` samples.
 - `echo_throughput_mbs`: with `window` messages in flight (a single trio task sends W, then
@@ -45,12 +46,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import trio
 
 from guestagent import wire
 from guestagent.channel import Pool, open_channel
 
 MESSAGE = wire.HEADER_SIZE + wire.PAGE_SIZE
+RECV_SIZE = 1 << 16  # the Channel reads this much per readv: same machinery, same size
 RTT_TARGET = 3.0
 THROUGHPUT_TARGET = 0.25
 KEYS_PER_TASK = 64
@@ -86,39 +89,71 @@ def echo_server(path: str) -> None:
 # ------------------------------------------------------------------------- measurements
 
 
+async def _connect(path: str) -> int:
+    """A connected non-blocking unix socket fd, opened the way the Channel opens its own."""
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.connect(path)
+    return sock.detach()
+
+
+async def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(fd)
+
+
+async def _read_some(fd: int, buf: bytearray) -> int:
+    while True:
+        try:
+            return os.readv(fd, (buf,))
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(fd)
+
+
 async def echo_rtt(path: str, samples: int) -> float:
-    stream = await trio.open_unix_socket(path)
+    fd = await _connect(path)
     message = _page(0) + bytes(wire.HEADER_SIZE)
+    buf = bytearray(RECV_SIZE)
     times = []
-    async with stream:
+    try:
         for _ in range(samples):
             t0 = time.perf_counter()
-            await stream.send_all(message)
+            await _write_all(fd, message)
             got = 0
             while got < MESSAGE:
-                got += len(await stream.receive_some(1 << 16))
+                got += await _read_some(fd, buf)
             times.append(time.perf_counter() - t0)
+    finally:
+        trio.lowlevel.notify_closing(fd)
+        os.close(fd)
     return statistics.median(times) * 1e6
 
 
 async def echo_throughput(path: str, window: int, seconds: float) -> float:
-    stream = await trio.open_unix_socket(path)
+    fd = await _connect(path)
     message = _page(0) + bytes(wire.HEADER_SIZE)
-    async with stream:
+    buf = bytearray(RECV_SIZE)
+    try:
         t0 = time.perf_counter()
         deadline = t0 + seconds
-        await stream.send_all(message * window)
+        await _write_all(fd, message * window)
         sent, received = window, 0
         while True:
-            received += len(await stream.receive_some(1 << 16))
+            received += await _read_some(fd, buf)
             done = received // MESSAGE
             if time.perf_counter() >= deadline:
                 break
             more = window - (sent - done)
             if more > 0:
-                await stream.send_all(message * more)
+                await _write_all(fd, message * more)
                 sent += more
         elapsed = time.perf_counter() - t0
+    finally:
+        trio.lowlevel.notify_closing(fd)
+        os.close(fd)
     return done * wire.PAGE_SIZE / elapsed / 1e6
 
 
@@ -137,7 +172,8 @@ async def get_rtt(pool: Pool, samples: int) -> float:
     return statistics.median(times) * 1e6
 
 
-async def channel_throughput(pool: Pool, window: int, seconds: float) -> float:
+async def channel_throughput(pool: Pool, window: int, seconds: float) -> tuple[float, int]:
+    """(MB/s of page bytes moved, operations done)."""
     pages = [_page(i) for i in range(KEYS_PER_TASK)]
     ops = 0
     deadline = time.perf_counter() + seconds
@@ -160,7 +196,7 @@ async def channel_throughput(pool: Pool, window: int, seconds: float) -> float:
         for task in range(window):
             nursery.start_soon(worker, task)
     elapsed = time.perf_counter() - t0
-    return ops * wire.PAGE_SIZE / elapsed / 1e6
+    return ops * wire.PAGE_SIZE / elapsed / 1e6, ops
 
 
 # ------------------------------------------------------------------------- processes
@@ -211,24 +247,47 @@ socket = "{tmp}/control.sock"
 dir = "{tmp}/guests"
 [[guest]]
 name = "bench"
+compress = false
+[[guest]]
+name = "bench_lz4"
+compress = true
 """
     )
     return config
 
 
-async def measure(args: argparse.Namespace, echo_path: str, guest_path: str) -> dict[str, object]:
-    rounds: dict[str, list[float]] = {k: [] for k in ("echo_rtt", "get_rtt", "echo_tp", "tp")}
-    async with open_channel(guest_path, name="bench", reconnect=False) as channel:
-        rtt_pool = await channel.new_pool(wire.PoolFlag.PERSISTENT)
+async def measure(args: argparse.Namespace, echo_path: str, guests: dict[str, str]) -> dict[str, object]:
+    host = psutil.Process(args.host_pid)
+    rounds: dict[str, list[float]] = {
+        k: [] for k in ("echo_rtt", "get_rtt", "echo_tp", "tp", "tp_lz4", "client_cpu", "host_cpu")
+    }
+    async with (
+        open_channel(guests["bench"], name="bench", reconnect=False) as channel,
+        open_channel(guests["bench_lz4"], name="bench_lz4", reconnect=False) as channel_lz4,
+    ):
+        pool = await channel.new_pool(wire.PoolFlag.PERSISTENT)
+        pool_lz4 = await channel_lz4.new_pool(wire.PoolFlag.PERSISTENT)
         for _ in range(args.rounds):
             rounds["echo_rtt"].append(await echo_rtt(echo_path, args.rtt_samples))
-            rounds["get_rtt"].append(await get_rtt(rtt_pool, args.rtt_samples))
+            rounds["get_rtt"].append(await get_rtt(pool, args.rtt_samples))
             rounds["echo_tp"].append(await echo_throughput(echo_path, args.window, args.seconds))
-            rounds["tp"].append(await channel_throughput(rtt_pool, args.window, args.seconds))
-        await rtt_pool.destroy()
+            client0, host0 = time.process_time(), sum(host.cpu_times()[:2])
+            mbs, ops = await channel_throughput(pool, args.window, args.seconds)
+            rounds["tp"].append(mbs)
+            rounds["client_cpu"].append((time.process_time() - client0) / ops * 1e6)
+            rounds["host_cpu"].append((sum(host.cpu_times()[:2]) - host0) / ops * 1e6)
+            rounds["tp_lz4"].append((await channel_throughput(pool_lz4, args.window, args.seconds))[0])
+        await pool.destroy()
+        await pool_lz4.destroy()
     med = {k: statistics.median(v) for k, v in rounds.items()}
-    rtt_ratio = med["get_rtt"] / med["echo_rtt"]
-    tp_ratio = med["tp"] / med["echo_tp"]
+
+    # ratios per round (each pair measured back to back), then the median
+    def ratio(ours: str, echo: str) -> float:
+        return statistics.median(o / e for o, e in zip(rounds[ours], rounds[echo], strict=True))
+
+    rtt_ratio = ratio("get_rtt", "echo_rtt")
+    tp_ratio = ratio("tp", "echo_tp")
+    tp_lz4_ratio = ratio("tp_lz4", "echo_tp")
     return {
         "echo_rtt_us": round(med["echo_rtt"], 1),
         "get_rtt_us": round(med["get_rtt"], 1),
@@ -241,6 +300,10 @@ async def measure(args: argparse.Namespace, echo_path: str, guest_path: str) -> 
             "get_rtt": rtt_ratio <= RTT_TARGET,
             "throughput": tp_ratio >= THROUGHPUT_TARGET,
         },
+        "throughput_lz4_mbs": round(med["tp_lz4"], 1),
+        "throughput_lz4_ratio": round(tp_lz4_ratio, 3),
+        "client_cpu_us_per_op": round(med["client_cpu"], 2),
+        "host_cpu_us_per_op": round(med["host_cpu"], 2),
         "rounds": {k: [round(x, 1) for x in v] for k, v in rounds.items()},
         "params": {
             "window": args.window,
@@ -249,8 +312,8 @@ async def measure(args: argparse.Namespace, echo_path: str, guest_path: str) -> 
             "rounds": args.rounds,
             "message_bytes": MESSAGE,
             "page": "2048 random + 2048 zero bytes",
-            "compress": True,
             "cpus": os.cpu_count(),
+            "loadavg_before": [round(x, 2) for x in args.loadavg],
         },
     }
 
@@ -259,8 +322,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--window", type=int, default=32, help="requests in flight (W)")
     parser.add_argument("--rtt-samples", type=int, default=2000, help="round trips per round (N)")
-    parser.add_argument("--seconds", type=float, default=2.0, help="length of a throughput run")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median kept)")
+    parser.add_argument("--seconds", type=float, default=1.5, help="length of a throughput run")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median kept)")
     parser.add_argument("--echo-server", metavar="PATH", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_server:
@@ -272,7 +335,7 @@ def main() -> int:
     ):
         tmp, shm = Path(tmpdir), Path(shmdir)
         echo_path = str(tmp / "echo.sock")
-        guest_path = str(tmp / "guests" / "bench.sock")
+        guests = {name: str(tmp / "guests" / f"{name}.sock") for name in ("bench", "bench_lz4")}
         log = open(tmp / "hostagent.log", "wb")  # noqa: SIM115 - closed below
         procs = []
         try:
@@ -296,12 +359,14 @@ def main() -> int:
                         "--log-level",
                         "WARNING",
                     ],
-                    lambda: _listening(guest_path),
+                    lambda: all(_listening(path) for path in guests.values()),
                     "hostagent run",
                     stderr=log,
                 )
             )
-            result = trio.run(measure, args, echo_path, guest_path)
+            args.host_pid = procs[-1].pid
+            args.loadavg = os.getloadavg()
+            result = trio.run(measure, args, echo_path, guests)
         except BaseException:
             log.flush()
             sys.stderr.write((tmp / "hostagent.log").read_text())
