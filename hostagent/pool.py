@@ -497,15 +497,14 @@ class PoolEngine:
     def _evict_one(self) -> bool:
         """Evict one ephemeral page: from the guest most above its weighted share, else the LRU page."""
         holders = [c for c in self._clients.values() if c.eph.stored > 0]
-        if not holders:
-            return False
-        total_weight = sum(c.settings.weight for c in holders)
-        victim = max(holders, key=lambda c: c.eph.stored / c.settings.weight)
-        share = self.eph_bytes * victim.settings.weight / total_weight
-        # A little slack so balanced guests fall back to plain LRU instead of strict alternation.
-        if victim.eph.stored > share + share / 32 + 32768 and self._evict_lru(victim):
-            return True
-        return self._evict_lru(None)
+        if holders:
+            total_weight = sum(c.settings.weight for c in holders)
+            victim = max(holders, key=lambda c: c.eph.stored / c.settings.weight)
+            share = sum(c.eph.stored for c in holders) * victim.settings.weight / total_weight
+            # A little slack so balanced guests fall back to plain LRU, not strict alternation.
+            if victim.eph.stored > share + share / 32 + 32768 and self._evict_lru(victim):
+                return True
+        return self._evict_lru(None)  # shared pools' pages are charged to no guest: LRU only
 
     def _enforce_cap(self, client: Client) -> None:
         cap = client.settings.cap_bytes
