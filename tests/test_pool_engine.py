@@ -1,0 +1,605 @@
+"""Focused tests of the pool engine: the contract rules one at a time, with exact numbers.
+
+The stateful model (test_pool_model.py) finds odd interleavings; these tests pin the rules whose
+failure would be silent in production: exclusive gets, refused puts leaving no stale copy, shared
+pool authorisation, weighted fairness, caps, quotas, the host budget, compression slot choice and
+rebuilding from the arena after a crash (including a corrupted slot).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import struct
+import tempfile
+from collections.abc import Collection, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from guestagent.wire import PAGE_SIZE, PoolFlag
+from hostagent.arena import SLOT_SIZES, Arena
+from hostagent.pool import (
+    Client,
+    ClientSettings,
+    PoolDenied,
+    PoolEngine,
+    UnknownPool,
+)
+
+RAW = SLOT_SIZES[-1]  # arena bytes of a page stored raw (slot header included)
+SMALLEST = SLOT_SIZES[0]
+EPH = 0
+PERS = int(PoolFlag.PERSISTENT)
+PERS_X = int(PoolFlag.PERSISTENT | PoolFlag.EXCLUSIVE_GETS)
+SHARED = int(PoolFlag.SHARED)
+SHARED_PERS = int(PoolFlag.SHARED | PoolFlag.PERSISTENT)
+SHARED_PERS_X = int(PoolFlag.SHARED | PoolFlag.PERSISTENT | PoolFlag.EXCLUSIVE_GETS)
+
+U1 = bytes.fromhex("6f1c0000000000000000000000000001")
+U2 = bytes.fromhex("6f1c0000000000000000000000000002")
+U3 = bytes.fromhex("6f1c0000000000000000000000000003")
+ACL = {U1: ("g1", "g2"), U2: ("g1", "g2"), U3: ("g2",)}
+
+
+def oid(n: int) -> bytes:
+    return n.to_bytes(24, "little")
+
+
+def random_page(seed: int) -> bytes:
+    return random.Random(seed).randbytes(PAGE_SIZE)
+
+
+def same_page(word: int) -> bytes:
+    return struct.pack("<Q", word) * (PAGE_SIZE // 8)
+
+
+def text_page(seed: int) -> bytes:
+    """English-ish text: compresses with lz4, but not to nothing."""
+    rnd = random.Random(seed)
+    words = ("memory", "page", "guest", "host", "the", "of", "a", "pool", "cache", "swap", "kernel",
+             "returns", "object", "index", "when", "is", "not", "evicted", "flush", "put", "get")
+    parts: list[str] = []
+    while sum(map(len, parts)) < PAGE_SIZE:
+        parts.append(rnd.choice(words) + rnd.choice((" ", " ", ", ", ".\n")) + str(rnd.randrange(99)))
+    return "".join(parts).encode()[:PAGE_SIZE]
+
+
+class Harness:
+    """An arena directory with engines opened on it, so a test can 'restart' in-process."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.arenas: list[Arena] = []
+        self.engines: list[PoolEngine] = []
+
+    def open(self, limit: int = 64 << 20, *, host_reserve: int = 0,
+             acl: Mapping[bytes, Collection[str]] = ACL, capacity: int | None = None) -> PoolEngine:
+        arena = Arena(self.root / "arena", capacity_bytes=capacity or limit + (8 << 20))
+        engine = PoolEngine(arena, limit_bytes=limit, host_reserve_bytes=host_reserve,
+                            shared_acl=acl)
+        self.arenas.append(arena)
+        self.engines.append(engine)
+        return engine
+
+    def close_all(self) -> None:
+        for engine in self.engines:
+            with contextlib.suppress(Exception):  # an abandoned engine may be half-closed
+                engine.close()
+        for arena in self.arenas:
+            arena.close()
+
+
+@pytest.fixture
+def harness() -> Iterator[Harness]:
+    root = Path(tempfile.mkdtemp(prefix="tmem-engine-", dir="/dev/shm"))
+    h = Harness(root)
+    try:
+        yield h
+    finally:
+        h.close_all()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def gstats(engine: PoolEngine, name: str, kind: str) -> dict[str, Any]:
+    result: dict[str, Any] = engine.stats()["guests"][name][kind]
+    return result
+
+
+def used(engine: PoolEngine) -> int:
+    return int(engine.stats()["pool"]["used_bytes"])
+
+
+def client(engine: PoolEngine, name: str, **kw: Any) -> Client:
+    return engine.client(name, ClientSettings(**kw))
+
+
+# -- gets ---------------------------------------------------------------------------------------
+
+
+def test_private_ephemeral_get_is_exclusive(harness: Harness) -> None:
+    engine = harness.open()
+    c = client(engine, "g1")
+    pid = engine.new_pool(c, EPH)
+    page = random_page(1)
+    assert engine.put(c, pid, oid(1), 5, page)
+    assert engine.get(c, pid, oid(1), 5) == page
+    assert engine.get(c, pid, oid(1), 5) is None
+    assert gstats(engine, "g1", "ephemeral")["pages"] == 0
+
+
+def test_shared_ephemeral_get_is_not_exclusive(harness: Harness) -> None:
+    engine = harness.open()
+    a, b = client(engine, "g1"), client(engine, "g2")
+    pa = engine.new_pool(a, SHARED, U1)
+    pb = engine.new_pool(b, SHARED, U1)
+    page = text_page(2)
+    assert engine.put(a, pa, oid(1), 0, page)
+    assert engine.get(b, pb, oid(1), 0) == page
+    assert engine.get(b, pb, oid(1), 0) == page
+    assert engine.get(a, pa, oid(1), 0) == page
+
+
+def test_persistent_gets_exclusive_only_with_flag(harness: Harness) -> None:
+    engine = harness.open()
+    c = client(engine, "g1")
+    plain = engine.new_pool(c, PERS)
+    excl = engine.new_pool(c, PERS_X)
+    page = random_page(3)
+    for pid in (plain, excl):
+        assert engine.put(c, pid, oid(9), 1, page)
+    assert engine.get(c, plain, oid(9), 1) == page
+    assert engine.get(c, plain, oid(9), 1) == page
+    assert engine.get(c, excl, oid(9), 1) == page
+    assert engine.get(c, excl, oid(9), 1) is None
+    assert gstats(engine, "g1", "persistent")["pages"] == 1
+
+
+def test_shared_persistent_exclusive_get_consumes_for_every_member(harness: Harness) -> None:
+    engine = harness.open()
+    a, b = client(engine, "g1"), client(engine, "g2")
+    pa = engine.new_pool(a, SHARED_PERS_X, U2)
+    pb = engine.new_pool(b, SHARED_PERS_X, U2)
+    page = random_page(4)
+    assert engine.put(a, pa, oid(1), 3, page)
+    assert engine.get(b, pb, oid(1), 3) == page
+    assert engine.get(a, pa, oid(1), 3) is None
+
+
+# -- refused puts -------------------------------------------------------------------------------
+
+
+def test_refused_duplicate_persistent_put_flushes_older_copy(harness: Harness) -> None:
+    """Quota full: overwriting a tiny (same-filled) page with a raw one is refused -> key empty."""
+    engine = harness.open()
+    c = client(engine, "g1", quota_bytes=8 * RAW, compress=False)
+    pid = engine.new_pool(c, PERS)
+    assert engine.put(c, pid, oid(0), 0, bytes(PAGE_SIZE))
+    n = 1
+    while engine.put(c, pid, oid(1), n, random_page(n)):
+        n += 1
+        assert n < 20, "quota never refused a put"
+    k = 0
+    while engine.put(c, pid, oid(2), k, same_page(k + 1)):
+        k += 1
+        assert k < 200, "quota never refused a same-filled put"
+    left = 8 * RAW - gstats(engine, "g1", "persistent")["bytes"]
+    assert left < SMALLEST
+    assert engine.put(c, pid, oid(0), 0, random_page(99)) is False
+    assert engine.get(c, pid, oid(0), 0) is None
+    # the refusal touched nothing else
+    assert all(engine.get(c, pid, oid(1), i) == random_page(i) for i in range(1, n))
+    assert gstats(engine, "g1", "persistent")["puts_refused"] >= 3
+
+
+def test_refused_duplicate_ephemeral_put_flushes_older_copy(harness: Harness) -> None:
+    """A cap below one raw slot: the raw put is refused and the earlier copy must not survive."""
+    engine = harness.open()
+    c = client(engine, "g1", cap_bytes=4 * RAW, compress=False)
+    pid = engine.new_pool(c, EPH)
+    assert engine.put(c, pid, oid(1), 1, random_page(1))
+    engine.configure("g1", cap_bytes=RAW - 1)
+    assert engine.put(c, pid, oid(1), 1, random_page(2)) is False
+    assert engine.get(c, pid, oid(1), 1) is None
+    # a same-filled page still fits in the smallest slot
+    assert engine.put(c, pid, oid(1), 2, same_page(7))
+    assert engine.get(c, pid, oid(1), 2) == same_page(7)
+
+
+# -- shared pools and ownership -----------------------------------------------------------------
+
+
+def test_shared_pool_authorisation_failures_raise(harness: Harness) -> None:
+    engine = harness.open()
+    a, b = client(engine, "g1"), client(engine, "g2")
+    unknown_uuid = b"\xaa" * 16
+    with pytest.raises(PoolDenied):
+        engine.new_pool(a, SHARED, unknown_uuid)
+    with pytest.raises(PoolDenied):
+        engine.new_pool(a, SHARED, U3)  # authorised for g2 only
+    with pytest.raises(PoolDenied):
+        engine.new_pool(a, SHARED_PERS, U3)
+    assert engine.owned_pools(a) == {}
+    # existing shared pool joined with the other persistence
+    pb = engine.new_pool(b, SHARED_PERS, U2)
+    with pytest.raises(PoolDenied):
+        engine.new_pool(a, SHARED, U2)
+    assert engine.owned_pools(a) == {}
+    pa = engine.new_pool(a, SHARED_PERS, U2)
+    assert int(engine.owned_pools(a)[pa]) == SHARED_PERS
+    assert engine.put(b, pb, oid(1), 1, random_page(1))
+    assert engine.get(a, pa, oid(1), 1) == random_page(1)
+
+
+def test_unknown_pool_ids(harness: Harness) -> None:
+    engine = harness.open()
+    a, b = client(engine, "g1"), client(engine, "g2")
+    pa = engine.new_pool(a, EPH)
+    assert pa >= 1
+    for bad in (0, pa + 100):
+        assert engine.pool_flags(a, bad) is None
+        with pytest.raises(UnknownPool):
+            engine.put(a, bad, oid(1), 0, bytes(PAGE_SIZE))
+    if pa not in engine.owned_pools(b):
+        with pytest.raises(UnknownPool):
+            engine.get(b, pa, oid(1), 0)
+    engine.destroy_pool(a, pa)
+    for op in (lambda: engine.get(a, pa, oid(1), 0), lambda: engine.flush_page(a, pa, oid(1), 0),
+               lambda: engine.flush_object(a, pa, oid(1)), lambda: engine.destroy_pool(a, pa)):
+        with pytest.raises(UnknownPool):
+            op()
+
+
+def test_destroying_shared_pool_only_leaves_it(harness: Harness) -> None:
+    engine = harness.open()
+    a, b = client(engine, "g1"), client(engine, "g2")
+    pa = engine.new_pool(a, SHARED, U1)
+    pb = engine.new_pool(b, SHARED, U1)
+    assert engine.put(a, pa, oid(1), 1, text_page(1))
+    engine.destroy_pool(a, pa)
+    assert engine.get(b, pb, oid(1), 1) == text_page(1)
+    assert engine.pool_flags(a, pa) is None
+
+
+def test_disconnect_drops_ephemeral_keeps_persistent(harness: Harness) -> None:
+    engine = harness.open()
+    a, b = client(engine, "g1"), client(engine, "g2")
+    eph = engine.new_pool(a, EPH)
+    pers = engine.new_pool(a, PERS)
+    sh_a = engine.new_pool(a, SHARED, U1)
+    sh_b = engine.new_pool(b, SHARED, U1)
+    for pid in (eph, pers, sh_a):
+        assert engine.put(a, pid, oid(1), 1, random_page(pid))
+    engine.disconnect(a)
+    a = engine.client("g1")
+    assert dict(engine.owned_pools(a)) == {pers: PERS}
+    assert engine.get(a, pers, oid(1), 1) == random_page(pers)
+    with pytest.raises(UnknownPool):
+        engine.get(a, eph, oid(1), 1)
+    assert engine.get(b, sh_b, oid(1), 1) == random_page(sh_a)
+    assert engine.stats()["pool"]["ephemeral_pages"] == 1
+
+
+def test_remove_drops_every_pool(harness: Harness) -> None:
+    engine = harness.open()
+    a = client(engine, "g1")
+    pers = engine.new_pool(a, PERS)
+    assert engine.put(a, pers, oid(1), 1, random_page(1))
+    engine.remove(a)
+    assert engine.stats()["pool"]["pages"] == 0
+    assert used(engine) == 0
+    assert engine.owned_pools(engine.client("g1")) == {}
+
+
+# -- space: fairness, cap, quota, budget, reserve -----------------------------------------------
+
+
+def test_fairness_weights_1_and_3(harness: Harness) -> None:
+    """Both clients put without end at the same rate; the pool converges near 1:3 in bytes.
+
+    8 MiB of pool: the engine allows a client a little slack above its share (share/32 + 32 KiB)
+    before it stops evicting by plain LRU, which skews a pool of a few hundred pages (~1:2.5).
+    """
+    limit = 2000 * RAW
+    engine = harness.open(limit)
+    a = client(engine, "g1", weight=1, compress=False)
+    b = client(engine, "g2", weight=3, compress=False)
+    pa, pb = engine.new_pool(a, EPH), engine.new_pool(b, EPH)
+    for i in range(8000):
+        page = random_page(i % 3000)
+        assert engine.put(a, pa, oid(i // 256), i % 256, page)
+        assert engine.put(b, pb, oid(i // 256), i % 256, page)
+        if i % 100 == 99:
+            assert used(engine) <= limit
+    ea = gstats(engine, "g1", "ephemeral")["bytes"]
+    eb = gstats(engine, "g2", "ephemeral")["bytes"]
+    assert ea + eb > 0.9 * limit, "the pool should stay nearly full"
+    assert 2.6 <= eb / ea <= 3.4, f"weights 1:3 gave {ea}:{eb} bytes"
+    assert engine.stats()["pool"]["evictions"] > 0
+
+
+def test_cap_holds_and_evicts_own_oldest_first(harness: Harness) -> None:
+    engine = harness.open()
+    a = client(engine, "g1", cap_bytes=10 * RAW, compress=False)
+    b = client(engine, "g2", compress=False)
+    pa, pb = engine.new_pool(a, EPH), engine.new_pool(b, EPH)
+    for i in range(20):
+        assert engine.put(b, pb, oid(2), i, random_page(1000 + i))
+    for i in range(50):
+        assert engine.put(a, pa, oid(1), i, random_page(i))
+        assert gstats(engine, "g1", "ephemeral")["bytes"] <= 10 * RAW
+    present = [i for i in range(50) if engine.get(a, pa, oid(1), i) is not None]
+    assert present == list(range(40, 50))
+    assert gstats(engine, "g1", "ephemeral")["evicted"] == 40
+    # the cap is g1's business: g2 lost nothing
+    assert all(engine.get(b, pb, oid(2), i) == random_page(1000 + i) for i in range(20))
+
+
+def test_cap_below_one_slot_refuses(harness: Harness) -> None:
+    engine = harness.open()
+    a = client(engine, "g1", cap_bytes=RAW - 1, compress=False)
+    pa = engine.new_pool(a, EPH)
+    assert engine.put(a, pa, oid(1), 0, random_page(0)) is False
+    assert gstats(engine, "g1", "ephemeral")["puts_refused"] == 1
+    assert gstats(engine, "g1", "ephemeral")["bytes"] == 0
+
+
+def test_quota_holds(harness: Harness) -> None:
+    engine = harness.open()
+    a = client(engine, "g1", quota_bytes=10 * RAW, compress=False)
+    pid = engine.new_pool(a, PERS)
+    results = [engine.put(a, pid, oid(1), i, random_page(i)) for i in range(15)]
+    assert results == [True] * 10 + [False] * 5
+    st = gstats(engine, "g1", "persistent")
+    assert st["bytes"] == 10 * RAW
+    assert st["pages"] == 10
+    assert st["puts_refused"] == 5
+    assert all(engine.get(a, pid, oid(1), i) == random_page(i) for i in range(10))
+    engine.flush_page(a, pid, oid(1), 0)
+    assert engine.put(a, pid, oid(1), 20, random_page(20))
+    # lowering the quota never drops persistent pages; flushes still work
+    engine.configure("g1", quota_bytes=RAW)
+    assert engine.put(a, pid, oid(1), 21, random_page(21)) is False
+    assert engine.get(a, pid, oid(1), 5) == random_page(5)
+    engine.flush_object(a, pid, oid(1))
+    assert gstats(engine, "g1", "persistent")["bytes"] == 0
+
+
+def test_persistent_put_evicts_ephemeral_when_budget_full(harness: Harness) -> None:
+    """Ephemeral pages are the pool's slack: a full budget makes room for persistent pages."""
+    engine = harness.open(10 * RAW)
+    a = client(engine, "g1", compress=False)
+    b = client(engine, "g2", compress=False)
+    pa, pb = engine.new_pool(a, EPH), engine.new_pool(b, PERS)
+    for i in range(10):
+        assert engine.put(a, pa, oid(1), i, random_page(i))
+    assert used(engine) == 10 * RAW
+    assert engine.put(b, pb, oid(2), 0, random_page(100))
+    assert used(engine) <= 10 * RAW
+    assert gstats(engine, "g1", "ephemeral")["pages"] == 9
+    # once only persistent pages are left, the budget refuses
+    for i in range(1, 11):
+        engine.put(b, pb, oid(2), i, random_page(100 + i))
+    assert gstats(engine, "g2", "persistent")["pages"] == 10
+    assert gstats(engine, "g1", "ephemeral")["pages"] == 0
+    assert engine.put(b, pb, oid(2), 50, random_page(50)) is False
+
+
+def test_global_lru_when_nobody_is_over_share(harness: Harness) -> None:
+    """A non-exclusive get on a shared ephemeral pool counts as a use."""
+    engine = harness.open(10 * RAW)
+    a = client(engine, "g1", compress=False)
+    pid = engine.new_pool(a, SHARED, U1)
+    for i in range(10):
+        assert engine.put(a, pid, oid(1), i, random_page(i))
+    assert engine.get(a, pid, oid(1), 0) == random_page(0)
+    assert engine.put(a, pid, oid(1), 10, random_page(10))
+    assert engine.get(a, pid, oid(1), 1) is None
+    assert all(engine.get(a, pid, oid(1), i) == random_page(i) for i in (0, *range(2, 11)))
+
+
+def test_host_budget_limits_growth(harness: Harness) -> None:
+    reserve = 16 * RAW
+    engine = harness.open(64 << 20, host_reserve=reserve)
+    a = client(engine, "g1", compress=False)
+    b = client(engine, "g2", compress=False)
+    pa, pb = engine.new_pool(a, EPH), engine.new_pool(b, PERS)
+    assert engine.stats()["pool"]["budget_bytes"] == 64 << 20  # before any feed: limit only
+    engine.set_host_available(reserve + 40 * RAW)
+    assert engine.stats()["pool"]["budget_bytes"] == 40 * RAW
+    for i in range(200):
+        assert engine.put(a, pa, oid(1), i, random_page(i))
+        assert used(engine) <= 40 * RAW
+    assert engine.stats()["pool"]["ephemeral_pages"] == 40
+    # growing the pool does not grow the budget until the host reports more memory
+    for i in range(50):
+        engine.put(b, pb, oid(2), i, random_page(i))
+        assert used(engine) <= 40 * RAW
+    assert gstats(engine, "g2", "persistent")["pages"] == 40
+    assert gstats(engine, "g1", "ephemeral")["pages"] == 0
+    assert engine.put(b, pb, oid(2), 100, random_page(100)) is False
+    # more host memory, more budget (capped by the limit)
+    engine.set_host_available(reserve + 10 * RAW)
+    assert engine.stats()["pool"]["budget_bytes"] == 50 * RAW
+    assert engine.put(b, pb, oid(2), 100, random_page(100))
+    engine.set_host_available(1 << 40)
+    assert engine.stats()["pool"]["budget_bytes"] == 64 << 20
+
+
+def test_reserve_frees_what_it_reports(harness: Harness) -> None:
+    """reserve() reports arena memory given back to the host (whole slabs), never persistent pages."""
+    engine = harness.open(64 << 20)
+    a = client(engine, "g1", compress=False)
+    b = client(engine, "g2", compress=False)
+    pa, pb = engine.new_pool(a, EPH), engine.new_pool(b, PERS)
+    for i in range(2000):
+        assert engine.put(a, pa, oid(i // 256), i % 256, random_page(i))
+    for i in range(10):
+        assert engine.put(b, pb, oid(9), i, random_page(i))
+    avail = 1000 * RAW
+    engine.set_host_available(avail)
+    assert engine.reserve(avail) == 0  # already there: nothing dropped
+    assert engine.stats()["pool"]["ephemeral_pages"] == 2000
+
+    before = engine.stats()["pool"]
+    freed = engine.reserve(avail + 30 * RAW)
+    after = engine.stats()["pool"]
+    assert freed >= 30 * RAW
+    assert before["resident_bytes"] - after["resident_bytes"] == freed
+    assert before["used_bytes"] - after["used_bytes"] >= freed * 0.99
+    assert after["persistent_pages"] == 10
+    # it dropped what the host asked for, not the whole pool
+    assert 1000 < after["ephemeral_pages"] < 2000, after["ephemeral_pages"]
+    assert freed < 4 << 20
+
+    # asking for more than all ephemeral pages drops them all and no persistent page
+    freed = engine.reserve(1 << 40)
+    final = engine.stats()["pool"]
+    assert freed == after["resident_bytes"] - final["resident_bytes"] > 0
+    assert final["ephemeral_pages"] == 0
+    assert final["persistent_pages"] == 10
+    assert final["used_bytes"] == 10 * RAW
+    assert all(engine.get(b, pb, oid(9), i) == random_page(i) for i in range(10))
+
+
+# -- compression --------------------------------------------------------------------------------
+
+
+def slot_cost(engine: PoolEngine, c: Client, pid: int, page: bytes, index: int) -> int:
+    before = used(engine)
+    assert engine.put(c, pid, oid(7), index, page)
+    return used(engine) - before
+
+
+def test_compression_slot_choice(harness: Harness) -> None:
+    engine = harness.open()
+    on = client(engine, "g1", compress=True)
+    off = client(engine, "g2", compress=False)
+    pon, poff = engine.new_pool(on, PERS), engine.new_pool(off, PERS)
+    assert slot_cost(engine, on, pon, bytes(PAGE_SIZE), 0) == SMALLEST
+    assert slot_cost(engine, on, pon, same_page(0xDEADBEEF01234567), 1) == SMALLEST
+    assert slot_cost(engine, on, pon, random_page(1), 2) == RAW  # incompressible: raw
+    text = text_page(5)
+    text_cost = slot_cost(engine, on, pon, text, 3)
+    assert text_cost < RAW * 0.75, f"text page took {text_cost} bytes"
+    assert slot_cost(engine, off, poff, text, 3) == RAW  # compression off: raw
+    st = gstats(engine, "g1", "persistent")
+    assert st["raw_bytes"] == 4 * PAGE_SIZE
+    assert st["bytes"] == 2 * SMALLEST + RAW + text_cost
+    for i, page in enumerate((bytes(PAGE_SIZE), same_page(0xDEADBEEF01234567), random_page(1), text)):
+        assert engine.get(on, pon, oid(7), i) == page
+    assert engine.get(off, poff, oid(7), 3) == text
+
+
+def test_compress_switch_applies_to_later_puts(harness: Harness) -> None:
+    engine = harness.open()
+    c = client(engine, "g1", compress=True)
+    pid = engine.new_pool(c, PERS)
+    small = slot_cost(engine, c, pid, text_page(1), 0)
+    engine.configure("g1", compress=False)
+    assert engine.stats()["guests"]["g1"]["compress"] is False
+    assert slot_cost(engine, c, pid, text_page(1), 1) == RAW
+    assert small < RAW
+    assert engine.get(c, pid, oid(7), 0) == engine.get(c, pid, oid(7), 1) == text_page(1)
+
+
+# -- restart from the arena ---------------------------------------------------------------------
+
+
+def test_restart_keeps_persistent_drops_ephemeral(harness: Harness) -> None:
+    """The old engine is abandoned without close(), as after SIGKILL."""
+    engine = harness.open()
+    a = client(engine, "g1", compress=True)
+    b = client(engine, "g2", compress=False)
+    eph = engine.new_pool(a, EPH)
+    pers = engine.new_pool(a, PERS)
+    pers_x = engine.new_pool(b, PERS_X)
+    shared = engine.new_pool(b, SHARED_PERS, U2)
+    expected: dict[tuple[str, int, int], bytes] = {}
+    for i in range(30):
+        page = (random_page, text_page, same_page)[i % 3](i)
+        assert engine.put(a, eph, oid(1), i, page)
+        assert engine.put(a, pers, oid(1), i, page)
+        assert engine.put(b, pers_x, oid(2), i, page)
+        assert engine.put(b, shared, oid(3), i, page)
+        expected.update({("g1", pers, i): page, ("g2", pers_x, i): page, ("g2", shared, i): page})
+    # overwrite, flush, consume: none of the old versions may come back
+    for i in range(0, 30, 5):
+        assert engine.put(a, pers, oid(1), i, random_page(500 + i))
+        expected[("g1", pers, i)] = random_page(500 + i)
+    engine.flush_page(a, pers, oid(1), 1)
+    del expected[("g1", pers, 1)]
+    assert engine.get(b, pers_x, oid(2), 2) is not None
+    del expected[("g2", pers_x, 2)]
+    engine.flush_object(b, shared, oid(3))
+    for i in range(30):
+        expected.pop(("g2", shared, i))
+    assert engine.put(b, shared, oid(4), 0, text_page(77))
+    expected[("g2", shared, 0)] = text_page(77)
+    flags_before = {n: dict(engine.owned_pools(engine.client(n))) for n in ("g1", "g2")}
+
+    engine2 = harness.open()
+    a2, b2 = engine2.client("g1"), engine2.client("g2")
+    assert dict(engine2.owned_pools(a2)) == {pers: PERS}
+    assert dict(engine2.owned_pools(b2)) == flags_before["g2"]
+    assert flags_before["g1"][pers] == PERS
+    with pytest.raises(UnknownPool):
+        engine2.get(a2, eph, oid(1), 0)
+    for i in range(30):
+        assert engine2.get(a2, pers, oid(1), i) == expected.get(("g1", pers, i)), i
+    for i in range(30):
+        assert engine2.get(b2, pers_x, oid(2), i) == expected.get(("g2", pers_x, i)), i
+    assert engine2.get(b2, shared, oid(4), 0) == text_page(77)
+    assert engine2.get(b2, shared, oid(3), 0) is None
+    stats = engine2.stats()["pool"]
+    assert stats["ephemeral_pages"] == 0
+    # pers_x pages were consumed by the gets above; pers and shared pages remain
+    assert stats["persistent_pages"] == 29 + 1
+    # the rebuilt engine keeps working: new pools do not collide with surviving ids
+    new = engine2.new_pool(a2, EPH)
+    assert new != pers
+    assert engine2.put(a2, new, oid(1), 0, random_page(1))
+    assert engine2.get(a2, pers, oid(1), 0) == expected[("g1", pers, 0)]
+
+
+def test_restart_after_clean_close(harness: Harness) -> None:
+    engine = harness.open()
+    a = client(engine, "g1")
+    pid = engine.new_pool(a, PERS_X)
+    assert engine.put(a, pid, oid(1), 1, text_page(1))
+    engine.close()
+    harness.arenas[-1].close()
+    engine2 = harness.open()
+    a2 = engine2.client("g1")
+    assert engine2.pool_flags(a2, pid) == PERS_X
+    assert engine2.get(a2, pid, oid(1), 1) == text_page(1)
+    assert engine2.get(a2, pid, oid(1), 1) is None
+
+
+def test_corrupted_slot_is_not_served_after_restart(harness: Harness) -> None:
+    engine = harness.open()
+    a = client(engine, "g1", compress=False)
+    pid = engine.new_pool(a, PERS)
+    pages = [random_page(i) for i in range(5)]
+    for i, page in enumerate(pages):
+        assert engine.put(a, pid, oid(1), i, page)
+    path = harness.arenas[-1].path
+    data = path.read_bytes()
+    victim = data.find(pages[2])
+    assert victim >= 0, "raw page not found in the arena file"
+    assert data.find(pages[2], victim + 1) < 0
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, bytes([data[victim + 1000] ^ 0x40]), victim + 1000)
+    finally:
+        os.close(fd)
+
+    engine2 = harness.open()
+    a2 = engine2.client("g1")
+    assert engine2.get(a2, pid, oid(1), 2) is None
+    for i in (0, 1, 3, 4):
+        assert engine2.get(a2, pid, oid(1), i) == pages[i]
+    assert engine2.stats()["pool"]["persistent_pages"] == 4
