@@ -60,6 +60,7 @@ _STABLE_SESSION: Final = 2.0  # a session that lasted this long resets the backo
 _HOST_ERROR_STRIKES: Final = 3  # re-sends of one request into host ERRORs before giving up
 _NOWAIT_QUEUE_LIMIT: Final = 4096  # queued parts above which put_nowait degrades to a flush
 _NOTICE_BUFFER: Final = 64
+_IOV_MAX: Final = 1024  # buffers per writev (Linux UIO_MAXIOV)
 
 _NO_OID: Final = wire.NO_OID
 _PAGE_SIZE: Final = wire.PAGE_SIZE
@@ -154,6 +155,15 @@ def _header(op: int, flags: int, rid: int, pool: int, oid: bytes, index: int, le
         raise ValueError(f"cannot encode {wire.Op(op).name} request: {exc}") from None
 
 
+def _unwritten(parts: list[bytes | memoryview], n: int) -> list[bytes | memoryview]:
+    """What is left of `parts` after a write that took only `n` bytes of them."""
+    for i, part in enumerate(parts):
+        if n < len(part):
+            return [memoryview(part)[n:], *parts[i + 1 :]]
+        n -= len(part)
+    return []
+
+
 def _status_name(status: int) -> str:
     try:
         return wire.Status(status).name
@@ -214,12 +224,13 @@ def _complete(req: _Req, frame: wire.Frame | None, error: ChannelError | None = 
 class _Conn:
     """State of one transport connection; a reconnect gets a fresh one."""
 
-    __slots__ = ("error", "fd", "outq", "scope", "writer")
+    __slots__ = ("error", "fd", "outq", "scope", "woken", "writer")
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self.outq: list[bytes] = []
+        self.outq: list[bytes | memoryview] = []
         self.writer: Task | None = None  # the writer task while it is parked on an empty queue
+        self.woken = 0  # callers woken by the last read: more than one means a burst follows
         self.scope = trio.CancelScope()
         self.error: BaseException | None = None
 
@@ -534,7 +545,9 @@ class Channel:
         """Write a lone request straight to the fd, saving the writer's scheduler pass.
 
         Only called while the writer is parked on an empty queue, so nothing can be
-        reordered; whatever the kernel does not take is queued for the writer.
+        reordered; whatever the kernel does not take is queued for the writer.  "Lone" also
+        means the last read woke at most one caller: when it woke many, their requests are
+        a burst, and one write for all of it beats waking the host for the first alone.
         """
         try:
             n = os.writev(conn.fd, (head, body) if body else (head,))
@@ -604,7 +617,7 @@ class Channel:
             raise ValueError(f"cannot encode {wire.Op(op).name} request: {exc}") from None
         self._rid = rid
         pending = self._pending
-        lone = not pending and conn.writer is not None
+        lone = not pending and conn.writer is not None and conn.woken <= 1
         req = pending[rid] = _Req(rid, head, body, pool, pending)
         req.task = current_task()
         if lone:
@@ -696,6 +709,7 @@ class Channel:
                 except wire.ProtocolError as err:
                     self._dispatch(err.frames)
                     raise
+                woken = 0
                 for frame in frames:  # _dispatch, inlined for the common case
                     if frame.flags & _REPLY:
                         req = pending.pop(frame.request_id, None)
@@ -706,8 +720,10 @@ class Channel:
                             if task is not None:
                                 req.task = None
                                 reschedule(task, req)  # type: ignore[arg-type]  # see _Req
+                                woken += 1
                     else:
                         self._dispatch((frame,))
+                conn.woken = woken
         except (_Broken, wire.ProtocolError, trio.ClosedResourceError, OSError) as exc:
             self._break(conn, exc)
 
@@ -743,11 +759,15 @@ class Channel:
             pass
 
     async def _writer(self, conn: _Conn) -> None:
-        """Send everything queued since the last wakeup with one write (and its tail, if the
-        kernel took only part of it)."""
+        """Send everything queued since the last wakeup with one writev (and its tail, if the
+        kernel took only part of it).
+
+        writev rather than join+write: pages go from the callers' bytes straight to the
+        kernel, and no batch-sized buffer (often above malloc's mmap threshold) is built.
+        """
         q = conn.outq
         fd = conn.fd
-        write = os.write
+        writev = os.writev
         wait_writable = trio.lowlevel.wait_writable
 
         def abort(_: Any) -> Abort:
@@ -760,13 +780,17 @@ class Channel:
                     conn.writer = current_task()
                     await wait_task_rescheduled(abort)
                     continue
-                data = memoryview(b"".join(q))
-                q.clear()
-                while data:
+                parts: list[bytes | memoryview] = q[:_IOV_MAX]
+                del q[: len(parts)]
+                while True:
                     try:
-                        data = data[write(fd, data) :]
+                        n = writev(fd, parts)
                     except BlockingIOError:
                         await wait_writable(fd)
+                        continue
+                    if n == sum(map(len, parts)):
+                        break
+                    parts = _unwritten(parts, n)
         except (trio.ClosedResourceError, OSError) as exc:
             self._break(conn, exc)
 

@@ -97,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--timeout", type=float, default=10.0, help="seconds before giving up (default: 10)"
     )
     args = parser.parse_args(argv)
-    result = trio.run(check, args.channel, args.name[: wire.MAX_NAME], args.timeout)
+    name = args.name.encode("utf-8")[: wire.MAX_NAME].decode("utf-8", errors="ignore")
+    result = trio.run(check, args.channel, name, args.timeout)
     json.dump(result, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0 if result["ok"] else 1
