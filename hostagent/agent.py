@@ -25,6 +25,7 @@ from hostagent.channel import Guest, GuestChannel
 from hostagent.config import Config
 from hostagent.control import ControlError, ControlServer, is_listening
 from hostagent.pool import ClientSettings, PoolEngine
+from hostagent.virt import Domain, LibvirtWatcher
 
 log = logging.getLogger("hostagent")
 
@@ -55,6 +56,8 @@ class HostAgent:
         self.engine: PoolEngine | None = None
         self.guests: dict[str, Guest] = {}
         self._servers: list[asyncio.AbstractServer] = []
+        self._links: dict[str, asyncio.Task[None]] = {}  # domain UUID -> its channel's connector
+        self.watcher: LibvirtWatcher | None = None
         self._control: ControlServer | None = None
         self._stop: asyncio.Event | None = None
 
@@ -139,15 +142,23 @@ class HostAgent:
             raise StartupError(str(err)) from None
         log.info("host agent ready: pid %d, %d guest(s), pool limit %d MiB, control %s",
                  os.getpid(), len(self.guests), cfg.pool.limit_mib, cfg.control.socket)
-        sampler = asyncio.create_task(self._sample(engine))
+        tasks = [asyncio.create_task(self._sample(engine))]
+        if cfg.libvirt.enabled:
+            self.watcher = LibvirtWatcher(cfg.libvirt.uri, cfg.libvirt.channel, self._domain_up,
+                                          self._domain_down,
+                                          retry_interval=cfg.libvirt.retry_interval)
+            tasks.append(asyncio.create_task(self.watcher.run()))
         try:
             assert self._stop is not None
             await self._stop.wait()
             log.info("host agent stopping")
         finally:
-            sampler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sampler
+            for task in [*tasks, *self._links.values()]:
+                task.cancel()
+            for task in [*tasks, *self._links.values()]:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            self._links.clear()
             await self._close_servers()
 
     async def _close_servers(self) -> None:
@@ -161,12 +172,69 @@ class HostAgent:
             await server.wait_closed()
         self._servers.clear()
         for guest in self.guests.values():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(guest.socket_path)
+            if guest.domain is None:  # a domain's socket is QEMU's, not ours
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(guest.socket_path)
 
     def _close_channels(self) -> None:
         for guest in self.guests.values():
             guest.close_channel("host agent shutting down")
+
+    # -- libvirt domains ---------------------------------------------------------------------------
+
+    def _domain_up(self, d: Domain) -> None:
+        """A running domain with a tmem channel: connect to its socket (QEMU listens on it)."""
+        engine = self._engine()
+        old = self.guests.get(d.uuid)
+        if old is not None:
+            old.close_channel("domain re-attached")
+            task = self._links.pop(d.uuid, None)
+            if task is not None:
+                task.cancel()
+        dflt = self.config.defaults
+        client = engine.client(d.uuid, client_settings(dflt.weight, dflt.cap_mib, dflt.quota_mib,
+                                                       dflt.compress))
+        guest = Guest(d.uuid, d.socket, client, display=d.name, domain=d.uuid)
+        self.guests[d.uuid] = guest
+        self._links[d.uuid] = asyncio.get_running_loop().create_task(self._link(guest))
+        log.info("domain %s (%s): attaching to its tmem channel %s", d.name, d.uuid, d.socket)
+
+    def _domain_down(self, uuid: str, reason: str) -> None:
+        """The domain is gone: close its channel and free every pool it had, at once."""
+        task = self._links.pop(uuid, None)
+        if task is not None:
+            task.cancel()
+        guest = self.guests.pop(uuid, None)
+        if guest is None or self.engine is None:
+            return
+        guest.close_channel(f"domain {reason}")
+        pages = guest.client.eph.pages + guest.client.pers.pages
+        self.engine.remove(guest.client)
+        log.info("domain %s (%s) %s: detached, %d pages freed", guest.display, uuid, reason, pages)
+
+    async def _link(self, guest: Guest) -> None:
+        """Keep a connection to the domain's channel socket, reconnecting after each close."""
+        loop = asyncio.get_running_loop()
+        engine = self._engine()
+        cfg = self.config.channels
+        delay = 0.1
+        warned = False
+        while True:
+            try:
+                _, channel = await loop.create_unix_connection(
+                    lambda: GuestChannel(guest, engine, max_payload=cfg.max_payload,
+                                         max_vector=cfg.max_vector), guest.socket_path)
+            except OSError as err:
+                if not warned and delay >= 1.0:
+                    log.warning("domain %s: cannot connect to %s yet: %s", guest.display,
+                                guest.socket_path, err.strerror or err)
+                    warned = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            delay, warned = 0.1, False
+            await channel.closed
+            await asyncio.sleep(0.5)  # after a close (QEMU gone, or a protocol error): not in a spin
 
     async def _sample(self, engine: PoolEngine) -> None:
         """Feed the engine the host's available memory: the pool's budget follows it."""
@@ -200,8 +268,16 @@ class HostAgent:
         """engine.stats(), plus per guest its channel and latest report, plus the agent itself."""
         result = self._engine().stats()
         now = time.monotonic()
+        guest_cpu = 0.0
         for name, g in result["guests"].items():
             guest = self.guests.get(name)
+            g["name"] = guest.display if guest is not None else name
+            g["rates"] = guest.rates if guest is not None else {}
+            g["domain"] = None
+            if guest is not None and guest.domain is not None and self.watcher is not None:
+                g["domain"] = self.watcher.domain_figures(guest.domain)
+                if g["domain"] is not None:
+                    guest_cpu += g["domain"]["cpu_seconds"]
             g["configured"] = guest is not None
             g["connected"] = guest is not None and guest.connected
             g["connected_since"] = guest.connected_since if guest is not None else None
@@ -211,15 +287,23 @@ class HostAgent:
                 if guest is not None and guest.report is not None else None
             )
         cpu = self.process.cpu_times()
+        agent_cpu = cpu.user + cpu.system
         result["agent"] = {
             "pid": os.getpid(),
             "uptime": round(now - self.started, 3),
-            "cpu_seconds": round(cpu.user + cpu.system, 3),
+            "cpu_seconds": round(agent_cpu, 3),
+            "guest_cpu_seconds": round(guest_cpu, 3),
+            # host-agent CPU as a share of the guests' (libvirt's figures), since the agent started
+            "cpu_ratio": round(agent_cpu / guest_cpu, 5) if guest_cpu else None,
+            "libvirt": None if self.watcher is None else {
+                "uri": self.watcher.uri, "connected": self.watcher.connected},
         }
         return result
 
     def set_guest(self, req: Mapping[str, Any]) -> dict[str, Any]:
         name = req.get("guest")
+        if isinstance(name, str) and name not in self.guests:  # a domain by its display name
+            name = next((g.name for g in self.guests.values() if g.display == name), name)
         if not isinstance(name, str) or name not in self.guests:
             raise ControlError(f"unknown guest {name!r}")
         allowed = {"cmd", "guest", "weight", "cap_mib", "quota_mib", "compress"}

@@ -57,11 +57,22 @@ class ChannelError(Exception):
         self.status = status
 
 
-class Guest:
-    """The host's view of one configured guest: engine client, live channel, last report."""
+# Counters in guest reports that `hostagent stats` shows per second.
+RATE_KEYS = ("pgpgin", "pgpgout", "pswpin", "pswpout", "pgmajfault")
 
-    def __init__(self, name: str, socket_path: str, client: Client) -> None:
+
+class Guest:
+    """The host's view of one guest: engine client, live channel, last report.
+
+    `name` is the engine client's name, the guest's identity: a configured name for a socket guest,
+    the domain UUID for a libvirt domain (whose name is then only `display`).
+    """
+
+    def __init__(self, name: str, socket_path: str, client: Client, *, display: str = "",
+                 domain: str | None = None) -> None:
         self.name = name
+        self.display = display or name
+        self.domain = domain  # libvirt domain UUID, if the guest is a domain
         self.socket_path = socket_path
         self.client = client
         self.channel: GuestChannel | None = None
@@ -69,6 +80,14 @@ class Guest:
         self.hello_name = ""  # the display name the guest sent in HELLO
         self.report: dict[str, int] | None = None  # latest STATS values
         self.report_time = 0.0  # time.monotonic() when `report` arrived
+        self.rates: dict[str, float] = {}  # per second, between the last two reports
+
+    def record_report(self, values: dict[str, int], now: float) -> None:
+        old, then = self.report, self.report_time
+        if old is not None and now > then:
+            self.rates = {k: round((values[k] - old[k]) / (now - then), 2)
+                          for k in RATE_KEYS if k in values and k in old and values[k] >= old[k]}
+        self.report, self.report_time = values, now
 
     @property
     def connected(self) -> bool:
@@ -102,6 +121,7 @@ class GuestChannel(asyncio.Protocol):
         # protocol error (if any) that followed them.
         self.pending: list[wire.Frame] = []
         self.pending_error: wire.ProtocolError | None = None
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -182,6 +202,8 @@ class GuestChannel(asyncio.Protocol):
         return None  # let the transport close
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
         if self.attached:
             if exc is None or isinstance(exc, (BrokenPipeError, ConnectionResetError)):
                 log.info("guest %s: disconnected", self.guest.name)  # a guest may just go away
@@ -294,8 +316,7 @@ class GuestChannel(asyncio.Protocol):
             if not f.flags & _NOREPLY:
                 self._reply(out, f)
         elif op == _STATS:
-            self.guest.report = wire.parse_stats(f.payload)
-            self.guest.report_time = time.monotonic()
+            self.guest.record_report(wire.parse_stats(f.payload), time.monotonic())
         elif op == Op.QUERY_POOL:
             flags = engine.pool_flags(client, f.pool)
             if flags is None:
@@ -308,7 +329,14 @@ class GuestChannel(asyncio.Protocol):
             engine.destroy_pool(client, f.pool)
             self._reply(out, f)
         elif op == _HELLO:
-            raise ChannelError("second HELLO on an open channel")
+            # A virtio-serial port does not tell the host when the guest's agent closes and reopens
+            # it: a new HELLO is how a restarted guest agent says so. Its ephemeral pools are gone
+            # (as after a disconnect); persistent ones wait for it, as always.
+            log.info("guest %s: new session on the open channel (guest agent restarted)",
+                     self.guest.name)
+            self.engine.disconnect(client)
+            self.welcomed = False
+            self._hello(f, out)
         else:  # the decoder admits only requests; a new opcode must be handled here
             raise ChannelError(f"opcode {_op_name(op)} is not served by this host")
 

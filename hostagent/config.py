@@ -54,6 +54,14 @@ class ChannelsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LibvirtConfig:
+    enabled: bool = True
+    uri: str = "qemu:///system"
+    channel: str = "org.tmem.0"
+    retry_interval: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
 class GuestDefaults:
     weight: int = 1
     cap_mib: int = 0
@@ -84,6 +92,7 @@ class Config:
     pool: PoolConfig = PoolConfig()
     control: ControlConfig = ControlConfig()
     channels: ChannelsConfig = ChannelsConfig()
+    libvirt: LibvirtConfig = LibvirtConfig()
     defaults: GuestDefaults = GuestDefaults()
     guests: tuple[GuestConfig, ...] = ()
     shared_pools: tuple[SharedPoolConfig, ...] = ()
@@ -119,7 +128,8 @@ def load(path: str | Path) -> Config:
 
 def parse(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Config:
     """Validate an already-decoded TOML document (a dict) into a `Config`."""
-    _no_unknown(data, {"pool", "control", "channels", "defaults", "guest", "shared_pool"}, "")
+    _no_unknown(data, {"pool", "control", "channels", "libvirt", "defaults", "guest", "shared_pool"},
+                "")
 
     def path(value: str) -> str:
         return str(base_dir / value) if base_dir is not None else value
@@ -154,6 +164,18 @@ def parse(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Config:
             f"{channels.max_vector * (_KEY_SIZE + PAGE_SIZE)} bytes, above channels.max_payload "
             f"({channels.max_payload})"
         )
+
+    dlibvirt = LibvirtConfig()
+    t = _Table(_table(data, "libvirt"), "libvirt")
+    libvirt = LibvirtConfig(
+        enabled=t.get_bool("enabled", dlibvirt.enabled),
+        uri=t.get_str("uri", dlibvirt.uri),
+        channel=t.get_str("channel", dlibvirt.channel),
+        retry_interval=t.get_float("retry_interval", dlibvirt.retry_interval, minimum=0.1),
+    )
+    t.done()
+    if not libvirt.channel:
+        raise ConfigError("libvirt.channel: must not be empty")
 
     t = _Table(_table(data, "defaults"), "defaults")
     defaults = _guest_settings(t, GuestDefaults())
@@ -207,7 +229,7 @@ def parse(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Config:
                 raise ConfigError(f"{where}.guests: {m!r} is not a configured guest")
         shared.append(SharedPoolConfig(uuid=u, guests=tuple(members)))
 
-    return Config(pool=pool, control=control, channels=channels, defaults=defaults,
+    return Config(pool=pool, control=control, channels=channels, libvirt=libvirt, defaults=defaults,
                   guests=tuple(guests), shared_pools=tuple(shared))
 
 

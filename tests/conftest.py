@@ -64,6 +64,7 @@ class HostAgentProcess:
             f'[control]\nsocket = "{self.control}"\n'
             f'[channels]\ndir = "{workdir / "guests"}"\n'
             f"max_payload = {self.max_payload}\nmax_vector = {self.max_vector}\n"
+            "[libvirt]\nenabled = false\n"  # these guests are sockets, not domains
             f"{extra_toml}\n{guest_tables}{shared}"
         )
 

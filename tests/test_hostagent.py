@@ -211,11 +211,6 @@ def _send_reply_flag(g: WireGuest) -> None:
     g.send(Frame(Op.GET, flags=Flag.REPLY, request_id=5, pool=1, oid=oid(1)))
 
 
-def _send_second_hello(g: WireGuest) -> None:
-    g.send(Frame(Op.HELLO, request_id=5,
-                 payload=wire.hello_payload(wire.Hello(1, 1, wire.PAGE_SIZE, "again"))))
-
-
 def _send_truncated_then_eof(g: WireGuest) -> None:
     frame = wire.encode(Frame(Op.PUT, request_id=5, pool=1, oid=oid(1), payload=page(1)))
     g.send_raw(frame[:100])
@@ -229,7 +224,6 @@ BAD_INPUTS: dict[str, tuple[bool, Callable[[WireGuest], None], bytes]] = {
     "unknown-opcode": (True, _send_unknown_opcode, b"opcode"),
     "unowned-pool": (True, _send_unowned_pool, b"4242"),
     "reply-flag-on-request": (True, _send_reply_flag, b"REPLY"),
-    "second-hello": (True, _send_second_hello, b"HELLO"),
     "request-before-hello": (False, _send_unowned_pool, b"HELLO"),
     "truncated-frame-then-eof": (True, _send_truncated_then_eof, b"truncated"),
 }
@@ -260,6 +254,23 @@ def test_bad_input_closes_only_that_channel(host_agent: HostAgentProcess, case: 
             assert again.query_pool(mine) is None  # its ephemeral pool went with the channel
         p = again.new_pool(0)
         assert again.put(p, 1, 0, page(2)) == Status.OK
+
+
+def test_a_new_hello_restarts_the_session(host_agent: HostAgentProcess) -> None:
+    """On a virtio-serial port the host cannot see the guest agent restart: a new HELLO says so."""
+    with connected(host_agent, "g1") as g:
+        eph = g.new_pool(0)
+        pers = g.new_pool(PERSISTENT)
+        assert g.put(eph, 1, 0, page(1)) == Status.OK
+        assert g.put(pers, 1, 0, page(2)) == Status.OK
+        g.send(Frame(Op.HELLO, request_id=77,
+                     payload=wire.hello_payload(wire.Hello(1, 1, wire.PAGE_SIZE, "again"))))
+        reply = g.recv()
+        assert (reply.opcode, reply.request_id, reply.status) == (Op.HELLO, 77, Status.OK)
+        assert g.query_pool(eph) is None  # ephemeral pools went with the old session
+        assert g.get(pers, 1, 0) == page(2)  # persistent pages stay
+        assert host_agent.alive
+    assert "new session on the open channel" in host_agent.log()
 
 
 def test_good_frames_before_a_bad_one_are_still_applied(host_agent: HostAgentProcess) -> None:
