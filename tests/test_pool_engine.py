@@ -14,7 +14,7 @@ import random
 import shutil
 import struct
 import tempfile
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -247,8 +247,10 @@ def test_unknown_pool_ids(harness: Harness) -> None:
         with pytest.raises(UnknownPool):
             engine.get(b, pa, oid(1), 0)
     engine.destroy_pool(a, pa)
-    for op in (lambda: engine.get(a, pa, oid(1), 0), lambda: engine.flush_page(a, pa, oid(1), 0),
-               lambda: engine.flush_object(a, pa, oid(1)), lambda: engine.destroy_pool(a, pa)):
+    ops: list[Callable[[], object]] = [
+        lambda: engine.get(a, pa, oid(1), 0), lambda: engine.flush_page(a, pa, oid(1), 0),
+        lambda: engine.flush_object(a, pa, oid(1)), lambda: engine.destroy_pool(a, pa)]
+    for op in ops:
         with pytest.raises(UnknownPool):
             op()
 
