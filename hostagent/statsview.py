@@ -39,14 +39,15 @@ def mib(nbytes: int | None, digits: int = 1) -> str:
 
 def format_stats(stats: Mapping[str, Any]) -> str:
     """One row per guest (ephemeral and persistent side by side) and a pool summary line."""
-    name_w = max([5, *(len(n) for n in stats.get("guests", {}))])
+    guests = {g.get("name", key): g for key, g in stats.get("guests", {}).items()}
+    name_w = max([5, *(len(n) for n in guests)])
     head1 = " " * (name_w + 6)
     head2 = f"{'GUEST':<{name_w}} {'CONN':<4} "
     for _, title in _KINDS:
         head1 += f" {' ' + title + ' ':-^{_GROUP - 1}} "
         head2 += "".join(f"{h:>{_NUM}} " for h in _OP_HEAD) + f"{'MiB/raw':>{_MIBW}} "
     lines = [head1.rstrip(), head2.rstrip()]
-    for name, g in sorted(stats.get("guests", {}).items()):
+    for name, g in sorted(guests.items()):
         row = f"{name:<{name_w}} {'yes' if g.get('connected') else 'no':<4} "
         for key, _ in _KINDS:
             c = g.get(key, {})
@@ -64,13 +65,53 @@ def format_stats(stats: Mapping[str, Any]) -> str:
         f"persistent, {mib(p.get('raw_bytes'))} MiB raw); {count(p.get('evictions'))} evictions; "
         f"host available {mib(p.get('host_available_bytes'), 0)} MiB; "
         f"agent CPU {a.get('cpu_seconds', 0):.2f} s (up {_duration(a.get('uptime', 0))})"
+        + _cpu_ratio(a)
     )
-    for name, g in sorted(stats.get("guests", {}).items()):
-        report = g.get("report")
-        if report:
-            values = " ".join(f"{k}={v}" for k, v in report.get("values", {}).items())
-            lines.append(f"report from {name} ({report.get('age', 0):.0f}s ago): {values}")
+    lines.extend(_memory_table(guests, name_w))
     return "\n".join(lines)
+
+
+_MEM_HEAD = ("ACTUAL", "MAX", "COMMIT", "AVAIL", "pgpgin/s", "pgpgout/s", "pswpin/s", "pswpout/s",
+             "CPU s", "REPORT")
+
+
+def _memory_table(guests: Mapping[str, Mapping[str, Any]], name_w: int) -> list[str]:
+    """Per guest: balloon (libvirt) and the guest's own report: MiB, KiB/s, pages/s."""
+    rows = []
+    for name, g in sorted(guests.items()):
+        dom = g.get("domain") or {}
+        report = g.get("report") or {}
+        values = report.get("values", {})
+        rates = g.get("rates", {})
+        if not dom and not values:
+            continue
+        cells = (
+            _kib_mib(dom.get("actual_kib")), _kib_mib(dom.get("max_kib")),
+            _kib_mib(values.get("committed_as_kib")), _kib_mib(values.get("memavailable_kib")),
+            *(_rate(rates.get(k)) for k in ("pgpgin", "pgpgout", "pswpin", "pswpout")),
+            "-" if dom.get("cpu_seconds") is None else f"{dom['cpu_seconds']:.1f}",
+            f"{report['age']:.0f}s ago" if report else "none",
+        )
+        rows.append(f"{name:<{name_w}} " + " ".join(f"{c:>9}" for c in cells))
+    if not rows:
+        return []
+    head = f"{'GUEST':<{name_w}} " + " ".join(f"{h:>9}" for h in _MEM_HEAD)
+    return ["", "memory (MiB) and paging, from libvirt and the guests' reports:", head, *rows]
+
+
+def _kib_mib(kib: int | None) -> str:
+    return "-" if kib is None else f"{kib / 1024:.0f}"
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def _cpu_ratio(agent: Mapping[str, Any]) -> str:
+    ratio = agent.get("cpu_ratio")
+    if ratio is None:
+        return ""
+    return f"; guests' CPU {agent.get('guest_cpu_seconds', 0):.1f} s, agent/guests {100 * ratio:.2f}%"
 
 
 def format_pools(pools: Sequence[Mapping[str, Any]]) -> str:

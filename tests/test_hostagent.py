@@ -7,6 +7,7 @@ import os
 import select
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -178,13 +179,20 @@ def test_shared_pool_needs_authorisation(host_agent: HostAgentProcess) -> None:
 
 def test_guest_stats_report_is_kept_with_its_age(host_agent: HostAgentProcess) -> None:
     with connected(host_agent) as g:
-        g.send(Frame(Op.STATS, payload=wire.stats_payload({"Committed_AS": 123456, "pswpin": 7})))
+        values = {"committed_as_kib": 1048576, "memavailable_kib": 524288, "pswpin": 7}
+        g.send(Frame(Op.STATS, payload=wire.stats_payload(values)))
         assert g.query_pool(1) is None  # a round trip: the STATS frame has been applied
         report = stats_json(host_agent)["guests"]["g1"]["report"]
-        assert report["values"] == {"Committed_AS": 123456, "pswpin": 7}
+        assert report["values"] == values
         assert 0 <= report["age"] < 10
-        table = host_agent.cli("stats")
-        assert "Committed_AS=123456" in table.stdout
+        time.sleep(0.2)
+        g.send(Frame(Op.STATS, payload=wire.stats_payload({**values, "pswpin": 107})))
+        assert g.query_pool(1) is None
+        rates = stats_json(host_agent)["guests"]["g1"]["rates"]
+        assert 0 < rates["pswpin"] <= 100 / 0.2  # 100 pages in >= 0.2 s
+        row = next(line for line in host_agent.cli("stats").stdout.splitlines()
+                   if line.startswith("g1 ") and "ago" in line)
+        assert row.split()[3:5] == ["1024", "512"]  # committed and available, MiB
 
 
 # -- bad input: only that guest's channel is closed -----------------------------------------------
