@@ -2,12 +2,12 @@
 
 One `Channel` owns one connection (a unix socket, or a virtio-serial port inside a VM) and
 multiplexes every request over it: callers in many tasks each get a request id, a single
-writer task sends everything queued since its last wakeup in one write, and a single
+writer task sends everything queued since its last wakeup in one writev, and a single
 reader task decodes replies and wakes the waiting callers by id.  No task is spawned per
 request, and a waiting caller is parked with `wait_task_rescheduled` rather than an Event,
 because the per-request overhead is what decides the round trip time of a page fault.  For
-the same reason a lone request (nothing else in flight, writer idle) is written by its
-caller directly, sparing the writer's scheduler pass.
+the same reason a lone request (nothing else in flight, writer idle, not part of a burst)
+is written by its caller directly, sparing the writer's scheduler pass.
 
 The channel survives the host agent going away.  On EOF, a transport error or an ERROR
 frame it reconnects with backoff and a fresh HELLO, then restores the pools: ephemeral pools
@@ -144,8 +144,8 @@ def _close_fd(fd: int) -> None:
 def _header(op: int, flags: int, rid: int, pool: int, oid: bytes, index: int, length: int) -> bytes:
     """Pack a request header; bad arguments are the caller's bug, so ValueError.
 
-    Header and payload are queued as separate parts so that the writer's single join is the
-    only copy a page goes through on its way out.
+    Header and payload are queued as separate parts (writev takes both), so a page is never
+    copied on its way out: the header is the only new bytes object of a put.
     """
     if len(oid) != 24:
         raise ValueError(f"oid is {len(oid)} bytes, want 24")
@@ -795,8 +795,13 @@ class Channel:
             self._break(conn, exc)
 
     def _break(self, conn: _Conn, exc: BaseException) -> None:
-        """Mark `conn` dead (first reason wins) and stop its tasks."""
-        if conn.error is None:
+        """Mark `conn` dead and stop its tasks.
+
+        The first reason wins, except that a fatal one always does: a host refusing our
+        HELLO sends its reply and an ERROR in one write, and the reader sees the ERROR
+        before the handshake sees the refusal, yet retrying could never succeed.
+        """
+        if conn.error is None or isinstance(exc, _Fatal):
             conn.error = exc
         if self._conn is conn and self._ready:
             self._ready = False

@@ -449,8 +449,11 @@ def test_notices_and_refused_handshake(tmp_path: Any) -> None:
 
     async def refuse(stream: trio.SocketStream) -> None:
         hello = await read_frame(stream, wire.FrameReader(wire.Role.HOST))
-        await stream.send_all(wire.encode(wire.reply_to(hello, Status.INVALID)))
-        await trio.sleep_forever()
+        # like the real host agent: the refusal, then ERROR and close, in one write
+        await stream.send_all(
+            wire.encode(wire.reply_to(hello, Status.INVALID))
+            + wire.encode(Frame(Op.ERROR, status=Status.INVALID, payload=b"no common version"))
+        )
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
