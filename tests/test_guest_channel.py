@@ -358,6 +358,28 @@ def test_host_error_frame_makes_the_channel_reconnect(host_agent: HostAgentProce
     run(main)
 
 
+def test_put_nowait_degrades_to_a_flush_when_the_host_lags(host_agent: HostAgentProcess) -> None:
+    """With the host not reading, the queue stops growing by pages: a put_nowait becomes a
+    flush of its key (never a silent drop, which would leave the older page to be served)."""
+
+    async def main() -> None:
+        async with open_channel(host_agent.sockets["g1"]) as ch:
+            eph = await ch.new_pool(0)
+            assert await eph.put(oid(1), 0, page(1))
+            os.kill(host_agent.pid, signal.SIGSTOP)
+            try:
+                for i in range(3000):  # far more than the socket buffers hold
+                    eph.put_nowait(oid(2), i, page(i))
+                eph.put_nowait(oid(1), 0, page(2))  # the queue is full: this one is a flush
+            finally:
+                os.kill(host_agent.pid, signal.SIGCONT)
+            assert await eph.get(oid(1), 0) is None  # not the old page(1)
+            assert await eph.get(oid(2), 0) == page(0)  # the first ones did go out
+            assert ch.generation == 1
+
+    run(main)
+
+
 def test_cancelled_request_leaves_the_channel_usable(host_agent: HostAgentProcess) -> None:
     async def main() -> None:
         async with open_channel(host_agent.sockets["g1"]) as ch:
