@@ -5,8 +5,9 @@ sockets, with the messages a page operation moves (48-byte header + 4096-byte pa
 
 baseline (what the transport alone costs; the echo server is a separate process using the
 host agent's I/O machinery, an asyncio Protocol that writes back whatever it receives; the
-client uses the Channel's machinery: a unix socket fd connected by trio, os.write/os.readv,
-trio.lowlevel.wait_writable/wait_readable when the fd is full/dry, one task):
+client uses the Channel's machinery: a unix socket fd connected by trio, os.write and
+os.readv into a 64 KiB buffer, trio.lowlevel.wait_writable/wait_readable when the fd is
+full/dry, one task):
 - `echo_rtt_us`: median time to send one 4144-byte message and read all 4144 bytes back,
   one message in flight, over `rtt_samples` samples.
 - `echo_throughput_mbs`: with `window` messages in flight (a single trio task sends W, then
@@ -14,17 +15,25 @@ trio.lowlevel.wait_writable/wait_readable when the fd is full/dry, one task):
   completed messages * 4096 / elapsed / 1e6.  Counting 4096 page bytes per message is the
   same unit as ours, although an echo moves a full message in *both* directions.
 
-ours (a real `hostagent run` subprocess: temp config, arena in a tmp dir on /dev/shm, default
-guest settings, so compression is on; client = `open_channel` + `Pool`):
+ours (a real `hostagent run` subprocess: temp config, arena in a tmp dir on /dev/shm; client
+= `open_channel` + `Pool`, on guest "bench", whose `compress = false`: the compressor is the
+engine's business and `scripts/bench pool` measures it, this measures the channel):
 - `get_rtt_us`: median `Pool.get` of one stored page on a persistent pool created WITHOUT
   EXCLUSIVE_GETS (so every get hits), one request in flight, `rtt_samples` samples.
-- `throughput_mbs`: `window` tasks, each looping `put(k)` then `get(k)` on the same kind of
-  pool over its own keys (working set `window` * 64 pages), i.e. `window` requests in flight
-  for about `seconds` seconds: (puts + gets) * 4096 / elapsed / 1e6 (page bytes moved).
+- `throughput_mbs`: `window` tasks, each looping `put(k)` then `get(k)` on that pool over
+  64 keys of its own, i.e. `window` requests in flight, for about `seconds` seconds:
+  (puts + gets) * 4096 / elapsed / 1e6 (page bytes moved).
+- `throughput_lz4_mbs` (information, no target): the same on guest "bench_lz4", which has
+  the default `compress = true`.
+- `client_cpu_us_per_op` / `host_cpu_us_per_op`: CPU time (user + system) of this process /
+  of the host agent during the `throughput_mbs` run, per put or get.  When their sum is
+  close to the wall time per op, the two processes took turns on the CPU (a ping-pong of
+  batches, or one free core on a busy machine): then that sum, not the wire, is the limit.
 
-Pages are half random bytes, half zeros (lz4 halves them: realistic work for the host's
-compressor).  The four measurements are interleaved over `rounds` rounds and each figure is
-the median of its rounds, so a burst of noise on a busy machine hits both sides alike.
+Pages are half random bytes, half zeros.  The measurements are interleaved over `rounds`
+rounds; each figure is the median of its rounds, and each ratio the median of the per-round
+ratios (each pair measured back to back), so a burst of noise on a busy machine hits both
+sides alike.  `loadavg_before` tells how busy the machine was.
 
 ratios: `get_rtt_ratio` = get_rtt_us / echo_rtt_us (target <= 3) and `throughput_ratio` =
 throughput_mbs / echo_throughput_mbs (target >= 0.25); `targets_met` holds one boolean each.
