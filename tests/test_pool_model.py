@@ -137,8 +137,12 @@ class PoolModel(RuleBasedStateMachine):
                 "g2": ClientSettings(weight=2, quota_bytes=64 << 20, compress=False),
                 "g3": ClientSettings(weight=1, quota_bytes=64 << 20),
             }
-        self.arena = Arena(self.tmp / "arena", capacity_bytes=max(self.limit, 16 << 20))
-        self.engine = PoolEngine(self.arena, limit_bytes=self.limit, shared_acl=ACL)
+        try:
+            self.arena = Arena(self.tmp / "arena", capacity_bytes=max(self.limit, 16 << 20))
+            self.engine = PoolEngine(self.arena, limit_bytes=self.limit, shared_acl=ACL)
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)  # teardown() never runs for this example
+            raise
         self.settings = specs
         for name in NAMES:
             self.engine.client(name, specs[name])
@@ -488,7 +492,7 @@ class TightPoolModel(PoolModel):
 
 
 _SETTINGS = settings(
-    max_examples=150,
+    max_examples=200,
     stateful_step_count=100,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
