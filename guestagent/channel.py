@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import select
 import socket
 import struct
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -107,14 +108,17 @@ class _Fatal(ChannelError):
 def resolve_channel_path(spec: str) -> tuple[str, str]:
     """Map a channel spec to (transport, path).
 
-    A bare name is a virtio-serial port (what QEMU's `name=` property exposes in the guest);
-    anything with a slash is a unix socket path, which is how the tests and host-side tools
-    reach the host agent.
+    A bare name is a virtio-serial port (what QEMU's `name=` property exposes in the guest,
+    via udev's /dev/virtio-ports/NAME link); a path under /dev/ is a port's device node
+    (/dev/vportNpM, for guests without that link); any other path is a unix socket, which
+    is how the tests and host-side tools reach the host agent.
     """
     if not spec:
         raise ValueError("empty channel spec")
     if "/" not in spec:
         return "virtio", f"{VIRTIO_PORTS_DIR}/{spec}"
+    if spec.startswith("/dev/"):
+        return "virtio", spec
     return "unix", spec
 
 
@@ -133,7 +137,16 @@ async def _open_transport(kind: str, path: str) -> int:
             sock.close()
             raise
         return sock.detach()
-    return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    # A port opens whether or not its host side is connected; while it is not, poll says
+    # POLLHUP (reads return 0, writes block).  Count that as "host agent not reachable", so
+    # the reconnect loop backs off instead of sending a HELLO that can go nowhere.
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    if any(events & select.POLLHUP for _, events in poller.poll(0)):
+        os.close(fd)
+        raise ConnectionRefusedError(f"the host side of {path} is not connected")
+    return fd
 
 
 def _close_fd(fd: int) -> None:
@@ -824,17 +837,19 @@ class Channel:
         try:
             while True:
                 began = trio.current_time()
+                generation = self.generation
                 try:
                     fd = await _open_transport(self.transport, self.path)
                 except OSError as exc:
                     problem: BaseException = exc
-                    if failures == 0:
-                        log.info("host agent not reachable at %s: %s", self.spec, exc)
                 else:
                     problem = await self._session(fd, on_ready)
                     if isinstance(problem, _Fatal):
                         raise problem
+                if self.generation != generation:  # it was up: an outage starts
                     log.warning("channel %s lost: %s", self.spec, problem)
+                elif failures == 0:  # later attempts of the same outage are not news
+                    log.info("host agent not reachable at %s: %s", self.spec, problem)
                 if not self._reconnect:
                     raise ChannelError(f"channel {self.spec}: {problem}")
                 if trio.current_time() - began >= _STABLE_SESSION:

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tty
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -64,6 +65,7 @@ def test_resolve_channel_path() -> None:
     assert resolve_channel_path("org.tmem.0") == ("virtio", "/dev/virtio-ports/org.tmem.0")
     assert resolve_channel_path("/run/tmem/guests/g1.sock") == ("unix", "/run/tmem/guests/g1.sock")
     assert resolve_channel_path("./g1.sock") == ("unix", "./g1.sock")
+    assert resolve_channel_path("/dev/vport1p1") == ("virtio", "/dev/vport1p1")
     with pytest.raises(ValueError):
         resolve_channel_path("")
 
@@ -494,6 +496,65 @@ def test_notices_and_refused_handshake(tmp_path: Any) -> None:
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_character_device_transport() -> None:
+    """A virtio-serial port is a character device: the same client over a raw pty, with the
+    test playing the host on the master side (the port is under /dev/, so it is "virtio")."""
+    master, slave = os.openpty()
+    tty.setraw(slave)  # no line discipline games with binary frames
+    path = os.ttyname(slave)
+    assert resolve_channel_path(path) == ("virtio", path)
+    os.set_blocking(master, False)
+    welcome = wire.welcome_payload(wire.Welcome(1, wire.PAGE_SIZE, 1 << 20, 64))
+
+    async def host() -> None:
+        reader = wire.FrameReader(wire.Role.HOST)
+        store: dict[tuple[bytes, int], bytes] = {}
+        while True:
+            try:
+                data = os.read(master, 1 << 16)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(master)
+                continue
+            out = b""
+            for f in reader.feed(data):
+                if f.opcode == Op.HELLO:
+                    out += wire.encode(wire.reply_to(f, payload=welcome))
+                elif f.opcode == Op.NEW_POOL:
+                    out += wire.encode(wire.reply_to(f, pool=7))
+                elif f.opcode == Op.PUT:
+                    store[f.oid, f.index] = f.payload
+                    out += wire.encode(wire.reply_to(f))
+                elif f.opcode == Op.GET and (f.oid, f.index) in store:
+                    out += wire.encode(wire.reply_to(f, payload=store[f.oid, f.index]))
+                else:
+                    out += wire.encode(wire.reply_to(f, Status.NOT_FOUND))
+            view = memoryview(out)
+            while view:
+                try:
+                    view = view[os.write(master, view) :]
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(master)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(host)
+            async with open_channel(path, name="pty", reconnect=False) as ch:
+                pool = await ch.new_pool(PERSISTENT)
+                assert pool.remote_id == 7
+                pages = [page(i) for i in range(8)]
+                async with trio.open_nursery() as puts:
+                    for i, p in enumerate(pages):
+                        puts.start_soon(pool.put, oid(1), i, p)
+                assert [await pool.get(oid(1), i) for i in range(9)] == [*pages, None]
+            nursery.cancel_scope.cancel()
+
+    try:
+        run(main)
+    finally:
+        os.close(master)
+        os.close(slave)
 
 
 # -- the CLI --------------------------------------------------------------------------------------
