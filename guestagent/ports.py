@@ -1,28 +1,21 @@
-"""The guest's end of the tmem virtio-serial port: find it, and wait for its host side.
+"""The guest's end of the tmem virtio-serial port: find its device node by name.
 
 QEMU exposes a `virtserialport` with `name=org.tmem.0` to the guest as a character device
 /dev/vportNpM; the name is only in sysfs (/sys/class/virtio-ports/vportNpM/name).  udev
 usually adds a /dev/virtio-ports/NAME symlink, but a guest without udev rules (or an
 initramfs) has only the device node, so the port is found through sysfs first.
 
-A port differs from a unix socket in one way that matters to a client: it exists, and opens,
-whether or not anything is connected on the host side (QEMU's chardev socket and, behind it,
-the host agent).  Linux's virtio_console driver reports the host side's state only through
-poll: while the host is not connected, poll() returns POLLHUP (with POLLIN; read() returns 0,
-as at EOF) and a write blocks, or fails with EAGAIN on a non-blocking fd, never with EPIPE.
-The state changes on a VIRTIO_CONSOLE_PORT_OPEN control message from QEMU.  So after opening
-the port the client waits here until POLLHUP clears, instead of sending a handshake that can
-go nowhere or spinning on reads that return 0.
+A port also differs from a unix socket in that it opens whether or not anything is connected
+on the host side (QEMU's chardev socket and, behind it, the host agent): Linux's
+virtio_console driver then reports POLLHUP, read() returns 0 and writes block (EAGAIN when
+non-blocking, never EPIPE).  The channel client treats that as "host agent not reachable"
+and retries; this module only finds the device.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import select
 from typing import Final
-
-import trio
 
 __all__ = [
     "BY_NAME_DIR",
@@ -30,16 +23,11 @@ __all__ = [
     "SYSFS_PORTS_DIR",
     "PortNotFound",
     "find_port",
-    "host_connected",
-    "wait_host_connected",
 ]
-
-log = logging.getLogger(__name__)
 
 DEFAULT_PORT_NAME: Final = "org.tmem.0"
 SYSFS_PORTS_DIR: Final = "/sys/class/virtio-ports"
 BY_NAME_DIR: Final = "/dev/virtio-ports"
-HOST_POLL_INTERVAL: Final = 0.2  # seconds between looks at the host side while it is away
 
 
 class PortNotFound(LookupError):
@@ -85,27 +73,3 @@ def find_port(
         f"no virtio-serial port named {name!r} (looked in {sysfs_dir}/*/name and {link}); "
         f"the VM needs a virtserialport with name={name}"
     )
-
-
-def host_connected(fd: int) -> bool:
-    """True unless poll() reports POLLHUP on the port, i.e. nothing is connected on the host."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN | select.POLLOUT)
-    return not any(revents & select.POLLHUP for _, revents in poller.poll(0))
-
-
-async def wait_host_connected(fd: int, interval: float = HOST_POLL_INTERVAL, label: str = "") -> None:
-    """Return once the host side of the port `fd` is connected; checks every `interval` s.
-
-    A sleep loop, because nothing better is on offer: while the host is away poll() returns
-    POLLHUP at once (level-triggered, and epoll reports HUP whatever was asked for), so
-    waiting for readability would spin.  Five looks a second cost nothing and bound the
-    added reconnect latency to `interval`.
-    """
-    if host_connected(fd):
-        await trio.lowlevel.checkpoint()
-        return
-    log.info("waiting for the host side of %s to connect", label or f"fd {fd}")
-    while not host_connected(fd):
-        await trio.sleep(interval)
-    log.info("host side of %s connected", label or f"fd {fd}")
