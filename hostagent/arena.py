@@ -9,8 +9,10 @@ starts with a slab header naming the class; its slots follow back to back. Every
 header that names its page (pool handle, object id, index), its encoding and length, a generation
 (a global counter: the higher one wins when two slots claim one key after a crash) and a checksum over
 key, generation and data. Slots are reused while their slab is in use (first-touch faults of fresh tmpfs
-memory cost ~10x a warm write); a slab whose last slot is freed is returned to the host with
-MADV_REMOVE (punch-hole on tmpfs) once its class has a slab's worth of free slots to spare.
+memory cost ~10x a warm write). A slab whose last slot is freed stays mapped and reusable until the
+owner trims: `trim(keep)` returns empty slabs beyond `keep` bytes to the host with MADV_REMOVE
+(punch-hole on tmpfs), `release_empty_slabs()` all of them. Punching on every emptied slab would make
+a pool that fills and drains fault every page in again.
 """
 
 from __future__ import annotations
@@ -148,6 +150,7 @@ class Arena:
         self._free: list[list[int]] = [[] for _ in SLOT_SIZES]  # freed slots, LIFO: warm ones reused
         self._bump: list[int] = [0] * len(SLOT_SIZES)  # next never-used slot in the class's newest slab
         self._bump_end: list[int] = [0] * len(SLOT_SIZES)
+        self._empty: set[int] = set()  # slabs in use with no live slot: trim() returns them
         self.slabs_in_use = 0
         self.slots_in_use = 0
         self.used_bytes = 0  # bytes of live slots (what clients are charged)
@@ -166,7 +169,11 @@ class Arena:
             if offset == 0 or offset + SLOT_SIZES[size_class] > self._bump_end[size_class]:
                 offset = self._new_slab(size_class)
             self._bump[size_class] = offset + SLOT_SIZES[size_class]
-        self._slab_live[offset >> SLAB_SHIFT] += 1
+        slab = offset >> SLAB_SHIFT
+        live = self._slab_live[slab]
+        if live == 0:
+            self._empty.discard(slab)
+        self._slab_live[slab] = live + 1
         self.slots_in_use += 1
         self.used_bytes += SLOT_SIZES[size_class]
         return offset
@@ -209,12 +216,11 @@ class Arena:
         size = SLOT_SIZES[size_class]
         self.slots_in_use -= 1
         self.used_bytes -= size
-        free = self._free[size_class]
-        free.append(offset)
+        self._free[size_class].append(offset)
         live = self._slab_live[slab] - 1
         self._slab_live[slab] = live
-        if live == 0 and len(free) >= 2 * SLOTS_PER_SLAB[size_class]:
-            self._release_slab(slab)
+        if live == 0:
+            self._empty.add(slab)
         return size
 
     def _release_slab(self, slab: int) -> None:
@@ -224,6 +230,7 @@ class Arena:
         if self._bump_end[size_class] == first + SLOTS_PER_SLAB[size_class] * SLOT_SIZES[size_class]:
             return  # still the class's bump slab: keep it, it is about to be used again
         self._free[size_class] = [o for o in self._free[size_class] if o >> SLAB_SHIFT != slab]
+        self._empty.discard(slab)
         self._mm.madvise(mmap.MADV_REMOVE, base, SLAB_SIZE)
         self._slab_class[slab] = _NO_SLAB
         self.slabs_in_use -= 1
@@ -231,13 +238,20 @@ class Arena:
 
     def release_empty_slabs(self) -> int:
         """Return every empty slab to the host (for `reserve`); returns bytes released."""
-        released = 0
-        for slab, live in enumerate(self._slab_live):
-            if live == 0 and self._slab_class[slab] != _NO_SLAB:
-                before = self.slabs_in_use
-                self._release_slab(slab)
-                released += (before - self.slabs_in_use) * SLAB_SIZE
-        return released
+        return self.trim(0)
+
+    def trim(self, keep_bytes: int) -> int:
+        """Return empty slabs to the host, keeping up to `keep_bytes` of them for reuse."""
+        before = self.slabs_in_use
+        for slab in sorted(self._empty, reverse=True):  # highest first: the file stays dense
+            if len(self._empty) * SLAB_SIZE <= keep_bytes:
+                break
+            self._release_slab(slab)
+        return (before - self.slabs_in_use) * SLAB_SIZE
+
+    @property
+    def empty_slab_bytes(self) -> int:
+        return len(self._empty) * SLAB_SIZE
 
     @property
     def resident_bytes(self) -> int:
@@ -342,7 +356,8 @@ class Arena:
         """After the caller freed what it rejected, give back slabs left empty."""
         for slab in range(self._nslabs):
             if self._slab_class[slab] != _NO_SLAB and self._slab_live[slab] == 0:
-                self._release_slab(slab)
+                self._empty.add(slab)
+        self.trim(0)
 
     def close(self) -> None:
         """Unmap and close; the file (and every page in it) stays for the next run."""

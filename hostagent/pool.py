@@ -530,6 +530,8 @@ class PoolEngine:
         self.host_available = nbytes
         self._host_budget = max(0, self.arena.used_bytes + nbytes - self.host_reserve_bytes)
         self.set_limit(self.limit_bytes)
+        # Empty slabs stay mapped for reuse up to 1/16 of the limit; the rest go back to the host.
+        self.arena.trim(self.limit_bytes // 16)
 
     def reserve(self, nbytes: int) -> int:
         """Drop ephemeral pages until the host has `nbytes` available; returns bytes given back."""
