@@ -1,0 +1,108 @@
+"""Guest agent configuration: /etc/tmem/guestagent.toml read into a frozen dataclass.
+
+Every key has a default, so a guest image works with no file at all.  Unknown keys and bad
+values are refused with a `ConfigError` naming the key, as on the host: a typo that silently
+falls back to a default is worse than a daemon that refuses to start and says why.
+The commented reference is guestagent/guestagent.example.toml.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from guestagent import wire
+from guestagent.ports import DEFAULT_PORT_NAME
+
+__all__ = ["DEFAULT_CONFIG", "DEFAULT_CONTROL_SOCKET", "Config", "ConfigError", "load", "parse"]
+
+DEFAULT_CONFIG: Final = "/etc/tmem/guestagent.toml"
+DEFAULT_CONTROL_SOCKET: Final = "/run/tmem/guestagent.sock"
+_MAX_SOCKET_PATH: Final = 107  # sockaddr_un.sun_path is 108 bytes with its NUL
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the offending key."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    port: str = DEFAULT_PORT_NAME  # virtio-serial port name, looked up in sysfs
+    channel: str = ""  # explicit channel (device or unix socket path); overrides `port`
+    name: str = ""  # display name in HELLO; empty = the hostname
+    retry_interval: float = 0.5  # channel reconnect delay, doubling up to 8x
+    report_interval: float = 2.0  # seconds between STATS reports
+    control_socket: str = DEFAULT_CONTROL_SOCKET
+
+
+# section -> key -> Config field
+_LAYOUT: Final[Mapping[str, Mapping[str, str]]] = {
+    "channel": {"port": "port", "path": "channel", "name": "name", "retry_interval": "retry_interval"},
+    "report": {"interval": "report_interval"},
+    "control": {"socket": "control_socket"},
+}
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a TOML file; a relative control socket path is relative to it."""
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: {e}") from None
+    try:
+        return parse(data, base_dir=p.resolve().parent)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+
+
+def parse(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Config:
+    """Validate a decoded TOML document into a `Config`."""
+    values: dict[str, Any] = {}
+    for section, table in data.items():
+        keys = _LAYOUT.get(section)
+        if keys is None:
+            raise ConfigError(f"{section}: unknown section (known: {', '.join(_LAYOUT)})")
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{section}: must be a table ([{section}])")
+        for key, value in table.items():
+            field = keys.get(key)
+            if field is None:
+                raise ConfigError(f"{section}.{key}: unknown setting (known: {', '.join(keys)})")
+            values[field] = _check(f"{section}.{key}", field, value)
+    sock = values.get("control_socket")
+    if sock is not None and base_dir is not None:
+        values["control_socket"] = str(base_dir / sock)
+    cfg = Config(**values)
+    if len(cfg.control_socket.encode()) > _MAX_SOCKET_PATH:
+        raise ConfigError(f"control.socket: {cfg.control_socket} is longer than a unix socket path may "
+                          f"be ({_MAX_SOCKET_PATH} bytes)")
+    return cfg
+
+
+def _check(key: str, field: str, value: Any) -> Any:
+    if field in ("retry_interval", "report_interval"):
+        # bool is an int: `interval = true` must not read as 1 second
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number of seconds, got {value!r}")
+        if not math.isfinite(value) or not 0.01 <= value <= 3600:
+            raise ConfigError(f"{key}: must be between 0.01 and 3600 seconds, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if field == "port" and (not value or "/" in value):
+        raise ConfigError(f"{key}: {value!r} is not a virtio-serial port name")
+    if field == "name" and len(value.encode()) > wire.MAX_NAME:
+        raise ConfigError(f"{key}: longer than {wire.MAX_NAME} utf-8 bytes")
+    if field == "control_socket" and not value:
+        raise ConfigError(f"{key}: must not be empty")
+    return value

@@ -1,0 +1,156 @@
+"""The guest daemon's local control socket: one JSON object per line in, one per line out.
+
+Only one process can open a virtio-serial port, and the daemon holds it; everything else in
+the guest that wants tmem, and every test run inside a VM through qemu-guest-agent, asks the
+daemon here.  A unix socket with mode 0600: only root in the guest may use the channel.
+The server is trio (it runs in the daemon's loop); the client is a blocking function for
+the CLI.  Replies are `{"ok": true, "result": ...}` or `{"ok": false, "error": "..."}`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final
+
+import trio
+
+__all__ = ["ControlError", "DaemonNotRunning", "is_listening", "request", "serve"]
+
+log = logging.getLogger(__name__)
+
+MAX_LINE: Final = 64 << 10  # requests are tiny; a longer line is refused
+MAX_REPLY: Final = 16 << 20
+
+Handler = Callable[[Mapping[str, Any]], Awaitable[Any]]
+
+
+class ControlError(Exception):
+    """A request the daemon refused, or could not be asked: the message is for the user."""
+
+
+class DaemonNotRunning(ControlError):
+    """Nothing answers on the control socket."""
+
+
+def is_listening(path: str) -> bool:
+    """True if something accepts connections on the unix socket `path`."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+        return True
+
+
+async def serve(path: str, handler: Handler, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                ) -> None:  # fmt: skip
+    """Listen on `path` (mode 0600) and answer each request line with `handler`'s result.
+
+    A stale socket file from a killed daemon is replaced, a live one is not: two daemons
+    would fight over the port.  The socket file is removed when serving stops.
+    """
+    if is_listening(path):
+        raise ControlError(f"another guest agent is already serving {path}")
+    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # born 0600: no window in which others could connect
+    try:
+        await sock.bind(path)
+    finally:
+        os.umask(old_umask)
+    sock.listen(16)
+    listener = trio.SocketListener(sock)
+    try:
+        task_status.started()
+
+        async def serve_one(stream: trio.SocketStream) -> None:
+            await _serve_connection(stream, handler)
+
+        await trio.serve_listeners(serve_one, [listener])
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        await listener.aclose()
+
+
+async def _serve_connection(stream: trio.SocketStream, handler: Handler) -> None:
+    buf = bytearray()
+    try:
+        async with stream:
+            while True:
+                while b"\n" not in buf:
+                    if len(buf) > MAX_LINE:
+                        await stream.send_all(_line({"ok": False, "error": "request too long"}))
+                        return
+                    data = await stream.receive_some(MAX_LINE)
+                    if not data:
+                        return
+                    buf += data
+                line, _, rest = bytes(buf).partition(b"\n")
+                buf = bytearray(rest)
+                await stream.send_all(_line(await _dispatch(line, handler)))
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+async def _dispatch(line: bytes, handler: Handler) -> dict[str, Any]:
+    try:
+        req = json.loads(line)
+    except ValueError:
+        return {"ok": False, "error": "request is not JSON"}
+    if not isinstance(req, dict):
+        return {"ok": False, "error": "request must be a JSON object"}
+    try:
+        return {"ok": True, "result": await handler(req)}
+    except ControlError as err:
+        return {"ok": False, "error": str(err)}
+    except Exception as err:
+        log.exception("control request %r failed", req.get("cmd"))
+        return {"ok": False, "error": f"internal error: {type(err).__name__}: {err}"}
+
+
+def request(path: str, req: Mapping[str, Any], timeout: float = 30.0) -> Any:
+    """Send one request to the daemon at `path`; its result, or ControlError with the reason."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(path)
+        except OSError as err:
+            if err.errno in (errno.ENOENT, errno.ECONNREFUSED):
+                raise DaemonNotRunning(f"guest agent not running at {path}") from None
+            raise ControlError(f"cannot reach the guest agent at {path}: {err.strerror or err}") from None
+        try:
+            s.sendall(_line(req))
+            buf = bytearray()
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(1 << 16)
+                if not chunk:
+                    raise ControlError(f"the guest agent at {path} closed the connection")
+                buf += chunk
+                if len(buf) > MAX_REPLY:
+                    raise ControlError(f"reply from the guest agent at {path} is too long")
+        except TimeoutError:
+            raise ControlError(f"no answer from the guest agent at {path} in {timeout:g} s") from None
+        except OSError as err:
+            raise ControlError(f"talking to the guest agent at {path}: {err.strerror or err}") from None
+    try:
+        reply = json.loads(buf)
+    except ValueError:
+        raise ControlError(f"the guest agent at {path} sent a reply that is not JSON") from None
+    if not isinstance(reply, dict) or "ok" not in reply:
+        raise ControlError(f"the guest agent at {path} sent a malformed reply")
+    if not reply["ok"]:
+        raise ControlError(str(reply.get("error", "request failed")))
+    return reply.get("result")
+
+
+def _line(obj: Mapping[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
