@@ -1,18 +1,20 @@
 """The `guestagent` command line.
 
-For now one subcommand, `guestagent check CHANNEL`: a self-test an operator runs inside a guest
-(or against a host agent's unix socket) to see the whole path work before trusting it with
-pages.  It prints one JSON object and exits non-zero on any failure, so scripts can use it.
-The guest daemon itself comes later.
+`guestagent run` is the daemon (systemd unit `tmem-guestagent.service`).  `status`, `stats`
+and `check` ask the running daemon over its control socket, because only one process can
+open the virtio-serial port and the daemon holds it; `check CHANNEL` instead opens a channel
+itself (a host agent's unix socket from the host, or a port no daemon holds).  Client
+commands print one JSON object; errors are one line on stderr.  Exit status: 0 on success,
+1 on failure (check failed, daemon not connected or not running), 2 on bad usage.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import logging
 import os
-import socket
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -20,42 +22,19 @@ from typing import Any
 
 import trio
 
-from guestagent import wire
-from guestagent.channel import Channel, ChannelError, open_channel, resolve_channel_path
+from guestagent import config as configmod
+from guestagent import control, wire
+from guestagent.channel import ChannelError, open_channel, resolve_channel_path
+from guestagent.daemon import CHECK_TIMEOUT, GuestAgent, default_name
+from guestagent.selftest import exercise_all
 
+PROG = "guestagent"
 CHANNEL_HELP = (
-    "a virtio-serial port name (opened as /dev/virtio-ports/NAME) or, if it contains a '/', "
-    "the path of a unix socket (a host agent's guest socket)"
+    "a virtio-serial port name (opened as /dev/virtio-ports/NAME), a port's device path "
+    "(/dev/vportNpM) or the path of a unix socket (a host agent's guest socket)"
 )
 
-
-async def _exercise(channel: Channel, flags: int) -> dict[str, Any]:
-    """put/get/flush one page in a fresh pool, then destroy it (the check leaves nothing behind).
-
-    The page is put twice because private ephemeral gets are exclusive: the first get takes
-    the page, so the flush is checked on a second copy.
-    """
-    pool = await channel.new_pool(flags)
-    oid, page = os.urandom(24), os.urandom(wire.PAGE_SIZE)
-    try:
-        stored = await pool.put(oid, 0, page)
-        start = time.perf_counter()
-        got = await pool.get(oid, 0)
-        rtt = time.perf_counter() - start
-        stored_again = await pool.put(oid, 0, page)
-        await pool.flush_page(oid, 0)
-        after_flush = await pool.get(oid, 0)
-    finally:
-        await pool.destroy()
-    result = {
-        "pool": pool.remote_id,
-        "put": stored and stored_again,
-        "get": got == page,
-        "flush": after_flush is None,
-        "get_rtt_us": round(rtt * 1e6, 1),
-    }
-    result["ok"] = bool(result["put"] and result["get"] and result["flush"])
-    return result
+log = logging.getLogger("guestagent")
 
 
 async def check(spec: str, name: str, timeout: float) -> dict[str, Any]:
@@ -66,39 +45,148 @@ async def check(spec: str, name: str, timeout: float) -> dict[str, Any]:
         result["transport"], result["path"] = resolve_channel_path(spec)
         with trio.fail_after(timeout):
             async with open_channel(spec, name=name, reconnect=False) as channel:
-                result["welcome"] = dataclasses.asdict(channel.welcome)
-                ok = True
-                for label, flags in (("ephemeral", 0), ("persistent", wire.PoolFlag.PERSISTENT)):
-                    result[label] = part = await _exercise(channel, int(flags))
-                    ok = ok and part["ok"]
-                result["ok"] = ok
+                result.update(await exercise_all(channel))
     except trio.TooSlowError:
+        result["ok"] = False
         result["error"] = f"no answer within {timeout} s"
     except (ChannelError, OSError, ValueError) as exc:
+        result["ok"] = False
         result["error"] = str(exc)
     result["elapsed_ms"] = round((time.perf_counter() - start) * 1e3, 1)
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="guestagent", description="Guest agent of tmem for QEMU/KVM.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    check_cmd = commands.add_parser(
-        "check",
+async def run_daemon(agent: GuestAgent) -> None:
+    """Run the daemon until SIGTERM or SIGINT, then stop cleanly (exit status 0)."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(agent.run)
+
+            async def stop_on_signal() -> None:
+                async for signum in signals:
+                    log.info("%s: stopping", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(stop_on_signal)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Guest agent of tmem for QEMU/KVM.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon in the foreground (logs to stderr)")
+    run.add_argument("--config", metavar="FILE",
+                     help=f"TOML configuration (default: {configmod.DEFAULT_CONFIG} if it exists)")
+    run.add_argument("--channel", metavar="PATH",
+                     help="use this channel instead of looking up the virtio-serial port: " + CHANNEL_HELP)
+    run.add_argument("--log-level", default="INFO", type=str.upper,
+                     choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: INFO")
+
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument("--control", metavar="PATH",
+                        help=f"the daemon's control socket (default: from --config, else "
+                             f"{configmod.DEFAULT_CONTROL_SOCKET})")
+    client.add_argument("--config", metavar="FILE", help="read the control socket path from here")
+
+    sub.add_parser("status", parents=[client], help="is the daemon connected; its channel and last report",
+                   description="Exit status 0 if the daemon is connected to the host agent, else 1.")
+    sub.add_parser("stats", parents=[client], help="the daemon's counters")
+
+    chk = sub.add_parser(
+        "check", parents=[client],
         help="self-test the channel to the host agent",
-        description="Connect, shake hands, put/get/flush one page in an ephemeral and in a "
-        "persistent pool, print the result as JSON; exit status 1 on any failure.",
-    )
-    check_cmd.add_argument("channel", metavar="CHANNEL", help=CHANNEL_HELP)
-    check_cmd.add_argument(
-        "--name", default=socket.gethostname(), help="display name sent in HELLO (default: hostname)"
-    )
-    check_cmd.add_argument(
-        "--timeout", type=float, default=10.0, help="seconds before giving up (default: 10)"
-    )
-    args = parser.parse_args(argv)
-    name = args.name.encode("utf-8")[: wire.MAX_NAME].decode("utf-8", errors="ignore")
-    result = trio.run(check, args.channel, name, args.timeout)
-    json.dump(result, sys.stdout, indent=2)
+        description="put/get/flush one page in an ephemeral and in a persistent pool and print "
+        "the result as JSON; exit status 1 on any failure.  Without CHANNEL the running daemon "
+        "does it through its own channel; with CHANNEL this command opens that channel itself.",
+    )  # fmt: skip
+    chk.add_argument("channel", metavar="CHANNEL", nargs="?", help=CHANNEL_HELP)
+    chk.add_argument("--name", default=default_name(),
+                     help="display name sent in HELLO, with CHANNEL (default: hostname)")
+    chk.add_argument("--timeout", type=float, default=CHECK_TIMEOUT,
+                     help=f"seconds before giving up (default: {CHECK_TIMEOUT:g})")
+    return parser
+
+
+def _load_config(path: str | None) -> configmod.Config:
+    """--config FILE must exist; without it the default file is read if there is one."""
+    if path is not None:
+        return configmod.load(path)
+    if os.path.exists(configmod.DEFAULT_CONFIG):
+        return configmod.load(configmod.DEFAULT_CONFIG)
+    return configmod.Config()
+
+
+def _control_path(args: argparse.Namespace) -> str:
+    if args.control:
+        return str(args.control)
+    return _load_config(args.config).control_socket
+
+
+def _print(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2)
     sys.stdout.write("\n")
-    return 0 if result["ok"] else 1
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG}: {message}", file=sys.stderr)
+    return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "check" and args.channel is not None:
+            name = args.name.encode("utf-8")[: wire.MAX_NAME].decode("utf-8", errors="ignore")
+            result = trio.run(check, args.channel, name, args.timeout)
+            _print(result)
+            return 0 if result["ok"] else 1
+        path = _control_path(args)
+        if args.command == "check":
+            if not 0 < args.timeout <= 600:
+                return _fail("--timeout must be in (0, 600] seconds")
+            result = control.request(path, {"cmd": "check", "timeout": args.timeout},
+                                     timeout=args.timeout + 5)
+            _print(result)
+            return 0 if result.get("ok") else 1
+        result = control.request(path, {"cmd": args.command})
+        _print(result)
+        if args.command == "status":
+            return 0 if result.get("connected") else 1
+        return 0
+    except configmod.ConfigError as exc:
+        return _fail(f"configuration: {exc}")
+    except control.ControlError as exc:
+        return _fail(str(exc))
+
+
+def _run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = _load_config(args.config)
+    agent = GuestAgent(cfg, channel=args.channel)
+    log.info("guest agent starting (pid %d, name %r)", os.getpid(), agent.name)
+    try:
+        trio.run(run_daemon, agent)
+    except (control.ControlError, OSError, BaseExceptionGroup) as exc:
+        # startup failures: another daemon serves the control socket, or it cannot be made
+        reason = _leaf(exc)
+        if isinstance(reason, control.ControlError):
+            return _fail(str(reason))
+        if isinstance(reason, OSError):
+            return _fail(f"cannot serve the control socket {cfg.control_socket}: {reason}")
+        raise
+    log.info("guest agent stopped")
+    return 0
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The lone exception inside (nested) exception groups, else `exc` itself.
+
+    trio >= 0.25 wraps whatever escapes a nursery in a group; Debian's trio 0.22 does not.
+    """
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

@@ -1,0 +1,247 @@
+"""The guest agent daemon (`guestagent run`): owns the tmem channel for the whole guest.
+
+Only one process can open a virtio-serial port, so one daemon per guest holds it (systemd
+unit `tmem-guestagent.service`) and everything else reaches tmem through the daemon's
+local control socket.  The daemon finds the port (retrying every second: it may be
+hot-plugged later), keeps the channel up across host-agent restarts (the `Channel` client
+reconnects; on a virtio port it first waits for the host side to come back), sends a STATS
+report every interval (the host's balloon controller needs Committed_AS), and logs the
+host's notices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final
+
+import trio
+
+from guestagent import control, ports, reporter, selftest, wire
+from guestagent.channel import Channel, ChannelError, open_channel, resolve_channel_path
+from guestagent.config import Config
+
+__all__ = ["GuestAgent"]
+
+log = logging.getLogger(__name__)
+
+PORT_RETRY: Final = 1.0  # seconds between looks for a missing virtio-serial port
+FATAL_RETRY: Final = 5.0  # seconds before reopening a channel that gave up (e.g. version refused)
+CHECK_TIMEOUT: Final = 10.0
+_COUNTERS: Final = (
+    "reports_sent",  # STATS reports handed to a connected channel
+    "reports_skipped",  # intervals that passed while disconnected
+    "report_errors",  # /proc could not be read
+    "notices",  # NOTICE frames from the host
+    "checks",  # self-tests run for the control socket
+    "checks_failed",
+    "control_requests",
+    "channel_failures",  # the channel gave up and was reopened
+)
+
+
+def default_name() -> str:
+    """The hostname, cut to what a HELLO may carry."""
+    return socket.gethostname().encode("utf-8")[: wire.MAX_NAME].decode("utf-8", errors="ignore")
+
+
+class GuestAgent:
+    """The daemon's state and tasks; `run` is the whole program, minus signal handling."""
+
+    def __init__(self, cfg: Config, *, channel: str | None = None, proc_dir: str = "/proc") -> None:
+        self.cfg = cfg
+        self.override = channel or cfg.channel or None
+        self.name = cfg.name or default_name()
+        self.proc_dir = proc_dir
+        self.spec: str | None = None  # the channel in use, once known
+        self.channel: Channel | None = None  # set once the first handshake is done
+        self.state = "starting"
+        self.error: str | None = None  # why we are not connected, when we know
+        self.counters = dict.fromkeys(_COUNTERS, 0)
+        self.last_report: dict[str, int] | None = None
+        self.last_report_time = 0.0
+        self.last_notice: dict[str, Any] | None = None
+        self._started = time.monotonic()
+        self._channel_open = trio.Event()
+
+    # ----------------------------------------------------------------- the program
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the control socket, then keep a channel open for as long as we run."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(control.serve, self.cfg.control_socket, self.handle)
+            log.info("control socket %s ready", self.cfg.control_socket)
+            task_status.started()
+            while True:
+                spec = await self._find_channel()
+                try:
+                    await self._serve_channel(spec)
+                except ChannelError as exc:
+                    self.counters["channel_failures"] += 1
+                    self.error = str(exc)
+                    self.state = "failed"
+                    log.error("channel %s failed: %s; reopening in %g s", spec, exc, FATAL_RETRY)
+                finally:
+                    self.channel = None
+                    self._channel_open = trio.Event()
+                await trio.sleep(FATAL_RETRY)
+
+    async def _find_channel(self) -> str:
+        """The channel to open: the override, else the virtio-serial port, waiting for it."""
+        if self.override is not None:
+            self.spec = self.override
+            return self.override
+        logged = False
+        while True:
+            try:
+                path = ports.find_port(self.cfg.port)
+            except ports.PortNotFound as exc:
+                self.state, self.error = "waiting for port", str(exc)
+                if not logged:
+                    log.warning("%s; looking again every %g s", exc, PORT_RETRY)
+                    logged = True
+                await trio.sleep(PORT_RETRY)
+                continue
+            log.info("virtio-serial port %s is %s", self.cfg.port, path)
+            self.spec = path
+            return path
+
+    async def _serve_channel(self, spec: str) -> None:
+        self.state, self.error = "connecting", None
+        log.info("opening channel %s as %r", spec, self.name)
+        async with open_channel(spec, name=self.name, reconnect=True,
+                                retry_interval=self.cfg.retry_interval) as ch:  # fmt: skip
+            self.channel = ch
+            self._channel_open.set()
+            failed: list[ChannelError] = []
+            async with trio.open_nursery() as nursery:
+
+                async def guarded(loop: Callable[[Channel], Awaitable[None]]) -> None:
+                    # the channel gave up: stop both loops and say why with a plain exception,
+                    # not an exception group (trio >= 0.25 wraps what escapes a nursery)
+                    try:
+                        await loop(ch)
+                    except ChannelError as exc:
+                        failed.append(exc)
+                        nursery.cancel_scope.cancel()
+
+                nursery.start_soon(guarded, self._report_loop)
+                nursery.start_soon(guarded, self._notice_loop)
+            if failed:
+                raise failed[0]
+
+    async def _report_loop(self, ch: Channel) -> None:
+        """A report every interval while connected; while not, one as soon as the channel is back."""
+        interval = self.cfg.report_interval
+        while True:
+            if not ch.connected:
+                self.counters["reports_skipped"] += 1
+                with trio.move_on_after(interval):
+                    await ch.wait_connected()
+                continue
+            try:
+                values = reporter.read_report(self.proc_dir)
+            except OSError as exc:
+                self.counters["report_errors"] += 1
+                log.warning("cannot read the memory report: %s", exc)
+            else:
+                await ch.report_stats(values)
+                self.counters["reports_sent"] += 1
+                self.last_report, self.last_report_time = values, time.monotonic()
+            await trio.sleep(interval)
+
+    async def _notice_loop(self, ch: Channel) -> None:
+        """Log what the host asks of us; acting on it belongs to the preswap and balloon work."""
+        async for kind, value in ch.notices:
+            self.counters["notices"] += 1
+            self.last_notice = {"kind": kind.name.lower(), "value": value, "time": time.time()}
+            if kind == wire.Notice.BALLOON_TARGET:
+                log.info("host notice: balloon target is now %d KiB", value)
+            elif kind == wire.Notice.SHRINK_PERSISTENT:
+                log.info("host notice: move %d persistent pages out of tmem", value)
+            else:  # pragma: no cover - parse_notice only yields known kinds
+                log.info("host notice: %s %d", kind.name, value)
+
+    # ----------------------------------------------------------------- the control socket
+
+    async def handle(self, req: Mapping[str, Any]) -> Any:
+        """One control request: status, stats or check."""
+        self.counters["control_requests"] += 1
+        cmd = req.get("cmd")
+        if cmd == "status":
+            await trio.lowlevel.checkpoint()
+            return self.status()
+        if cmd == "stats":
+            await trio.lowlevel.checkpoint()
+            return self.stats()
+        if cmd == "check":
+            timeout = req.get("timeout", CHECK_TIMEOUT)
+            if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 600:
+                raise control.ControlError("check: timeout must be a number of seconds in (0, 600]")
+            return await self.check(float(timeout))
+        raise control.ControlError(f"unknown command {cmd!r} (known: status, stats, check)")
+
+    def status(self) -> dict[str, Any]:
+        ch = self.channel
+        connected = ch is not None and ch.connected
+        if ch is not None:
+            self.state = "connected" if connected else "disconnected"
+        now = time.monotonic()
+        return {
+            "connected": connected,
+            "state": self.state,
+            "error": None if connected else self.error,
+            "channel": self.spec,
+            "transport": resolve_channel_path(self.spec)[0] if self.spec else None,
+            "port": None if self.override is not None else self.cfg.port,
+            "name": self.name,
+            "generation": ch.generation if ch is not None else 0,
+            "welcome": dataclasses.asdict(ch.welcome) if ch is not None else None,
+            "last_report": (
+                {"age": round(now - self.last_report_time, 3), "values": self.last_report}
+                if self.last_report is not None else None
+            ),
+            "last_notice": self.last_notice,
+            "pid": os.getpid(),
+            "uptime": round(now - self._started, 3),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        ch = self.channel
+        generation = ch.generation if ch is not None else 0
+        return {
+            **self.counters,
+            "connected": ch is not None and ch.connected,
+            "generation": generation,
+            "reconnects": max(0, generation - 1),
+            "uptime": round(time.monotonic() - self._started, 3),
+        }
+
+    async def check(self, timeout: float) -> dict[str, Any]:
+        """The self-test through the daemon's own channel (see `selftest`)."""
+        self.counters["checks"] += 1
+        result: dict[str, Any] = {"ok": False, "channel": self.spec, "via": "daemon"}
+        start = time.perf_counter()
+        try:
+            with trio.fail_after(timeout):
+                await self._channel_open.wait()
+                ch = self.channel
+                if ch is None:  # closed again while we were woken
+                    raise ChannelError("the channel is being reopened")
+                await ch.wait_connected()
+                result["generation"] = ch.generation
+                result.update(await selftest.exercise_all(ch, timings=True))
+        except trio.TooSlowError:
+            result["ok"] = False
+            result["error"] = f"not done within {timeout:g} s (connected: {self.status()['connected']})"
+        except (ChannelError, OSError, ValueError) as exc:
+            result["ok"] = False
+            result["error"] = str(exc)
+        result["elapsed_ms"] = round((time.perf_counter() - start) * 1e3, 1)
+        if not result["ok"]:
+            self.counters["checks_failed"] += 1
+        return result
