@@ -322,7 +322,7 @@ def test_host_notices_are_logged_and_counted(daemons: list[GuestDaemon]) -> None
 
 def test_config_defaults_and_full_file(tmp_path: Path) -> None:
     assert configmod.parse({}) == configmod.Config(
-        port="org.tmem.0", channel="", name="", retry_interval=0.5, report_interval=2.0,
+        port="org.tmem.0", channel="", name="", retry_interval=0.25, report_interval=2.0,
         control_socket="/run/tmem/guestagent.sock",
     )  # fmt: skip
     example = Path(configmod.__file__).with_name("guestagent.example.toml")
