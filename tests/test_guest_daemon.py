@@ -254,9 +254,10 @@ def test_daemon_started_before_the_host_agent_connects_when_it_appears(
 class NoticeHost:
     """A wire-level host on a unix socket: welcomes one guest, sends it notices, keeps its reports."""
 
-    def __init__(self, path: str, notices: list[tuple[wire.Notice, int]]) -> None:
+    def __init__(self, path: str, notices: list[tuple[wire.Notice, int]], refuse: bool = False) -> None:
         self.path = path
         self.notices = notices
+        self.refuse = refuse  # answer HELLO with INVALID, as a host of another protocol version would
         self.reports: list[dict[str, int]] = []
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(path)
@@ -280,7 +281,9 @@ class NoticeHost:
                 if not data:
                     return
                 for f in reader.feed(data):
-                    if f.opcode == Op.HELLO:
+                    if f.opcode == Op.HELLO and self.refuse:
+                        conn.sendall(wire.encode(wire.reply_to(f, Status.INVALID)))
+                    elif f.opcode == Op.HELLO:
                         out = wire.encode(wire.reply_to(f, payload=welcome))
                         for kind, value in self.notices:
                             out += wire.encode(Frame(Op.NOTICE, payload=wire.notice_payload(kind, value)))
@@ -312,6 +315,25 @@ def test_host_notices_are_logged_and_counted(daemons: list[GuestDaemon]) -> None
         assert d.stop() == 0
         log = d.log()
         assert "balloon target is now 262144 KiB" in log and "move 17 persistent pages" in log
+    finally:
+        host.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_a_host_that_refuses_us_is_reported_and_retried_not_fatal(daemons: list[GuestDaemon]) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="tmem-ga", dir="/tmp"))
+    host = NoticeHost(str(workdir / "host.sock"), [], refuse=True)
+    try:
+        d = new_daemon(daemons, workdir, host.path)
+        d.start()
+        wait_for(lambda: d.status()["state"] == "failed", 5, "the daemon to give up on this host")
+        status = d.status()
+        assert "refused the handshake" in status["error"] and not status["connected"]
+        assert d.request("stats")["channel_failures"] == 1
+        res = d.cli("check", "--timeout", "1")  # answered, not hung: the daemon is alive
+        assert res.returncode == 1 and json.loads(res.stdout)["ok"] is False
+        assert d.stop() == 0
+        assert "Traceback" not in d.log(), d.log()
     finally:
         host.close()
         shutil.rmtree(workdir, ignore_errors=True)
