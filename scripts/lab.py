@@ -1,0 +1,432 @@
+"""The KVM lab: libvirt daemons, guest domains from small descriptions, the host agent, guest-exec.
+
+`scripts/lab up [N | --config FILE]` builds (or finds cached) the guest image, starts libvirtd and
+virtlogd when no service manager runs them, starts the host agent (default control socket, so plain
+`hostagent stats` works), creates the guests as transient domains on qcow2 overlays of the one base
+image, and waits until every guest agent has shaken hands with the host agent, reporting timing.
+`scripts/lab status` shows the domains and `hostagent stats`; `scripts/lab down` destroys the lab's
+domains, stops the host agent and removes overlays and sockets (the base image stays cached).
+
+Lab descriptions are TOML (see vmconfigs/lab.toml): a [host] table for the host agent and one
+[[guest]] table per guest (name, memory_mib, max_memory_mib, vcpus, optional iotune limits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from hostagent import control, statsview  # noqa: E402
+from hostagent.domain import Guest, IOTune, detect_virt_type, domain_xml  # noqa: E402
+
+URI = "qemu:///system"
+STATE = Path(os.environ.get("TMEM_LAB_DIR", "/var/lib/tmem/lab"))
+CONTROL = "/run/tmem/control.sock"
+ARENA_DIR = "/dev/shm/tmem"
+LIBVIRT_SOCK = "/run/libvirt/libvirt-sock"
+HANDSHAKE_TIMEOUT = float(os.environ.get("TMEM_LAB_BOOT_TIMEOUT", "300"))
+
+
+class LabError(Exception):
+    """A lab step failed; the message says which and why."""
+
+
+def say(msg: str) -> None:
+    print(f"[lab] {msg}", flush=True)
+
+
+# -- the lab description ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestSpec:
+    """A guest as a lab description gives it; paths (disk, sockets, logs) are the lab's business."""
+
+    name: str
+    memory_mib: int = 512
+    max_memory_mib: int = 1024
+    vcpus: int = 1
+    read_iops_sec: int | None = None
+    write_iops_sec: int | None = None
+    read_bytes_sec: int | None = None
+    write_bytes_sec: int | None = None
+
+    def iotune(self) -> IOTune | None:
+        tune = IOTune(self.read_iops_sec, self.write_iops_sec, self.read_bytes_sec,
+                      self.write_bytes_sec)
+        return tune if tune.limits() else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Lab:
+    guests: tuple[GuestSpec, ...]
+    host: dict[str, Any]  # [host] table: hostagent settings (limit_mib, host_reserve_mib)
+
+
+def default_lab(n: int) -> Lab:
+    return Lab(tuple(GuestSpec(name=f"tmem-{i}") for i in range(1, n + 1)), {})
+
+
+def load_lab(path: Path) -> Lab:
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise LabError(f"{path}: {err}") from None
+    unknown = set(data) - {"host", "guest"}
+    if unknown:
+        raise LabError(f"{path}: unknown table(s) {', '.join(sorted(unknown))} (known: host, guest)")
+    guests = []
+    for i, g in enumerate(data.get("guest", [])):
+        try:
+            guests.append(GuestSpec(**g))
+        except TypeError as err:
+            raise LabError(f"{path}: guest[{i}]: {err}") from None
+    if not guests:
+        raise LabError(f"{path}: no [[guest]] tables")
+    host = dict(data.get("host", {}))
+    if set(host) - {"limit_mib", "host_reserve_mib"}:
+        raise LabError(f"{path}: [host] knows limit_mib and host_reserve_mib only")
+    return Lab(tuple(guests), host)
+
+
+# -- libvirt daemons ----------------------------------------------------------------------------
+
+
+def _listening(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+def ensure_daemons() -> None:
+    """Start virtlogd and libvirtd by hand when nothing else runs them (no systemd here)."""
+    if Path("/run/systemd/system").is_dir():
+        return  # a service manager owns them; socket activation starts them on demand
+    for daemon, pidfile in (("virtlogd", "/run/virtlogd.pid"), ("libvirtd", "/run/libvirtd.pid")):
+        if _running(pidfile):
+            continue
+        say(f"starting {daemon}")
+        proc = subprocess.run([daemon, "-d"], capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise LabError(f"starting {daemon} failed: {proc.stderr.strip() or proc.returncode}")
+    deadline = time.monotonic() + 20
+    while not _listening(LIBVIRT_SOCK):
+        if time.monotonic() > deadline:
+            raise LabError(f"libvirtd did not open {LIBVIRT_SOCK} within 20 s")
+        time.sleep(0.2)
+
+
+def _running(pidfile: str) -> bool:
+    try:
+        pid = int(Path(pidfile).read_text().split()[0])
+        os.kill(pid, 0)
+    except (OSError, ValueError, IndexError):
+        return False
+    return True
+
+
+def connect() -> Any:
+    import libvirt
+
+    libvirt.registerErrorHandler(lambda _c, _e: None, None)
+    try:
+        return libvirt.open(URI)
+    except libvirt.libvirtError as err:
+        raise LabError(f"cannot connect to libvirt at {URI}: {err.get_error_message()}") from None
+
+
+# -- the guest image ----------------------------------------------------------------------------
+
+
+def _build_image_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("build_image", ROOT / "scripts" / "build_image.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["build_image"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def ensure_image() -> Any:
+    """The cached guest image for the current recipe; built (by scripts/build-image) if missing."""
+    bi = _build_image_module()
+    image = bi.image_for()
+    if not image.is_built():
+        say("building the guest image (cached afterwards)")
+        proc = subprocess.run([str(ROOT / "scripts" / "build-image")], check=False)
+        if proc.returncode != 0:
+            raise LabError("scripts/build-image failed (its output above says which step)")
+        image = bi.image_for()
+    return image
+
+
+# -- the host agent -----------------------------------------------------------------------------
+
+
+def hostagent_config(lab: Lab) -> Path:
+    host = {"limit_mib": 1024, "host_reserve_mib": 1024, **lab.host}
+    cfg = STATE / "hostagent.toml"
+    cfg.write_text(
+        "# written by scripts/lab\n[pool]\n"
+        f"limit_mib = {int(host.pop('limit_mib'))}\n"
+        f"host_reserve_mib = {int(host.pop('host_reserve_mib'))}\n"
+        f'arena_dir = "{ARENA_DIR}"\n[control]\nsocket = "{CONTROL}"\n'
+        f'[libvirt]\nenabled = true\nuri = "{URI}"\nretry_interval = 1.0\n'
+    )
+    return cfg
+
+
+def start_hostagent(lab: Lab) -> None:
+    if _listening(CONTROL):
+        say(f"host agent already running at {CONTROL}")
+        return
+    cfg = hostagent_config(lab)
+    log = open(STATE / "hostagent.log", "ab")  # noqa: SIM115 (the agent keeps it)
+    proc = subprocess.Popen([sys.executable, "-m", "hostagent", "run", "--config", str(cfg)],
+                            stdout=log, stderr=log, start_new_session=True, cwd=ROOT)
+    (STATE / "hostagent.pid").write_text(str(proc.pid))
+    deadline = time.monotonic() + 20
+    while not _listening(CONTROL):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise LabError(f"the host agent did not start (log: {STATE / 'hostagent.log'})")
+        time.sleep(0.1)
+    say(f"host agent running (pid {proc.pid}, log {STATE / 'hostagent.log'})")
+
+
+def stop_hostagent() -> None:
+    pidfile = STATE / "hostagent.pid"
+    if not pidfile.exists():
+        return
+    pid = int(pidfile.read_text())
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            os.kill(pid, 0)
+            time.sleep(0.1)
+        os.kill(pid, signal.SIGKILL)
+    pidfile.unlink()
+
+
+def stats() -> dict[str, Any]:
+    result: dict[str, Any] = control.request(CONTROL, {"cmd": "stats"})
+    return result
+
+
+# -- domains ------------------------------------------------------------------------------------
+
+
+def create_guests(conn: Any, lab: Lab, image: Any) -> dict[str, float]:
+    """Overlays + transient domains; returns name -> time.monotonic() of creation."""
+    bi = sys.modules["build_image"]
+    started = {}
+    names = json.loads((STATE / "domains.json").read_text()) if (STATE / "domains.json").exists() else []
+    virt_type = detect_virt_type()
+    for sub in ("xml", "console", "sockets"):
+        (STATE / sub).mkdir(exist_ok=True)
+    for g in lab.guests:
+        overlay = bi.create_overlay(image.base, STATE / "disks" / f"{g.name}.qcow2", force=True)
+        guest = Guest(name=g.name, memory_mib=g.memory_mib, max_memory_mib=g.max_memory_mib,
+                      vcpus=g.vcpus, disk=overlay, tmem_socket=STATE / "sockets" / f"{g.name}.tmem",
+                      console_log=STATE / "console" / f"{g.name}.log", kernel=image.kernel,
+                      initrd=image.initrd, iotune=g.iotune())
+        xml = domain_xml(guest, virt_type)
+        (STATE / "xml" / f"{g.name}.xml").write_text(xml)
+        conn.createXML(xml, 0)
+        started[g.name] = time.monotonic()
+        names.append(g.name)
+        (STATE / "domains.json").write_text(json.dumps(sorted(set(names))))
+        say(f"started {g.name} ({virt_type}): {g.memory_mib} MiB (max {g.max_memory_mib}), "
+            f"{g.vcpus} vCPU")
+    return started
+
+
+def wait_handshakes(names: Sequence[str], started: dict[str, float],
+                    timeout: float = HANDSHAKE_TIMEOUT) -> dict[str, float]:
+    """Seconds from domain creation until its guest agent shook hands and reported."""
+    done: dict[str, float] = {}
+    deadline = time.monotonic() + timeout
+    while len(done) < len(names):
+        if time.monotonic() > deadline:
+            missing = sorted(set(names) - set(done))
+            raise LabError(f"no handshake from {', '.join(missing)} within {timeout:.0f} s "
+                           f"(consoles: {STATE / 'console'})")
+        for g in stats()["guests"].values():
+            name = g.get("name")
+            if name in names and name not in done and g.get("connected") and g.get("report"):
+                done[name] = time.monotonic() - started[name]
+                say(f"{name}: guest agent connected {done[name]:.1f} s after start")
+        time.sleep(0.5)
+    return done
+
+
+def lab_domains(conn: Any) -> list[Any]:
+    known = set(json.loads((STATE / "domains.json").read_text())) if (STATE / "domains.json").exists() \
+        else set()
+    return [d for d in conn.listAllDomains(0) if d.name() in known]
+
+
+def up(lab: Lab) -> dict[str, Any]:
+    t0 = time.monotonic()
+    STATE.mkdir(parents=True, exist_ok=True)
+    ensure_daemons()
+    image = ensure_image()
+    t_image = time.monotonic() - t0
+    conn = connect()
+    taken = {d.name() for d in conn.listAllDomains(0)}
+    clash = [g.name for g in lab.guests if g.name in taken]
+    if clash:
+        raise LabError(f"domains already exist: {', '.join(clash)} (scripts/lab down first)")
+    start_hostagent(lab)
+    started = create_guests(conn, lab, image)
+    handshakes = wait_handshakes([g.name for g in lab.guests], started)
+    result = {"guests": len(lab.guests), "image_seconds": round(t_image, 1),
+              "handshake_seconds": {k: round(v, 1) for k, v in handshakes.items()},
+              "total_seconds": round(time.monotonic() - t0, 1)}
+    say(f"lab up: {json.dumps(result)}")
+    return result
+
+
+def down() -> None:
+    if _listening(LIBVIRT_SOCK):
+        conn = connect()
+        for dom in lab_domains(conn):
+            say(f"destroying {dom.name()}")
+            with contextlib.suppress(Exception):
+                dom.destroy()
+            with contextlib.suppress(Exception):
+                dom.undefine()
+    stop_hostagent()
+    for sub in ("disks", "xml", "sockets", "domains.json"):
+        path = STATE / sub
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    say("lab down")
+
+
+def status() -> None:
+    if _listening(LIBVIRT_SOCK):
+        conn = connect()
+        for dom in lab_domains(conn):
+            state, _, mem, vcpus, cpu = dom.info()
+            say(f"{dom.name()}: state {state}, {mem // 1024} MiB, {vcpus} vCPU, CPU {cpu / 1e9:.1f} s")
+    else:
+        say("libvirtd is not running")
+    if _listening(CONTROL):
+        print(statsview.format_stats(stats()))
+    else:
+        say(f"no host agent at {CONTROL}")
+
+
+# -- guest-exec through qemu-guest-agent --------------------------------------------------------
+
+
+def agent_command(dom: Any, command: dict[str, Any], timeout: int = 10) -> Any:
+    import libvirt_qemu
+
+    return json.loads(libvirt_qemu.qemuAgentCommand(dom, json.dumps(command), timeout, 0))["return"]
+
+
+def wait_guest_agent(dom: Any, timeout: float = HANDSHAKE_TIMEOUT) -> None:
+    import libvirt
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            agent_command(dom, {"execute": "guest-ping"}, 5)
+            return
+        except libvirt.libvirtError:
+            if time.monotonic() > deadline:
+                raise LabError(f"{dom.name()}: qemu-guest-agent not answering") from None
+            time.sleep(1)
+
+
+def guest_spawn(dom: Any, argv: Sequence[str], stdin: bytes | None = None) -> int:
+    """Start a command in the guest; returns its pid for `guest_wait`."""
+    args: dict[str, Any] = {"path": argv[0], "arg": list(argv[1:]), "capture-output": True}
+    if stdin is not None:
+        args["input-data"] = base64.b64encode(stdin).decode()
+    pid: int = agent_command(dom, {"execute": "guest-exec", "arguments": args})["pid"]
+    return pid
+
+
+def guest_exec(dom: Any, argv: Sequence[str], timeout: float = 120,
+               stdin: bytes | None = None) -> tuple[int, str, str]:
+    """Run a command in the guest; (exit code, stdout, stderr)."""
+    return guest_wait(dom, guest_spawn(dom, argv, stdin), timeout, " ".join(argv))
+
+
+def guest_wait(dom: Any, pid: int, timeout: float = 120, what: str = "") -> tuple[int, str, str]:
+    """Wait for a command started by `guest_spawn`; (exit code, stdout, stderr)."""
+    argv = [what or f"pid {pid}"]
+    deadline = time.monotonic() + timeout
+    while True:
+        st = agent_command(dom, {"execute": "guest-exec-status", "arguments": {"pid": pid}})
+        if st.get("exited"):
+            out = base64.b64decode(st.get("out-data", "")).decode(errors="replace")
+            err = base64.b64decode(st.get("err-data", "")).decode(errors="replace")
+            return int(st.get("exitcode", -1)), out, err
+        if time.monotonic() > deadline:
+            raise LabError(f"{dom.name()}: {' '.join(argv)} did not finish within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def lab_running(lab: Lab) -> Iterator[dict[str, Any]]:
+    """`up` then `down`, for tests and benchmarks."""
+    try:
+        yield up(lab)
+    finally:
+        down()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="scripts/lab", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p_up = sub.add_parser("up", help="start the lab and wait for every guest's handshake")
+    p_up.add_argument("n", nargs="?", type=int, help="number of guests (default 2)")
+    p_up.add_argument("--config", type=Path, help="a lab description (see vmconfigs/lab.toml)")
+    sub.add_parser("status", help="the lab's domains and hostagent stats")
+    sub.add_parser("down", help="destroy the lab's domains, stop the host agent, clean up")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "up":
+            if args.config and args.n:
+                ap.error("give N or --config, not both")
+            lab = load_lab(args.config) if args.config else default_lab(args.n or 2)
+            up(lab)
+        elif args.cmd == "down":
+            down()
+        else:
+            status()
+    except LabError as err:
+        print(f"[lab] error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
