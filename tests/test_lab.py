@@ -154,6 +154,20 @@ def test_sigkill_of_the_host_agent_keeps_persistent_pages(running: dict[str, Any
     check("tmem-2")
 
 
+def test_the_host_agent_survives_a_libvirtd_restart(running: dict[str, Any]) -> None:
+    pid = int(Path("/run/libvirtd.pid").read_text().split()[0])
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), 30, "libvirtd to exit")
+    wait_for(lambda: not lab.stats()["agent"]["libvirt"]["connected"], 30,
+             "the host agent to notice libvirtd is gone")
+    check("tmem-1")  # channels are sockets to QEMU: they keep working without libvirtd
+    lab.ensure_daemons()
+    wait_for(lambda: lab.stats()["agent"]["libvirt"]["connected"], 30,
+             "the host agent to reconnect to libvirtd")
+    assert connected("tmem-1") and connected("tmem-2")
+    assert guest("tmem-1")["domain"] is not None  # figures from libvirt again
+
+
 def test_a_guest_destroyed_mid_request_frees_its_pools_within_2s(running: dict[str, Any]) -> None:
     spawn_hold("tmem-2", 10**9)  # puts persistent pages until the domain dies
     wait_for(lambda: guest("tmem-2")["persistent"]["pages"] > 50, 120, "tmem-2 to hold pages")
