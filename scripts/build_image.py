@@ -424,13 +424,16 @@ class Build:
         wrapper.chmod(0o755)
         (r / "etc/systemd/system" / UNIT_NAME).write_text(UNIT)
         self.chroot("systemctl", "enable", UNIT_NAME)
-        # qemu-guest-agent is started by udev when its port (org.qemu.guest_agent.0) appears; enable
-        # the unit too if it has an [Install] section, so it is started whichever way works.
+        # qemu-guest-agent is started by udev when its port (org.qemu.guest_agent.0) appears (its
+        # unit is bound to the port's device); should a later package give the unit a WantedBy=,
+        # enable it too.
         qga_unit = r / "lib/systemd/system/qemu-guest-agent.service"
-        if "[Install]" in qga_unit.read_text():
+        if "WantedBy=" in qga_unit.read_text():
             self.chroot("systemctl", "enable", "qemu-guest-agent.service")
         else:
-            self.note("qemu-guest-agent.service has no [Install] section: started by its udev rule")
+            self.note("qemu-guest-agent.service: static, started by udev (60-qemu-guest-agent.rules)")
+        if not (r / "lib/udev/rules.d/60-qemu-guest-agent.rules").is_file():
+            raise RuntimeError("qemu-guest-agent's udev rule is missing: nothing would start it")
         self.chroot("systemctl", "mask", *MASKED_UNITS)
 
         # The swap file: mkswap'd here; mke2fs -d stores its zero blocks as holes, which swapon
