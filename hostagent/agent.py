@@ -113,11 +113,13 @@ class HostAgent:
             engine.configure(g.name, weight=g.weight, cap_bytes=settings.cap_bytes,
                              quota_bytes=settings.quota_bytes, compress=g.compress)
             self.guests[g.name] = Guest(g.name, g.socket, client)
-        if not cfg.guests:
-            log.warning("no guests configured: nothing will connect (see hostagent.example.toml)")
+        if not cfg.guests and not cfg.libvirt.enabled:
+            log.warning("no guests configured and libvirt disabled: nothing will connect "
+                        "(see hostagent.example.toml)")
         for c in engine.clients():
             if c.name not in self.guests:
-                log.warning("guest %s has pools in the arena but is not configured", c.name)
+                log.info("guest %s has persistent pools from a previous run; they wait for it",
+                         c.name)
         self.engine = engine
         return engine
 

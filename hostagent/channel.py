@@ -91,7 +91,8 @@ class Guest:
 
     @property
     def connected(self) -> bool:
-        return self.channel is not None
+        """A session is up: the channel is open and the guest's agent has shaken hands."""
+        return self.channel is not None and self.channel.welcomed
 
     def send_notice(self, kind: wire.Notice, value: int) -> bool:
         """Send a NOTICE if the guest is connected; False if it is not (nothing is queued)."""

@@ -11,11 +11,11 @@ import sys
 
 sys.path.insert(0, "/opt/tmem")
 
-import trio  # noqa: E402
+import trio
 
-from guestagent import wire  # noqa: E402
-from guestagent.channel import open_channel  # noqa: E402
-from guestagent.ports import find_port  # noqa: E402
+from guestagent import wire
+from guestagent.channel import open_channel
+from guestagent.ports import find_port
 
 
 def page(i: int) -> bytes:
