@@ -309,6 +309,8 @@ def up(lab: Lab) -> dict[str, Any]:
 
 
 def down() -> None:
+    if (STATE / "domains.json").exists():
+        ensure_daemons()  # the lab's domains may outlive libvirtd: it must be up to destroy them
     if _listening(LIBVIRT_SOCK):
         conn = connect()
         for dom in lab_domains(conn):
