@@ -282,9 +282,18 @@ def wait_handshakes(names: Sequence[str], started: dict[str, float],
 
 
 def lab_domains(conn: Any) -> list[Any]:
+    """The lab's domains: recorded by `up`, or any whose disk lives in the lab's state dir."""
     known = set(json.loads((STATE / "domains.json").read_text())) if (STATE / "domains.json").exists() \
         else set()
-    return [d for d in conn.listAllDomains(0) if d.name() in known]
+    found = []
+    for dom in conn.listAllDomains(0):
+        try:
+            ours = dom.name() in known or f"{STATE}/disks/" in dom.XMLDesc(0)
+        except Exception:  # it went away while we looked
+            continue
+        if ours:
+            found.append(dom)
+    return found
 
 
 def up(lab: Lab) -> dict[str, Any]:
@@ -309,7 +318,7 @@ def up(lab: Lab) -> dict[str, Any]:
 
 
 def down() -> None:
-    if (STATE / "domains.json").exists():
+    if (STATE / "disks").exists():
         ensure_daemons()  # the lab's domains may outlive libvirtd: it must be up to destroy them
     if _listening(LIBVIRT_SOCK):
         conn = connect()
