@@ -120,8 +120,30 @@ def _listening(path: str) -> bool:
     return True
 
 
+def fix_kvm_device(path: str = "/dev/kvm") -> None:
+    """Give /dev/kvm to group kvm, mode 0660, as Debian's udev rule does.
+
+    Without udev (containers) it stays 0600 root. QEMU's capability probe (run as root) then finds
+    KVM while libvirt's check as the QEMU user does not, so libvirt calls its cached capabilities
+    stale and re-probes QEMU (a minute or more under emulation) before every domain start.
+    """
+    import grp
+    import stat
+
+    try:
+        st = os.stat(path)
+        kvm_gid = grp.getgrnam("kvm").gr_gid
+    except (FileNotFoundError, KeyError):
+        return
+    if st.st_gid != kvm_gid or stat.S_IMODE(st.st_mode) & 0o060 != 0o060:
+        say(f"{path}: group kvm, mode 0660 (as udev would set it)")
+        os.chown(path, -1, kvm_gid)
+        os.chmod(path, stat.S_IMODE(st.st_mode) | 0o060)
+
+
 def ensure_daemons() -> None:
     """Start virtlogd and libvirtd by hand when nothing else runs them (no systemd here)."""
+    fix_kvm_device()
     if Path("/run/systemd/system").is_dir():
         return  # a service manager owns them; socket activation starts them on demand
     for daemon, pidfile in (("virtlogd", "/run/virtlogd.pid"), ("libvirtd", "/run/libvirtd.pid")):
