@@ -23,6 +23,8 @@ engine's business and `scripts/bench pool` measures it, this measures the channe
 - `throughput_mbs`: `window` tasks, each looping `put(k)` then `get(k)` on that pool over
   64 keys of its own, i.e. `window` requests in flight, for about `seconds` seconds:
   (puts + gets) * 4096 / elapsed / 1e6 (page bytes moved).
+- `throughput_vector16_mbs` (information): the same page bytes moved with PUT_VEC/GET_VEC of 16
+  pages per request, `window`/16 requests in flight (see `vector_throughput`).
 - `throughput_lz4_mbs` (information, no target): the same on guest "bench_lz4", which has
   the default `compress = true`.
 - `client_cpu_us_per_op` / `host_cpu_us_per_op`: CPU time (user + system) of this process /
@@ -208,6 +210,37 @@ async def channel_throughput(pool: Pool, window: int, seconds: float) -> tuple[f
     return ops * wire.PAGE_SIZE / elapsed / 1e6, ops
 
 
+async def vector_throughput(pool: Pool, window: int, seconds: float,
+                            batch: int = 16) -> tuple[float, int]:
+    """(MB/s of page bytes moved, pages moved) with PUT_VEC/GET_VEC of `batch` pages.
+
+    The same page bytes as `channel_throughput`, moved by the protocol's vectored requests (what a
+    guest evicting or faulting a run of pages sends): `window` / `batch` tasks, so about the same
+    number of page bytes are in flight.
+    """
+    pages = [_page(i) for i in range(batch)]
+    moved = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker(task: int) -> None:
+        nonlocal moved
+        oid = (1000 + task).to_bytes(4) + bytes(20)
+        keys = [(oid, k) for k in range(batch)]
+        while time.perf_counter() < deadline:
+            stored = await pool.put_many([(o, k, pages[k]) for o, k in keys])
+            got = await pool.get_many(keys)
+            if any(ok and g != pages[k] for (_, k), ok, g in zip(keys, stored, got, strict=True)):
+                raise RuntimeError("get_many returned a wrong page")
+            moved += 2 * batch
+
+    t0 = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for task in range(max(1, window // batch)):
+            nursery.start_soon(worker, task)
+    elapsed = time.perf_counter() - t0
+    return moved * wire.PAGE_SIZE / elapsed / 1e6, moved
+
+
 # ------------------------------------------------------------------------- processes
 
 
@@ -268,7 +301,8 @@ compress = true
 async def measure(args: argparse.Namespace, echo_path: str, guests: dict[str, str]) -> dict[str, object]:
     host = psutil.Process(args.host_pid)
     rounds: dict[str, list[float]] = {
-        k: [] for k in ("echo_rtt", "get_rtt", "echo_tp", "tp", "tp_lz4", "client_cpu", "host_cpu")
+        k: [] for k in ("echo_rtt", "get_rtt", "echo_tp", "tp", "tp_lz4", "tp_vec", "client_cpu",
+                        "host_cpu")
     }
     async with (
         open_channel(guests["bench"], name="bench", reconnect=False) as channel,
@@ -286,6 +320,7 @@ async def measure(args: argparse.Namespace, echo_path: str, guests: dict[str, st
             rounds["client_cpu"].append((time.process_time() - client0) / ops * 1e6)
             rounds["host_cpu"].append((sum(host.cpu_times()[:2]) - host0) / ops * 1e6)
             rounds["tp_lz4"].append((await channel_throughput(pool_lz4, args.window, args.seconds))[0])
+            rounds["tp_vec"].append((await vector_throughput(pool, args.window, args.seconds))[0])
         await pool.destroy()
         await pool_lz4.destroy()
     med = {k: statistics.median(v) for k, v in rounds.items()}
@@ -297,6 +332,7 @@ async def measure(args: argparse.Namespace, echo_path: str, guests: dict[str, st
     rtt_ratio = ratio("get_rtt", "echo_rtt")
     tp_ratio = ratio("tp", "echo_tp")
     tp_lz4_ratio = ratio("tp_lz4", "echo_tp")
+    tp_vec_ratio = ratio("tp_vec", "echo_tp")
     return {
         "echo_rtt_us": round(med["echo_rtt"], 1),
         "get_rtt_us": round(med["get_rtt"], 1),
@@ -311,6 +347,8 @@ async def measure(args: argparse.Namespace, echo_path: str, guests: dict[str, st
         },
         "throughput_lz4_mbs": round(med["tp_lz4"], 1),
         "throughput_lz4_ratio": round(tp_lz4_ratio, 3),
+        "throughput_vector16_mbs": round(med["tp_vec"], 1),
+        "throughput_vector16_ratio": round(tp_vec_ratio, 3),
         "client_cpu_us_per_op": round(med["client_cpu"], 2),
         "host_cpu_us_per_op": round(med["host_cpu"], 2),
         "rounds": {k: [round(x, 1) for x in v] for k, v in rounds.items()},
