@@ -1,0 +1,706 @@
+"""precache: a FUSE passthrough file system whose clean file pages have tmem as a victim cache.
+
+`mount(backing, mountpoint, channel_spec, cache_pages)` serves BACKING at MOUNTPOINT with pyfuse3.
+One private ephemeral tmem pool per mount; the object id of a file is its identity on the backing
+file system (st_dev, st_ino and the inode generation, 3 x 64 bits), the index is its page number.
+
+The contract (DESIGN.md section 6):
+
+- The shim owns the guest-side cache of the mount's file pages (`PageCache`, at most
+  `cache_pages`).  Files are opened with FUSE `direct_io`, so the kernel page cache does not hold
+  them and every read reaches the shim: reads are served from its cache; on a miss it tries an
+  exclusive get from tmem, then reads the backing file.  Every page it evicts (all its pages are
+  clean) is put to tmem, fire-and-forget.
+- write, truncate (setattr or O_TRUNC at open), unlink and rename-over drop the object's cached
+  pages and flush the object from tmem.  A file whose mtime, ctime or size differ at open from what
+  the shim last saw was changed behind the mount: its object is flushed as well.
+- Invalidation happens after the backing write completed, and a read only caches what it fetched
+  if no invalidation happened meanwhile (the object's epoch), so no stale page survives a write.
+  Puts and flushes travel on one channel in order, so a put queued before a flush is flushed.
+- The trio thread never waits for the disk (every backing syscall runs in `trio.to_thread`) nor for
+  long on the channel (a get has a deadline and counts as a miss).  Without a host agent (not yet
+  connected, or gone) gets miss and puts are dropped: reads come from the backing file.
+
+Counters (`Counters`) are readable as JSON from the mount root's extended attribute
+`user.tmem.precache.stats`.  Writing the attribute `user.tmem.precache.evict` evicts the whole
+shim cache to tmem, `user.tmem.precache.discard` forgets it without puts (test and benchmark hooks).
+
+Works with pyfuse3 3.2 (Debian bookworm) to 3.4 and trio 0.22 onwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import fcntl
+import functools
+import json
+import logging
+import os
+import signal
+import stat
+import struct
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final, TypeVar, cast
+
+import pyfuse3
+import trio
+
+from guestagent import wire
+from guestagent.channel import ChannelError, Pool, open_channel
+from guestagent.pagecache import PageCache
+
+__all__ = ["Counters", "PrecacheFS", "main", "mount", "serve"]
+
+log = logging.getLogger(__name__)
+
+PAGE: Final = wire.PAGE_SIZE
+STATS_XATTR: Final = b"user.tmem.precache.stats"
+EVICT_XATTR: Final = b"user.tmem.precache.evict"
+DISCARD_XATTR: Final = b"user.tmem.precache.discard"
+GET_TIMEOUT: Final = 1.0  # a host that does not answer a get within this is a miss
+ATTR_TIMEOUT: Final = 1.0
+_FS_IOC_GETVERSION: Final = 0x80087601  # _IOR('v', 1, long)
+_ROOT: Final = int(pyfuse3.ROOT_INODE)
+
+T = TypeVar("T")
+
+
+@dataclass
+class Counters:
+    """What the shim did; `gets` counts pages asked of tmem (each a hit or a miss)."""
+
+    reads: int = 0
+    cache_hits: int = 0  # pages served from the shim's own cache
+    gets: int = 0
+    hits: int = 0
+    misses: int = 0
+    puts: int = 0
+    flushes: int = 0
+    evictions: int = 0
+    bytes_from_tmem: int = 0
+    bytes_from_disk: int = 0
+    cached_pages: int = 0
+    connected: bool = False
+
+
+@dataclass
+class _Object:
+    """A backing file as the shim knows it; survives the kernel forgetting the inode."""
+
+    oid: bytes
+    seen: tuple[int, int, int] | None = None  # (mtime_ns, ctime_ns, size) at the last sync
+    size: int = 0
+    epoch: int = 0  # bumped by every invalidation: a read fetched under an older one is stale
+    in_tmem: bool = False  # pages may have been put since the last flush
+    opens: int = 0
+
+
+@dataclass
+class _Node:
+    """A FUSE inode: a (st_dev, st_ino) of the backing tree and the paths it was found under."""
+
+    key: tuple[int, int]
+    paths: set[str] = field(default_factory=set)
+    lookups: int = 0
+
+
+def _seen(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+
+
+def _generation(fd: int) -> int:
+    """The inode generation (ext4, xfs, btrfs); 0 where the file system has none."""
+    buf = bytearray(8)
+    try:
+        fcntl.ioctl(fd, _FS_IOC_GETVERSION, buf)
+    except OSError:
+        return 0
+    return int.from_bytes(buf, "little")
+
+
+async def _io(fn: Callable[..., T], *args: Any) -> T:
+    """Run a blocking backing-file call in a worker thread; OSError becomes the FUSE error."""
+    try:
+        return await trio.to_thread.run_sync(fn, *args)
+    except OSError as exc:
+        raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+
+
+def _pread_all(fd: int, size: int, offset: int) -> bytes:
+    chunks = []
+    while size > 0:
+        data = os.pread(fd, size, offset)
+        if not data:
+            break
+        chunks.append(data)
+        size -= len(data)
+        offset += len(data)
+    return b"".join(chunks)
+
+
+def _pwrite_stat(fd: int, buf: bytes, offset: int) -> tuple[int, os.stat_result]:
+    n = os.pwrite(fd, buf, offset)
+    return n, os.fstat(fd)
+
+
+def _open_stat(path: str, flags: int, mode: int) -> tuple[int, os.stat_result, int]:
+    fd = os.open(path, flags, mode)
+    try:
+        st = os.fstat(fd)
+        return fd, st, _generation(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _lstat_or_none(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+class PrecacheFS(pyfuse3.Operations):
+    """The passthrough operations with the victim cache; see the module docstring."""
+
+    enable_writeback_cache = False
+
+    def __init__(self, backing: str, cache_pages: int, *, direct_io: bool = True) -> None:
+        super().__init__()
+        self.backing = os.path.abspath(backing)
+        self.direct_io = direct_io
+        self.pool: Pool | None = None
+        self.counters = Counters()
+        self.cache = PageCache(cache_pages, self._evicted)
+        root = os.lstat(self.backing)
+        rkey = (root.st_dev, root.st_ino)
+        self._nodes: dict[int, _Node] = {_ROOT: _Node(rkey, {self.backing}, 1)}
+        self._by_key: dict[tuple[int, int], int] = {rkey: _ROOT}
+        self._next_ino = _ROOT + 1
+        self._objects: dict[tuple[int, int], _Object] = {}
+        self._files: dict[int, tuple[int, _Object]] = {}  # fh (= backing fd) -> (fd, object)
+        self._dirs: dict[int, tuple[int, list[tuple[bytes, os.stat_result]] | None]] = {}
+        self._next_dh = 1
+
+    # ----------------------------------------------------------------- tmem
+
+    def _evicted(self, oid: bytes, index: int, page: bytes) -> None:
+        pool = self.pool
+        self.counters.evictions += 1
+        if pool is None:
+            return
+        try:
+            pool.put_nowait(oid, index, page if len(page) == PAGE else page.ljust(PAGE, b"\0"))
+        except ChannelError:
+            return
+        self.counters.puts += 1
+        obj = self._objects.get((int.from_bytes(oid[:8], "little"), int.from_bytes(oid[8:16], "little")))
+        if obj is not None:
+            obj.in_tmem = True
+
+    async def _invalidate(self, obj: _Object) -> None:
+        """Drop the object's pages here and in tmem; reads in flight will not cache theirs."""
+        obj.epoch += 1
+        self.cache.drop_object(obj.oid)
+        if not obj.in_tmem:
+            return
+        obj.in_tmem = False
+        pool = self.pool
+        if pool is None:
+            return
+        self.counters.flushes += 1
+        try:
+            await pool.flush_object(obj.oid)  # queued at once: ordered after any earlier put
+        except ChannelError as exc:
+            log.debug("flush of an object failed: %s", exc)
+
+    async def _tmem_get(self, oid: bytes, indexes: Sequence[int]) -> list[bytes | None]:
+        pool = self.pool
+        if pool is None or not indexes:
+            return [None] * len(indexes)
+        self.counters.gets += len(indexes)
+        got: list[bytes | None] = [None] * len(indexes)
+        try:
+            with trio.move_on_after(GET_TIMEOUT):
+                if len(indexes) == 1:
+                    got = [await pool.get(oid, indexes[0])]
+                else:
+                    got = await pool.get_many([(oid, i) for i in indexes])
+        except ChannelError as exc:
+            log.debug("tmem get failed: %s", exc)
+        return got
+
+    # ----------------------------------------------------------------- inodes and paths
+
+    def _path(self, ino: int) -> str:
+        node = self._nodes.get(ino)
+        if node is None or not node.paths:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return next(iter(node.paths))
+
+    def _child(self, parent: int, name: bytes | str) -> str:
+        return os.path.join(self._path(parent), os.fsdecode(name))
+
+    def _object(self, st: os.stat_result, generation: int | None = None) -> _Object:
+        key = (st.st_dev, st.st_ino)
+        obj = self._objects.get(key)
+        if obj is None or (generation is not None and obj.oid[16:] != generation.to_bytes(8, "little")):
+            oid = struct.pack("<QQQ", st.st_dev, st.st_ino, generation or 0)
+            if obj is not None:  # same inode number, new file: nothing of the old one may be served
+                self.cache.drop_object(obj.oid)
+            obj = _Object(oid, None, st.st_size)
+            self._objects[key] = obj
+        return obj
+
+    def _remember(self, path: str, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        """Count a lookup of `path` (whose lstat is `st`) and return its entry."""
+        key = (st.st_dev, st.st_ino)
+        ino = self._by_key.get(key)
+        if ino is None:
+            ino = self._next_ino
+            self._next_ino += 1
+            self._nodes[ino] = _Node(key)
+            self._by_key[key] = ino
+        node = self._nodes[ino]
+        node.paths.add(path)
+        node.lookups += 1
+        return self._entry(ino, st)
+
+    def _entry(self, ino: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        for attr in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size",
+                     "st_atime_ns", "st_mtime_ns", "st_ctime_ns"):  # fmt: skip
+            setattr(entry, attr, getattr(st, attr))
+        entry.st_blksize = PAGE
+        entry.st_blocks = st.st_blocks
+        entry.st_ino = cast("pyfuse3.InodeT", ino)
+        entry.generation = 0
+        entry.entry_timeout = ATTR_TIMEOUT
+        entry.attr_timeout = ATTR_TIMEOUT
+        return entry
+
+    def _sync(self, st: os.stat_result) -> None:
+        """The shim itself changed the file's metadata: what it saw is the new state."""
+        obj = self._objects.get((st.st_dev, st.st_ino))
+        if obj is not None:
+            obj.seen = _seen(st)
+            obj.size = st.st_size
+
+    def _rename_paths(self, old: str, new: str) -> None:
+        prefix = old + "/"
+        for node in self._nodes.values():
+            if old in node.paths or any(p.startswith(prefix) for p in node.paths):
+                node.paths = {new + p[len(old):] if p == old or p.startswith(prefix) else p
+                              for p in node.paths}  # fmt: skip
+
+    def _drop_path(self, path: str) -> None:
+        for node in self._nodes.values():
+            node.paths.discard(path)
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        path = self._child(parent_inode, name)
+        st = await _io(os.lstat, path)
+        return self._remember(path, st)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, n in inode_list:
+            node = self._nodes.get(ino)
+            if node is None or ino == _ROOT:
+                continue
+            node.lookups -= n
+            if node.lookups <= 0:
+                del self._nodes[ino]
+                self._by_key.pop(node.key, None)
+                obj = self._objects.get(node.key)
+                if obj is not None and not obj.opens and not obj.in_tmem and not self.cache.holds(obj.oid):
+                    del self._objects[node.key]
+
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        st = await _io(os.lstat, self._path(inode))
+        return self._entry(inode, st)
+
+    async def setattr(
+        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+        fh: int | None, ctx: Any,
+    ) -> pyfuse3.EntryAttributes:  # fmt: skip
+        path = self._path(inode)
+        target: int | str = self._files[fh][0] if fh is not None and fh in self._files else path
+
+        def apply() -> os.stat_result:
+            if fields.update_size:
+                os.truncate(target, attr.st_size)
+            if fields.update_mode:
+                os.chmod(path, stat.S_IMODE(attr.st_mode), follow_symlinks=False)
+            if fields.update_uid or fields.update_gid:
+                os.chown(path, attr.st_uid if fields.update_uid else -1,
+                         attr.st_gid if fields.update_gid else -1, follow_symlinks=False)  # fmt: skip
+            if fields.update_atime or fields.update_mtime:
+                cur = os.lstat(path)
+                os.utime(path, ns=(attr.st_atime_ns if fields.update_atime else cur.st_atime_ns,
+                                   attr.st_mtime_ns if fields.update_mtime else cur.st_mtime_ns),
+                         follow_symlinks=False)  # fmt: skip
+            return os.lstat(path)
+
+        st = await _io(apply)
+        if fields.update_size:
+            obj = self._objects.get((st.st_dev, st.st_ino))
+            if obj is not None:
+                await self._invalidate(obj)
+        self._sync(st)
+        return self._entry(inode, st)
+
+    async def readlink(self, inode: int, ctx: Any = None) -> pyfuse3.FileNameT:
+        return cast("pyfuse3.FileNameT", os.fsencode(await _io(os.readlink, self._path(inode))))
+
+    # ----------------------------------------------------------------- namespace changes
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        path = self._child(parent_inode, name)
+
+        def make() -> os.stat_result:
+            os.mkdir(path, mode)
+            return os.lstat(path)
+
+        return self._remember(path, await _io(make))
+
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        path = self._child(parent_inode, name)
+
+        def make() -> os.stat_result:
+            os.mknod(path, mode, rdev)
+            return os.lstat(path)
+
+        return self._remember(path, await _io(make))
+
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        path = self._child(parent_inode, name)
+
+        def make() -> os.stat_result:
+            os.symlink(os.fsdecode(target), path)
+            return os.lstat(path)
+
+        return self._remember(path, await _io(make))
+
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        old = self._path(inode)
+        path = self._child(new_parent_inode, new_name)
+
+        def make() -> os.stat_result:
+            os.link(old, path, follow_symlinks=False)
+            return os.lstat(path)
+
+        st = await _io(make)
+        self._sync(st)  # a link changes ctime
+        return self._remember(path, st)
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        path = self._child(parent_inode, name)
+
+        def remove() -> os.stat_result:
+            st = os.lstat(path)
+            os.unlink(path)
+            return st
+
+        st = await _io(remove)
+        self._drop_path(path)
+        obj = self._objects.get((st.st_dev, st.st_ino))
+        if obj is not None:
+            await self._invalidate(obj)
+            if st.st_nlink > 1:
+                self._sync(await _io(os.fstat, self._files_fd(obj)) if obj.opens else st)
+
+    def _files_fd(self, obj: _Object) -> int:
+        for fd, o in self._files.values():
+            if o is obj:
+                return fd
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        path = self._child(parent_inode, name)
+        await _io(os.rmdir, path)
+        self._drop_path(path)
+
+    async def rename(
+        self, parent_inode_old: int, name_old: bytes | str, parent_inode_new: int, name_new: bytes | str,
+        flags: int, ctx: Any,
+    ) -> None:  # fmt: skip
+        if flags:  # RENAME_EXCHANGE / RENAME_NOREPLACE: not passed through (os.rename has no flags)
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        old = self._child(parent_inode_old, name_old)
+        new = self._child(parent_inode_new, name_new)
+
+        def move() -> tuple[os.stat_result | None, os.stat_result]:
+            over = _lstat_or_none(new)
+            os.rename(old, new)
+            return over, os.lstat(new)
+
+        over, st = await _io(move)
+        if over is not None and (over.st_dev, over.st_ino) != (st.st_dev, st.st_ino):
+            self._drop_path(new)
+            obj = self._objects.get((over.st_dev, over.st_ino))
+            if obj is not None:
+                await self._invalidate(obj)
+        self._rename_paths(old, new)
+        self._sync(st)  # a rename changes ctime
+
+    # ----------------------------------------------------------------- files
+
+    async def _opened(self, fd: int, st: os.stat_result, generation: int, trunc: bool) -> pyfuse3.FileInfo:
+        obj = self._object(st, generation)
+        changed = obj.seen != _seen(st) if obj.seen is not None else self.cache.holds(obj.oid) or obj.in_tmem
+        if trunc or changed:
+            await self._invalidate(obj)
+        obj.seen = _seen(st)
+        obj.size = st.st_size
+        obj.opens += 1
+        self._files[fd] = (fd, obj)
+        fh = cast("pyfuse3.FileHandleT", fd)
+        return pyfuse3.FileInfo(fh=fh, direct_io=self.direct_io, keep_cache=False)
+
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        path = self._path(inode)
+        fd, st, gen = await _io(_open_stat, path, flags & ~os.O_CREAT, 0)
+        return await self._opened(fd, st, gen, bool(flags & os.O_TRUNC))
+
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        path = self._child(parent_inode, name)
+        fd, st, gen = await _io(_open_stat, path, flags | os.O_CREAT, mode)
+        info = await self._opened(fd, st, gen, True)  # new, or truncated, or as we saw it
+        return info, self._remember(path, st)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        fd, obj = self._files[fh]
+        c = self.counters
+        c.reads += 1
+        end = min(off + size, obj.size)
+        if off >= end:  # past what the shim knows of the file: ask the file itself, uncached
+            data = await _io(_pread_all, fd, size, off)
+            c.bytes_from_disk += len(data)
+            return data
+        oid = obj.oid
+        epoch = obj.epoch
+        first, last = off // PAGE, (end - 1) // PAGE
+        pages: dict[int, bytes] = {}
+        missing: list[int] = []
+        for index in range(first, last + 1):
+            page = self.cache.get(oid, index)
+            if page is None:
+                missing.append(index)
+            else:
+                pages[index] = page
+        c.cache_hits += len(pages)
+        fetched: dict[int, bytes] = {}
+        if missing:
+            for index, got in zip(missing, await self._tmem_get(oid, missing), strict=True):
+                if got is None:
+                    c.misses += 1
+                else:
+                    c.hits += 1
+                    got = got[: min(PAGE, obj.size - index * PAGE)]
+                    c.bytes_from_tmem += len(got)
+                    fetched[index] = got
+            missing = [i for i in missing if i not in fetched]
+        if missing:
+            lo, hi = missing[0], missing[-1]
+            data = await _io(_pread_all, fd, (hi - lo + 1) * PAGE, lo * PAGE)
+            c.bytes_from_disk += len(data)
+            for index in missing:
+                fetched[index] = data[(index - lo) * PAGE : (index - lo + 1) * PAGE]
+        pages.update(fetched)
+        if obj.epoch == epoch:
+            for index, page in fetched.items():
+                if len(page) == min(PAGE, obj.size - index * PAGE):  # else it changed behind us
+                    self.cache.insert(oid, index, page)
+        c.cached_pages = len(self.cache)
+        blob = b"".join(pages[i] for i in range(first, last + 1))
+        out = blob[off - first * PAGE : end - first * PAGE]
+        if off + size > obj.size and len(out) == end - off:  # the file may have grown behind us
+            more = await _io(_pread_all, fd, off + size - end, end)
+            c.bytes_from_disk += len(more)
+            out += more
+        return out
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        fd, obj = self._files[fh]
+        n, st = await _io(_pwrite_stat, fd, buf, off)
+        await self._invalidate(obj)
+        obj.seen = _seen(st)
+        obj.size = st.st_size
+        return n
+
+    async def flush(self, fh: int) -> None:
+        return None
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        fd = self._files[fh][0]
+        await _io(os.fdatasync if datasync else os.fsync, fd)
+
+    async def release(self, fh: int) -> None:
+        fd, obj = self._files.pop(fh)
+        obj.opens -= 1
+        await _io(os.close, fd)
+
+    # ----------------------------------------------------------------- directories
+
+    async def opendir(self, inode: int, ctx: Any) -> pyfuse3.FileHandleT:
+        self._path(inode)
+        dh = self._next_dh
+        self._next_dh += 1
+        self._dirs[dh] = (inode, None)
+        return cast("pyfuse3.FileHandleT", dh)
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        inode, entries = self._dirs[fh]
+        path = self._path(inode)
+        if entries is None or start_id == 0:
+
+            def scan() -> list[tuple[bytes, os.stat_result]]:
+                out = []
+                with os.scandir(path) as it:
+                    for e in it:
+                        try:
+                            out.append((os.fsencode(e.name), e.stat(follow_symlinks=False)))
+                        except FileNotFoundError:
+                            continue
+                out.sort()
+                return out
+
+            entries = await _io(scan)
+            self._dirs[fh] = (inode, entries)
+        for i in range(start_id, len(entries)):
+            name, st = entries[i]
+            child = os.path.join(path, os.fsdecode(name))
+            key = (st.st_dev, st.st_ino)
+            ino = self._by_key.get(key, 0)
+            entry = self._entry(ino, st) if ino else self._entry(self._next_ino, st)
+            if not pyfuse3.readdir_reply(token, cast("pyfuse3.FileNameT", name), entry, i + 1):
+                break
+            self._remember(child, st)  # readdirplus: the kernel now holds a lookup
+
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        sv = await _io(os.statvfs, self.backing)
+        out = pyfuse3.StatvfsData()
+        for attr in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree",
+                     "f_favail", "f_namemax"):  # fmt: skip
+            setattr(out, attr, getattr(sv, attr))
+        return out
+
+    # ----------------------------------------------------------------- extended attributes
+
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        if inode == _ROOT and name == STATS_XATTR:
+            self.counters.cached_pages = len(self.cache)
+            self.counters.connected = self.pool is not None and self.pool._ch.connected
+            return json.dumps(asdict(self.counters)).encode()
+        try:
+            return await trio.to_thread.run_sync(
+                lambda: os.getxattr(self._path(inode), os.fsdecode(name), follow_symlinks=False))
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        if inode == _ROOT and name == EVICT_XATTR:
+            self.cache.shrink(0)
+            return
+        if inode == _ROOT and name == DISCARD_XATTR:
+            self.cache.discard_all()
+            return
+        path = self._path(inode)
+        await _io(lambda: os.setxattr(path, os.fsdecode(name), value, follow_symlinks=False))
+        self._sync(await _io(os.lstat, path))
+
+    async def listxattr(self, inode: int, ctx: Any) -> list[pyfuse3.XAttrNameT]:
+        path = self._path(inode)
+        names = await _io(lambda: os.listxattr(path, follow_symlinks=False))
+        return [cast("pyfuse3.XAttrNameT", os.fsencode(n)) for n in names]
+
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        path = self._path(inode)
+        await _io(lambda: os.removexattr(path, os.fsdecode(name), follow_symlinks=False))
+        self._sync(await _io(os.lstat, path))
+
+
+# ------------------------------------------------------------------------------- running it
+
+
+async def _connect(fs: PrecacheFS, channel_spec: str) -> None:
+    """Open the channel and the mount's pool; until then (and while the host is gone) gets miss."""
+    async with open_channel(channel_spec, name="precache", retry_interval=0.25) as ch:
+        fs.pool = await ch.new_pool(0)  # private ephemeral: exclusive gets
+        log.info("precache: pool %d on %s", fs.pool.remote_id, channel_spec)
+        try:
+            await trio.sleep_forever()
+        finally:
+            fs.pool = None
+
+
+async def _stop_on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for _ in signals:
+            pyfuse3.terminate()
+            return
+
+
+async def serve(
+    backing: str, mountpoint: str, channel_spec: str, cache_pages: int, *, direct_io: bool = True
+) -> None:
+    """Mount and serve until unmounted or SIGTERM/SIGINT; the channel is opened in the background."""
+    fs = PrecacheFS(backing, cache_pages, direct_io=direct_io)
+    options = set(pyfuse3.default_options)
+    options.add("fsname=precache")
+    options.discard("default_permissions")  # the backing file system checks permissions
+    pyfuse3.init(fs, mountpoint, options)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_connect, fs, channel_spec)
+            nursery.start_soon(_stop_on_signals)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+    finally:
+        pyfuse3.close(unmount=True)
+
+
+def mount(
+    backing: str, mountpoint: str, channel_spec: str, cache_pages: int, *, direct_io: bool = True
+) -> None:
+    """Blocking entry point for `guestagent precache mount BACKING MOUNTPOINT`."""
+    for what, path in (("backing directory", backing), ("mount point", mountpoint)):
+        if not os.path.isdir(path):
+            raise SystemExit(f"precache: {what} {path} is not a directory")
+    if cache_pages < 1:
+        raise SystemExit("precache: the cache needs at least one page")
+    trio.run(functools.partial(serve, backing, mountpoint, channel_spec, cache_pages, direct_io=direct_io))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m guestagent.precache", description=__doc__.split("\n")[0])
+    parser.add_argument("backing")
+    parser.add_argument("mountpoint")
+    parser.add_argument("--channel", required=True, help="virtio port name or unix socket path")
+    parser.add_argument("--cache-pages", type=int, default=16384)
+    parser.add_argument("--kernel-cache", action="store_true",
+                        help="no direct_io: the kernel page cache serves hot reads (the shim sees fewer)")
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    mount(args.backing, args.mountpoint, args.channel, args.cache_pages, direct_io=not args.kernel_cache)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
