@@ -179,12 +179,13 @@ def test_a_guest_destroyed_mid_request_frees_its_pools_within_2s(running: dict[s
     dom = domain("tmem-2")
     start = time.monotonic()
     dom.destroy()
+    destroyed = time.monotonic() - start  # libvirt returns once QEMU is gone
     wait_for(lambda: not any(g.get("name") == "tmem-2" for g in lab.stats()["guests"].values()),
-             2.0, "tmem-2's pools to be freed")
+             2.0 - destroyed, "tmem-2's pools to be freed")
     took = time.monotonic() - start
     pools = lab.control.request(lab.CONTROL, {"cmd": "pools"})
     assert all(p["owner"] != dom.UUIDString() for p in pools)
-    print(f"tmem-2's pools freed {took:.2f} s after destroy")
+    print(f"tmem-2's pools freed {took:.2f} s after destroy (destroy itself took {destroyed:.2f} s)")
     check("tmem-1")  # the survivor is unaffected
 
 
