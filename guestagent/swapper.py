@@ -1,0 +1,536 @@
+"""The agent side of preswap: resolves the faults of applications' regions and evicts their pages.
+
+An application (`guestagent.preswap.Region`) maps a memfd, registers it with userfaultfd and
+sends both fds here.  From then on every first touch of a page, and every touch of an evicted
+page, is a fault this process resolves; the application's own process never handles a fault
+(a Python thread faulting while holding the GIL would deadlock its handler).
+
+Per region, pages are in one of these states:
+
+- ZERO: never written (or found all-zero when evicted): a fault is resolved with UFFDIO_ZEROPAGE;
+- RESIDENT: in the memfd's page cache, mapped by the application;
+- EVICTING: write-protected while its put is in flight (a writer faults and waits);
+- TMEM / DISK: held by the host (persistent pool, exclusive gets) or in the swap file;
+- LOADING: a fault's get (or disk read) is in flight.
+
+Eviction keeps each region within its resident budget.  Victims come from a clock over the
+resident pages in fault order, with a second chance for pages that were faulted back in after an
+eviction (fault history is all we see of accesses).  A victim is write-protected (so a racing
+write cannot be lost), read through our own mapping of the memfd, put (a batch per PUT_VEC), then
+punched out of the memfd with fallocate(PUNCH_HOLE); a refused put goes to the swap file first.
+Nothing is ever dropped: a page leaves the memfd only once tmem or the disk holds it.
+
+Closing the region's socket (the application's exit, even by SIGKILL) releases it: its pages are
+flushed from tmem (one FLUSH_OBJECT: the region is one object) and its swap-file slots freed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import json
+import logging
+import mmap
+import os
+import signal
+import socket
+import sys
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, Final
+
+import trio
+
+from guestagent import uffd, wire
+from guestagent.channel import Channel, ChannelError, Pool, open_channel
+
+__all__ = ["PREFIX_MAX", "SwapFile", "Swapper", "main"]
+
+log = logging.getLogger(__name__)
+
+PAGE: Final = uffd.PAGE_SIZE
+PREFIX_MAX: Final = 65536  # longest request line
+EVICT_BATCH: Final = 64  # pages per eviction round (one PUT_VEC)
+_READ_EVENTS: Final = 64  # uffd messages per read
+
+ZERO, RESIDENT, EVICTING, TMEM, DISK, LOADING = range(6)
+_ZERO_PAGE: Final = bytes(PAGE)
+
+FALLOC_FL_KEEP_SIZE: Final = 1
+FALLOC_FL_PUNCH_HOLE: Final = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
+_fallocate.restype = ctypes.c_int
+
+REGION_COUNTERS: Final = (
+    "faults",  # page faults resolved (first touch, tmem, disk)
+    "zero_faults",  # resolved with UFFDIO_ZEROPAGE
+    "tmem_faults",  # resolved from a get
+    "disk_faults",  # resolved from the swap file
+    "wp_faults",  # writes that hit a page under eviction (or a stale protection)
+    "evictions",  # pages moved out of the memfd
+    "zero_evictions",  # evicted pages that were all zeros: nothing stored
+    "puts",  # persistent puts answered OK
+    "puts_refused",  # refused by the host: the page went to the swap file
+    "gets",  # gets answered with the page
+    "disk_writes",
+    "disk_reads",
+    "lost",  # pages tmem did not return: must stay 0
+)
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Free [offset, offset+length) of a file (tmpfs or disk), keeping its size."""
+    if _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"fallocate(PUNCH_HOLE): {os.strerror(code)}")
+
+
+class SwapFile:
+    """Page slots in a plain file: a free list over a growing high-water mark.
+
+    Freed slots are punched out, so the file holds disk blocks only for pages it keeps.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self.free: list[int] = []
+        self.top = 0
+        self.used = 0
+
+    def alloc(self) -> int:
+        self.used += 1
+        if self.free:
+            return self.free.pop()
+        self.top += 1
+        return self.top - 1
+
+    def release(self, slot: int) -> None:
+        self.used -= 1
+        self.free.append(slot)
+        punch_hole(self.fd, slot * PAGE, PAGE)
+
+    def write(self, slot: int, data: bytes) -> None:
+        if os.pwrite(self.fd, data, slot * PAGE) != PAGE:
+            raise OSError(errno.EIO, "short write to the swap file")
+
+    def read(self, slot: int) -> bytes:
+        data = os.pread(self.fd, PAGE, slot * PAGE)
+        if len(data) != PAGE:
+            raise OSError(errno.EIO, "short read from the swap file")
+        return data
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class Region:
+    """One application region as the agent sees it (the uffd, the memfd, our mapping)."""
+
+    def __init__(self, rid: int, addr: int, size: int, budget: int, memfd: int, ufd: int) -> None:
+        self.id = rid
+        self.oid = rid.to_bytes(len(wire.NO_OID), "little")
+        self.addr = addr
+        self.size = size
+        self.pages = size // PAGE
+        self.budget = budget
+        self.memfd = memfd
+        self.uffd = ufd
+        self.mm = mmap.mmap(memfd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.state = bytearray(self.pages)  # all ZERO
+        self.ref = bytearray(self.pages)  # second-chance bits: set on a refault
+        self.slots: dict[int, int] = {}  # page -> swap-file slot, for DISK pages
+        self.clock: deque[int] = deque()  # resident pages, oldest fault first
+        self.resident = 0
+        self.held_tmem = 0
+        self.held_disk = 0
+        self.counters = dict.fromkeys(REGION_COUNTERS, 0)
+        self.staging = ctypes.create_string_buffer(PAGE)  # UFFDIO_COPY's source
+        self.staging_addr = ctypes.addressof(self.staging)
+        self.need_evict = trio.Event()
+        self.room = trio.Event()
+
+    def stats(self) -> dict[str, int]:
+        return {
+            **self.counters, "pages": self.pages, "budget": self.budget, "resident": self.resident,
+            "evicted": self.held_tmem + self.held_disk, "in_tmem": self.held_tmem,
+            "on_disk": self.held_disk,
+        }
+
+    def close(self) -> None:
+        self.mm.close()
+        os.close(self.memfd)
+        os.close(self.uffd)
+
+
+class Swapper:
+    """Serves preswap regions over a local unix socket, backed by one persistent tmem pool."""
+
+    def __init__(self, channel: Channel, socket_path: str, swap_path: str, *,
+                 default_budget: int = 1024) -> None:  # fmt: skip
+        self.channel = channel
+        self.socket_path = socket_path
+        self.swap = SwapFile(swap_path)
+        self.default_budget = default_budget
+        self.pool: Pool | None = None
+        self.regions: dict[int, Region] = {}
+        self.next_id = 1
+        self.totals = dict.fromkeys(REGION_COUNTERS, 0)
+        self.released = 0
+
+    # ----------------------------------------------------------------- serving
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        flags = int(wire.PoolFlag.PERSISTENT | wire.PoolFlag.EXCLUSIVE_GETS)
+        self.pool = await self.channel.new_pool(flags)
+        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            if os.path.exists(self.socket_path):
+                os.unlink(self.socket_path)
+            await listener.bind(self.socket_path)
+            os.chmod(self.socket_path, 0o666)
+            listener.listen(64)
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                while True:
+                    conn, _ = await listener.accept()
+                    nursery.start_soon(self._client, conn)
+        finally:
+            listener.close()
+            self.swap.close()
+            pool = self.pool
+            if pool is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    try:
+                        await pool.destroy()
+                    except ChannelError as exc:
+                        log.warning("cannot destroy the preswap pool: %s", exc)
+
+    async def _client(self, conn: trio.socket.SocketType) -> None:
+        with conn:
+            try:
+                line, fds = await _read_request(conn)
+            except (OSError, ValueError) as exc:
+                log.warning("bad preswap request: %s", exc)
+                return
+            try:
+                req = json.loads(line)
+                if not isinstance(req, dict):
+                    raise ValueError("a request is a JSON object")
+                cmd = req.get("cmd")
+                if cmd == "stats":
+                    await _reply(conn, {"ok": True, **self.stats()})
+                elif cmd == "region":
+                    mine, fds = fds, []
+                    await self._serve_region(conn, req, mine)
+                else:
+                    await _reply(conn, {"ok": False, "error": f"unknown command {cmd!r}"})
+            except (ValueError, KeyError, TypeError, uffd.UffdError) as exc:
+                await _reply(conn, {"ok": False, "error": str(exc)})
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+    async def _serve_region(self, conn: trio.socket.SocketType, req: dict[str, Any],
+                            fds: list[int]) -> None:  # fmt: skip
+        if len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            raise ValueError("a region request carries two fds: the memfd and the uffd")
+        memfd, ufd = fds
+        try:
+            size, addr = int(req["size"]), int(req["addr"])
+            budget = int(req.get("budget") or self.default_budget)
+            if size <= 0 or size % PAGE or addr % PAGE or size // PAGE >= 1 << 32 or budget < 1:
+                raise ValueError("size and addr must be page multiples, budget >= 1 page")
+            if os.fstat(memfd).st_size < size:
+                raise ValueError("the memfd is smaller than the region")
+            region = Region(self.next_id, addr, size, budget, memfd, ufd)
+        except BaseException:
+            os.close(memfd)
+            os.close(ufd)
+            raise
+        self.next_id += 1
+        self.regions[region.id] = region
+        log.info("region %d: %d pages, budget %d", region.id, region.pages, budget)
+        failed: list[BaseException] = []
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def guarded(task: Any, *args: Any) -> None:
+                    # a uffd call failing (the application unmapped or died) ends the region;
+                    # caught here, so no exception group reaches us (trio >= 0.25 makes them)
+                    try:
+                        await task(*args)
+                    except OSError as exc:
+                        failed.append(exc)
+                        nursery.cancel_scope.cancel()
+
+                nursery.start_soon(guarded, self._faults, region, nursery)
+                nursery.start_soon(guarded, self._evictor, region)
+                try:
+                    await _reply(conn, {"ok": True, "id": region.id})
+                    # the application keeps the socket open for the region's lifetime
+                    while await conn.recv(4096):
+                        pass
+                except OSError as exc:
+                    failed.append(exc)
+                nursery.cancel_scope.cancel()
+            if failed:
+                log.info("region %d ended: %s", region.id, failed[0])
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._release(region)
+
+    async def _release(self, region: Region) -> None:
+        """Flush the region's pages from tmem and the swap file, then forget it."""
+        pool = self.pool
+        assert pool is not None
+        try:
+            await pool.flush_object(region.oid)
+        except ChannelError as exc:
+            log.warning("region %d: cannot flush its tmem pages: %s", region.id, exc)
+        for slot in region.slots.values():
+            self.swap.release(slot)
+        region.slots.clear()
+        region.held_tmem = region.held_disk = 0
+        for key, value in region.counters.items():
+            self.totals[key] += value
+        self.released += 1
+        del self.regions[region.id]
+        region.close()
+        log.info("region %d released", region.id)
+
+    def stats(self) -> dict[str, Any]:
+        totals = dict(self.totals)
+        for region in self.regions.values():
+            for key, value in region.counters.items():
+                totals[key] += value
+        return {
+            "totals": totals,
+            "regions": {str(r.id): r.stats() for r in self.regions.values()},
+            "released": self.released,
+            "swap_slots_used": self.swap.used,
+            "swap_slots_top": self.swap.top,
+        }
+
+    # ----------------------------------------------------------------- faults
+
+    async def _faults(self, region: Region, nursery: trio.Nursery) -> None:
+        ufd = region.uffd
+        state = region.state
+        base, pages = region.addr, region.pages
+        counters = region.counters
+        slack = max(4, region.budget // 8)
+        while True:
+            try:
+                data = os.read(ufd, uffd.MSG_SIZE * _READ_EVENTS)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(ufd)
+                continue
+            for fault in uffd.parse_events(data):
+                p = (fault.address - base) // PAGE
+                if not 0 <= p < pages:
+                    continue
+                at = base + p * PAGE
+                st = state[p]
+                if fault.flags & uffd.PAGEFAULT_FLAG_WP:
+                    counters["wp_faults"] += 1
+                    if st == RESIDENT:
+                        uffd.writeprotect(ufd, at, PAGE, False)  # a stale protection: lift it
+                    elif st != EVICTING and st != LOADING:
+                        uffd.wake(ufd, at, PAGE)  # it retries and faults as missing
+                    # EVICTING: woken once punched out; LOADING: woken by the copy
+                    continue
+                if st == ZERO:
+                    uffd.zeropage(ufd, at, PAGE)
+                    self._resident(region, p, refault=False)
+                    counters["zero_faults"] += 1
+                    counters["faults"] += 1
+                elif st in (TMEM, DISK):
+                    state[p] = LOADING
+                    nursery.start_soon(self._guarded_load, region, p, st, nursery)
+                elif st == RESIDENT:
+                    uffd.wake(ufd, at, PAGE)  # a duplicate of a resolved fault
+            if region.resident > region.budget:
+                region.need_evict.set()
+                while region.resident > region.budget + slack:
+                    region.room = trio.Event()
+                    await region.room.wait()
+
+    def _resident(self, region: Region, p: int, *, refault: bool) -> None:
+        region.state[p] = RESIDENT
+        region.ref[p] = refault
+        region.clock.append(p)
+        region.resident += 1
+        if region.resident > region.budget:
+            region.need_evict.set()
+
+    async def _guarded_load(self, region: Region, p: int, st: int, nursery: trio.Nursery) -> None:
+        try:
+            await self._load(region, p, st)
+        except OSError as exc:
+            log.info("region %d ended: %s", region.id, exc)
+            nursery.cancel_scope.cancel()
+
+    async def _load(self, region: Region, p: int, st: int) -> None:
+        counters = region.counters
+        data: bytes | None
+        if st == TMEM:
+            assert self.pool is not None
+            data = await self.pool.get(region.oid, p)
+            region.held_tmem -= 1
+            if data is None:
+                counters["lost"] += 1
+                log.error("region %d page %d: tmem did not return it", region.id, p)
+                data = _ZERO_PAGE
+            else:
+                counters["gets"] += 1
+            counters["tmem_faults"] += 1
+        else:
+            slot = region.slots.pop(p)
+            data = await trio.to_thread.run_sync(self.swap.read, slot)
+            self.swap.release(slot)
+            region.held_disk -= 1
+            counters["disk_reads"] += 1
+            counters["disk_faults"] += 1
+        ctypes.memmove(region.staging_addr, data, PAGE)
+        uffd.copy(region.uffd, region.addr + p * PAGE, region.staging_addr, PAGE)
+        counters["faults"] += 1
+        self._resident(region, p, refault=True)
+
+    # ----------------------------------------------------------------- eviction
+
+    def _victims(self, region: Region, n: int) -> list[int]:
+        """Up to n resident pages, by the clock: a refaulted page gets a second chance."""
+        clock, ref, state = region.clock, region.ref, region.state
+        out: list[int] = []
+        spins = 2 * len(clock)
+        while clock and len(out) < n and spins > 0:
+            spins -= 1
+            p = clock.popleft()
+            if state[p] != RESIDENT:
+                continue  # a stale entry (the page left and came back: it is queued again)
+            if ref[p]:
+                ref[p] = 0
+                clock.append(p)
+                continue
+            out.append(p)
+        return out
+
+    async def _evictor(self, region: Region) -> None:
+        assert self.pool is not None
+        pool = self.pool
+        ufd, mm, state = region.uffd, region.mm, region.state
+        counters = region.counters
+        oid = region.oid
+        while True:
+            await region.need_evict.wait()
+            region.need_evict = trio.Event()
+            while region.resident > region.budget:
+                victims = self._victims(region, min(EVICT_BATCH, region.resident - region.budget))
+                if not victims:
+                    break
+                for p in victims:
+                    state[p] = EVICTING
+                    uffd.writeprotect(ufd, region.addr + p * PAGE, PAGE, True)
+                datas = [mm[p * PAGE : (p + 1) * PAGE] for p in victims]
+                puts = [(oid, p, d) for p, d in zip(victims, datas, strict=True) if d != _ZERO_PAGE]
+                stored = await pool.put_many(puts) if puts else []
+                refused = [(p, d) for (_, p, d), ok in zip(puts, stored, strict=True) if not ok]
+                counters["puts"] += len(puts) - len(refused)
+                counters["puts_refused"] += len(refused)
+                if refused:
+                    slots = [self.swap.alloc() for _ in refused]
+                    await trio.to_thread.run_sync(_write_all, self.swap, slots,
+                                                  [d for _, d in refused])  # fmt: skip
+                    counters["disk_writes"] += len(refused)
+                    for (p, _), slot in zip(refused, slots, strict=True):
+                        region.slots[p] = slot
+                on_disk = {p for p, _ in refused}
+                stored_keys = {p for _, p, _ in puts}
+                for p in victims:
+                    punch_hole(region.memfd, p * PAGE, PAGE)
+                    if p in on_disk:
+                        state[p] = DISK
+                        region.held_disk += 1
+                    elif p in stored_keys:
+                        state[p] = TMEM
+                        region.held_tmem += 1
+                    else:
+                        state[p] = ZERO
+                        counters["zero_evictions"] += 1
+                    region.resident -= 1
+                    counters["evictions"] += 1
+                    uffd.wake(ufd, region.addr + p * PAGE, PAGE)  # writers that hit the protection
+                region.room.set()
+            region.room.set()
+
+
+def _write_all(swap: SwapFile, slots: Sequence[int], datas: Sequence[bytes]) -> None:
+    for slot, data in zip(slots, datas, strict=True):
+        swap.write(slot, data)
+
+
+async def _read_request(conn: trio.socket.SocketType) -> tuple[bytes, list[int]]:
+    """One JSON line and the fds that came with it (SCM_RIGHTS)."""
+    buf = b""
+    fds: list[int] = []
+    space = socket.CMSG_SPACE(8 * 4)
+    while b"\n" not in buf:
+        data, ancdata, _, _ = await conn.recvmsg(PREFIX_MAX, space)
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(payload) - len(payload) % 4
+                fds.extend(int.from_bytes(payload[i : i + 4], sys.byteorder) for i in range(0, usable, 4))
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            raise ValueError("connection closed before a request")
+        buf += data
+        if len(buf) > PREFIX_MAX:
+            for fd in fds:
+                os.close(fd)
+            raise ValueError("request too long")
+    return buf.split(b"\n", 1)[0], fds
+
+
+async def _reply(conn: trio.socket.SocketType, obj: dict[str, Any]) -> None:
+    data = (json.dumps(obj) + "\n").encode()
+    while data:
+        sent = await conn.send(data)
+        data = data[sent:]
+
+
+async def _main_async(args: argparse.Namespace) -> None:
+    async with open_channel(args.channel, name=args.name, reconnect=True) as ch:
+        swapper = Swapper(ch, args.socket, args.swap_file, default_budget=args.budget)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(swapper.run)
+                print("ready", flush=True)
+                async for signum in signals:
+                    log.info("signal %d: stopping", signum)
+                    nursery.cancel_scope.cancel()
+                    break
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run a swapper on its own channel (the daemon embeds one on its channel instead)."""
+    parser = argparse.ArgumentParser(prog="python -m guestagent.swapper")
+    parser.add_argument("--channel", required=True, help="host agent socket or virtio port")
+    parser.add_argument("--socket", required=True, help="unix socket for the applications")
+    parser.add_argument("--swap-file", required=True)
+    parser.add_argument("--budget", type=int, default=1024, help="default resident pages per region")
+    parser.add_argument("--name", default="preswap")
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    trio.run(_main_async, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Preswap on the host: real userfaultfd, a real swapper process, a real host agent process.
+
+The swapper (`python -m guestagent.swapper`) holds its own channel to the host agent as guest g1;
+applications are separate processes (`python -m guestagent.preswap_workload`) or this test process
+itself: either way no fault is ever handled in the faulting process.  The 100,000+ fault soak of
+issue 5 is `python -m guestagent.preswap_workload --ops 140000` against the same setup
+(`scripts/bench_preswap.py` runs it with the fault-service figures); the test here does ~30,000.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from guestagent import preswap
+from tests.conftest import HostAgentProcess, stats_json, wait_for
+
+PAGE = preswap.PAGE
+
+
+class SwapperProcess:
+    def __init__(self, agent: HostAgentProcess) -> None:
+        self.socket = str(agent.workdir / "preswap.sock")
+        self.swap_file = str(agent.workdir / "swap")
+        self.log_path = agent.workdir / "swapper.log"
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "guestagent.swapper", "--channel", agent.sockets["g1"],
+                 "--socket", self.socket, "--swap-file", self.swap_file, "--log-level", "INFO"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
+            )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line == b"ready\n", f"swapper did not start: {line!r}\n{self.log()}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stats(self) -> dict[str, Any]:
+        return preswap.stats(self.socket)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(10)
+
+
+@pytest.fixture
+def swapper(host_agent: HostAgentProcess) -> Iterator[SwapperProcess]:
+    proc = SwapperProcess(host_agent)
+    try:
+        yield proc
+        assert proc.stop() == 0, proc.log()
+        assert "Traceback" not in proc.log(), proc.log()
+    finally:
+        if proc.proc.poll() is None:
+            proc.proc.kill()
+            proc.proc.wait()
+
+
+def workload(sw: SwapperProcess, pages: int, budget: int, ops: int, seed: int = 1) -> dict[str, Any]:
+    res = subprocess.run(
+        [sys.executable, "-m", "guestagent.preswap_workload", "--socket", sw.socket, "--pages",
+         str(pages), "--budget", str(budget), "--ops", str(ops), "--seed", str(seed)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert res.returncode == 0, f"{res.stdout}\n{res.stderr}\n{sw.log()}"
+    result: dict[str, Any] = json.loads(res.stdout)
+    return result
+
+
+def host_persistent(agent: HostAgentProcess) -> int:
+    pages: int = stats_json(agent)["pool"]["persistent_pages"]
+    return pages
+
+
+def test_region_4x_budget_random_reads_and_writes(host_agent: HostAgentProcess,
+                                                  swapper: SwapperProcess) -> None:
+    result = workload(swapper, pages=2048, budget=512, ops=40_000)
+    agent = result["agent"]
+    print(json.dumps(result))
+    assert result["mismatches"] == 0
+    assert agent["lost"] == 0
+    assert agent["faults"] >= 30_000
+    assert agent["tmem_faults"] >= 25_000 and agent["zero_faults"] >= 2048
+    assert agent["puts"] >= agent["tmem_faults"] and agent["gets"] == agent["tmem_faults"]
+    assert agent["puts_refused"] == agent["disk_writes"] == agent["disk_faults"] == 0
+    assert agent["resident"] <= 512 + 64 and agent["evicted"] >= 2048 - 512 - 64
+    # released: nothing left in tmem, on disk or in the agent
+    wait_for(lambda: host_persistent(host_agent) == 0, what="tmem pages flushed")
+    stats = swapper.stats()
+    assert stats["regions"] == {} and stats["released"] == 1 and stats["swap_slots_used"] == 0
+    g1 = stats_json(host_agent)["guests"]["g1"]["persistent"]
+    totals = stats["totals"]  # the final figures (an eviction may have been in flight above)
+    assert g1["puts"] == totals["puts"] and g1["hits"] == totals["gets"] == totals["tmem_faults"]
+
+
+def test_tiny_quota_falls_back_to_the_swap_file(host_agent: HostAgentProcess,
+                                                swapper: SwapperProcess) -> None:
+    assert host_agent.cli("set", "g1", "quota=1").returncode == 0  # 1 MiB: ~250 raw pages
+    result = workload(swapper, pages=1024, budget=128, ops=12_000, seed=7)
+    agent = result["agent"]
+    assert result["mismatches"] == 0
+    assert agent["lost"] == 0
+    assert agent["puts_refused"] > 1000 and agent["disk_writes"] == agent["puts_refused"]
+    assert agent["disk_faults"] > 1000 and agent["disk_reads"] == agent["disk_faults"]
+    assert agent["tmem_faults"] > 1000  # tmem still takes what fits
+    wait_for(lambda: host_persistent(host_agent) == 0, what="tmem pages flushed")
+    stats = swapper.stats()
+    assert stats["swap_slots_used"] == 0 and stats["swap_slots_top"] > 0
+    assert os.stat(swapper.swap_file).st_blocks == 0  # freed slots are punched out
+
+
+def test_killed_application_leaves_nothing_in_tmem(host_agent: HostAgentProcess,
+                                                   swapper: SwapperProcess) -> None:
+    app = subprocess.Popen(
+        [sys.executable, "-m", "guestagent.preswap_workload", "--socket", swapper.socket, "--pages",
+         "2048", "--budget", "256", "--ops", "10000000", "--progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        assert app.stdout is not None
+        region = json.loads(app.stdout.readline())["region"]
+
+        def busy() -> bool:
+            r = swapper.stats()["regions"].get(str(region))
+            return r is not None and r["in_tmem"] > 1000 and r["tmem_faults"] > 1000
+
+        wait_for(busy, timeout=30, what="the region to be swapping through tmem")
+        assert host_persistent(host_agent) > 1000
+        app.send_signal(signal.SIGKILL)
+        app.wait(10)
+    finally:
+        if app.poll() is None:
+            app.kill()
+            app.wait()
+    wait_for(lambda: host_persistent(host_agent) == 0, what="tmem pages flushed after SIGKILL")
+    wait_for(lambda: swapper.stats()["regions"] == {}, what="the region released")
+    assert swapper.stats()["totals"]["lost"] == 0
+    res = host_agent.cli("stats", "--json")
+    assert json.loads(res.stdout)["guests"]["g1"]["persistent"]["pages"] == 0
+
+
+def test_region_in_this_process_is_a_plain_buffer(host_agent: HostAgentProcess,
+                                                  swapper: SwapperProcess) -> None:
+    # the faults of this (Python, GIL-holding) process are handled by the swapper process
+    pages = 256
+    with preswap.Region(pages * PAGE - 100, swapper.socket, budget_pages=16) as region:
+        assert region.size == pages * PAGE and len(region.buf) == pages * PAGE
+        assert bytes(region.buf[:PAGE]) == bytes(PAGE)  # first touch: zeros
+        for p in range(pages):
+            struct.pack_into("<QQ", region.buf, p * PAGE + 8, p, p * p)
+        for p in reversed(range(pages)):
+            assert struct.unpack_from("<QQ", region.buf, p * PAGE + 8) == (p, p * p)
+            assert region.buf[p * PAGE] == 0
+        mine = swapper.stats()["regions"][str(region.id)]
+        assert mine["resident"] <= 16 + 4 and mine["in_tmem"] >= pages - 20
+        assert mine["tmem_faults"] >= pages - 20
+    wait_for(lambda: host_persistent(host_agent) == 0, what="tmem pages flushed")
+
+
+def test_bad_requests_are_refused(swapper: SwapperProcess, tmp_path: Path) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(swapper.socket)
+        sock.sendall(b'{"cmd": "region", "size": 4096, "addr": 0}\n')  # no fds
+        reply = json.loads(sock.makefile().readline())
+        assert reply["ok"] is False and "two fds" in reply["error"]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(swapper.socket)
+        sock.sendall(b'{"cmd": "nope"}\n')
+        assert json.loads(sock.makefile().readline())["ok"] is False
+    with pytest.raises(preswap.PreswapError, match="not reachable"):
+        preswap.Region(PAGE, str(tmp_path / "nothing.sock"))
+    assert swapper.stats()["regions"] == {}
