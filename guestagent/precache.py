@@ -282,12 +282,14 @@ class PrecacheFS(pyfuse3.Operations):
         entry.attr_timeout = ATTR_TIMEOUT
         return entry
 
-    def _sync(self, st: os.stat_result) -> None:
-        """The shim itself changed the file's metadata: what it saw is the new state."""
-        obj = self._objects.get((st.st_dev, st.st_ino))
-        if obj is not None:
-            obj.seen = _seen(st)
-            obj.size = st.st_size
+    def _sync(self, before: os.stat_result, after: os.stat_result) -> None:
+        """The shim changed the file's metadata (ctime, maybe mtime): if it knew the file as it was
+        just before, it knows it now; if not, the file changed behind the mount and the next open
+        must see that, so what it saw stays as it was."""
+        obj = self._objects.get((after.st_dev, after.st_ino))
+        if obj is not None and obj.seen is not None and obj.seen == _seen(before):
+            obj.seen = _seen(after)
+            obj.size = after.st_size
 
     def _rename_paths(self, old: str, new: str) -> None:
         prefix = old + "/"
@@ -329,7 +331,8 @@ class PrecacheFS(pyfuse3.Operations):
         path = self._path(inode)
         target: int | str = self._files[fh][0] if fh is not None and fh in self._files else path
 
-        def apply() -> os.stat_result:
+        def apply() -> tuple[os.stat_result, os.stat_result]:
+            before = os.lstat(path)
             if fields.update_size:
                 os.truncate(target, attr.st_size)
             if fields.update_mode:
@@ -342,14 +345,14 @@ class PrecacheFS(pyfuse3.Operations):
                 os.utime(path, ns=(attr.st_atime_ns if fields.update_atime else cur.st_atime_ns,
                                    attr.st_mtime_ns if fields.update_mtime else cur.st_mtime_ns),
                          follow_symlinks=False)  # fmt: skip
-            return os.lstat(path)
+            return before, os.lstat(path)
 
-        st = await _io(apply)
-        if fields.update_size:
-            obj = self._objects.get((st.st_dev, st.st_ino))
-            if obj is not None:
-                await self._invalidate(obj)
-        self._sync(st)
+        before, st = await _io(apply)
+        obj = self._objects.get((st.st_dev, st.st_ino))
+        if fields.update_size and obj is not None:
+            await self._invalidate(obj)
+            obj.seen = None  # nothing is cached: the next open records the file afresh
+        self._sync(before, st)
         return self._entry(inode, st)
 
     async def readlink(self, inode: int, ctx: Any = None) -> pyfuse3.FileNameT:
@@ -394,12 +397,13 @@ class PrecacheFS(pyfuse3.Operations):
         old = self._path(inode)
         path = self._child(new_parent_inode, new_name)
 
-        def make() -> os.stat_result:
+        def make() -> tuple[os.stat_result, os.stat_result]:
+            before = os.lstat(old)
             os.link(old, path, follow_symlinks=False)
-            return os.lstat(path)
+            return before, os.lstat(path)
 
-        st = await _io(make)
-        self._sync(st)  # a link changes ctime
+        before, st = await _io(make)
+        self._sync(before, st)  # a link changes ctime
         return self._remember(path, st)
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
@@ -415,14 +419,7 @@ class PrecacheFS(pyfuse3.Operations):
         obj = self._objects.get((st.st_dev, st.st_ino))
         if obj is not None:
             await self._invalidate(obj)
-            if st.st_nlink > 1:
-                self._sync(await _io(os.fstat, self._files_fd(obj)) if obj.opens else st)
-
-    def _files_fd(self, obj: _Object) -> int:
-        for fd, o in self._files.values():
-            if o is obj:
-                return fd
-        raise pyfuse3.FUSEError(errno.ENOENT)
+            obj.seen = None  # nothing is cached: the next open (of another link) records it afresh
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         path = self._child(parent_inode, name)
@@ -438,19 +435,20 @@ class PrecacheFS(pyfuse3.Operations):
         old = self._child(parent_inode_old, name_old)
         new = self._child(parent_inode_new, name_new)
 
-        def move() -> tuple[os.stat_result | None, os.stat_result]:
+        def move() -> tuple[os.stat_result | None, os.stat_result, os.stat_result]:
             over = _lstat_or_none(new)
+            before = os.lstat(old)
             os.rename(old, new)
-            return over, os.lstat(new)
+            return over, before, os.lstat(new)
 
-        over, st = await _io(move)
+        over, before, st = await _io(move)
         if over is not None and (over.st_dev, over.st_ino) != (st.st_dev, st.st_ino):
             self._drop_path(new)
             obj = self._objects.get((over.st_dev, over.st_ino))
             if obj is not None:
                 await self._invalidate(obj)
         self._rename_paths(old, new)
-        self._sync(st)  # a rename changes ctime
+        self._sync(before, st)  # a rename changes ctime
 
     # ----------------------------------------------------------------- files
 
@@ -620,8 +618,13 @@ class PrecacheFS(pyfuse3.Operations):
             self.cache.discard_all()
             return
         path = self._path(inode)
-        await _io(lambda: os.setxattr(path, os.fsdecode(name), value, follow_symlinks=False))
-        self._sync(await _io(os.lstat, path))
+
+        def apply() -> tuple[os.stat_result, os.stat_result]:
+            before = os.lstat(path)
+            os.setxattr(path, os.fsdecode(name), value, follow_symlinks=False)
+            return before, os.lstat(path)
+
+        self._sync(*await _io(apply))
 
     async def listxattr(self, inode: int, ctx: Any) -> list[pyfuse3.XAttrNameT]:
         path = self._path(inode)
@@ -630,8 +633,13 @@ class PrecacheFS(pyfuse3.Operations):
 
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
         path = self._path(inode)
-        await _io(lambda: os.removexattr(path, os.fsdecode(name), follow_symlinks=False))
-        self._sync(await _io(os.lstat, path))
+
+        def apply() -> tuple[os.stat_result, os.stat_result]:
+            before = os.lstat(path)
+            os.removexattr(path, os.fsdecode(name), follow_symlinks=False)
+            return before, os.lstat(path)
+
+        self._sync(*await _io(apply))
 
 
 # ------------------------------------------------------------------------------- running it

@@ -1,0 +1,343 @@
+"""precache: the FUSE victim cache, mounted for real (/dev/fuse) against a real host agent process.
+
+The mount runs as `python -m guestagent.precache` in a subprocess; its counters are read from the
+mount root's `user.tmem.precache.stats` extended attribute, and the test hooks `evict` (push the
+shim's whole cache to tmem) and `discard` (forget it without puts) are written the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import HostAgentProcess, wait_for
+
+PAGE = 4096
+STATS = "user.tmem.precache.stats"
+MOUNT_TIMEOUT = 15.0
+
+
+class PrecacheMount:
+    """One `python -m guestagent.precache` process and its mount point."""
+
+    def __init__(self, backing: Path, mountpoint: Path, channel: str, cache_pages: int, log: Path) -> None:
+        self.backing = backing
+        self.mountpoint = mountpoint
+        self.channel = channel
+        self.cache_pages = cache_pages
+        self.log_path = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *, connected: bool = True) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "guestagent.precache", str(self.backing), str(self.mountpoint),
+                 "--channel", self.channel, "--cache-pages", str(self.cache_pages), "--log-level", "INFO"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            )
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"precache exited with {self.proc.returncode}:\n{self.log()}")
+            if os.path.ismount(self.mountpoint) and (not connected or self.stats()["connected"]):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"precache not mounted after {MOUNT_TIMEOUT} s:\n{self.log()}")
+            time.sleep(0.02)
+
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(os.getxattr(self.mountpoint, STATS))
+        return result
+
+    def evict(self) -> None:
+        os.setxattr(self.mountpoint, "user.tmem.precache.evict", b"1")
+
+    def discard(self) -> None:
+        os.setxattr(self.mountpoint, "user.tmem.precache.discard", b"1")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> None:
+        """SIGTERM (it unmounts); whatever happens, nothing stays mounted."""
+        try:
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(10)
+        finally:
+            if os.path.ismount(self.mountpoint):
+                subprocess.run(["fusermount3", "-u", str(self.mountpoint)], check=False, capture_output=True)
+            if os.path.ismount(self.mountpoint):
+                subprocess.run(["umount", "-l", str(self.mountpoint)], check=False, capture_output=True)
+
+
+@pytest.fixture
+def precache(host_agent: HostAgentProcess, request: pytest.FixtureRequest
+             ) -> Iterator[Callable[..., PrecacheMount]]:  # fmt: skip
+    """A factory: precache(cache_pages, populate=None) mounts a fresh backing dir as guest g1."""
+    work = Path(tempfile.mkdtemp(prefix="tmem-pc", dir="/tmp"))
+    mounts: list[PrecacheMount] = []
+
+    def make(cache_pages: int, populate: Callable[[Path], None] | None = None) -> PrecacheMount:
+        n = len(mounts)
+        backing, mountpoint = work / f"backing{n}", work / f"mnt{n}"
+        backing.mkdir()
+        mountpoint.mkdir()
+        if populate is not None:
+            populate(backing)
+        m = PrecacheMount(backing, mountpoint, host_agent.sockets["g1"], cache_pages,
+                          work / f"precache{n}.log")
+        mounts.append(m)
+        m.start()
+        return m
+
+    try:
+        yield make
+    finally:
+        for m in mounts:
+            m.stop()
+        call = getattr(request.node, "rep_call", None)
+        for m in mounts:
+            log = m.log()
+            if call is None or call.failed:
+                print(f"---- precache log ({m.log_path}) ----\n{log}", file=sys.stderr)
+            assert "Traceback" not in log, log
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def pool_pages(agent: HostAgentProcess) -> int:
+    """Pages in g1's ephemeral pools on the host (the mount's pool is g1's only pool)."""
+    pools: list[dict[str, Any]] = agent.request("pools")
+    return sum(p["pages"] for p in pools if p["owner"] == "g1" and p["kind"].endswith("ephemeral"))
+
+
+def read(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_exclusive_get_serves_an_evicted_page_once(host_agent: HostAgentProcess,
+                                                    precache: Callable[..., PrecacheMount]) -> None:
+    rng = random.Random(1)
+    a, b = rng.randbytes(PAGE), rng.randbytes(8 * PAGE)
+
+    def populate(d: Path) -> None:
+        (d / "a").write_bytes(a)
+        (d / "b").write_bytes(b)
+
+    m = precache(8, populate)
+    assert read(m.mountpoint / "a") == a  # from the disk, into the shim's cache
+    s0 = m.stats()
+    assert (s0["misses"], s0["bytes_from_disk"], s0["puts"]) == (1, PAGE, 0)
+    assert read(m.mountpoint / "b") == b  # 8 pages push a's page out: put to tmem
+    s1 = m.stats()
+    assert s1["puts"] == 1 and s1["cached_pages"] == 8
+    wait_for(lambda: pool_pages(host_agent) == 1, what="the put to land")  # fire-and-forget
+
+    assert read(m.mountpoint / "a") == a  # served from tmem, which gives it up (exclusive get)
+    s2 = m.stats()
+    assert s2["hits"] - s1["hits"] == 1
+    assert s2["bytes_from_tmem"] - s1["bytes_from_tmem"] == PAGE
+    assert s2["bytes_from_disk"] == s1["bytes_from_disk"]
+    assert s2["puts"] - s1["puts"] == 1  # a page of b made room for it
+    wait_for(lambda: pool_pages(host_agent) == 1, what="b's put")  # that page of b; a's page left
+    time.sleep(0.1)
+    assert pool_pages(host_agent) == 1
+
+    m.discard()  # the shim forgets its cache without putting it: a must now come from the disk
+    assert read(m.mountpoint / "a") == a
+    s3 = m.stats()
+    assert s3["hits"] == s2["hits"]
+    assert s3["misses"] - s2["misses"] == 1
+    assert s3["bytes_from_disk"] - s2["bytes_from_disk"] == PAGE
+
+
+def test_model_random_operations_match_a_reference_directory(
+    host_agent: HostAgentProcess, precache: Callable[..., PrecacheMount]
+) -> None:
+    """Random writes, truncates (also O_TRUNC), renames over, unlinks, changes behind the mount and
+    reads, through a mount whose cache is far smaller than the files, against a plain directory."""
+    m = precache(12)
+    ref = Path(tempfile.mkdtemp(prefix="tmem-ref", dir="/tmp"))
+    rng = random.Random(20261126)
+    names = [f"f{i}" for i in range(6)]
+    ops = 500
+    checked = 0
+    history: list[str] = []
+    try:
+        for step in range(ops):
+            name = rng.choice(names)
+            mp, rp, bp = m.mountpoint / name, ref / name, m.backing / name
+            exists = rp.exists()
+            op = rng.choices(["write", "append", "truncate", "otrunc", "rename", "unlink", "read",
+                              "read_range", "evict", "behind"],
+                             [14, 4, 6, 4, 5, 3, 30, 20, 4, 3])[0]  # fmt: skip
+            history.append(f"{step} {op} {name}")
+            if step == ops // 2:  # the host drops every ephemeral page mid-run
+                before = pool_pages(host_agent)
+                host_agent.request("reserve", mib=1 << 30)
+                after = pool_pages(host_agent)  # (a put still on its way may land after the drop)
+                assert before > 2 and after < before // 2, (before, after)
+            if op in ("write", "append", "otrunc") or not exists:
+                if op == "append":
+                    data, off = rng.randbytes(rng.randint(1, 2 * PAGE)), None
+                else:
+                    data, off = rng.randbytes(rng.randint(1, 3 * PAGE)), rng.randint(0, 12 * PAGE)
+                mode = "wb" if op == "otrunc" or not exists else ("ab" if off is None else "r+b")
+                for p in (mp, rp):
+                    with open(p, mode) as f:
+                        if off is not None and mode == "r+b":
+                            f.seek(off)
+                        f.write(data)
+            elif op == "truncate":
+                size = rng.randint(0, 14 * PAGE)
+                os.truncate(mp, size)
+                os.truncate(rp, size)
+            elif op == "rename":
+                other = rng.choice(names)
+                history[-1] += f" -> {other}"
+                os.rename(mp, m.mountpoint / other)
+                os.rename(rp, ref / other)
+            elif op == "unlink":
+                os.unlink(mp)
+                os.unlink(rp)
+            elif op == "evict":
+                m.evict()
+            elif op == "behind":  # same size, new bytes, written to the backing file directly
+                size = rp.stat().st_size
+                data = rng.randbytes(size)
+                bp.write_bytes(data)
+                rp.write_bytes(data)
+            elif op == "read":
+                assert read(mp) == read(rp), f"step {step}: {name} differs; {history[-40:]}"
+                checked += 1
+            else:
+                off, n = rng.randint(0, 14 * PAGE), rng.randint(1, 5 * PAGE)
+                with open(mp, "rb") as f, open(rp, "rb") as g:
+                    f.seek(off)
+                    g.seek(off)
+                    assert f.read(n) == g.read(n), f"step {step}: {name}[{off}:+{n}] differs"
+                checked += 1
+        for name in names:  # every file, at the end
+            if (ref / name).exists():
+                assert read(m.mountpoint / name) == read(ref / name)
+            else:
+                assert not (m.mountpoint / name).exists()
+        assert sorted(os.listdir(m.mountpoint)) == sorted(os.listdir(ref))
+    finally:
+        shutil.rmtree(ref, ignore_errors=True)
+    s = m.stats()
+    assert checked > 200
+    assert s["hits"] > 20 and s["puts"] > 50 and s["flushes"] > 20 and s["misses"] > 0, s
+    assert s["gets"] == s["hits"] + s["misses"]
+
+
+def test_reads_stay_right_when_the_host_drops_everything_or_goes(
+    host_agent: HostAgentProcess, precache: Callable[..., PrecacheMount]
+) -> None:
+    """A file set 3x the shim's cache, re-read: hits from tmem; the host dropping every ephemeral
+    page, then stopping, changes no byte and hangs no read."""
+    rng = random.Random(7)
+    files = {f"d{i}/f{j}": rng.randbytes(rng.randint(1, 8) * PAGE - rng.randint(0, 100))
+             for i in range(3) for j in range(4)}  # fmt: skip
+    digests = {k: hashlib.sha256(v).digest() for k, v in files.items()}
+    total_pages = sum((len(v) + PAGE - 1) // PAGE for v in files.values())
+
+    def populate(d: Path) -> None:
+        for k, v in files.items():
+            (d / k).parent.mkdir(exist_ok=True)
+            (d / k).write_bytes(v)
+
+    m = precache(total_pages // 3, populate)
+
+    def read_all() -> None:
+        for k in files:
+            assert hashlib.sha256(read(m.mountpoint / k)).digest() == digests[k], k
+
+    read_all()
+    s1 = m.stats()
+    assert s1["bytes_from_disk"] == sum(map(len, files.values())) and s1["hits"] == 0
+    read_all()
+    s2 = m.stats()
+    assert s2["hits"] - s1["hits"] > total_pages // 3, s2  # the evicted two thirds mostly come back
+    host_agent.request("reserve", mib=1 << 30)
+    assert pool_pages(host_agent) == 0
+    read_all()
+    s3 = m.stats()
+    assert s3["bytes_from_disk"] > s2["bytes_from_disk"]
+    read_all()
+    assert m.stats()["hits"] > s3["hits"]
+
+    host_agent.stop()
+    began = time.monotonic()
+    read_all()
+    read_all()
+    assert time.monotonic() - began < 10
+    s4 = m.stats()
+    assert not s4["connected"]
+
+
+def test_change_behind_the_mount_is_seen_at_open(precache: Callable[..., PrecacheMount]) -> None:
+    rng = random.Random(3)
+    old, new = rng.randbytes(3 * PAGE), rng.randbytes(3 * PAGE)
+    m = precache(64, lambda d: (d / "f").write_bytes(old))
+    assert read(m.mountpoint / "f") == old  # in the shim's cache
+    st = (m.backing / "f").stat()
+    (m.backing / "f").write_bytes(new)
+    os.utime(m.backing / "f", ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime: ctime tells
+    assert read(m.mountpoint / "f") == new
+    m.evict()  # now in tmem
+    (m.backing / "f").write_bytes(old)
+    flushes = m.stats()["flushes"]
+    assert read(m.mountpoint / "f") == old
+    s = m.stats()
+    assert s["flushes"] == flushes + 1 and s["hits"] == 0
+
+
+def test_tar_extract_and_read_back(precache: Callable[..., PrecacheMount]) -> None:
+    """Real work: extract a tree (sources and binary blobs) into the mount, read it all back twice."""
+    src = Path(__file__).resolve().parent.parent / "guestagent"
+    rng = random.Random(5)
+    work = Path(tempfile.mkdtemp(prefix="tmem-tar", dir="/tmp"))
+    try:
+        tree = work / "tree"
+        shutil.copytree(src, tree / "guestagent", ignore=shutil.ignore_patterns("__pycache__"))
+        for i in range(8):
+            (tree / f"blob{i}.bin").write_bytes(rng.randbytes(rng.randint(1, 40) * 1000))
+        with tarfile.open(work / "t.tar", "w") as t:
+            t.add(tree, arcname="tree")
+        m = precache(32)
+        subprocess.run(["tar", "-xf", str(work / "t.tar"), "-C", str(m.mountpoint)], check=True)
+        for _ in range(2):
+            for path in tree.rglob("*"):
+                there = m.mountpoint / "tree" / path.relative_to(tree)
+                if path.is_file():
+                    assert read(there) == path.read_bytes(), path
+                    assert there.stat().st_mtime_ns // 10**9 == path.stat().st_mtime_ns // 10**9
+                else:
+                    assert there.is_dir()
+        s = m.stats()
+        assert s["hits"] > 0 and s["puts"] > 0, s
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
