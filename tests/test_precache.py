@@ -341,3 +341,61 @@ def test_tar_extract_and_read_back(precache: Callable[..., PrecacheMount]) -> No
         assert s["hits"] > 0 and s["puts"] > 0, s
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_concurrent_readers_never_see_a_page_older_than_the_last_finished_write(
+    precache: Callable[..., PrecacheMount]
+) -> None:
+    """A writer rewrites whole files with a new version stamp in every page while readers re-read
+    them, and the shim's cache is a fraction of the files (pages go through tmem): a read begun
+    after a write returned must see that write or a later one, never an older page."""
+    import threading
+
+    pages, nfiles = 6, 4
+    m = precache(8)
+    paths = [m.mountpoint / f"v{i}" for i in range(nfiles)]
+    done = [0] * nfiles  # the last version whose write returned, per file
+
+    def content(version: int, i: int) -> bytes:
+        return b"".join((version.to_bytes(8, "little") + bytes([i, p])) * (PAGE // 10) +
+                        bytes(PAGE % 10) for p in range(pages))  # fmt: skip
+
+    for i, p in enumerate(paths):
+        p.write_bytes(content(0, i))
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def writer() -> None:
+        version = 0
+        rng = random.Random(11)
+        while not stop.is_set():
+            version += 1
+            i = rng.randrange(nfiles)
+            with open(paths[i], "r+b") as f:
+                f.write(content(version, i))
+            done[i] = version
+
+    def reader(seed: int) -> None:
+        rng = random.Random(seed)
+        while not stop.is_set():
+            i = rng.randrange(nfiles)
+            floor = done[i]
+            data = read(paths[i])
+            for p in range(pages):
+                v = int.from_bytes(data[p * PAGE : p * PAGE + 8], "little")
+                if v < floor or data[p * PAGE + 8 : p * PAGE + 10] != bytes([i, p]):
+                    errors.append(f"file {i} page {p}: version {v} after {floor} was written")
+
+    threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader, args=(s,))
+                                                   for s in range(4)]  # fmt: skip
+    for t in threads:
+        t.start()
+    time.sleep(4)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert not errors, errors[:5]
+    for i, p in enumerate(paths):
+        assert read(p) == content(done[i], i)
+    s = m.stats()
+    assert s["hits"] > 0 and s["puts"] > 0 and s["flushes"] > 0, s
