@@ -64,6 +64,7 @@ GET_TIMEOUT: Final = 1.0  # a host that does not answer a get within this is a m
 ATTR_TIMEOUT: Final = 1.0
 _FS_IOC_GETVERSION: Final = 0x80087601  # _IOR('v', 1, long)
 _ROOT: Final = int(pyfuse3.ROOT_INODE)
+_RWF_NOWAIT: Final = getattr(os, "RWF_NOWAIT", 8)
 
 T = TypeVar("T")
 
@@ -139,6 +140,26 @@ def _pread_all(fd: int, size: int, offset: int) -> bytes:
         size -= len(data)
         offset += len(data)
     return b"".join(chunks)
+
+
+def _pread_nowait(fd: int, size: int, offset: int) -> bytes:
+    """What the backing file's page cache holds of the range right now, without waiting for the
+    disk (RWF_NOWAIT): a cached page costs no thread hop.  May be short, or empty."""
+    buf = bytearray(size)
+    try:
+        n = os.preadv(fd, [buf], offset, _RWF_NOWAIT)
+    except OSError:  # EAGAIN: not cached; EOPNOTSUPP: the file system cannot tell
+        return b""
+    return bytes(memoryview(buf)[:n]) if n < size else bytes(buf)
+
+
+async def _pread(fd: int, size: int, offset: int) -> bytes:
+    """Read `size` bytes (fewer at EOF): from the page cache in place if it has them, else in a
+    worker thread."""
+    data = _pread_nowait(fd, size, offset)
+    if len(data) < size:
+        data += await _io(_pread_all, fd, size - len(data), offset + len(data))
+    return data
 
 
 def _pwrite_stat(fd: int, buf: bytes, offset: int) -> tuple[int, os.stat_result]:
@@ -511,7 +532,7 @@ class PrecacheFS(pyfuse3.Operations):
             missing = [i for i in missing if i not in fetched]
         if missing:
             lo, hi = missing[0], missing[-1]
-            data = await _io(_pread_all, fd, (hi - lo + 1) * PAGE, lo * PAGE)
+            data = await _pread(fd, min((hi - lo + 1) * PAGE, obj.size - lo * PAGE), lo * PAGE)
             c.bytes_from_disk += len(data)
             for index in missing:
                 fetched[index] = data[(index - lo) * PAGE : (index - lo + 1) * PAGE]
