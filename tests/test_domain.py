@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import os
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -189,10 +190,23 @@ def test_kvm_needs_the_device_and_vmx_or_svm(tmp_path: Path, kvm_device: Path) -
     assert detect_virt_type(kvm_device=kvm_device, cpuinfo=tmp_path / "no-cpuinfo") == "qemu"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can open any file")
 def test_unusable_kvm_device_means_tcg(tmp_path: Path, kvm_device: Path) -> None:
-    kvm_device.chmod(0o400)
-    assert detect_virt_type(kvm_device=kvm_device, cpuinfo=cpuinfo(tmp_path, "vmx")) == "qemu"
+    """A device this user cannot open read-write means TCG. Root can open anything, so the check
+    runs in a child that has dropped to nobody (as the QEMU user would see the device)."""
+    for parent in (tmp_path, *tmp_path.parents[:2]):  # pytest's tmp dirs are root's alone
+        parent.chmod(parent.stat().st_mode | 0o055)
+    kvm_device.chmod(0o600)  # root's alone, like /dev/kvm without udev's rule
+    info = cpuinfo(tmp_path, "vmx")
+    info.chmod(0o644)
+    code = (
+        "import os\n"
+        "from hostagent.domain import detect_virt_type\n"  # before: python lives under /root
+        "if os.geteuid() == 0:\n    os.setgid(65534); os.setuid(65534)\n"
+        f"print(detect_virt_type(kvm_device={str(kvm_device)!r}, cpuinfo={str(info)!r}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == "qemu", out.stderr
 
 
 def test_override_argument_and_environment(
