@@ -34,19 +34,22 @@ MOUNT_TIMEOUT = 15.0
 class PrecacheMount:
     """One `python -m guestagent.precache` process and its mount point."""
 
-    def __init__(self, backing: Path, mountpoint: Path, channel: str, cache_pages: int, log: Path) -> None:
+    def __init__(self, backing: Path, mountpoint: Path, channel: str, cache_pages: int, log: Path,
+                 kernel_cache: bool = False) -> None:
         self.backing = backing
         self.mountpoint = mountpoint
         self.channel = channel
         self.cache_pages = cache_pages
         self.log_path = log
+        self.kernel_cache = kernel_cache
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *, connected: bool = True) -> None:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "guestagent.precache", str(self.backing), str(self.mountpoint),
-                 "--channel", self.channel, "--cache-pages", str(self.cache_pages), "--log-level", "INFO"],
+                 "--channel", self.channel, "--cache-pages", str(self.cache_pages), "--log-level", "INFO",
+                 *(["--kernel-cache"] if self.kernel_cache else [])],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             )
         deadline = time.monotonic() + MOUNT_TIMEOUT
@@ -99,7 +102,8 @@ def precache(host_agent: HostAgentProcess, request: pytest.FixtureRequest
     work = Path(tempfile.mkdtemp(prefix="tmem-pc", dir="/tmp"))
     mounts: list[PrecacheMount] = []
 
-    def make(cache_pages: int, populate: Callable[[Path], None] | None = None) -> PrecacheMount:
+    def make(cache_pages: int, populate: Callable[[Path], None] | None = None,
+             kernel_cache: bool = False) -> PrecacheMount:
         n = len(mounts)
         backing, mountpoint = work / f"backing{n}", work / f"mnt{n}"
         backing.mkdir()
@@ -107,7 +111,7 @@ def precache(host_agent: HostAgentProcess, request: pytest.FixtureRequest
         if populate is not None:
             populate(backing)
         m = PrecacheMount(backing, mountpoint, host_agent.sockets["g1"], cache_pages,
-                          work / f"precache{n}.log")
+                          work / f"precache{n}.log", kernel_cache)
         mounts.append(m)
         m.start()
         return m
@@ -399,3 +403,72 @@ def test_concurrent_readers_never_see_a_page_older_than_the_last_finished_write(
         assert read(p) == content(done[i], i)
     s = m.stats()
     assert s["hits"] > 0 and s["puts"] > 0 and s["flushes"] > 0, s
+
+
+def test_make_git_and_mmap_in_the_mount(precache: Callable[..., PrecacheMount]) -> None:
+    """Real work: build a C program with make (gcc, ld, exec of the result), git commit and checkout,
+    and mmap reads (MAP_PRIVATE; MAP_SHARED needs the kernel-cached mode, see the next test)."""
+    import mmap
+
+    m = precache(16)
+    proj = m.mountpoint / "proj"
+    proj.mkdir()
+    for i in range(1, 4):
+        (proj / f"f{i}.c").write_text(f"int f{i}(void) {{ return {i * 10}; }}\n")
+    (proj / "main.c").write_text(
+        '#include <stdio.h>\nint f1(void); int f2(void); int f3(void);\n'
+        'int main(void) { printf("%d\\n", f1() + f2() + f3()); return 0; }\n')
+    (proj / "Makefile").write_text("prog: main.o f1.o f2.o f3.o\n\t$(CC) -o $@ $^\n")
+    subprocess.run(["make", "-s", "-C", str(proj)], check=True, capture_output=True, timeout=60)
+    out = subprocess.run([str(proj / "prog")], check=True, capture_output=True, text=True, timeout=10)
+    assert out.stdout == "60\n"
+    (proj / "f2.c").write_text("int f2(void) { return 7; }\n")  # rebuild after a change in the mount
+    os.utime(proj / "f2.c", (time.time() + 5, time.time() + 5))
+    subprocess.run(["make", "-s", "-C", str(proj)], check=True, capture_output=True, timeout=60)
+    assert subprocess.run([str(proj / "prog")], capture_output=True, text=True).stdout == "47\n"
+
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t", "-c", "init.defaultBranch=main",
+           "-C", str(proj)]
+    subprocess.run([*git, "init", "-q"], check=True, timeout=30)
+    subprocess.run([*git, "add", "."], check=True, timeout=30)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True, timeout=30)
+    (proj / "f1.c").write_text("int f1(void) { return 1; }\n")
+    subprocess.run([*git, "commit", "-qam", "two"], check=True, timeout=30)
+    subprocess.run([*git, "checkout", "-q", "HEAD~1"], check=True, timeout=30)
+    assert (proj / "f1.c").read_text() == "int f1(void) { return 10; }\n"
+    subprocess.run([*git, "checkout", "-q", "main"], check=True, timeout=30)
+    assert (proj / "f1.c").read_text() == "int f1(void) { return 1; }\n"
+    assert subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                          text=True, check=True).stdout == ""  # fmt: skip
+
+    data = random.Random(9).randbytes(10 * PAGE + 123)
+    (m.backing / "blob").write_bytes(data)
+    with open(m.mountpoint / "blob", "rb") as f, mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE,
+                                                          prot=mmap.PROT_READ) as mm:  # fmt: skip
+        assert mm[:] == data
+
+
+def test_kernel_cached_mode_serves_shared_mmap_and_stays_right(
+    precache: Callable[..., PrecacheMount]
+) -> None:
+    """Without direct_io the kernel page cache serves hot reads (MAP_SHARED works); it is dropped at
+    every open (keep_cache off), so writes and changes behind the mount are still seen."""
+    import mmap
+
+    rng = random.Random(4)
+    data = rng.randbytes(6 * PAGE)
+    m = precache(4, lambda d: (d / "f").write_bytes(data), kernel_cache=True)
+    with open(m.mountpoint / "f", "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+        assert mm[:] == data
+    reads = m.stats()["reads"]
+    with open(m.mountpoint / "f", "rb") as f:
+        assert f.read() == data
+        f.seek(0)
+        assert f.read() == data  # the kernel's copy: the shim is not asked again
+    assert m.stats()["reads"] - reads <= 3
+    new = rng.randbytes(6 * PAGE)
+    with open(m.mountpoint / "f", "r+b") as f:
+        f.write(new[:PAGE])
+    assert read(m.mountpoint / "f") == new[:PAGE] + data[PAGE:]
+    (m.backing / "f").write_bytes(new)
+    assert read(m.mountpoint / "f") == new
