@@ -31,6 +31,7 @@ Works with pyfuse3 3.2 (Debian bookworm) to 3.4 and trio 0.22 onwards.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import fcntl
 import functools
@@ -49,10 +50,11 @@ import pyfuse3
 import trio
 
 from guestagent import wire
-from guestagent.channel import ChannelError, Pool, open_channel
+from guestagent.channel import Channel, ChannelError, Pool, open_channel
 from guestagent.pagecache import PageCache
+from guestagent.reporter import parse_meminfo
 
-__all__ = ["Counters", "PrecacheFS", "main", "mount", "serve"]
+__all__ = ["Counters", "PrecacheFS", "cache_target", "main", "mount", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,9 @@ DISCARD_XATTR: Final = b"user.tmem.precache.discard"
 GET_TIMEOUT: Final = 1.0  # a host that does not answer a get within this is a miss
 ATTR_TIMEOUT: Final = 1.0
 _FS_IOC_GETVERSION: Final = 0x80087601  # _IOR('v', 1, long)
+MEMORY_INTERVAL: Final = 1.0  # seconds between looks at MemAvailable
+MEMORY_RESERVE: Final = 64 << 20  # bytes the cache leaves to the rest of the guest
+MIN_CACHE_PAGES: Final = 64
 _ROOT: Final = int(pyfuse3.ROOT_INODE)
 _RWF_NOWAIT: Final = getattr(os, "RWF_NOWAIT", 8)
 
@@ -84,6 +89,7 @@ class Counters:
     bytes_from_tmem: int = 0
     bytes_from_disk: int = 0
     cached_pages: int = 0
+    cache_limit: int = 0  # pages: the configured maximum, lowered while memory is short
     connected: bool = False
 
 
@@ -106,6 +112,13 @@ class _Node:
     key: tuple[int, int]
     paths: set[str] = field(default_factory=set)
     lookups: int = 0
+
+
+def cache_target(max_pages: int, cached_pages: int, mem_available: int, reserve: int = MEMORY_RESERVE) -> int:
+    """How many pages the shim's cache may hold: at most half of what the guest would have available
+    without the cache, beyond a reserve; never above the configured maximum, nor below a floor."""
+    without = mem_available + cached_pages * PAGE - reserve
+    return max(min(MIN_CACHE_PAGES, max_pages), min(max_pages, without // 2 // PAGE))
 
 
 def _seen(st: os.stat_result) -> tuple[int, int, int]:
@@ -196,6 +209,8 @@ class PrecacheFS(pyfuse3.Operations):
         self.pool: Pool | None = None
         self.counters = Counters()
         self.cache = PageCache(cache_pages, self._evicted)
+        self.max_pages = cache_pages
+        self.counters.cache_limit = cache_pages
         root = os.lstat(self.backing)
         rkey = (root.st_dev, root.st_ino)
         self._nodes: dict[int, _Node] = {_ROOT: _Node(rkey, {self.backing}, 1)}
@@ -663,18 +678,47 @@ class PrecacheFS(pyfuse3.Operations):
         self._sync(*await _io(apply))
 
 
+    def follow_memory(self, mem_available: int) -> None:
+        """Bound the cache by the guest's MemAvailable (bytes); what it sheds goes to tmem."""
+        target = cache_target(self.max_pages, len(self.cache), mem_available)
+        self.cache.capacity = target
+        self.counters.cache_limit = target
+        self.cache.shrink(target)
+        self.counters.cached_pages = len(self.cache)
+
+
 # ------------------------------------------------------------------------------- running it
 
 
+async def _use_channel(fs: PrecacheFS, channel: Channel) -> None:
+    """Create the mount's pool on `channel` (waits for the host); gets miss until then."""
+    pool = await channel.new_pool(0)  # private ephemeral: exclusive gets
+    fs.pool = pool
+    log.info("precache: pool %d on %s", pool.remote_id, channel.spec)
+    try:
+        await trio.sleep_forever()
+    finally:
+        fs.pool = None
+        with trio.CancelScope(shield=True), trio.move_on_after(1), contextlib.suppress(ChannelError):
+            await pool.destroy()
+
+
 async def _connect(fs: PrecacheFS, channel_spec: str) -> None:
-    """Open the channel and the mount's pool; until then (and while the host is gone) gets miss."""
     async with open_channel(channel_spec, name="precache", retry_interval=0.25) as ch:
-        fs.pool = await ch.new_pool(0)  # private ephemeral: exclusive gets
-        log.info("precache: pool %d on %s", fs.pool.remote_id, channel_spec)
+        await _use_channel(fs, ch)
+
+
+async def _follow_memory(fs: PrecacheFS, proc_dir: str) -> None:
+    while True:
         try:
-            await trio.sleep_forever()
-        finally:
-            fs.pool = None
+            with open(os.path.join(proc_dir, "meminfo")) as f:  # procfs: no disk behind it
+                info = parse_meminfo(f.read())
+        except OSError as exc:
+            log.warning("precache: cannot read meminfo: %s", exc)
+            return
+        if "MemAvailable" in info:
+            fs.follow_memory(info["MemAvailable"] * 1024)
+        await trio.sleep(MEMORY_INTERVAL)
 
 
 async def _stop_on_signals() -> None:
@@ -685,9 +729,18 @@ async def _stop_on_signals() -> None:
 
 
 async def serve(
-    backing: str, mountpoint: str, channel_spec: str, cache_pages: int, *, direct_io: bool = True
-) -> None:
-    """Mount and serve until unmounted or SIGTERM/SIGINT; the channel is opened in the background."""
+    backing: str, mountpoint: str, channel_spec: str | None, cache_pages: int, *, direct_io: bool = True,
+    channel: Channel | None = None, proc_dir: str = "/proc", signals: bool = True,
+    task_status: trio.TaskStatus[PrecacheFS] = trio.TASK_STATUS_IGNORED,
+) -> None:  # fmt: skip
+    """Mount and serve until unmounted (or SIGTERM/SIGINT/SIGHUP with `signals`).
+
+    The pool lives on `channel` if given (a daemon that owns the guest's only port passes its own),
+    else on a channel opened to `channel_spec` in the background.  pyfuse3 serves one mount per
+    process.  `task_status.started` gets the file system once mounted (its `counters`).
+    """
+    if (channel is None) == (channel_spec is None):
+        raise ValueError("give one of channel_spec and channel")
     fs = PrecacheFS(backing, cache_pages, direct_io=direct_io)
     options = set(pyfuse3.default_options)
     options.add("fsname=precache")
@@ -695,8 +748,15 @@ async def serve(
     pyfuse3.init(fs, mountpoint, options)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_connect, fs, channel_spec)
-            nursery.start_soon(_stop_on_signals)
+            if channel is not None:
+                nursery.start_soon(_use_channel, fs, channel)
+            else:
+                assert channel_spec is not None
+                nursery.start_soon(_connect, fs, channel_spec)
+            if signals:
+                nursery.start_soon(_stop_on_signals)
+            nursery.start_soon(_follow_memory, fs, proc_dir)
+            task_status.started(fs)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
     finally:
@@ -704,7 +764,8 @@ async def serve(
 
 
 def mount(
-    backing: str, mountpoint: str, channel_spec: str, cache_pages: int, *, direct_io: bool = True
+    backing: str, mountpoint: str, channel_spec: str, cache_pages: int, *, direct_io: bool = True,
+    proc_dir: str = "/proc",
 ) -> None:
     """Blocking entry point for `guestagent precache mount BACKING MOUNTPOINT`."""
     for what, path in (("backing directory", backing), ("mount point", mountpoint)):
@@ -712,7 +773,8 @@ def mount(
             raise SystemExit(f"precache: {what} {path} is not a directory")
     if cache_pages < 1:
         raise SystemExit("precache: the cache needs at least one page")
-    trio.run(functools.partial(serve, backing, mountpoint, channel_spec, cache_pages, direct_io=direct_io))
+    trio.run(functools.partial(serve, backing, mountpoint, channel_spec, cache_pages, direct_io=direct_io,
+                               proc_dir=proc_dir))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -723,11 +785,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-pages", type=int, default=16384)
     parser.add_argument("--kernel-cache", action="store_true",
                         help="no direct_io: the kernel page cache serves hot reads (the shim sees fewer)")
+    parser.add_argument("--proc-dir", default="/proc", help="where meminfo is read (tests use a fake one)")
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
-    mount(args.backing, args.mountpoint, args.channel, args.cache_pages, direct_io=not args.kernel_cache)
+    mount(args.backing, args.mountpoint, args.channel, args.cache_pages, direct_io=not args.kernel_cache,
+          proc_dir=args.proc_dir)
     return 0
 
 

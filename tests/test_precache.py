@@ -35,13 +35,14 @@ class PrecacheMount:
     """One `python -m guestagent.precache` process and its mount point."""
 
     def __init__(self, backing: Path, mountpoint: Path, channel: str, cache_pages: int, log: Path,
-                 kernel_cache: bool = False) -> None:
+                 kernel_cache: bool = False, proc_dir: Path | None = None) -> None:
         self.backing = backing
         self.mountpoint = mountpoint
         self.channel = channel
         self.cache_pages = cache_pages
         self.log_path = log
         self.kernel_cache = kernel_cache
+        self.proc_dir = proc_dir
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *, connected: bool = True) -> None:
@@ -49,7 +50,8 @@ class PrecacheMount:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "guestagent.precache", str(self.backing), str(self.mountpoint),
                  "--channel", self.channel, "--cache-pages", str(self.cache_pages), "--log-level", "INFO",
-                 *(["--kernel-cache"] if self.kernel_cache else [])],
+                 *(["--kernel-cache"] if self.kernel_cache else []),
+                 *(["--proc-dir", str(self.proc_dir)] if self.proc_dir else [])],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             )
         deadline = time.monotonic() + MOUNT_TIMEOUT
@@ -103,7 +105,7 @@ def precache(host_agent: HostAgentProcess, request: pytest.FixtureRequest
     mounts: list[PrecacheMount] = []
 
     def make(cache_pages: int, populate: Callable[[Path], None] | None = None,
-             kernel_cache: bool = False) -> PrecacheMount:
+             kernel_cache: bool = False, proc_dir: Path | None = None) -> PrecacheMount:
         n = len(mounts)
         backing, mountpoint = work / f"backing{n}", work / f"mnt{n}"
         backing.mkdir()
@@ -111,7 +113,7 @@ def precache(host_agent: HostAgentProcess, request: pytest.FixtureRequest
         if populate is not None:
             populate(backing)
         m = PrecacheMount(backing, mountpoint, host_agent.sockets["g1"], cache_pages,
-                          work / f"precache{n}.log", kernel_cache)
+                          work / f"precache{n}.log", kernel_cache, proc_dir)
         mounts.append(m)
         m.start()
         return m
@@ -472,3 +474,50 @@ def test_kernel_cached_mode_serves_shared_mmap_and_stays_right(
     assert read(m.mountpoint / "f") == new[:PAGE] + data[PAGE:]
     (m.backing / "f").write_bytes(new)
     assert read(m.mountpoint / "f") == new
+
+
+def test_page_cache_evicts_least_recently_used_and_cache_follows_memory() -> None:
+    from guestagent.pagecache import PageCache
+    from guestagent.precache import MEMORY_RESERVE, cache_target
+
+    out: list[tuple[bytes, int]] = []
+    c = PageCache(3, lambda oid, i, page: out.append((oid, i)))
+    for i in range(3):
+        c.insert(b"a", i, bytes([i]))
+    assert c.get(b"a", 0) == b"\0"  # 0 is now the most recent
+    c.insert(b"b", 0, b"x")
+    assert out == [(b"a", 1)]
+    assert c.drop_object(b"a") == 2 and out == [(b"a", 1)]  # dropped pages are not evicted
+    assert len(c) == 1 and c.holds(b"b") and not c.holds(b"a")
+    c.shrink(0)
+    assert out[-1] == (b"b", 0) and len(c) == 0
+
+    assert cache_target(1000, 0, 1 << 40) == 1000  # plenty of memory: the configured maximum
+    assert cache_target(1000, 0, MEMORY_RESERVE + 400 * PAGE) == 200  # half of what is spare
+    assert cache_target(1000, 300, MEMORY_RESERVE + 100 * PAGE) == 200  # its own pages count as spare
+    assert cache_target(1000, 0, 0) == 64 and cache_target(10, 0, 0) == 10  # a floor
+
+
+def test_cache_shrinks_with_mem_available_and_sheds_to_tmem(
+    host_agent: HostAgentProcess, precache: Callable[..., PrecacheMount], tmp_path: Path
+) -> None:
+    from guestagent.precache import MEMORY_RESERVE
+
+    (tmp_path / "meminfo").write_text(f"MemTotal: 8000000 kB\nMemAvailable: {4 << 20} kB\n")
+    data = random.Random(2).randbytes(200 * PAGE)
+    m = precache(256, lambda d: (d / "f").write_bytes(data), proc_dir=tmp_path)
+    assert read(m.mountpoint / "f") == data
+    s1 = m.stats()
+    assert s1["cached_pages"] == 200 and s1["cache_limit"] == 256 and s1["puts"] == 0
+    # memory gets short: with 100 pages spare beyond the reserve (its own 200 count as spare too)
+    # the cache may keep (100 + 200) / 2 pages, and what it sheds goes to tmem.  (This fake
+    # MemAvailable does not grow as the cache frees memory, so later samples shrink it further.)
+    (tmp_path / "meminfo").write_text(f"MemAvailable: {(MEMORY_RESERVE + 100 * PAGE) // 1024} kB\n")
+    wait_for(lambda: m.stats()["cache_limit"] <= 150, what="the cache to shrink")
+    (tmp_path / "meminfo").write_text(f"MemAvailable: {4 << 20} kB\n")
+    s2 = m.stats()
+    assert 100 <= s2["cached_pages"] <= 150 and s2["puts"] == 200 - s2["cached_pages"], s2
+    wait_for(lambda: m.stats()["cache_limit"] == 256, what="the cache to grow back")
+    assert read(m.mountpoint / "f") == data
+    s3 = m.stats()
+    assert s3["hits"] - s2["hits"] >= 50 and s3["cached_pages"] == 200
