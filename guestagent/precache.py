@@ -68,6 +68,9 @@ _FS_IOC_GETVERSION: Final = 0x80087601  # _IOR('v', 1, long)
 MEMORY_INTERVAL: Final = 1.0  # seconds between looks at MemAvailable
 MEMORY_RESERVE: Final = 64 << 20  # bytes the cache leaves to the rest of the guest
 MIN_CACHE_PAGES: Final = 64
+READ_AHEAD_PAGES: Final = 32
+SHED_BATCH: Final = 512  # pages evicted at once when the cache shrinks (the channel queues 2048 puts)
+_BARRIER_OID: Final = b"\xff" * 24  # no file's identity: a flush of it only waits for the host
 _ROOT: Final = int(pyfuse3.ROOT_INODE)
 _RWF_NOWAIT: Final = getattr(os, "RWF_NOWAIT", 8)
 
@@ -80,6 +83,7 @@ class Counters:
 
     reads: int = 0
     cache_hits: int = 0  # pages served from the shim's own cache
+    read_ahead: int = 0  # pages fetched beyond a sequential read
     gets: int = 0
     hits: int = 0
     misses: int = 0
@@ -218,6 +222,7 @@ class PrecacheFS(pyfuse3.Operations):
         self._next_ino = _ROOT + 1
         self._objects: dict[tuple[int, int], _Object] = {}
         self._files: dict[int, tuple[int, _Object]] = {}  # fh (= backing fd) -> (fd, object)
+        self._next_off: dict[int, int] = {}  # fh -> where a sequential reader reads next
         self._dirs: dict[int, tuple[int, list[tuple[bytes, os.stat_result]] | None]] = {}
         self._next_dh = 1
 
@@ -517,6 +522,8 @@ class PrecacheFS(pyfuse3.Operations):
         fd, obj = self._files[fh]
         c = self.counters
         c.reads += 1
+        sequential = self._next_off.get(fh) == off
+        self._next_off[fh] = off + size
         end = min(off + size, obj.size)
         if off >= end:  # past what the shim knows of the file: ask the file itself, uncached
             data = await _io(_pread_all, fd, size, off)
@@ -534,6 +541,15 @@ class PrecacheFS(pyfuse3.Operations):
             else:
                 pages[index] = page
         c.cache_hits += len(pages)
+        if missing and sequential and missing[-1] == last:
+            # read-ahead: a sequential reader will want the next pages; one get and one backing
+            # read for all of them instead of a round trip each (never more than a quarter of
+            # the cache, so the pages asked for now are not pushed out by their successors)
+            window = min(READ_AHEAD_PAGES, self.cache.capacity // 4)
+            ahead = [i for i in range(last + 1, min(last + window, (obj.size - 1) // PAGE) + 1)
+                     if self.cache.get(oid, i) is None]  # fmt: skip
+            c.read_ahead += len(ahead)
+            missing.extend(ahead)
         fetched: dict[int, bytes] = {}
         if missing:
             for index, got in zip(missing, await self._tmem_get(oid, missing), strict=True):
@@ -551,11 +567,13 @@ class PrecacheFS(pyfuse3.Operations):
             c.bytes_from_disk += len(data)
             for index in missing:
                 fetched[index] = data[(index - lo) * PAGE : (index - lo + 1) * PAGE]
-        pages.update(fetched)
         if obj.epoch == epoch:
-            for index, page in fetched.items():
+            # read-ahead pages first: the pages asked for now are the most recently used
+            for index in sorted(fetched, key=lambda i: i <= last):
+                page = fetched[index]
                 if len(page) == min(PAGE, obj.size - index * PAGE):  # else it changed behind us
                     self.cache.insert(oid, index, page)
+        pages.update(fetched)
         c.cached_pages = len(self.cache)
         blob = b"".join(pages[i] for i in range(first, last + 1))
         out = blob[off - first * PAGE : end - first * PAGE]
@@ -582,6 +600,7 @@ class PrecacheFS(pyfuse3.Operations):
 
     async def release(self, fh: int) -> None:
         fd, obj = self._files.pop(fh)
+        self._next_off.pop(fh, None)
         obj.opens -= 1
         await _io(os.close, fd)
 
@@ -648,7 +667,7 @@ class PrecacheFS(pyfuse3.Operations):
 
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
         if inode == _ROOT and name == EVICT_XATTR:
-            self.cache.shrink(0)
+            await self.shed(0)
             return
         if inode == _ROOT and name == DISCARD_XATTR:
             self.cache.discard_all()
@@ -678,13 +697,26 @@ class PrecacheFS(pyfuse3.Operations):
         self._sync(*await _io(apply))
 
 
-    def follow_memory(self, mem_available: int) -> None:
+    async def follow_memory(self, mem_available: int) -> None:
         """Bound the cache by the guest's MemAvailable (bytes); what it sheds goes to tmem."""
         target = cache_target(self.max_pages, len(self.cache), mem_available)
         self.cache.capacity = target
         self.counters.cache_limit = target
-        self.cache.shrink(target)
-        self.counters.cached_pages = len(self.cache)
+        await self.shed(target)
+
+    async def shed(self, target: int) -> None:
+        """Evict down to `target` pages, in batches: fire-and-forget puts queue up on the channel
+        (past its limit they degrade to flushes), so after each batch an acknowledged request,
+        ordered behind the puts, waits until the host has taken them."""
+        while len(self.cache) > target:
+            self.cache.shrink(max(target, len(self.cache) - SHED_BATCH))
+            self.counters.cached_pages = len(self.cache)
+            pool = self.pool
+            if pool is not None:
+                with trio.move_on_after(GET_TIMEOUT), contextlib.suppress(ChannelError):
+                    await pool.flush_page(_BARRIER_OID, 0)
+            else:
+                await trio.lowlevel.checkpoint()
 
 
 # ------------------------------------------------------------------------------- running it
@@ -717,7 +749,7 @@ async def _follow_memory(fs: PrecacheFS, proc_dir: str) -> None:
             log.warning("precache: cannot read meminfo: %s", exc)
             return
         if "MemAvailable" in info:
-            fs.follow_memory(info["MemAvailable"] * 1024)
+            await fs.follow_memory(info["MemAvailable"] * 1024)
         await trio.sleep(MEMORY_INTERVAL)
 
 
