@@ -65,6 +65,7 @@ DISCARD_XATTR: Final = b"user.tmem.precache.discard"
 GET_TIMEOUT: Final = 1.0  # a host that does not answer a get within this is a miss
 ATTR_TIMEOUT: Final = 1.0
 _FS_IOC_GETVERSION: Final = 0x80087601  # _IOR('v', 1, long)
+REPORT_INTERVAL: Final = 2.0  # seconds between STATS reports on a channel of the mount's own
 MEMORY_INTERVAL: Final = 1.0  # seconds between looks at MemAvailable
 MEMORY_RESERVE: Final = 64 << 20  # bytes the cache leaves to the rest of the guest
 MIN_CACHE_PAGES: Final = 64
@@ -697,6 +698,12 @@ class PrecacheFS(pyfuse3.Operations):
         self._sync(*await _io(apply))
 
 
+    def report_values(self) -> dict[str, int]:
+        """The counters as STATS names (`precache_*`), for a report to the host."""
+        c = self.counters
+        c.cached_pages = len(self.cache)
+        return {f"precache_{k}": int(v) for k, v in asdict(c).items() if k != "connected"}
+
     async def follow_memory(self, mem_available: int) -> None:
         """Bound the cache by the guest's MemAvailable (bytes); what it sheds goes to tmem."""
         target = cache_target(self.max_pages, len(self.cache), mem_available)
@@ -736,8 +743,16 @@ async def _use_channel(fs: PrecacheFS, channel: Channel) -> None:
 
 
 async def _connect(fs: PrecacheFS, channel_spec: str) -> None:
-    async with open_channel(channel_spec, name="precache", retry_interval=0.25) as ch:
-        await _use_channel(fs, ch)
+    """A channel of the mount's own (a guest agent that owns the port reports for it instead)."""
+    async with (
+        open_channel(channel_spec, name="precache", retry_interval=0.25) as ch,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(_use_channel, fs, ch)
+        while True:
+            await trio.sleep(REPORT_INTERVAL)
+            with contextlib.suppress(ChannelError):
+                await ch.report_stats(fs.report_values())
 
 
 async def _follow_memory(fs: PrecacheFS, proc_dir: str) -> None:

@@ -304,6 +304,24 @@ def test_reads_stay_right_when_the_host_drops_everything_or_goes(
     assert not s4["connected"]
 
 
+def test_counters_reach_the_host_in_stats_reports(
+    host_agent: HostAgentProcess, precache: Callable[..., PrecacheMount]
+) -> None:
+    data = random.Random(8).randbytes(40 * PAGE)
+    m = precache(16, lambda d: (d / "f").write_bytes(data))
+    for _ in range(2):
+        assert read(m.mountpoint / "f") == data
+
+    def reported() -> dict[str, int]:
+        report = host_agent.stats()["guests"]["g1"]["report"]
+        return report["values"] if report else {}
+
+    wait_for(lambda: reported().get("precache_hits", 0) > 0, timeout=10, what="a STATS report")
+    values, local = reported(), m.stats()
+    assert values["precache_hits"] <= local["hits"] and values["precache_gets"] <= local["gets"]
+    assert values["precache_bytes_from_tmem"] >= PAGE
+
+
 def test_change_behind_the_mount_is_seen_at_open(precache: Callable[..., PrecacheMount]) -> None:
     rng = random.Random(3)
     old, new = rng.randbytes(3 * PAGE), rng.randbytes(3 * PAGE)
