@@ -210,6 +210,15 @@ class Swapper:
                         log.warning("cannot destroy the preswap pool: %s", exc)
 
     async def _client(self, conn: trio.socket.SocketType) -> None:
+        """One application connection; nothing it does may stop the other regions."""
+        try:
+            await self._serve_client(conn)
+        except OSError as exc:  # e.g. it went away before our reply
+            log.info("preswap client: %s", exc)
+        except Exception:
+            log.exception("preswap client failed")
+
+    async def _serve_client(self, conn: trio.socket.SocketType) -> None:
         with conn:
             try:
                 line, fds = await _read_request(conn)
@@ -430,8 +439,11 @@ class Swapper:
         while True:
             await region.need_evict.wait()
             region.need_evict = trio.Event()
+            # evict down to a low mark below the budget, so that evictions come in batches
+            # (one PUT_VEC round trip for many pages) rather than one page per fault
+            low = region.budget - min(EVICT_BATCH, max(1, region.budget // 8))
             while region.resident > region.budget:
-                victims = self._victims(region, min(EVICT_BATCH, region.resident - region.budget))
+                victims = self._victims(region, min(EVICT_BATCH, region.resident - low))
                 if not victims:
                     break
                 for p in victims:

@@ -1,0 +1,160 @@
+"""Preswap fault service on the host: from tmem, from the swap file, and first-touch zero faults.
+
+Starts a host agent (temp config, arena on /dev/shm) and a swapper process on its own channel;
+this process is the application (its faults are handled by the swapper).  Three passes, each over
+a region of PAGES pages, timing one access per page:
+
+- zero: budget >= the region, first touch of every page (UFFDIO_ZEROPAGE, no eviction);
+- tmem: budget 64 pages, every page written once, then read in order twice: every access is a
+  fault served by an exclusive get (and pays its share of the eviction of another page: WP,
+  PUT_VEC, punch hole);
+- disk: the same with the guest's quota at 0, so every put is refused and the swap file serves.
+
+Then (unless --no-soak) the soak: a region 4x its budget under random verified reads and writes
+with 100,000+ faults (`guestagent.preswap_workload`).  Prints one JSON object; the tmem path must
+beat the disk path (`targets_met`).  The swap file sits in a temp dir under /var/tmp (a disk, not
+tmpfs, where /var/tmp is on one); the page cache still absorbs much of it on an idle host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from guestagent import preswap
+
+PAGE = preswap.PAGE
+
+
+def _config(tmp: Path, shm: Path) -> Path:
+    config = tmp / "hostagent.toml"
+    config.write_text(
+        f'[pool]\nlimit_mib = 512\nhost_reserve_mib = 0\narena_dir = "{shm}/arena"\n'
+        f'[control]\nsocket = "{tmp}/control.sock"\n[channels]\ndir = "{tmp}/guests"\n'
+        '[libvirt]\nenabled = false\n[[guest]]\nname = "bench"\ncompress = false\n'
+    )
+    return config
+
+
+def _wait_listening(path: str, proc: subprocess.Popen[bytes], what: str) -> None:
+    import socket
+
+    deadline = time.monotonic() + 15
+    while True:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(path)
+                return
+            except OSError:
+                pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start")
+        time.sleep(0.02)
+
+
+def _pass(sock: str, pages: int, budget: int, write_first: bool, reads: int) -> dict[str, Any]:
+    with preswap.Region(pages * PAGE, sock, budget_pages=budget) as region:
+        buf = region.buf
+        if write_first:
+            for p in range(pages):
+                buf[p * PAGE] = (p % 251) + 1
+        before = preswap.stats(sock)["regions"][str(region.id)]
+        start = time.perf_counter()
+        bad = 0
+        for _ in range(reads):
+            for p in range(pages):
+                if buf[p * PAGE] != ((p % 251) + 1 if write_first else 0):
+                    bad += 1
+        elapsed = time.perf_counter() - start
+        after = preswap.stats(sock)["regions"][str(region.id)]
+    faults = after["faults"] - before["faults"]
+    return {
+        "accesses": pages * reads, "faults": faults, "seconds": round(elapsed, 3),
+        "faults_per_s": round(faults / elapsed), "us_per_fault": round(elapsed / faults * 1e6, 1),
+        "mismatches": bad,
+        "kinds": {k: after[k] - before[k] for k in ("zero_faults", "tmem_faults", "disk_faults")},
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pages", type=int, default=8192, help="region size in pages per pass")
+    parser.add_argument("--soak-ops", type=int, default=140_000, help="soak operations (~0.75 fault each)")
+    parser.add_argument("--no-soak", action="store_true")
+    args = parser.parse_args()
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-preswap-") as tmpdir,
+        tempfile.TemporaryDirectory(prefix="bench-preswap-", dir="/dev/shm") as shmdir,
+        tempfile.TemporaryDirectory(prefix="bench-preswap-", dir="/var/tmp") as diskdir,
+    ):
+        tmp, shm = Path(tmpdir), Path(shmdir)
+        sock = str(tmp / "preswap.sock")
+        control = str(tmp / "control.sock")
+        log = open(tmp / "log", "wb")  # noqa: SIM115 - closed below
+        procs: list[subprocess.Popen[bytes]] = []
+        try:
+            host = subprocess.Popen([sys.executable, "-m", "hostagent", "run", "--config",
+                                     str(_config(tmp, shm)), "--log-level", "WARNING"], stderr=log)
+            procs.append(host)
+            _wait_listening(str(tmp / "guests" / "bench.sock"), host, "hostagent run")
+            swapper = subprocess.Popen(
+                [sys.executable, "-m", "guestagent.swapper", "--channel", str(tmp / "guests" / "bench.sock"),
+                 "--socket", sock, "--swap-file", os.path.join(diskdir, "swap")],
+                stdout=subprocess.DEVNULL, stderr=log)
+            procs.append(swapper)
+            _wait_listening(sock, swapper, "swapper")
+            result: dict[str, Any] = {"pages": args.pages, "loadavg": os.getloadavg()}
+            result["zero"] = _pass(sock, args.pages, args.pages, False, 1)
+            result["tmem"] = _pass(sock, args.pages, 64, True, 2)
+
+            def quota(mib: int) -> None:
+                subprocess.run([sys.executable, "-W", "ignore", "-m", "hostagent", "set", "bench",
+                                f"quota={mib}", "--control", control], check=True, capture_output=True)
+
+            quota(0)
+            result["disk"] = _pass(sock, args.pages, 64, True, 2)
+            quota(1 << 20)
+            tmem, disk, zero = (result[k]["us_per_fault"] for k in ("tmem", "disk", "zero"))
+            result["ratios"] = {"disk_over_tmem": round(disk / tmem, 2),
+                                "tmem_over_zero": round(tmem / zero, 2)}  # fmt: skip
+            if not args.no_soak:
+                soak = subprocess.run(
+                    [sys.executable, "-m", "guestagent.preswap_workload", "--socket", sock,
+                     "--pages", "4096", "--budget", "1024", "--ops", str(args.soak_ops)],
+                    capture_output=True, check=False,
+                )
+                result["soak"] = json.loads(soak.stdout)
+            mismatches = sum(result[k]["mismatches"] for k in ("zero", "tmem", "disk"))
+            result["targets_met"] = {
+                "tmem_beats_disk": tmem < disk,
+                "no_mismatches": mismatches == 0 and result.get("soak", {}).get("mismatches", 0) == 0,
+                "soak_100k_faults": args.no_soak or result["soak"]["agent"]["faults"] >= 100_000,
+            }
+        except BaseException:
+            log.flush()
+            sys.stderr.write((tmp / "log").read_text())
+            raise
+        finally:
+            for proc in reversed(procs):
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                    try:
+                        proc.wait(10)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+            log.close()
+    print(json.dumps(result))
+    return 0 if all(result["targets_met"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
