@@ -539,3 +539,29 @@ def test_cache_shrinks_with_mem_available_and_sheds_to_tmem(
     assert read(m.mountpoint / "f") == data
     s3 = m.stats()
     assert s3["hits"] - s2["hits"] >= 50 and s3["cached_pages"] == 200
+
+
+def test_mount_without_a_host_agent_reads_the_backing_file_then_uses_tmem_once_it_comes(
+    host_agent_stopped: HostAgentProcess, tmp_path: Path
+) -> None:
+    data = random.Random(6).randbytes(20 * PAGE)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "m").mkdir()
+    (tmp_path / "b" / "f").write_bytes(data)
+    m = PrecacheMount(tmp_path / "b", tmp_path / "m", host_agent_stopped.sockets["g1"], 8,
+                      tmp_path / "precache.log")
+    try:
+        m.start(connected=False)
+        for _ in range(2):
+            assert read(m.mountpoint / "f") == data
+        s = m.stats()
+        assert not s["connected"] and s["gets"] == 0 and s["bytes_from_tmem"] == 0
+        assert s["bytes_from_disk"] > len(data)  # the shim cache holds 8 of the 20 pages
+        host_agent_stopped.start()
+        wait_for(lambda: m.stats()["connected"], timeout=10, what="the mount to connect")
+        for _ in range(2):
+            assert read(m.mountpoint / "f") == data
+        assert m.stats()["hits"] > 0
+    finally:
+        m.stop()
+    assert "Traceback" not in m.log(), m.log()
