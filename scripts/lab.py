@@ -51,7 +51,8 @@ class LabError(Exception):
 
 
 def say(msg: str) -> None:
-    print(f"[lab] {msg}", flush=True)
+    """Progress goes to stderr: stdout stays clean for what callers print (a benchmark's JSON)."""
+    print(f"[lab] {msg}", file=sys.stderr, flush=True)
 
 
 # -- the lab description ------------------------------------------------------------------------
