@@ -198,7 +198,7 @@ def ensure_image() -> Any:
     image = bi.image_for()
     if not image.is_built():
         say("building the guest image (cached afterwards)")
-        proc = subprocess.run([str(ROOT / "scripts" / "build-image")], check=False)
+        proc = subprocess.run([str(ROOT / "scripts" / "build-image")], stdout=sys.stderr, check=False)
         if proc.returncode != 0:
             raise LabError("scripts/build-image failed (its output above says which step)")
         image = bi.image_for()
