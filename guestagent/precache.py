@@ -74,6 +74,8 @@ SHED_BATCH: Final = 512  # pages evicted at once when the cache shrinks (the cha
 _BARRIER_OID: Final = b"\xff" * 24  # no file's identity: a flush of it only waits for the host
 _ROOT: Final = int(pyfuse3.ROOT_INODE)
 _RWF_NOWAIT: Final = getattr(os, "RWF_NOWAIT", 8)
+# the shim reads and writes the backing file with unaligned buffers, and FUSE hands it no tty
+_BACKING_DROPS: Final = os.O_DIRECT | os.O_NOCTTY
 
 T = TypeVar("T")
 
@@ -508,14 +510,14 @@ class PrecacheFS(pyfuse3.Operations):
 
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         path = self._path(inode)
-        fd, st, gen = await _io(_open_stat, path, flags & ~os.O_CREAT, 0)
+        fd, st, gen = await _io(_open_stat, path, flags & ~(os.O_CREAT | _BACKING_DROPS), 0)
         return await self._opened(fd, st, gen, bool(flags & os.O_TRUNC))
 
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         path = self._child(parent_inode, name)
-        fd, st, gen = await _io(_open_stat, path, flags | os.O_CREAT, mode)
+        fd, st, gen = await _io(_open_stat, path, (flags | os.O_CREAT) & ~_BACKING_DROPS, mode)
         info = await self._opened(fd, st, gen, True)  # new, or truncated, or as we saw it
         return info, self._remember(path, st)
 

@@ -463,6 +463,9 @@ def test_make_git_and_mmap_in_the_mount(precache: Callable[..., PrecacheMount]) 
 
     data = random.Random(9).randbytes(10 * PAGE + 123)
     (m.backing / "blob").write_bytes(data)
+    dd = subprocess.run(["dd", f"if={m.mountpoint / 'blob'}", "iflag=direct", "bs=4096", "status=none"],
+                        capture_output=True, check=True, timeout=30)  # an O_DIRECT reader  # fmt: skip
+    assert dd.stdout == data
     with open(m.mountpoint / "blob", "rb") as f, mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE,
                                                           prot=mmap.PROT_READ) as mm:  # fmt: skip
         assert mm[:] == data
