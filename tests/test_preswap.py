@@ -16,6 +16,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -184,3 +185,37 @@ def test_bad_requests_are_refused(swapper: SwapperProcess, tmp_path: Path) -> No
     with pytest.raises(preswap.PreswapError, match="not reachable"):
         preswap.Region(PAGE, str(tmp_path / "nothing.sock"))
     assert swapper.stats()["regions"] == {}
+
+
+def test_host_agent_sigkill_and_restart_mid_run(host_agent: HostAgentProcess,
+                                                swapper: SwapperProcess) -> None:
+    app = subprocess.Popen(
+        [sys.executable, "-m", "guestagent.preswap_workload", "--socket", swapper.socket, "--pages",
+         "2048", "--budget", "512", "--ops", "30000", "--progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert app.stdout is not None
+        region = json.loads(app.stdout.readline())["region"]
+
+        def faults() -> int:
+            r = swapper.stats()["regions"].get(str(region))
+            return 0 if r is None else int(r["tmem_faults"])
+
+        wait_for(lambda: faults() > 3000, timeout=30, what="the region swapping through tmem")
+        host_agent.kill()
+        before = faults()
+        time.sleep(0.5)  # faults on pages in tmem wait meanwhile
+        stalled = faults()
+        host_agent.start()
+        out, err = app.communicate(timeout=120)
+    finally:
+        if app.poll() is None:
+            app.kill()
+            app.wait()
+    assert app.returncode == 0, f"{out}\n{err}\n{swapper.log()}"
+    result = json.loads(out.splitlines()[-1])
+    assert result["mismatches"] == 0 and result["agent"]["lost"] == 0
+    assert stalled - before <= 1  # nothing served from tmem while the host agent was away
+    assert result["agent"]["tmem_faults"] > stalled
+    wait_for(lambda: host_persistent(host_agent) == 0, what="tmem pages flushed")
