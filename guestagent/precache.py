@@ -173,12 +173,20 @@ def _pread_nowait(fd: int, size: int, offset: int) -> bytes:
     return bytes(memoryview(buf)[:n]) if n < size else bytes(buf)
 
 
+def _pread_uncached(fd: int, size: int, offset: int) -> bytes:
+    """Read from the disk and drop what the kernel page cache kept of it: the shim's cache is the
+    guest's copy of these pages, a second one in the page cache would only compete with it."""
+    data = _pread_all(fd, size, offset)
+    os.posix_fadvise(fd, offset, len(data), os.POSIX_FADV_DONTNEED)
+    return data
+
+
 async def _pread(fd: int, size: int, offset: int) -> bytes:
-    """Read `size` bytes (fewer at EOF): from the page cache in place if it has them, else in a
-    worker thread."""
+    """Read `size` bytes (fewer at EOF): from the page cache in place if it has them (a page just
+    written, or read by a process outside the mount), else from the disk in a worker thread."""
     data = _pread_nowait(fd, size, offset)
     if len(data) < size:
-        data += await _io(_pread_all, fd, size - len(data), offset + len(data))
+        data += await _io(_pread_uncached, fd, size - len(data), offset + len(data))
     return data
 
 
