@@ -91,12 +91,24 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
 class SwapFile:
     """Page slots in a plain file: a free list over a growing high-water mark.
 
+    Opened with O_DIRECT where the file system allows it: the kernel's own swap bypasses the
+    page cache, and so does this, or a disk fallback would only measure (and fill) the cache.
     Freed slots are punched out, so the file holds disk blocks only for pages it keeps.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, direct: bool = True) -> None:
         self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        self.direct = False
+        if direct:
+            try:
+                self.fd = os.open(path, flags | os.O_DIRECT, 0o600)
+                self.direct = True
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:  # tmpfs has no O_DIRECT
+                    raise
+        if not self.direct:
+            self.fd = os.open(path, flags, 0o600)
         self.free: list[int] = []
         self.top = 0
         self.used = 0
@@ -114,14 +126,16 @@ class SwapFile:
         punch_hole(self.fd, slot * PAGE, PAGE)
 
     def write(self, slot: int, data: bytes) -> None:
-        if os.pwrite(self.fd, data, slot * PAGE) != PAGE:
-            raise OSError(errno.EIO, "short write to the swap file")
+        with mmap.mmap(-1, PAGE) as buf:  # page-aligned, as O_DIRECT wants
+            buf[:] = data
+            if os.pwritev(self.fd, [buf], slot * PAGE) != PAGE:
+                raise OSError(errno.EIO, "short write to the swap file")
 
     def read(self, slot: int) -> bytes:
-        data = os.pread(self.fd, PAGE, slot * PAGE)
-        if len(data) != PAGE:
-            raise OSError(errno.EIO, "short read from the swap file")
-        return data
+        with mmap.mmap(-1, PAGE) as buf:
+            if os.preadv(self.fd, [buf], slot * PAGE) != PAGE:
+                raise OSError(errno.EIO, "short read from the swap file")
+            return bytes(buf)
 
     def close(self) -> None:
         os.close(self.fd)
