@@ -78,7 +78,10 @@ REGION_COUNTERS: Final = (
     "disk_writes",
     "disk_reads",
     "lost",  # pages tmem did not return: must stay 0
+    "shrunk_to_memory",  # moved out of tmem on the host's request, back into the memfd
+    "shrunk_to_disk",  # ... or into the swap file
 )
+SHRINK_BATCH: Final = 256  # pages per GET_VEC when moving pages out of tmem
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
@@ -246,6 +249,11 @@ class Swapper:
                 cmd = req.get("cmd")
                 if cmd == "stats":
                     await _reply(conn, {"ok": True, **self.stats()})
+                elif cmd == "shrink":
+                    pages = req.get("pages")
+                    if isinstance(pages, bool) or not isinstance(pages, int) or pages < 0:
+                        raise ValueError("shrink: pages must be a number >= 0")
+                    await _reply(conn, {"ok": True, "moved": await self.shrink(pages)})
                 elif cmd == "region":
                     mine, fds = fds, []
                     await self._serve_region(conn, req, mine)
@@ -339,6 +347,64 @@ class Swapper:
             "swap_slots_used": self.swap.used,
             "swap_slots_top": self.swap.top,
         }
+
+    # ----------------------------------------------------------------- the host's shrink notice
+
+    async def shrink(self, n: int) -> int:
+        """Move up to n pages out of tmem: back into their memfd while the region's budget has
+        room, else into the swap file.  Returns how many moved (fewer if tmem holds fewer).
+
+        The pages are LOADING meanwhile: a fault on one waits, and is woken by the copy (or,
+        for a page sent to disk, retries and is served from there).
+        """
+        pool = self.pool
+        assert pool is not None
+        moved = 0
+        for region in list(self.regions.values()):
+            state = region.state
+            while moved < n and region.id in self.regions:
+                want = min(SHRINK_BATCH, n - moved)
+                batch = [p for p in range(region.pages) if state[p] == TMEM][:want]
+                if not batch:
+                    break
+                for p in batch:
+                    state[p] = LOADING
+                datas = await pool.get_many([(region.oid, p) for p in batch])
+                if region.id not in self.regions:  # released meanwhile: nothing to keep
+                    break
+                region.held_tmem -= len(batch)
+                region.counters["gets"] += sum(d is not None for d in datas)
+                room = max(0, region.budget - region.resident)
+                to_disk: list[tuple[int, bytes]] = []
+                for p, data in zip(batch, datas, strict=True):
+                    if data is None:
+                        region.counters["lost"] += 1
+                        log.error("region %d page %d: tmem did not return it", region.id, p)
+                        data = _ZERO_PAGE
+                    if room > 0:
+                        room -= 1
+                        ctypes.memmove(region.staging_addr, data, PAGE)
+                        uffd.copy(region.uffd, region.addr + p * PAGE, region.staging_addr, PAGE)
+                        self._resident(region, p, refault=False)
+                        region.counters["shrunk_to_memory"] += 1
+                    else:
+                        to_disk.append((p, data))
+                if to_disk:
+                    slots = [self.swap.alloc() for _ in to_disk]
+                    await trio.to_thread.run_sync(_write_all, self.swap, slots, [d for _, d in to_disk])
+                    if region.id not in self.regions:
+                        for slot in slots:
+                            self.swap.release(slot)
+                        break
+                    for (p, _), slot in zip(to_disk, slots, strict=True):
+                        region.slots[p] = slot
+                        state[p] = DISK
+                        region.held_disk += 1
+                        uffd.wake(region.uffd, region.addr + p * PAGE, PAGE)
+                    region.counters["disk_writes"] += len(to_disk)
+                    region.counters["shrunk_to_disk"] += len(to_disk)
+                moved += len(batch)
+        return moved
 
     # ----------------------------------------------------------------- faults
 
@@ -531,6 +597,14 @@ async def _reply(conn: trio.socket.SocketType, obj: dict[str, Any]) -> None:
         data = data[sent:]
 
 
+async def _follow_notices(ch: Channel, swapper: Swapper) -> None:
+    """Standalone only (the daemon owns the notices when it embeds a swapper)."""
+    async for kind, value in ch.notices:
+        if kind == wire.Notice.SHRINK_PERSISTENT:
+            moved = await swapper.shrink(value)
+            log.info("host asked for %d persistent pages back: moved %d", value, moved)
+
+
 async def _main_async(args: argparse.Namespace) -> None:
     async with open_channel(args.channel, name=args.name, reconnect=True) as ch:
         swapper = Swapper(ch, args.socket, args.swap_file, default_budget=args.budget)
@@ -538,6 +612,7 @@ async def _main_async(args: argparse.Namespace) -> None:
             async with trio.open_nursery() as nursery:
                 await nursery.start(swapper.run)
                 print("ready", flush=True)
+                nursery.start_soon(_follow_notices, ch, swapper)
                 async for signum in signals:
                     log.info("signal %d: stopping", signum)
                     nursery.cancel_scope.cancel()

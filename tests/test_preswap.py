@@ -219,3 +219,42 @@ def test_host_agent_sigkill_and_restart_mid_run(host_agent: HostAgentProcess,
     assert stalled - before <= 1  # nothing served from tmem while the host agent was away
     assert result["agent"]["tmem_faults"] > stalled
     wait_for(lambda: host_persistent(host_agent) == 0, what="tmem pages flushed")
+
+
+def control(sw: SwapperProcess, request: dict[str, Any]) -> dict[str, Any]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(sw.socket)
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        reply: dict[str, Any] = json.loads(sock.makefile().readline())
+    return reply
+
+
+def test_shrink_moves_pages_out_of_tmem(host_agent: HostAgentProcess, swapper: SwapperProcess) -> None:
+    pages = 512
+    with preswap.Region(pages * PAGE, swapper.socket, budget_pages=64) as region:
+        for p in range(pages):
+            struct.pack_into("<QQ", region.buf, p * PAGE + 100, p, 3 * p + 1)
+
+        def settled() -> bool:  # no eviction in flight
+            r = swapper.stats()["regions"][str(region.id)]
+            return bool(r["resident"] + r["in_tmem"] == pages)
+
+        wait_for(settled, what="evictions done")
+        in_tmem = swapper.stats()["regions"][str(region.id)]["in_tmem"]
+        assert in_tmem >= pages - 64 and host_persistent(host_agent) == in_tmem
+        reply = control(swapper, {"cmd": "shrink", "pages": 300})
+        assert reply == {"ok": True, "moved": 300}
+        mine = swapper.stats()["regions"][str(region.id)]
+        assert mine["shrunk_to_memory"] + mine["shrunk_to_disk"] == 300
+        assert mine["shrunk_to_disk"] > 0 and mine["on_disk"] == mine["shrunk_to_disk"]
+        assert mine["in_tmem"] == in_tmem - 300 and host_persistent(host_agent) == in_tmem - 300
+        assert mine["resident"] <= 64
+        # more than tmem holds: all of it moves, and every page still reads back
+        assert control(swapper, {"cmd": "shrink", "pages": 10_000})["moved"] == in_tmem - 300
+        assert host_persistent(host_agent) == 0
+        for p in range(pages):
+            assert struct.unpack_from("<QQ", region.buf, p * PAGE + 100) == (p, 3 * p + 1)
+        assert swapper.stats()["regions"][str(region.id)]["lost"] == 0
+    assert control(swapper, {"cmd": "shrink", "pages": -1})["ok"] is False
+    wait_for(lambda: swapper.stats()["swap_slots_used"] == 0, what="swap slots freed")
