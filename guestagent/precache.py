@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import errno
 import fcntl
 import functools
@@ -74,6 +75,10 @@ SHED_BATCH: Final = 512  # pages evicted at once when the cache shrinks (the cha
 _BARRIER_OID: Final = b"\xff" * 24  # no file's identity: a flush of it only waits for the host
 _ROOT: Final = int(pyfuse3.ROOT_INODE)
 _RWF_NOWAIT: Final = getattr(os, "RWF_NOWAIT", 8)
+_RENAME_NOREPLACE: Final = 1
+_RENAME_EXCHANGE: Final = 2
+_AT_FDCWD: Final = -100
+_libc = ctypes.CDLL(None, use_errno=True)
 # the shim reads and writes the backing file with unaligned buffers, and FUSE hands it no tty
 _BACKING_DROPS: Final = os.O_DIRECT | os.O_NOCTTY
 
@@ -203,6 +208,25 @@ def _open_stat(path: str, flags: int, mode: int) -> tuple[int, os.stat_result, i
     except BaseException:
         os.close(fd)
         raise
+
+
+def _renameat2(old: str, new: str, flags: int) -> None:
+    """renameat2(2) with flags (os.rename has none); glibc >= 2.28."""
+    fn = getattr(_libc, "renameat2", None)
+    if fn is None:
+        raise OSError(errno.EINVAL, "renameat2 is not available", old)
+    if fn(_AT_FDCWD, os.fsencode(old), _AT_FDCWD, os.fsencode(new), ctypes.c_uint(flags)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), old)
+
+
+def _moved(path: str, old: str, new: str) -> str | None:
+    """`path` with its prefix `old` replaced by `new`, or None if it is not under `old`."""
+    if path == old:
+        return new
+    if path.startswith(old + "/"):
+        return new + path[len(old) :]
+    return None
 
 
 def _lstat_or_none(path: str) -> os.stat_result | None:
@@ -482,15 +506,21 @@ class PrecacheFS(pyfuse3.Operations):
         self, parent_inode_old: int, name_old: bytes | str, parent_inode_new: int, name_new: bytes | str,
         flags: int, ctx: Any,
     ) -> None:  # fmt: skip
-        if flags:  # RENAME_EXCHANGE / RENAME_NOREPLACE: not passed through (os.rename has no flags)
-            raise pyfuse3.FUSEError(errno.EINVAL)
         old = self._child(parent_inode_old, name_old)
         new = self._child(parent_inode_new, name_new)
+        if flags & _RENAME_EXCHANGE:
+            await self._exchange(old, new)
+            return
+        if flags & ~_RENAME_NOREPLACE:
+            raise pyfuse3.FUSEError(errno.EINVAL)
 
         def move() -> tuple[os.stat_result | None, os.stat_result, os.stat_result]:
             over = _lstat_or_none(new)
             before = os.lstat(old)
-            os.rename(old, new)
+            if flags:
+                _renameat2(old, new, _RENAME_NOREPLACE)
+            else:
+                os.rename(old, new)
             return over, before, os.lstat(new)
 
         over, before, st = await _io(move)
@@ -501,6 +531,20 @@ class PrecacheFS(pyfuse3.Operations):
                 await self._invalidate(obj)
         self._rename_paths(old, new)
         self._sync(before, st)  # a rename changes ctime
+
+    async def _exchange(self, a: str, b: str) -> None:
+        """RENAME_EXCHANGE: both names stay, their files swap; no file's content changes."""
+
+        def swap() -> tuple[os.stat_result, os.stat_result, os.stat_result, os.stat_result]:
+            a0, b0 = os.lstat(a), os.lstat(b)
+            _renameat2(a, b, _RENAME_EXCHANGE)
+            return a0, b0, os.lstat(b), os.lstat(a)
+
+        a0, b0, a1, b1 = await _io(swap)
+        for node in self._nodes.values():
+            node.paths = {_moved(p, a, b) or _moved(p, b, a) or p for p in node.paths}
+        self._sync(a0, a1)
+        self._sync(b0, b1)
 
     # ----------------------------------------------------------------- files
 

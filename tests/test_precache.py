@@ -568,3 +568,28 @@ def test_mount_without_a_host_agent_reads_the_backing_file_then_uses_tmem_once_i
     finally:
         m.stop()
     assert "Traceback" not in m.log(), m.log()
+
+
+def test_rename_noreplace_and_exchange(precache: Callable[..., PrecacheMount]) -> None:
+    """renameat2 flags as coreutils and others use them; an exchange swaps files whose pages are
+    cached (the pages belong to the files, so they move with them)."""
+    import ctypes
+    import errno
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def renameat2(a: Path, b: Path, flags: int) -> int:
+        rc: int = libc.renameat2(-100, bytes(a), -100, bytes(b), ctypes.c_uint(flags))
+        return 0 if rc == 0 else ctypes.get_errno()
+
+    rng = random.Random(12)
+    x, y = rng.randbytes(3 * PAGE + 5), rng.randbytes(2 * PAGE)
+    m = precache(4, lambda d: ((d / "x").write_bytes(x), (d / "y").write_bytes(y)))
+    mx, my = m.mountpoint / "x", m.mountpoint / "y"
+    assert read(mx) == x and read(my) == y
+    assert renameat2(mx, my, 1) == errno.EEXIST  # RENAME_NOREPLACE onto an existing name
+    assert renameat2(mx, m.mountpoint / "z", 1) == 0
+    assert read(m.mountpoint / "z") == x and not mx.exists()
+    assert renameat2(m.mountpoint / "z", my, 2) == 0  # RENAME_EXCHANGE
+    assert read(my) == x and read(m.mountpoint / "z") == y
+    assert (m.backing / "y").read_bytes() == x
