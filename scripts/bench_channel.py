@@ -116,6 +116,38 @@ trio.run(main)
 '''
 
 
+GUEST_BLOCKING = r'''
+import json, os, select, statistics, sys, time
+sys.path.insert(0, "/opt/tmem")
+from guestagent import wire
+from guestagent.ports import find_port
+samples = int(sys.argv[1])
+fd = os.open(find_port(), os.O_RDWR)
+reader = wire.FrameReader(wire.Role.GUEST)
+def call(frame):
+    os.write(fd, wire.encode(frame))
+    while True:
+        select.select([fd], [], [])
+        frames = reader.feed(os.read(fd, 65536))
+        if frames:
+            return frames[0]
+call(wire.Frame(wire.Op.HELLO, request_id=1,
+                payload=wire.hello_payload(wire.Hello(1, 1, wire.PAGE_SIZE, "bench"))))
+pool = call(wire.Frame(wire.Op.NEW_POOL, request_id=2,
+                       payload=wire.pool_spec_payload(int(wire.PoolFlag.PERSISTENT)))).pool
+page, oid = os.urandom(4096), os.urandom(24)
+call(wire.Frame(wire.Op.PUT, request_id=3, pool=pool, oid=oid, payload=page))
+rtts = []
+for i in range(samples):
+    t = time.perf_counter()
+    got = call(wire.Frame(wire.Op.GET, request_id=10 + i, pool=pool, oid=oid))
+    rtts.append(time.perf_counter() - t)
+    assert got.payload == page
+call(wire.Frame(wire.Op.DESTROY_POOL, request_id=5, pool=pool))
+print(json.dumps({"rtt_us": statistics.median(rtts) * 1e6}))
+'''
+
+
 class Echo(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -179,6 +211,7 @@ def main() -> int:
         lab.start_hostagent(lab.default_lab(1))
         time.sleep(1.0)
         ours = guest_run(GUEST_TMEM, params, timeout=300)
+        blocking = guest_run(GUEST_BLOCKING, params[:1], timeout=300)
         lab.guest_exec(dom, ["systemctl", "start", "tmem-guestagent"])
     finally:
         if own_lab:
@@ -193,6 +226,10 @@ def main() -> int:
         "get_rtt_us": round(ours["rtt_us"], 1),
         "throughput_mbs": round(ours["throughput_mbs"], 2),
         "get_rtt_ratio": round(ours["rtt_us"] / echo["rtt_us"], 3),
+        # information: the same get from a minimal blocking client (select + read, no event loop),
+        # which shows what the guest's trio client costs under emulation
+        "get_rtt_blocking_client_us": round(blocking["rtt_us"], 1),
+        "get_rtt_blocking_client_ratio": round(blocking["rtt_us"] / echo["rtt_us"], 3),
         "throughput_ratio": round(ours["throughput_mbs"] / echo["throughput_mbs"], 3),
         "params": {"samples": args.samples, "window": args.window, "seconds": args.seconds,
                    "message_bytes": MESSAGE},
