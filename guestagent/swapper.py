@@ -13,12 +13,14 @@ Per region, pages are in one of these states:
 - TMEM / DISK: held by the host (persistent pool, exclusive gets) or in the swap file;
 - LOADING: a fault's get (or disk read) is in flight.
 
-Eviction keeps each region within its resident budget.  Victims come from a clock over the
-resident pages in fault order, with a second chance for pages that were faulted back in after an
-eviction (fault history is all we see of accesses).  A victim is write-protected (so a racing
-write cannot be lost), read through our own mapping of the memfd, put (a batch per PUT_VEC), then
-punched out of the memfd with fallocate(PUNCH_HOLE); a refused put goes to the swap file first.
-Nothing is ever dropped: a page leaves the memfd only once tmem or the disk holds it.
+Eviction keeps each region within its resident budget, cut to its share of the guest's budget
+when one is set (`set_guest_budget`: the daemon follows memory pressure with it).  Victims come
+from a clock over the resident pages in fault order, with a second chance for pages that were
+faulted back in after an eviction (fault history is all we see of accesses).  A victim is
+write-protected (so a racing write cannot be lost), read through our own mapping of the memfd,
+put (a batch per PUT_VEC), then punched out of the memfd with fallocate(PUNCH_HOLE); a refused
+put goes to the swap file first.  Nothing is ever dropped: a page leaves the memfd only once
+tmem or the disk holds it.
 
 Closing the region's socket (the application's exit, even by SIGKILL) releases it: its pages are
 flushed from tmem (one FLUSH_OBJECT: the region is one object) and its swap-file slots freed.
@@ -153,7 +155,8 @@ class Region:
         self.addr = addr
         self.size = size
         self.pages = size // PAGE
-        self.budget = budget
+        self.budget = budget  # what the application asked for
+        self.limit = budget  # what it gets: the budget, cut to its share of the guest's
         self.memfd = memfd
         self.uffd = ufd
         self.mm = mmap.mmap(memfd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -172,7 +175,8 @@ class Region:
 
     def stats(self) -> dict[str, int]:
         return {
-            **self.counters, "pages": self.pages, "budget": self.budget, "resident": self.resident,
+            **self.counters, "pages": self.pages, "budget": self.budget, "limit": self.limit,
+            "resident": self.resident,
             "evicted": self.held_tmem + self.held_disk, "in_tmem": self.held_tmem,
             "on_disk": self.held_disk,
         }
@@ -187,11 +191,12 @@ class Swapper:
     """Serves preswap regions over a local unix socket, backed by one persistent tmem pool."""
 
     def __init__(self, channel: Channel, socket_path: str, swap_path: str, *,
-                 default_budget: int = 1024) -> None:  # fmt: skip
+                 default_budget: int = 1024, guest_budget: int | None = None) -> None:  # fmt: skip
         self.channel = channel
         self.socket_path = socket_path
         self.swap = SwapFile(swap_path)
         self.default_budget = default_budget
+        self.guest_budget = guest_budget  # resident pages for all regions together (None: no cap)
         self.pool: Pool | None = None
         self.regions: dict[int, Region] = {}
         self.next_id = 1
@@ -254,6 +259,12 @@ class Swapper:
                     if isinstance(pages, bool) or not isinstance(pages, int) or pages < 0:
                         raise ValueError("shrink: pages must be a number >= 0")
                     await _reply(conn, {"ok": True, "moved": await self.shrink(pages)})
+                elif cmd == "budget":
+                    pages = req.get("pages")
+                    if pages is not None and (isinstance(pages, bool) or not isinstance(pages, int)):
+                        raise ValueError("budget: pages must be a number of pages or null")
+                    self.set_guest_budget(pages)
+                    await _reply(conn, {"ok": True, "guest_budget": self.guest_budget})
                 elif cmd == "region":
                     mine, fds = fds, []
                     await self._serve_region(conn, req, mine)
@@ -286,6 +297,7 @@ class Swapper:
             raise
         self.next_id += 1
         self.regions[region.id] = region
+        self.rebalance()
         log.info("region %d: %d pages, budget %d", region.id, region.pages, budget)
         failed: list[BaseException] = []
         try:
@@ -332,8 +344,30 @@ class Swapper:
             self.totals[key] += value
         self.released += 1
         del self.regions[region.id]
+        self.rebalance()
         region.close()
         log.info("region %d released", region.id)
+
+    def set_guest_budget(self, pages: int | None) -> None:
+        """Cap the resident pages of all regions together (the daemon follows MemAvailable and
+        the host's balloon target with it); None lifts the cap."""
+        if pages is not None and pages < 1:
+            raise ValueError("the guest budget is at least one page")
+        self.guest_budget = pages
+        self.rebalance()
+
+    def rebalance(self) -> None:
+        """Each region's limit: its own budget, or its share of the guest budget if that is less
+        (shares in proportion to the budgets asked for); regions over it start evicting."""
+        total = sum(r.budget for r in self.regions.values())
+        cap = self.guest_budget
+        for region in self.regions.values():
+            if cap is None or total <= cap:
+                region.limit = region.budget
+            else:
+                region.limit = max(1, cap * region.budget // total)
+            if region.resident > region.limit:
+                region.need_evict.set()
 
     def stats(self) -> dict[str, Any]:
         totals = dict(self.totals)
@@ -344,6 +378,8 @@ class Swapper:
             "totals": totals,
             "regions": {str(r.id): r.stats() for r in self.regions.values()},
             "released": self.released,
+            "guest_budget": self.guest_budget,
+            "resident": sum(r.resident for r in self.regions.values()),
             "swap_slots_used": self.swap.used,
             "swap_slots_top": self.swap.top,
         }
@@ -374,7 +410,7 @@ class Swapper:
                     break
                 region.held_tmem -= len(batch)
                 region.counters["gets"] += sum(d is not None for d in datas)
-                room = max(0, region.budget - region.resident)
+                room = max(0, region.limit - region.resident)
                 to_disk: list[tuple[int, bytes]] = []
                 for p, data in zip(batch, datas, strict=True):
                     if data is None:
@@ -413,7 +449,6 @@ class Swapper:
         state = region.state
         base, pages = region.addr, region.pages
         counters = region.counters
-        slack = max(4, region.budget // 8)
         while True:
             try:
                 data = os.read(ufd, uffd.MSG_SIZE * _READ_EVENTS)
@@ -444,9 +479,9 @@ class Swapper:
                     nursery.start_soon(self._guarded_load, region, p, st, nursery)
                 elif st == RESIDENT:
                     uffd.wake(ufd, at, PAGE)  # a duplicate of a resolved fault
-            if region.resident > region.budget:
+            if region.resident > region.limit:
                 region.need_evict.set()
-                while region.resident > region.budget + slack:
+                while region.resident > region.limit + max(4, region.limit // 8):
                     region.room = trio.Event()
                     await region.room.wait()
 
@@ -455,7 +490,7 @@ class Swapper:
         region.ref[p] = refault
         region.clock.append(p)
         region.resident += 1
-        if region.resident > region.budget:
+        if region.resident > region.limit:
             region.need_evict.set()
 
     async def _guarded_load(self, region: Region, p: int, st: int, nursery: trio.Nursery) -> None:
@@ -521,8 +556,8 @@ class Swapper:
             region.need_evict = trio.Event()
             # evict down to a low mark below the budget, so that evictions come in batches
             # (one PUT_VEC round trip for many pages) rather than one page per fault
-            low = region.budget - min(EVICT_BATCH, max(1, region.budget // 8))
-            while region.resident > region.budget:
+            while region.resident > region.limit:
+                low = region.limit - min(EVICT_BATCH, max(1, region.limit // 8))
                 victims = self._victims(region, min(EVICT_BATCH, region.resident - low))
                 if not victims:
                     break
@@ -607,7 +642,8 @@ async def _follow_notices(ch: Channel, swapper: Swapper) -> None:
 
 async def _main_async(args: argparse.Namespace) -> None:
     async with open_channel(args.channel, name=args.name, reconnect=True) as ch:
-        swapper = Swapper(ch, args.socket, args.swap_file, default_budget=args.budget)
+        swapper = Swapper(ch, args.socket, args.swap_file, default_budget=args.budget,
+                          guest_budget=args.guest_budget)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(swapper.run)
@@ -626,6 +662,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--socket", required=True, help="unix socket for the applications")
     parser.add_argument("--swap-file", required=True)
     parser.add_argument("--budget", type=int, default=1024, help="default resident pages per region")
+    parser.add_argument("--guest-budget", type=int, help="resident pages for all regions together")
     parser.add_argument("--name", default="preswap")
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)

@@ -258,3 +258,32 @@ def test_shrink_moves_pages_out_of_tmem(host_agent: HostAgentProcess, swapper: S
         assert swapper.stats()["regions"][str(region.id)]["lost"] == 0
     assert control(swapper, {"cmd": "shrink", "pages": -1})["ok"] is False
     wait_for(lambda: swapper.stats()["swap_slots_used"] == 0, what="swap slots freed")
+
+
+def test_guest_budget_caps_all_regions_together(host_agent: HostAgentProcess,
+                                                swapper: SwapperProcess) -> None:
+    pages = 256
+    with (preswap.Region(pages * PAGE, swapper.socket, budget_pages=200) as a,
+          preswap.Region(pages * PAGE, swapper.socket, budget_pages=100) as b):
+        for region in (a, b):
+            for p in range(pages):
+                struct.pack_into("<QI", region.buf, p * PAGE, p, region.id)
+
+        def resident() -> dict[int, int]:
+            regions = swapper.stats()["regions"]
+            return {r.id: regions[str(r.id)]["resident"] for r in (a, b)}
+
+        before = resident()
+        assert before[a.id] > 100 and before[b.id] > 50  # within their own budgets, not less
+        assert control(swapper, {"cmd": "budget", "pages": 60}) == {"ok": True, "guest_budget": 60}
+        # shares follow the budgets asked for: 40 and 20
+        wait_for(lambda: resident()[a.id] <= 40 and resident()[b.id] <= 20, what="the guest budget")
+        regions = swapper.stats()["regions"]
+        assert (regions[str(a.id)]["limit"], regions[str(b.id)]["limit"]) == (40, 20)
+        for region in (a, b):
+            for p in range(pages):
+                assert struct.unpack_from("<QI", region.buf, p * PAGE) == (p, region.id)
+        assert sum(resident().values()) <= 60 + 2 * 8  # each may run a few pages over, briefly
+        assert control(swapper, {"cmd": "budget", "pages": None})["guest_budget"] is None
+        assert swapper.stats()["regions"][str(a.id)]["limit"] == 200
+    assert control(swapper, {"cmd": "budget", "pages": 0})["ok"] is False
