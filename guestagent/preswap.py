@@ -77,6 +77,9 @@ class Region:
             os.ftruncate(memfd, self.size)
             self.mm = mmap.mmap(memfd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             self.addr = _address(self.mm)
+            # a forked child would see the memfd without the registration: touching a page held
+            # in tmem would fill the hole with zeros behind the agent's back
+            self.mm.madvise(mmap.MADV_DONTFORK)
             ufd = uffd.create()
             offered = uffd.api(ufd, uffd.FEATURE_WP_SHMEM)
             if not offered & uffd.FEATURE_WP_SHMEM:

@@ -37,6 +37,7 @@ import mmap
 import os
 import signal
 import socket
+import struct
 import sys
 from collections import deque
 from collections.abc import Sequence
@@ -254,6 +255,8 @@ class Swapper:
                 cmd = req.get("cmd")
                 if cmd == "stats":
                     await _reply(conn, {"ok": True, **self.stats()})
+                elif cmd in ("shrink", "budget") and not _privileged(conn):
+                    raise ValueError(f"{cmd}: only root or the agent's user may ask for it")
                 elif cmd == "shrink":
                     pages = req.get("pages")
                     if isinstance(pages, bool) or not isinstance(pages, int) or pages < 0:
@@ -595,6 +598,13 @@ class Swapper:
                     uffd.wake(ufd, region.addr + p * PAGE, PAGE)  # writers that hit the protection
                 region.room.set()
             region.room.set()
+
+
+def _privileged(conn: trio.socket.SocketType) -> bool:
+    """The peer is root or runs as we do (SO_PEERCRED): allowed to steer other regions."""
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _, uid, _ = struct.unpack("3i", creds)
+    return uid in (0, os.getuid())
 
 
 def _write_all(swap: SwapFile, slots: Sequence[int], datas: Sequence[bytes]) -> None:

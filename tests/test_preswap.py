@@ -166,6 +166,12 @@ def test_region_in_this_process_is_a_plain_buffer(host_agent: HostAgentProcess,
         for p in reversed(range(pages)):
             assert struct.unpack_from("<QQ", region.buf, p * PAGE + 8) == (p, p * p)
             assert region.buf[p * PAGE] == 0
+        pid = os.fork()
+        if pid == 0:  # a child has no mapping of the region (MADV_DONTFORK), so it cannot
+            # fill the agent's holes with zeros behind its back
+            with open("/proc/self/maps") as maps:
+                os._exit(int(f"{region.addr:x}-" in maps.read()))
+        assert os.waitpid(pid, 0)[1] == 0
         mine = swapper.stats()["regions"][str(region.id)]
         assert mine["resident"] <= 16 + 4 and mine["in_tmem"] >= pages - 20
         assert mine["tmem_faults"] >= pages - 32  # the last pages written were still resident
