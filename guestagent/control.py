@@ -10,7 +10,6 @@ the CLI.  Replies are `{"ok": true, "result": ...}` or `{"ok": false, "error": "
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -20,32 +19,23 @@ from typing import Any, Final
 
 import trio
 
+from guestagent import jsonline
+
 __all__ = ["ControlError", "DaemonNotRunning", "is_listening", "request", "serve"]
 
 log = logging.getLogger(__name__)
 
 MAX_LINE: Final = 64 << 10  # requests are tiny; a longer line is refused
-MAX_REPLY: Final = 16 << 20
 
 Handler = Callable[[Mapping[str, Any]], Awaitable[Any]]
 
 
-class ControlError(Exception):
-    """A request the daemon refused, or could not be asked: the message is for the user."""
+ControlError = jsonline.ControlError
+is_listening = jsonline.is_listening
 
 
-class DaemonNotRunning(ControlError):
+class DaemonNotRunning(jsonline.NotRunning):
     """Nothing answers on the control socket."""
-
-
-def is_listening(path: str) -> bool:
-    """True if something accepts connections on the unix socket `path`."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(path)
-        except OSError:
-            return False
-        return True
 
 
 async def serve(path: str, handler: Handler, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -119,38 +109,8 @@ async def _dispatch(line: bytes, handler: Handler) -> dict[str, Any]:
 
 def request(path: str, req: Mapping[str, Any], timeout: float = 30.0) -> Any:
     """Send one request to the daemon at `path`; its result, or ControlError with the reason."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        try:
-            s.connect(path)
-        except OSError as err:
-            if err.errno in (errno.ENOENT, errno.ECONNREFUSED):
-                raise DaemonNotRunning(f"guest agent not running at {path}") from None
-            raise ControlError(f"cannot reach the guest agent at {path}: {err.strerror or err}") from None
-        try:
-            s.sendall(_line(req))
-            buf = bytearray()
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(1 << 16)
-                if not chunk:
-                    raise ControlError(f"the guest agent at {path} closed the connection")
-                buf += chunk
-                if len(buf) > MAX_REPLY:
-                    raise ControlError(f"reply from the guest agent at {path} is too long")
-        except TimeoutError:
-            raise ControlError(f"no answer from the guest agent at {path} in {timeout:g} s") from None
-        except OSError as err:
-            raise ControlError(f"talking to the guest agent at {path}: {err.strerror or err}") from None
-    try:
-        reply = json.loads(buf)
-    except ValueError:
-        raise ControlError(f"the guest agent at {path} sent a reply that is not JSON") from None
-    if not isinstance(reply, dict) or "ok" not in reply:
-        raise ControlError(f"the guest agent at {path} sent a malformed reply")
-    if not reply["ok"]:
-        raise ControlError(str(reply.get("error", "request failed")))
-    return reply.get("result")
+    return jsonline.request(path, req, peer="guest agent", timeout=timeout,
+                            not_running=DaemonNotRunning)
 
 
-def _line(obj: Mapping[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+_line = jsonline.encode_line

@@ -12,25 +12,24 @@ import contextlib
 import json
 import logging
 import os
-import socket
 from collections.abc import Callable, Mapping
 from typing import Any
+
+from guestagent import jsonline
 
 log = logging.getLogger("hostagent.control")
 
 # A request line longer than this is refused (the control protocol's requests are tiny).
 MAX_LINE = 64 << 10
-# The client's cap on one reply line (stats of many guests stay far below it).
-MAX_REPLY = 64 << 20
 
 Handler = Callable[[Mapping[str, Any]], Any]
 
 
-class ControlError(Exception):
-    """A request the agent refused (unknown guest, bad value): its message is shown to the user."""
+ControlError = jsonline.ControlError
+is_listening = jsonline.is_listening
 
 
-class AgentNotRunning(ControlError):
+class AgentNotRunning(jsonline.NotRunning):
     """No host agent answers on the control socket."""
 
 
@@ -90,52 +89,10 @@ class ControlServer:
             return {"ok": False, "error": f"internal error: {type(err).__name__}: {err}"}
 
 
-def is_listening(path: str) -> bool:
-    """True if something accepts connections on the unix socket `path` (e.g. a running agent)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(path)
-        except OSError:
-            return False
-        return True
-
-
 def request(path: str, req: Mapping[str, Any], timeout: float = 10.0) -> Any:
     """Send one request to the agent at `path`; return its result or raise ControlError."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        try:
-            s.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise AgentNotRunning(f"host agent not running at {path}") from None
-        except OSError as err:
-            reason = err.strerror or err
-            raise ControlError(f"cannot reach the host agent at {path}: {reason}") from None
-        try:
-            s.sendall(_line(req))
-            buf = bytearray()
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(1 << 16)
-                if not chunk:
-                    raise ControlError(f"the host agent at {path} closed the connection")
-                buf += chunk
-                if len(buf) > MAX_REPLY:
-                    raise ControlError(f"reply from the host agent at {path} is too long")
-        except TimeoutError:
-            raise ControlError(f"no answer from the agent at {path} in {timeout:g} s") from None
-        except OSError as err:
-            reason = err.strerror or err
-            raise ControlError(f"talking to the host agent at {path}: {reason}") from None
-    try:
-        reply = json.loads(buf)
-    except ValueError:
-        raise ControlError(f"the host agent at {path} sent a reply that is not JSON") from None
-    if not isinstance(reply, dict) or "ok" not in reply:
-        raise ControlError(f"the host agent at {path} sent a malformed reply")
-    if not reply["ok"]:
-        raise ControlError(str(reply.get("error", "request failed")))
-    return reply.get("result")
+    return jsonline.request(path, req, peer="host agent", timeout=timeout,
+                            not_running=AgentNotRunning)
 
 
-def _line(obj: Mapping[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+_line = jsonline.encode_line
