@@ -94,6 +94,10 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         raise OSError(code, f"fallocate(PUNCH_HOLE): {os.strerror(code)}")
 
 
+class RegionLost(OSError):
+    """A page of the region cannot be had back: the region ends (its process gets SIGBUS)."""
+
+
 class SwapFile:
     """Page slots in a plain file: a free list over a growing high-water mark.
 
@@ -173,6 +177,14 @@ class Region:
         self.staging_addr = ctypes.addressof(self.staging)
         self.need_evict = trio.Event()
         self.room = trio.Event()
+        self.scope = trio.CancelScope()  # the region's tasks; cancelled to end it
+        self.failure: BaseException | None = None  # why it ended, if not by its process
+
+    def end(self, why: BaseException) -> None:
+        """End the region from any task: it is released (and its process gets SIGBUS on a touch)."""
+        if self.failure is None:
+            self.failure = why
+        self.scope.cancel()
 
     def stats(self) -> dict[str, int]:
         return {
@@ -183,6 +195,9 @@ class Region:
         }
 
     def close(self) -> None:
+        # Truncated first: once our uffd is closed the application's mapping is a plain one,
+        # and a thread still using it must get SIGBUS, never zeros where its data was.
+        os.ftruncate(self.memfd, 0)
         self.mm.close()
         os.close(self.memfd)
         os.close(self.uffd)
@@ -302,31 +317,32 @@ class Swapper:
         self.regions[region.id] = region
         self.rebalance()
         log.info("region %d: %d pages, budget %d", region.id, region.pages, budget)
-        failed: list[BaseException] = []
         try:
-            async with trio.open_nursery() as nursery:
+            with region.scope:
+                async with trio.open_nursery() as nursery:
 
-                async def guarded(task: Any, *args: Any) -> None:
-                    # a uffd call failing (the application unmapped or died) ends the region;
-                    # caught here, so no exception group reaches us (trio >= 0.25 makes them)
+                    async def guarded(task: Any, *args: Any) -> None:
+                        # a uffd call failing (the application unmapped or died) ends the region;
+                        # caught here, so no exception group reaches us (trio >= 0.25 makes them)
+                        try:
+                            await task(*args)
+                        except (OSError, ChannelError) as exc:
+                            region.end(exc)
+
+                    nursery.start_soon(guarded, self._faults, region, nursery)
+                    nursery.start_soon(guarded, self._evictor, region)
                     try:
-                        await task(*args)
+                        await _reply(conn, {"ok": True, "id": region.id})
+                        # the application keeps the socket open for the region's lifetime
+                        while await conn.recv(4096):
+                            pass
                     except OSError as exc:
-                        failed.append(exc)
-                        nursery.cancel_scope.cancel()
-
-                nursery.start_soon(guarded, self._faults, region, nursery)
-                nursery.start_soon(guarded, self._evictor, region)
-                try:
-                    await _reply(conn, {"ok": True, "id": region.id})
-                    # the application keeps the socket open for the region's lifetime
-                    while await conn.recv(4096):
-                        pass
-                except OSError as exc:
-                    failed.append(exc)
-                nursery.cancel_scope.cancel()
-            if failed:
-                log.info("region %d ended: %s", region.id, failed[0])
+                        region.end(exc)
+                    region.scope.cancel()
+            why = region.failure
+            if why is not None:
+                level = logging.ERROR if isinstance(why, RegionLost | ChannelError) else logging.INFO
+                log.log(level, "region %d ended: %s", region.id, why)
         finally:
             with trio.CancelScope(shield=True):
                 await self._release(region)
@@ -396,53 +412,62 @@ class Swapper:
         The pages are LOADING meanwhile: a fault on one waits, and is woken by the copy (or,
         for a page sent to disk, retries and is served from there).
         """
+        moved = 0
+        for region in list(self.regions.values()):
+            if moved >= n:
+                break
+            try:
+                moved += await self._shrink_region(region, n - moved)
+            except (OSError, ChannelError) as exc:
+                region.end(exc)
+        return moved
+
+    async def _shrink_region(self, region: Region, n: int) -> int:
         pool = self.pool
         assert pool is not None
         moved = 0
-        for region in list(self.regions.values()):
-            state = region.state
-            while moved < n and region.id in self.regions:
-                want = min(SHRINK_BATCH, n - moved)
-                batch = [p for p in range(region.pages) if state[p] == TMEM][:want]
-                if not batch:
+        state = region.state
+        while moved < n and region.id in self.regions:
+            want = min(SHRINK_BATCH, n - moved)
+            batch = [p for p in range(region.pages) if state[p] == TMEM][:want]
+            if not batch:
+                break
+            for p in batch:
+                state[p] = LOADING
+            datas = await pool.get_many([(region.oid, p) for p in batch])
+            if region.id not in self.regions:  # released meanwhile: nothing to keep
+                break
+            region.held_tmem -= len(batch)
+            region.counters["gets"] += sum(d is not None for d in datas)
+            room = max(0, region.limit - region.resident)
+            to_disk: list[tuple[int, bytes]] = []
+            for p, data in zip(batch, datas, strict=True):
+                if data is None:
+                    region.counters["lost"] += 1
+                    raise RegionLost(f"region {region.id} page {p}: tmem did not return it")
+                if room > 0:
+                    room -= 1
+                    ctypes.memmove(region.staging_addr, data, PAGE)
+                    uffd.copy(region.uffd, region.addr + p * PAGE, region.staging_addr, PAGE)
+                    self._resident(region, p, refault=False)
+                    region.counters["shrunk_to_memory"] += 1
+                else:
+                    to_disk.append((p, data))
+            if to_disk:
+                slots = [self.swap.alloc() for _ in to_disk]
+                await trio.to_thread.run_sync(_write_all, self.swap, slots, [d for _, d in to_disk])
+                if region.id not in self.regions:
+                    for slot in slots:
+                        self.swap.release(slot)
                     break
-                for p in batch:
-                    state[p] = LOADING
-                datas = await pool.get_many([(region.oid, p) for p in batch])
-                if region.id not in self.regions:  # released meanwhile: nothing to keep
-                    break
-                region.held_tmem -= len(batch)
-                region.counters["gets"] += sum(d is not None for d in datas)
-                room = max(0, region.limit - region.resident)
-                to_disk: list[tuple[int, bytes]] = []
-                for p, data in zip(batch, datas, strict=True):
-                    if data is None:
-                        region.counters["lost"] += 1
-                        log.error("region %d page %d: tmem did not return it", region.id, p)
-                        data = _ZERO_PAGE
-                    if room > 0:
-                        room -= 1
-                        ctypes.memmove(region.staging_addr, data, PAGE)
-                        uffd.copy(region.uffd, region.addr + p * PAGE, region.staging_addr, PAGE)
-                        self._resident(region, p, refault=False)
-                        region.counters["shrunk_to_memory"] += 1
-                    else:
-                        to_disk.append((p, data))
-                if to_disk:
-                    slots = [self.swap.alloc() for _ in to_disk]
-                    await trio.to_thread.run_sync(_write_all, self.swap, slots, [d for _, d in to_disk])
-                    if region.id not in self.regions:
-                        for slot in slots:
-                            self.swap.release(slot)
-                        break
-                    for (p, _), slot in zip(to_disk, slots, strict=True):
-                        region.slots[p] = slot
-                        state[p] = DISK
-                        region.held_disk += 1
-                        uffd.wake(region.uffd, region.addr + p * PAGE, PAGE)
-                    region.counters["disk_writes"] += len(to_disk)
-                    region.counters["shrunk_to_disk"] += len(to_disk)
-                moved += len(batch)
+                for (p, _), slot in zip(to_disk, slots, strict=True):
+                    region.slots[p] = slot
+                    state[p] = DISK
+                    region.held_disk += 1
+                    uffd.wake(region.uffd, region.addr + p * PAGE, PAGE)
+                region.counters["disk_writes"] += len(to_disk)
+                region.counters["shrunk_to_disk"] += len(to_disk)
+            moved += len(batch)
         return moved
 
     # ----------------------------------------------------------------- faults
@@ -479,7 +504,7 @@ class Swapper:
                     counters["faults"] += 1
                 elif st in (TMEM, DISK):
                     state[p] = LOADING
-                    nursery.start_soon(self._guarded_load, region, p, st, nursery)
+                    nursery.start_soon(self._guarded_load, region, p, st)
                 elif st == RESIDENT:
                     uffd.wake(ufd, at, PAGE)  # a duplicate of a resolved fault
             if region.resident > region.limit:
@@ -496,12 +521,11 @@ class Swapper:
         if region.resident > region.limit:
             region.need_evict.set()
 
-    async def _guarded_load(self, region: Region, p: int, st: int, nursery: trio.Nursery) -> None:
+    async def _guarded_load(self, region: Region, p: int, st: int) -> None:
         try:
             await self._load(region, p, st)
-        except OSError as exc:
-            log.info("region %d ended: %s", region.id, exc)
-            nursery.cancel_scope.cancel()
+        except (OSError, ChannelError) as exc:
+            region.end(exc)
 
     async def _load(self, region: Region, p: int, st: int) -> None:
         counters = region.counters
@@ -512,8 +536,7 @@ class Swapper:
             region.held_tmem -= 1
             if data is None:
                 counters["lost"] += 1
-                log.error("region %d page %d: tmem did not return it", region.id, p)
-                data = _ZERO_PAGE
+                raise RegionLost(f"region {region.id} page {p}: tmem did not return it")
             else:
                 counters["gets"] += 1
             counters["tmem_faults"] += 1

@@ -293,3 +293,23 @@ def test_guest_budget_caps_all_regions_together(host_agent: HostAgentProcess,
         assert control(swapper, {"cmd": "budget", "pages": None})["guest_budget"] is None
         assert swapper.stats()["regions"][str(a.id)]["limit"] == 200
     assert control(swapper, {"cmd": "budget", "pages": 0})["ok"] is False
+
+
+def test_a_released_region_faults_loudly(host_agent: HostAgentProcess, swapper: SwapperProcess) -> None:
+    # once the agent lets a region go (here: its socket closed while still mapped), a touch is
+    # SIGBUS, never zeros where the data was
+    child = (
+        "import sys, time\n"
+        "from guestagent import preswap\n"
+        "r = preswap.Region(64 * 4096, sys.argv[1], budget_pages=8)\n"
+        "for p in range(64): r.buf[p * 4096] = 1\n"
+        "r._sock.close()\n"
+        "while preswap.stats(sys.argv[1])['regions']: time.sleep(0.01)\n"
+        "print('released', flush=True)\n"
+        "r.buf[0]\n"
+        "print('no SIGBUS', flush=True)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", child, swapper.socket], capture_output=True, text=True,
+                         timeout=30, check=False)  # fmt: skip
+    assert res.stdout == "released\n" and res.returncode == -signal.SIGBUS, res
+    wait_for(lambda: host_persistent(host_agent) == 0, what="tmem pages flushed")
