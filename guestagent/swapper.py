@@ -41,11 +41,12 @@ import struct
 import sys
 from collections import deque
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, Final
 
 import trio
 
-from guestagent import uffd, wire
+from guestagent import reporter, uffd, wire
 from guestagent.channel import Channel, ChannelError, Pool, open_channel
 
 __all__ = ["PREFIX_MAX", "SwapFile", "Swapper", "main"]
@@ -665,6 +666,35 @@ async def _reply(conn: trio.socket.SocketType, obj: dict[str, Any]) -> None:
         data = data[sent:]
 
 
+def pressure_budget(resident: int, mem_available_kib: int, mem_total_kib: int, *,
+                    reserve_kib: int | None = None, floor: int = 256) -> int:  # fmt: skip
+    """The guest budget for all regions together: the pages they hold now, plus what the guest
+    can spare above a reserve of available memory (minus what it lacks below it).
+
+    Region pages are shmem, which MemAvailable does not count, so growing regions lower it: the
+    budget settles where MemAvailable meets the reserve.  A balloon that inflates lowers
+    MemAvailable too, so following it follows the host's balloon target.
+    """
+    reserve = reserve_kib if reserve_kib is not None else max(64 << 10, mem_total_kib // 20)
+    return max(floor, resident + (mem_available_kib - reserve) * 1024 // PAGE)
+
+
+async def follow_pressure(swapper: Swapper, *, proc_dir: str = "/proc", interval: float = 1.0,
+                          reserve_kib: int | None = None, floor: int = 256) -> None:  # fmt: skip
+    """Set the swapper's guest budget from /proc/meminfo every interval (see `pressure_budget`)."""
+    path = os.path.join(proc_dir, "meminfo")
+    while True:
+        try:
+            with open(path) as f:
+                info = reporter.parse_meminfo(f.read())
+            resident = sum(r.resident for r in swapper.regions.values())
+            swapper.set_guest_budget(pressure_budget(
+                resident, info["MemAvailable"], info["MemTotal"], reserve_kib=reserve_kib, floor=floor))
+        except (OSError, KeyError) as exc:
+            log.warning("cannot follow memory pressure: %s", exc)
+        await trio.sleep(interval)
+
+
 async def _follow_notices(ch: Channel, swapper: Swapper) -> None:
     """Standalone only (the daemon owns the notices when it embeds a swapper)."""
     async for kind, value in ch.notices:
@@ -682,6 +712,9 @@ async def _main_async(args: argparse.Namespace) -> None:
                 await nursery.start(swapper.run)
                 print("ready", flush=True)
                 nursery.start_soon(_follow_notices, ch, swapper)
+                if args.follow_meminfo:
+                    nursery.start_soon(partial(follow_pressure, swapper, proc_dir=args.proc_dir,
+                                               interval=args.interval, reserve_kib=args.reserve_kib))
                 async for signum in signals:
                     log.info("signal %d: stopping", signum)
                     nursery.cancel_scope.cancel()
@@ -696,6 +729,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--swap-file", required=True)
     parser.add_argument("--budget", type=int, default=1024, help="default resident pages per region")
     parser.add_argument("--guest-budget", type=int, help="resident pages for all regions together")
+    parser.add_argument("--follow-meminfo", action="store_true",
+                        help="set the guest budget from MemAvailable (overrides --guest-budget)")
+    parser.add_argument("--proc-dir", default="/proc")
+    parser.add_argument("--interval", type=float, default=1.0)
+    parser.add_argument("--reserve-kib", type=int, help="MemAvailable to keep (default 5%%, >= 64 MiB)")
     parser.add_argument("--name", default="preswap")
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)

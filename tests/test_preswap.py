@@ -30,14 +30,14 @@ PAGE = preswap.PAGE
 
 
 class SwapperProcess:
-    def __init__(self, agent: HostAgentProcess) -> None:
-        self.socket = str(agent.workdir / "preswap.sock")
-        self.swap_file = str(agent.workdir / "swap")
-        self.log_path = agent.workdir / "swapper.log"
+    def __init__(self, agent: HostAgentProcess, guest: str = "g1", *extra: str) -> None:
+        self.socket = str(agent.workdir / f"preswap-{guest}.sock")
+        self.swap_file = str(agent.workdir / f"swap-{guest}")
+        self.log_path = agent.workdir / f"swapper-{guest}.log"
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "guestagent.swapper", "--channel", agent.sockets["g1"],
-                 "--socket", self.socket, "--swap-file", self.swap_file, "--log-level", "INFO"],
+                [sys.executable, "-m", "guestagent.swapper", "--channel", agent.sockets[guest],
+                 "--socket", self.socket, "--swap-file", self.swap_file, "--log-level", "INFO", *extra],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
             )
         assert self.proc.stdout is not None
@@ -313,3 +313,39 @@ def test_a_released_region_faults_loudly(host_agent: HostAgentProcess, swapper: 
                          timeout=30, check=False)  # fmt: skip
     assert res.stdout == "released\n" and res.returncode == -signal.SIGBUS, res
     wait_for(lambda: host_persistent(host_agent) == 0, what="tmem pages flushed")
+
+
+def test_guest_budget_follows_memavailable(host_agent: HostAgentProcess, tmp_path: Path) -> None:
+    proc = tmp_path / "proc"
+    proc.mkdir()
+
+    def meminfo(available_mib: int) -> None:
+        (proc / "meminfo.new").write_text(
+            f"MemTotal:  {1 << 20} kB\nMemAvailable:  {available_mib << 10} kB\n")
+        (proc / "meminfo.new").rename(proc / "meminfo")
+
+    meminfo(200)  # 136 MiB above the 64 MiB reserve: 34816 pages
+    sw = SwapperProcess(host_agent, "g2", "--follow-meminfo", "--proc-dir", str(proc),
+                        "--interval", "0.05", "--reserve-kib", str(64 << 10))
+    try:
+        wait_for(lambda: sw.stats()["guest_budget"] == 136 * 256, what="budget from MemAvailable")
+        with preswap.Region(512 * PAGE, sw.socket, budget_pages=400) as region:
+            for p in range(512):
+                region.buf[p * PAGE + 7] = p % 256
+            assert sw.stats()["regions"][str(region.id)]["limit"] == 400
+            meminfo(64)  # at the reserve: the budget is what the regions hold now
+
+            def standstill() -> bool:
+                st = sw.stats()
+                return bool(st["guest_budget"] == st["resident"])
+
+            wait_for(standstill, what="a standstill")
+            meminfo(32)  # below it: they give back what is missing, down to the floor
+            wait_for(lambda: sw.stats()["guest_budget"] == 256, what="the floor")
+            wait_for(lambda: sw.stats()["regions"][str(region.id)]["resident"] <= 256,
+                     what="eviction to the budget")
+            for p in range(512):
+                assert region.buf[p * PAGE + 7] == p % 256
+    finally:
+        assert sw.stop() == 0, sw.log()
+    assert "Traceback" not in sw.log(), sw.log()
