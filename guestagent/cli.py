@@ -23,9 +23,9 @@ from typing import Any
 import trio
 
 from guestagent import config as configmod
-from guestagent import control, wire
+from guestagent import control, ports, wire
 from guestagent.channel import ChannelError, open_channel, resolve_channel_path
-from guestagent.daemon import CHECK_TIMEOUT, GuestAgent, default_name
+from guestagent.daemon import CHECK_TIMEOUT, GuestAgent, StartupError, default_name
 from guestagent.selftest import exercise_all
 
 PROG = "guestagent"
@@ -105,7 +105,51 @@ def build_parser() -> argparse.ArgumentParser:
                      help="display name sent in HELLO, with CHANNEL (default: hostname)")
     chk.add_argument("--timeout", type=float, default=CHECK_TIMEOUT,
                      help=f"seconds before giving up (default: {CHECK_TIMEOUT:g})")
+    pc = sub.add_parser("precache", help="the FUSE victim cache for clean file pages")
+    pc_sub = pc.add_subparsers(dest="precache_command", required=True, metavar="COMMAND")
+    mnt = pc_sub.add_parser(
+        "mount", help="serve a precache mount in the foreground over a channel of its own",
+        description="Mount BACKING at MOUNTPOINT (pyfuse3 passthrough, one private ephemeral tmem pool) "
+        "and serve it until SIGTERM/SIGINT or an unmount.  It opens its own channel, so in a guest it "
+        "needs a port no daemon holds (or configure the mount in the daemon: [[precache]]).",
+    )  # fmt: skip
+    mnt.add_argument("backing", metavar="BACKING", help="the directory whose files the mount serves")
+    mnt.add_argument("mountpoint", metavar="MOUNTPOINT")
+    mnt.add_argument("--cache-pages", type=int, default=configmod.DEFAULT_CACHE_PAGES,
+                     help=f"the shim's own cache at most, in 4 KiB pages (default: "
+                          f"{configmod.DEFAULT_CACHE_PAGES}); it shrinks with MemAvailable")
+    mnt.add_argument("--kernel-cache", action="store_true",
+                     help="no direct_io: the kernel page cache serves hot reads (the shim sees fewer)")
+    mnt.add_argument("--channel", metavar="SPEC",
+                     help=CHANNEL_HELP + " (default: the virtio-serial port from --config, else "
+                          f"{ports.DEFAULT_PORT_NAME})")
+    mnt.add_argument("--config", metavar="FILE", help="read the port name from here")
+    mnt.add_argument("--log-level", default="WARNING", type=str.upper,
+                     choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: WARNING")
     return parser
+
+
+def _precache_mount(args: argparse.Namespace) -> int:
+    from guestagent import precache  # pyfuse3 only for this command
+
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not 1 <= args.cache_pages <= configmod.MAX_CACHE_PAGES:
+        print(f"{PROG}: --cache-pages must be in 1..{configmod.MAX_CACHE_PAGES}", file=sys.stderr)
+        return 2
+    spec = args.channel
+    if spec is None:
+        cfg = _load_config(args.config)
+        spec = cfg.channel or cfg.port
+    try:
+        precache.mount(args.backing, args.mountpoint, spec, args.cache_pages, direct_io=not args.kernel_cache)
+    except SystemExit as exc:  # precache.mount's refusals carry their message
+        if isinstance(exc.code, str):
+            return _fail(exc.code.removeprefix("precache: "))
+        raise
+    except RuntimeError as exc:  # pyfuse3: the mount itself failed (libfuse logged why)
+        return _fail(f"cannot mount {args.mountpoint}: {exc}")
+    return 0
 
 
 def _load_config(path: str | None) -> configmod.Config:
@@ -138,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "precache":
+            return _precache_mount(args)
         if args.command == "check" and args.channel is not None:
             name = args.name.encode("utf-8")[: wire.MAX_NAME].decode("utf-8", errors="ignore")
             result = trio.run(check, args.channel, name, args.timeout)
@@ -170,10 +216,11 @@ def _run(args: argparse.Namespace) -> int:
     log.info("guest agent starting (pid %d, name %r)", os.getpid(), agent.name)
     try:
         trio.run(run_daemon, agent)
-    except (control.ControlError, OSError, BaseExceptionGroup) as exc:
-        # startup failures: another daemon serves the control socket, or it cannot be made
+    except (control.ControlError, StartupError, OSError, BaseExceptionGroup) as exc:
+        # startup failures: another daemon serves the control socket, or it cannot be made, or the
+        # precache mount cannot be
         reason = _leaf(exc)
-        if isinstance(reason, control.ControlError):
+        if isinstance(reason, control.ControlError | StartupError):
             return _fail(str(reason))
         if isinstance(reason, OSError):
             return _fail(f"cannot serve the control socket {cfg.control_socket}: {reason}")

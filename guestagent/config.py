@@ -9,6 +9,7 @@ The commented reference is guestagent/guestagent.example.toml.
 from __future__ import annotations
 
 import math
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ from typing import Any, Final
 from guestagent import wire
 from guestagent.ports import DEFAULT_PORT_NAME
 
-__all__ = ["DEFAULT_CONFIG", "DEFAULT_CONTROL_SOCKET", "Config", "ConfigError", "load", "parse"]
+__all__ = ["DEFAULT_CONFIG", "DEFAULT_CONTROL_SOCKET", "Config", "ConfigError", "PrecacheMount", "load",
+           "parse"]
 
 DEFAULT_CONFIG: Final = "/etc/tmem/guestagent.toml"
 DEFAULT_CONTROL_SOCKET: Final = "/run/tmem/guestagent.sock"
@@ -27,6 +29,20 @@ _MAX_SOCKET_PATH: Final = 107  # sockaddr_un.sun_path is 108 bytes with its NUL
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message names the offending key."""
+
+
+DEFAULT_CACHE_PAGES: Final = 16384  # 64 MiB: the shim's cache of the mount's file pages, at most
+MAX_CACHE_PAGES: Final = 1 << 28  # 1 TiB of pages: a bound that only catches typos
+
+
+@dataclass(frozen=True, slots=True)
+class PrecacheMount:
+    """One `[[precache]]` table: a FUSE victim-cache mount the daemon serves (guestagent.precache)."""
+
+    backing: str  # the directory whose files the mount serves
+    mountpoint: str
+    cache_pages: int = DEFAULT_CACHE_PAGES  # the shim's own cache, at most (it also follows MemAvailable)
+    kernel_cache: bool = False  # no direct_io: the kernel page cache serves hot reads, the shim sees fewer
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +55,8 @@ class Config:
     retry_interval: float = 0.25
     report_interval: float = 2.0  # seconds between STATS reports
     control_socket: str = DEFAULT_CONTROL_SOCKET
+    # `[[precache]]` tables; pyfuse3 serves one mount per process, so at most one
+    precache: tuple[PrecacheMount, ...] = ()
 
 
 # section -> key -> Config field
@@ -71,9 +89,12 @@ def parse(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Config:
     """Validate a decoded TOML document into a `Config`."""
     values: dict[str, Any] = {}
     for section, table in data.items():
+        if section == "precache":
+            values["precache"] = _precache(table, base_dir)
+            continue
         keys = _LAYOUT.get(section)
         if keys is None:
-            raise ConfigError(f"{section}: unknown section (known: {', '.join(_LAYOUT)})")
+            raise ConfigError(f"{section}: unknown section (known: {', '.join(_LAYOUT)}, precache)")
         if not isinstance(table, Mapping):
             raise ConfigError(f"{section}: must be a table ([{section}])")
         for key, value in table.items():
@@ -108,3 +129,40 @@ def _check(key: str, field: str, value: Any) -> Any:
     if field == "control_socket" and not value:
         raise ConfigError(f"{key}: must not be empty")
     return value
+
+
+_PRECACHE_KEYS: Final = ("backing", "mountpoint", "cache_pages", "kernel_cache")
+
+
+def _precache(tables: Any, base_dir: Path | None) -> tuple[PrecacheMount, ...]:
+    """`[[precache]]`: an array of tables, each a mount; relative paths are relative to the file."""
+    if not isinstance(tables, list) or not all(isinstance(t, Mapping) for t in tables):
+        raise ConfigError("precache: must be an array of tables ([[precache]])")
+    if len(tables) > 1:
+        raise ConfigError(f"precache: {len(tables)} mounts, but the daemon serves at most one (pyfuse3 "
+                          "serves one mount per process); run others with `guestagent precache mount`")
+    mounts = []
+    for n, table in enumerate(tables):
+        where = f"precache[{n}]"
+        for key in table:
+            if key not in _PRECACHE_KEYS:
+                raise ConfigError(f"{where}.{key}: unknown setting (known: {', '.join(_PRECACHE_KEYS)})")
+        paths: dict[str, str] = {}
+        for key in ("backing", "mountpoint"):
+            if key not in table:
+                raise ConfigError(f"{where}.{key}: required")
+            value = table[key]
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{where}.{key}: expected a directory path, got {value!r}")
+            paths[key] = os.path.normpath(base_dir / value if base_dir is not None else value)
+        if paths["backing"] == paths["mountpoint"]:
+            raise ConfigError(f"{where}: backing and mountpoint are the same directory {paths['backing']}")
+        pages = table.get("cache_pages", DEFAULT_CACHE_PAGES)
+        if isinstance(pages, bool) or not isinstance(pages, int) or not 1 <= pages <= MAX_CACHE_PAGES:
+            raise ConfigError(f"{where}.cache_pages: expected a number of pages in 1..{MAX_CACHE_PAGES}, "
+                              f"got {pages!r}")
+        kernel_cache = table.get("kernel_cache", False)
+        if not isinstance(kernel_cache, bool):
+            raise ConfigError(f"{where}.kernel_cache: expected true or false, got {kernel_cache!r}")
+        mounts.append(PrecacheMount(paths["backing"], paths["mountpoint"], pages, kernel_cache))
+    return tuple(mounts)

@@ -17,15 +17,18 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
 from guestagent import control, ports, reporter, selftest, wire
 from guestagent.channel import Channel, ChannelError, open_channel, resolve_channel_path
-from guestagent.config import Config
+from guestagent.config import Config, PrecacheMount
 
-__all__ = ["GuestAgent"]
+if TYPE_CHECKING:
+    from guestagent.precache import PrecacheFS
+
+__all__ = ["GuestAgent", "StartupError"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,10 @@ _COUNTERS: Final = (
     "control_requests",
     "channel_failures",  # the channel gave up and was reopened
 )
+
+
+class StartupError(Exception):
+    """Something the configuration asks for cannot be set up (the daemon exits with the reason)."""
 
 
 def default_name() -> str:
@@ -67,6 +74,7 @@ class GuestAgent:
         self.last_notice: dict[str, Any] | None = None
         self._started = time.monotonic()
         self._channel_open = trio.Event()
+        self.precache: PrecacheFS | None = None  # the mount's file system, while mounted
 
     # ----------------------------------------------------------------- the program
 
@@ -75,6 +83,8 @@ class GuestAgent:
         async with trio.open_nursery() as nursery:
             await nursery.start(control.serve, self.cfg.control_socket, self.handle)
             log.info("control socket %s ready", self.cfg.control_socket)
+            for mount in self.cfg.precache:
+                await nursery.start(self._serve_precache, mount)
             task_status.started()
             while True:
                 spec = await self._find_channel()
@@ -149,6 +159,8 @@ class GuestAgent:
                 self.counters["report_errors"] += 1
                 log.warning("cannot read the memory report: %s", exc)
             else:
+                if self.precache is not None:
+                    values.update(self.precache.report_values())
                 await ch.report_stats(values)
                 self.counters["reports_sent"] += 1
                 self.last_report, self.last_report_time = values, time.monotonic()
@@ -165,6 +177,84 @@ class GuestAgent:
                 log.info("host notice: move %d persistent pages out of tmem", value)
             else:  # pragma: no cover - parse_notice only yields known kinds
                 log.info("host notice: %s %d", kind.name, value)
+
+    # ----------------------------------------------------------------- precache
+
+    async def _serve_precache(self, mount: PrecacheMount,
+                              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Mount (a mount failure stops the daemon: its config asked for it) and serve until cancelled;
+        the mount's pool lives on whichever channel the daemon has open (`_attach_precache`).
+        This is `precache.serve` with a channel that may be reopened under the mount."""
+        import pyfuse3  # only here: a guest without a precache mount needs no FUSE
+
+        from guestagent import precache
+
+        for what, path in (("backing directory", mount.backing), ("mount point", mount.mountpoint)):
+            if not os.path.isdir(path):
+                raise StartupError(f"precache: {what} {path} is not a directory")
+        fs = precache.PrecacheFS(mount.backing, mount.cache_pages, direct_io=not mount.kernel_cache)
+        options = set(pyfuse3.default_options)
+        options.add("fsname=precache")
+        options.discard("default_permissions")  # the backing file system checks permissions
+        try:
+            pyfuse3.init(fs, mount.mountpoint, options)
+        except RuntimeError as exc:  # pyfuse3 says "fuse_session_mount failed" and libfuse logs why
+            raise StartupError(f"precache: cannot mount {mount.mountpoint}: {exc}") from None
+        log.info("precache: %s mounted at %s (cache %d pages%s)", mount.backing, mount.mountpoint,
+                 mount.cache_pages, ", kernel cache" if mount.kernel_cache else "")
+        self.precache = fs
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._attach_precache, fs)
+                nursery.start_soon(precache._follow_memory, fs, self.proc_dir)
+                task_status.started()
+                await pyfuse3.main()  # returns when unmounted from outside (fusermount3 -u)
+                log.warning("precache: %s was unmounted", mount.mountpoint)
+                nursery.cancel_scope.cancel()
+        finally:
+            self.precache = None
+            pyfuse3.close(unmount=True)
+            log.info("precache: %s unmounted", mount.mountpoint)
+
+    async def _attach_precache(self, fs: PrecacheFS) -> None:
+        """The mount's pool on the current channel; again on the next one if the channel is reopened."""
+        from guestagent import precache
+
+        while True:
+            await self._channel_open.wait()
+            ch = self.channel
+            if ch is None:
+                await trio.sleep(PORT_RETRY)
+                continue
+            closed = self._channel_open
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(precache._use_channel, fs, ch)
+                    nursery.start_soon(self._cancel_when_reopened, ch, nursery.cancel_scope)
+            except* ChannelError as group:  # trio >= 0.25 wraps it in a group, 0.22 does not
+                log.warning("precache: no pool on this channel: %s", group.exceptions[0])
+            while self._channel_open is closed:  # wait until the reopen has begun
+                await trio.sleep(PORT_RETRY)
+
+    async def _cancel_when_reopened(self, ch: Channel, scope: trio.CancelScope) -> None:
+        while self.channel is ch:
+            await trio.sleep(PORT_RETRY)
+        scope.cancel()
+
+    def precache_stats(self) -> dict[str, Any] | None:
+        """The mount and its counters, for `guestagent stats` and `status`."""
+        if not self.cfg.precache:
+            return None
+        mount = self.cfg.precache[0]
+        fs = self.precache
+        out: dict[str, Any] = {"backing": mount.backing, "mountpoint": mount.mountpoint,
+                               "mounted": fs is not None}
+        if fs is not None:
+            fs.counters.cached_pages = len(fs.cache)
+            ch = self.channel
+            fs.counters.connected = fs.pool is not None and ch is not None and ch.connected
+            out.update(dataclasses.asdict(fs.counters))
+        return out
 
     # ----------------------------------------------------------------- the control socket
 
@@ -206,6 +296,7 @@ class GuestAgent:
                 if self.last_report is not None else None
             ),
             "last_notice": self.last_notice,
+            "precache": self.precache_stats(),
             "pid": os.getpid(),
             "uptime": round(now - self._started, 3),
         }
@@ -219,6 +310,7 @@ class GuestAgent:
             "generation": generation,
             "reconnects": max(0, generation - 1),
             "uptime": round(time.monotonic() - self._started, 3),
+            "precache": self.precache_stats(),
         }
 
     async def check(self, timeout: float) -> dict[str, Any]:

@@ -68,7 +68,32 @@ def format_stats(stats: Mapping[str, Any]) -> str:
         + _cpu_ratio(a)
     )
     lines.extend(_memory_table(guests, name_w))
+    lines.extend(_precache_table(guests, name_w))
     return "\n".join(lines)
+
+
+_PC_HEAD = ("gets", "hits", "misses", "hit%", "puts", "flush", "tmemMiB", "diskMiB")
+
+
+def _precache_table(guests: Mapping[str, Mapping[str, Any]], name_w: int) -> list[str]:
+    """Per guest whose latest report has precache counters (guestagent's FUSE victim cache)."""
+    rows = []
+    for name, g in sorted(guests.items()):
+        values = (g.get("report") or {}).get("values", {})
+        if "precache_gets" not in values:
+            continue
+        gets, hits = values.get("precache_gets", 0), values.get("precache_hits", 0)
+        cells = (
+            count(gets), count(hits), count(values.get("precache_misses")),
+            f"{100 * hits / gets:.0f}" if gets else "-",
+            count(values.get("precache_puts")), count(values.get("precache_flushes")),
+            mib(values.get("precache_bytes_from_tmem")), mib(values.get("precache_bytes_from_disk")),
+        )
+        rows.append(f"{name:<{name_w}} " + " ".join(f"{c:>{_NUM}}" for c in cells))
+    if not rows:
+        return []
+    head = f"{'GUEST':<{name_w}} " + " ".join(f"{h:>{_NUM}}" for h in _PC_HEAD)
+    return ["", "precache (FUSE victim cache), from the guests' reports: pages, MiB read:", head, *rows]
 
 
 _MEM_HEAD = ("ACTUAL", "MAX", "COMMIT", "AVAIL", "pgpgin/s", "pgpgout/s", "pswpin/s", "pswpout/s",
