@@ -389,6 +389,17 @@ class Swapper:
             if region.resident > region.limit:
                 region.need_evict.set()
 
+    def report_values(self) -> dict[str, int]:
+        """Flat `preswap_*` counters for the guest's STATS report (the host shows them per guest)."""
+        st = self.stats()
+        out = {f"preswap_{k}": v for k, v in st["totals"].items()}
+        out["preswap_regions"] = len(self.regions)
+        out["preswap_resident"] = st["resident"]
+        out["preswap_in_tmem"] = sum(r.held_tmem for r in self.regions.values())
+        out["preswap_on_disk"] = sum(r.held_disk for r in self.regions.values())
+        out["preswap_swap_slots"] = self.swap.used
+        return out
+
     def stats(self) -> dict[str, Any]:
         totals = dict(self.totals)
         for region in self.regions.values():
@@ -703,6 +714,15 @@ async def _follow_notices(ch: Channel, swapper: Swapper) -> None:
             log.info("host asked for %d persistent pages back: moved %d", value, moved)
 
 
+async def _report(ch: Channel, swapper: Swapper, interval: float) -> None:
+    """Standalone only: the counters as this channel's STATS report (the daemon merges them
+    into its own report instead, as the host keeps one report per guest)."""
+    while True:
+        if ch.connected:
+            await ch.report_stats(swapper.report_values())
+        await trio.sleep(interval)
+
+
 async def _main_async(args: argparse.Namespace) -> None:
     async with open_channel(args.channel, name=args.name, reconnect=True) as ch:
         swapper = Swapper(ch, args.socket, args.swap_file, default_budget=args.budget,
@@ -712,6 +732,7 @@ async def _main_async(args: argparse.Namespace) -> None:
                 await nursery.start(swapper.run)
                 print("ready", flush=True)
                 nursery.start_soon(_follow_notices, ch, swapper)
+                nursery.start_soon(_report, ch, swapper, args.report_interval)
                 if args.follow_meminfo:
                     nursery.start_soon(partial(follow_pressure, swapper, proc_dir=args.proc_dir,
                                                interval=args.interval, reserve_kib=args.reserve_kib))
@@ -732,6 +753,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--follow-meminfo", action="store_true",
                         help="set the guest budget from MemAvailable (overrides --guest-budget)")
     parser.add_argument("--proc-dir", default="/proc")
+    parser.add_argument("--report-interval", type=float, default=2.0)
     parser.add_argument("--interval", type=float, default=1.0)
     parser.add_argument("--reserve-kib", type=int, help="MemAvailable to keep (default 5%%, >= 64 MiB)")
     parser.add_argument("--name", default="preswap")

@@ -37,7 +37,8 @@ class SwapperProcess:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "guestagent.swapper", "--channel", agent.sockets[guest],
-                 "--socket", self.socket, "--swap-file", self.swap_file, "--log-level", "INFO", *extra],
+                 "--socket", self.socket, "--swap-file", self.swap_file, "--log-level", "INFO",
+                 "--report-interval", "0.1", *extra],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
             )
         assert self.proc.stdout is not None
@@ -104,6 +105,13 @@ def test_region_4x_budget_random_reads_and_writes(host_agent: HostAgentProcess,
     g1 = stats_json(host_agent)["guests"]["g1"]["persistent"]
     totals = stats["totals"]  # the final figures (an eviction may have been in flight above)
     assert g1["puts"] == totals["puts"] and g1["hits"] == totals["gets"] == totals["tmem_faults"]
+
+    def reported() -> bool:  # the swapper's counters reach `hostagent stats` in its reports
+        report = (stats_json(host_agent)["guests"]["g1"].get("report") or {}).get("values", {})
+        return bool(report.get("preswap_puts") == totals["puts"]
+                    and report.get("preswap_disk_writes") == 0 and report.get("preswap_regions") == 0)
+
+    wait_for(reported, what="preswap counters in the host's stats")
 
 
 def test_tiny_quota_falls_back_to_the_swap_file(host_agent: HostAgentProcess,
