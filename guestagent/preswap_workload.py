@@ -42,7 +42,9 @@ class Pattern:
 
 
 def run(socket_path: str, pages: int, budget: int, ops: int, *, seed: int = 1,
-        write_ratio: float = 0.5, progress: bool = False) -> dict[str, Any]:  # fmt: skip
+        write_ratio: float = 0.5, hot_pages: float = 0.0, hot_ops: float = 0.0,
+        progress: bool = False) -> dict[str, Any]:  # fmt: skip
+    """`hot_ops` of the operations go to the first `hot_pages` (a fraction) of the region."""
     pattern = Pattern(seed)
     rng = random.Random(seed + 1)
     versions = [0] * pages
@@ -52,8 +54,9 @@ def run(socket_path: str, pages: int, budget: int, ops: int, *, seed: int = 1,
         if progress:
             print(json.dumps({"region": region.id}), flush=True)
         buf = region.buf
+        hot = max(1, int(pages * hot_pages))
         for _ in range(ops):
-            p = rng.randrange(pages)
+            p = rng.randrange(hot) if rng.random() < hot_ops else rng.randrange(pages)
             at = p * PAGE
             if buf[at : at + PAGE] != pattern.page(p, versions[p]):
                 mismatches += 1
@@ -78,10 +81,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--ops", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--write-ratio", type=float, default=0.5)
+    parser.add_argument("--hot-pages", type=float, default=0.0, help="fraction of pages that are hot")
+    parser.add_argument("--hot-ops", type=float, default=0.0, help="fraction of operations on them")
     parser.add_argument("--progress", action="store_true", help="print the region id once created")
     args = parser.parse_args(argv)
     result = run(args.socket, args.pages, args.budget, args.ops, seed=args.seed,
-                 write_ratio=args.write_ratio, progress=args.progress)  # fmt: skip
+                 write_ratio=args.write_ratio, hot_pages=args.hot_pages, hot_ops=args.hot_ops,
+                 progress=args.progress)  # fmt: skip
     print(json.dumps(result), flush=True)
     sys.exit(1 if result["mismatches"] else 0)
 

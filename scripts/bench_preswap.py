@@ -10,6 +10,10 @@ a region of PAGES pages, timing one access per page:
   PUT_VEC, punch hole);
 - disk: the same with the guest's quota at 0, so every put is refused and the swap file serves.
 
+Eviction policy: the same 80/20 workload (80% of operations on 20% of the pages, the hot set
+smaller than the budget) against a swapper with the clock policy and one with FIFO; refaults
+(tmem faults) compared.
+
 Then (unless --no-soak) the soak: a region 4x its budget under random verified reads and writes
 with 100,000+ faults (`guestagent.preswap_workload`).  Prints one JSON object; the tmem path must
 beat the disk path (`targets_met`).  The swap file sits in a temp dir under /var/tmp (a disk, not
@@ -105,12 +109,35 @@ def main() -> int:
                                      str(_config(tmp, shm)), "--log-level", "WARNING"], stderr=log)
             procs.append(host)
             _wait_listening(str(tmp / "guests" / "bench.sock"), host, "hostagent run")
-            swapper = subprocess.Popen(
-                [sys.executable, "-m", "guestagent.swapper", "--channel", str(tmp / "guests" / "bench.sock"),
-                 "--socket", sock, "--swap-file", os.path.join(diskdir, "swap")],
-                stdout=subprocess.DEVNULL, stderr=log)
-            procs.append(swapper)
-            _wait_listening(sock, swapper, "swapper")
+
+            def start_swapper(policy: str) -> subprocess.Popen[bytes]:
+                if os.path.exists(sock):
+                    os.unlink(sock)
+                swapper = subprocess.Popen(
+                    [sys.executable, "-m", "guestagent.swapper", "--channel",
+                     str(tmp / "guests" / "bench.sock"), "--socket", sock, "--swap-file",
+                     os.path.join(diskdir, "swap"), "--policy", policy],
+                    stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
+                procs.append(swapper)
+                _wait_listening(sock, swapper, "swapper")
+                return swapper
+
+            def skewed() -> dict[str, Any]:
+                run = subprocess.run(
+                    [sys.executable, "-m", "guestagent.preswap_workload", "--socket", sock,
+                     "--pages", "4096", "--budget", "1024", "--ops", "30000", "--hot-pages", "0.2",
+                     "--hot-ops", "0.8"], capture_output=True, check=True)  # fmt: skip
+                out: dict[str, Any] = json.loads(run.stdout)
+                return {"refaults": out["agent"]["tmem_faults"], "mismatches": out["mismatches"],
+                        "seconds": out["seconds"]}  # fmt: skip
+
+            policies = {}
+            for policy in ("fifo", "clock"):
+                swapper = start_swapper(policy)
+                policies[policy] = skewed()
+                swapper.send_signal(signal.SIGTERM)
+                swapper.wait(10)
+            start_swapper("clock")
             result: dict[str, Any] = {"pages": args.pages, "loadavg": os.getloadavg()}
             result["zero"] = _pass(sock, args.pages, args.pages, False, 1)
             result["tmem"] = _pass(sock, args.pages, 64, True, 2)
@@ -125,6 +152,11 @@ def main() -> int:
             tmem, disk, zero = (result[k]["us_per_fault"] for k in ("tmem", "disk", "zero"))
             result["ratios"] = {"disk_over_tmem": round(disk / tmem, 2),
                                 "tmem_over_zero": round(tmem / zero, 2)}  # fmt: skip
+            result["policy_80_20"] = {
+                **policies,
+                "clock_refaults_over_fifo":
+                    round(policies["clock"]["refaults"] / policies["fifo"]["refaults"], 2),
+            }
             if not args.no_soak:
                 soak = subprocess.run(
                     [sys.executable, "-m", "guestagent.preswap_workload", "--socket", sock,
@@ -133,8 +165,10 @@ def main() -> int:
                 )
                 result["soak"] = json.loads(soak.stdout)
             mismatches = sum(result[k]["mismatches"] for k in ("zero", "tmem", "disk"))
+            mismatches += sum(p["mismatches"] for p in policies.values())
             result["targets_met"] = {
                 "tmem_beats_disk": tmem < disk,
+                "clock_beats_fifo": policies["clock"]["refaults"] < policies["fifo"]["refaults"],
                 "no_mismatches": mismatches == 0 and result.get("soak", {}).get("mismatches", 0) == 0,
                 "soak_100k_faults": args.no_soak or result["soak"]["agent"]["faults"] >= 100_000,
             }
