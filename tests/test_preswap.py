@@ -9,13 +9,16 @@ issue 5 is `python -m guestagent.preswap_workload --ops 140000` against the same
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import random
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -357,3 +360,48 @@ def test_guest_budget_follows_memavailable(host_agent: HostAgentProcess, tmp_pat
     finally:
         assert sw.stop() == 0, sw.log()
     assert "Traceback" not in sw.log(), sw.log()
+
+
+def test_threads_fault_concurrently(host_agent: HostAgentProcess, swapper: SwapperProcess) -> None:
+    # ctypes.memmove drops the GIL, so these threads really fault at once, on the same pages too
+    pages, threads, rounds = 1024, 6, 3000
+    with preswap.Region(pages * PAGE, swapper.socket, budget_pages=128) as region:
+        base = region.addr
+        errors: list[str] = []
+
+        def content(p: int, v: int) -> bytes:
+            return struct.pack("<QQ", p, v) * (PAGE // 16)
+
+        def own(t: int) -> None:  # each thread writes its own pages, re-reading them
+            rng = random.Random(t)
+            versions = dict.fromkeys(range(t, pages, threads), 0)
+            buf = ctypes.create_string_buffer(PAGE)
+            for _ in range(rounds):
+                p = rng.choice(list(versions))
+                ctypes.memmove(buf, base + p * PAGE, PAGE)
+                if versions[p] and buf.raw != content(p, versions[p]):
+                    errors.append(f"page {p} v{versions[p]}")
+                versions[p] += 1
+                ctypes.memmove(base + p * PAGE, content(p, versions[p]), PAGE)
+            for p, v in versions.items():  # final versions, for the shared phase
+                final[p] = v
+
+        def shared(t: int) -> None:  # all threads read all pages: the same faults at once
+            buf = ctypes.create_string_buffer(PAGE)
+            for p in range(pages):
+                ctypes.memmove(buf, base + p * PAGE, PAGE)
+                if buf.raw != (content(p, final[p]) if final[p] else bytes(PAGE)):
+                    errors.append(f"shared page {p}")
+
+        final = [0] * pages
+        for phase in (own, shared):
+            workers = [threading.Thread(target=phase, args=(t,)) for t in range(threads)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join(60)
+            assert not any(w.is_alive() for w in workers)
+        assert errors == []
+        mine = swapper.stats()["regions"][str(region.id)]
+        assert mine["tmem_faults"] > 1000 and mine["lost"] == 0
+    wait_for(lambda: host_persistent(host_agent) == 0, what="tmem pages flushed")
