@@ -11,7 +11,9 @@ host's notices.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import socket
@@ -54,6 +56,22 @@ class StartupError(Exception):
 def default_name() -> str:
     """The hostname, cut to what a HELLO may carry."""
     return socket.gethostname().encode("utf-8")[: wire.MAX_NAME].decode("utf-8", errors="ignore")
+
+
+async def _clear_dead_mount(mountpoint: str) -> None:
+    """A daemon that died without unmounting (SIGKILL, OOM) leaves a FUSE mount whose every access
+    fails with ENOTCONN: unmount it (lazily), or its restart could never mount there again."""
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            return
+        log.warning("precache: %s is a dead mount (its server is gone); unmounting it", mountpoint)
+        for argv in (["fusermount3", "-u", "-z", mountpoint], ["umount", "-l", mountpoint]):
+            with contextlib.suppress(OSError):
+                done = await trio.run_process(argv, check=False, capture_stdout=True, capture_stderr=True)
+                if done.returncode == 0:
+                    return
 
 
 class GuestAgent:
@@ -189,6 +207,7 @@ class GuestAgent:
 
         from guestagent import precache
 
+        await _clear_dead_mount(mount.mountpoint)
         for what, path in (("backing directory", mount.backing), ("mount point", mount.mountpoint)):
             if not os.path.isdir(path):
                 raise StartupError(f"precache: {what} {path} is not a directory")

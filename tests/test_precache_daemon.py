@@ -209,6 +209,37 @@ def test_daemon_mount_reads_the_backing_files_without_a_host_agent(
     assert not os.path.ismount(work / "mnt")
 
 
+def test_daemon_mount_survives_a_host_agent_restart_and_a_sigkill_of_the_daemon(
+    host_agent: HostAgentProcess, daemon: GuestDaemon, work: Path
+) -> None:
+    mnt = work / "mnt"
+    sums = populate(work / "backing", files=4, pages=40)
+    daemon.start()
+    wait_for(lambda: daemon_stats(daemon)["precache"]["connected"], timeout=10, what="the mount's pool")
+    read_all(mnt, sums)
+    host_agent.kill()  # the pool and its pages are gone with it; reads come from the disk meanwhile
+    read_all(mnt, sums)
+    host_agent.start()
+    wait_for(lambda: daemon_stats(daemon)["precache"]["connected"], timeout=15, what="the pool again")
+    hits = daemon_stats(daemon)["precache"]["hits"]
+    read_all(mnt, sums)
+    os.setxattr(mnt, "user.tmem.precache.evict", b"1")
+    read_all(mnt, sums)
+    assert daemon_stats(daemon)["precache"]["hits"] > hits  # the re-created pool serves again
+
+    assert daemon.proc is not None
+    daemon.proc.kill()  # no unmount: the mount point is left dead (ENOTCONN)
+    daemon.proc.wait(10)
+    with pytest.raises(OSError):
+        os.stat(mnt)
+    daemon.start()  # the new daemon clears the dead mount and mounts again
+    wait_for(lambda: daemon_stats(daemon)["precache"]["connected"], timeout=10, what="the mount again")
+    read_all(mnt, sums)
+    assert "dead mount" in daemon.log()
+    assert daemon.stop() == 0
+    assert not os.path.ismount(mnt)
+
+
 def test_daemon_refuses_two_mounts_and_a_missing_mountpoint(work: Path) -> None:
     cfg = work / "ga.toml"
     cfg.write_text(f'[control]\nsocket = "{work / "ga.sock"}"\n'
