@@ -83,11 +83,13 @@ REGION_COUNTERS: Final = (
     "gets",  # gets answered with the page
     "disk_writes",
     "disk_reads",
+    "readahead",  # pages brought in with a fault's page, on a sequential scan
     "lost",  # pages tmem did not return: must stay 0
     "shrunk_to_memory",  # moved out of tmem on the host's request, back into the memfd
     "shrunk_to_disk",  # ... or into the swap file
 )
 POLICIES: Final = ("clock", "fifo")  # eviction: second chance for refaulted pages, or plain FIFO
+READAHEAD: Final = 16  # most pages one sequential tmem fault brings in (1: no readahead)
 SHRINK_BATCH: Final = 256  # pages per GET_VEC when moving pages out of tmem
 
 
@@ -182,6 +184,8 @@ class Region:
         self.staging_addr = ctypes.addressof(self.staging)
         self.need_evict = trio.Event()
         self.room = trio.Event()
+        self.ra_window = 1  # readahead: pages fetched with the last tmem fault
+        self.ra_next = -1  # the page a sequential scan would fault on next
         self.scope = trio.CancelScope()  # the region's tasks; cancelled to end it
         self.failure: BaseException | None = None  # why it ended, if not by its process
 
@@ -213,7 +217,8 @@ class Swapper:
 
     def __init__(self, channel: Channel, socket_path: str, swap_path: str, *,
                  default_budget: int = 1024, guest_budget: int | None = None,
-                 policy: str = "clock") -> None:  # fmt: skip
+                 policy: str = "clock", readahead: int = READAHEAD) -> None:  # fmt: skip
+        self.readahead = max(1, readahead)
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}")
         self.second_chance = policy == "clock"
@@ -522,6 +527,19 @@ class Swapper:
                     self._resident(region, p, refault=False)
                     counters["zero_faults"] += 1
                     counters["faults"] += 1
+                elif st == TMEM and self.readahead > 1:
+                    # a fault where the last readahead window ended is a sequential scan: the
+                    # window doubles (up to `readahead` pages), else it starts again at one
+                    most = min(self.readahead, max(1, region.limit // 4))  # never a budget's worth
+                    window = min(most, 2 * region.ra_window) if p == region.ra_next else 1
+                    batch = [p]
+                    for q in range(p + 1, min(pages, p + window)):
+                        if state[q] == TMEM:
+                            batch.append(q)
+                    region.ra_window, region.ra_next = window, p + window
+                    for q in batch:
+                        state[q] = LOADING
+                    nursery.start_soon(self._guarded_load_many, region, batch)
                 elif st in (TMEM, DISK):
                     state[p] = LOADING
                     nursery.start_soon(self._guarded_load, region, p, st)
@@ -552,6 +570,30 @@ class Swapper:
             await self._load(region, p, st)
         except (OSError, ChannelError) as exc:
             region.end(exc)
+
+    async def _guarded_load_many(self, region: Region, batch: list[int]) -> None:
+        try:
+            await self._load_many(region, batch)
+        except (OSError, ChannelError) as exc:
+            region.end(exc)
+
+    async def _load_many(self, region: Region, batch: list[int]) -> None:
+        """The faulting page batch[0] and readahead pages, from tmem with one GET_VEC."""
+        assert self.pool is not None
+        counters = region.counters
+        datas = await self.pool.get_many([(region.oid, q) for q in batch])
+        region.held_tmem -= len(batch)
+        counters["tmem_faults"] += 1
+        counters["readahead"] += len(batch) - 1
+        for q, data in zip(batch, datas, strict=True):
+            if data is None:
+                counters["lost"] += 1
+                raise RegionLost(f"region {region.id} page {q}: tmem did not return it")
+            counters["gets"] += 1
+            ctypes.memmove(region.staging_addr, data, PAGE)
+            uffd.copy(region.uffd, region.addr + q * PAGE, region.staging_addr, PAGE)
+            self._resident(region, q, refault=q == batch[0])
+        counters["faults"] += 1
 
     async def _load(self, region: Region, p: int, st: int) -> None:
         counters = region.counters
@@ -740,7 +782,8 @@ async def _report(ch: Channel, swapper: Swapper, interval: float) -> None:
 async def _main_async(args: argparse.Namespace) -> None:
     async with open_channel(args.channel, name=args.name, reconnect=True) as ch:
         swapper = Swapper(ch, args.socket, args.swap_file, default_budget=args.budget,
-                          guest_budget=args.guest_budget, policy=args.policy)
+                          guest_budget=args.guest_budget, policy=args.policy,
+                          readahead=args.readahead)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(swapper.run)
@@ -765,6 +808,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--budget", type=int, default=1024, help="default resident pages per region")
     parser.add_argument("--guest-budget", type=int, help="resident pages for all regions together")
     parser.add_argument("--policy", choices=POLICIES, default="clock", help="eviction policy")
+    parser.add_argument("--readahead", type=int, default=READAHEAD,
+                        help="most pages per sequential fault (1: off)")
     parser.add_argument("--follow-meminfo", action="store_true",
                         help="set the guest budget from MemAvailable (overrides --guest-budget)")
     parser.add_argument("--proc-dir", default="/proc")

@@ -8,11 +8,15 @@ a region of PAGES pages, timing one access per page:
 - tmem: budget 64 pages, every page written once, then read in order twice: every access is a
   fault served by an exclusive get (and pays its share of the eviction of another page: WP,
   PUT_VEC, punch hole);
-- disk: the same with the guest's quota at 0, so every put is refused and the swap file serves.
+- disk: the same with the guest's quota at 0, so every put is refused and the swap file serves;
+- tmem_readahead: the tmem pass with readahead on (up to 16 pages per sequential fault): time
+  per page brought in (`us_per_page`), as a sequential scan sees it.
+
+The first three run with readahead off, so each access is one fault.
 
 Eviction policy: the same 80/20 workload (80% of operations on 20% of the pages, the hot set
 smaller than the budget) against a swapper with the clock policy and one with FIFO; refaults
-(tmem faults) compared.
+(tmem faults) compared, readahead off.
 
 Then (unless --no-soak) the soak: a region 4x its budget under random verified reads and writes
 with 100,000+ faults (`guestagent.preswap_workload`).  Prints one JSON object; the tmem path must
@@ -110,13 +114,13 @@ def main() -> int:
             procs.append(host)
             _wait_listening(str(tmp / "guests" / "bench.sock"), host, "hostagent run")
 
-            def start_swapper(policy: str) -> subprocess.Popen[bytes]:
+            def start_swapper(policy: str, readahead: int = 1) -> subprocess.Popen[bytes]:
                 if os.path.exists(sock):
                     os.unlink(sock)
                 swapper = subprocess.Popen(
                     [sys.executable, "-m", "guestagent.swapper", "--channel",
                      str(tmp / "guests" / "bench.sock"), "--socket", sock, "--swap-file",
-                     os.path.join(diskdir, "swap"), "--policy", policy],
+                     os.path.join(diskdir, "swap"), "--policy", policy, "--readahead", str(readahead)],
                     stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
                 procs.append(swapper)
                 _wait_listening(sock, swapper, "swapper")
@@ -131,14 +135,18 @@ def main() -> int:
                 return {"refaults": out["agent"]["tmem_faults"], "mismatches": out["mismatches"],
                         "seconds": out["seconds"]}  # fmt: skip
 
+            result: dict[str, Any] = {"pages": args.pages, "loadavg": os.getloadavg()}
             policies = {}
             for policy in ("fifo", "clock"):
                 swapper = start_swapper(policy)
                 policies[policy] = skewed()
                 swapper.send_signal(signal.SIGTERM)
                 swapper.wait(10)
-            start_swapper("clock")
-            result: dict[str, Any] = {"pages": args.pages, "loadavg": os.getloadavg()}
+            swapper = start_swapper("clock", readahead=16)
+            result["tmem_readahead"] = _pass(sock, args.pages, 64, True, 2)
+            swapper.send_signal(signal.SIGTERM)
+            swapper.wait(10)
+            start_swapper("clock")  # no readahead: one fault per page below
             result["zero"] = _pass(sock, args.pages, args.pages, False, 1)
             result["tmem"] = _pass(sock, args.pages, 64, True, 2)
 
@@ -150,7 +158,10 @@ def main() -> int:
             result["disk"] = _pass(sock, args.pages, 64, True, 2)
             quota(1 << 20)
             tmem, disk, zero = (result[k]["us_per_fault"] for k in ("tmem", "disk", "zero"))
+            ra = result["tmem_readahead"]
+            ra["us_per_page"] = round(ra["seconds"] / ra["accesses"] * 1e6, 1)
             result["ratios"] = {"disk_over_tmem": round(disk / tmem, 2),
+                                "tmem_over_tmem_readahead_per_page": round(tmem / ra["us_per_page"], 2),
                                 "tmem_over_zero": round(tmem / zero, 2)}  # fmt: skip
             result["policy_80_20"] = {
                 **policies,
@@ -164,7 +175,7 @@ def main() -> int:
                     capture_output=True, check=False,
                 )
                 result["soak"] = json.loads(soak.stdout)
-            mismatches = sum(result[k]["mismatches"] for k in ("zero", "tmem", "disk"))
+            mismatches = sum(result[k]["mismatches"] for k in ("zero", "tmem", "disk", "tmem_readahead"))
             mismatches += sum(p["mismatches"] for p in policies.values())
             result["targets_met"] = {
                 "tmem_beats_disk": tmem < disk,

@@ -98,7 +98,9 @@ def test_region_4x_budget_random_reads_and_writes(host_agent: HostAgentProcess,
     assert agent["lost"] == 0
     assert agent["faults"] >= 30_000
     assert agent["tmem_faults"] >= 25_000 and agent["zero_faults"] >= 2048
-    assert agent["puts"] >= agent["tmem_faults"] and agent["gets"] == agent["tmem_faults"]
+    assert agent["puts"] >= agent["tmem_faults"]
+    # readahead: the final pass over every page is a sequential scan
+    assert agent["gets"] == agent["tmem_faults"] + agent["readahead"] and agent["readahead"] > 0
     assert agent["puts_refused"] == agent["disk_writes"] == agent["disk_faults"] == 0
     assert agent["resident"] <= 512 + 64 and agent["evicted"] >= 2048 - 512 - 64
     # released: nothing left in tmem, on disk or in the agent
@@ -107,7 +109,7 @@ def test_region_4x_budget_random_reads_and_writes(host_agent: HostAgentProcess,
     assert stats["regions"] == {} and stats["released"] == 1 and stats["swap_slots_used"] == 0
     g1 = stats_json(host_agent)["guests"]["g1"]["persistent"]
     totals = stats["totals"]  # the final figures (an eviction may have been in flight above)
-    assert g1["puts"] == totals["puts"] and g1["hits"] == totals["gets"] == totals["tmem_faults"]
+    assert g1["puts"] == totals["puts"] and g1["hits"] == totals["gets"]
 
     def reported() -> bool:  # the swapper's counters reach `hostagent stats` in its reports
         report = (stats_json(host_agent)["guests"]["g1"].get("report") or {}).get("values", {})
