@@ -424,6 +424,7 @@ class Swapper:
             "released": self.released,
             "guest_budget": self.guest_budget,
             "resident": sum(r.resident for r in self.regions.values()),
+            "swap_direct": self.swap.direct,
             "swap_slots_used": self.swap.used,
             "swap_slots_top": self.swap.top,
         }
