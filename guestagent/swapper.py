@@ -35,6 +35,7 @@ import ctypes
 import errno
 import json
 import logging
+import math
 import mmap
 import os
 import signal
@@ -90,6 +91,7 @@ REGION_COUNTERS: Final = (
 )
 POLICIES: Final = ("clock", "fifo")  # eviction: second chance for refaulted pages, or plain FIFO
 READAHEAD: Final = 16  # most pages one sequential tmem fault brings in (1: no readahead)
+STOP_TIMEOUT: Final = 5.0  # seconds the shutdown may wait for the host agent
 SHRINK_BATCH: Final = 256  # pages per GET_VEC when moving pages out of tmem
 
 
@@ -232,6 +234,7 @@ class Swapper:
         self.next_id = 1
         self.totals = dict.fromkeys(REGION_COUNTERS, 0)
         self.released = 0
+        self.stop_deadline = math.inf  # set by stop(): releases no longer wait for the host agent
 
     # ----------------------------------------------------------------- serving
 
@@ -255,7 +258,8 @@ class Swapper:
             self.swap.close()
             pool = self.pool
             if pool is not None:
-                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                deadline = min(self.stop_deadline, trio.current_time() + STOP_TIMEOUT)
+                with trio.CancelScope(shield=True), trio.move_on_at(deadline):
                     try:
                         await pool.destroy()
                     except ChannelError as exc:
@@ -365,10 +369,14 @@ class Swapper:
         """Flush the region's pages from tmem and the swap file, then forget it."""
         pool = self.pool
         assert pool is not None
-        try:
-            await pool.flush_object(region.oid)
-        except ChannelError as exc:
-            log.warning("region %d: cannot flush its tmem pages: %s", region.id, exc)
+        # a flush waits for a missing host agent (it must happen), except when we are stopping
+        with trio.move_on_at(self.stop_deadline) as waited:
+            try:
+                await pool.flush_object(region.oid)
+            except ChannelError as exc:
+                log.warning("region %d: cannot flush its tmem pages: %s", region.id, exc)
+        if waited.cancelled_caught:
+            log.warning("region %d: host agent away while stopping; its tmem pages stay", region.id)
         for slot in region.slots.values():
             self.swap.release(slot)
         region.slots.clear()
@@ -380,6 +388,11 @@ class Swapper:
         self.rebalance()
         region.close()
         log.info("region %d released", region.id)
+
+    def stop(self) -> None:
+        """Say that the swapper is being shut down (call before cancelling `run`): the releases of
+        its regions and the pool's destruction wait for the host agent STOP_TIMEOUT at most."""
+        self.stop_deadline = min(self.stop_deadline, trio.current_time() + STOP_TIMEOUT)
 
     def set_guest_budget(self, pages: int | None) -> None:
         """Cap the resident pages of all regions together (the daemon follows MemAvailable and
@@ -796,6 +809,7 @@ async def _main_async(args: argparse.Namespace) -> None:
                                                interval=args.interval, reserve_kib=args.reserve_kib))
                 async for signum in signals:
                     log.info("signal %d: stopping", signum)
+                    swapper.stop()
                     nursery.cancel_scope.cancel()
                     break
 

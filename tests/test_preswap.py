@@ -407,3 +407,27 @@ def test_threads_fault_concurrently(host_agent: HostAgentProcess, swapper: Swapp
         mine = swapper.stats()["regions"][str(region.id)]
         assert mine["tmem_faults"] > 1000 and mine["lost"] == 0
     wait_for(lambda: host_persistent(host_agent) == 0, what="tmem pages flushed")
+
+
+def test_swapper_stops_while_the_host_agent_is_away(host_agent: HostAgentProcess,
+                                                    swapper: SwapperProcess) -> None:
+    holder = (
+        "import sys, time\n"
+        "from guestagent import preswap\n"
+        "r = preswap.Region(256 * 4096, sys.argv[1], budget_pages=16)\n"
+        "for p in range(256): r.buf[p * 4096] = 1\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    app = subprocess.Popen([sys.executable, "-c", holder, swapper.socket], stdout=subprocess.PIPE)
+    try:
+        assert app.stdout is not None and app.stdout.readline() == b"ready\n"
+        host_agent.kill()
+        started = time.monotonic()
+        assert swapper.stop() == 0, swapper.log()  # its region's flush gives up after a while
+        assert time.monotonic() - started < 15
+        assert "host agent away while stopping" in swapper.log()
+    finally:
+        app.kill()
+        app.wait()
+        host_agent.start()  # for the fixture's clean stop
