@@ -16,7 +16,7 @@ import time
 
 from guestagent import wire
 from guestagent.wire import Flag, Op, PoolFlag, Status
-from hostagent.pool import Client, EngineError, OutOfSpace, PoolDenied, PoolEngine, UnknownPool
+from hostagent.pool import Client, EngineError, Held, OutOfSpace, PoolDenied, PoolEngine, UnknownPool
 
 log = logging.getLogger("hostagent.channel")
 
@@ -123,6 +123,9 @@ class GuestChannel(asyncio.Protocol):
         self.pending: list[wire.Frame] = []
         self.pending_error: wire.ProtocolError | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Exclusive persistent gets answered but not yet handed to the kernel: freed once the
+        # transport's buffer is empty, put back if the channel dies first (see PoolEngine.get).
+        self.held: list[Held] = []
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -193,6 +196,12 @@ class GuestChannel(asyncio.Protocol):
         if out:
             assert self.transport is not None
             self.transport.write(b"".join(out))
+        self._release_delivered()
+
+    def _release_delivered(self) -> None:
+        """Free the slots of held gets once every reply is in the kernel (the guest will get it)."""
+        if self.held and self.transport is not None and self.transport.get_write_buffer_size() == 0:
+            self.engine.release_held(self.held)
 
     def eof_received(self) -> bool | None:
         if self.attached:
@@ -205,6 +214,8 @@ class GuestChannel(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed.done():
             self.closed.set_result(None)
+        if self.held:
+            self.engine.restore_held(self.held)
         if self.attached:
             if exc is None or isinstance(exc, (BrokenPipeError, ConnectionResetError)):
                 log.info("guest %s: disconnected", self.guest.name)  # a guest may just go away
@@ -219,6 +230,7 @@ class GuestChannel(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.writing_paused = False
+        self._release_delivered()
         if self.transport is None or not self.attached:
             return
         if self.pending or self.pending_error is not None:
@@ -279,7 +291,7 @@ class GuestChannel(asyncio.Protocol):
                 out.append(_pack_header(_MAGIC, _VERSION, _PUT, _REPLY, _OK if ok else _NO_SPACE, 0,
                                         f.request_id, f.pool, f.oid, f.index, 0))
         elif op == _GET:
-            page = engine.get(client, f.pool, f.oid, f.index)
+            page = engine.get(client, f.pool, f.oid, f.index, self.held)
             if page is None:
                 out.append(_pack_header(_MAGIC, _VERSION, _GET, _REPLY, _NOT_FOUND, 0,
                                         f.request_id, f.pool, f.oid, f.index, 0))
@@ -301,7 +313,7 @@ class GuestChannel(asyncio.Protocol):
                 self._reply(out, f, payload=statuses)
         elif op == _GET_VEC:
             pool = f.pool
-            found = [engine.get(client, pool, oid, index)
+            found = [engine.get(client, pool, oid, index, self.held)
                      for oid, index in wire.parse_keys(f.payload, f.index)]
             statuses = bytes([_NOT_FOUND if p is None else _OK for p in found])
             self._reply(out, f, payload=wire.get_vec_reply_payload(

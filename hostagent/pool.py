@@ -44,6 +44,9 @@ NO_UUID: Final = bytes(16)
 _LAST_WORD: Final = PAGE_SIZE - 8
 _LOG_SHIFT: Final = 24
 _LOG_GEN: Final = (1 << _LOG_SHIFT) - 1
+
+# An exclusive persistent get whose reply is not yet known delivered: (pool, oid, index, slot ref).
+Held = tuple["Pool", bytes, int, int]
 MAX_POOLS_PER_CLIENT: Final = 1024
 POOL_TABLE: Final = "pools.json"
 
@@ -377,7 +380,13 @@ class PoolEngine:
         if not pool.persistent:
             self.eph_bytes -= size
 
-    def get(self, client: Client, pool_id: int, oid: bytes, index: int) -> bytes | None:
+    def get(self, client: Client, pool_id: int, oid: bytes, index: int,
+            held: list[Held] | None = None) -> bytes | None:
+        """The page, or None. With `held`, an exclusive get on a PERSISTENT pool only unlinks the page:
+        its slot stays live (charged, and rebuilt by a restart) until `release_held` says the reply
+        reached the guest, or `restore_held` puts it back because it may not have. A host agent
+        killed between the get and the reply's delivery must not lose the guest's only copy.
+        """
         pool = client.pools.get(pool_id)
         if pool is None:
             raise UnknownPool(f"pool {pool_id} is not owned by {client.name}")
@@ -392,6 +401,11 @@ class PoolEngine:
                 return None
             if not pages:
                 del pool.objects[oid]
+            if held is not None and pool.persistent:
+                encoding, data = self.arena.read(ref)
+                held.append((pool, oid, index, ref))
+                counters.hits += 1
+                return data if encoding == compress.RAW else compress.decode(encoding, data)
             encoding, data, size = self.arena.take(ref, pool.persistent)
             storage = pool.storage
             storage.pages -= 1
@@ -407,6 +421,23 @@ class PoolEngine:
                 self._touch(pool, ref)
         counters.hits += 1
         return data if encoding == compress.RAW else compress.decode(encoding, data)
+
+    def release_held(self, held: list[Held]) -> None:
+        """The replies of these gets reached the guest: free their slots."""
+        for pool, _, _, ref in held:
+            self._forget(pool, ref)
+        held.clear()
+
+    def restore_held(self, held: list[Held]) -> None:
+        """These replies may not have reached the guest: the pages go back where they were (unless
+        the key was put again meanwhile, or the pool is gone: then the slot is freed)."""
+        for pool, oid, index, ref in held:
+            pages = pool.objects.get(oid)
+            if self._pools.get(pool.handle) is pool and (pages is None or index not in pages):
+                pool.objects.setdefault(oid, {})[index] = ref
+            else:
+                self._forget(pool, ref)
+        held.clear()
 
     def _touch(self, pool: Pool, ref: int) -> None:
         """A use of a shared ephemeral page: move it to the young end of its pool's log."""

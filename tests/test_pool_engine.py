@@ -605,3 +605,49 @@ def test_corrupted_slot_is_not_served_after_restart(harness: Harness) -> None:
     for i in (0, 1, 3, 4):
         assert engine2.get(a2, pid, oid(1), i) == pages[i]
     assert engine2.stats()["pool"]["persistent_pages"] == 4
+
+
+def test_held_exclusive_get_is_freed_only_when_delivered(harness: Harness) -> None:
+    """An exclusive persistent get with `held`: gone from the index, but its slot stays live and
+    charged until release (reply delivered) or restore (it may not have been)."""
+    engine = harness.open()
+    a = client(engine, "g1", compress=False)
+    pid = engine.new_pool(a, PERS_X)
+    assert engine.put(a, pid, oid(1), 0, random_page(0))
+    assert engine.put(a, pid, oid(1), 1, random_page(1))
+    held: list[Any] = []
+    assert engine.get(a, pid, oid(1), 0, held) == random_page(0)
+    assert engine.get(a, pid, oid(1), 0, held) is None  # consumed for the guest
+    assert gstats(engine, "g1", "persistent")["pages"] == 2  # still charged
+    engine.restore_held(held)  # the channel died before the reply left
+    assert held == []
+    assert engine.get(a, pid, oid(1), 0) == random_page(0)  # back, and now really taken
+    assert engine.get(a, pid, oid(1), 1, held) == random_page(1)
+    engine.release_held(held)  # delivered
+    assert gstats(engine, "g1", "persistent")["pages"] == 0
+    assert engine.get(a, pid, oid(1), 1) is None
+
+
+def test_held_page_survives_a_crash_before_release(harness: Harness) -> None:
+    engine = harness.open()
+    a = client(engine, "g1", compress=False)
+    pid = engine.new_pool(a, PERS_X)
+    assert engine.put(a, pid, oid(2), 5, random_page(5))
+    held: list[Any] = []
+    assert engine.get(a, pid, oid(2), 5, held) == random_page(5)
+    # the host agent dies here, before the reply was known delivered: a restart rebuilds the page
+    again = harness.open()
+    assert again.get(again.client("g1"), pid, oid(2), 5) == random_page(5)
+
+
+def test_restore_after_the_key_was_put_again_keeps_the_new_page(harness: Harness) -> None:
+    engine = harness.open()
+    a = client(engine, "g1", compress=False)
+    pid = engine.new_pool(a, PERS_X)
+    assert engine.put(a, pid, oid(3), 0, random_page(0))
+    held: list[Any] = []
+    assert engine.get(a, pid, oid(3), 0, held) == random_page(0)
+    assert engine.put(a, pid, oid(3), 0, random_page(9))
+    engine.restore_held(held)
+    assert engine.get(a, pid, oid(3), 0) == random_page(9)
+    assert gstats(engine, "g1", "persistent")["pages"] == 0
