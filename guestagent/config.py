@@ -33,6 +33,10 @@ class ConfigError(ValueError):
 
 DEFAULT_CACHE_PAGES: Final = 16384  # 64 MiB: the shim's cache of the mount's file pages, at most
 MAX_CACHE_PAGES: Final = 1 << 28  # 1 TiB of pages: a bound that only catches typos
+DEFAULT_PRESWAP_SOCKET: Final = "/run/tmem/preswap.sock"
+DEFAULT_PRESWAP_SWAP_FILE: Final = "/var/lib/tmem/preswap.swap"
+DEFAULT_PRESWAP_BUDGET_MIB: Final = 4  # resident MiB per region that asks for no budget (1024 pages)
+MAX_PRESWAP_MIB: Final = 1 << 30  # 1 PiB: a bound that only catches typos
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +61,13 @@ class Config:
     control_socket: str = DEFAULT_CONTROL_SOCKET
     # `[[precache]]` tables; pyfuse3 serves one mount per process, so at most one
     precache: tuple[PrecacheMount, ...] = ()
+    # `[preswap]`: the preswap agent (guestagent.swapper) on the daemon's channel; off by default,
+    # as it needs userfaultfd and writable /run/tmem and /var/lib/tmem
+    preswap: bool = False
+    preswap_socket: str = DEFAULT_PRESWAP_SOCKET
+    preswap_swap_file: str = DEFAULT_PRESWAP_SWAP_FILE
+    preswap_default_budget_mib: int = DEFAULT_PRESWAP_BUDGET_MIB
+    preswap_guest_budget_mib: int = 0  # 0: follow MemAvailable (swapper.follow_pressure)
 
 
 # section -> key -> Config field
@@ -64,6 +75,9 @@ _LAYOUT: Final[Mapping[str, Mapping[str, str]]] = {
     "channel": {"port": "port", "path": "channel", "name": "name", "retry_interval": "retry_interval"},
     "report": {"interval": "report_interval"},
     "control": {"socket": "control_socket"},
+    "preswap": {"enabled": "preswap", "socket": "preswap_socket", "swap_file": "preswap_swap_file",
+                "default_budget_mib": "preswap_default_budget_mib",
+                "guest_budget_mib": "preswap_guest_budget_mib"},
 }
 
 
@@ -102,13 +116,15 @@ def parse(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Config:
             if field is None:
                 raise ConfigError(f"{section}.{key}: unknown setting (known: {', '.join(keys)})")
             values[field] = _check(f"{section}.{key}", field, value)
-    sock = values.get("control_socket")
-    if sock is not None and base_dir is not None:
-        values["control_socket"] = str(base_dir / sock)
+    if base_dir is not None:  # relative paths are relative to the file
+        for field in ("control_socket", "preswap_socket", "preswap_swap_file"):
+            if field in values:
+                values[field] = str(base_dir / values[field])
     cfg = Config(**values)
-    if len(cfg.control_socket.encode()) > _MAX_SOCKET_PATH:
-        raise ConfigError(f"control.socket: {cfg.control_socket} is longer than a unix socket path may "
-                          f"be ({_MAX_SOCKET_PATH} bytes)")
+    for key, path in (("control.socket", cfg.control_socket), ("preswap.socket", cfg.preswap_socket)):
+        if len(path.encode()) > _MAX_SOCKET_PATH:
+            raise ConfigError(f"{key}: {path} is longer than a unix socket path may be "
+                              f"({_MAX_SOCKET_PATH} bytes)")
     return cfg
 
 
@@ -120,13 +136,22 @@ def _check(key: str, field: str, value: Any) -> Any:
         if not math.isfinite(value) or not 0.01 <= value <= 3600:
             raise ConfigError(f"{key}: must be between 0.01 and 3600 seconds, got {value!r}")
         return float(value)
+    if field == "preswap":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if field in ("preswap_default_budget_mib", "preswap_guest_budget_mib"):
+        least = 1 if field == "preswap_default_budget_mib" else 0
+        if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= MAX_PRESWAP_MIB:
+            raise ConfigError(f"{key}: expected a number of MiB in {least}..{MAX_PRESWAP_MIB}, got {value!r}")
+        return value
     if not isinstance(value, str):
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     if field == "port" and (not value or "/" in value):
         raise ConfigError(f"{key}: {value!r} is not a virtio-serial port name")
     if field == "name" and len(value.encode()) > wire.MAX_NAME:
         raise ConfigError(f"{key}: longer than {wire.MAX_NAME} utf-8 bytes")
-    if field == "control_socket" and not value:
+    if field in ("control_socket", "preswap_socket", "preswap_swap_file") and not value:
         raise ConfigError(f"{key}: must not be empty")
     return value
 
