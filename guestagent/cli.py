@@ -65,6 +65,7 @@ async def run_daemon(agent: GuestAgent) -> None:
             async def stop_on_signal() -> None:
                 async for signum in signals:
                     log.info("%s: stopping", signal.Signals(signum).name)
+                    agent.stop()  # before the cancel: bounds the preswap releases
                     nursery.cancel_scope.cancel()
                     return
 

@@ -19,6 +19,7 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
@@ -29,6 +30,7 @@ from guestagent.config import Config, PrecacheMount
 
 if TYPE_CHECKING:
     from guestagent.precache import PrecacheFS
+    from guestagent.swapper import Swapper
 
 __all__ = ["GuestAgent", "StartupError"]
 
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 PORT_RETRY: Final = 1.0  # seconds between looks for a missing virtio-serial port
 FATAL_RETRY: Final = 5.0  # seconds before reopening a channel that gave up (e.g. version refused)
 CHECK_TIMEOUT: Final = 10.0
+MIB_PAGES: Final = (1 << 20) // 4096
 _COUNTERS: Final = (
     "reports_sent",  # STATS reports handed to a connected channel
     "reports_skipped",  # intervals that passed while disconnected
@@ -46,6 +49,8 @@ _COUNTERS: Final = (
     "checks_failed",
     "control_requests",
     "channel_failures",  # the channel gave up and was reopened
+    "shrinks",  # SHRINK_PERSISTENT notices acted on by the preswap agent
+    "shrunk_pages",  # persistent pages they moved out of tmem
 )
 
 
@@ -93,6 +98,7 @@ class GuestAgent:
         self._started = time.monotonic()
         self._channel_open = trio.Event()
         self.precache: PrecacheFS | None = None  # the mount's file system, while mounted
+        self.swapper: Swapper | None = None  # the preswap agent on the current channel, while it runs
 
     # ----------------------------------------------------------------- the program
 
@@ -138,6 +144,12 @@ class GuestAgent:
             self.spec = path
             return path
 
+    def stop(self) -> None:
+        """Say that the daemon is about to be cancelled (call first): the preswap agent's region
+        releases then wait for a missing host agent a bounded time only."""
+        if self.swapper is not None:
+            self.swapper.stop()
+
     async def _serve_channel(self, spec: str) -> None:
         self.state, self.error = "connecting", None
         log.info("opening channel %s as %r", spec, self.name)
@@ -155,10 +167,13 @@ class GuestAgent:
                         await loop(ch)
                     except ChannelError as exc:
                         failed.append(exc)
+                        self.stop()  # the regions end with this channel; a new swapper serves the next
                         nursery.cancel_scope.cancel()
 
                 nursery.start_soon(guarded, self._report_loop)
-                nursery.start_soon(guarded, self._notice_loop)
+                nursery.start_soon(guarded, partial(self._notice_loop, nursery=nursery))
+                if self.cfg.preswap:
+                    nursery.start_soon(guarded, self._run_preswap)
             if failed:
                 raise failed[0]
 
@@ -179,13 +194,16 @@ class GuestAgent:
             else:
                 if self.precache is not None:
                     values.update(self.precache.report_values())
+                if self.swapper is not None:
+                    values.update(self.swapper.report_values())
                 await ch.report_stats(values)
                 self.counters["reports_sent"] += 1
                 self.last_report, self.last_report_time = values, time.monotonic()
             await trio.sleep(interval)
 
-    async def _notice_loop(self, ch: Channel) -> None:
-        """Log what the host asks of us; acting on it belongs to the preswap and balloon work."""
+    async def _notice_loop(self, ch: Channel, *, nursery: trio.Nursery) -> None:
+        """Log what the host asks of us; a shrink notice is the preswap agent's to act on (a task of
+        its own in the channel's nursery: moving pages must not hold up the next notice)."""
         async for kind, value in ch.notices:
             self.counters["notices"] += 1
             self.last_notice = {"kind": kind.name.lower(), "value": value, "time": time.time()}
@@ -193,8 +211,58 @@ class GuestAgent:
                 log.info("host notice: balloon target is now %d KiB", value)
             elif kind == wire.Notice.SHRINK_PERSISTENT:
                 log.info("host notice: move %d persistent pages out of tmem", value)
+                sw = self.swapper
+                if sw is not None and sw.pool is not None:
+                    nursery.start_soon(self._shrink, sw, value)
             else:  # pragma: no cover - parse_notice only yields known kinds
                 log.info("host notice: %s %d", kind.name, value)
+
+    # ----------------------------------------------------------------- preswap
+
+    async def _run_preswap(self, ch: Channel) -> None:
+        """The preswap agent (`[preswap]`) on this channel, until the channel is closed: its regions
+        end with it (the applications see their socket close), the next channel gets a new one."""
+        from guestagent import swapper as swappermod
+
+        cfg = self.cfg
+        guest_budget = cfg.preswap_guest_budget_mib * MIB_PAGES or None
+        try:
+            sw = swappermod.Swapper(ch, cfg.preswap_socket, cfg.preswap_swap_file,
+                                    default_budget=cfg.preswap_default_budget_mib * MIB_PAGES,
+                                    guest_budget=guest_budget)  # fmt: skip
+        except OSError as exc:
+            raise StartupError(f"preswap: cannot open the swap file {cfg.preswap_swap_file}: {exc}") from None
+        self.swapper = sw
+        try:
+            async with trio.open_nursery() as nursery:
+                try:
+                    await nursery.start(sw.run)
+                except OSError as exc:
+                    raise StartupError(f"preswap: cannot serve {cfg.preswap_socket}: {exc}") from None
+                log.info("preswap: serving regions on %s (swap file %s)", cfg.preswap_socket,
+                         cfg.preswap_swap_file)
+                if guest_budget is None:
+                    nursery.start_soon(partial(swappermod.follow_pressure, sw, proc_dir=self.proc_dir))
+        finally:
+            if self.swapper is sw:
+                self.swapper = None
+
+    async def _shrink(self, sw: Swapper, pages: int) -> None:
+        moved = await sw.shrink(pages)
+        self.counters["shrinks"] += 1
+        self.counters["shrunk_pages"] += moved
+        log.info("preswap: host asked for %d persistent pages back: moved %d", pages, moved)
+
+    def preswap_stats(self) -> dict[str, Any] | None:
+        """The preswap agent's counters, for `guestagent stats` and `status` (None: not configured)."""
+        if not self.cfg.preswap:
+            return None
+        sw = self.swapper
+        out: dict[str, Any] = {"socket": self.cfg.preswap_socket, "swap_file": self.cfg.preswap_swap_file,
+                               "running": sw is not None}
+        if sw is not None:
+            out.update(sw.stats())
+        return out
 
     # ----------------------------------------------------------------- precache
 
@@ -316,6 +384,7 @@ class GuestAgent:
             ),
             "last_notice": self.last_notice,
             "precache": self.precache_stats(),
+            "preswap": self.preswap_stats(),
             "pid": os.getpid(),
             "uptime": round(now - self._started, 3),
         }
@@ -330,6 +399,7 @@ class GuestAgent:
             "reconnects": max(0, generation - 1),
             "uptime": round(time.monotonic() - self._started, 3),
             "precache": self.precache_stats(),
+            "preswap": self.preswap_stats(),
         }
 
     async def check(self, timeout: float) -> dict[str, Any]:

@@ -1,0 +1,136 @@
+"""preswap wired into the guest agent: `[preswap]` in its config, the swapper served by `guestagent run`
+over the daemon's own channel, its counters in `guestagent stats` and merged into the daemon's STATS
+reports (so in `hostagent stats`, one report per guest).
+
+Real processes throughout: a `hostagent run`, the daemon (`--channel` = guest g1's unix socket, as in
+tests/test_guest_daemon.py), an application using `guestagent.preswap.Region` in a process of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from guestagent import config as configmod
+from tests.conftest import HostAgentProcess, stats_json, wait_for
+from tests.test_guest_daemon import GuestDaemon
+
+PAGE = 4096
+BUDGET_PAGES = 256  # default_budget_mib = 1
+REGION_PAGES = 4 * BUDGET_PAGES
+
+APP = """\
+import struct, sys
+from guestagent import preswap
+pages = int(sys.argv[2])
+def page(p): return struct.pack("<QQ", p, p * 7919) * 256
+with preswap.Region(pages * 4096, sys.argv[1]) as r:
+    for p in range(pages):
+        r.buf[p * 4096:(p + 1) * 4096] = page(p)
+    bad = [p for p in range(pages) if bytes(r.buf[p * 4096:(p + 1) * 4096]) != page(p)]
+    print(f"verified {pages - len(bad)} bad {len(bad)}", flush=True)
+    sys.stdin.readline()  # hold the region until the test has looked
+    bad = [p for p in range(pages) if bytes(r.buf[p * 4096:(p + 1) * 4096]) != page(p)]
+    print(f"verified {pages - len(bad)} bad {len(bad)}", flush=True)
+"""
+
+
+def test_preswap_table_defaults_and_validation(tmp_path: Path) -> None:
+    cfg = configmod.Config()
+    assert not cfg.preswap and cfg.preswap_socket == "/run/tmem/preswap.sock"
+    assert cfg.preswap_swap_file == "/var/lib/tmem/preswap.swap"
+    assert cfg.preswap_default_budget_mib == 4 and cfg.preswap_guest_budget_mib == 0
+    (tmp_path / "ga.toml").write_text('[preswap]\nenabled = true\nsocket = "p.sock"\nswap_file = "swap"\n'
+                                      "default_budget_mib = 2\nguest_budget_mib = 64\n")
+    got = configmod.load(tmp_path / "ga.toml")
+    assert (got.preswap, got.preswap_socket, got.preswap_swap_file) == (
+        True, str(tmp_path / "p.sock"), str(tmp_path / "swap"))
+    assert (got.preswap_default_budget_mib, got.preswap_guest_budget_mib) == (2, 64)
+    example = configmod.load(Path(configmod.__file__).with_name("guestagent.example.toml"))
+    assert example == configmod.Config()  # the example shows the defaults
+    for table, message in [({"enabled": 1}, "preswap.enabled"), ({"socket": ""}, "preswap.socket"),
+                           ({"swap_file": 3}, "preswap.swap_file"), ({"socket": "/" + "x" * 120}, "longer"),
+                           ({"default_budget_mib": 0}, "preswap.default_budget_mib"),
+                           ({"guest_budget_mib": -1}, "preswap.guest_budget_mib"),
+                           ({"guest_budget_mib": True}, "preswap.guest_budget_mib"),
+                           ({"budget": 1}, "preswap.budget: unknown setting")]:  # fmt: skip
+        with pytest.raises(configmod.ConfigError, match=message):
+            configmod.parse({"preswap": table})
+
+
+@pytest.fixture
+def daemon(host_agent: HostAgentProcess, tmp_path: Path,
+           request: pytest.FixtureRequest) -> Iterator[GuestDaemon]:  # fmt: skip
+    d = GuestDaemon(tmp_path, host_agent.sockets["g1"])
+    with d.config.open("a") as f:
+        f.write(f'[preswap]\nenabled = true\nsocket = "{tmp_path / "preswap.sock"}"\n'
+                f'swap_file = "{tmp_path / "preswap.swap"}"\ndefault_budget_mib = 1\n')
+    try:
+        yield d
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait(10)
+        call = getattr(request.node, "rep_call", None)
+        if call is None or call.failed:
+            print(f"---- guestagent log ({d.log_path}) ----\n{d.log()}", file=sys.stderr)
+        assert "Traceback" not in d.log(), d.log()
+
+
+def daemon_preswap(d: GuestDaemon) -> dict[str, Any]:
+    res = d.cli("stats")
+    assert res.returncode == 0, res.stderr
+    out: dict[str, Any] = json.loads(res.stdout)["preswap"]
+    return out
+
+
+def test_daemon_serves_preswap_regions_and_reports_them(host_agent: HostAgentProcess, daemon: GuestDaemon,
+                                                        tmp_path: Path) -> None:
+    daemon.start()
+    sock = tmp_path / "preswap.sock"
+    wait_for(lambda: daemon_preswap(daemon)["running"] and sock.exists(), timeout=10, what="the swapper")
+
+    def guest() -> dict[str, Any]:
+        g: dict[str, Any] = stats_json(host_agent)["guests"]["g1"]
+        return g
+
+    def reported() -> dict[str, int]:
+        report = guest()["report"]
+        return report["values"] if report else {}
+
+    app = subprocess.Popen([sys.executable, "-c", APP, str(sock), str(REGION_PAGES)], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert app.stdout is not None and app.stdin is not None
+        assert app.stdout.readline() == f"verified {REGION_PAGES} bad 0\n"
+        local = daemon_preswap(daemon)
+        (region,) = local["regions"].values()
+        assert region["limit"] == BUDGET_PAGES and local["totals"]["puts"] >= REGION_PAGES - BUDGET_PAGES
+        assert local["totals"]["gets"] > 0  # the read-back faulted pages in from tmem
+        assert guest()["persistent"]["pages"] > 0
+        wait_for(lambda: reported().get("preswap_regions") == 1 and reported().get("preswap_in_tmem", 0) > 0,
+                 timeout=10, what="preswap counters in the host's report")
+        values = reported()
+        assert values["preswap_puts"] > 0 and "memavailable_kib" in values  # merged, not instead
+        assert daemon.status()["preswap"]["running"]
+        app.stdin.write("\n")
+        app.stdin.flush()
+        assert app.stdout.readline() == f"verified {REGION_PAGES} bad 0\n"
+        assert app.wait(30) == 0
+    finally:
+        if app.poll() is None:
+            app.kill()
+            app.wait()
+    wait_for(lambda: guest()["persistent"]["pages"] == 0, timeout=10, what="the region's tmem pages flushed")
+    wait_for(lambda: reported().get("preswap_regions") == 0 and reported().get("preswap_in_tmem") == 0,
+             timeout=10, what="a report without the region")
+    local = daemon_preswap(daemon)
+    assert local["released"] == 1 and local["regions"] == {} and local["swap_slots_used"] == 0
+    assert daemon.stop() == 0
+    assert "preswap: serving regions" in daemon.log()
