@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import math
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from guestagent import wire
+from guestagent import tomlfile, wire
 from guestagent.ports import DEFAULT_PORT_NAME
 
 __all__ = ["DEFAULT_CONFIG", "DEFAULT_CONTROL_SOCKET", "Config", "ConfigError", "PrecacheMount", "load",
@@ -84,15 +83,7 @@ _LAYOUT: Final[Mapping[str, Mapping[str, str]]] = {
 def load(path: str | Path) -> Config:
     """Read and validate a TOML file; a relative control socket path is relative to it."""
     p = Path(path)
-    try:
-        with p.open("rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: no such file") from None
-    except OSError as e:
-        raise ConfigError(f"{p}: {e.strerror or e}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: {e}") from None
+    data = tomlfile.read(p, ConfigError)
     try:
         return parse(data, base_dir=p.resolve().parent)
     except ConfigError as e:

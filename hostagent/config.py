@@ -8,13 +8,13 @@ silently falling back to a default is worse than refusing to start.
 from __future__ import annotations
 
 import re
-import tomllib
 import uuid as uuidlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from guestagent import tomlfile
 from guestagent.wire import DEFAULT_MAX_PAYLOAD, DEFAULT_MAX_VECTOR, HEADER_SIZE, PAGE_SIZE
 
 DEFAULT_CONTROL_SOCKET = "/run/tmem/control.sock"
@@ -111,15 +111,7 @@ class Config:
 def load(path: str | Path) -> Config:
     """Read and validate a TOML file; relative paths in it are relative to the file's directory."""
     p = Path(path)
-    try:
-        with p.open("rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: no such file") from None
-    except OSError as e:
-        raise ConfigError(f"{p}: {e.strerror or e}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: {e}") from None
+    data = tomlfile.read(p, ConfigError)
     try:
         return parse(data, base_dir=p.resolve().parent)
     except ConfigError as e:

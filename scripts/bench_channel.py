@@ -32,6 +32,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lab
 
+from guestagent.jsonline import is_listening
+
 GUEST = "tmem-1"
 MESSAGE = 48 + 4096
 
@@ -186,7 +188,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     args = ap.parse_args()
     params = [str(args.samples), str(args.window), str(args.seconds)]
-    conn = lab.connect() if lab._listening(lab.LIBVIRT_SOCK) else None
+    conn = lab.connect() if is_listening(lab.LIBVIRT_SOCK) else None
     own_lab = conn is None or GUEST not in {d.name() for d in lab.lab_domains(conn)}
     if own_lab:
         print("[bench] starting a one-guest lab", file=sys.stderr)

@@ -33,7 +33,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,16 +41,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from guestagent.jsonline import is_listening
+
 PAGE = 4096
 
 
-def _listening(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(path)
-        except OSError:
-            return False
-    return True
 
 
 def _wait(proc: subprocess.Popen[bytes], ready: Callable[[], bool], what: str) -> None:
@@ -172,7 +166,7 @@ def main() -> int:
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shim: subprocess.Popen[bytes] | None = None
     try:
-        _wait(agent, lambda: _listening(f"{tmp}/control.sock"), "hostagent")
+        _wait(agent, lambda: is_listening(f"{tmp}/control.sock"), "hostagent")
         shim = subprocess.Popen(
             [sys.executable, "-m", "guestagent.precache", str(backing), str(mnt),
              "--channel", f"{tmp}/guests/bench.sock", "--cache-pages", str(args.pages + 256)],

@@ -62,6 +62,7 @@ import trio
 
 from guestagent import wire
 from guestagent.channel import Pool, open_channel
+from guestagent.jsonline import is_listening
 
 MESSAGE = wire.HEADER_SIZE + wire.PAGE_SIZE
 RECV_SIZE = 1 << 16  # the Channel reads this much per readv: same machinery, same size
@@ -255,14 +256,6 @@ def _start(argv: list[str], ready: Callable[[], bool], what: str, **kw: object) 
     return proc  # type: ignore[no-any-return]
 
 
-def _listening(path: str) -> bool:
-    """True once a server accepts on `path` (the file appears a moment before listen())."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(path)
-        except OSError:
-            return False
-    return True
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -389,7 +382,7 @@ def main() -> int:
             procs.append(
                 _start(
                     [sys.executable, __file__, "--echo-server", echo_path],
-                    lambda: _listening(echo_path),
+                    lambda: is_listening(echo_path),
                     "echo server",
                     stdout=subprocess.DEVNULL,
                 )
@@ -406,7 +399,7 @@ def main() -> int:
                         "--log-level",
                         "WARNING",
                     ],
-                    lambda: all(_listening(path) for path in guests.values()),
+                    lambda: all(is_listening(path) for path in guests.values()),
                     "hostagent run",
                     stderr=log,
                 )

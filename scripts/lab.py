@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from guestagent.jsonline import is_listening  # noqa: E402
 from hostagent import control, statsview  # noqa: E402
 from hostagent.domain import Guest, IOTune, detect_virt_type, domain_xml  # noqa: E402
 
@@ -112,13 +112,6 @@ def load_lab(path: Path) -> Lab:
 # -- libvirt daemons ----------------------------------------------------------------------------
 
 
-def _listening(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX) as s:
-        try:
-            s.connect(path)
-        except OSError:
-            return False
-    return True
 
 
 def fix_kvm_device(path: str = "/dev/kvm") -> None:
@@ -155,7 +148,7 @@ def ensure_daemons() -> None:
         if proc.returncode != 0:
             raise LabError(f"starting {daemon} failed: {proc.stderr.strip() or proc.returncode}")
     deadline = time.monotonic() + 20
-    while not _listening(LIBVIRT_SOCK):
+    while not is_listening(LIBVIRT_SOCK):
         if time.monotonic() > deadline:
             raise LabError(f"libvirtd did not open {LIBVIRT_SOCK} within 20 s")
         time.sleep(0.2)
@@ -222,7 +215,7 @@ def hostagent_config(lab: Lab) -> Path:
 
 
 def start_hostagent(lab: Lab) -> None:
-    if _listening(CONTROL):
+    if is_listening(CONTROL):
         say(f"host agent already running at {CONTROL}")
         return
     cfg = hostagent_config(lab)
@@ -231,7 +224,7 @@ def start_hostagent(lab: Lab) -> None:
                             stdout=log, stderr=log, start_new_session=True, cwd=ROOT)
     (STATE / "hostagent.pid").write_text(str(proc.pid))
     deadline = time.monotonic() + 20
-    while not _listening(CONTROL):
+    while not is_listening(CONTROL):
         if proc.poll() is not None or time.monotonic() > deadline:
             raise LabError(f"the host agent did not start (log: {STATE / 'hostagent.log'})")
         time.sleep(0.1)
@@ -343,7 +336,7 @@ def up(lab: Lab) -> dict[str, Any]:
 def down() -> None:
     if (STATE / "disks").exists():
         ensure_daemons()  # the lab's domains may outlive libvirtd: it must be up to destroy them
-    if _listening(LIBVIRT_SOCK):
+    if is_listening(LIBVIRT_SOCK):
         conn = connect()
         for dom in lab_domains(conn):
             say(f"destroying {dom.name()}")
@@ -362,14 +355,14 @@ def down() -> None:
 
 
 def status() -> None:
-    if _listening(LIBVIRT_SOCK):
+    if is_listening(LIBVIRT_SOCK):
         conn = connect()
         for dom in lab_domains(conn):
             state, _, mem, vcpus, cpu = dom.info()
             say(f"{dom.name()}: state {state}, {mem // 1024} MiB, {vcpus} vCPU, CPU {cpu / 1e9:.1f} s")
     else:
         say("libvirtd is not running")
-    if _listening(CONTROL):
+    if is_listening(CONTROL):
         print(statsview.format_stats(stats()))
     else:
         say(f"no host agent at {CONTROL}")
