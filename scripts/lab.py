@@ -80,11 +80,15 @@ class GuestSpec:
 @dataclasses.dataclass(frozen=True)
 class Lab:
     guests: tuple[GuestSpec, ...]
-    host: dict[str, Any]  # [host] table: hostagent settings (limit_mib, host_reserve_mib)
+    # [host] table: hostagent settings (limit_mib, host_reserve_mib, and [host.balloon], copied
+    # as the host agent's [balloon] table)
+    host: dict[str, Any]
 
 
-def default_lab(n: int) -> Lab:
-    return Lab(tuple(GuestSpec(name=f"tmem-{i}") for i in range(1, n + 1)), {})
+def default_lab(n: int, balloon: dict[str, Any] | None = None) -> Lab:
+    """N guests of the default size; `balloon` is the host agent's [balloon] table (off if None)."""
+    return Lab(tuple(GuestSpec(name=f"tmem-{i}") for i in range(1, n + 1)),
+               {"balloon": balloon} if balloon else {})
 
 
 def load_lab(path: Path) -> Lab:
@@ -104,8 +108,10 @@ def load_lab(path: Path) -> Lab:
     if not guests:
         raise LabError(f"{path}: no [[guest]] tables")
     host = dict(data.get("host", {}))
-    if set(host) - {"limit_mib", "host_reserve_mib"}:
-        raise LabError(f"{path}: [host] knows limit_mib and host_reserve_mib only")
+    if set(host) - {"limit_mib", "host_reserve_mib", "balloon"}:
+        raise LabError(f"{path}: [host] knows limit_mib, host_reserve_mib and [host.balloon] only")
+    if not isinstance(host.get("balloon", {}), dict):
+        raise LabError(f"{path}: [host.balloon] must be a table (the host agent's [balloon] settings)")
     return Lab(tuple(guests), host)
 
 
@@ -204,14 +210,27 @@ def ensure_image() -> Any:
 def hostagent_config(lab: Lab) -> Path:
     host = {"limit_mib": 1024, "host_reserve_mib": 1024, **lab.host}
     cfg = STATE / "hostagent.toml"
+    balloon = "".join(f"{k} = {_toml_value(v)}\n" for k, v in host.get("balloon", {}).items())
     cfg.write_text(
         "# written by scripts/lab\n[pool]\n"
-        f"limit_mib = {int(host.pop('limit_mib'))}\n"
-        f"host_reserve_mib = {int(host.pop('host_reserve_mib'))}\n"
+        f"limit_mib = {int(host['limit_mib'])}\n"
+        f"host_reserve_mib = {int(host['host_reserve_mib'])}\n"
         f'arena_dir = "{ARENA_DIR}"\n[control]\nsocket = "{CONTROL}"\n'
         f'[libvirt]\nenabled = true\nuri = "{URI}"\nretry_interval = 1.0\n'
+        + (f"[balloon]\n{balloon}" if balloon else "")
     )
     return cfg
+
+
+def _toml_value(v: Any) -> str:
+    """A scalar as TOML (the [host.balloon] settings are booleans, numbers and strings)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    raise LabError(f"[host.balloon]: {v!r} is not a boolean, number or string")
 
 
 def start_hostagent(lab: Lab) -> None:
