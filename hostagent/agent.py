@@ -21,6 +21,7 @@ from typing import Any
 import psutil
 
 from hostagent.arena import Arena, ArenaError
+from hostagent.balloon_driver import BalloonDriver
 from hostagent.channel import Guest, GuestChannel
 from hostagent.config import Config
 from hostagent.control import ControlError, ControlServer, is_listening
@@ -58,6 +59,7 @@ class HostAgent:
         self._servers: list[asyncio.AbstractServer] = []
         self._links: dict[str, asyncio.Task[None]] = {}  # domain UUID -> its channel's connector
         self.watcher: LibvirtWatcher | None = None
+        self.balloon: BalloonDriver | None = None
         self._control: ControlServer | None = None
         self._stop: asyncio.Event | None = None
 
@@ -150,6 +152,12 @@ class HostAgent:
                                           self._domain_down,
                                           retry_interval=cfg.libvirt.retry_interval)
             tasks.append(asyncio.create_task(self.watcher.run()))
+            if cfg.balloon.enabled:
+                self.balloon = BalloonDriver(cfg.balloon, self.watcher, self.guests, self._engine,
+                                             host_available)
+                tasks.append(asyncio.create_task(self.balloon.run()))
+        elif cfg.balloon.enabled:
+            log.warning("[balloon] is enabled but [libvirt] is not: there is nothing to balloon")
         try:
             assert self._stop is not None
             await self._stop.wait()
@@ -199,6 +207,8 @@ class HostAgent:
         guest = Guest(d.uuid, d.socket, client, display=d.name, domain=d.uuid)
         self.guests[d.uuid] = guest
         self._links[d.uuid] = asyncio.get_running_loop().create_task(self._link(guest))
+        if self.balloon is not None:
+            self.balloon.add(guest)
         log.info("domain %s (%s): attaching to its tmem channel %s", d.name, d.uuid, d.socket)
 
     def _domain_down(self, uuid: str, reason: str) -> None:
@@ -207,6 +217,8 @@ class HostAgent:
         if task is not None:
             task.cancel()
         guest = self.guests.pop(uuid, None)
+        if self.balloon is not None:
+            self.balloon.remove(uuid)
         if guest is None or self.engine is None:
             return
         guest.close_channel(f"domain {reason}")
@@ -288,6 +300,10 @@ class HostAgent:
                 {"values": guest.report, "age": round(now - guest.report_time, 3)}
                 if guest is not None and guest.report is not None else None
             )
+            g["balloon"] = None if self.balloon is None else self.balloon.guest_figures(name)
+            if g["balloon"] is not None and g["domain"] is not None:
+                g["balloon"]["actual_kib"] = g["domain"]["actual_kib"]
+                g["balloon"]["max_kib"] = g["domain"]["max_kib"]
         cpu = self.process.cpu_times()
         agent_cpu = cpu.user + cpu.system
         result["agent"] = {
@@ -300,6 +316,7 @@ class HostAgent:
             "libvirt": None if self.watcher is None else {
                 "uri": self.watcher.uri, "connected": self.watcher.connected},
         }
+        result["balloon"] = {"enabled": False} if self.balloon is None else self.balloon.figures()
         return result
 
     def set_guest(self, req: Mapping[str, Any]) -> dict[str, Any]:
@@ -308,11 +325,16 @@ class HostAgent:
             name = next((g.name for g in self.guests.values() if g.display == name), name)
         if not isinstance(name, str) or name not in self.guests:
             raise ControlError(f"unknown guest {name!r}")
-        allowed = {"cmd", "guest", "weight", "cap_mib", "quota_mib", "compress"}
+        allowed = {"cmd", "guest", "weight", "cap_mib", "quota_mib", "compress", "balloon"}
         for key in req:
             if key not in allowed:
                 raise ControlError(f"unknown setting {key!r} (known: weight, cap_mib, quota_mib, "
-                                   "compress)")
+                                   "compress, balloon)")
+        result: dict[str, Any] = {"guest": name}
+        if "balloon" in req:
+            result["balloon"] = self._set_balloon(name, req["balloon"])
+            if set(req) <= {"cmd", "guest", "balloon"}:
+                return result
         changes: dict[str, Any] = {}
         if "weight" in req:
             changes["weight"] = _int_arg(req, "weight", 1)
@@ -330,17 +352,67 @@ class HostAgent:
         s = client.settings
         log.info("guest %s: settings changed: %s", name,
                  ", ".join(f"{k}={v}" for k, v in changes.items()))
-        return {"guest": name, "weight": s.weight, "cap_mib": s.cap_bytes / MIB,
-                "quota_mib": s.quota_bytes / MIB, "compress": s.compress}
+        result.update(weight=s.weight, cap_mib=s.cap_bytes / MIB, quota_mib=s.quota_bytes / MIB,
+                      compress=s.compress)
+        return result
 
-    def reserve(self, req: Mapping[str, Any]) -> dict[str, Any]:
+    def _set_balloon(self, name: str, value: Any) -> str:
+        if not isinstance(value, bool):
+            raise ControlError(f"balloon: expected on or off, got {value!r}")
+        guest = self.guests[name]
+        if self.balloon is None:
+            raise ControlError("the balloon controller is off ([balloon] enabled = false)")
+        if guest.domain is None:
+            raise ControlError(f"guest {guest.display!r} is not a libvirt domain: it has no balloon")
+        self.balloon.set_enabled(name, value)
+        log.info("guest %s: balloon controller %s", guest.display, "on" if value else "off")
+        return "on" if value else "off"
+
+    async def reserve(self, req: Mapping[str, Any]) -> dict[str, Any]:
+        """Make `mib` of host memory available: tmem's ephemeral pages first, then (with the balloon
+        controller on) guests above their goal; waits up to `wait` seconds for their balloons."""
         mib = _int_arg(req, "mib", 0)
+        wait = float(req.get("wait", 20.0)) if isinstance(req.get("wait", 20.0), int | float) else 20.0
         engine = self._engine()
-        engine.set_host_available(host_available())  # decide on a fresh figure
+        before = host_available()
+        engine.set_host_available(before)  # decide on a fresh figure
         freed = engine.reserve(mib * MIB)
-        log.info("reserve %d MiB: freed %d bytes", mib, freed)
-        return {"requested_bytes": mib * MIB, "freed_bytes": freed,
-                "host_available_bytes": host_available()}
+        result: dict[str, Any] = {"requested_bytes": mib * MIB, "freed_bytes": freed,
+                                  "host_available_before_bytes": before}
+        missing = mib * MIB - host_available()
+        if self.balloon is not None and missing > 0:
+            targets = await self.balloon.reserve(missing // 1024)
+            ballooned = await self._await_balloons(targets, wait)
+            result["ballooned"] = ballooned
+            result["ballooned_bytes"] = sum(b["released_kib"] for b in ballooned.values()) * 1024
+        result["host_available_bytes"] = host_available()
+        log.info("reserve %d MiB: %s", mib, result)
+        return result
+
+    async def _await_balloons(self, targets: Mapping[str, int], wait: float) -> dict[str, Any]:
+        """Watch each guest's `actual` follow its new target for up to `wait` s; what it released."""
+        assert self.watcher is not None
+        watcher = self.watcher
+        uuids = {name: self.guests[name].domain for name in targets if name in self.guests}
+        start = await asyncio.to_thread(
+            lambda: {n: watcher.memory(u) for n, u in uuids.items() if u is not None})
+        deadline = time.monotonic() + wait
+        now_mem = start
+        while time.monotonic() < deadline:
+            now_mem = await asyncio.to_thread(
+                lambda: {n: watcher.memory(u) for n, u in uuids.items() if u is not None})
+            if all(m is not None and m[0] <= targets[n] + 1024 for n, m in now_mem.items()):
+                break
+            await asyncio.sleep(0.5)
+        out: dict[str, Any] = {}
+        for name, target in targets.items():
+            s0, s1 = start.get(name), now_mem.get(name)
+            out[self.guests[name].display if name in self.guests else name] = {
+                "target_kib": target,
+                "actual_kib": None if s1 is None else s1[0],
+                "released_kib": 0 if s0 is None or s1 is None else max(0, s0[0] - s1[0]),
+            }
+        return out
 
 
 def _int_arg(req: Mapping[str, Any], key: str, minimum: int) -> int:

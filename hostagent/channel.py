@@ -58,7 +58,8 @@ class ChannelError(Exception):
 
 
 # Counters in guest reports that `hostagent stats` shows per second.
-RATE_KEYS = ("pgpgin", "pgpgout", "pswpin", "pswpout", "pgmajfault")
+RATE_KEYS = ("pgpgin", "pgpgout", "pswpin", "pswpout", "pgmajfault", "workingset_refault_file",
+             "workingset_refault_anon", "workingset_refault")
 
 
 class Guest:

@@ -20,10 +20,11 @@ from hostagent import control, statsview
 PROG = "hostagent"
 MIB = 1 << 20
 
-_SET_KEYS = {"weight": "weight", "cap": "cap_mib", "quota": "quota_mib", "compress": "compress"}
+_SET_KEYS = {"weight": "weight", "cap": "cap_mib", "quota": "quota_mib", "compress": "compress",
+             "balloon": "balloon"}
 _ON = {"on": True, "true": True, "yes": True, "1": True,
        "off": False, "false": False, "no": False, "0": False}
-_SET_USAGE = "expected weight=N, cap=MiB, quota=MiB or compress=on|off"
+_SET_USAGE = "expected weight=N, cap=MiB, quota=MiB, compress=on|off or balloon=on|off"
 
 
 class UsageError(Exception):
@@ -61,15 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
     setp = sub.add_parser(
         "set", parents=[client], help="change a guest's settings",
         description="Change a guest's settings at run time, e.g. "
-                    "`hostagent set g1 weight=3 cap=100 quota=64 compress=off` (any subset).",
+                    "`hostagent set g1 weight=3 cap=100 quota=64 compress=off` (any subset); "
+                    "`hostagent set tmem-1 balloon=off` stops the balloon controller for a domain.",
     )
-    setp.add_argument("guest", help="configured guest name")
+    setp.add_argument("guest", help="configured guest name, or a libvirt domain's name")
     setp.add_argument("settings", nargs="+", metavar="KEY=VALUE",
-                      help="weight=N, cap=MiB (0 = no cap), quota=MiB, compress=on|off")
+                      help="weight=N, cap=MiB (0 = no cap), quota=MiB, compress=on|off, "
+                           "balloon=on|off")
 
     reserve = sub.add_parser(
-        "reserve", parents=[client], help="drop ephemeral pages until the host has MiB available")
+        "reserve", parents=[client], help="make MiB of host memory available for an incoming guest",
+        description="Drop tmem's ephemeral pages until the host has MiB available; with the balloon "
+                    "controller on, then shrink guests that are above their goal, waiting up to "
+                    "--wait seconds for their balloons. Reports what each step freed.")
     reserve.add_argument("mib", type=_non_negative_int, metavar="MiB")
+    reserve.add_argument("--wait", type=_positive_float, default=20.0, metavar="SECONDS",
+                         help="how long to wait for balloons to deflate guests (default 20)")
+    reserve.add_argument("--json", action="store_true", help="print the raw JSON result")
     return parser
 
 
@@ -88,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "set":
             return _set(path, args.guest, args.settings)
         if args.command == "reserve":
-            return _reserve(path, args.mib)
+            return _reserve(path, args.mib, args.wait, args.json)
         raise AssertionError(args.command)
     except UsageError as err:
         print(f"{PROG} {args.command}: {err}", file=sys.stderr)
@@ -150,9 +159,9 @@ def parse_settings(items: Sequence[str]) -> dict[str, Any]:
         field = _SET_KEYS[key]
         if field in out:
             raise UsageError(f"{key} given twice")
-        if key == "compress":
+        if key in ("compress", "balloon"):
             if value.lower() not in _ON:
-                raise UsageError(f"bad setting {item!r}: compress must be on or off")
+                raise UsageError(f"bad setting {item!r}: {key} must be on or off")
             out[field] = _ON[value.lower()]
         else:
             try:
@@ -169,16 +178,31 @@ def parse_settings(items: Sequence[str]) -> dict[str, Any]:
 def _set(path: str, guest: str, items: Sequence[str]) -> int:
     changes = parse_settings(items)
     r = control.request(path, {"cmd": "set", "guest": guest, **changes})
-    cap = "none" if not r["cap_mib"] else f"{r['cap_mib']:g} MiB"
-    print(f"{r['guest']}: weight={r['weight']} cap={cap} quota={r['quota_mib']:g} MiB "
-          f"compress={'on' if r['compress'] else 'off'}")
+    parts = []
+    if "weight" in r:
+        cap = "none" if not r["cap_mib"] else f"{r['cap_mib']:g} MiB"
+        parts.append(f"weight={r['weight']} cap={cap} quota={r['quota_mib']:g} MiB "
+                     f"compress={'on' if r['compress'] else 'off'}")
+    if "balloon" in r:
+        parts.append(f"balloon={r['balloon']}")
+    print(f"{r['guest']}: {' '.join(parts)}")
     return 0
 
 
-def _reserve(path: str, mib: int) -> int:
-    r = control.request(path, {"cmd": "reserve", "mib": mib})
-    print(f"reserve {mib} MiB: freed {r['freed_bytes'] / MIB:.1f} MiB of pool memory; "
-          f"host available now {r['host_available_bytes'] / MIB:.0f} MiB")
+def _reserve(path: str, mib: int, wait: float, as_json: bool) -> int:
+    r = control.request(path, {"cmd": "reserve", "mib": mib, "wait": wait}, timeout=wait + 30)
+    if as_json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"reserve {mib} MiB: freed {r['freed_bytes'] / MIB:.1f} MiB of pool memory", end="")
+    if "ballooned_bytes" in r:
+        print(f", {r['ballooned_bytes'] / MIB:.1f} MiB from guests' balloons", end="")
+        for name, b in r["ballooned"].items():
+            print(f"\n  {name}: target {b['target_kib'] // 1024} MiB, actual "
+                  f"{(b['actual_kib'] or 0) // 1024} MiB, released {b['released_kib'] // 1024} MiB",
+                  end="")
+    print(f"\nhost available: {r['host_available_before_bytes'] / MIB:.0f} MiB before, "
+          f"{r['host_available_bytes'] / MIB:.0f} MiB now")
     return 0
 
 

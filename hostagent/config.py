@@ -10,12 +10,13 @@ from __future__ import annotations
 import re
 import uuid as uuidlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from guestagent import tomlfile
 from guestagent.wire import DEFAULT_MAX_PAYLOAD, DEFAULT_MAX_VECTOR, HEADER_SIZE, PAGE_SIZE
+from hostagent.balloon import HostParams, Params
 
 DEFAULT_CONTROL_SOCKET = "/run/tmem/control.sock"
 
@@ -88,6 +89,25 @@ class SharedPoolConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BalloonConfig:
+    """[balloon]: the controller for libvirt domains; [[balloon.guest]] overrides by domain name."""
+
+    enabled: bool = False
+    interval: float = 5.0
+    stats_period: int = 2  # seconds: libvirt's balloon stats period set on each domain
+    host: HostParams = field(default_factory=HostParams)
+    defaults: Params = field(default_factory=Params)
+    guests: tuple[tuple[str, Params], ...] = ()
+
+    def params(self, name: str) -> Params:
+        """The settings for the domain called `name`: its [[balloon.guest]] table, else defaults."""
+        for gname, params in self.guests:
+            if gname == name:
+                return params
+        return self.defaults
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     pool: PoolConfig = PoolConfig()
     control: ControlConfig = ControlConfig()
@@ -96,6 +116,7 @@ class Config:
     defaults: GuestDefaults = GuestDefaults()
     guests: tuple[GuestConfig, ...] = ()
     shared_pools: tuple[SharedPoolConfig, ...] = ()
+    balloon: BalloonConfig = BalloonConfig()
 
     def guest(self, name: str) -> GuestConfig | None:
         for g in self.guests:
@@ -120,8 +141,8 @@ def load(path: str | Path) -> Config:
 
 def parse(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Config:
     """Validate an already-decoded TOML document (a dict) into a `Config`."""
-    _no_unknown(data, {"pool", "control", "channels", "libvirt", "defaults", "guest", "shared_pool"},
-                "")
+    _no_unknown(data, {"pool", "control", "channels", "libvirt", "defaults", "guest", "shared_pool",
+                       "balloon"}, "")
 
     def path(value: str) -> str:
         return str(base_dir / value) if base_dir is not None else value
@@ -222,7 +243,60 @@ def parse(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Config:
         shared.append(SharedPoolConfig(uuid=u, guests=tuple(members)))
 
     return Config(pool=pool, control=control, channels=channels, libvirt=libvirt, defaults=defaults,
-                  guests=tuple(guests), shared_pools=tuple(shared))
+                  guests=tuple(guests), shared_pools=tuple(shared), balloon=_balloon(data))
+
+
+def _balloon(data: Mapping[str, Any]) -> BalloonConfig:
+    raw = dict(_table(data, "balloon"))
+    guest_tables = _array(raw, "guest") if "guest" in raw else []
+    raw.pop("guest", None)
+    d = BalloonConfig()
+    t = _Table(raw, "balloon")
+    enabled = t.get_bool("enabled", d.enabled)
+    interval = t.get_float("interval", d.interval, minimum=0.1)
+    stats_period = t.get_int("stats_period", d.stats_period, minimum=1, maximum=3600)
+    host = HostParams(
+        min_available_mib=t.get_int("host_min_available_mib", d.host.min_available_mib, minimum=0),
+        pressure_step_mib=t.get_int("pressure_step_mib", d.host.pressure_step_mib, minimum=1),
+    )
+    defaults = _balloon_params(t, d.defaults, per_guest=False)
+    t.done()
+    guests: list[tuple[str, Params]] = []
+    for i, g in enumerate(guest_tables):
+        t = _Table(g, f"balloon.guest[{i}]")
+        name = t.get_required_str("name")
+        if any(n == name for n, _ in guests):
+            raise ConfigError(f"balloon.guest[{i}].name: {name!r} is listed twice")
+        t.where = f"balloon.guest {name!r}"
+        guests.append((name, _balloon_params(t, defaults, per_guest=True)))
+        t.done()
+    return BalloonConfig(enabled=enabled, interval=interval, stats_period=stats_period, host=host,
+                         defaults=defaults, guests=tuple(guests))
+
+
+def _balloon_params(t: _Table, base: Params, *, per_guest: bool) -> Params:
+    """The per-guest policy keys (in [balloon] as defaults, in [[balloon.guest]] as overrides)."""
+    p = Params(
+        # In [balloon], `enabled` is the controller's switch; in [[balloon.guest]], the guest's.
+        enabled=t.get_bool("enabled", base.enabled) if per_guest else base.enabled,
+        self_balloon=t.get_bool("self_balloon", base.self_balloon),
+        reserve_mib=t.get_int("reserve_mib", base.reserve_mib, minimum=0),
+        down_fraction=t.get_float("down_fraction", base.down_fraction, minimum=0.0),
+        up_fraction=t.get_float("up_fraction", base.up_fraction, minimum=0.0),
+        min_step_mib=t.get_int("min_step_mib", base.min_step_mib, minimum=1),
+        floor_mib=t.get_int("floor_mib", base.floor_mib, minimum=0),
+        shares=t.get_int("shares", base.shares, minimum=1),
+        stale_after=t.get_float("stale_after", base.stale_after, minimum=0.1),
+        distress_swapin=t.get_float("distress_swapin", base.distress_swapin, minimum=0.0),
+        distress_refault=t.get_float("distress_refault", base.distress_refault, minimum=0.0),
+        distress_step_mib=t.get_int("distress_step_mib", base.distress_step_mib, minimum=0),
+        distress_window=t.get_float("distress_window", base.distress_window, minimum=0.0),
+        distress_hold=t.get_float("distress_hold", base.distress_hold, minimum=0.0),
+    )
+    for key in ("down_fraction", "up_fraction"):
+        if getattr(p, key) > 1.0:
+            raise ConfigError(f"{t.where}.{key}: must be at most 1, got {getattr(p, key)}")
+    return p
 
 
 def _guest_settings(t: _Table, base: GuestDefaults) -> GuestDefaults:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -64,7 +65,7 @@ class ControlServer:
                     break
                 if not line:
                     break
-                writer.write(_line(self.dispatch(line)))
+                writer.write(_line(await self.dispatch(line)))
                 await writer.drain()
         except ConnectionError:
             pass
@@ -73,7 +74,9 @@ class ControlServer:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    def dispatch(self, line: bytes) -> dict[str, Any]:
+    async def dispatch(self, line: bytes) -> dict[str, Any]:
+        """Decode, run the handler (awaiting it if it returns an awaitable: `reserve` waits for
+        balloons), encode its result or error."""
         try:
             request = json.loads(line)
         except ValueError:
@@ -81,7 +84,10 @@ class ControlServer:
         if not isinstance(request, dict):
             return {"ok": False, "error": "request must be a JSON object"}
         try:
-            return {"ok": True, "result": self.handler(request)}
+            result = self.handler(request)
+            if inspect.isawaitable(result):
+                result = await result
+            return {"ok": True, "result": result}
         except ControlError as err:
             return {"ok": False, "error": str(err)}
         except Exception as err:

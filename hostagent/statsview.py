@@ -68,8 +68,40 @@ def format_stats(stats: Mapping[str, Any]) -> str:
         + _cpu_ratio(a)
     )
     lines.extend(_memory_table(guests, name_w))
+    lines.extend(_balloon_table(stats.get("balloon") or {}, guests, name_w))
     lines.extend(_precache_table(guests, name_w))
     return "\n".join(lines)
+
+
+_BAL_HEAD = ("GOAL", "TARGET", "ACTUAL", "FLOOR", "MAX", "GIVEN")
+
+
+def _balloon_table(ctl: Mapping[str, Any], guests: Mapping[str, Mapping[str, Any]],
+                   name_w: int) -> list[str]:
+    """Per ballooned guest: goal, target, actual, floor, max (MiB), memory given back, and the last
+    action with its reason."""
+    if not ctl.get("enabled"):
+        return []
+    rows = []
+    for name, g in sorted(guests.items()):
+        b = g.get("balloon")
+        if not b:
+            continue
+        given = b.get("given_back_kib", 0) - b.get("returned_kib", 0)
+        cells = (*(_kib_mib(b.get(k)) for k in ("goal_kib", "target_kib", "actual_kib", "floor_kib",
+                                                "max_kib")), _kib_mib(given))
+        last = b.get("last")
+        what = b.get("state", "")
+        if last:
+            what += (f"; last {last['action']} {last['from_kib'] // 1024}->{last['to_kib'] // 1024}"
+                     f" MiB: {last['reason']}")
+        rows.append(f"{name:<{name_w}} " + " ".join(f"{c:>7}" for c in cells) + f"  {what}")
+    pressure = ("host under pressure" if ctl.get("pressure") else "no host pressure")
+    title = (f"balloon (MiB), every {ctl.get('interval', 0):g} s; {pressure} (available "
+             f"{_kib_mib(ctl.get('host_available_kib'))}, threshold "
+             f"{_kib_mib(ctl.get('host_min_available_kib'))}):")
+    head = f"{'GUEST':<{name_w}} " + " ".join(f"{h:>7}" for h in _BAL_HEAD) + "  STATE / LAST ACTION"
+    return ["", title, head, *(rows or ["(no ballooned guests)"])]
 
 
 _PC_HEAD = ("gets", "hits", "misses", "hit%", "puts", "flush", "tmemMiB", "diskMiB")

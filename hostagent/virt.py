@@ -65,6 +65,7 @@ class LibvirtWatcher:
         self.known: dict[str, Domain] = {}
         self.conn: Any = None
         self.connected = False
+        self.balloon_actual: dict[str, int] = {}  # uuid -> KiB, from balloon-change events
         self._lost: asyncio.Event | None = None
 
     async def run(self) -> None:
@@ -113,8 +114,13 @@ class LibvirtWatcher:
 
         conn.registerCloseCallback(closed, None)
         conn.setKeepAlive(5, 3)
+        def balloon(_conn: Any, dom: Any, actual: int, _opaque: Any) -> None:
+            loop.call_soon(self._balloon_changed, libvirt, dom, actual)
+
         callback_id = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
                                                   lifecycle, None)
+        balloon_id = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_BALLOON_CHANGE,
+                                                 balloon, None)
         self.conn = conn
         self.connected = True
         log.info("watching libvirt domains at %s (channel %s)", self.uri, self.channel)
@@ -124,6 +130,7 @@ class LibvirtWatcher:
         finally:
             with contextlib.suppress(libvirt.libvirtError):
                 conn.domainEventDeregisterAny(callback_id)
+                conn.domainEventDeregisterAny(balloon_id)
                 conn.unregisterCloseCallback()
 
     def _discover(self, libvirt: Any, conn: Any) -> None:
@@ -161,6 +168,15 @@ class LibvirtWatcher:
                 libvirt, detail)
             self._down(uuid, reason)
 
+    def _balloon_changed(self, libvirt: Any, dom: Any, actual: int) -> None:
+        """libvirt's balloon-change event: the guest's `actual` moved (KiB)."""
+        try:
+            uuid = dom.UUIDString()
+        except libvirt.libvirtError:
+            return
+        if uuid in self.known:
+            self.balloon_actual[uuid] = actual
+
     def _up(self, d: Domain) -> None:
         old = self.known.get(d.uuid)
         if old == d:
@@ -171,6 +187,7 @@ class LibvirtWatcher:
         self.on_up(d)
 
     def _down(self, uuid: str, reason: str) -> None:
+        self.balloon_actual.pop(uuid, None)
         if self.known.pop(uuid, None) is not None:
             self.on_down(uuid, reason)
 
@@ -194,6 +211,43 @@ class LibvirtWatcher:
             "actual_kib": memory.get("actual"),
             "balloon": {k: v for k, v in memory.items() if isinstance(v, int)},
         }
+
+
+    # -- ballooning (blocking libvirt calls: the balloon driver runs them in a worker thread) -------
+
+    def memory(self, uuid: str) -> tuple[int, int] | None:
+        """(balloon actual, max memory) in KiB, or None if libvirt cannot tell now."""
+        conn = self.conn
+        if conn is None:
+            return None
+        try:
+            dom = conn.lookupByUUIDString(uuid)
+            actual = dom.memoryStats().get("actual")
+            max_kib = dom.maxMemory()
+        except Exception as err:  # libvirtError, or the connection dropping under us
+            log.debug("no balloon figures for %s: %s", uuid, err)
+            return None
+        if not isinstance(actual, int):
+            return None
+        return actual, int(max_kib)
+
+    def set_memory(self, uuid: str, kib: int) -> None:
+        """Ask the balloon for `kib` (a request: `actual` follows when the guest complies)."""
+        import libvirt
+
+        conn = self.conn
+        if conn is None:
+            raise ConnectionError("not connected to libvirt")
+        conn.lookupByUUIDString(uuid).setMemoryFlags(kib, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+    def set_stats_period(self, uuid: str, seconds: int) -> None:
+        """Balloon statistics stay empty until a period is set."""
+        import libvirt
+
+        conn = self.conn
+        if conn is None:
+            raise ConnectionError("not connected to libvirt")
+        conn.lookupByUUIDString(uuid).setMemoryStatsPeriod(seconds, libvirt.VIR_DOMAIN_AFFECT_LIVE)
 
 
 _registered = False
