@@ -150,7 +150,8 @@ class HostAgent:
         if cfg.libvirt.enabled:
             self.watcher = LibvirtWatcher(cfg.libvirt.uri, cfg.libvirt.channel, self._domain_up,
                                           self._domain_down,
-                                          retry_interval=cfg.libvirt.retry_interval)
+                                          retry_interval=cfg.libvirt.retry_interval,
+                                          on_discovered=self._forget_orphans)
             tasks.append(asyncio.create_task(self.watcher.run()))
             if cfg.balloon.enabled:
                 self.balloon = BalloonDriver(cfg.balloon, self.watcher, self.guests, self._engine,
@@ -225,6 +226,20 @@ class HostAgent:
         pages = guest.client.eph.pages + guest.client.pers.pages
         self.engine.remove(guest.client)
         log.info("domain %s (%s) %s: detached, %d pages freed", guest.display, uuid, reason, pages)
+
+    def _forget_orphans(self, running: set[str]) -> None:
+        """Persistent pools rebuilt from the arena for a domain that is not running are garbage: its
+        processes (the only readers of preswap pages) died with it. Configured socket guests are
+        not orphans: they are in `self.guests` from the start."""
+        engine = self.engine
+        if engine is None:
+            return
+        for client in list(engine.clients()):
+            if client.name not in self.guests and client.name not in running:
+                pages = client.pers.pages + client.eph.pages
+                engine.remove(client)
+                log.info("%s is not a running domain: its %d pages from a previous run are freed",
+                         client.name, pages)
 
     async def _link(self, guest: Guest) -> None:
         """Keep a connection to the domain's channel socket, reconnecting after each close."""

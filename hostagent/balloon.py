@@ -102,6 +102,7 @@ class GuestState:
     history: deque[tuple[float, int]] = field(default_factory=deque)  # (time, target)
     hold_until: float = 0.0
     pressure_cap_kib: int | None = None  # while the host takes memory: the most this guest may have
+    fixed_kib: int | None = None  # without self-ballooning: the size it keeps (boot, reserve, distress)
     last_refused: int | None = None
     given_back_kib: int = 0
     returned_kib: int = 0
@@ -263,6 +264,8 @@ class Controller:
                 recent = max((t for _, t in st.history), default=cur)
                 new = max(cur + p.distress_step_mib * KIB_PER_MIB, recent, st.goal_kib)
                 wanted[name] = min(new, o.max_kib)
+                if not p.self_balloon:
+                    st.fixed_kib = wanted[name]
                 why[name] = ("distress", distress)
                 st.hold_until = now + p.distress_hold
                 st.pressure_cap_kib = None
@@ -272,6 +275,7 @@ class Controller:
             if now < st.hold_until:
                 held.add(name)
             if p.self_balloon:
+                st.fixed_kib = None
                 new = self_balloon_step(p, cur, st.goal_kib, st.floor_kib, o.max_kib)
                 if name in held:
                     new = max(new, cur)
@@ -281,8 +285,10 @@ class Controller:
                 if st.goal_kib == st.floor_kib and goal_kib(p, o.committed_kib) < st.floor_kib:
                     reason += f", held at the floor {st.floor_kib // KIB_PER_MIB} MiB"
             else:
-                new = max(cur, st.boot_kib or cur) if name not in held else cur
-                action, reason = "grow", "back to its boot size"
+                if st.fixed_kib is None:
+                    st.fixed_kib = o.actual_kib
+                new = max(st.fixed_kib, cur) if name in held else st.fixed_kib
+                action, reason = "grow", "back to its own size after host pressure"
             wanted[name] = new
             why[name] = (action, reason)
             st.state = "hold after distress" if name in held else "self-ballooning" \
@@ -390,6 +396,8 @@ class Controller:
             left -= take
             st.given_back_kib += take
             st.target_kib = new
+            if not st.params.self_balloon:
+                st.fixed_kib = new
             st.history.append((now, new))
             st.last = Action(now, "reserve", cur, new, f"hostagent reserve: {need_kib // KIB_PER_MIB} "
                              "MiB for an incoming guest")

@@ -56,8 +56,10 @@ class LibvirtWatcher:
     """Keeps `on_up`/`on_down` informed of running domains that have the tmem channel."""
 
     def __init__(self, uri: str, channel: str, on_up: Callable[[Domain], None],
-                 on_down: Callable[[str, str], None], *, retry_interval: float = 2.0) -> None:
+                 on_down: Callable[[str, str], None], *, retry_interval: float = 2.0,
+                 on_discovered: Callable[[set[str]], None] | None = None) -> None:
         self.uri = uri
+        self.on_discovered = on_discovered  # after each discovery: the running domains' UUIDs
         self.channel = channel
         self.on_up = on_up
         self.on_down = on_down
@@ -145,6 +147,8 @@ class LibvirtWatcher:
                 self._down(uuid, "not running (found on re-discovery)")
         for d in running.values():
             self._up(d)
+        if self.on_discovered is not None:
+            self.on_discovered(set(running))
 
     def _describe(self, libvirt: Any, dom: Any) -> Domain | None:
         try:

@@ -364,6 +364,8 @@ def down() -> None:
             with contextlib.suppress(Exception):
                 dom.undefine()
     stop_hostagent()
+    # The lab's domains are transient: persistent pages of destroyed domains are nobody's.
+    shutil.rmtree(ARENA_DIR, ignore_errors=True)
     for sub in ("disks", "xml", "sockets", "domains.json"):
         path = STATE / sub
         if path.is_dir():

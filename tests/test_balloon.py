@@ -314,3 +314,20 @@ def test_config_balloon_table() -> None:
         configmod.parse({"balloon": {"bogus": 1}})
     with pytest.raises(configmod.ConfigError, match="listed twice"):
         configmod.parse({"balloon": {"guest": [{"name": "a"}, {"name": "a"}]}})
+
+
+def test_fixed_size_guest_keeps_its_size_and_what_reserve_took() -> None:
+    g = Guest(actual_mib=1024, committed_mib=100)
+    run = Run({"g": g}, Params(self_balloon=False))
+    run.steps(5)
+    assert g.actual == 1024 * MIB, "no self-ballooning"
+    targets = run.ctl.reserve(run.now, 300 * MIB, {"g": g.obs()})
+    g.actual = targets["g"]
+    run.steps(5)
+    assert g.actual == 724 * MIB, "what reserve took stays taken"
+    run.available = 100 * MIB  # pressure takes, then gives back to its own size
+    run.step()
+    assert g.actual == 660 * MIB
+    run.available = PLENTY
+    run.steps(3)
+    assert g.actual == 724 * MIB

@@ -1,0 +1,180 @@
+"""Ballooning in the KVM lab, for real: libvirt balloons two TCG guests under the host agent's
+controller, driven by the Committed_AS each guest's agent reports.
+
+- tmem-1 self-balloons: idle, it is shrunk toward its goal; a step increase in its allocation is
+  granted in time and no process in it meets the OOM killer; `balloon=off` freezes it.
+- tmem-2 keeps its size (`self_balloon = false`): `hostagent reserve` takes memory from it because
+  it sits far above its goal, and the host gets back what the reserve reports (QEMU's resident
+  memory drops by it).
+
+No skips: a guest that cannot boot fails the module. One lab for the module, torn down at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import lab  # noqa: E402
+
+from tests.test_lab import domain, guest, run, wait_for  # noqa: E402
+
+MIB = 1024
+INTERVAL = 2.0
+LAB = lab.Lab(
+    guests=(lab.GuestSpec("tmem-1", memory_mib=768, max_memory_mib=1024),
+            lab.GuestSpec("tmem-2", memory_mib=1024, max_memory_mib=1024)),
+    host={"balloon": {"enabled": True, "interval": INTERVAL}},
+)
+# tmem-2 keeps its size unless asked: the lab description cannot carry [[balloon.guest]], so the
+# test sets it through the host agent's config file before the lab starts (see `running`).
+GUEST_TABLES = '[[balloon.guest]]\nname = "tmem-2"\nself_balloon = false\n'
+
+# Allocates MiB of anonymous memory in steps and touches every page, then holds it for a while.
+ALLOC = b"""
+import mmap, sys, time
+mib, hold = int(sys.argv[1]), float(sys.argv[2])
+maps = []
+for _ in range(mib // 32):
+    m = mmap.mmap(-1, 32 << 20)
+    for off in range(0, 32 << 20, 4096):
+        m[off] = 1
+    maps.append(m)
+time.sleep(hold)
+print("done", len(maps) * 32)
+"""
+
+
+@pytest.fixture(scope="module")
+def running() -> Iterator[dict[str, Any]]:
+    lab.down()
+    original = lab.hostagent_config
+
+    def with_guest_tables(description: lab.Lab) -> Path:
+        cfg = original(description)
+        cfg.write_text(cfg.read_text() + GUEST_TABLES)
+        return cfg
+
+    lab.hostagent_config = with_guest_tables  # type: ignore[assignment]
+    try:
+        with lab.lab_running(LAB) as info:
+            yield info
+    finally:
+        lab.hostagent_config = original  # type: ignore[assignment]
+
+
+def balloon(name: str) -> dict[str, Any]:
+    b: dict[str, Any] | None = guest(name).get("balloon")
+    assert b is not None, f"{name} has no balloon figures: {guest(name)}"
+    return b
+
+
+def actual_mib(name: str) -> int:
+    return int(domain(name).memoryStats()["actual"]) // MIB
+
+
+def oom_kills(name: str) -> int:
+    for line in run(name, "cat", "/proc/vmstat").splitlines():
+        key, _, value = line.partition(" ")
+        if key == "oom_kill":
+            return int(value)
+    raise AssertionError(f"{name}: no oom_kill counter in /proc/vmstat")
+
+
+def test_idle_guest_is_shrunk_toward_its_goal(running: dict[str, Any]) -> None:
+    boot = actual_mib("tmem-1")
+    assert boot == 768
+
+    def near_goal() -> bool:
+        b = balloon("tmem-1")
+        return b["goal_kib"] is not None and b["actual_kib"] is not None \
+            and b["actual_kib"] - b["goal_kib"] < 64 * MIB
+
+    took = wait_for(near_goal, 240, "tmem-1 to be ballooned down near its goal")
+    b = balloon("tmem-1")
+    assert b["actual_kib"] < boot * MIB - 128 * MIB, b
+    assert b["actual_kib"] >= b["floor_kib"] - 4 * MIB, "never below the floor"
+    assert b["last"]["action"] == "shrink" and "Committed_AS" in b["last"]["reason"], b
+    assert b["given_back_kib"] >= boot * MIB - b["actual_kib"] - 4 * MIB
+    # a fixed-size guest is left alone
+    assert actual_mib("tmem-2") == 1024 and balloon("tmem-2")["given_back_kib"] == 0
+    print(f"tmem-1: {boot} -> {b['actual_kib'] // MIB} MiB in {took:.0f} s (goal "
+          f"{b['goal_kib'] // MIB}, floor {b['floor_kib'] // MIB})")
+
+
+def test_step_increase_in_allocation_is_granted_in_time_without_oom(running: dict[str, Any]) -> None:
+    before = actual_mib("tmem-1")
+    kills = oom_kills("tmem-1")
+    want = 320  # MiB: well above what the shrunk guest has free
+    assert before < 600, "the previous test left tmem-1 shrunk"
+    pid = lab.guest_spawn(domain("tmem-1"), ["python3", "-", str(want), "20"], stdin=ALLOC)
+
+    def grown() -> bool:
+        b = balloon("tmem-1")
+        return b["actual_kib"] is not None and b["actual_kib"] >= (before + want) * MIB
+
+    took = wait_for(grown, 120, f"tmem-1 to grow by {want} MiB")
+    b = balloon("tmem-1")
+    assert b["last"]["action"] in ("grow", "distress"), b
+    rc, out, err = lab.guest_wait(domain("tmem-1"), pid, timeout=300, what="the allocation")
+    assert rc == 0 and out.strip() == f"done {want}", (rc, out, err)
+    assert oom_kills("tmem-1") == kills, "a process in tmem-1 was killed by the OOM killer"
+    print(f"tmem-1 grew {before} -> {b['actual_kib'] // MIB} MiB within {took:.0f} s")
+
+
+def test_balloon_off_freezes_the_guest(running: dict[str, Any]) -> None:
+    out = run_host("set", "tmem-1", "balloon=off")
+    assert "balloon=off" in out
+    wait_for(lambda: balloon("tmem-1")["state"] == "off", 30, "the controller to see balloon=off")
+    frozen = actual_mib("tmem-1")
+    time.sleep(6 * INTERVAL)  # the allocation above has ended: self-ballooning would shrink it
+    assert actual_mib("tmem-1") == frozen
+    run_host("set", "tmem-1", "balloon=on")
+    wait_for(lambda: actual_mib("tmem-1") < frozen - 16, 120, "tmem-1 to be ballooned again")
+
+
+def test_reserve_frees_what_it_reports(running: dict[str, Any]) -> None:
+    # Make tmem-2's memory resident in QEMU (a guest that never touched a page gives nothing back
+    # to the host when ballooned): fill its page cache, then drop it so the pages are free.
+    run("tmem-2", "sh", "-c", "head -c 600M /dev/zero > /tmp/fill && rm /tmp/fill && "
+        "sync && echo 3 > /proc/sys/vm/drop_caches")
+    qemu = qemu_process("tmem-2")
+    rss_before = qemu.memory_info().rss
+    want_mib = 400
+    request = psutil.virtual_memory().available // (1 << 20) + want_mib
+    result = json.loads(run_host("reserve", str(request), "--wait", "60", "--json"))
+    rss_after = qemu.memory_info().rss
+    ballooned = result["ballooned_bytes"]
+    assert "tmem-2" in result["ballooned"], result
+    assert ballooned >= 0.8 * want_mib * (1 << 20), result
+    freed = rss_before - rss_after
+    assert freed >= 0.8 * ballooned, (f"reported {ballooned >> 20} MiB, QEMU's resident memory "
+                                      f"dropped by {freed >> 20} MiB")
+    assert balloon("tmem-2")["last"]["action"] == "reserve"
+    print(f"reserve: reported {ballooned >> 20} MiB from balloons, QEMU RSS down {freed >> 20} MiB")
+
+
+def run_host(*argv: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "hostagent", *argv, "--control", lab.CONTROL],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, f"hostagent {' '.join(argv)}: {proc.stdout}{proc.stderr}"
+    return proc.stdout
+
+
+def qemu_process(name: str) -> psutil.Process:
+    for p in psutil.process_iter(["name", "cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if cmd and "qemu" in cmd[0] and f"guest={name}," in " ".join(cmd):
+            return p
+    raise AssertionError(f"no QEMU process for {name}")
