@@ -535,6 +535,14 @@ def test_cli_set_unknown_guest(host_agent: HostAgentProcess) -> None:
     assert res.stderr.strip() == "hostagent: unknown guest 'nosuch'"
 
 
+def test_cli_set_balloon_needs_the_controller_and_a_domain(host_agent: HostAgentProcess) -> None:
+    res = host_agent.cli("set", "g1", "balloon=off")
+    assert res.returncode == 1
+    assert "balloon controller is off" in res.stderr
+    res = host_agent.cli("set", "g1", "balloon=maybe")
+    assert res.returncode == 2 and "balloon must be on or off" in res.stderr
+
+
 def test_cli_reserve_reports(host_agent: HostAgentProcess) -> None:
     res = host_agent.cli("reserve", "1")
     assert res.returncode == 0, res.stderr
