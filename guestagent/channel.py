@@ -7,7 +7,10 @@ reader task decodes replies and wakes the waiting callers by id.  No task is spa
 request, and a waiting caller is parked with `wait_task_rescheduled` rather than an Event,
 because the per-request overhead is what decides the round trip time of a page fault.  For
 the same reason a lone request (nothing else in flight, writer idle, not part of a burst)
-is written by its caller directly, sparing the writer's scheduler pass.
+is written by its caller directly, sparing the writer's scheduler pass, and when no other
+task is runnable its caller also reads the reply itself (`_await_sync`): a bounded poll on
+the fd instead of waking the reader task and then the caller, two scheduler passes that
+cost more than the transport's own round trip under emulation.
 
 The channel survives the host agent going away.  On EOF, a transport error or an ERROR
 frame it reconnects with backoff and a fresh HELLO, then restores the pools: ephemeral pools
@@ -29,12 +32,20 @@ import os
 import select
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final, cast
 
 import trio
-from trio.lowlevel import Abort, Task, current_task, reschedule, wait_task_rescheduled
+from trio.lowlevel import (
+    Abort,
+    Task,
+    current_statistics,
+    current_task,
+    reschedule,
+    wait_task_rescheduled,
+)
 
 from guestagent import wire
 
@@ -62,6 +73,11 @@ _HOST_ERROR_STRIKES: Final = 3  # re-sends of one request into host ERRORs befor
 _NOWAIT_QUEUE_LIMIT: Final = 4096  # queued parts above which put_nowait degrades to a flush
 _NOTICE_BUFFER: Final = 64
 _IOV_MAX: Final = 1024  # buffers per writev (Linux UIO_MAXIOV)
+# A lone request's caller polls for its reply at most this long before parking as usual; once
+# such polls have held the event loop for _SYNC_SLICE in all, the next request parks (a
+# scheduler pass that serves other tasks' I/O).
+_SYNC_WAIT: Final = 0.002
+_SYNC_SLICE: Final = 0.005
 
 _NO_OID: Final = wire.NO_OID
 _PAGE_SIZE: Final = wire.PAGE_SIZE
@@ -237,10 +253,16 @@ def _complete(req: _Req, frame: wire.Frame | None, error: ChannelError | None = 
 class _Conn:
     """State of one transport connection; a reconnect gets a fresh one."""
 
-    __slots__ = ("error", "fd", "outq", "scope", "woken", "writer")
+    __slots__ = ("buf", "error", "fd", "frames_in", "outq", "poller", "scope", "view", "woken", "writer")
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        # Receive state, shared by the reader task and a caller reading its own reply
+        self.frames_in = wire.FrameReader(wire.Role.GUEST, _READ_MAX_PAYLOAD, _READ_MAX_VECTOR)
+        self.buf = bytearray(_RECV_SIZE)
+        self.view = memoryview(self.buf)
+        self.poller = select.poll()
+        self.poller.register(fd, select.POLLIN)
         self.outq: list[bytes | memoryview] = []
         self.writer: Task | None = None  # the writer task while it is parked on an empty queue
         self.woken = 0  # callers woken by the last read: more than one means a burst follows
@@ -285,7 +307,8 @@ class Pool:
         ch = self._ch
         req = ch._start(self, _PUT, oid, index, page)
         if req is not None:
-            frame: wire.Frame | None = await wait_task_rescheduled(req.abort)
+            frame: wire.Frame | None = (
+                req.unwrap() if req.done else await wait_task_rescheduled(req.abort))
         else:
             frame = await ch._call(self, _PUT, oid, index, page)
         if frame is None:
@@ -323,7 +346,8 @@ class Pool:
         ch = self._ch
         req = ch._start(self, _GET, oid, index, b"")
         if req is not None:  # the fast path, without a coroutine of its own
-            frame: wire.Frame | None = await wait_task_rescheduled(req.abort)
+            frame: wire.Frame | None = (
+                req.unwrap() if req.done else await wait_task_rescheduled(req.abort))
         else:
             frame = await ch._call(self, _GET, oid, index, b"")
         if frame is None:
@@ -453,6 +477,7 @@ class Channel:
         self._pending: dict[int, _Req] = {}
         self._pools: dict[Pool, None] = {}  # insertion-ordered set of live pools
         self._rid = 0
+        self._sync_held = 0.0  # event-loop time held by _await_sync since a caller last parked
         self._closed = False
         self._fatal: ChannelError | None = None
         self._notice_send, self.notices = trio.open_memory_channel[tuple[wire.Notice, int]](_NOTICE_BUFFER)
@@ -611,7 +636,8 @@ class Channel:
     def _start(
         self, pool: Pool, op: int, oid: bytes, index: int, body: bytes, destroying: bool = False
     ) -> _Req | None:
-        """Send a request for the calling task, which must park right after (on `req.abort`).
+        """Send a request for the calling task, which must park right after (on `req.abort`)
+        unless the reply already came (`req.done`: see `_await_sync`).
 
         None if it may not be sent right now (not connected, pool lost or destroyed): then
         `_call` sorts it out.  The hot path of every page operation, hence all inline, and
@@ -632,9 +658,12 @@ class Channel:
         pending = self._pending
         lone = not pending and conn.writer is not None and conn.woken <= 1
         req = pending[rid] = _Req(rid, head, body, pool, pending)
-        req.task = current_task()
         if lone:
             self._send_now(conn, head, body)
+            if conn.error is None:
+                self._await_sync(conn, req)
+            if req.done:
+                return req
         else:
             q = conn.outq
             q.append(head)
@@ -644,6 +673,8 @@ class Channel:
             if writer is not None:
                 conn.writer = None
                 reschedule(writer)
+        req.task = current_task()
+        self._sync_held = 0.0  # this caller parks: the event loop runs
         return req
 
     async def _call(
@@ -657,6 +688,8 @@ class Channel:
                 return None
             req = self._start(pool, op, oid, index, body, destroying)
             assert req is not None  # _gate checked the same conditions, and nothing ran since
+        if req.done:
+            return req.unwrap()
         frame: wire.Frame | None = await wait_task_rescheduled(req.abort)
         return frame
 
@@ -698,15 +731,11 @@ class Channel:
         already there.  This cannot starve other tasks, as the host only sends replies to
         requests, and the callers we wake must run before they can make more.
         """
-        frames_in = wire.FrameReader(wire.Role.GUEST, _READ_MAX_PAYLOAD, _READ_MAX_VECTOR)
-        feed = frames_in.feed
         fd = conn.fd
-        buf = bytearray(_RECV_SIZE)
-        view = memoryview(buf)
-        buffers = (buf,)
+        buffers = (conn.buf,)
         readv = os.readv
         wait_readable = trio.lowlevel.wait_readable
-        pending = self._pending
+        received = self._received
         try:
             while True:
                 try:
@@ -714,31 +743,74 @@ class Channel:
                 except BlockingIOError:
                     await wait_readable(fd)
                     continue
-                if not n:
-                    frames_in.eof()
-                    raise _Broken("host agent closed the channel")
-                try:
-                    frames = feed(view[:n])
-                except wire.ProtocolError as err:
-                    self._dispatch(err.frames)
-                    raise
-                woken = 0
-                for frame in frames:  # _dispatch, inlined for the common case
-                    if frame.flags & _REPLY:
-                        req = pending.pop(frame.request_id, None)
-                        if req is not None:  # else: its caller was cancelled
-                            req.frame = frame
-                            req.done = True
-                            task = req.task
-                            if task is not None:
-                                req.task = None
-                                reschedule(task, req)  # type: ignore[arg-type]  # see _Req
-                                woken += 1
-                    else:
-                        self._dispatch((frame,))
-                conn.woken = woken
+                conn.woken = received(conn, n)
         except (_Broken, wire.ProtocolError, trio.ClosedResourceError, OSError) as exc:
             self._break(conn, exc)
+
+    def _received(self, conn: _Conn, n: int) -> int:
+        """Decode `n` bytes just read into conn.buf and complete their requests.
+
+        Returns how many parked callers it woke; raises _Broken or ProtocolError when the
+        connection is finished.
+        """
+        frames_in = conn.frames_in
+        if not n:
+            frames_in.eof()
+            raise _Broken("host agent closed the channel")
+        try:
+            frames = frames_in.feed(conn.view[:n])
+        except wire.ProtocolError as err:
+            self._dispatch(err.frames)
+            raise
+        pending = self._pending
+        woken = 0
+        for frame in frames:  # _dispatch, inlined for the common case
+            if frame.flags & _REPLY:
+                req = pending.pop(frame.request_id, None)
+                if req is not None:  # else: its caller was cancelled
+                    req.frame = frame
+                    req.done = True
+                    task = req.task
+                    if task is not None:
+                        req.task = None
+                        reschedule(task, req)  # type: ignore[arg-type]  # see _Req
+                        woken += 1
+            else:
+                self._dispatch((frame,))
+        return woken
+
+    def _await_sync(self, conn: _Conn, req: _Req) -> None:
+        """Try to read a lone request's reply in the caller's own step, without parking.
+
+        Only when no other task is runnable (a blocked poll would delay it), within the next
+        trio deadline, for at most _SYNC_WAIT; and once such waits add up to _SYNC_SLICE, the
+        next request parks as usual, so the event loop serves other tasks' I/O.  The
+        reader task stays parked on the same fd meanwhile; epoll does not report an fd
+        whose data we consumed first, and a spurious wakeup only costs it an EAGAIN.
+        """
+        if self._sync_held > _SYNC_SLICE:
+            return
+        stats = current_statistics()
+        if stats.tasks_runnable or stats.run_sync_soon_queue_size:
+            return
+        now = time.monotonic()
+        deadline = now + min(_SYNC_WAIT, stats.seconds_to_next_deadline)
+        poll = conn.poller.poll
+        buffers = (conn.buf,)
+        fd = conn.fd
+        try:
+            while not req.done:
+                left = deadline - time.monotonic()
+                if left <= 0 or not poll(left * 1000):
+                    break
+                try:
+                    n = os.readv(fd, buffers)
+                except BlockingIOError:
+                    continue
+                conn.woken = self._received(conn, n)
+        except (_Broken, wire.ProtocolError, OSError) as exc:
+            self._break(conn, exc)  # the request stays pending: stalled or dropped by the session
+        self._sync_held += time.monotonic() - now
 
     def _dispatch(self, frames: Iterable[wire.Frame]) -> None:
         for frame in frames:

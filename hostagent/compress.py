@@ -19,21 +19,28 @@ FILL: Final = 2
 
 ENCODING_NAMES: Final = {RAW: "raw", LZ4: "lz4", FILL: "fill"}
 
-_WORD = 8
-_REPEAT = PAGE_SIZE // _WORD
+_WORD: Final = 8
+_REPEAT: Final = PAGE_SIZE // _WORD
+_ZERO_WORD: Final = bytes(_WORD)
+# Every get of a zero page returns this one object: bytes are immutable, so sharing it is safe, and
+# the commonest same-filled page then costs no allocation at all.
+ZERO_PAGE: Final = bytes(PAGE_SIZE)
 
 
 def fill_word(page: bytes) -> bytes | None:
     """The repeated 8-byte word if `page` is same-filled, else None.
 
-    A cheap first/last-word check rejects almost every ordinary page before the full comparison.
+    The first 16 bytes reject almost every ordinary page: one cache line, which storing the page
+    reads anyway (the last word, checked first before, was a cache miss of its own on a cold page).
+    Only a page whose head repeats is compared in full, against the zero page without building one.
     """
+    for i in range(_WORD):
+        if page[i] != page[i + _WORD]:
+            return None
     head = page[:_WORD]
-    if head != page[PAGE_SIZE - _WORD :]:
-        return None
-    if page[_WORD:] != page[:-_WORD]:
-        return None
-    return head
+    if head == _ZERO_WORD:
+        return head if page == ZERO_PAGE else None
+    return head if page == head * _REPEAT else None
 
 
 def encode(page: bytes, compress: bool, max_compressed: int) -> tuple[int, bytes]:
@@ -46,9 +53,15 @@ def encode(page: bytes, compress: bool, max_compressed: int) -> tuple[int, bytes
     if word is not None:
         return FILL, word
     if compress:
-        packed = lz4.block.compress(page, store_size=False)
-        if len(packed) <= max_compressed:
-            return LZ4, packed
+        return pack(page, max_compressed)
+    return RAW, page
+
+
+def pack(page: bytes, max_compressed: int) -> tuple[int, bytes]:
+    """`encode` for a page already known not to be same-filled, compression on."""
+    packed: bytes = lz4.block.compress(page, store_size=False)
+    if len(packed) <= max_compressed:
+        return LZ4, packed
     return RAW, page
 
 
@@ -62,5 +75,5 @@ def decode(encoding: int, data: bytes) -> bytes:
             raise ValueError(f"lz4 page decoded to {len(page)} bytes")
         return page
     if encoding == FILL:
-        return data * _REPEAT
+        return ZERO_PAGE if data == _ZERO_WORD else data * _REPEAT
     raise ValueError(f"unknown page encoding {encoding}")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 from array import array
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -41,7 +41,6 @@ from .arena import (
 )
 
 NO_UUID: Final = bytes(16)
-_LAST_WORD: Final = PAGE_SIZE - 8
 _LOG_SHIFT: Final = 24
 _LOG_GEN: Final = (1 << _LOG_SHIFT) - 1
 
@@ -121,8 +120,8 @@ class Pool:
     """
 
     __slots__ = (
-        "charged", "exclusive", "flags", "handle", "log", "log_head", "members", "objects", "owner",
-        "persistent", "shared", "storage", "uuid",
+        "charged", "exclusive", "flags", "handle", "log", "log_append", "log_head", "members",
+        "objects", "owner", "persistent", "shared", "storage", "uuid",
     )
 
     def __init__(self, handle: int, flags: int, uuid: bytes, owner: Client) -> None:
@@ -140,6 +139,7 @@ class Pool:
         self.members: dict[str, int] = {}  # client name -> that client's id for this pool
         self.objects: dict[bytes, dict[int, int]] = {}
         self.log = array("Q")  # ephemeral only: offset << 24 | generation & 0xFFFFFF, oldest first
+        self.log_append: Callable[[int], None] = self.log.append  # bound once (hot path)
         self.log_head = 0
 
     @property
@@ -293,30 +293,29 @@ class PoolEngine:
         pool = client.pools.get(pool_id)
         if pool is None:
             raise UnknownPool(f"pool {pool_id} is not owned by {client.name}")
-        if type(page) is not bytes:
-            page = bytes(page)
-        if len(page) != PAGE_SIZE:
-            raise ValueError(f"a page is {PAGE_SIZE} bytes, not {len(page)}")
+        # A name typed bytes (not the parameter's union) lets the compiled code index it natively.
+        raw: bytes = page if type(page) is bytes else bytes(page)
+        if len(raw) != PAGE_SIZE:
+            raise ValueError(f"a page is {PAGE_SIZE} bytes, not {len(raw)}")
         persistent = pool.persistent
         (client.pers if persistent else client.eph).puts += 1
         objects = pool.objects
         pages = objects.get(oid)
         if pages is not None:
-            old = pages.pop(index, None)
+            old = pages.get(index)  # get + del: no method lookup, unlike pop(index, None)
             if old is not None:
+                del pages[index]
                 self._forget(pool, old)
                 if not pages:
                     del objects[oid]
                     pages = None
-        owner = pool.owner
-        # Encoding, inlined from compress.encode: this is the hot path.
-        if (page[0] == page[_LAST_WORD] and page[7] == page[PAGE_SIZE - 1]
-                and page[:8] == page[_LAST_WORD:] and page[8:] == page[:-8]):
-            encoding, data = compress.FILL, page[:8]
-        elif owner.settings.compress:
-            encoding, data = compress.encode(page, True, MAX_COMPRESSED)
+        word = compress.fill_word(raw)
+        if word is not None:
+            encoding, data = compress.FILL, word
+        elif pool.owner.settings.compress:
+            encoding, data = compress.pack(raw, MAX_COMPRESSED)
         else:
-            encoding, data = compress.RAW, page
+            encoding, data = compress.RAW, raw
         size_class = CLASS_FOR_LENGTH[len(data)]
         size = SLOT_SIZES[size_class]
         storage = pool.storage
@@ -347,9 +346,9 @@ class PoolEngine:
             else:
                 ref = arena.store(size_class, handle, generation, oid, index, encoding, data, 0, 0)
         except ArenaFull:
-            return self._store_fragmented(client, pool, oid, index, page)
+            return self._store_fragmented(client, pool, oid, index, raw)
         if not persistent:
-            pool.log.append((ref >> REF_SHIFT) << _LOG_SHIFT | (generation & _LOG_GEN))
+            pool.log_append((ref >> REF_SHIFT) << _LOG_SHIFT | (generation & _LOG_GEN))
             self.eph_bytes += size
         if pages is None:
             pages = objects[oid] = {}
@@ -396,9 +395,10 @@ class PoolEngine:
         if pages is None:
             return None
         if pool.exclusive:
-            ref = pages.pop(index, None)
+            ref = pages.get(index)
             if ref is None:
                 return None
+            del pages[index]
             if not pages:
                 del pool.objects[oid]
             if held is not None and pool.persistent:
@@ -444,7 +444,7 @@ class PoolEngine:
         self._generation = generation = self._generation + 1
         offset = ref >> REF_SHIFT
         self.arena.set_generation(offset, generation)
-        pool.log.append(offset << _LOG_SHIFT | (generation & _LOG_GEN))
+        pool.log_append(offset << _LOG_SHIFT | (generation & _LOG_GEN))
 
     def flush_page(self, client: Client, pool_id: int, oid: bytes, index: int) -> None:
         pool = self._pool(client, pool_id)
