@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     reserve = sub.add_parser(
         "reserve", parents=[client], help="drop ephemeral pages until the host has MiB available")
     reserve.add_argument("mib", type=_non_negative_int, metavar="MiB")
+
+    shrink = sub.add_parser(
+        "shrink", parents=[client], help="ask a guest to move PAGES persistent pages out of tmem",
+        description="Send GUEST the SHRINK_PERSISTENT notice: its preswap agent moves PAGES pages out "
+                    "of tmem (back into memory where there is room, else to its swap file).")
+    shrink.add_argument("guest", help="guest name (a domain's name or UUID)")
+    shrink.add_argument("pages", type=_non_negative_int, metavar="PAGES")
     return parser
 
 
@@ -89,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _set(path, args.guest, args.settings)
         if args.command == "reserve":
             return _reserve(path, args.mib)
+        if args.command == "shrink":
+            return _shrink(path, args.guest, args.pages)
         raise AssertionError(args.command)
     except UsageError as err:
         print(f"{PROG} {args.command}: {err}", file=sys.stderr)
@@ -179,6 +188,13 @@ def _reserve(path: str, mib: int) -> int:
     r = control.request(path, {"cmd": "reserve", "mib": mib})
     print(f"reserve {mib} MiB: freed {r['freed_bytes'] / MIB:.1f} MiB of pool memory; "
           f"host available now {r['host_available_bytes'] / MIB:.0f} MiB")
+    return 0
+
+
+def _shrink(path: str, guest: str, pages: int) -> int:
+    r = control.request(path, {"cmd": "shrink", "guest": guest, "pages": pages})
+    print(f"{r['guest']}: asked to move {r['pages']} persistent pages out of tmem "
+          f"(it holds {r['persistent_pages']} now)")
     return 0
 
 
