@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from guestagent import config as configmod
+from hostagent import statsview
 from tests.conftest import HostAgentProcess, stats_json, wait_for
 from tests.test_guest_daemon import GuestDaemon
 
@@ -120,6 +121,9 @@ def test_daemon_serves_preswap_regions_and_reports_them(host_agent: HostAgentPro
                  timeout=10, what="preswap counters in the host's report")
         values = reported()
         assert values["preswap_puts"] > 0 and "memavailable_kib" in values  # merged, not instead
+        table = statsview.format_stats(stats_json(host_agent))  # `hostagent stats` has a preswap table
+        row = next(line for line in table.split("preswap (")[1].splitlines() if line.startswith("g1"))
+        assert row.split()[1] == statsview.count(values["preswap_puts"]), table
         assert daemon.status()["preswap"]["running"]
         app.stdin.write("\n")
         app.stdin.flush()
