@@ -526,6 +526,23 @@ class Channel:
             if pool.persistent:
                 adopt = frame.pool
 
+    async def reclaim_pool(self, remote: int, flags: int) -> Pool | None:
+        """A handle on persistent pool `remote` that an earlier session of this guest made (a
+        killed agent's: persistent pools outlive their session), if the host still has it with
+        exactly these flags; None if it has not.  The caller usually destroys it."""
+        if not flags & _PERSISTENT:
+            raise ValueError("only a persistent pool outlives its session")
+        while True:
+            await self.wait_connected()
+            generation, conn = self.generation, self._conn
+            assert conn is not None
+            frame = await self._request(conn, None, wire.Op.QUERY_POOL, remote, b"")
+            if frame is None or not self._fresh(generation):
+                continue  # the connection broke meanwhile: ask the next one
+            if not self._same_pool(frame, flags):
+                return None
+            return self._adopt(Pool(self, flags, bytes(16)), remote)
+
     async def report_stats(self, values: Mapping[str, int]) -> None:
         """Send a STATS report (no reply); dropped while disconnected, it is only advisory."""
         payload = wire.stats_payload(values)

@@ -66,6 +66,7 @@ async def run_daemon(agent: GuestAgent) -> None:
                 async for signum in signals:
                     log.info("%s: stopping", signal.Signals(signum).name)
                     agent.stop()  # before the cancel: bounds the preswap releases
+                    await agent.stop_preswap()  # while the channel is up: its pool is destroyed
                     nursery.cancel_scope.cancel()
                     return
 

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 PORT_RETRY: Final = 1.0  # seconds between looks for a missing virtio-serial port
 FATAL_RETRY: Final = 5.0  # seconds before reopening a channel that gave up (e.g. version refused)
 CHECK_TIMEOUT: Final = 10.0
+STOP_PRESWAP_TIMEOUT: Final = 6.0  # the swapper's own bound (swapper.STOP_TIMEOUT) and a little more
 MIB_PAGES: Final = (1 << 20) // 4096
 _COUNTERS: Final = (
     "reports_sent",  # STATS reports handed to a connected channel
@@ -99,6 +100,8 @@ class GuestAgent:
         self._channel_open = trio.Event()
         self.precache: PrecacheFS | None = None  # the mount's file system, while mounted
         self.swapper: Swapper | None = None  # the preswap agent on the current channel, while it runs
+        self._preswap_scope: trio.CancelScope | None = None  # its task, to end it before the channel
+        self._preswap_done: trio.Event | None = None
 
     # ----------------------------------------------------------------- the program
 
@@ -149,6 +152,17 @@ class GuestAgent:
         releases then wait for a missing host agent a bounded time only."""
         if self.swapper is not None:
             self.swapper.stop()
+
+    async def stop_preswap(self) -> None:
+        """End the preswap agent while the channel is still up (call after `stop`, before cancelling
+        `run`): its regions are flushed and its pool destroyed on the host.  Cancelled together, the
+        channel's own tasks would be gone before the swapper's last requests could go out."""
+        scope, done = self._preswap_scope, self._preswap_done
+        if scope is None or done is None:
+            return
+        scope.cancel()
+        with trio.move_on_after(STOP_PRESWAP_TIMEOUT):
+            await done.wait()
 
     async def _serve_channel(self, spec: str) -> None:
         self.state, self.error = "connecting", None
@@ -233,19 +247,23 @@ class GuestAgent:
         except OSError as exc:
             raise StartupError(f"preswap: cannot open the swap file {cfg.preswap_swap_file}: {exc}") from None
         self.swapper = sw
+        done = self._preswap_done = trio.Event()
         try:
-            async with trio.open_nursery() as nursery:
-                try:
-                    await nursery.start(sw.run)
-                except OSError as exc:
-                    raise StartupError(f"preswap: cannot serve {cfg.preswap_socket}: {exc}") from None
-                log.info("preswap: serving regions on %s (swap file %s)", cfg.preswap_socket,
-                         cfg.preswap_swap_file)
-                if guest_budget is None:
-                    nursery.start_soon(partial(swappermod.follow_pressure, sw, proc_dir=self.proc_dir))
+            with trio.CancelScope() as self._preswap_scope:
+                async with trio.open_nursery() as nursery:
+                    try:
+                        await nursery.start(sw.run)
+                    except OSError as exc:
+                        raise StartupError(f"preswap: cannot serve {cfg.preswap_socket}: {exc}") from None
+                    log.info("preswap: serving regions on %s (swap file %s)", cfg.preswap_socket,
+                             cfg.preswap_swap_file)
+                    if guest_budget is None:
+                        nursery.start_soon(partial(swappermod.follow_pressure, sw, proc_dir=self.proc_dir))
         finally:
             if self.swapper is sw:
                 self.swapper = None
+            self._preswap_scope = None
+            done.set()
 
     async def _shrink(self, sw: Swapper, pages: int) -> None:
         moved = await sw.shrink(pages)

@@ -6,18 +6,26 @@ Each page holds a version; version 0 is all zeros (never written), version v > 0
 (page, version) and 4080 bytes cut from a random buffer at an offset derived from both, so no two
 versions look alike and nothing compresses.  Every operation compares the whole page with what it
 must hold, then (half the time) writes the next version.  A final pass checks every page.  Prints
-one JSON line: operations, mismatches (must be 0), seconds, and the agent's counters.
+one JSON line: operations, mismatches (must be 0), seconds, the agent's counters, and the guest's
+swap traffic meanwhile (/proc/vmstat pswpin/pswpout, this process's major faults).
+
+`--fill` writes every page once before the random operations, so the region holds its full size
+in data.  `--anonymous` runs the same pattern on plain anonymous memory instead of a region: the
+kernel's own swap is then what pages it out (the baseline; run it under a memory limit).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import random
+import resource
 import struct
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from guestagent import preswap
@@ -41,36 +49,84 @@ class Pattern:
         return _HEAD.pack(p, version) + self.noise[off : off + PAGE - _HEAD.size]
 
 
+def swap_counters(proc_dir: str = "/proc") -> dict[str, int]:
+    """The guest's pages swapped in and out so far (the kernel's swap, not preswap)."""
+    out = {"pswpin": 0, "pswpout": 0}
+    with open(f"{proc_dir}/vmstat") as f:
+        for line in f:
+            key, _, value = line.partition(" ")
+            if key in out:
+                out[key] = int(value)
+    return out
+
+
+@contextmanager
+def _anonymous(nbytes: int) -> Iterator[memoryview]:
+    mm = mmap.mmap(-1, nbytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf = memoryview(mm)
+    try:
+        yield buf
+    finally:
+        buf.release()
+        mm.close()
+
+
 def run(socket_path: str, pages: int, budget: int, ops: int, *, seed: int = 1,
         write_ratio: float = 0.5, hot_pages: float = 0.0, hot_ops: float = 0.0,
-        progress: bool = False) -> dict[str, Any]:  # fmt: skip
+        progress: bool = False, fill: bool = False, anonymous: bool = False) -> dict[str, Any]:  # fmt: skip
     """`hot_ops` of the operations go to the first `hot_pages` (a fraction) of the region."""
     pattern = Pattern(seed)
-    rng = random.Random(seed + 1)
     versions = [0] * pages
+    swap0, majflt0 = swap_counters(), resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+    started = time.perf_counter()
+    if anonymous:
+        with _anonymous(pages * PAGE) as buf:
+            out = _exercise(buf, pattern, versions, ops, seed=seed, write_ratio=write_ratio,
+                            hot_pages=hot_pages, hot_ops=hot_ops, fill=fill)  # fmt: skip
+            out["seconds"] = round(time.perf_counter() - started, 3)
+            out["agent"] = None
+    else:
+        with preswap.Region(pages * PAGE, socket_path, budget_pages=budget) as region:
+            if progress:
+                print(json.dumps({"region": region.id}), flush=True)
+            out = _exercise(region.buf, pattern, versions, ops, seed=seed, write_ratio=write_ratio,
+                            hot_pages=hot_pages, hot_ops=hot_ops, fill=fill)  # fmt: skip
+            out["seconds"] = round(time.perf_counter() - started, 3)
+            out["agent"] = preswap.stats(socket_path)["regions"][str(region.id)]
+    swap1 = swap_counters()
+    out["swap"] = {k: swap1[k] - swap0[k] for k in swap1}
+    out["majflt"] = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - majflt0
+    return out
+
+
+def _exercise(buf: memoryview, pattern: Pattern, versions: list[int], ops: int, *, seed: int,
+              write_ratio: float, hot_pages: float, hot_ops: float,
+              fill: bool) -> dict[str, Any]:  # fmt: skip
+    """The fill (if asked), the random operations, the final check of every page."""
+    rng = random.Random(seed + 1)
+    pages = len(versions)
     mismatches = 0
     started = time.perf_counter()
-    with preswap.Region(pages * PAGE, socket_path, budget_pages=budget) as region:
-        if progress:
-            print(json.dumps({"region": region.id}), flush=True)
-        buf = region.buf
-        hot = max(1, int(pages * hot_pages))
-        for _ in range(ops):
-            p = rng.randrange(hot) if rng.random() < hot_ops else rng.randrange(pages)
-            at = p * PAGE
-            if buf[at : at + PAGE] != pattern.page(p, versions[p]):
-                mismatches += 1
-            if rng.random() < write_ratio:
-                versions[p] += 1
-                buf[at : at + PAGE] = pattern.page(p, versions[p])
+    if fill:
         for p in range(pages):
-            at = p * PAGE
-            if buf[at : at + PAGE] != pattern.page(p, versions[p]):
-                mismatches += 1
-        elapsed = time.perf_counter() - started
-        agent = preswap.stats(socket_path)["regions"][str(region.id)]
-    return {"ops": ops + pages, "mismatches": mismatches, "seconds": round(elapsed, 3),
-            "agent": agent}  # fmt: skip
+            versions[p] = 1
+            buf[p * PAGE : (p + 1) * PAGE] = pattern.page(p, 1)
+    fill_seconds = time.perf_counter() - started
+    hot = max(1, int(pages * hot_pages))
+    for _ in range(ops):
+        p = rng.randrange(hot) if rng.random() < hot_ops else rng.randrange(pages)
+        at = p * PAGE
+        if buf[at : at + PAGE] != pattern.page(p, versions[p]):
+            mismatches += 1
+        if rng.random() < write_ratio:
+            versions[p] += 1
+            buf[at : at + PAGE] = pattern.page(p, versions[p])
+    for p in range(pages):
+        at = p * PAGE
+        if buf[at : at + PAGE] != pattern.page(p, versions[p]):
+            mismatches += 1
+    return {"ops": ops + pages * (2 if fill else 1), "mismatches": mismatches,
+            "fill_seconds": round(fill_seconds, 3)}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -84,10 +140,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--hot-pages", type=float, default=0.0, help="fraction of pages that are hot")
     parser.add_argument("--hot-ops", type=float, default=0.0, help="fraction of operations on them")
     parser.add_argument("--progress", action="store_true", help="print the region id once created")
+    parser.add_argument("--fill", action="store_true", help="write every page once first")
+    parser.add_argument("--anonymous", action="store_true",
+                        help="plain anonymous memory instead of a region (the kernel's swap)")
     args = parser.parse_args(argv)
     result = run(args.socket, args.pages, args.budget, args.ops, seed=args.seed,
                  write_ratio=args.write_ratio, hot_pages=args.hot_pages, hot_ops=args.hot_ops,
-                 progress=args.progress)  # fmt: skip
+                 progress=args.progress, fill=args.fill, anonymous=args.anonymous)  # fmt: skip
     print(json.dumps(result), flush=True)
     sys.exit(1 if result["mismatches"] else 0)
 

@@ -26,11 +26,16 @@ tmem or the disk holds it.
 
 Closing the region's socket (the application's exit, even by SIGKILL) releases it: its pages are
 flushed from tmem (one FLUSH_OBJECT: the region is one object) and its swap-file slots freed.
+
+The pool's id is kept in a state file beside the swap file while it exists: persistent pools
+outlive their session, so a swapper killed (or a guest rebooted) would leave its pool on the host
+for as long as the guest lives.  The next swapper destroys that pool before it makes its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import errno
 import json
@@ -92,6 +97,7 @@ REGION_COUNTERS: Final = (
 POLICIES: Final = ("clock", "fifo")  # eviction: second chance for refaulted pages, or plain FIFO
 READAHEAD: Final = 16  # most pages one sequential tmem fault brings in (1: no readahead)
 STOP_TIMEOUT: Final = 5.0  # seconds the shutdown may wait for the host agent
+STATE_SUFFIX: Final = ".pool"  # the pool's id, in a file beside the swap file
 SHRINK_BATCH: Final = 256  # pages per GET_VEC when moving pages out of tmem
 
 
@@ -219,7 +225,8 @@ class Swapper:
 
     def __init__(self, channel: Channel, socket_path: str, swap_path: str, *,
                  default_budget: int = 1024, guest_budget: int | None = None,
-                 policy: str = "clock", readahead: int = READAHEAD) -> None:  # fmt: skip
+                 policy: str = "clock", readahead: int = READAHEAD,
+                 state_path: str | None = None) -> None:  # fmt: skip
         self.readahead = max(1, readahead)
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}")
@@ -227,6 +234,7 @@ class Swapper:
         self.channel = channel
         self.socket_path = socket_path
         self.swap = SwapFile(swap_path)
+        self.state_path = state_path if state_path is not None else swap_path + STATE_SUFFIX
         self.default_budget = default_budget
         self.guest_budget = guest_budget  # resident pages for all regions together (None: no cap)
         self.pool: Pool | None = None
@@ -240,7 +248,9 @@ class Swapper:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         flags = int(wire.PoolFlag.PERSISTENT | wire.PoolFlag.EXCLUSIVE_GETS)
+        await self._destroy_predecessor(flags)
         self.pool = await self.channel.new_pool(flags)
+        _write_state(self.state_path, self.pool.remote_id)
         listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             if os.path.exists(self.socket_path):
@@ -264,6 +274,26 @@ class Swapper:
                         await pool.destroy()
                     except ChannelError as exc:
                         log.warning("cannot destroy the preswap pool: %s", exc)
+                    else:  # gone: nothing for the next swapper to clean up
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(self.state_path)
+
+    async def _destroy_predecessor(self, flags: int) -> None:
+        """Destroy the pool a previous swapper left (its state file says which), if the host still
+        has it: its regions' processes are gone, and its pages would stay until the guest goes."""
+        try:
+            with open(self.state_path) as f:
+                old = int(json.load(f)["pool"])
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring the preswap state file %s: %s", self.state_path, exc)
+        else:
+            pool = await self.channel.reclaim_pool(old, flags)
+            if pool is not None:
+                await pool.destroy()
+                log.warning("destroyed preswap pool %d, left on the host by a previous run", old)
+        os.unlink(self.state_path)
 
     async def _client(self, conn: trio.socket.SocketType) -> None:
         """One application connection; nothing it does may stop the other regions."""
@@ -703,6 +733,16 @@ class Swapper:
                     uffd.wake(ufd, region.addr + p * PAGE, PAGE)  # writers that hit the protection
                 region.room.set()
             region.room.set()
+
+
+def _write_state(path: str, pool_id: int) -> None:
+    """Record the pool's id (atomically: a crash leaves the old record or the new, never half)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"pool": pool_id}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _privileged(conn: trio.socket.SocketType) -> bool:

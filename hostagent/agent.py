@@ -20,6 +20,7 @@ from typing import Any
 
 import psutil
 
+from guestagent import wire
 from hostagent.arena import Arena, ArenaError
 from hostagent.balloon_driver import BalloonDriver
 from hostagent.channel import Guest, GuestChannel
@@ -286,7 +287,9 @@ class HostAgent:
             return self.set_guest(req)
         if cmd == "reserve":
             return self.reserve(req)
-        raise ControlError(f"unknown command {cmd!r} (known: pools, reserve, set, stats)")
+        if cmd == "shrink":
+            return self.shrink(req)
+        raise ControlError(f"unknown command {cmd!r} (known: pools, reserve, set, shrink, stats)")
 
     def _engine(self) -> PoolEngine:
         if self.engine is None:
@@ -428,6 +431,23 @@ class HostAgent:
                 "released_kib": 0 if s0 is None or s1 is None else max(0, s0[0] - s1[0]),
             }
         return out
+
+    def shrink(self, req: Mapping[str, Any]) -> dict[str, Any]:
+        """Ask a guest to move `pages` persistent pages out of tmem (a SHRINK_PERSISTENT notice);
+        the guest does it in its own time, so the reply says only that the notice went out."""
+        name = req.get("guest")
+        if isinstance(name, str) and name not in self.guests:  # a domain by its display name
+            name = next((g.name for g in self.guests.values() if g.display == name), name)
+        if not isinstance(name, str) or name not in self.guests:
+            raise ControlError(f"unknown guest {name!r}")
+        pages = _int_arg(req, "pages", 0)
+        if pages >= 1 << 64:
+            raise ControlError(f"pages: at most {(1 << 64) - 1}, got {pages}")
+        guest = self.guests[name]
+        if not guest.send_notice(wire.Notice.SHRINK_PERSISTENT, pages):
+            raise ControlError(f"guest {name} is not connected")
+        log.info("guest %s: asked to move %d persistent pages out of tmem", name, pages)
+        return {"guest": name, "pages": pages, "persistent_pages": guest.client.pers.pages}
 
 
 def _int_arg(req: Mapping[str, Any], key: str, minimum: int) -> int:

@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     reserve.add_argument("--wait", type=_positive_float, default=20.0, metavar="SECONDS",
                          help="how long to wait for balloons to deflate guests (default 20)")
     reserve.add_argument("--json", action="store_true", help="print the raw JSON result")
+
+    shrink = sub.add_parser(
+        "shrink", parents=[client], help="ask a guest to move PAGES persistent pages out of tmem",
+        description="Send GUEST the SHRINK_PERSISTENT notice: its preswap agent moves PAGES pages out "
+                    "of tmem (back into memory where there is room, else to its swap file).")
+    shrink.add_argument("guest", help="guest name (a domain's name or UUID)")
+    shrink.add_argument("pages", type=_non_negative_int, metavar="PAGES")
     return parser
 
 
@@ -98,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _set(path, args.guest, args.settings)
         if args.command == "reserve":
             return _reserve(path, args.mib, args.wait, args.json)
+        if args.command == "shrink":
+            return _shrink(path, args.guest, args.pages)
         raise AssertionError(args.command)
     except UsageError as err:
         print(f"{PROG} {args.command}: {err}", file=sys.stderr)
@@ -203,6 +212,13 @@ def _reserve(path: str, mib: int, wait: float, as_json: bool) -> int:
                   end="")
     print(f"\nhost available: {r['host_available_before_bytes'] / MIB:.0f} MiB before, "
           f"{r['host_available_bytes'] / MIB:.0f} MiB now")
+    return 0
+
+
+def _shrink(path: str, guest: str, pages: int) -> int:
+    r = control.request(path, {"cmd": "shrink", "guest": guest, "pages": pages})
+    print(f"{r['guest']}: asked to move {r['pages']} persistent pages out of tmem "
+          f"(it holds {r['persistent_pages']} now)")
     return 0
 
 

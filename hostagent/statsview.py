@@ -70,6 +70,7 @@ def format_stats(stats: Mapping[str, Any]) -> str:
     lines.extend(_memory_table(guests, name_w))
     lines.extend(_balloon_table(stats.get("balloon") or {}, guests, name_w))
     lines.extend(_precache_table(guests, name_w))
+    lines.extend(_preswap_table(guests, name_w))
     return "\n".join(lines)
 
 
@@ -126,6 +127,27 @@ def _precache_table(guests: Mapping[str, Mapping[str, Any]], name_w: int) -> lis
         return []
     head = f"{'GUEST':<{name_w}} " + " ".join(f"{h:>{_NUM}}" for h in _PC_HEAD)
     return ["", "precache (FUSE victim cache), from the guests' reports: pages, MiB read:", head, *rows]
+
+
+_PS_HEAD = ("puts", "refused", "gets", "faults", "diskW", "diskR", "inTmem", "onDisk", "inMem")
+_PS_KEYS = ("puts", "puts_refused", "gets", "faults", "disk_writes", "disk_reads", "in_tmem", "on_disk",
+            "resident")
+
+
+def _preswap_table(guests: Mapping[str, Mapping[str, Any]], name_w: int) -> list[str]:
+    """Per guest whose latest report has preswap counters (guestagent's userfaultfd regions)."""
+    rows = []
+    for name, g in sorted(guests.items()):
+        values = (g.get("report") or {}).get("values", {})
+        if "preswap_puts" not in values:
+            continue
+        cells = [count(values.get(f"preswap_{key}")) for key in _PS_KEYS]
+        rows.append(f"{name:<{name_w}} " + " ".join(f"{c:>{_NUM}}" for c in cells))
+    if not rows:
+        return []
+    head = f"{'GUEST':<{name_w}} " + " ".join(f"{h:>{_NUM}}" for h in _PS_HEAD)
+    return ["", "preswap (regions' pages: tmem, else the swapper's swap file), from the guests' reports:",
+            head, *rows]
 
 
 _MEM_HEAD = ("ACTUAL", "MAX", "COMMIT", "AVAIL", "pgpgin/s", "pgpgout/s", "pswpin/s", "pswpout/s",

@@ -9,8 +9,10 @@ tests/test_guest_daemon.py), an application using `guestagent.preswap.Region` in
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from typing import Any
 import pytest
 
 from guestagent import config as configmod
+from hostagent import statsview
 from tests.conftest import HostAgentProcess, stats_json, wait_for
 from tests.test_guest_daemon import GuestDaemon
 
@@ -118,6 +121,9 @@ def test_daemon_serves_preswap_regions_and_reports_them(host_agent: HostAgentPro
                  timeout=10, what="preswap counters in the host's report")
         values = reported()
         assert values["preswap_puts"] > 0 and "memavailable_kib" in values  # merged, not instead
+        table = statsview.format_stats(stats_json(host_agent))  # `hostagent stats` has a preswap table
+        row = next(line for line in table.split("preswap (")[1].splitlines() if line.startswith("g1"))
+        assert row.split()[1] == statsview.count(values["preswap_puts"]), table
         assert daemon.status()["preswap"]["running"]
         app.stdin.write("\n")
         app.stdin.flush()
@@ -134,3 +140,136 @@ def test_daemon_serves_preswap_regions_and_reports_them(host_agent: HostAgentPro
     assert local["released"] == 1 and local["regions"] == {} and local["swap_slots_used"] == 0
     assert daemon.stop() == 0
     assert "preswap: serving regions" in daemon.log()
+
+
+def preswap_request(sock: Path, req: dict[str, Any]) -> dict[str, Any]:
+    """One request on the swapper's socket (as root or the agent's user: budget, shrink)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(sock))
+        s.sendall((json.dumps(req) + "\n").encode())
+        buf = b""
+        while b"\n" not in buf:
+            data = s.recv(65536)
+            assert data, "the swapper closed the socket"
+            buf += data
+    reply: dict[str, Any] = json.loads(buf.split(b"\n", 1)[0])
+    assert reply["ok"], reply
+    return reply
+
+
+def start_app(sock: Path) -> subprocess.Popen[str]:
+    """APP on a region of REGION_PAGES, once it has written and verified every page."""
+    app = subprocess.Popen([sys.executable, "-c", APP, str(sock), str(REGION_PAGES)], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert app.stdout is not None
+    assert app.stdout.readline() == f"verified {REGION_PAGES} bad 0\n"
+    return app
+
+
+def host_g1(agent: HostAgentProcess) -> dict[str, Any]:
+    g: dict[str, Any] = stats_json(agent)["guests"]["g1"]
+    return g
+
+
+def g1_pools(agent: HostAgentProcess) -> list[dict[str, Any]]:
+    return [p for p in agent.request("pools") if p["owner"] == "g1"]
+
+
+def test_host_shrink_notice_moves_pages_out_of_tmem(host_agent: HostAgentProcess, daemon: GuestDaemon,
+                                                    tmp_path: Path) -> None:
+    """`hostagent shrink g1 N`: the daemon hands the notice to its swapper, which moves N pages out
+    of tmem, into the region while its budget has room and to the swap file after that."""
+    with daemon.config.open("a") as f:
+        f.write("guest_budget_mib = 64\n")  # a fixed guest budget: the test moves it, not MemAvailable
+    daemon.start()
+    sock = tmp_path / "preswap.sock"
+    wait_for(lambda: daemon_preswap(daemon)["running"] and sock.exists(), timeout=10, what="the swapper")
+    app = start_app(sock)
+    try:
+        # squeeze the region to 64 resident pages, then give it its 256 back: room for ~200 pages
+        preswap_request(sock, {"cmd": "budget", "pages": 64})
+        wait_for(lambda: daemon_preswap(daemon)["resident"] <= 64, timeout=10, what="the region to shrink")
+        preswap_request(sock, {"cmd": "budget", "pages": None})
+        (region,) = daemon_preswap(daemon)["regions"].values()
+        room = region["limit"] - region["resident"]
+        assert region["limit"] == BUDGET_PAGES and room >= 150, region
+        before = host_g1(host_agent)["persistent"]["pages"]
+        assert before == region["in_tmem"] and before >= 2 * room, (before, region)
+        n = room + 100
+        res = host_agent.cli("shrink", "g1", str(n))
+        assert res.returncode == 0, res.stderr
+        assert f"g1: asked to move {n} persistent pages out of tmem (it holds {before} now)" in res.stdout
+        wait_for(lambda: daemon.request("stats")["shrinks"] == 1, timeout=20, what="the daemon to act on it")
+        stats = daemon.request("stats")
+        assert stats["shrunk_pages"] == n and stats["notices"] == 1
+        wait_for(lambda: host_g1(host_agent)["persistent"]["pages"] == before - n, timeout=10,
+                 what=f"the host's persistent pages to drop by {n}")
+        (region,) = daemon_preswap(daemon)["regions"].values()
+        assert region["shrunk_to_memory"] == room and region["shrunk_to_disk"] == 100, region
+        assert region["on_disk"] == 100 and region["in_tmem"] == before - n and region["lost"] == 0
+        assert region["resident"] == BUDGET_PAGES
+        assert app.stdin is not None and app.stdout is not None
+        app.stdin.write("\n")
+        app.stdin.flush()
+        assert app.stdout.readline() == f"verified {REGION_PAGES} bad 0\n"  # every page, wherever it was
+        assert app.wait(30) == 0
+    finally:
+        if app.poll() is None:
+            app.kill()
+            app.wait()
+    assert "host notice: move" in daemon.log()
+    assert "asked to move" in host_agent.log()
+    # a shrink for a guest that is not there is an error, and says so
+    res = host_agent.cli("shrink", "g3", "10")
+    assert res.returncode == 1 and "not connected" in res.stderr
+    res = host_agent.cli("shrink", "nobody", "10")
+    assert res.returncode == 1 and "unknown guest" in res.stderr
+    assert daemon.stop() == 0
+
+
+def test_a_killed_daemons_pool_is_destroyed_by_the_next(host_agent: HostAgentProcess, daemon: GuestDaemon,
+                                                        tmp_path: Path) -> None:
+    """Persistent pools outlive their session: a daemon SIGKILLed with pages in tmem leaves its pool on
+    the host, and its restarted swapper destroys it (the state file beside the swap file names it)."""
+    daemon.start()
+    sock = tmp_path / "preswap.sock"
+    state = tmp_path / "preswap.swap.pool"
+    wait_for(lambda: daemon_preswap(daemon)["running"] and sock.exists(), timeout=10, what="the swapper")
+    app = start_app(sock)
+    (old,) = g1_pools(host_agent)
+    assert "persistent" in old["kind"] and old["exclusive_gets"], old
+    assert old["pages"] >= REGION_PAGES - BUDGET_PAGES - 64
+    assert json.loads(state.read_text())["pool"] >= 1
+    assert daemon.proc is not None
+    daemon.proc.kill()  # no chance to flush or destroy anything
+    daemon.proc.wait(10)
+    app.kill()
+    app.wait()
+    time.sleep(0.5)
+    (left,) = g1_pools(host_agent)
+    assert left["handle"] == old["handle"] and left["pages"] == old["pages"]  # the leak this fixes
+
+    daemon.start()
+    wait_for(lambda: daemon_preswap(daemon)["running"], timeout=10, what="the restarted swapper")
+    (new,) = g1_pools(host_agent)  # the old pool is gone, only the new one is there
+    assert new["handle"] != old["handle"] and new["pages"] == 0
+    assert host_g1(host_agent)["persistent"]["pages"] == 0
+    assert "destroyed preswap pool" in daemon.log()
+
+    app = start_app(sock)  # the new pool serves as before
+    try:
+        held = daemon_preswap(daemon)["totals"]
+        in_tmem = sum(r["in_tmem"] for r in daemon_preswap(daemon)["regions"].values())
+        assert held["puts"] > 0 and host_g1(host_agent)["persistent"]["pages"] == in_tmem
+        assert app.stdin is not None
+        app.stdin.write("\n")
+        app.stdin.flush()
+        assert app.wait(30) == 0
+    finally:
+        if app.poll() is None:
+            app.kill()
+            app.wait()
+    wait_for(lambda: host_g1(host_agent)["persistent"]["pages"] == 0, timeout=10, what="the region flushed")
+    assert daemon.stop() == 0
+    assert g1_pools(host_agent) == [] and not state.exists()  # a clean stop destroys it and forgets it

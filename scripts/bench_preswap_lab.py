@@ -1,0 +1,148 @@
+"""Preswap benchmark in the lab: one region workload in a guest, with preswap against the kernel's own
+swap on the guest's disk, in one run.
+
+Prints ONE JSON object.  Runs its own one-guest lab (`scripts/lab down` first and at the end); the
+guest's disk may be `<iotune>`-limited (`--read-iops`, `--write-iops`; 0 = no limit).  The workload is
+`guestagent.preswap_workload --fill`: `--pages` pages written once, `--ops` random reads and writes
+(half writes), then every page checked; the same seed, so the same accesses, in both cases:
+
+- kernel swap: the pattern on plain anonymous memory (`--anonymous`) in a systemd scope with
+  `MemoryMax` = the process's own memory (measured first) + the budget + a little slack, so the
+  kernel swaps the rest to /swapfile on the guest's disk;
+- preswap: the pattern on a preswap region with a resident budget of `--budget-mib`, served by the
+  guest daemon (`[preswap]`) over the virtio-serial port to the host agent, in the same scope.
+
+Figures per case: seconds (fill, and random + check), major faults (kernel) or tmem faults and gets
+(preswap), the guest's pswpin/pswpout, disk requests (/sys/block/vda/stat).  `speedup` = seconds with
+kernel swap / seconds with preswap (> 1: preswap is faster).  Under TCG every guest instruction is
+emulated, the preswap agent is Python and the kernel's swap path is not, so the comparison is skewed
+towards the kernel; under KVM guest code runs at native speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import lab
+
+GUEST = "tmem-1"
+GUESTAGENT = "/usr/local/bin/guestagent"
+WORKLOAD = ["env", "PYTHONPATH=/opt/tmem", "python3", "-m", "guestagent.preswap_workload"]
+SLACK_MIB = 4  # above the process's own memory and the budget: page tables, the kernel's bits
+
+# the workload's own memory before its buffer: the interpreter, the pattern's noise, the versions list
+OVERHEAD = r"""
+import sys
+sys.path.insert(0, "/opt/tmem")
+from guestagent import preswap, preswap_workload as w
+pattern, versions = w.Pattern(1), [0] * int(sys.argv[1])
+with open("/proc/self/status") as f:
+    print(next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")))
+"""
+
+
+def run(*argv: str, timeout: float = 600, stdin: bytes | None = None) -> str:
+    dom = lab.connect().lookupByName(GUEST)
+    rc, out, err = lab.guest_exec(dom, list(argv), timeout=timeout, stdin=stdin)
+    if rc != 0:
+        raise SystemExit(f"bench preswap_lab: {' '.join(argv)} exited {rc}: {out}{err}")
+    return out
+
+
+def disk_requests() -> tuple[int, int]:
+    fields = run("cat", "/sys/block/vda/stat").split()
+    return int(fields[0]), int(fields[4])  # reads, writes completed
+
+
+def wait_preswap(timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        dom = lab.connect().lookupByName(GUEST)
+        rc, out, _ = lab.guest_exec(dom, [GUESTAGENT, "stats"], timeout=30)
+        if rc == 0 and (json.loads(out).get("preswap") or {}).get("running"):
+            return
+        if time.monotonic() > deadline:
+            raise SystemExit("bench preswap_lab: the guest's preswap agent did not come up")
+        time.sleep(1)
+
+
+def case(limit_kib: int, argv: list[str]) -> dict[str, Any]:
+    """One workload run in a memory-limited scope, with the disk requests it caused."""
+    run("sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches")
+    reads0, writes0 = disk_requests()
+    out = run("systemd-run", "--scope", "--quiet", "-p", f"MemoryMax={limit_kib}K",
+              "-p", "MemorySwapMax=infinity", *WORKLOAD, *argv, timeout=7200)  # fmt: skip
+    reads1, writes1 = disk_requests()
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    if result["mismatches"]:
+        raise SystemExit(f"bench preswap_lab: {result['mismatches']} pages did not verify: {result}")
+    result["random_seconds"] = round(result["seconds"] - result["fill_seconds"], 3)
+    result["disk_reads"], result["disk_writes"] = reads1 - reads0, writes1 - writes0
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--memory-mib", type=int, default=512, help="the guest's memory")
+    ap.add_argument("--pages", type=int, default=16384, help="the region (default 64 MiB)")
+    ap.add_argument("--budget-mib", type=int, default=16, help="resident memory for the region's data")
+    ap.add_argument("--ops", type=int, default=20000, help="random reads and writes after the fill")
+    ap.add_argument("--read-iops", type=int, default=200, help="the guest disk's read_iops_sec (0: none)")
+    ap.add_argument("--write-iops", type=int, default=200, help="the guest disk's write_iops_sec (0: none)")
+    args = ap.parse_args()
+    budget = args.budget_mib * 256
+    spec = lab.Lab((lab.GuestSpec(name=GUEST, memory_mib=args.memory_mib, max_memory_mib=args.memory_mib,
+                                  read_iops_sec=args.read_iops or None,
+                                  write_iops_sec=args.write_iops or None),), {})  # fmt: skip
+    common = ["--pages", str(args.pages), "--budget", str(budget), "--ops", str(args.ops), "--fill"]
+    lab.down()
+    try:
+        lab.up(spec)
+        run("mkdir", "-p", "/etc/tmem", "/var/lib/tmem")
+        run("sh", "-c", "cat > /etc/tmem/guestagent.toml", stdin=b"[preswap]\nenabled = true\n")
+        run("systemctl", "restart", "tmem-guestagent")
+        wait_preswap()
+        overhead_kib = int(run("python3", "-", str(args.pages), stdin=OVERHEAD.encode()))
+        limit_kib = overhead_kib + (args.budget_mib + SLACK_MIB) * 1024
+        kernel = case(limit_kib, [*common, "--anonymous"])
+        print(f"[bench] kernel swap: {json.dumps(kernel)}", file=sys.stderr)
+        preswap = case(limit_kib, common)
+        print(f"[bench] preswap: {json.dumps(preswap)}", file=sys.stderr)
+        host = next(g for g in lab.stats()["guests"].values() if g.get("name") == GUEST)["persistent"]
+        virt = lab.stats().get("agent", {})
+    finally:
+        lab.down()
+    agent = preswap.pop("agent")
+    kernel.pop("agent")
+    result = {
+        "guest": {"memory_mib": args.memory_mib, "read_iops_sec": args.read_iops or None,
+                  "write_iops_sec": args.write_iops or None, "region_mib": args.pages * 4 >> 10,
+                  "budget_mib": args.budget_mib, "scope_memory_max_kib": limit_kib,
+                  "process_overhead_kib": overhead_kib, "ops": args.ops},
+        "kernel_swap": {**kernel, "faults": kernel["majflt"]},
+        "preswap": {**preswap, "faults": agent["tmem_faults"] + agent["disk_faults"],
+                    "zero_faults": agent["zero_faults"], "readahead_pages": agent["readahead"],
+                    "puts": agent["puts"], "gets": agent["gets"], "puts_refused": agent["puts_refused"],
+                    "host_persistent_puts": host["puts"], "host_persistent_gets": host["gets"]},
+        "host_agent_cpu_seconds": virt.get("cpu_seconds"),
+        "speedup": round(kernel["seconds"] / max(preswap["seconds"], 1e-9), 2),
+        "speedup_random_phase": round(kernel["random_seconds"] / max(preswap["random_seconds"], 1e-9), 2),
+        "targets_met": {
+            "preswap_no_guest_swap_traffic": preswap["swap"] == {"pswpin": 0, "pswpout": 0},
+            "kernel_case_swapped": kernel["swap"]["pswpout"] > 0,
+            "preswap_beats_kernel_swap": kernel["seconds"] > preswap["seconds"],
+        },
+    }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
