@@ -331,3 +331,30 @@ def test_fixed_size_guest_keeps_its_size_and_what_reserve_took() -> None:
     run.available = PLENTY
     run.steps(3)
     assert g.actual == 724 * MIB
+
+
+def test_stats_table_shows_goal_target_actual_floor_and_last_action() -> None:
+    from hostagent import statsview
+
+    g = Guest(actual_mib=1024, committed_mib=300)
+    run = Run({"g": g})
+    run.steps(3)
+    st_ = run.ctl.guests["g"]
+    figures = {
+        "enabled": True, "state": st_.state, "goal_kib": st_.goal_kib, "target_kib": st_.target_kib,
+        "actual_kib": g.actual, "floor_kib": st_.floor_kib, "max_kib": g.max,
+        "given_back_kib": st_.given_back_kib, "returned_kib": 0,
+        "last": {"action": "shrink", "from_kib": 900 * MIB, "to_kib": g.actual,
+                 "reason": st_.last.reason if st_.last else ""},
+    }
+    text = statsview.format_stats({
+        "guests": {"u": {"name": "tmem-1", "balloon": figures}},
+        "balloon": {"enabled": True, "interval": 5, "pressure": False,
+                    "host_available_kib": 8 << 20, "host_min_available_kib": 1 << 20},
+    })
+    lines = text.splitlines()
+    table = lines[next(i for i, x in enumerate(lines) if x.startswith("balloon (MiB)")):]
+    row = next(line for line in table if line.startswith("tmem-1"))
+    mib = [f"{kib / MIB:.0f}" for kib in (g.actual, g.actual, st_.given_back_kib)]
+    assert row.split()[1:7] == ["364", mib[0], mib[1], "232", "1024", mib[2]]
+    assert "last shrink 900->" in row and "Committed_AS" in row
