@@ -94,7 +94,7 @@ class GuestState:
     """What the controller remembers about one guest between intervals."""
 
     params: Params
-    boot_kib: int | None = None  # actual when first seen: what "given back" is measured from
+    boot_kib: int | None = None  # actual at the first look with stats: "given back" starts there
     target_kib: int | None = None  # the last target set (None: never set)
     goal_kib: int | None = None
     floor_kib: int | None = None
@@ -234,8 +234,6 @@ class Controller:
             if st is None:
                 continue
             p = st.params
-            if st.boot_kib is None and o.actual_kib is not None:
-                st.boot_kib = o.actual_kib
             st.floor_kib = floor_kib(p, o.max_kib)
             if o.committed_kib is not None:
                 st.goal_kib = max(st.floor_kib, min(goal_kib(p, o.committed_kib), o.max_kib))
@@ -252,6 +250,8 @@ class Controller:
                 st.state = f"stale stats ({o.report_age:.0f} s)"
                 continue
             assert st.goal_kib is not None
+            if st.boot_kib is None:  # first look with stats: the guest has booted (before that,
+                st.boot_kib = o.actual_kib  # QEMU may still report max memory as `actual`)
             cur = st.target_kib if st.target_kib is not None else o.actual_kib
             current[name] = cur
             active.append(name)

@@ -95,7 +95,7 @@ def oom_kills(name: str) -> int:
 def test_idle_guest_is_shrunk_toward_its_goal(running: dict[str, Any]) -> None:
     wait_for(lambda: balloon("tmem-1")["boot_kib"] is not None, 60, "the controller to see tmem-1")
     boot = balloon("tmem-1")["boot_kib"] // MIB
-    assert boot == 768, "the controller's first look is the domain's boot size"
+    assert boot == 768, "the first look with stats sees the domain's boot size"
 
     def near_goal() -> bool:
         b = balloon("tmem-1")
