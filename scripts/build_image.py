@@ -2,8 +2,11 @@
 
 The image is a whole-disk ext4 file system (no partition table, so the domain boots the kernel and
 initramfs extracted next to it: ``root=/dev/vda rw console=ttyS0``) holding systemd, udev, python3
-with pyfuse3/trio/lz4/psutil, fuse3, qemu-guest-agent, a 256 MiB swap file, and the project's
-``guestagent`` package under /opt/tmem with its systemd unit, ``tmem-guestagent.service``.
+with pyfuse3/trio/lz4/psutil, fuse3, qemu-guest-agent, a 256 MiB swap file, the project's
+``guestagent`` package under /opt/tmem with its systemd unit, ``tmem-guestagent.service``, and its
+default configuration (a precache mount, preswap on); and, for the demo's workload, gcc, make and
+libc6-dev with a real C project (zlib, from its Debian source package) configured in the precache
+mount's backing directory.
 
 It is built without loop mounts: mmdebstrap populates a directory, ``mke2fs -d`` makes the file
 system from it, ``qemu-img convert`` makes the qcow2 that every guest's overlay stands on. The
@@ -65,7 +68,20 @@ PACKAGES = (
     "python3-psutil",
     "fuse3",
     "qemu-guest-agent",
+    # the demo's workload builds a real C project in the guest
+    "gcc",
+    "make",
+    "libc6-dev",
 )
+# The C project the demo builds (scripts/demo): its Debian source package, fetched at bootstrap with
+# `apt-get source --download-only` from deb.debian.org (no other network is needed), unpacked from
+# the upstream tarball into the precache mount's backing directory and configured at build time.
+DEMO_SOURCE_PACKAGE = "zlib"
+DEMO_PROJECT_DIR = "/srv/precache/zlib"
+# -O0, not zlib's -O3: under TCG, with three guests on two cores, a build of the library and its test
+# programs then takes a minute or two, not several.
+DEMO_CFLAGS = "-O0"
+SOURCE_DIR = "/usr/src/tmem-demo"  # the source package as downloaded (.dsc, upstream and debian tarballs)
 # Recommends are off (mmdebstrap's default); docs, man pages and translations are not unpacked.
 MMDEBSTRAP_OPTIONS = (
     "--mode=root",
@@ -88,6 +104,8 @@ MANIFEST_PACKAGES = (
     "python3-psutil",
     "fuse3",
     "qemu-guest-agent",
+    "gcc",
+    "make",
 )
 # Drivers the guest cannot boot without: built in (=y) or in the initramfs.
 BOOT_DRIVERS = ("virtio_pci", "virtio_blk", "ext4")
@@ -98,6 +116,25 @@ BLOCK_SIZE = 4096
 HOSTNAME = "tmem-guest"
 GUEST_CMDLINE = "root=/dev/vda rw console=ttyS0"
 INSTALL_DIR = "/opt/tmem"
+
+# The guest agent's default configuration: a `scripts/lab up` guest serves a precache mount and preswap
+# with no further steps. The shim's cache is the guest's own copy of the mount's pages (it also
+# shrinks with MemAvailable): 8 MiB keeps a 512 MiB guest lean and leaves the rest to tmem.
+GUEST_CONFIG_PATH = "/etc/tmem/guestagent.toml"
+PRECACHE_BACKING = "/srv/precache"
+PRECACHE_MOUNTPOINT = "/mnt/precache"
+PRECACHE_CACHE_PAGES = 2048
+GUEST_CONFIG = f"""\
+# The lab image's default (scripts/build_image.py); keys: /opt/tmem/guestagent/guestagent.example.toml
+[[precache]]
+backing = "{PRECACHE_BACKING}"
+mountpoint = "{PRECACHE_MOUNTPOINT}"
+cache_pages = {PRECACHE_CACHE_PAGES}
+
+[preswap]
+enabled = true
+"""
+PRESWAP_DIR = "/var/lib/tmem"  # the [preswap] swap file's directory (it must exist)
 
 FSTAB = """\
 # <file system> <mount point> <type> <options> <dump> <pass>
@@ -165,8 +202,9 @@ def guest_code() -> dict[str, bytes]:
 
 
 def bootstrap_recipe() -> list[str]:
-    """What the Debian root is made from: the suite, the packages and the mmdebstrap options."""
-    return [SUITE, *PACKAGES, *MMDEBSTRAP_OPTIONS]
+    """What the Debian root is made from: the suite, the packages, the mmdebstrap options and the
+    demo's source package."""
+    return [SUITE, *PACKAGES, *MMDEBSTRAP_OPTIONS, f"source:{DEMO_SOURCE_PACKAGE}"]
 
 
 def system_hash(mirror: str = DEFAULT_MIRROR, security_mirror: str = DEFAULT_SECURITY_MIRROR) -> str:
@@ -190,6 +228,7 @@ def sources(mirror: str, security_mirror: str) -> list[str]:
         f"deb {mirror} {SUITE} main",
         f"deb {mirror} {SUITE}-updates main",
         f"deb {security_mirror} {SUITE}-security main",
+        f"deb-src {mirror} {SUITE} main",  # for the demo's source package only
     ]
 
 
@@ -376,6 +415,8 @@ class Build:
             '--setup-hook=mkdir -p "$1"/var/cache/apt/archives/',
             f"--setup-hook=sync-in {shlex.quote(str(debs))} /var/cache/apt/archives/",
             f"--customize-hook=sync-out /var/cache/apt/archives {shlex.quote(str(debs))}",
+            f'--customize-hook=mkdir -p "$1"{SOURCE_DIR} && chroot "$1" sh -c '
+            f"'cd {SOURCE_DIR} && apt-get source --download-only {DEMO_SOURCE_PACKAGE}'",
             SUITE,
             str(self.rootfs),
             *sources(self.mirror, self.security_mirror),
@@ -436,6 +477,16 @@ class Build:
             raise RuntimeError("qemu-guest-agent's udev rule is missing: nothing would start it")
         self.chroot("systemctl", "mask", *MASKED_UNITS)
 
+        # Its default configuration, checked by the guest agent's own parser, and what it needs.
+        for d in (PRECACHE_BACKING, PRECACHE_MOUNTPOINT, PRESWAP_DIR):
+            (r / d.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        config = r / GUEST_CONFIG_PATH.lstrip("/")
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(GUEST_CONFIG)
+        self.chroot("env", f"PYTHONPATH={INSTALL_DIR}", "python3", "-c",
+                    f"from guestagent import config; print(config.load({GUEST_CONFIG_PATH!r}))")
+        self.demo_project()
+
         # The swap file: mkswap'd here; mke2fs -d stores its zero blocks as holes, which swapon
         # refuses, so the make_filesystem step fallocates them afterwards.
         swap = r / "swapfile"
@@ -447,6 +498,23 @@ class Build:
         # Nothing left over from the build that the guest does not need.
         for leftover in (r / "var/cache/apt/archives").glob("*.deb"):
             leftover.unlink()
+
+    def demo_project(self) -> None:
+        """The demo's C project: the upstream tarball of the source package, unpacked in the precache
+        backing directory and configured (a static library build), so a guest only runs make."""
+        r = self.rootfs
+        tarballs = sorted((r / SOURCE_DIR.lstrip("/")).glob(f"{DEMO_SOURCE_PACKAGE}_*.orig.tar.*"))
+        if len(tarballs) != 1:
+            raise RuntimeError(f"expected one upstream tarball of {DEMO_SOURCE_PACKAGE} in {SOURCE_DIR}, "
+                               f"found {[t.name for t in tarballs]}")
+        project = r / DEMO_PROJECT_DIR.lstrip("/")
+        if project.exists():
+            shutil.rmtree(project)
+        project.mkdir(parents=True)
+        self.run(["tar", "-C", str(project), "--strip-components=1", "--no-same-owner", "-xf",
+                  str(tarballs[0])])
+        self.chroot("sh", "-c", f"cd {DEMO_PROJECT_DIR} && CFLAGS={DEMO_CFLAGS} ./configure --static")
+        self.note(f"{DEMO_PROJECT_DIR}: {tarballs[0].name}, configured")
 
     def kernel_version(self) -> str:
         kernels = sorted((self.rootfs / "boot").glob("vmlinuz-*"))
@@ -529,6 +597,12 @@ class Build:
             "base_virtual_size_mib": info["virtual-size"] >> 20,
             "base_file_bytes": (self.out / "base.qcow2").stat().st_size,
             "swap_mib": SWAP_MIB,
+            "guest_config": {"path": GUEST_CONFIG_PATH, "precache": PRECACHE_MOUNTPOINT,
+                             "backing": PRECACHE_BACKING, "cache_pages": PRECACHE_CACHE_PAGES,
+                             "preswap": True},
+            "demo_project": {"source_package": DEMO_SOURCE_PACKAGE, "dir": DEMO_PROJECT_DIR,
+                             "tarball": ", ".join(t.name for t in sorted(
+                                 (self.rootfs / SOURCE_DIR.lstrip("/")).glob("*.orig.tar.*")))},
             "guestagent": {
                 "install_dir": INSTALL_DIR,
                 "wrapper": "/usr/local/bin/guestagent",
@@ -572,7 +646,8 @@ def build(
             first = (f"unpack the cached Debian root ({b.root_tarball.name})", b.unpack_root)
         steps: list[tuple[str, Callable[[], None]]] = [
             first,
-            ("configure the guest (guest agent, units, fstab, swap file)", b.configure),
+            ("configure the guest (guest agent and its config, units, fstab, swap file, demo project)",
+             b.configure),
             ("check the initramfs has the virtio drivers", b.check_initramfs),
             ("extract the kernel and initramfs", b.extract_kernel),
             ("make the ext4 file system (mke2fs -d)", b.make_filesystem),
