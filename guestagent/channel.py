@@ -73,6 +73,10 @@ _HOST_ERROR_STRIKES: Final = 3  # re-sends of one request into host ERRORs befor
 _NOWAIT_QUEUE_LIMIT: Final = 4096  # queued parts above which put_nowait degrades to a flush
 _NOTICE_BUFFER: Final = 64
 _IOV_MAX: Final = 1024  # buffers per writev (Linux UIO_MAXIOV)
+# virtio_console has no write_iter: a writev is one write, one virtqueue buffer and one kick to
+# QEMU per buffer, and a write takes at most 32 KiB.  On a port, queued parts are joined into
+# writes of up to this size instead.
+_PORT_WRITE: Final = 32 << 10
 # A lone request's caller polls for its reply at most this long before parking as usual; once
 # such polls have held the event loop for _SYNC_SLICE in all, the next request parks (a
 # scheduler pass that serves other tasks' I/O).
@@ -294,11 +298,13 @@ class _Conn:
     """State of one transport connection; a reconnect gets a fresh one."""
 
     __slots__ = (
-        "budget", "buf", "error", "fd", "frames_in", "outq", "poller", "scope", "view", "woken", "writer",
+        "budget", "buf", "error", "fd", "frames_in", "join", "outq", "poller", "scope", "view", "woken",
+        "writer",
     )  # fmt: skip
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, join: bool) -> None:
         self.fd = fd
+        self.join = join  # a virtio port: join a request's parts into one write (see _PORT_WRITE)
         # Receive state, shared by the reader task and a caller reading its own reply
         self.frames_in = wire.FrameReader(wire.Role.GUEST, _READ_MAX_PAYLOAD, _READ_MAX_VECTOR)
         self.buf = bytearray(_RECV_SIZE)
@@ -631,7 +637,10 @@ class Channel:
         a burst, and one write for all of it beats waking the host for the first alone.
         """
         try:
-            n = os.writev(conn.fd, (head, body) if body else (head,))
+            if not body:
+                n = os.write(conn.fd, head)
+            else:
+                n = os.writev(conn.fd, (head + body,) if conn.join else (head, body))
         except BlockingIOError:
             n = 0
         except OSError as exc:
@@ -932,11 +941,14 @@ class Channel:
         """Send everything queued since the last wakeup with one writev (and its tail, if the
         kernel took only part of it).
 
-        writev rather than join+write: pages go from the callers' bytes straight to the
-        kernel, and no batch-sized buffer (often above malloc's mmap threshold) is built.
+        writev rather than join+write on a socket: pages go from the callers' bytes straight
+        to the kernel, and no batch-sized buffer (often above malloc's mmap threshold) is
+        built.  On a virtio port, whose writev costs a round to QEMU per buffer, the parts are
+        joined into writes of at most _PORT_WRITE bytes.
         """
         q = conn.outq
         fd = conn.fd
+        join = conn.join
         writev = os.writev
         wait_writable = trio.lowlevel.wait_writable
 
@@ -950,8 +962,20 @@ class Channel:
                     conn.writer = current_task()
                     await wait_task_rescheduled(abort)
                     continue
-                parts: list[bytes | memoryview] = q[:_IOV_MAX]
-                del q[: len(parts)]
+                if join:
+                    size = count = 0
+                    for part in q:
+                        if count and size + len(part) > _PORT_WRITE:
+                            break
+                        size += len(part)
+                        count += 1
+                    parts: list[bytes | memoryview] = q[:count]
+                    del q[:count]
+                    if count > 1:
+                        parts = [b"".join(parts)]
+                else:
+                    parts = q[:_IOV_MAX]
+                    del q[: len(parts)]
                 while True:
                     try:
                         n = writev(fd, parts)
@@ -1030,7 +1054,7 @@ class Channel:
 
     async def _session(self, fd: int, on_ready: Callable[[], None]) -> BaseException:
         """Serve one connection until it breaks; returns why it ended."""
-        conn = _Conn(fd)
+        conn = _Conn(fd, join=self.transport == "virtio")
         self._conn = conn
         try:
             with conn.scope:
