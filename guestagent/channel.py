@@ -73,6 +73,10 @@ _HOST_ERROR_STRIKES: Final = 3  # re-sends of one request into host ERRORs befor
 _NOWAIT_QUEUE_LIMIT: Final = 4096  # queued parts above which put_nowait degrades to a flush
 _NOTICE_BUFFER: Final = 64
 _IOV_MAX: Final = 1024  # buffers per writev (Linux UIO_MAXIOV)
+# virtio_console has no write_iter: a writev is one write, one virtqueue buffer and one kick to
+# QEMU per buffer, and a write takes at most 32 KiB.  On a port, queued parts are joined into
+# writes of up to this size instead.
+_PORT_WRITE: Final = 32 << 10
 # A lone request's caller polls for its reply at most this long before parking as usual; once
 # such polls have held the event loop for _SYNC_SLICE in all, the next request parks (a
 # scheduler pass that serves other tasks' I/O).
@@ -95,6 +99,9 @@ _FLUSH_PAGE: Final = int(wire.Op.FLUSH_PAGE)
 _FLUSH_OBJECT: Final = int(wire.Op.FLUSH_OBJECT)
 _PERSISTENT: Final = int(wire.PoolFlag.PERSISTENT)
 _pack_header = wire.HEADER.pack
+_HEADER_SIZE: Final = wire.HEADER_SIZE
+_unpack_length = struct.Struct("<I").unpack_from  # a header's payload length, its last field
+_LENGTH_AT: Final = _HEADER_SIZE - 4
 
 
 class ChannelError(Exception):
@@ -163,6 +170,43 @@ async def _open_transport(kind: str, path: str) -> int:
         os.close(fd)
         raise ConnectionRefusedError(f"the host side of {path} is not connected")
     return fd
+
+
+def _hold_budget() -> Callable[[], float]:
+    """How long a caller may hold trio's event loop in `_await_sync`: 0 while another task or a
+    run_sync_soon callback waits, else up to _SYNC_WAIT, within the next cancel deadline.
+
+    It reads trio's run queue, entry queue and deadline heap directly (the same fields in
+    trio 0.22, which the guest image ships, and today's): current_statistics() builds two
+    objects and asks the I/O backend for its figures on every call, which under emulation
+    costs as much as a tenth of the round trip it is meant to shorten.  A trio without
+    those fields gets current_statistics() instead.
+    """
+    try:
+        from trio._core._run import GLOBAL_RUN_CONTEXT
+
+        runner = GLOBAL_RUN_CONTEXT.runner
+        entry_size = runner.entry_queue.size
+        next_deadline = runner.deadlines.next_deadline
+        now = runner.clock.current_time
+        _ = (len(runner.runq), entry_size(), next_deadline(), now())  # the shape we rely on
+    except (ImportError, AttributeError, TypeError):  # pragma: no cover - another trio
+
+        def public() -> float:
+            stats = current_statistics()
+            if stats.tasks_runnable or stats.run_sync_soon_queue_size:
+                return 0.0
+            return min(_SYNC_WAIT, stats.seconds_to_next_deadline)
+
+        return public
+
+    def budget() -> float:
+        if runner.runq or entry_size():
+            return 0.0
+        deadline = next_deadline()
+        return _SYNC_WAIT if deadline == math.inf else min(_SYNC_WAIT, deadline - now())
+
+    return budget
 
 
 def _close_fd(fd: int) -> None:
@@ -253,16 +297,21 @@ def _complete(req: _Req, frame: wire.Frame | None, error: ChannelError | None = 
 class _Conn:
     """State of one transport connection; a reconnect gets a fresh one."""
 
-    __slots__ = ("buf", "error", "fd", "frames_in", "outq", "poller", "scope", "view", "woken", "writer")
+    __slots__ = (
+        "budget", "buf", "error", "fd", "frames_in", "join", "outq", "poller", "scope", "view", "woken",
+        "writer",
+    )  # fmt: skip
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, join: bool) -> None:
         self.fd = fd
+        self.join = join  # a virtio port: join a request's parts into one write (see _PORT_WRITE)
         # Receive state, shared by the reader task and a caller reading its own reply
         self.frames_in = wire.FrameReader(wire.Role.GUEST, _READ_MAX_PAYLOAD, _READ_MAX_VECTOR)
         self.buf = bytearray(_RECV_SIZE)
         self.view = memoryview(self.buf)
         self.poller = select.poll()
         self.poller.register(fd, select.POLLIN)
+        self.budget = _hold_budget()
         self.outq: list[bytes | memoryview] = []
         self.writer: Task | None = None  # the writer task while it is parked on an empty queue
         self.woken = 0  # callers woken by the last read: more than one means a burst follows
@@ -605,7 +654,10 @@ class Channel:
         a burst, and one write for all of it beats waking the host for the first alone.
         """
         try:
-            n = os.writev(conn.fd, (head, body) if body else (head,))
+            if not body:
+                n = os.write(conn.fd, head)
+            else:
+                n = os.writev(conn.fd, (head + body,) if conn.join else (head, body))
         except BlockingIOError:
             n = 0
         except OSError as exc:
@@ -779,6 +831,10 @@ class Channel:
         except wire.ProtocolError as err:
             self._dispatch(err.frames)
             raise
+        return self._deliver(frames)
+
+    def _deliver(self, frames: Iterable[wire.Frame]) -> int:
+        """Complete the requests these frames answer; returns how many parked callers it woke."""
         pending = self._pending
         woken = 0
         for frame in frames:  # _dispatch, inlined for the common case
@@ -804,30 +860,68 @@ class Channel:
         next request parks as usual, so the event loop serves other tasks' I/O.  The
         reader task stays parked on the same fd meanwhile; epoll does not report an fd
         whose data we consumed first, and a spurious wakeup only costs it an EAGAIN.
+
+        A reply larger than one read (a page through virtio-serial comes in 4 KiB buffers)
+        is gathered in conn.buf behind its first part and decoded once, rather than each
+        part copied into the decoder's own buffer and its header parsed twice.
         """
         if self._sync_held > _SYNC_SLICE:
             return
-        stats = current_statistics()
-        if stats.tasks_runnable or stats.run_sync_soon_queue_size:
+        left = conn.budget()
+        if left <= 0:
             return
-        now = time.monotonic()
-        deadline = now + min(_SYNC_WAIT, stats.seconds_to_next_deadline)
+        monotonic = time.monotonic
+        began = monotonic()
+        deadline = began + left
         poll = conn.poller.poll
-        buffers = (conn.buf,)
         fd = conn.fd
+        buf = conn.buf
+        view = conn.view
+        size = len(buf)
+        frames_in = conn.frames_in
+        gather = not frames_in.buffered  # else the decoder holds a partial frame: feed it all
+        have = 0  # bytes read into conn.buf but not yet fed to the decoder
         try:
-            while not req.done:
-                left = deadline - time.monotonic()
-                if left <= 0 or not poll(left * 1000):
+            while True:
+                if not poll(left * 1000):
                     break
                 try:
-                    n = os.readv(fd, buffers)
+                    n = os.readv(fd, (view[have:],) if have else (buf,))
                 except BlockingIOError:
-                    continue
-                conn.woken = self._received(conn, n)
+                    n = -1
+                if n == 0:
+                    if have:
+                        self._received(conn, have)
+                        have = 0
+                    self._received(conn, 0)  # raises: the host closed the channel
+                if n > 0:
+                    have += n
+                    if not gather or (
+                        have >= _HEADER_SIZE
+                        and not have < _HEADER_SIZE + _unpack_length(buf, _LENGTH_AT)[0] <= size
+                    ):  # not one partial frame that fits behind what we have: decode it now
+                        end, have = have, 0
+                        frame = frames_in.feed_one(view[:end]) if gather else None
+                        if frame is None:
+                            conn.woken = self._received(conn, end)
+                        elif frame.request_id == req.rid and frame.flags & _REPLY:
+                            self._pending.pop(req.rid, None)  # the usual: our reply, alone
+                            req.frame = frame
+                            req.done = True
+                            conn.woken = 0
+                        else:
+                            conn.woken = self._deliver((frame,))
+                        if req.done:
+                            break
+                        gather = not frames_in.buffered
+                left = deadline - monotonic()
+                if left <= 0:
+                    break
+            if have:  # out of time with part of a frame: the decoder keeps it for the reader
+                conn.woken = self._received(conn, have)
         except (_Broken, wire.ProtocolError, OSError) as exc:
             self._break(conn, exc)  # the request stays pending: stalled or dropped by the session
-        self._sync_held += time.monotonic() - now
+        self._sync_held += monotonic() - began
 
     def _dispatch(self, frames: Iterable[wire.Frame]) -> None:
         for frame in frames:
@@ -864,11 +958,14 @@ class Channel:
         """Send everything queued since the last wakeup with one writev (and its tail, if the
         kernel took only part of it).
 
-        writev rather than join+write: pages go from the callers' bytes straight to the
-        kernel, and no batch-sized buffer (often above malloc's mmap threshold) is built.
+        writev rather than join+write on a socket: pages go from the callers' bytes straight
+        to the kernel, and no batch-sized buffer (often above malloc's mmap threshold) is
+        built.  On a virtio port, whose writev costs a round to QEMU per buffer, the parts are
+        joined into writes of at most _PORT_WRITE bytes.
         """
         q = conn.outq
         fd = conn.fd
+        join = conn.join
         writev = os.writev
         wait_writable = trio.lowlevel.wait_writable
 
@@ -882,8 +979,20 @@ class Channel:
                     conn.writer = current_task()
                     await wait_task_rescheduled(abort)
                     continue
-                parts: list[bytes | memoryview] = q[:_IOV_MAX]
-                del q[: len(parts)]
+                if join:
+                    size = count = 0
+                    for part in q:
+                        if count and size + len(part) > _PORT_WRITE:
+                            break
+                        size += len(part)
+                        count += 1
+                    parts: list[bytes | memoryview] = q[:count]
+                    del q[:count]
+                    if count > 1:
+                        parts = [b"".join(parts)]
+                else:
+                    parts = q[:_IOV_MAX]
+                    del q[: len(parts)]
                 while True:
                     try:
                         n = writev(fd, parts)
@@ -962,7 +1071,7 @@ class Channel:
 
     async def _session(self, fd: int, on_ready: Callable[[], None]) -> BaseException:
         """Serve one connection until it breaks; returns why it ended."""
-        conn = _Conn(fd)
+        conn = _Conn(fd, join=self.transport == "virtio")
         self._conn = conn
         try:
             with conn.scope:

@@ -708,10 +708,18 @@ class FrameReader:
         frames: list[Frame] = []
         buf = self._buf
         try:
-            if self._off == len(buf) and type(data) is bytes:
+            if self._off == len(buf):
                 # Nothing buffered (the common case): decode straight out of the caller's
                 # bytes and keep only the trailing partial frame, saving a copy per frame.
-                off = self._parse(data, data, 0, frames)
+                if type(data) is bytes:
+                    off = self._parse(data, data, 0, frames)
+                else:  # a view of the caller's receive buffer: payloads are copied out of it
+                    with memoryview(data) as mv:
+                        off = self._parse(mv, mv, 0, frames)
+                        if off != len(mv):
+                            self._buf = bytearray(mv[off:])
+                            self._off = 0
+                    return frames
                 if off != len(data):
                     self._buf = bytearray(data[off:])
                     self._off = 0
@@ -732,7 +740,37 @@ class FrameReader:
         self._off = off
         return frames
 
-    def _parse(self, src: bytes | bytearray, view: bytes | memoryview, off: int, frames: list[Frame]) -> int:
+    def feed_one(self, data: memoryview) -> Frame | None:
+        """Decode `data` if it is exactly one whole frame of a plain kind; else None, and
+        `data` is untouched: pass it to `feed`, which also reports any violation.
+
+        For a caller that gathered one reply in its receive buffer (a lone request): a
+        frame that feed would return the same way, minus feed's list, loop and buffering.
+        Only frames without extra header or payload checks qualify (page and flush replies).
+        """
+        if self._off != len(self._buf) or self._broken is not None or len(data) < HEADER_SIZE:
+            return None
+        (magic, version, op, flags, status, reserved,
+         rid, pool, oid, index, length) = HEADER.unpack_from(data)  # fmt: skip
+        rule = self._rules[op]
+        if (
+            rule is None or len(data) != HEADER_SIZE + length or magic != MAGIC
+            or version != VERSION or reserved or length > self.max_payload
+        ):  # fmt: skip
+            return None
+        mask, required, max_status, len_ok, len_fail, header_check, payload_check = rule
+        want = len_ok if status == 0 else len_fail
+        if (
+            flags & mask != required or status > max_status or want != length
+            or header_check is not None or payload_check is not None
+        ):  # fmt: skip
+            return None
+        payload = bytes(data[HEADER_SIZE:]) if length else b""
+        return _new_frame(Frame, (op, flags, status, rid, pool, oid, index, payload))
+
+    def _parse(
+        self, src: bytes | bytearray | memoryview, view: bytes | memoryview, off: int, frames: list[Frame]
+    ) -> int:
         """Append the complete frames in src[off:] to frames; return the new offset.
 
         `view` is src itself when src is bytes (slicing bytes already copies), else a

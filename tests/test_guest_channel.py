@@ -8,11 +8,15 @@ persistent pages.  Blocking agent control runs in a thread so the channel keeps 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 import tty
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -496,6 +500,73 @@ def test_notices_and_refused_handshake(tmp_path: Any) -> None:
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_lone_replies_arriving_in_pieces(tmp_path: Any) -> None:
+    """A page's reply through virtio-serial comes in 4 KiB parts; a lone caller reading its own
+    reply gathers them.  The host here is a thread (it must answer while that caller holds the
+    event loop) that cuts each GET reply as its script says, sometimes with a NOTICE behind it
+    or the next reply's first bytes, and pauses between the parts."""
+    path = str(tmp_path / "pieces.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen()
+    notice = wire.encode(Frame(Op.NOTICE, payload=wire.notice_payload(wire.Notice(1), 77)))
+    welcome = wire.welcome_payload(wire.Welcome(1, wire.PAGE_SIZE, 1 << 20, 64))
+    whole = wire.HEADER_SIZE + wire.PAGE_SIZE
+    cuts = [[4096], [10], [47, 48, 4000], [whole], [1000, 3000]]  # where each GET reply is cut
+    pages: dict[int, bytes] = {}
+
+    def host() -> None:
+        conn, _ = listener.accept()
+        reader = wire.FrameReader(wire.Role.HOST)
+        n = 0
+        with conn:
+            while data := conn.recv(1 << 16):
+                for f in reader.feed(data):
+                    if f.opcode == Op.HELLO:
+                        conn.sendall(wire.encode(wire.reply_to(f, payload=welcome)))
+                    elif f.opcode == Op.NEW_POOL:
+                        conn.sendall(wire.encode(wire.reply_to(f, pool=7)))
+                    elif f.opcode == Op.PUT:
+                        pages[f.index] = f.payload
+                        conn.sendall(wire.encode(wire.reply_to(f)))
+                    elif f.opcode == Op.GET:
+                        out = wire.encode(wire.reply_to(f, payload=pages[f.index]))
+                        if n % 3 == 1:
+                            out += notice  # a notice right behind the reply
+                        at = [0, *cuts[n % len(cuts)], len(out)]
+                        for a, b in itertools.pairwise(at):
+                            conn.sendall(out[a:b])
+                            time.sleep(0.001)
+                        n += 1
+                    else:
+                        conn.sendall(wire.encode(wire.reply_to(f)))
+
+    thread = threading.Thread(target=host, daemon=True)
+    thread.start()
+
+    async def main() -> None:
+        async with open_channel(path, name="pieces", reconnect=False) as ch:
+            pool = await ch.new_pool(PERSISTENT)
+            for i in range(4):
+                assert await pool.put(oid(1), i, page(i))
+            for n in range(20):
+                assert await pool.get(oid(1), n % 4) == page(n % 4), n
+            got = 0
+            while True:  # every third reply brought a notice along
+                try:
+                    assert ch.notices.receive_nowait() == (wire.Notice(1), 77)
+                except trio.WouldBlock:
+                    break
+                got += 1
+            assert got == 7
+
+    try:
+        run(main)
+    finally:
+        listener.close()
+        thread.join(5)
 
 
 def test_character_device_transport() -> None:

@@ -329,6 +329,39 @@ def test_non_bytes_input_and_caller_buffer_reuse(view: bool) -> None:
     assert out == frames
 
 
+@pytest.mark.parametrize(("role", "frame"), SAMPLES)
+def test_feed_one_decodes_plain_frames_alone_or_declines(role: Role, frame: Frame) -> None:
+    data = bytearray(encode(frame))
+    reader = FrameReader(role)
+    one = reader.feed_one(memoryview(data))
+    plain = frame.opcode in (Op.NEW_POOL, Op.DESTROY_POOL, Op.PUT, Op.GET, Op.FLUSH_PAGE, Op.FLUSH_OBJECT,
+                             Op.FLUSH_VEC) and role is Role.GUEST  # fmt: skip
+    if plain or (role is Role.HOST and frame.opcode in (Op.DESTROY_POOL, Op.QUERY_POOL, Op.PUT,
+                                                         Op.GET, Op.FLUSH_PAGE)):  # fmt: skip
+        assert one == frame
+        data[:] = bytes(len(data))  # the caller reuses its buffer: the frame must not alias it
+        assert one == frame
+    else:  # checked kinds (and the variable-length ones) are left to feed
+        assert one is None
+    assert reader.buffered == 0
+    assert reader.feed(encode(frame)) == [frame]  # the reader is as it was
+
+
+def test_feed_one_declines_partial_extra_or_buffered_input() -> None:
+    get = encode(REPLIES[10])
+    reader = FrameReader(Role.GUEST)
+    assert reader.feed_one(memoryview(get[:-1])) is None
+    assert reader.feed_one(memoryview(get + get)) is None
+    assert reader.feed_one(memoryview(get[:HEADER_SIZE - 1])) is None
+    assert reader.feed(get[:100]) == []
+    assert reader.feed_one(memoryview(get)) is None  # a partial frame is buffered: feed it all
+    assert reader.feed(get[100:]) == [REPLIES[10]]
+    assert reader.feed_one(memoryview(get)) == REPLIES[10]
+    with pytest.raises(ProtocolError):
+        reader.feed(b"\0" * HEADER_SIZE)
+    assert reader.feed_one(memoryview(get)) is None  # a broken reader stays broken
+
+
 def test_buffer_is_compacted_and_bounded() -> None:
     put = encode(Frame(Op.PUT, NR, pool=1, oid=OID, payload=PAGE_A))
     stream = put * 200
@@ -374,6 +407,9 @@ def check_outcome(role: Role, data: bytes) -> None:
         assert (err is None) == (whole[1] is None)
     for f in whole[0]:  # whatever the reader let through, it accepts again after re-encoding
         assert decode_all(role, encode(f)) == [f]
+    one = FrameReader(role).feed_one(memoryview(data))
+    if one is not None:  # the shortcut admits nothing that feed would not, and decodes it alike
+        assert whole == ([one], None)
 
 
 @FUZZ
