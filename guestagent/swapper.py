@@ -190,6 +190,7 @@ class Region:
         self.counters = dict.fromkeys(REGION_COUNTERS, 0)
         self.staging = ctypes.create_string_buffer(PAGE)  # UFFDIO_COPY's source
         self.staging_addr = ctypes.addressof(self.staging)
+        self.wp_waiting: set[int] = set()  # EVICTING pages a writer waits on (its WP fault seen)
         self.need_evict = trio.Event()
         self.room = trio.Event()
         self.ra_window = 1  # readahead: pages fetched with the last tmem fault
@@ -562,29 +563,30 @@ class Swapper:
                     counters["wp_faults"] += 1
                     if st == RESIDENT:
                         uffd.writeprotect(ufd, at, PAGE, False)  # a stale protection: lift it
-                    elif st != EVICTING and st != LOADING:
+                    elif st == EVICTING:
+                        region.wp_waiting.add(p)  # woken by the evictor once punched out
+                    elif st != LOADING:
                         uffd.wake(ufd, at, PAGE)  # it retries and faults as missing
-                    # EVICTING: woken once punched out; LOADING: woken by the copy
+                    # LOADING: woken by the copy
                     continue
                 if st == ZERO:
                     uffd.zeropage(ufd, at, PAGE)
                     self._resident(region, p, refault=False)
                     counters["zero_faults"] += 1
                     counters["faults"] += 1
-                elif st == TMEM and self.readahead > 1:
-                    # a fault where the last readahead window ended is a sequential scan: the
-                    # window doubles (up to `readahead` pages), else it starts again at one
-                    most = min(self.readahead, max(1, region.limit // 4))  # never a budget's worth
-                    window = min(most, 2 * region.ra_window) if p == region.ra_next else 1
-                    batch = [p]
-                    for q in range(p + 1, min(pages, p + window)):
-                        if state[q] == TMEM:
-                            batch.append(q)
-                    region.ra_window, region.ra_next = window, p + window
+                elif st == TMEM:
+                    batch = self._readahead(region, p) if self.readahead > 1 else [p]
                     for q in batch:
                         state[q] = LOADING
-                    nursery.start_soon(self._guarded_load_many, region, batch)
-                elif st in (TMEM, DISK):
+                    if len(batch) == 1 and self.channel.connected:
+                        # the fast path: served in this task, no task spawned, and the get is
+                        # the channel's lone request (written at once, its reply read in this
+                        # step): one scheduler pass per fault instead of about five.  Faults
+                        # that come meanwhile wait for it (one get's round trip at most)
+                        await self._load(region, p, TMEM)
+                    else:
+                        nursery.start_soon(self._guarded_load_many, region, batch)
+                elif st == DISK:
                     state[p] = LOADING
                     nursery.start_soon(self._guarded_load, region, p, st)
                 elif st == RESIDENT:
@@ -594,6 +596,20 @@ class Swapper:
                 while region.resident > region.limit + max(4, region.limit // 8):
                     region.room = trio.Event()
                     await region.room.wait()
+
+    def _readahead(self, region: Region, p: int) -> list[int]:
+        """The pages one tmem fault on p brings in: p, and on a sequential scan the next held ones.
+
+        A fault where the last readahead window ended is a sequential scan: the window doubles
+        (up to `readahead` pages), else it starts again at one.
+        """
+        most = min(self.readahead, max(1, region.limit // 4))  # never a budget's worth
+        window = min(most, 2 * region.ra_window) if p == region.ra_next else 1
+        region.ra_window, region.ra_next = window, p + window
+        if window == 1:
+            return [p]
+        state = region.state
+        return [p, *(q for q in range(p + 1, min(region.pages, p + window)) if state[q] == TMEM)]
 
     def _resident(self, region: Region, p: int, *, refault: bool) -> None:
         region.state[p] = RESIDENT
@@ -699,9 +715,14 @@ class Swapper:
                 victims = self._victims(region, min(EVICT_BATCH, region.resident - low))
                 if not victims:
                     break
+                # sorted, so that neighbours (a sequential scan's pages) are protected and
+                # punched with one call per run of pages rather than one per page
+                victims.sort()
+                runs = _runs(victims)
                 for p in victims:
                     state[p] = EVICTING
-                    uffd.writeprotect(ufd, region.addr + p * PAGE, PAGE, True)
+                for first, n in runs:
+                    uffd.writeprotect(ufd, region.addr + first * PAGE, n * PAGE, True)
                 datas = [mm[p * PAGE : (p + 1) * PAGE] for p in victims]
                 puts = [(oid, p, d) for p, d in zip(victims, datas, strict=True) if d != _ZERO_PAGE]
                 stored = await pool.put_many(puts) if puts else []
@@ -715,24 +736,47 @@ class Swapper:
                     counters["disk_writes"] += len(refused)
                     for (p, _), slot in zip(refused, slots, strict=True):
                         region.slots[p] = slot
-                on_disk = {p for p, _ in refused}
-                stored_keys = {p for _, p, _ in puts}
-                for p in victims:
-                    punch_hole(region.memfd, p * PAGE, PAGE)
-                    if p in on_disk:
-                        state[p] = DISK
-                        region.held_disk += 1
-                    elif p in stored_keys:
-                        state[p] = TMEM
-                        region.held_tmem += 1
-                    else:
-                        state[p] = ZERO
-                        counters["zero_evictions"] += 1
-                    region.resident -= 1
-                    counters["evictions"] += 1
-                    uffd.wake(ufd, region.addr + p * PAGE, PAGE)  # writers that hit the protection
+                for first, n in runs:
+                    punch_hole(region.memfd, first * PAGE, n * PAGE)
+                for _, p, _ in puts:
+                    state[p] = TMEM
+                for p, _ in refused:
+                    state[p] = DISK
+                zeros = len(victims) - len(puts)
+                if zeros:
+                    for p in victims:
+                        if state[p] == EVICTING:
+                            state[p] = ZERO
+                    counters["zero_evictions"] += zeros
+                region.held_disk += len(refused)
+                region.held_tmem += len(puts) - len(refused)
+                region.resident -= len(victims)
+                counters["evictions"] += len(victims)
+                # writers that hit the protection (their WP faults were seen while EVICTING:
+                # one seen later finds the page gone and is woken then, see _faults)
+                waiting = region.wp_waiting
+                if waiting:
+                    for p in victims:
+                        if p in waiting:
+                            waiting.discard(p)
+                            uffd.wake(ufd, region.addr + p * PAGE, PAGE)
                 region.room.set()
             region.room.set()
+
+
+def _runs(pages: Sequence[int]) -> list[tuple[int, int]]:
+    """(first page, count) for each run of consecutive pages in a sorted list."""
+    runs: list[tuple[int, int]] = []
+    first = prev = -2
+    for p in pages:
+        if p != prev + 1:
+            if prev >= 0:
+                runs.append((first, prev - first + 1))
+            first = p
+        prev = p
+    if prev >= 0:
+        runs.append((first, prev - first + 1))
+    return runs
 
 
 def _write_state(path: str, pool_id: int) -> None:
