@@ -90,6 +90,7 @@ REGION_COUNTERS: Final = (
     "disk_writes",
     "disk_reads",
     "readahead",  # pages brought in with a fault's page, on a sequential scan
+    "zero_ahead",  # never-written pages mapped with a zero fault's page, on a sequential first touch
     "lost",  # pages tmem did not return: must stay 0
     "shrunk_to_memory",  # moved out of tmem on the host's request, back into the memfd
     "shrunk_to_disk",  # ... or into the swap file
@@ -195,6 +196,8 @@ class Region:
         self.room = trio.Event()
         self.ra_window = 1  # readahead: pages fetched with the last tmem fault
         self.ra_next = -1  # the page a sequential scan would fault on next
+        self.zero_window = 1  # the same for first touches (zero pages mapped ahead)
+        self.zero_next = -1
         self.scope = trio.CancelScope()  # the region's tasks; cancelled to end it
         self.failure: BaseException | None = None  # why it ended, if not by its process
 
@@ -570,9 +573,12 @@ class Swapper:
                     # LOADING: woken by the copy
                     continue
                 if st == ZERO:
-                    uffd.zeropage(ufd, at, PAGE)
-                    self._resident(region, p, refault=False)
+                    n = self._zero_ahead(region, p) if self.readahead > 1 else 1
+                    uffd.zeropage(ufd, at, n * PAGE)
+                    for q in range(p, p + n):
+                        self._resident(region, q, refault=False)
                     counters["zero_faults"] += 1
+                    counters["zero_ahead"] += n - 1
                     counters["faults"] += 1
                 elif st == TMEM:
                     batch = self._readahead(region, p) if self.readahead > 1 else [p]
@@ -610,6 +616,24 @@ class Swapper:
             return [p]
         state = region.state
         return [p, *(q for q in range(p + 1, min(region.pages, p + window)) if state[q] == TMEM)]
+
+    def _zero_ahead(self, region: Region, p: int) -> int:
+        """How many never-written pages from p one zero fault maps: the readahead window's rule
+        on first touches, so a buffer filled in order costs a fault per window, not per page.
+
+        Each first touch is a round trip through this process (the kernel maps a fresh anonymous
+        page without leaving the faulting thread); the pages mapped ahead are zeros either way
+        and, if never written, leave again as zero evictions (nothing stored).
+        """
+        most = min(self.readahead, max(1, region.limit // 4))
+        window = min(most, 2 * region.zero_window) if p == region.zero_next else 1
+        n = 1
+        end = min(region.pages, p + window)
+        state = region.state
+        while p + n < end and state[p + n] == ZERO:
+            n += 1
+        region.zero_window, region.zero_next = window, p + n
+        return n
 
     def _resident(self, region: Region, p: int, *, refault: bool) -> None:
         region.state[p] = RESIDENT
