@@ -191,6 +191,7 @@ class Region:
         self.counters = dict.fromkeys(REGION_COUNTERS, 0)
         self.staging = ctypes.create_string_buffer(PAGE)  # UFFDIO_COPY's source
         self.staging_addr = ctypes.addressof(self.staging)
+        self.put_scope: trio.CancelScope | None = None  # the evictor's put while one is in flight
         self.wp_waiting: set[int] = set()  # EVICTING pages a writer waits on (its WP fault seen)
         self.need_evict = trio.Event()
         self.room = trio.Event()
@@ -427,6 +428,9 @@ class Swapper:
         """Say that the swapper is being shut down (call before cancelling `run`): the releases of
         its regions and the pool's destruction wait for the host agent STOP_TIMEOUT at most."""
         self.stop_deadline = min(self.stop_deadline, trio.current_time() + STOP_TIMEOUT)
+        for region in self.regions.values():
+            if region.put_scope is not None:
+                region.put_scope.deadline = self.stop_deadline
 
     def set_guest_budget(self, pages: int | None) -> None:
         """Cap the resident pages of all regions together (the daemon follows MemAvailable and
@@ -550,19 +554,26 @@ class Swapper:
         state = region.state
         base, pages = region.addr, region.pages
         counters = region.counters
+        read, wait_readable, full = os.read, trio.lowlevel.wait_readable, uffd.MSG_SIZE * _READ_EVENTS
+        data = b""
         while True:
+            # wait first: a read that returned less than a full buffer drained the queue, and the
+            # faulting threads cannot fault again before they run, so reading again would only
+            # fail with EAGAIN (a syscall and an exception per fault)
+            if len(data) < full:
+                await wait_readable(ufd)
             try:
-                data = os.read(ufd, uffd.MSG_SIZE * _READ_EVENTS)
+                data = read(ufd, full)
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(ufd)
+                data = b""
                 continue
-            for fault in uffd.parse_events(data):
-                p = (fault.address - base) // PAGE
-                if not 0 <= p < pages:
+            for event, flags, address in uffd.iter_messages(data):
+                p = (address - base) // PAGE
+                if event != uffd.EVENT_PAGEFAULT or not 0 <= p < pages:
                     continue
                 at = base + p * PAGE
                 st = state[p]
-                if fault.flags & uffd.PAGEFAULT_FLAG_WP:
+                if flags & uffd.PAGEFAULT_FLAG_WP:
                     counters["wp_faults"] += 1
                     if st == RESIDENT:
                         uffd.writeprotect(ufd, at, PAGE, False)  # a stale protection: lift it
@@ -749,17 +760,26 @@ class Swapper:
                     uffd.writeprotect(ufd, region.addr + first * PAGE, n * PAGE, True)
                 datas = [mm[p * PAGE : (p + 1) * PAGE] for p in victims]
                 puts = [(oid, p, d) for p, d in zip(victims, datas, strict=True) if d != _ZERO_PAGE]
-                stored = await pool.put_many(puts) if puts else []
-                refused = [(p, d) for (_, p, d), ok in zip(puts, stored, strict=True) if not ok]
-                counters["puts"] += len(puts) - len(refused)
-                counters["puts_refused"] += len(refused)
-                if refused:
-                    slots = [self.swap.alloc() for _ in refused]
-                    await trio.to_thread.run_sync(_write_all, self.swap, slots,
-                                                  [d for _, d in refused])  # fmt: skip
-                    counters["disk_writes"] += len(refused)
-                    for (p, _), slot in zip(refused, slots, strict=True):
-                        region.slots[p] = slot
+                # shielded: a region released meanwhile (its process exited) would otherwise
+                # leave the host's answer unread and these puts (or disk writes) uncounted;
+                # stop() bounds the wait
+                refused: list[tuple[int, bytes]] = []
+                with trio.CancelScope(shield=True, deadline=self.stop_deadline) as put_scope:
+                    region.put_scope = put_scope
+                    stored = await pool.put_many(puts) if puts else []
+                    refused = [(p, d) for (_, p, d), ok in zip(puts, stored, strict=True) if not ok]
+                    counters["puts"] += len(puts) - len(refused)
+                    counters["puts_refused"] += len(refused)
+                    if refused:
+                        slots = [self.swap.alloc() for _ in refused]
+                        await trio.to_thread.run_sync(_write_all, self.swap, slots,
+                                                      [d for _, d in refused])  # fmt: skip
+                        counters["disk_writes"] += len(refused)
+                        for (p, _), slot in zip(refused, slots, strict=True):
+                            region.slots[p] = slot
+                region.put_scope = None
+                if put_scope.cancelled_caught:  # stopping, and the host is away: the region ends
+                    return
                 for first, n in runs:
                     punch_hole(region.memfd, first * PAGE, n * PAGE)
                 for _, p, _ in puts:
