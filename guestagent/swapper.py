@@ -555,17 +555,13 @@ class Swapper:
         base, pages = region.addr, region.pages
         counters = region.counters
         read, wait_readable, full = os.read, trio.lowlevel.wait_readable, uffd.MSG_SIZE * _READ_EVENTS
-        data = b""
         while True:
-            # wait first: a read that returned less than a full buffer drained the queue, and the
-            # faulting threads cannot fault again before they run, so reading again would only
-            # fail with EAGAIN (a syscall and an exception per fault)
-            if len(data) < full:
-                await wait_readable(ufd)
+            # read first: the thread we just woke often faults again before we get here (it
+            # preempts us, or runs on another CPU), and a read is cheaper than a scheduler pass
             try:
                 data = read(ufd, full)
             except BlockingIOError:
-                data = b""
+                await wait_readable(ufd)
                 continue
             for event, flags, address in uffd.iter_messages(data):
                 p = (address - base) // PAGE
