@@ -43,10 +43,12 @@ import logging
 import math
 import mmap
 import os
+import select
 import signal
 import socket
 import struct
 import sys
+import time
 from collections import deque
 from collections.abc import Sequence
 from functools import partial
@@ -65,6 +67,10 @@ PAGE: Final = uffd.PAGE_SIZE
 PREFIX_MAX: Final = 65536  # longest request line
 EVICT_BATCH: Final = 64  # pages per eviction round (one PUT_VEC)
 _READ_EVENTS: Final = 64  # uffd messages per read
+# a fault loop with nothing else runnable waits for the next fault in poll(2) rather than the event
+# loop, for FAULT_WAIT at most and FAULT_SLICE in all between two passes of the event loop
+FAULT_WAIT: Final = 0.002
+FAULT_SLICE: Final = 0.005
 
 ZERO, RESIDENT, EVICTING, TMEM, DISK, LOADING = range(6)
 _ZERO_PAGE: Final = bytes(PAGE)
@@ -90,6 +96,7 @@ REGION_COUNTERS: Final = (
     "disk_writes",
     "disk_reads",
     "readahead",  # pages brought in with a fault's page, on a sequential scan
+    "zero_ahead",  # never-written pages mapped with a zero fault's page, on a sequential first touch
     "lost",  # pages tmem did not return: must stay 0
     "shrunk_to_memory",  # moved out of tmem on the host's request, back into the memfd
     "shrunk_to_disk",  # ... or into the swap file
@@ -190,10 +197,14 @@ class Region:
         self.counters = dict.fromkeys(REGION_COUNTERS, 0)
         self.staging = ctypes.create_string_buffer(PAGE)  # UFFDIO_COPY's source
         self.staging_addr = ctypes.addressof(self.staging)
+        self.put_scope: trio.CancelScope | None = None  # the evictor's put while one is in flight
+        self.wp_waiting: set[int] = set()  # EVICTING pages a writer waits on (its WP fault seen)
         self.need_evict = trio.Event()
         self.room = trio.Event()
         self.ra_window = 1  # readahead: pages fetched with the last tmem fault
         self.ra_next = -1  # the page a sequential scan would fault on next
+        self.zero_window = 1  # the same for first touches (zero pages mapped ahead)
+        self.zero_next = -1
         self.scope = trio.CancelScope()  # the region's tasks; cancelled to end it
         self.failure: BaseException | None = None  # why it ended, if not by its process
 
@@ -423,6 +434,9 @@ class Swapper:
         """Say that the swapper is being shut down (call before cancelling `run`): the releases of
         its regions and the pool's destruction wait for the host agent STOP_TIMEOUT at most."""
         self.stop_deadline = min(self.stop_deadline, trio.current_time() + STOP_TIMEOUT)
+        for region in self.regions.values():
+            if region.put_scope is not None:
+                region.put_scope.deadline = self.stop_deadline
 
     def set_guest_budget(self, pages: int | None) -> None:
         """Cap the resident pages of all regions together (the daemon follows MemAvailable and
@@ -546,45 +560,69 @@ class Swapper:
         state = region.state
         base, pages = region.addr, region.pages
         counters = region.counters
+        read, wait_readable, full = os.read, trio.lowlevel.wait_readable, uffd.MSG_SIZE * _READ_EVENTS
+        poller = select.poll()
+        poller.register(ufd, select.POLLIN)
+        held = 0.0  # time spent in poll(2) since the event loop last ran
         while True:
+            # read first: the thread we just woke often faults again before we get here (it
+            # preempts us, or runs on another CPU), and a read is cheaper than a scheduler pass
             try:
-                data = os.read(ufd, uffd.MSG_SIZE * _READ_EVENTS)
+                data = read(ufd, full)
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(ufd)
+                # the thread we woke faults again within a moment: with nothing else to run,
+                # wait for it in poll(2), which saves the event loop's pass (epoll_ctl,
+                # epoll_wait, the scheduler) per fault; bounded, so other tasks' I/O waits
+                # FAULT_WAIT at most and the loop runs at least every FAULT_SLICE
+                if held < FAULT_SLICE:
+                    stats = trio.lowlevel.current_statistics()
+                    if not stats.tasks_runnable and not stats.run_sync_soon_queue_size:
+                        wait = min(FAULT_WAIT, stats.seconds_to_next_deadline)
+                        start = time.monotonic()
+                        ready = wait > 0 and poller.poll(wait * 1000)
+                        held += time.monotonic() - start
+                        if ready:
+                            continue
+                held = 0.0
+                await wait_readable(ufd)
                 continue
-            for fault in uffd.parse_events(data):
-                p = (fault.address - base) // PAGE
-                if not 0 <= p < pages:
+            for event, flags, address in uffd.iter_messages(data):
+                p = (address - base) // PAGE
+                if event != uffd.EVENT_PAGEFAULT or not 0 <= p < pages:
                     continue
                 at = base + p * PAGE
                 st = state[p]
-                if fault.flags & uffd.PAGEFAULT_FLAG_WP:
+                if flags & uffd.PAGEFAULT_FLAG_WP:
                     counters["wp_faults"] += 1
                     if st == RESIDENT:
                         uffd.writeprotect(ufd, at, PAGE, False)  # a stale protection: lift it
-                    elif st != EVICTING and st != LOADING:
+                    elif st == EVICTING:
+                        region.wp_waiting.add(p)  # woken by the evictor once punched out
+                    elif st != LOADING:
                         uffd.wake(ufd, at, PAGE)  # it retries and faults as missing
-                    # EVICTING: woken once punched out; LOADING: woken by the copy
+                    # LOADING: woken by the copy
                     continue
                 if st == ZERO:
-                    uffd.zeropage(ufd, at, PAGE)
-                    self._resident(region, p, refault=False)
+                    n = self._zero_ahead(region, p) if self.readahead > 1 else 1
+                    uffd.zeropage(ufd, at, n * PAGE)
+                    for q in range(p, p + n):
+                        self._resident(region, q, refault=False)
                     counters["zero_faults"] += 1
+                    counters["zero_ahead"] += n - 1
                     counters["faults"] += 1
-                elif st == TMEM and self.readahead > 1:
-                    # a fault where the last readahead window ended is a sequential scan: the
-                    # window doubles (up to `readahead` pages), else it starts again at one
-                    most = min(self.readahead, max(1, region.limit // 4))  # never a budget's worth
-                    window = min(most, 2 * region.ra_window) if p == region.ra_next else 1
-                    batch = [p]
-                    for q in range(p + 1, min(pages, p + window)):
-                        if state[q] == TMEM:
-                            batch.append(q)
-                    region.ra_window, region.ra_next = window, p + window
+                elif st == TMEM:
+                    batch = self._readahead(region, p) if self.readahead > 1 else [p]
                     for q in batch:
                         state[q] = LOADING
-                    nursery.start_soon(self._guarded_load_many, region, batch)
-                elif st in (TMEM, DISK):
+                    if len(batch) == 1 and self.channel.connected:
+                        # the fast path: served in this task, no task spawned, and the get is
+                        # the channel's lone request (written at once, its reply read in this
+                        # step): one scheduler pass per fault instead of about five.  Faults
+                        # that come meanwhile wait for it (one get's round trip at most)
+                        await self._load(region, p, TMEM)
+                    else:
+                        nursery.start_soon(self._guarded_load_many, region, batch)
+                elif st == DISK:
                     state[p] = LOADING
                     nursery.start_soon(self._guarded_load, region, p, st)
                 elif st == RESIDENT:
@@ -594,6 +632,38 @@ class Swapper:
                 while region.resident > region.limit + max(4, region.limit // 8):
                     region.room = trio.Event()
                     await region.room.wait()
+
+    def _readahead(self, region: Region, p: int) -> list[int]:
+        """The pages one tmem fault on p brings in: p, and on a sequential scan the next held ones.
+
+        A fault where the last readahead window ended is a sequential scan: the window doubles
+        (up to `readahead` pages), else it starts again at one.
+        """
+        most = min(self.readahead, max(1, region.limit // 4))  # never a budget's worth
+        window = min(most, 2 * region.ra_window) if p == region.ra_next else 1
+        region.ra_window, region.ra_next = window, p + window
+        if window == 1:
+            return [p]
+        state = region.state
+        return [p, *(q for q in range(p + 1, min(region.pages, p + window)) if state[q] == TMEM)]
+
+    def _zero_ahead(self, region: Region, p: int) -> int:
+        """How many never-written pages from p one zero fault maps: the readahead window's rule
+        on first touches, so a buffer filled in order costs a fault per window, not per page.
+
+        Each first touch is a round trip through this process (the kernel maps a fresh anonymous
+        page without leaving the faulting thread); the pages mapped ahead are zeros either way
+        and, if never written, leave again as zero evictions (nothing stored).
+        """
+        most = min(self.readahead, max(1, region.limit // 4))
+        window = min(most, 2 * region.zero_window) if p == region.zero_next else 1
+        n = 1
+        end = min(region.pages, p + window)
+        state = region.state
+        while p + n < end and state[p + n] == ZERO:
+            n += 1
+        region.zero_window, region.zero_next = window, p + n
+        return n
 
     def _resident(self, region: Region, p: int, *, refault: bool) -> None:
         region.state[p] = RESIDENT
@@ -699,40 +769,77 @@ class Swapper:
                 victims = self._victims(region, min(EVICT_BATCH, region.resident - low))
                 if not victims:
                     break
+                # sorted, so that neighbours (a sequential scan's pages) are protected and
+                # punched with one call per run of pages rather than one per page
+                victims.sort()
+                runs = _runs(victims)
                 for p in victims:
                     state[p] = EVICTING
-                    uffd.writeprotect(ufd, region.addr + p * PAGE, PAGE, True)
+                for first, n in runs:
+                    uffd.writeprotect(ufd, region.addr + first * PAGE, n * PAGE, True)
                 datas = [mm[p * PAGE : (p + 1) * PAGE] for p in victims]
                 puts = [(oid, p, d) for p, d in zip(victims, datas, strict=True) if d != _ZERO_PAGE]
-                stored = await pool.put_many(puts) if puts else []
-                refused = [(p, d) for (_, p, d), ok in zip(puts, stored, strict=True) if not ok]
-                counters["puts"] += len(puts) - len(refused)
-                counters["puts_refused"] += len(refused)
-                if refused:
-                    slots = [self.swap.alloc() for _ in refused]
-                    await trio.to_thread.run_sync(_write_all, self.swap, slots,
-                                                  [d for _, d in refused])  # fmt: skip
-                    counters["disk_writes"] += len(refused)
-                    for (p, _), slot in zip(refused, slots, strict=True):
-                        region.slots[p] = slot
-                on_disk = {p for p, _ in refused}
-                stored_keys = {p for _, p, _ in puts}
-                for p in victims:
-                    punch_hole(region.memfd, p * PAGE, PAGE)
-                    if p in on_disk:
-                        state[p] = DISK
-                        region.held_disk += 1
-                    elif p in stored_keys:
-                        state[p] = TMEM
-                        region.held_tmem += 1
-                    else:
-                        state[p] = ZERO
-                        counters["zero_evictions"] += 1
-                    region.resident -= 1
-                    counters["evictions"] += 1
-                    uffd.wake(ufd, region.addr + p * PAGE, PAGE)  # writers that hit the protection
+                # shielded: a region released meanwhile (its process exited) would otherwise
+                # leave the host's answer unread and these puts (or disk writes) uncounted;
+                # stop() bounds the wait
+                refused: list[tuple[int, bytes]] = []
+                with trio.CancelScope(shield=True, deadline=self.stop_deadline) as put_scope:
+                    region.put_scope = put_scope
+                    stored = await pool.put_many(puts) if puts else []
+                    refused = [(p, d) for (_, p, d), ok in zip(puts, stored, strict=True) if not ok]
+                    counters["puts"] += len(puts) - len(refused)
+                    counters["puts_refused"] += len(refused)
+                    if refused:
+                        slots = [self.swap.alloc() for _ in refused]
+                        await trio.to_thread.run_sync(_write_all, self.swap, slots,
+                                                      [d for _, d in refused])  # fmt: skip
+                        counters["disk_writes"] += len(refused)
+                        for (p, _), slot in zip(refused, slots, strict=True):
+                            region.slots[p] = slot
+                region.put_scope = None
+                if put_scope.cancelled_caught:  # stopping, and the host is away: the region ends
+                    return
+                for first, n in runs:
+                    punch_hole(region.memfd, first * PAGE, n * PAGE)
+                for _, p, _ in puts:
+                    state[p] = TMEM
+                for p, _ in refused:
+                    state[p] = DISK
+                zeros = len(victims) - len(puts)
+                if zeros:
+                    for p in victims:
+                        if state[p] == EVICTING:
+                            state[p] = ZERO
+                    counters["zero_evictions"] += zeros
+                region.held_disk += len(refused)
+                region.held_tmem += len(puts) - len(refused)
+                region.resident -= len(victims)
+                counters["evictions"] += len(victims)
+                # writers that hit the protection (their WP faults were seen while EVICTING:
+                # one seen later finds the page gone and is woken then, see _faults)
+                waiting = region.wp_waiting
+                if waiting:
+                    for p in victims:
+                        if p in waiting:
+                            waiting.discard(p)
+                            uffd.wake(ufd, region.addr + p * PAGE, PAGE)
                 region.room.set()
             region.room.set()
+
+
+def _runs(pages: Sequence[int]) -> list[tuple[int, int]]:
+    """(first page, count) for each run of consecutive pages in a sorted list."""
+    runs: list[tuple[int, int]] = []
+    first = prev = -2
+    for p in pages:
+        if p != prev + 1:
+            if prev >= 0:
+                runs.append((first, prev - first + 1))
+            first = p
+        prev = p
+    if prev >= 0:
+        runs.append((first, prev - first + 1))
+    return runs
 
 
 def _write_state(path: str, pool_id: int) -> None:

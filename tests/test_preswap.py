@@ -97,7 +97,8 @@ def test_region_4x_budget_random_reads_and_writes(host_agent: HostAgentProcess,
     assert result["mismatches"] == 0
     assert agent["lost"] == 0
     assert agent["faults"] >= 30_000
-    assert agent["tmem_faults"] >= 25_000 and agent["zero_faults"] >= 2048
+    # every page touched first as a zero page: by a fault, or mapped ahead on a sequential run
+    assert agent["tmem_faults"] >= 25_000 and agent["zero_faults"] + agent["zero_ahead"] >= 2048
     assert agent["puts"] >= agent["tmem_faults"]
     # readahead: the final pass over every page is a sequential scan
     assert agent["gets"] == agent["tmem_faults"] + agent["readahead"] and agent["readahead"] > 0
