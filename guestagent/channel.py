@@ -172,9 +172,10 @@ async def _open_transport(kind: str, path: str) -> int:
     return fd
 
 
-def _hold_budget() -> Callable[[], float]:
-    """How long a caller may hold trio's event loop in `_await_sync`: 0 while another task or a
-    run_sync_soon callback waits, else up to _SYNC_WAIT, within the next cancel deadline.
+def hold_budget(most: float = _SYNC_WAIT) -> Callable[[], float]:
+    """How long a caller may hold trio's event loop in a synchronous wait (`_await_sync`, the
+    preswap fault loop's poll): 0 while another task or a run_sync_soon callback waits, else up to
+    `most` seconds, within the next cancel deadline.
 
     It reads trio's run queue, entry queue and deadline heap directly (the same fields in
     trio 0.22, which the guest image ships, and today's): current_statistics() builds two
@@ -196,7 +197,7 @@ def _hold_budget() -> Callable[[], float]:
             stats = current_statistics()
             if stats.tasks_runnable or stats.run_sync_soon_queue_size:
                 return 0.0
-            return min(_SYNC_WAIT, stats.seconds_to_next_deadline)
+            return min(most, stats.seconds_to_next_deadline)
 
         return public
 
@@ -204,7 +205,7 @@ def _hold_budget() -> Callable[[], float]:
         if runner.runq or entry_size():
             return 0.0
         deadline = next_deadline()
-        return _SYNC_WAIT if deadline == math.inf else min(_SYNC_WAIT, deadline - now())
+        return most if deadline == math.inf else min(most, deadline - now())
 
     return budget
 
@@ -311,7 +312,7 @@ class _Conn:
         self.view = memoryview(self.buf)
         self.poller = select.poll()
         self.poller.register(fd, select.POLLIN)
-        self.budget = _hold_budget()
+        self.budget = hold_budget()
         self.outq: list[bytes | memoryview] = []
         self.writer: Task | None = None  # the writer task while it is parked on an empty queue
         self.woken = 0  # callers woken by the last read: more than one means a burst follows

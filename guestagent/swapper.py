@@ -57,7 +57,7 @@ from typing import Any, Final
 import trio
 
 from guestagent import reporter, uffd, wire
-from guestagent.channel import Channel, ChannelError, Pool, open_channel
+from guestagent.channel import Channel, ChannelError, Pool, hold_budget, open_channel
 
 __all__ = ["PREFIX_MAX", "SwapFile", "Swapper", "main"]
 
@@ -564,6 +564,7 @@ class Swapper:
         poller = select.poll()
         poller.register(ufd, select.POLLIN)
         held = 0.0  # time spent in poll(2) since the event loop last ran
+        budget = hold_budget(FAULT_WAIT)
         while True:
             # read first: the thread we just woke often faults again before we get here (it
             # preempts us, or runs on another CPU), and a read is cheaper than a scheduler pass
@@ -574,15 +575,13 @@ class Swapper:
                 # wait for it in poll(2), which saves the event loop's pass (epoll_ctl,
                 # epoll_wait, the scheduler) per fault; bounded, so other tasks' I/O waits
                 # FAULT_WAIT at most and the loop runs at least every FAULT_SLICE
-                if held < FAULT_SLICE:
-                    stats = trio.lowlevel.current_statistics()
-                    if not stats.tasks_runnable and not stats.run_sync_soon_queue_size:
-                        wait = min(FAULT_WAIT, stats.seconds_to_next_deadline)
-                        start = time.monotonic()
-                        ready = wait > 0 and poller.poll(wait * 1000)
-                        held += time.monotonic() - start
-                        if ready:
-                            continue
+                wait = budget() if held < FAULT_SLICE else 0.0
+                if wait > 0:
+                    start = time.monotonic()
+                    ready = poller.poll(wait * 1000)
+                    held += time.monotonic() - start
+                    if ready:
+                        continue
                 held = 0.0
                 await wait_readable(ufd)
                 continue

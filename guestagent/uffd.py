@@ -197,12 +197,8 @@ def wake(fd: int, start: int, length: int = PAGE_SIZE) -> None:
 
 def parse_events(data: bytes) -> list[Fault]:
     """Page-fault events from a read of the uffd (other event kinds are not enabled)."""
-    out = []
-    for off in range(0, len(data) - MSG_SIZE + 1, MSG_SIZE):
-        event, _, flags, address, _ = _MSG.unpack_from(data, off)
-        if event == EVENT_PAGEFAULT:
-            out.append(Fault(address, flags))
-    return out
+    return [Fault(address, flags) for event, flags, address in iter_messages(data)
+            if event == EVENT_PAGEFAULT]
 
 
 def iter_messages(data: bytes) -> Iterator[tuple[int, int, int]]:

@@ -337,12 +337,16 @@ class HostAgent:
         result["balloon"] = {"enabled": False} if self.balloon is None else self.balloon.figures()
         return result
 
-    def set_guest(self, req: Mapping[str, Any]) -> dict[str, Any]:
-        name = req.get("guest")
+    def _guest_named(self, name: Any) -> str:
+        """A guest's identity from what a control request names: its identity or a display name."""
         if isinstance(name, str) and name not in self.guests:  # a domain by its display name
             name = next((g.name for g in self.guests.values() if g.display == name), name)
         if not isinstance(name, str) or name not in self.guests:
             raise ControlError(f"unknown guest {name!r}")
+        return name
+
+    def set_guest(self, req: Mapping[str, Any]) -> dict[str, Any]:
+        name = self._guest_named(req.get("guest"))
         allowed = {"cmd", "guest", "weight", "cap_mib", "quota_mib", "compress", "balloon"}
         for key in req:
             if key not in allowed:
@@ -390,7 +394,9 @@ class HostAgent:
         """Make `mib` of host memory available: tmem's ephemeral pages first, then (with the balloon
         controller on) guests above their goal; waits up to `wait` seconds for their balloons."""
         mib = _int_arg(req, "mib", 0)
-        wait = float(req.get("wait", 20.0)) if isinstance(req.get("wait", 20.0), int | float) else 20.0
+        wait = req.get("wait", 20.0)
+        if isinstance(wait, bool) or not isinstance(wait, int | float) or wait < 0:
+            raise ControlError(f"wait: expected a number of seconds, got {wait!r}")
         engine = self._engine()
         before = host_available()
         engine.set_host_available(before)  # decide on a fresh figure
@@ -399,47 +405,17 @@ class HostAgent:
                                   "host_available_before_bytes": before}
         missing = mib * MIB - host_available()
         if self.balloon is not None and missing > 0:
-            targets = await self.balloon.reserve(missing // 1024)
-            ballooned = await self._await_balloons(targets, wait)
+            ballooned = await self.balloon.reserve(missing // 1024, float(wait))
             result["ballooned"] = ballooned
             result["ballooned_bytes"] = sum(b["released_kib"] for b in ballooned.values()) * 1024
         result["host_available_bytes"] = host_available()
         log.info("reserve %d MiB: %s", mib, result)
         return result
 
-    async def _await_balloons(self, targets: Mapping[str, int], wait: float) -> dict[str, Any]:
-        """Watch each guest's `actual` follow its new target for up to `wait` s; what it released."""
-        assert self.watcher is not None
-        watcher = self.watcher
-        uuids = {name: self.guests[name].domain for name in targets if name in self.guests}
-        start = await asyncio.to_thread(
-            lambda: {n: watcher.memory(u) for n, u in uuids.items() if u is not None})
-        deadline = time.monotonic() + wait
-        now_mem = start
-        while time.monotonic() < deadline:
-            now_mem = await asyncio.to_thread(
-                lambda: {n: watcher.memory(u) for n, u in uuids.items() if u is not None})
-            if all(m is not None and m[0] <= targets[n] + 1024 for n, m in now_mem.items()):
-                break
-            await asyncio.sleep(0.5)
-        out: dict[str, Any] = {}
-        for name, target in targets.items():
-            s0, s1 = start.get(name), now_mem.get(name)
-            out[self.guests[name].display if name in self.guests else name] = {
-                "target_kib": target,
-                "actual_kib": None if s1 is None else s1[0],
-                "released_kib": 0 if s0 is None or s1 is None else max(0, s0[0] - s1[0]),
-            }
-        return out
-
     def shrink(self, req: Mapping[str, Any]) -> dict[str, Any]:
         """Ask a guest to move `pages` persistent pages out of tmem (a SHRINK_PERSISTENT notice);
         the guest does it in its own time, so the reply says only that the notice went out."""
-        name = req.get("guest")
-        if isinstance(name, str) and name not in self.guests:  # a domain by its display name
-            name = next((g.name for g in self.guests.values() if g.display == name), name)
-        if not isinstance(name, str) or name not in self.guests:
-            raise ControlError(f"unknown guest {name!r}")
+        name = self._guest_named(req.get("guest"))
         pages = _int_arg(req, "pages", 0)
         if pages >= 1 << 64:
             raise ControlError(f"pages: at most {(1 << 64) - 1}, got {pages}")

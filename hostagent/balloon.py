@@ -33,7 +33,6 @@ from dataclasses import dataclass, field, replace
 from typing import Final
 
 KIB_PER_MIB: Final = 1024
-PAGE_KIB: Final = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +157,19 @@ def self_balloon_step(p: Params, current: int, goal: int, floor: int, max_kib: i
     return max(floor, min(new, max_kib))
 
 
+def not_ballooned(p: Params, o: Observation) -> str | None:
+    """Why the controller must leave this guest alone now (its state for `stats`), or None."""
+    if not p.enabled:
+        return "off"
+    if o.actual_kib is None:
+        return "no balloon figures"
+    if o.report_age is None or o.committed_kib is None:
+        return "no stats"
+    if o.report_age > p.stale_after:
+        return f"stale stats ({o.report_age:.0f} s)"
+    return None
+
+
 def in_distress(p: Params, obs: Observation, last_refused: int | None) -> str | None:
     """Why the guest is in distress, or None."""
     if obs.swapin_rate >= p.distress_swapin:
@@ -237,19 +249,11 @@ class Controller:
             st.floor_kib = floor_kib(p, o.max_kib)
             if o.committed_kib is not None:
                 st.goal_kib = max(st.floor_kib, min(goal_kib(p, o.committed_kib), o.max_kib))
-            if not p.enabled:
-                st.state = "off"
+            why_not = not_ballooned(p, o)
+            if why_not is not None:
+                st.state = why_not
                 continue
-            if o.actual_kib is None:
-                st.state = "no balloon figures"
-                continue
-            if o.report_age is None or o.committed_kib is None:
-                st.state = "no stats"
-                continue
-            if o.report_age > p.stale_after:
-                st.state = f"stale stats ({o.report_age:.0f} s)"
-                continue
-            assert st.goal_kib is not None
+            assert st.goal_kib is not None and o.actual_kib is not None and o.committed_kib is not None
             if st.boot_kib is None:  # first look with stats: the guest has booted (before that,
                 st.boot_kib = o.actual_kib  # QEMU may still report max memory as `actual`)
             cur = st.target_kib if st.target_kib is not None else o.actual_kib
@@ -376,10 +380,9 @@ class Controller:
         low_of: dict[str, int] = {}
         for name, o in obs.items():
             st = self.guests.get(name)
-            if st is None or not st.params.enabled or o.actual_kib is None \
-                    or o.committed_kib is None or o.report_age is None \
-                    or o.report_age > st.params.stale_after:
+            if st is None or not_ballooned(st.params, o) is not None:
                 continue
+            assert o.actual_kib is not None and o.committed_kib is not None
             low = max(floor_kib(st.params, o.max_kib), goal_kib(st.params, o.committed_kib))
             cur = st.target_kib if st.target_kib is not None else o.actual_kib
             if cur > low:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from guestagent import wire
+from guestagent.wire import PAGE_SIZE
 from hostagent.balloon import KIB_PER_MIB, Controller, GuestState, Observation, Plan
 from hostagent.channel import Guest
 from hostagent.config import BalloonConfig
@@ -26,7 +27,6 @@ from hostagent.virt import LibvirtWatcher
 log = logging.getLogger("hostagent.balloon")
 
 REFAULT_KEYS = ("workingset_refault_file", "workingset_refault_anon", "workingset_refault")
-PAGE = 4096
 
 
 class BalloonDriver:
@@ -80,13 +80,17 @@ class BalloonDriver:
                 self.errors += 1
                 log.exception("balloon controller step failed")
 
+    async def memories(self, names: Iterable[str]) -> dict[str, tuple[int, int] | None]:
+        """(actual, max) KiB per guest from libvirt, the blocking calls in one worker thread."""
+        domains = {n: self.guests[n].domain for n in names if n in self.guests}
+        return await asyncio.to_thread(
+            lambda: {n: self.watcher.memory(d) for n, d in domains.items() if d is not None})
+
     async def observe(self) -> dict[str, Observation]:
-        """One observation per ballooned guest (libvirt calls in a worker thread)."""
+        """One observation per ballooned guest."""
         domains = {g.name: g for g in self.guests.values()
                    if g.domain is not None and g.name in self.controller.guests}
-        figures = await asyncio.to_thread(
-            lambda: {name: self.watcher.memory(g.domain) for name, g in domains.items()
-                     if g.domain is not None})
+        figures = await self.memories(domains)
         now = time.monotonic()
         obs: dict[str, Observation] = {}
         for name, g in domains.items():
@@ -112,12 +116,13 @@ class BalloonDriver:
         engine = self.engine()
         obs = await self.observe()
         available = self.host_available()
-        engine.set_host_available(available)
-        st = engine.stats()["pool"]
-        excess = max(0, st["used_bytes"] - st["budget_bytes"]) if st["ephemeral_pages"] == 0 else 0
+        # The engine's budget follows host memory (the agent samples it every second); whatever is
+        # over it once the ephemeral pages are gone is persistent.
+        over = engine.arena.used_bytes - engine.budget_bytes
+        excess = max(0, over) if engine.eph_bytes == 0 else 0
         plan = self.controller.step(time.monotonic(), obs, available // 1024,
-                                    ephemeral_kib=st["ephemeral_bytes"] // 1024,
-                                    persistent_excess_pages=-(-excess // PAGE))
+                                    ephemeral_kib=engine.eph_bytes // 1024,
+                                    persistent_excess_pages=-(-excess // PAGE_SIZE))
         self.last_plan = plan
         if plan.drop_ephemeral_kib:
             freed = engine.reserve(available + plan.drop_ephemeral_kib * 1024)
@@ -151,12 +156,29 @@ class BalloonDriver:
                 log.info("domain %s: balloon %s %d -> %d MiB (%s)", guest.display, st.last.action,
                          st.last.from_kib // KIB_PER_MIB, kib // KIB_PER_MIB, st.last.reason)
 
-    async def reserve(self, need_kib: int) -> dict[str, int]:
-        """Targets for `hostagent reserve` (guests above their goal), applied; name -> target."""
+    async def reserve(self, need_kib: int, wait: float) -> dict[str, Any]:
+        """`hostagent reserve`: lower the targets of guests above their goal, then watch each one's
+        `actual` follow for up to `wait` s; per guest (display name) what it released."""
         obs = await self.observe()
         targets = self.controller.reserve(time.monotonic(), need_kib, obs)
         await self.apply(targets)
-        return targets
+        start = {n: o.actual_kib for n, o in obs.items() if n in targets}
+        deadline = time.monotonic() + wait
+        while True:
+            now = await self.memories(targets)
+            if time.monotonic() >= deadline or all(
+                    m is not None and m[0] <= targets[n] + 1024 for n, m in now.items()):
+                break
+            await asyncio.sleep(0.5)
+        out: dict[str, Any] = {}
+        for name, target in targets.items():
+            before, after = start.get(name), now.get(name)
+            out[self.guests[name].display if name in self.guests else name] = {
+                "target_kib": target,
+                "actual_kib": None if after is None else after[0],
+                "released_kib": 0 if before is None or after is None else max(0, before - after[0]),
+            }
+        return out
 
     # -- what `hostagent stats` shows ---------------------------------------------------------------
 

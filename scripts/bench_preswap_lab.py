@@ -115,8 +115,9 @@ def main() -> int:
         print(f"[bench] kernel swap: {json.dumps(kernel)}", file=sys.stderr)
         preswap = case(limit_kib, common)
         print(f"[bench] preswap: {json.dumps(preswap)}", file=sys.stderr)
-        host = next(g for g in lab.stats()["guests"].values() if g.get("name") == GUEST)["persistent"]
-        virt = lab.stats().get("agent", {})
+        final = lab.stats()
+        host = next(g for g in final["guests"].values() if g.get("name") == GUEST)["persistent"]
+        virt = final.get("agent", {})
     finally:
         lab.down()
     agent = preswap.pop("agent")

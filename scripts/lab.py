@@ -25,7 +25,6 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -34,6 +33,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from guestagent import tomlfile  # noqa: E402
 from guestagent.jsonline import is_listening  # noqa: E402
 from hostagent import control, statsview  # noqa: E402
 from hostagent.domain import Guest, IOTune, detect_virt_type, domain_xml  # noqa: E402
@@ -92,10 +92,7 @@ def default_lab(n: int, balloon: dict[str, Any] | None = None) -> Lab:
 
 
 def load_lab(path: Path) -> Lab:
-    try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise LabError(f"{path}: {err}") from None
+    data = tomlfile.read(path, LabError)
     unknown = set(data) - {"host", "guest"}
     if unknown:
         raise LabError(f"{path}: unknown table(s) {', '.join(sorted(unknown))} (known: host, guest)")
