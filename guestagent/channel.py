@@ -33,9 +33,9 @@ import select
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Final, cast
+from typing import Any, Final, TypeVar, cast
 
 import trio
 from trio.lowlevel import (
@@ -53,6 +53,8 @@ __all__ = [
     "Channel",
     "ChannelClosed",
     "ChannelError",
+    "PendingGet",
+    "PendingPut",
     "Pool",
     "PoolLost",
     "open_channel",
@@ -80,6 +82,10 @@ _PORT_WRITE: Final = 32 << 10
 # A lone request's caller polls for its reply at most this long before parking as usual; once
 # such polls have held the event loop for _SYNC_SLICE in all, the next request parks (a
 # scheduler pass that serves other tasks' I/O).
+# A task pipelining requests (`Pool.start_put`/`start_get`) may not yield for a long while; once
+# this many parts are queued it writes them itself, so the host works on them meanwhile instead
+# of the two sides taking turns.
+_FLUSH_PARTS: Final = 16
 _SYNC_WAIT: Final = 0.002
 _SYNC_SLICE: Final = 0.005
 
@@ -238,6 +244,25 @@ def _unwritten(parts: list[bytes | memoryview], n: int) -> list[bytes | memoryvi
     return []
 
 
+def _take_batch(q: list[bytes | memoryview], join: bool) -> list[bytes | memoryview]:
+    """Take the next write's parts off the front of `q`: up to _IOV_MAX buffers for writev on
+    a socket; on a virtio port, whose writev costs a round to QEMU per buffer, parts joined
+    into one write of at most _PORT_WRITE bytes."""
+    if not join:
+        parts = q[:_IOV_MAX]
+        del q[: len(parts)]
+        return parts
+    size = count = 0
+    for part in q:
+        if count and size + len(part) > _PORT_WRITE:
+            break
+        size += len(part)
+        count += 1
+    parts = q[:count]
+    del q[:count]
+    return [b"".join(parts)] if count > 1 else parts
+
+
 def _status_name(status: int) -> str:
     try:
         return wire.Status(status).name
@@ -284,6 +309,57 @@ class _Req:
         return Abort.SUCCEEDED
 
 
+class PendingPut(_Req):
+    """A put sent by `Pool.start_put` and not yet awaited: `await` it for what `Pool.put`
+    returns.  Any number may be in flight from one task (requests pipeline by id), and a
+    reply that arrives before the await wakes no task at all."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, Any, bool]:
+        if not self.done:
+            self.task = current_task()
+            yield from wait_task_rescheduled(self.abort).__await__()
+        frame = self.unwrap()
+        if frame is None:
+            return False
+        status = frame.status
+        if status == _OK:
+            return True
+        if status == _NO_SPACE:
+            return False
+        raise _request_failed(frame)
+
+
+class PendingGet(_Req):
+    """A get sent by `Pool.start_get`: `await` it for what `Pool.get` returns."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, Any, bytes | None]:
+        if not self.done:
+            self.task = current_task()
+            yield from wait_task_rescheduled(self.abort).__await__()
+        frame = self.unwrap()
+        if frame is None:
+            return None
+        status = frame.status
+        if status == _OK:
+            return frame.payload
+        if status == _NOT_FOUND:
+            return None
+        raise _request_failed(frame)
+
+
+_R = TypeVar("_R", bound=_Req)
+
+
+def _request_failed(frame: wire.Frame) -> ChannelError:
+    return ChannelError(
+        f"{wire.Op(frame.opcode).name} on pool {frame.pool} failed: {_status_name(frame.status)}"
+    )
+
+
 def _complete(req: _Req, frame: wire.Frame | None, error: ChannelError | None = None) -> None:
     """Record the result; wake the caller if it is parked (a vector op may not be yet)."""
     req.frame = frame
@@ -300,7 +376,7 @@ class _Conn:
 
     __slots__ = (
         "budget", "buf", "error", "fd", "frames_in", "join", "outq", "poller", "scope", "view", "woken",
-        "writer",
+        "writer", "writing",
     )  # fmt: skip
 
     def __init__(self, fd: int, join: bool) -> None:
@@ -315,6 +391,7 @@ class _Conn:
         self.budget = hold_budget()
         self.outq: list[bytes | memoryview] = []
         self.writer: Task | None = None  # the writer task while it is parked on an empty queue
+        self.writing = False  # the writer holds parts taken off outq that are not all written
         self.woken = 0  # callers woken by the last read: more than one means a burst follows
         self.scope = trio.CancelScope()
         self.error: BaseException | None = None
@@ -408,6 +485,22 @@ class Pool:
         if status == _NOT_FOUND:
             return None
         raise self._ch._failed(frame)
+
+    async def start_put(self, oid: bytes, index: int, page: bytes) -> PendingPut:
+        """Send a put without waiting for its reply; `await` the result for `put`'s answer.
+
+        This is pipelining from one task: keep a window of requests in flight and await the
+        oldest, as a stream of puts and gets would.  Requests on a channel are applied in
+        order, so a get started after a put of the same key sees that put.  Waits only while
+        a persistent pool's host is away (an ephemeral pool's put is then dropped: False).
+        """
+        if len(page) != _PAGE_SIZE:
+            raise ValueError(f"page is {len(page)} bytes, want {_PAGE_SIZE}")
+        return await self._ch._pipeline(PendingPut, self, _PUT, oid, index, page)
+
+    async def start_get(self, oid: bytes, index: int) -> PendingGet:
+        """Send a get without waiting for its reply; `await` the result for `get`'s answer."""
+        return await self._ch._pipeline(PendingGet, self, _GET, oid, index, b"")
 
     async def flush_page(self, oid: bytes, index: int) -> None:
         """Drop one page from the pool."""
@@ -631,9 +724,7 @@ class Channel:
         return pool
 
     def _failed(self, frame: wire.Frame) -> ChannelError:
-        return ChannelError(
-            f"{wire.Op(frame.opcode).name} on pool {frame.pool} failed: {_status_name(frame.status)}"
-        )
+        return _request_failed(frame)
 
     def _send(self, conn: _Conn, head: bytes, body: bytes) -> None:
         """Queue bytes for the writer and wake it if it sleeps (no checkpoint, no task)."""
@@ -678,6 +769,46 @@ class Channel:
         self._rid = rid
         req = self._pending[rid] = _Req(rid, head, body, pool, self._pending)
         self._send(conn, head, body)
+        return req
+
+    async def _pipeline(
+        self, kind: type[_R], pool: Pool, op: int, oid: bytes, index: int, body: bytes
+    ) -> _R:
+        """Queue a request of `kind` for `Pool.start_put`/`start_get`; never reads a reply.
+
+        Unlike `_start` there is no lone-request shortcut (its caller would wait for this
+        reply in place, the opposite of pipelining).  Without a connection an ephemeral
+        pool's request completes at once as dropped; a persistent pool's waits for the host.
+        """
+        if (not self._ready or pool._destroyed or pool._lost is not None) and not await self._gate(
+            pool, False
+        ):
+            dropped = kind(0, b"", b"", pool, {})
+            _complete(dropped, None)
+            return dropped
+        conn = self._conn
+        assert conn is not None
+        rid = self._rid + 1 if self._rid < 0xFFFF_FFFF else 1
+        if len(oid) != 24:
+            raise ValueError(f"oid is {len(oid)} bytes, want 24")
+        try:
+            head = _pack_header(_MAGIC, _VERSION, op, 0, 0, 0, rid, pool._remote, oid, index, len(body))
+        except struct.error as exc:
+            raise ValueError(f"cannot encode {wire.Op(op).name} request: {exc}") from None
+        self._rid = rid
+        pending = self._pending
+        req = pending[rid] = kind(rid, head, body, pool, pending)
+        q = conn.outq
+        q.append(head)
+        if body:
+            q.append(body)
+        if len(q) >= _FLUSH_PARTS and not conn.writing:
+            self._flush(conn)
+        else:
+            writer = conn.writer
+            if writer is not None:
+                conn.writer = None
+                reschedule(writer)
         return req
 
     async def _wait(self, req: _Req) -> wire.Frame | None:
@@ -980,20 +1111,8 @@ class Channel:
                     conn.writer = current_task()
                     await wait_task_rescheduled(abort)
                     continue
-                if join:
-                    size = count = 0
-                    for part in q:
-                        if count and size + len(part) > _PORT_WRITE:
-                            break
-                        size += len(part)
-                        count += 1
-                    parts: list[bytes | memoryview] = q[:count]
-                    del q[:count]
-                    if count > 1:
-                        parts = [b"".join(parts)]
-                else:
-                    parts = q[:_IOV_MAX]
-                    del q[: len(parts)]
+                parts = _take_batch(q, join)
+                conn.writing = True  # holding parts: nobody else may write until they are out
                 while True:
                     try:
                         n = writev(fd, parts)
@@ -1003,8 +1122,29 @@ class Channel:
                     if n == sum(map(len, parts)):
                         break
                     parts = _unwritten(parts, n)
+                conn.writing = False
         except (trio.ClosedResourceError, OSError) as exc:
             self._break(conn, exc)
+
+    def _flush(self, conn: _Conn) -> None:
+        """Write the queue now, from the caller's step (see _FLUSH_PARTS); only while the
+        writer holds no parts of its own, so nothing is reordered.  What the kernel does not
+        take stays queued, in order, for the writer."""
+        q = conn.outq
+        parts = _take_batch(q, conn.join)
+        try:
+            n = os.writev(conn.fd, parts)
+        except BlockingIOError:
+            n = 0
+        except OSError as exc:
+            self._break(conn, exc)  # the requests stay pending: stalled or dropped
+            return
+        if n != sum(map(len, parts)):
+            q[:0] = _unwritten(parts, n)
+            writer = conn.writer
+            if writer is not None:
+                conn.writer = None
+                reschedule(writer)
 
     def _break(self, conn: _Conn, exc: BaseException) -> None:
         """Mark `conn` dead and stop its tasks.

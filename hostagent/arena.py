@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+import xxhash
+
 from guestagent.wire import PAGE_SIZE
 
 SLAB_SHIFT: Final = 18
@@ -41,12 +43,14 @@ SLOT_FREE: Final = 0
 # state, pool handle, generation, object id, index, checksum, data length, encoding, flags
 SLOT_HEADER: Final = struct.Struct("<IIQ24sIIHBB")
 SLOT_HEADER_SIZE: Final = SLOT_HEADER.size  # 52
-_STATE = struct.Struct("<I")
+_RAW_SLOT: Final = struct.Struct(SLOT_HEADER.format + f"{PAGE_SIZE}s")  # header and a raw page
 _STATE_GEN = struct.Struct("<I4xQ")
 _GEN = struct.Struct("<Q")
 _GEN_OFFSET: Final = 8
 
-FLAG_CHECKSUM: Final = 1  # the slot carries a checksum (persistent pages); others are not rebuilt
+# A slot with a checksum (persistent pages) is rebuilt after a restart; others are not.
+FLAG_CHECKSUM: Final = 1  # CRC-32 (`crc32_checksum`): written by earlier versions, still verified
+FLAG_XXH3: Final = 2  # xxh3-64 (`checksum`), what puts write now: ~5x cheaper per page than CRC-32
 
 # Slot sizes including the header. The smallest holds a same-filled page (8-byte word); the largest a
 # raw page. In between, steps fine enough that lz4 pages (typically 1.3-3 KiB) pack densely.
@@ -67,6 +71,8 @@ CLASS_FOR_LENGTH: Final[tuple[int, ...]] = tuple(
 )
 
 _NO_SLAB: Final = -1
+_xxh3: Final = xxhash.xxh3_64_intdigest
+_xxh32: Final = xxhash.xxh32_intdigest
 
 # A slot reference packs what a read needs into one int, so a get touches no header:
 # offset << REF_SHIFT | data length << 2 | encoding.
@@ -91,9 +97,33 @@ class ArenaFull(ArenaError):
 
 
 def checksum(handle: int, generation: int, oid: bytes, index: int, encoding: int, data: bytes) -> int:
-    """CRC-32 over a slot's key, generation, encoding and data: a torn header or page fails it."""
+    """A slot's checksum over its key, generation, encoding and data: a torn header or page, or
+    a page written at the wrong place, fails it.
+
+    xxh3-64 of the page (low 32 bits, the header's field): on a 4 KiB page ~0.3 us against
+    CRC-32's ~1.6 us here, which was a third of a persistent put.
+    """
+    # Written so the compiled code stays on small ints: one mask of xxh3's 64-bit result, the
+    # 24-byte oid through xxh32 (a 32-bit result), the other fields shifted into 32 bits.
+    return ((_xxh3(data, generation) & 0xFFFFFFFF) ^ _xxh32(oid, index) ^ handle << 20
+            ^ encoding << 16 ^ len(data)) & 0xFFFFFFFF
+
+
+def crc32_checksum(handle: int, generation: int, oid: bytes, index: int, encoding: int,
+                   data: bytes) -> int:
+    """The CRC-32 checksum of slots written before FLAG_XXH3 (an arena from an older version)."""
     seed = (handle * 0x9E3779B1 ^ generation ^ (index << 7) ^ (encoding << 29) ^ len(data)) & 0xFFFFFFFF
     return zlib.crc32(data, zlib.crc32(oid, seed))
+
+
+def verify(flags: int, crc: int, handle: int, generation: int, oid: bytes, index: int,
+           encoding: int, data: bytes) -> bool:
+    """True if the slot carries a checksum and it matches."""
+    if flags & FLAG_XXH3:
+        return crc == checksum(handle, generation, oid, index, encoding, data)
+    if flags & FLAG_CHECKSUM:
+        return crc == crc32_checksum(handle, generation, oid, index, encoding, data)
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +187,7 @@ class Arena:
         self.max_generation = 0
         self.scanned = False
         self._pack_header = SLOT_HEADER.pack_into  # bound once: saves a method lookup per put
+        self._pack_page = _RAW_SLOT.pack_into
 
     # -- allocation -------------------------------------------------------------------------------
 
@@ -184,7 +215,9 @@ class Arena:
         """Allocate a slot and fill it (the put hot path: one call); returns its reference.
 
         A reused slot (the common case in a pool that fills and drains) is taken here without
-        the call to `alloc`; data first, then the header that makes the slot live.
+        the call to `alloc`. A raw page goes in with its header in one pack (a third of the
+        calls); other data first, then the header. Either way a slot torn by a crash is safe:
+        only checksummed slots are rebuilt, and a torn one fails its checksum.
         """
         free = self._free[size_class]
         if free:
@@ -198,8 +231,12 @@ class Arena:
             self.used_bytes += SLOT_SIZES[size_class]
         else:
             offset = self.alloc(size_class)
-        start = offset + SLOT_HEADER_SIZE
         length = len(data)
+        if length == PAGE_SIZE:
+            self._pack_page(self._mm, offset, SLOT_LIVE, handle, generation, oid, index, crc,
+                            PAGE_SIZE, encoding, flags, data)
+            return offset << REF_SHIFT | PAGE_SIZE << 2 | encoding
+        start = offset + SLOT_HEADER_SIZE
         self._mm[start : start + length] = data
         self._pack_header(self._mm, offset, SLOT_LIVE, handle, generation, oid, index, crc,
                           length, encoding, flags)
@@ -225,7 +262,9 @@ class Arena:
         """
         offset = ref >> REF_SHIFT
         if mark:
-            _STATE.pack_into(self._mm, offset, SLOT_FREE)
+            # One byte is enough to make the state word differ from SLOT_LIVE (and cheaper
+            # than packing the word).
+            self._mm[offset] = SLOT_FREE
         slab = offset >> SLAB_SHIFT
         size_class = self._slab_class[slab]
         size = SLOT_SIZES[size_class]
@@ -356,8 +395,7 @@ class Arena:
                     free.append(base + pos)
                     continue
                 data = raw[pos + SLOT_HEADER_SIZE : pos + SLOT_HEADER_SIZE + length]
-                verified = bool(flags & FLAG_CHECKSUM) and crc == checksum(
-                    handle, gen, oid, index, encoding, data)
+                verified = verify(flags, crc, handle, gen, oid, index, encoding, data)
                 self._slab_live[slab] += 1
                 self.slots_in_use += 1
                 self.used_bytes += size

@@ -31,7 +31,7 @@ from guestagent.wire import PAGE_SIZE, PoolFlag
 from . import compress
 from .arena import (
     CLASS_FOR_LENGTH,
-    FLAG_CHECKSUM,
+    FLAG_XXH3,
     MAX_COMPRESSED,
     REF_SHIFT,
     SLOT_SIZES,
@@ -342,7 +342,7 @@ class PoolEngine:
             if persistent:
                 crc = checksum(handle, generation, oid, index, encoding, data)
                 ref = arena.store(size_class, handle, generation, oid, index, encoding, data,
-                                  crc, FLAG_CHECKSUM)
+                                  crc, FLAG_XXH3)
             else:
                 ref = arena.store(size_class, handle, generation, oid, index, encoding, data, 0, 0)
         except ArenaFull:

@@ -9,7 +9,8 @@ index must stay small enough that a million stored pages cost little Python heap
 (b) the same with lz4 on text-like pages vs lz4.block compress+decompress;  target ratio <= 1.5
 (c) zero pages vs the lz4 path through the engine;                          target ratio >= 5
 (d) Python heap per stored page while holding 1,000,000 pages (tracemalloc); target <= 128 bytes
-Each timing is the median of several repetitions, the variants interleaved so noise hits all alike.
+Each timing is the median of several repetitions, the variants interleaved so noise hits all alike;
+each ratio is the median of the per-repetition ratios.
 """
 
 from __future__ import annotations
@@ -211,7 +212,9 @@ def bench_speed(root: Path) -> dict[str, Any]:
         arena.close()
 
     def ratio(a: str, b: str) -> float:
-        return round(med[a] / med[b], 3)
+        """The median of the per-repetition ratios: each repetition times both sides back to
+        back, so a burst of noise (this is a shared 2-core machine) hits them alike."""
+        return round(statistics.median(x / y for x, y in zip(runs[a], runs[b], strict=True)), 3)
 
     return {
         "pages_per_rep": N_PAGES,

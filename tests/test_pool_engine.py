@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from guestagent.wire import PAGE_SIZE, PoolFlag
-from hostagent.arena import SLOT_SIZES, Arena
+from hostagent.arena import FLAG_CHECKSUM, REF_SHIFT, SLOT_SIZES, Arena, crc32_checksum
 from hostagent.pool import (
     Client,
     ClientSettings,
@@ -605,6 +605,31 @@ def test_corrupted_slot_is_not_served_after_restart(harness: Harness) -> None:
     for i in (0, 1, 3, 4):
         assert engine2.get(a2, pid, oid(1), i) == pages[i]
     assert engine2.stats()["pool"]["persistent_pages"] == 4
+
+
+def test_crc32_slots_of_an_older_arena_are_still_verified(harness: Harness) -> None:
+    """Arenas written before xxh3 carry CRC-32 slots (FLAG_CHECKSUM): an upgrade keeps them."""
+    engine = harness.open()
+    a = client(engine, "g1", compress=False)
+    pid = engine.new_pool(a, PERS)
+    pages = [random_page(i) for i in range(4)]
+    for i, page in enumerate(pages):
+        assert engine.put(a, pid, oid(1), i, page)
+    arena = harness.arenas[-1]
+    pool = next(p for p in engine._pools.values() if p.persistent)
+    for i, ref in pool.objects[oid(1)].items():  # rewrite each header as the old version did
+        offset = ref >> REF_SHIFT
+        _, handle, generation, key, index, _, length, encoding, _ = arena.header(offset)
+        crc = crc32_checksum(handle, generation, key, index, encoding, pages[i])
+        arena.write(offset, handle, generation, key, index, encoding, pages[i],
+                    crc ^ (1 if i == 3 else 0), FLAG_CHECKSUM)  # slot 3: a bad checksum
+
+    engine2 = harness.open()
+    a2 = engine2.client("g1")
+    for i in range(3):
+        assert engine2.get(a2, pid, oid(1), i) == pages[i]
+    assert engine2.get(a2, pid, oid(1), 3) is None
+    assert engine2.rejected_slots == 1
 
 
 def test_held_exclusive_get_is_freed_only_when_delivered(harness: Harness) -> None:
