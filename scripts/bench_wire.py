@@ -20,9 +20,12 @@ ours (a real `hostagent run` subprocess: temp config, arena in a tmp dir on /dev
 engine's business and `scripts/bench pool` measures it, this measures the channel):
 - `get_rtt_us`: median `Pool.get` of one stored page on a persistent pool created WITHOUT
   EXCLUSIVE_GETS (so every get hits), one request in flight, `rtt_samples` samples.
-- `throughput_mbs`: `window` tasks, each looping `put(k)` then `get(k)` on that pool over
-  64 keys of its own, i.e. `window` requests in flight, for about `seconds` seconds:
+- `throughput_mbs`: one task keeping `window` requests in flight, as the echo client does:
+  `start_put(k)` then `start_get(k)` (the get must return the put's page), awaiting the oldest
+  pair once `window` requests are out, over 64 keys, for about `seconds` seconds:
   (puts + gets) * 4096 / elapsed / 1e6 (page bytes moved).
+- `throughput_tasks_mbs` (information): `window` tasks, each looping `await put(k)` then
+  `await get(k)`, i.e. also `window` requests in flight, each parked on its own reply.
 - `throughput_vector16_mbs` (information): the same page bytes moved with PUT_VEC/GET_VEC of 16
   pages per request, `window`/16 requests in flight (see `vector_throughput`).
 - `throughput_lz4_mbs` (information, no target): the same on guest "bench_lz4", which has
@@ -215,43 +218,37 @@ async def channel_throughput(pool: Pool, window: int, seconds: float) -> tuple[f
 async def pipelined_throughput(pool: Pool, window: int, seconds: float) -> tuple[float, int]:
     """(MB/s of page bytes moved, operations done) with one task keeping `window` requests in
     flight, as the echo client does: start put(k) and get(k) back to back (the channel applies
-    them in order, so the get must see the put), await the oldest whenever the window is full.
+    them in order, so the get must see the put), await the oldest pair once the window is full.
     """
     pages = [_page(i) for i in range(KEYS_PER_TASK)]
     oid = b"pipe".ljust(24, b"\0")
-    inflight: collections.deque[tuple[int, PendingPut | PendingGet]] = collections.deque()
+    pairs: collections.deque[tuple[int, PendingPut, PendingGet]] = collections.deque()
+    most = max(1, window // 2)
+    start_put, start_get = pool.start_put, pool.start_get
     ops = 0
-
-    def check(key: int, stored: bool, got: bytes | None) -> None:
-        if stored and got != pages[key]:
-            raise RuntimeError("a pipelined get returned the wrong page")
-
     t0 = time.perf_counter()
     deadline = t0 + seconds
     i = 0
-    stored = False
-    while time.perf_counter() < deadline:
-        for _ in range(window // 2):
-            key = i % KEYS_PER_TASK
-            inflight.append((key, await pool.start_put(oid, key, pages[key])))
-            inflight.append((key, await pool.start_get(oid, key)))
-            i += 1
-        while len(inflight) > window // 2:
-            key, pending = inflight.popleft()
-            result = await pending
-            if isinstance(pending, PendingPut):
-                stored = bool(result)
-            else:
-                check(key, stored, result)  # type: ignore[arg-type]
-            ops += 1
-    while inflight:
-        key, pending = inflight.popleft()
-        result = await pending
-        if isinstance(pending, PendingPut):
-            stored = bool(result)
-        else:
-            check(key, stored, result)  # type: ignore[arg-type]
-        ops += 1
+    while True:
+        key = i % KEYS_PER_TASK
+        pairs.append((key, start_put(oid, key, pages[key]), start_get(oid, key)))
+        i += 1
+        if len(pairs) < most:
+            continue
+        key, put, get = pairs.popleft()
+        stored = put.result() if put.done else await put
+        got = get.result() if get.done else await get
+        if got != pages[key] and stored:
+            raise RuntimeError("a pipelined get returned the wrong page")
+        ops += 2
+        if not i % 64 and time.perf_counter() >= deadline:
+            break
+    while pairs:
+        key, put, get = pairs.popleft()
+        stored = await put
+        if await get != pages[key] and stored:
+            raise RuntimeError("a pipelined get returned the wrong page")
+        ops += 2
     elapsed = time.perf_counter() - t0
     return ops * wire.PAGE_SIZE / elapsed / 1e6, ops
 

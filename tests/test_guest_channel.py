@@ -170,6 +170,71 @@ def test_many_concurrent_requests_are_pipelined(
     run(main)
 
 
+def test_one_task_pipelines_a_window_of_requests(host_agent: HostAgentProcess) -> None:
+    """start_put/start_get from one task: 300 requests in flight at once, applied in order (a
+    get started right after a put of its key sees that page, one started after a flush does
+    not), each answer the same whether read with result() or awaited, few writes."""
+
+    async def main() -> None:
+        async with open_channel(host_agent.sockets["g1"]) as ch:
+            pool = await ch.new_pool(PERSISTENT)
+            eph = await ch.new_pool(0)
+            puts = [pool.start_put(oid(7), i, page(i)) for i in range(100)]
+            gets = [pool.start_get(oid(7), i) for i in range(100)]
+            flush = pool.start_put(oid(7), 100, page(100))
+            miss = pool.start_get(oid(8), 0)
+            eph_put = eph.start_put(oid(9), 0, page(9))
+            eph_get = eph.start_get(oid(9), 0)
+            eph_gone = eph.start_get(oid(9), 0)  # private ephemeral gets are exclusive
+            assert not any(p.done for p in puts), "nothing can be answered before we yield"
+            with pytest.raises(RuntimeError):
+                gets[0].result()
+            assert [await p for p in puts] == [True] * 100
+            assert [await g for g in gets] == [page(i) for i in range(100)]
+            assert all(g.done and g.result() == page(i) for i, g in enumerate(gets))
+            assert await flush is True
+            assert await miss is None
+            assert await eph_put is True
+            assert await eph_get == page(9)
+            assert await eph_gone is None
+            await pool.flush_page(oid(7), 0)
+            assert await pool.start_get(oid(7), 0) is None
+            with pytest.raises(ValueError):
+                pool.start_put(oid(7), 0, b"short")
+
+    run(main)
+
+
+def test_pipelined_requests_across_a_host_restart(host_agent: HostAgentProcess) -> None:
+    """Started while the agent is frozen or gone: a persistent pool's requests wait and are sent
+    after the next handshake, an ephemeral pool's complete at once as dropped."""
+
+    async def main() -> None:
+        async with open_channel(host_agent.sockets["g1"], retry_interval=RETRY) as ch:
+            per = await ch.new_pool(PERSISTENT)
+            eph = await ch.new_pool(0)
+            assert await per.start_put(oid(1), 0, page(1))
+            os.kill(host_agent.pid, signal.SIGSTOP)
+            in_flight = per.start_get(oid(1), 0)
+            await trio.sleep(0.1)
+            await in_thread(host_agent.kill)
+            await until(lambda: not ch.connected, "the channel to notice")
+            put_down = per.start_put(oid(1), 1, page(2))
+            get_down = per.start_get(oid(1), 1)
+            eph_put = eph.start_put(oid(2), 0, page(3))
+            eph_get = eph.start_get(oid(2), 0)
+            assert eph_put.done and eph_put.result() is False
+            assert eph_get.done and eph_get.result() is None
+            assert not put_down.done
+            await in_thread(host_agent.start)
+            assert await in_flight == page(1)
+            assert await put_down is True
+            assert await get_down == page(2)
+            assert ch.generation == 2
+
+    run(main)
+
+
 def test_vectored_ops_split_by_max_vector(host_agent: HostAgentProcess) -> None:
     n = 2 * host_agent.max_vector + 22  # three PUT_VEC frames
 

@@ -619,7 +619,7 @@ def test_crc32_slots_of_an_older_arena_are_still_verified(harness: Harness) -> N
     pool = next(p for p in engine._pools.values() if p.persistent)
     for i, ref in pool.objects[oid(1)].items():  # rewrite each header as the old version did
         offset = ref >> REF_SHIFT
-        _, handle, generation, key, index, _, length, encoding, _ = arena.header(offset)
+        _, handle, generation, key, index, _, _, encoding, _ = arena.header(offset)
         crc = crc32_checksum(handle, generation, key, index, encoding, pages[i])
         arena.write(offset, handle, generation, key, index, encoding, pages[i],
                     crc ^ (1 if i == 3 else 0), FLAG_CHECKSUM)  # slot 3: a bad checksum
