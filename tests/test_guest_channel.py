@@ -205,6 +205,31 @@ def test_one_task_pipelines_a_window_of_requests(host_agent: HostAgentProcess) -
     run(main)
 
 
+def test_pipelined_puts_past_a_full_socket_stay_in_order(host_agent: HostAgentProcess) -> None:
+    """With the agent frozen, 400 started puts (1.6 MiB) overflow the socket: the caller's own
+    writes stop short and leave the rest queued, in order, for the writer; once the agent runs
+    again every put lands and the last one of each key wins."""
+
+    async def main() -> None:
+        async with open_channel(host_agent.sockets["g1"]) as ch:
+            pool = await ch.new_pool(PERSISTENT)
+            os.kill(host_agent.pid, signal.SIGSTOP)
+            try:
+                puts = [pool.start_put(oid(3), i % 100, page(i)) for i in range(400)]
+                await trio.sleep(0.2)
+                assert not any(p.done for p in puts)
+                conn = ch._conn
+                # the socket is full: the writer holds the tail, waiting for room
+                assert conn is not None and conn.writing, "the socket never filled"
+            finally:
+                os.kill(host_agent.pid, signal.SIGCONT)
+            assert [await p for p in puts] == [True] * 400
+            gets = [pool.start_get(oid(3), i) for i in range(100)]
+            assert [await g for g in gets] == [page(300 + i) for i in range(100)]
+
+    run(main)
+
+
 def test_pipelined_requests_across_a_host_restart(host_agent: HostAgentProcess) -> None:
     """Started while the agent is frozen or gone: a persistent pool's requests wait and are sent
     after the next handshake, an ephemeral pool's complete at once as dropped."""
