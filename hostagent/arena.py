@@ -43,7 +43,12 @@ SLOT_FREE: Final = 0
 # state, pool handle, generation, object id, index, checksum, data length, encoding, flags
 SLOT_HEADER: Final = struct.Struct("<IIQ24sIIHBB")
 SLOT_HEADER_SIZE: Final = SLOT_HEADER.size  # 52
-_RAW_SLOT: Final = struct.Struct(SLOT_HEADER.format + f"{PAGE_SIZE}s")  # header and a raw page
+# The same bytes packed as six fields (state | handle << 32, generation, oid, index, checksum,
+# length | encoding << 16 | flags << 24): every field a put passes is boxed and parsed, so fewer
+# fields make the put's header write cheaper.
+_SLOT_PACK: Final = struct.Struct("<QQ24sIII")
+if _SLOT_PACK.size != SLOT_HEADER_SIZE:  # pragma: no cover - layout guard
+    raise ImportError("the merged slot header layout does not match SLOT_HEADER")
 _STATE_GEN = struct.Struct("<I4xQ")
 _GEN = struct.Struct("<Q")
 _GEN_OFFSET: Final = 8
@@ -186,8 +191,7 @@ class Arena:
         self.used_bytes = 0  # bytes of live slots (what clients are charged)
         self.max_generation = 0
         self.scanned = False
-        self._pack_header = SLOT_HEADER.pack_into  # bound once: saves a method lookup per put
-        self._pack_page = _RAW_SLOT.pack_into
+        self._pack_header = _SLOT_PACK.pack_into  # bound once: saves a method lookup per put
 
     # -- allocation -------------------------------------------------------------------------------
 
@@ -215,9 +219,9 @@ class Arena:
         """Allocate a slot and fill it (the put hot path: one call); returns its reference.
 
         A reused slot (the common case in a pool that fills and drains) is taken here without
-        the call to `alloc`. A raw page goes in with its header in one pack (a third of the
-        calls); other data first, then the header. Either way a slot torn by a crash is safe:
-        only checksummed slots are rebuilt, and a torn one fails its checksum.
+        the call to `alloc`; data first, then the header that makes the slot live. (Not one
+        struct pack of header and page: struct zeroes its whole target before packing, a
+        second pass over the page.)
         """
         free = self._free[size_class]
         if free:
@@ -232,14 +236,10 @@ class Arena:
         else:
             offset = self.alloc(size_class)
         length = len(data)
-        if length == PAGE_SIZE:
-            self._pack_page(self._mm, offset, SLOT_LIVE, handle, generation, oid, index, crc,
-                            PAGE_SIZE, encoding, flags, data)
-            return offset << REF_SHIFT | PAGE_SIZE << 2 | encoding
         start = offset + SLOT_HEADER_SIZE
         self._mm[start : start + length] = data
-        self._pack_header(self._mm, offset, SLOT_LIVE, handle, generation, oid, index, crc,
-                          length, encoding, flags)
+        self._pack_header(self._mm, offset, SLOT_LIVE | handle << 32, generation, oid, index, crc,
+                          length | encoding << 16 | flags << 24)
         return offset << REF_SHIFT | length << 2 | encoding
 
     def _new_slab(self, size_class: int) -> int:

@@ -21,7 +21,15 @@ from typing import Any
 import pytest
 
 from guestagent.wire import PAGE_SIZE, PoolFlag
-from hostagent.arena import FLAG_CHECKSUM, REF_SHIFT, SLOT_SIZES, Arena, crc32_checksum
+from hostagent.arena import (
+    CLASS_FOR_LENGTH,
+    FLAG_CHECKSUM,
+    REF_SHIFT,
+    SLOT_LIVE,
+    SLOT_SIZES,
+    Arena,
+    crc32_checksum,
+)
 from hostagent.pool import (
     Client,
     ClientSettings,
@@ -605,6 +613,19 @@ def test_corrupted_slot_is_not_served_after_restart(harness: Harness) -> None:
     for i in (0, 1, 3, 4):
         assert engine2.get(a2, pid, oid(1), i) == pages[i]
     assert engine2.stats()["pool"]["persistent_pages"] == 4
+
+
+def test_store_writes_the_documented_slot_header(harness: Harness) -> None:
+    """store() packs the header as merged fields; the bytes must be SLOT_HEADER's layout."""
+    arena = Arena(harness.root / "layout", 1 << 20)
+    harness.arenas.append(arena)
+    data = random_page(3)[:1000]
+    ref = arena.store(CLASS_FOR_LENGTH[len(data)], 0x1234_5678, 2**40 + 7, oid(9), 0xFFFF_FFFE, 1, data,
+                      0xDEAD_BEEF, 3)
+    offset = ref >> REF_SHIFT
+    assert arena.header(offset) == (SLOT_LIVE, 0x1234_5678, 2**40 + 7, oid(9), 0xFFFF_FFFE,
+                                    0xDEAD_BEEF, len(data), 1, 3)
+    assert arena.read(ref) == (1, data)
 
 
 def test_crc32_slots_of_an_older_arena_are_still_verified(harness: Harness) -> None:
