@@ -79,13 +79,13 @@ _IOV_MAX: Final = 1024  # buffers per writev (Linux UIO_MAXIOV)
 # QEMU per buffer, and a write takes at most 32 KiB.  On a port, queued parts are joined into
 # writes of up to this size instead.
 _PORT_WRITE: Final = 32 << 10
-# A lone request's caller polls for its reply at most this long before parking as usual; once
-# such polls have held the event loop for _SYNC_SLICE in all, the next request parks (a
-# scheduler pass that serves other tasks' I/O).
 # A task pipelining requests (`Pool.start_put`/`start_get`) may not yield for a long while; once
 # this many parts are queued it writes them itself, so the host works on them meanwhile instead
 # of the two sides taking turns.
 _FLUSH_PARTS: Final = 16
+# A lone request's caller polls for its reply at most this long before parking as usual; once
+# such polls have held the event loop for _SYNC_SLICE in all, the next request parks (a
+# scheduler pass that serves other tasks' I/O).
 _SYNC_WAIT: Final = 0.002
 _SYNC_SLICE: Final = 0.005
 
@@ -263,6 +263,14 @@ def _take_batch(q: list[bytes | memoryview], join: bool) -> list[bytes | memoryv
     return [b"".join(parts)] if count > 1 else parts
 
 
+def _wake_writer(conn: _Conn) -> None:
+    """Reschedule the writer if it is parked on an empty queue."""
+    writer = conn.writer
+    if writer is not None:
+        conn.writer = None
+        reschedule(writer)
+
+
 def _status_name(status: int) -> str:
     try:
         return wire.Status(status).name
@@ -308,6 +316,18 @@ class _Req:
         self.pending.pop(self.rid, None)
         return Abort.SUCCEEDED
 
+    def _parked(self) -> Generator[Any, Any, None]:
+        """Park the awaiting task until the reply (or failure) is in, unless it already is."""
+        if not self.done:
+            self.task = current_task()
+            yield from wait_task_rescheduled(self.abort).__await__()
+
+    def _reply(self) -> wire.Frame | None:
+        """The reply of a `done` request (`Pending*.result`)."""
+        if not self.done:
+            raise RuntimeError("the request has no reply yet: await it")
+        return self.unwrap()
+
 
 class PendingPut(_Req):
     """A put sent by `Pool.start_put`: `await` it for what `Pool.put` returns.
@@ -321,24 +341,10 @@ class PendingPut(_Req):
 
     def result(self) -> bool:
         """The answer of a `done` put; raises what it failed with."""
-        if not self.done:
-            raise RuntimeError("the put has no reply yet: await it")
-        if self.error is not None:
-            raise self.error
-        frame = self.frame
-        if frame is None:
-            return False
-        status = frame.status
-        if status == _OK:
-            return True
-        if status == _NO_SPACE:
-            return False
-        raise _request_failed(frame)
+        return _put_answer(self._reply())
 
     def __await__(self) -> Generator[Any, Any, bool]:
-        if not self.done:
-            self.task = current_task()
-            yield from wait_task_rescheduled(self.abort).__await__()
+        yield from self._parked()
         return self.result()
 
 
@@ -350,34 +356,44 @@ class PendingGet(_Req):
 
     def result(self) -> bytes | None:
         """The answer of a `done` get; raises what it failed with."""
-        if not self.done:
-            raise RuntimeError("the get has no reply yet: await it")
-        if self.error is not None:
-            raise self.error
-        frame = self.frame
-        if frame is None:
-            return None
-        status = frame.status
-        if status == _OK:
-            return frame.payload
-        if status == _NOT_FOUND:
-            return None
-        raise _request_failed(frame)
+        return _get_answer(self._reply())
 
     def __await__(self) -> Generator[Any, Any, bytes | None]:
-        if not self.done:
-            self.task = current_task()
-            yield from wait_task_rescheduled(self.abort).__await__()
+        yield from self._parked()
         return self.result()
 
 
 _R = TypeVar("_R", bound=_Req)
 
 
-def _request_failed(frame: wire.Frame) -> ChannelError:
+def _failed(frame: wire.Frame) -> ChannelError:
     return ChannelError(
         f"{wire.Op(frame.opcode).name} on pool {frame.pool} failed: {_status_name(frame.status)}"
     )
+
+
+def _put_answer(frame: wire.Frame | None) -> bool:
+    """What a put's reply means: stored, refused (or dropped), or an error."""
+    if frame is None:
+        return False
+    status = frame.status
+    if status == _OK:
+        return True
+    if status == _NO_SPACE:
+        return False
+    raise _failed(frame)
+
+
+def _get_answer(frame: wire.Frame | None) -> bytes | None:
+    """What a get's reply means: the page, a miss (or dropped), or an error."""
+    if frame is None:
+        return None
+    status = frame.status
+    if status == _OK:
+        return frame.payload
+    if status == _NOT_FOUND:
+        return None
+    raise _failed(frame)
 
 
 def _complete(req: _Req, frame: wire.Frame | None, error: ChannelError | None = None) -> None:
@@ -458,14 +474,7 @@ class Pool:
                 req.unwrap() if req.done else await wait_task_rescheduled(req.abort))
         else:
             frame = await ch._call(self, _PUT, oid, index, page)
-        if frame is None:
-            return False
-        status = frame.status
-        if status == _OK:
-            return True
-        if status == _NO_SPACE:
-            return False
-        raise self._ch._failed(frame)
+        return _put_answer(frame)
 
     def put_nowait(self, oid: bytes, index: int, page: bytes) -> None:
         """Queue a NOREPLY put on an ephemeral pool and return at once.
@@ -497,14 +506,7 @@ class Pool:
                 req.unwrap() if req.done else await wait_task_rescheduled(req.abort))
         else:
             frame = await ch._call(self, _GET, oid, index, b"")
-        if frame is None:
-            return None
-        status = frame.status
-        if status == _OK:
-            return frame.payload
-        if status == _NOT_FOUND:
-            return None
-        raise self._ch._failed(frame)
+        return _get_answer(frame)
 
     def start_put(self, oid: bytes, index: int, page: bytes) -> PendingPut:
         """Send a put without waiting for its reply; `await` the result for `put`'s answer.
@@ -527,13 +529,13 @@ class Pool:
         """Drop one page from the pool."""
         frame = await self._ch._call(self, _FLUSH_PAGE, oid, index, b"")
         if frame is not None and frame.status != _OK:
-            raise self._ch._failed(frame)
+            raise _failed(frame)
 
     async def flush_object(self, oid: bytes) -> None:
         """Drop every page of an object (e.g. a file that was truncated or deleted)."""
         frame = await self._ch._call(self, _FLUSH_OBJECT, oid, 0, b"")
         if frame is not None and frame.status != _OK:
-            raise self._ch._failed(frame)
+            raise _failed(frame)
 
     async def put_many(self, items: Sequence[tuple[bytes, int, bytes]]) -> list[bool]:
         """Store many pages with PUT_VEC frames (split to the host's limits, pipelined)."""
@@ -550,7 +552,7 @@ class Pool:
             if frame is None or (frame.status == _NO_SPACE and not frame.payload):
                 out.extend([False] * n)
             elif frame.status != _OK:
-                raise self._ch._failed(frame)
+                raise _failed(frame)
             else:
                 for status in frame.payload:
                     if status not in (_OK, _NO_SPACE):
@@ -567,7 +569,7 @@ class Pool:
             if frame is None:
                 out.extend([None] * n)
             elif frame.status != _OK:
-                raise self._ch._failed(frame)
+                raise _failed(frame)
             else:
                 out.extend(wire.parse_get_vec_reply(frame.payload, n))
         return out
@@ -577,7 +579,7 @@ class Pool:
         parts = self._key_parts(keys)
         for frame in await self._ch._call_vector(self, wire.Op.FLUSH_VEC, parts):
             if frame is not None and frame.status != _OK:
-                raise self._ch._failed(frame)
+                raise _failed(frame)
 
     async def destroy(self) -> None:
         """Drop the pool and its pages on the host; the handle is unusable afterwards."""
@@ -599,7 +601,7 @@ class Pool:
         finally:
             ch._pools.pop(self, None)
         if frame is not None and frame.status != _OK:
-            raise ch._failed(frame)
+            raise _failed(frame)
 
     def _key_parts(self, keys: Sequence[tuple[bytes, int]]) -> list[tuple[int, bytes]]:
         step = self._ch._chunk
@@ -744,19 +746,13 @@ class Channel:
         self._pools[pool] = None
         return pool
 
-    def _failed(self, frame: wire.Frame) -> ChannelError:
-        return _request_failed(frame)
-
     def _send(self, conn: _Conn, head: bytes, body: bytes) -> None:
         """Queue bytes for the writer and wake it if it sleeps (no checkpoint, no task)."""
         q = conn.outq
         q.append(head)
         if body:
             q.append(body)
-        writer = conn.writer
-        if writer is not None:
-            conn.writer = None
-            reschedule(writer)
+        _wake_writer(conn)
 
     def _send_now(self, conn: _Conn, head: bytes, body: bytes) -> None:
         """Write a lone request straight to the fd, saving the writer's scheduler pass.
@@ -805,13 +801,8 @@ class Channel:
         """
         if self._closed or self._fatal is not None or pool._lost is not None or pool._destroyed:
             self._check_pool(pool)  # raises
-        if len(oid) != 24:
-            raise ValueError(f"oid is {len(oid)} bytes, want 24")
         rid = self._rid + 1 if self._rid < 0xFFFF_FFFF else 1
-        try:
-            head = _pack_header(_MAGIC, _VERSION, op, 0, 0, 0, rid, pool._remote, oid, index, len(body))
-        except struct.error as exc:
-            raise ValueError(f"cannot encode {wire.Op(op).name} request: {exc}") from None
+        head = _header(op, 0, rid, pool._remote, oid, index, len(body))
         conn = self._conn
         if not self._ready or conn is None:
             if not pool.persistent:
@@ -824,17 +815,9 @@ class Channel:
         self._rid = rid
         pending = self._pending
         req = pending[rid] = kind(rid, head, body, pool, pending)
-        q = conn.outq
-        q.append(head)
-        if body:
-            q.append(body)
-        if len(q) >= _FLUSH_PARTS and not conn.writing:
+        self._send(conn, head, body)
+        if len(conn.outq) >= _FLUSH_PARTS and not conn.writing:
             self._flush(conn)
-        else:
-            writer = conn.writer
-            if writer is not None:
-                conn.writer = None
-                reschedule(writer)
         return req
 
     async def _wait(self, req: _Req) -> wire.Frame | None:
@@ -1167,10 +1150,7 @@ class Channel:
             return
         if n != sum(map(len, parts)):
             q[:0] = _unwritten(parts, n)
-            writer = conn.writer
-            if writer is not None:
-                conn.writer = None
-                reschedule(writer)
+            _wake_writer(conn)
 
     def _break(self, conn: _Conn, exc: BaseException) -> None:
         """Mark `conn` dead and stop its tasks.

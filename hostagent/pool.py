@@ -145,6 +145,18 @@ class Pool:
         self.fresh: list[int] = []
         self.log_head = 0
 
+    def remember(self, entry: int) -> None:
+        """Log a page as the pool's youngest (ephemeral pools' LRU)."""
+        fresh = self.fresh
+        fresh.append(entry)
+        if len(fresh) >= _FRESH_BATCH:
+            self.settle_log()
+
+    def settle_log(self) -> None:
+        """Move the young entries into `log`, after everything there (they are younger)."""
+        self.log.fromlist(self.fresh)
+        self.fresh.clear()
+
     @property
     def kind(self) -> str:
         return ("shared-" if self.shared else "private-") + (
@@ -352,11 +364,7 @@ class PoolEngine:
         except ArenaFull:
             return self._store_fragmented(client, pool, oid, index, raw)
         if not persistent:
-            fresh = pool.fresh
-            fresh.append((ref >> REF_SHIFT) << _LOG_SHIFT | (generation & _LOG_GEN))
-            if len(fresh) >= _FRESH_BATCH:
-                pool.log.fromlist(fresh)
-                fresh.clear()
+            pool.remember((ref >> REF_SHIFT) << _LOG_SHIFT | (generation & _LOG_GEN))
             self.eph_bytes += size
         if pages is None:
             pages = objects[oid] = {}
@@ -452,7 +460,7 @@ class PoolEngine:
         self._generation = generation = self._generation + 1
         offset = ref >> REF_SHIFT
         self.arena.set_generation(offset, generation)
-        pool.fresh.append(offset << _LOG_SHIFT | (generation & _LOG_GEN))
+        pool.remember(offset << _LOG_SHIFT | (generation & _LOG_GEN))
 
     def flush_page(self, client: Client, pool_id: int, oid: bytes, index: int) -> None:
         pool = self._pool(client, pool_id)
@@ -481,10 +489,9 @@ class PoolEngine:
 
         Stale log entries met on the way (pages already got, flushed or touched) are dropped.
         """
+        if pool.fresh:
+            pool.settle_log()
         log = pool.log
-        if pool.fresh:  # younger than everything in the log: it goes at the end
-            log.fromlist(pool.fresh)
-            pool.fresh.clear()
         head = pool.log_head
         end = len(log)
         arena = self.arena

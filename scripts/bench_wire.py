@@ -229,24 +229,19 @@ async def pipelined_throughput(pool: Pool, window: int, seconds: float) -> tuple
     t0 = time.perf_counter()
     deadline = t0 + seconds
     i = 0
-    while True:
-        key = i % KEYS_PER_TASK
-        pairs.append((key, start_put(oid, key, pages[key]), start_get(oid, key)))
-        i += 1
-        if len(pairs) < most:
-            continue
+    starting = True
+    while starting or pairs:
+        if starting:
+            key = i % KEYS_PER_TASK
+            pairs.append((key, start_put(oid, key, pages[key]), start_get(oid, key)))
+            i += 1
+            if len(pairs) < most:
+                continue
+            starting = i % 64 != 0 or time.perf_counter() < deadline
         key, put, get = pairs.popleft()
         stored = put.result() if put.done else await put
         got = get.result() if get.done else await get
         if got != pages[key] and stored:
-            raise RuntimeError("a pipelined get returned the wrong page")
-        ops += 2
-        if not i % 64 and time.perf_counter() >= deadline:
-            break
-    while pairs:
-        key, put, get = pairs.popleft()
-        stored = await put
-        if await get != pages[key] and stored:
             raise RuntimeError("a pipelined get returned the wrong page")
         ops += 2
     elapsed = time.perf_counter() - t0
