@@ -83,9 +83,10 @@ _PORT_WRITE: Final = 32 << 10
 # this many parts are queued it writes them itself, so the host works on them meanwhile instead
 # of the two sides taking turns.
 _FLUSH_PARTS: Final = 16
-# A lone request's caller polls for its reply at most this long before parking as usual; once
-# such polls have held the event loop for _SYNC_SLICE in all, the next request parks (a
-# scheduler pass that serves other tasks' I/O).
+# A caller waiting for a reply (a lone request's, or the oldest of a pipelining task's) polls
+# for it at most this long before parking as usual; once _SYNC_SLICE has passed since one of
+# our callers last parked, the next wait parks (a scheduler pass that serves other tasks' I/O,
+# at most every few milliseconds however busy the caller is between waits).
 _SYNC_WAIT: Final = 0.002
 _SYNC_SLICE: Final = 0.005
 
@@ -178,10 +179,11 @@ async def _open_transport(kind: str, path: str) -> int:
     return fd
 
 
-def hold_budget(most: float = _SYNC_WAIT) -> Callable[[], float]:
+def hold_budget(most: float = _SYNC_WAIT) -> Callable[..., float]:
     """How long a caller may hold trio's event loop in a synchronous wait (`_await_sync`, the
     preswap fault loop's poll): 0 while another task or a run_sync_soon callback waits, else up to
-    `most` seconds, within the next cancel deadline.
+    `most` seconds, within the next cancel deadline.  `spare`, a task that may be runnable
+    without that counting (a writer whose queue the caller just wrote itself), is optional.
 
     It reads trio's run queue, entry queue and deadline heap directly (the same fields in
     trio 0.22, which the guest image ships, and today's): current_statistics() builds two
@@ -199,7 +201,7 @@ def hold_budget(most: float = _SYNC_WAIT) -> Callable[[], float]:
         _ = (len(runner.runq), entry_size(), next_deadline(), now())  # the shape we rely on
     except (ImportError, AttributeError, TypeError):  # pragma: no cover - another trio
 
-        def public() -> float:
+        def public(spare: Task | None = None) -> float:
             stats = current_statistics()
             if stats.tasks_runnable or stats.run_sync_soon_queue_size:
                 return 0.0
@@ -207,8 +209,9 @@ def hold_budget(most: float = _SYNC_WAIT) -> Callable[[], float]:
 
         return public
 
-    def budget() -> float:
-        if runner.runq or entry_size():
+    def budget(spare: Task | None = None) -> float:
+        runq = runner.runq
+        if (runq and (len(runq) > 1 or runq[0] is not spare)) or entry_size():
             return 0.0
         deadline = next_deadline()
         return most if deadline == math.inf else min(most, deadline - now())
@@ -317,8 +320,15 @@ class _Req:
         return Abort.SUCCEEDED
 
     def _parked(self) -> Generator[Any, Any, None]:
-        """Park the awaiting task until the reply (or failure) is in, unless it already is."""
+        """Park the awaiting task until the reply (or failure) is in, unless it already is, or
+        comes in while the caller reads replies in its own step (`Channel._catch_up`)."""
         if not self.done:
+            pool = self.pool
+            if pool is not None:
+                pool._ch._catch_up(self)
+                if self.done:
+                    return
+                pool._ch._sync_since = time.monotonic()  # this caller parks: the loop runs
             self.task = current_task()
             yield from wait_task_rescheduled(self.abort).__await__()
 
@@ -412,7 +422,7 @@ class _Conn:
 
     __slots__ = (
         "budget", "buf", "error", "fd", "frames_in", "join", "outq", "poller", "scope", "view", "woken",
-        "writer", "writing",
+        "writer", "writer_task", "writing",
     )  # fmt: skip
 
     def __init__(self, fd: int, join: bool) -> None:
@@ -427,6 +437,7 @@ class _Conn:
         self.budget = hold_budget()
         self.outq: list[bytes | memoryview] = []
         self.writer: Task | None = None  # the writer task while it is parked on an empty queue
+        self.writer_task: Task | None = None  # the writer task, parked or not
         self.writing = False  # the writer holds parts taken off outq that are not all written
         self.woken = 0  # callers woken by the last read: more than one means a burst follows
         self.scope = trio.CancelScope()
@@ -643,7 +654,7 @@ class Channel:
         self._pending: dict[int, _Req] = {}
         self._pools: dict[Pool, None] = {}  # insertion-ordered set of live pools
         self._rid = 0
-        self._sync_held = 0.0  # event-loop time held by _await_sync since a caller last parked
+        self._sync_since = 0.0  # time.monotonic() when a caller of ours last parked
         self._closed = False
         self._fatal: ChannelError | None = None
         self._notice_send, self.notices = trio.open_memory_channel[tuple[wire.Notice, int]](_NOTICE_BUFFER)
@@ -820,6 +831,26 @@ class Channel:
             self._flush(conn)
         return req
 
+    def _catch_up(self, req: _Req) -> None:
+        """A task awaits a pipelined request whose reply is not in yet: send what it queued
+        and read replies in its own step (`_await_sync`), rather than a scheduler pass that
+        parks it, runs the writer and the reader, and wakes it again.
+
+        That pass costs about as much as a tenth of the requests a window keeps in flight,
+        and a task pipelining requests makes one every few replies.  Only when nothing else
+        is runnable (the writer may be: its queue is empty once we wrote it), and not while
+        the writer holds parts or the kernel took less than all of the queue, since then the
+        request may not be out.
+        """
+        conn = self._conn
+        if conn is None or not self._ready or conn.writing or conn.error is not None:
+            return
+        if conn.outq:
+            self._flush(conn)
+            if conn.outq or conn.error is not None:
+                return
+        self._await_sync(conn, req, conn.writer_task)
+
     async def _wait(self, req: _Req) -> wire.Frame | None:
         """The reply frame (None if dropped by a break), or the error it completed with."""
         if req.done:
@@ -884,7 +915,7 @@ class Channel:
                 conn.writer = None
                 reschedule(writer)
         req.task = current_task()
-        self._sync_held = 0.0  # this caller parks: the event loop runs
+        self._sync_since = time.monotonic()  # this caller parks: the event loop runs
         return req
 
     async def _call(
@@ -993,12 +1024,13 @@ class Channel:
                 self._dispatch((frame,))
         return woken
 
-    def _await_sync(self, conn: _Conn, req: _Req) -> None:
-        """Try to read a lone request's reply in the caller's own step, without parking.
+    def _await_sync(self, conn: _Conn, req: _Req, spare: Task | None = None) -> None:
+        """Try to read a request's reply in the caller's own step, without parking (a lone
+        request, or the oldest a pipelining caller awaits: `_catch_up`).
 
         Only when no other task is runnable (a blocked poll would delay it), within the next
-        trio deadline, for at most _SYNC_WAIT; and once such waits add up to _SYNC_SLICE, the
-        next request parks as usual, so the event loop serves other tasks' I/O.  The
+        trio deadline, for at most _SYNC_WAIT; and not once _SYNC_SLICE has passed since one
+        of our callers last parked, so the event loop serves other tasks' I/O.  The
         reader task stays parked on the same fd meanwhile; epoll does not report an fd
         whose data we consumed first, and a spurious wakeup only costs it an EAGAIN.
 
@@ -1006,13 +1038,13 @@ class Channel:
         is gathered in conn.buf behind its first part and decoded once, rather than each
         part copied into the decoder's own buffer and its header parsed twice.
         """
-        if self._sync_held > _SYNC_SLICE:
-            return
-        left = conn.budget()
-        if left <= 0:
-            return
         monotonic = time.monotonic
         began = monotonic()
+        if began - self._sync_since > _SYNC_SLICE:
+            return
+        left = conn.budget(spare)
+        if left <= 0:
+            return
         deadline = began + left
         poll = conn.poller.poll
         fd = conn.fd
@@ -1062,7 +1094,6 @@ class Channel:
                 conn.woken = self._received(conn, have)
         except (_Broken, wire.ProtocolError, OSError) as exc:
             self._break(conn, exc)  # the request stays pending: stalled or dropped by the session
-        self._sync_held += monotonic() - began
 
     def _dispatch(self, frames: Iterable[wire.Frame]) -> None:
         for frame in frames:
@@ -1109,6 +1140,7 @@ class Channel:
         join = conn.join
         writev = os.writev
         wait_writable = trio.lowlevel.wait_writable
+        conn.writer_task = current_task()
 
         def abort(_: Any) -> Abort:
             conn.writer = None

@@ -8,6 +8,7 @@ persistent pages.  Blocking agent control runs in a thread so the channel keeps 
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import os
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 import trio
 
+from guestagent import channel as channel_mod
 from guestagent import wire
 from guestagent.channel import (
     Channel,
@@ -201,6 +203,68 @@ def test_one_task_pipelines_a_window_of_requests(host_agent: HostAgentProcess) -
             assert await pool.start_get(oid(7), 0) is None
             with pytest.raises(ValueError):
                 pool.start_put(oid(7), 0, b"short")
+
+    run(main)
+
+
+class _Wakeups(trio.abc.Instrument):
+    """Counts how often each task was rescheduled, i.e. parked and woken by the scheduler."""
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter[trio.lowlevel.Task] = collections.Counter()
+
+    def task_scheduled(self, task: trio.lowlevel.Task) -> None:
+        self.counts[task] += 1
+
+
+async def _window(pool: Pool, pairs: int, most: int = 16) -> None:
+    """Put+get pairs with up to `most` pairs in flight, each awaited oldest first."""
+    window: collections.deque[tuple[int, Any, Any]] = collections.deque()
+    for i in range(pairs):
+        window.append((i, pool.start_put(oid(5), i % 32, page(i)), pool.start_get(oid(5), i % 32)))
+        while len(window) >= most or (i == pairs - 1 and window):
+            n, put, get = window.popleft()
+            assert await put is True
+            assert await get == page(n)
+
+
+def test_a_pipelining_task_reads_its_own_replies(host_agent: HostAgentProcess) -> None:
+    """Awaiting the oldest of its window, a task alone on the loop reads replies in its own
+    step instead of parking for the reader task each time (a scheduler pass per await costs
+    more than the requests); it still parks every _SYNC_SLICE, and another task that is
+    runnable all the time keeps running at least that often."""
+
+    async def main() -> None:
+        wakeups = _Wakeups()
+        trio.lowlevel.add_instrument(wakeups)
+        async with open_channel(host_agent.sockets["g1"]) as ch:
+            pool = await ch.new_pool(PERSISTENT)
+            me = trio.lowlevel.current_task()
+            await _window(pool, 100)  # warm up
+            before, t0 = wakeups.counts[me], time.monotonic()
+            await _window(pool, 1000)  # 2000 requests
+            parks, elapsed = wakeups.counts[me] - before, time.monotonic() - t0
+            # a park per scheduler pass would be one per few replies: hundreds
+            assert parks <= max(20, 2 * elapsed / channel_mod._SYNC_SLICE), (parks, elapsed)
+
+            ticks = 0
+
+            async def ticker() -> None:
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await trio.sleep(0)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ticker)
+                await trio.sleep(0)
+                t0 = time.monotonic()
+                await _window(pool, 1000)
+                elapsed = time.monotonic() - t0
+                nursery.cancel_scope.cancel()
+            # each stretch without a park is at most a slice plus one poll (and a little work)
+            slice_ = channel_mod._SYNC_SLICE + channel_mod._SYNC_WAIT
+            assert ticks >= elapsed / (2 * slice_) - 2, (ticks, elapsed)
 
     run(main)
 
