@@ -1,9 +1,9 @@
 """tmem host agent: the page pool, its guest channels, its control socket and CLI.
 
-The engine's hot modules (arena, compress, pool) are compiled with mypyc at install time. If any of
-their sources is newer than its compiled form (edited since the last `scripts/setup`), all three are
-loaded from source instead, with a warning: a stale binary must never run in place of the code in front
-of you.
+The hot modules (the engine's arena, compress and pool, and the guest channel that drives it) are
+compiled with mypyc at install time. If any of their sources is newer than its compiled form (edited
+since the last `scripts/setup`), all of them are loaded from source instead, with a warning: a stale
+binary must never run in place of the code in front of you.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-_COMPILED = ("arena", "compress", "pool")
+_COMPILED = ("arena", "compress", "pool", "channel")  # in import order
 
 
 def _load_stale_from_source() -> None:
@@ -28,7 +28,7 @@ def _load_stale_from_source() -> None:
     if not stale:
         return
     # All or nothing: compiled and source classes of the same name do not mix.
-    warnings.warn(f"{', '.join(stale)} newer than the compiled engine; using the engine's source "
+    warnings.warn(f"{', '.join(stale)} newer than the compiled build; using the sources "
                   "(run scripts/setup to recompile)", stacklevel=2)
     for name in _COMPILED:
         fullname = f"{__name__}.{name}"
