@@ -333,10 +333,12 @@ class _Req:
             yield from wait_task_rescheduled(self.abort).__await__()
 
     def _reply(self) -> wire.Frame | None:
-        """The reply of a `done` request (`Pending*.result`)."""
+        """The reply of a `done` request (`Pending*.result`); `unwrap`, inline."""
         if not self.done:
             raise RuntimeError("the request has no reply yet: await it")
-        return self.unwrap()
+        if self.error is not None:
+            raise self.error
+        return self.frame
 
 
 class PendingPut(_Req):
@@ -813,7 +815,12 @@ class Channel:
         if self._closed or self._fatal is not None or pool._lost is not None or pool._destroyed:
             self._check_pool(pool)  # raises
         rid = self._rid + 1 if self._rid < 0xFFFF_FFFF else 1
-        head = _header(op, 0, rid, pool._remote, oid, index, len(body))
+        if len(oid) != 24:  # _header's checks, inline: this runs for every pipelined request
+            raise ValueError(f"oid is {len(oid)} bytes, want 24")
+        try:
+            head = _pack_header(_MAGIC, _VERSION, op, 0, 0, 0, rid, pool._remote, oid, index, len(body))
+        except struct.error as exc:
+            raise ValueError(f"cannot encode {wire.Op(op).name} request: {exc}") from None
         conn = self._conn
         if not self._ready or conn is None:
             if not pool.persistent:
@@ -826,8 +833,13 @@ class Channel:
         self._rid = rid
         pending = self._pending
         req = pending[rid] = kind(rid, head, body, pool, pending)
-        self._send(conn, head, body)
-        if len(conn.outq) >= _FLUSH_PARTS and not conn.writing:
+        q = conn.outq  # _send, inline
+        q.append(head)
+        if body:
+            q.append(body)
+        if conn.writer is not None:
+            _wake_writer(conn)
+        if len(q) >= _FLUSH_PARTS and not conn.writing:
             self._flush(conn)
         return req
 
@@ -849,7 +861,7 @@ class Channel:
             self._flush(conn)
             if conn.outq or conn.error is not None:
                 return
-        self._await_sync(conn, req, conn.writer_task)
+        self._await_sync(conn, req, pipelined=True)
 
     async def _wait(self, req: _Req) -> wire.Frame | None:
         """The reply frame (None if dropped by a break), or the error it completed with."""
@@ -1024,7 +1036,7 @@ class Channel:
                 self._dispatch((frame,))
         return woken
 
-    def _await_sync(self, conn: _Conn, req: _Req, spare: Task | None = None) -> None:
+    def _await_sync(self, conn: _Conn, req: _Req, pipelined: bool = False) -> None:
         """Try to read a request's reply in the caller's own step, without parking (a lone
         request, or the oldest a pipelining caller awaits: `_catch_up`).
 
@@ -1042,7 +1054,8 @@ class Channel:
         began = monotonic()
         if began - self._sync_since > _SYNC_SLICE:
             return
-        left = conn.budget(spare)
+        # the writer may be runnable when the caller wrote the queue itself (`_catch_up`)
+        left = conn.budget(conn.writer_task if pipelined else None)
         if left <= 0:
             return
         deadline = began + left
@@ -1054,10 +1067,14 @@ class Channel:
         frames_in = conn.frames_in
         gather = not frames_in.buffered  # else the decoder holds a partial frame: feed it all
         have = 0  # bytes read into conn.buf but not yet fed to the decoder
+        # A lone request's reply cannot be in yet: poll first.  A window's often is (the host
+        # answered while we were busy): read first, and poll only when the fd is dry.
+        polled = not pipelined
         try:
             while True:
-                if not poll(left * 1000):
+                if polled and not poll(left * 1000):
                     break
+                polled = True
                 try:
                     n = os.readv(fd, (view[have:],) if have else (buf,))
                 except BlockingIOError:
