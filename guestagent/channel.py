@@ -864,10 +864,17 @@ class Channel:
         self._await_sync(conn, req, pipelined=True)
 
     async def _wait(self, req: _Req) -> wire.Frame | None:
-        """The reply frame (None if dropped by a break), or the error it completed with."""
+        """The reply frame (None if dropped by a break), or the error it completed with.
+
+        A pool's request (a vector op's chunk) is caught up on like a pipelined one; the
+        channel's own (handshake, NEW_POOL) simply park.
+        """
+        if not req.done and req.pool is not None:
+            self._catch_up(req)
         if req.done:
             return req.unwrap()
         req.task = current_task()
+        self._sync_since = time.monotonic()  # this caller parks: the event loop runs
         frame: wire.Frame | None = await wait_task_rescheduled(req.abort)
         return frame
 

@@ -229,10 +229,10 @@ async def _window(pool: Pool, pairs: int, most: int = 16) -> None:
 
 
 def test_a_pipelining_task_reads_its_own_replies(host_agent: HostAgentProcess) -> None:
-    """Awaiting the oldest of its window, a task alone on the loop reads replies in its own
-    step instead of parking for the reader task each time (a scheduler pass per await costs
-    more than the requests); it still parks every _SYNC_SLICE, and another task that is
-    runnable all the time keeps running at least that often."""
+    """Awaiting the oldest of its window (or a vector op), a task alone on the loop reads
+    replies in its own step instead of parking for the reader task each time (a scheduler pass
+    per await costs more than the requests); it still parks every _SYNC_SLICE, and another
+    task that is runnable all the time keeps running at least that often."""
 
     async def main() -> None:
         wakeups = _Wakeups()
@@ -245,6 +245,15 @@ def test_a_pipelining_task_reads_its_own_replies(host_agent: HostAgentProcess) -
             await _window(pool, 1000)  # 2000 requests
             parks, elapsed = wakeups.counts[me] - before, time.monotonic() - t0
             # a park per scheduler pass would be one per few replies: hundreds
+            assert parks <= max(20, 2 * elapsed / channel_mod._SYNC_SLICE), (parks, elapsed)
+
+            # vector ops too: each put_many/get_many would park at least once
+            keys = [(oid(6), i) for i in range(16)]
+            before, t0 = wakeups.counts[me], time.monotonic()
+            for n in range(100):
+                assert await pool.put_many([(o, i, page(n + i)) for o, i in keys]) == [True] * 16
+                assert await pool.get_many(keys) == [page(n + i) for _, i in keys]
+            parks, elapsed = wakeups.counts[me] - before, time.monotonic() - t0
             assert parks <= max(20, 2 * elapsed / channel_mod._SYNC_SLICE), (parks, elapsed)
 
             ticks = 0
