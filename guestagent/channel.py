@@ -35,7 +35,7 @@ import struct
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final, Protocol, TypeVar, cast
 
 import trio
 from trio.lowlevel import (
@@ -179,7 +179,13 @@ async def _open_transport(kind: str, path: str) -> int:
     return fd
 
 
-def hold_budget(most: float = _SYNC_WAIT) -> Callable[..., float]:
+class Budget(Protocol):
+    """What `hold_budget` returns: seconds a caller may hold the event loop right now."""
+
+    def __call__(self, spare: Task | None = None) -> float: ...
+
+
+def hold_budget(most: float = _SYNC_WAIT) -> Budget:
     """How long a caller may hold trio's event loop in a synchronous wait (`_await_sync`, the
     preswap fault loop's poll): 0 while another task or a run_sync_soon callback waits, else up to
     `most` seconds, within the next cancel deadline.  `spare`, a task that may be runnable
@@ -815,12 +821,7 @@ class Channel:
         if self._closed or self._fatal is not None or pool._lost is not None or pool._destroyed:
             self._check_pool(pool)  # raises
         rid = self._rid + 1 if self._rid < 0xFFFF_FFFF else 1
-        if len(oid) != 24:  # _header's checks, inline: this runs for every pipelined request
-            raise ValueError(f"oid is {len(oid)} bytes, want 24")
-        try:
-            head = _pack_header(_MAGIC, _VERSION, op, 0, 0, 0, rid, pool._remote, oid, index, len(body))
-        except struct.error as exc:
-            raise ValueError(f"cannot encode {wire.Op(op).name} request: {exc}") from None
+        head = _header(op, 0, rid, pool._remote, oid, index, len(body))
         conn = self._conn
         if not self._ready or conn is None:
             if not pool.persistent:
