@@ -8,6 +8,8 @@ index must stay small enough that a million stored pages cost little Python heap
     (exclusive gets) pools vs a plain dict store;                           target ratio <= 4
 (b) the same with lz4 on text-like pages vs lz4.block compress+decompress;  target ratio <= 1.5
 (c) zero pages vs the lz4 path through the engine;                          target ratio >= 5
+    Context: copy_floor, two copies of each page through a tmpfs mapping and nothing else, the
+    part of (a) a dict store that keeps references never pays;
 (d) Python heap per stored page while holding 1,000,000 pages (tracemalloc); target <= 128 bytes
 Each timing is the median of several repetitions, the variants interleaved so noise hits all alike;
 each ratio is the median of the per-repetition ratios.
@@ -19,6 +21,7 @@ import functools
 import gc
 import glob
 import json
+import mmap
 import os
 import random
 import resource
@@ -37,9 +40,10 @@ from typing import Any
 import lz4.block
 
 from guestagent.wire import PAGE_SIZE, PoolFlag
-from hostagent.arena import Arena
+from hostagent.arena import RAW_CLASS, SLOT_SIZES, Arena
 from hostagent.pool import Client, ClientSettings, PoolEngine
 
+_RAW_SLOT = SLOT_SIZES[RAW_CLASS]  # the arena's stride between raw pages
 N_PAGES = 2000  # pages per timed repetition (about 8 MiB of page data)
 REPS = 9
 PAGES_PER_OBJECT = 64
@@ -119,6 +123,22 @@ def time_hot_pairs(put: Callable[[int, bytes, int, Page], object],
     return (time.perf_counter_ns() - t0) / len(keys) / 1000
 
 
+def time_copy_floor(mm: mmap.mmap, pages: Sequence[Page]) -> float:
+    """Microseconds per page to copy it into a tmpfs mapping and back out, nothing else: the
+    floor under any store whose pages live in an arena (the dict store copies nothing)."""
+    gc.collect()
+    t0 = time.perf_counter_ns()
+    offset = 0
+    for page in pages:
+        mm[offset : offset + PAGE_SIZE] = page
+        offset += _RAW_SLOT
+    offset = 0
+    for _ in pages:
+        mm[offset : offset + PAGE_SIZE]
+        offset += _RAW_SLOT
+    return (time.perf_counter_ns() - t0) / len(pages) / 1000
+
+
 def time_lz4(pages: Sequence[bytes]) -> float:
     """Microseconds per page for lz4 block compress + decompress alone (the floor for (b))."""
     compress, decompress = lz4.block.compress, lz4.block.decompress
@@ -155,6 +175,7 @@ def check_round_trip(target: EngineTarget, keys: Sequence[Key], pages: Sequence[
 
 def bench_speed(root: Path) -> dict[str, Any]:
     arena = Arena(root / "arena-speed", 96 * MIB)
+    floor: mmap.mmap | None = None
     engine = PoolEngine(arena, limit_bytes=96 * MIB)
     try:
         raw_c = engine.client("raw", ClientSettings(compress=False, quota_bytes=64 * MIB))
@@ -173,6 +194,11 @@ def bench_speed(root: Path) -> dict[str, Any]:
                               (eph_lz4, texts), (eph_lz4, zeros)):
             check_round_trip(target, keys, pages)  # also warms the arena's slabs
         dict_store = DictStore()
+        floor_fd = os.open(root / "copy-floor", os.O_RDWR | os.O_CREAT, 0o600)
+        os.ftruncate(floor_fd, N_PAGES * _RAW_SLOT)
+        floor = floor_map = mmap.mmap(floor_fd, N_PAGES * _RAW_SLOT)
+        os.close(floor_fd)
+        time_copy_floor(floor_map, random_pages)  # fault its pages in, as the round trips did the arena's
         # The same pages as views into one receive buffer: bytes(page) then really copies.
         buffer = b"".join(random_pages)
         views = [memoryview(buffer)[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in range(N_PAGES)]
@@ -183,6 +209,7 @@ def bench_speed(root: Path) -> dict[str, Any]:
                                           random_pages),
             "pers_raw": lambda: time_pairs(pers_raw.put, pers_raw.get, pers_raw.pool, keys,
                                            random_pages),
+            "copy_floor": lambda: time_copy_floor(floor_map, random_pages),
             "lz4_alone": lambda: time_lz4(texts),
             "eph_lz4": lambda: time_pairs(eph_lz4.put, eph_lz4.get, eph_lz4.pool, keys, texts),
             "eph_zero": lambda: time_pairs(eph_lz4.put, eph_lz4.get, eph_lz4.pool, keys, zeros),
@@ -210,6 +237,8 @@ def bench_speed(root: Path) -> dict[str, Any]:
     finally:
         engine.close()
         arena.close()
+        if floor is not None:
+            floor.close()
 
     def ratio(a: str, b: str) -> float:
         """The median of the per-repetition ratios: each repetition times both sides back to
@@ -225,6 +254,9 @@ def bench_speed(root: Path) -> dict[str, Any]:
         "persistent_raw_pair_us": round(med["pers_raw"], 3),
         "ephemeral_raw_ratio": ratio("eph_raw", "dict"),
         "persistent_raw_ratio": ratio("pers_raw", "dict"),
+        # what two page copies through a tmpfs mapping cost alone, against the same dict
+        "copy_floor_pair_us": round(med["copy_floor"], 3),
+        "copy_floor_ratio": ratio("copy_floor", "dict"),
         "ephemeral_raw_minor_faults_per_pair": round(faults / REPS / N_PAGES, 2),
         # (a) context: put then get at once (no memory effects), and pages as buffer views
         "dict_hot_pair_us": round(med["dict_hot"], 3),
