@@ -7,10 +7,12 @@ reader task decodes replies and wakes the waiting callers by id.  No task is spa
 request, and a waiting caller is parked with `wait_task_rescheduled` rather than an Event,
 because the per-request overhead is what decides the round trip time of a page fault.  For
 the same reason a lone request (nothing else in flight, writer idle, not part of a burst)
-is written by its caller directly, sparing the writer's scheduler pass, and when no other
-task is runnable its caller also reads the reply itself (`_await_sync`): a bounded poll on
-the fd instead of waking the reader task and then the caller, two scheduler passes that
-cost more than the transport's own round trip under emulation.
+is written by its caller directly, sparing the writer's scheduler pass, and its caller
+also reads the reply itself (`_await_sync`): a bounded poll on the fd instead of waking the
+reader task and then the caller, two scheduler passes that cost more than the transport's
+own round trip under emulation.  A task awaiting a pipelined reply does the same
+(`_catch_up`).  Neither happens while trio's run queue holds another task or the caller is
+cancelled, and a task's step holds the event loop this way for about _SYNC_SLICE at most.
 
 The channel survives the host agent going away.  On EOF, a transport error or an ERROR
 frame it reconnects with backoff and a fresh HELLO, then restores the pools: ephemeral pools
@@ -84,11 +86,13 @@ _PORT_WRITE: Final = 32 << 10
 # of the two sides taking turns.
 _FLUSH_PARTS: Final = 16
 # A caller waiting for a reply (a lone request's, or the oldest of a pipelining task's) polls
-# for it at most this long before parking as usual; once _SYNC_SLICE has passed since one of
-# our callers last parked, the next wait parks (a scheduler pass that serves other tasks' I/O,
-# at most every few milliseconds however busy the caller is between waits).
+# for it at most this long before parking as usual.  Within one step of a task (from when trio
+# ran it until it yields), such waits stop once _SYNC_SLICE has passed since the step's first,
+# so however busy the caller is between waits the event loop runs at least that often: trio
+# cannot show us every runnable task (those later in the batch being run are not in its run
+# queue), so this bound is what they wait at most.
 _SYNC_WAIT: Final = 0.002
-_SYNC_SLICE: Final = 0.005
+_SYNC_SLICE: Final = 0.001
 
 _NO_OID: Final = wire.NO_OID
 _PAGE_SIZE: Final = wire.PAGE_SIZE
@@ -187,9 +191,12 @@ class Budget(Protocol):
 
 def hold_budget(most: float = _SYNC_WAIT) -> Budget:
     """How long a caller may hold trio's event loop in a synchronous wait (`_await_sync`, the
-    preswap fault loop's poll): 0 while another task or a run_sync_soon callback waits, else up to
-    `most` seconds, within the next cancel deadline.  `spare`, a task that may be runnable
+    preswap fault loop's poll): 0 while the calling task is cancelled (it must reach a
+    checkpoint) or trio's run queue holds another task or a run_sync_soon callback waits, else
+    up to `most` seconds, within the next cancel deadline.  `spare`, a task that may be runnable
     without that counting (a writer whose queue the caller just wrote itself), is optional.
+    Tasks later in the batch trio is running are not in its run queue: callers bound their
+    holds per step as well (_SYNC_SLICE, the fault loop's FAULT_SLICE).
 
     It reads trio's run queue, entry queue and deadline heap directly (the same fields in
     trio 0.22, which the guest image ships, and today's): current_statistics() builds two
@@ -204,20 +211,24 @@ def hold_budget(most: float = _SYNC_WAIT) -> Budget:
         entry_size = runner.entry_queue.size
         next_deadline = runner.deadlines.next_deadline
         now = runner.clock.current_time
-        _ = (len(runner.runq), entry_size(), next_deadline(), now())  # the shape we rely on
+        _ = (len(runner.runq), entry_size(), next_deadline(), now(),  # the shape we rely on
+             current_task()._cancel_status.effectively_cancelled)
     except (ImportError, AttributeError, TypeError):  # pragma: no cover - another trio
 
         def public(spare: Task | None = None) -> float:
             stats = current_statistics()
             if stats.tasks_runnable or stats.run_sync_soon_queue_size:
                 return 0.0
-            return min(most, stats.seconds_to_next_deadline)
+            return max(0.0, min(most, stats.seconds_to_next_deadline,
+                                trio.current_effective_deadline() - trio.current_time()))
 
         return public
 
     def budget(spare: Task | None = None) -> float:
         runq = runner.runq
-        if (runq and (len(runq) > 1 or runq[0] is not spare)) or entry_size():
+        if ((runq and (len(runq) > 1 or runq[0] is not spare)) or entry_size()
+                or current_task()._cancel_status.effectively_cancelled):
+            # (a cancelled scope's deadline has left the deadline heap: ask the task itself)
             return 0.0
         deadline = next_deadline()
         return most if deadline == math.inf else min(most, deadline - now())
@@ -334,7 +345,6 @@ class _Req:
                 pool._ch._catch_up(self)
                 if self.done:
                     return
-                pool._ch._sync_since = time.monotonic()  # this caller parks: the loop runs
             self.task = current_task()
             yield from wait_task_rescheduled(self.abort).__await__()
 
@@ -662,7 +672,11 @@ class Channel:
         self._pending: dict[int, _Req] = {}
         self._pools: dict[Pool, None] = {}  # insertion-ordered set of live pools
         self._rid = 0
-        self._sync_since = 0.0  # time.monotonic() when a caller of ours last parked
+        # The step a synchronous wait last ran in (task, its trio schedule points) and when
+        # that step's first one began: `_await_sync` bounds a step's waits by _SYNC_SLICE.
+        self._sync_task: Task | None = None
+        self._sync_step = -1
+        self._sync_since = 0.0
         self._closed = False
         self._fatal: ChannelError | None = None
         self._notice_send, self.notices = trio.open_memory_channel[tuple[wire.Notice, int]](_NOTICE_BUFFER)
@@ -850,18 +864,16 @@ class Channel:
         parks it, runs the writer and the reader, and wakes it again.
 
         That pass costs about as much as a tenth of the requests a window keeps in flight,
-        and a task pipelining requests makes one every few replies.  Only when nothing else
-        is runnable (the writer may be: its queue is empty once we wrote it), and not while
-        the writer holds parts or the kernel took less than all of the queue, since then the
-        request may not be out.
+        and a task pipelining requests makes one every few replies.  The queue is written
+        unless the writer holds parts (nothing may overtake them); the replies are read only
+        if all of it went out (else the request may not be out) and within `_await_sync`'s
+        limits (the writer may be runnable: its queue is empty once we wrote it).
         """
         conn = self._conn
         if conn is None or not self._ready or conn.writing or conn.error is not None:
             return
-        if conn.outq:
-            self._flush(conn)
-            if conn.outq or conn.error is not None:
-                return
+        if conn.outq and not self._flush(conn):
+            return
         self._await_sync(conn, req, pipelined=True)
 
     async def _wait(self, req: _Req) -> wire.Frame | None:
@@ -875,7 +887,6 @@ class Channel:
         if req.done:
             return req.unwrap()
         req.task = current_task()
-        self._sync_since = time.monotonic()  # this caller parks: the event loop runs
         frame: wire.Frame | None = await wait_task_rescheduled(req.abort)
         return frame
 
@@ -935,7 +946,6 @@ class Channel:
                 conn.writer = None
                 reschedule(writer)
         req.task = current_task()
-        self._sync_since = time.monotonic()  # this caller parks: the event loop runs
         return req
 
     async def _call(
@@ -1048,9 +1058,11 @@ class Channel:
         """Try to read a request's reply in the caller's own step, without parking (a lone
         request, or the oldest a pipelining caller awaits: `_catch_up`).
 
-        Only when no other task is runnable (a blocked poll would delay it), within the next
-        trio deadline, for at most _SYNC_WAIT; and not once _SYNC_SLICE has passed since one
-        of our callers last parked, so the event loop serves other tasks' I/O.  The
+        Only while trio's run queue holds no other task (a blocked poll would delay it) and
+        the caller is not cancelled (it must reach a checkpoint), within the next trio
+        deadline, for at most _SYNC_WAIT; and not once _SYNC_SLICE has passed since the
+        first such wait in the caller's current step (a pipelined wait stays within it), so
+        the event loop runs other tasks and serves their I/O at least that often.  The
         reader task stays parked on the same fd meanwhile; epoll does not report an fd
         whose data we consumed first, and a spurious wakeup only costs it an EAGAIN.
 
@@ -1060,12 +1072,20 @@ class Channel:
         """
         monotonic = time.monotonic
         began = monotonic()
-        if began - self._sync_since > _SYNC_SLICE:
+        task = current_task()
+        step = getattr(task, "_schedule_points", -1)  # counts the task's yields (trio >= 0.22)
+        if step != self._sync_step or task is not self._sync_task:
+            if step < 0:
+                return  # another trio: steps cannot be told apart, so never hold the loop
+            self._sync_task, self._sync_step, self._sync_since = task, step, began  # a new step
+        elif began - self._sync_since > _SYNC_SLICE:
             return
         # the writer may be runnable when the caller wrote the queue itself (`_catch_up`)
         left = conn.budget(conn.writer_task if pipelined else None)
         if left <= 0:
             return
+        if pipelined:  # a window's reply is due soon if at all: wait within the slice
+            left = min(left, self._sync_since + _SYNC_SLICE - began)
         deadline = began + left
         poll = conn.poller.poll
         fd = conn.fd
@@ -1192,22 +1212,25 @@ class Channel:
         except (trio.ClosedResourceError, OSError) as exc:
             self._break(conn, exc)
 
-    def _flush(self, conn: _Conn) -> None:
+    def _flush(self, conn: _Conn) -> bool:
         """Write the queue now, from the caller's step (see _FLUSH_PARTS); only while the
-        writer holds no parts of its own, so nothing is reordered.  What the kernel does not
-        take stays queued, in order, for the writer."""
+        writer holds no parts of its own, so nothing is reordered.  True if all of it went
+        out; what the kernel does not take stays queued, in order, for the writer."""
         q = conn.outq
-        parts = _take_batch(q, conn.join)
-        try:
-            n = os.writev(conn.fd, parts)
-        except BlockingIOError:
-            n = 0
-        except OSError as exc:
-            self._break(conn, exc)  # the requests stay pending: stalled or dropped
-            return
-        if n != sum(map(len, parts)):
-            q[:0] = _unwritten(parts, n)
-            _wake_writer(conn)
+        while q:  # a batch is bounded (_IOV_MAX parts; on a port, _PORT_WRITE bytes)
+            parts = _take_batch(q, conn.join)
+            try:
+                n = os.writev(conn.fd, parts)
+            except BlockingIOError:
+                n = 0
+            except OSError as exc:
+                self._break(conn, exc)  # the requests stay pending: stalled or dropped
+                return False
+            if n != sum(map(len, parts)):
+                q[:0] = _unwritten(parts, n)
+                _wake_writer(conn)
+                return False
+        return True
 
     def _break(self, conn: _Conn, exc: BaseException) -> None:
         """Mark `conn` dead and stop its tasks.
