@@ -1,8 +1,8 @@
 """Build hook: compile the host's hot path (the engine's arena, compress, pool; the host's
 per-guest channel) with mypyc.
 
-Why: a put+get through the engine in pure CPython costs ~8x a dict-of-bytes store; compiled it is
-within the 4x the foundation issue asks for. The host channel (decode dispatch, replies) compiled
+Why: a put+get through the engine in pure CPython costs ~8x a dict-of-bytes store; compiled,
+3.6-5x depending on the host (`scripts/bench pool`). The host channel (decode dispatch, replies) compiled
 with the engine calls it natively, which cuts the host agent's CPU per pipelined request by a
 sixth. The modules stay plain, typed Python: setting TMEM_PURE_PYTHON=1 at install time skips
 compilation and everything still works, only slower.
