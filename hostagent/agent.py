@@ -26,7 +26,7 @@ from hostagent.balloon_driver import BalloonDriver
 from hostagent.channel import Guest, GuestChannel
 from hostagent.config import Config
 from hostagent.control import ControlError, ControlServer, is_listening
-from hostagent.pool import ClientSettings, PoolEngine
+from hostagent.pool import ClientSettings, PoolEngine, TableError
 from hostagent.virt import Domain, LibvirtWatcher
 
 log = logging.getLogger("hostagent")
@@ -104,9 +104,13 @@ class HostAgent:
         except OSError as err:
             reason = err.strerror or err
             raise StartupError(f"cannot open the arena {arena_path}: {reason}") from None
-        engine = PoolEngine(arena, limit_bytes=cfg.pool.limit_mib * MIB,
-                            host_reserve_bytes=cfg.pool.host_reserve_mib * MIB,
-                            shared_acl=cfg.shared_acl())
+        try:
+            engine = PoolEngine(arena, limit_bytes=cfg.pool.limit_mib * MIB,
+                                host_reserve_bytes=cfg.pool.host_reserve_mib * MIB,
+                                shared_acl=cfg.shared_acl())
+        except TableError as err:
+            arena.close()
+            raise StartupError(str(err)) from None
         engine.set_host_available(host_available())
         for g in cfg.guests:
             settings = client_settings(g.weight, g.cap_mib, g.quota_mib, g.compress)

@@ -35,7 +35,7 @@ SLAB_SHIFT: Final = 18
 SLAB_SIZE: Final = 1 << SLAB_SHIFT  # 256 KiB
 
 SLAB_MAGIC: Final = 0x42414C53  # "SLAB"
-SLAB_HEADER: Final = struct.Struct("<IIQ")  # magic, size class, reserved
+SLAB_HEADER: Final = struct.Struct("<IIQ")  # magic, size class, check (0 in older arenas)
 SLAB_HEADER_SIZE: Final = 64  # slots start here
 
 SLOT_LIVE: Final = 0x45564C53  # "SLVE"
@@ -76,6 +76,12 @@ CLASS_FOR_LENGTH: Final[tuple[int, ...]] = tuple(
 )
 
 _NO_SLAB: Final = -1
+
+
+def slab_check(size_class: int) -> int:
+    """The slab header's check word: a damaged size class must not make a slab's slots be read at
+    the wrong stride (and old slot headers inside look live). 0 marks a slab of an older version."""
+    return (size_class + 1) * 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
 _xxh3: Final = xxhash.xxh3_64_intdigest
 _xxh32: Final = xxhash.xxh32_intdigest
 
@@ -190,6 +196,7 @@ class Arena:
         self.slots_in_use = 0
         self.used_bytes = 0  # bytes of live slots (what clients are charged)
         self.max_generation = 0
+        self.damaged_slabs = 0  # slabs with a bad header found by scan() (and punched)
         self.scanned = False
         self._pack_header = _SLOT_PACK.pack_into  # bound once: saves a method lookup per put
 
@@ -249,7 +256,7 @@ class Arena:
         base = slab << SLAB_SHIFT
         self._slab_class[slab] = size_class
         self.slabs_in_use += 1
-        SLAB_HEADER.pack_into(self._mm, base, SLAB_MAGIC, size_class, 0)
+        SLAB_HEADER.pack_into(self._mm, base, SLAB_MAGIC, size_class, slab_check(size_class))
         first = base + SLAB_HEADER_SIZE
         self._bump_end[size_class] = first + SLOTS_PER_SLAB[size_class] * SLOT_SIZES[size_class]
         return first
@@ -380,8 +387,13 @@ class Arena:
             base = slab << SLAB_SHIFT
             raw = os.pread(self._fd, SLAB_SIZE, base)
             offset = base + SLAB_SIZE
-            magic, size_class, _ = SLAB_HEADER.unpack_from(raw, 0)
-            if magic != SLAB_MAGIC or not 0 <= size_class < len(SLOT_SIZES):
+            magic, size_class, check = SLAB_HEADER.unpack_from(raw, 0)
+            if (magic != SLAB_MAGIC or not 0 <= size_class < len(SLOT_SIZES)
+                    or check not in (0, slab_check(size_class))):
+                # A damaged slab header: nothing in the slab can be trusted. Punch it, so old
+                # slot headers cannot come back to life when the slab is handed out again.
+                self.damaged_slabs += 1
+                self._mm.madvise(mmap.MADV_REMOVE, base, SLAB_SIZE)
                 continue
             in_use.add(slab)
             self._slab_class[slab] = size_class
@@ -399,7 +411,8 @@ class Arena:
                 self._slab_live[slab] += 1
                 self.slots_in_use += 1
                 self.used_bytes += size
-                self.max_generation = max(self.max_generation, gen)
+                if verified:  # a torn header's generation must not become the engine's counter
+                    self.max_generation = max(self.max_generation, gen)
                 yield SlotRecord(base + pos, make_ref(base + pos, length, encoding), size_class, handle,
                                  gen, oid, index, encoding, verified)
         self._free_slabs = [s for s in range(self._nslabs) if s not in in_use]

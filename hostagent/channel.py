@@ -21,10 +21,12 @@ from hostagent.pool import Client, EngineError, Held, OutOfSpace, PoolDenied, Po
 log = logging.getLogger("hostagent.channel")
 
 # Replies queued in the transport above HIGH_WATER bytes stop reading from the guest until they
-# drain below LOW_WATER: a guest that never reads its replies must not grow host memory.
+# are all in the kernel: a guest that never reads its replies must not grow host memory.
 HIGH_WATER = 1 << 20
-LOW_WATER = 256 << 10
 CHECK_EVERY = 16  # frames applied between measurements of the replies waiting to be written
+# A closed channel whose guest does not read the last replies and the ERROR is dropped after this
+# long, or at once when the guest connects again: lingering connections must not pile up.
+LINGER_SECONDS = 5.0
 
 # Longest reason text sent in an ERROR frame (keeps it far below any guest's max_payload).
 _MAX_REASON = 512
@@ -78,6 +80,7 @@ class Guest:
         self.client = client
         self.channel: GuestChannel | None = None
         self.connected_since: float | None = None  # wall clock (time.time()) of the connection
+        self.lingering: set[GuestChannel] = set()  # closed, still flushing their last replies
         self.hello_name = ""  # the display name the guest sent in HELLO
         self.report: dict[str, int] | None = None  # latest STATS values
         self.report_time = 0.0  # time.monotonic() when `report` arrived
@@ -118,7 +121,8 @@ class GuestChannel(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.attached = False  # owns guest.channel and the engine client's connection
         self.welcomed = False  # HELLO done
-        self.writing_paused = False
+        self.congested = False  # reading paused: more than HIGH_WATER of replies wait unwritten
+        self.aborted = False  # dropped with replies unwritten (connection_lost then says exc=None)
         # Frames decoded but not yet applied because the guest is not reading its replies, and the
         # protocol error (if any) that followed them.
         self.pending: list[wire.Frame] = []
@@ -127,14 +131,19 @@ class GuestChannel(asyncio.Protocol):
         # Exclusive persistent gets answered but not yet handed to the kernel: freed once the
         # transport's buffer is empty, put back if the channel dies first (see PoolEngine.get).
         self.held: list[Held] = []
+        self.linger: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
+        # Told of every write that leaves bytes queued (pause_writing) and of the moment the queue
+        # is empty again (resume_writing): that moment is when held gets are delivered.
+        transport.set_write_buffer_limits(high=0, low=0)
         guest = self.guest
+        for stale in list(guest.lingering):
+            stale.abort("the guest connected again")
         old = guest.channel
         if old is not None:
             log.warning("guest %s: a new connection replaces the current one", guest.name)
@@ -178,10 +187,9 @@ class GuestChannel(asyncio.Protocol):
                         "which this guest does not own"
                     ) from None
                 if i % CHECK_EVERY == 0 and sum(map(len, out)) > HIGH_WATER:
-                    assert self.transport is not None
-                    self.transport.write(b"".join(out))
+                    self._write(out)
                     out = []
-                    if self.writing_paused and i < len(frames):
+                    if self.congested and i < len(frames):
                         self.pending = frames[i:]
                         self.pending_error = broken
                         return
@@ -195,14 +203,35 @@ class GuestChannel(asyncio.Protocol):
             self._fail(f"internal error: {type(err).__name__}", Status.INVALID, out)
             return
         if out:
-            assert self.transport is not None
-            self.transport.write(b"".join(out))
+            self._write(out)
         self._release_delivered()
 
+    def _write(self, out: list[bytes]) -> None:
+        """Write replies; past HIGH_WATER queued, stop reading until the queue is empty."""
+        transport = self.transport
+        assert transport is not None
+        transport.write(b"".join(out))
+        if not self.congested and transport.get_write_buffer_size() > HIGH_WATER:
+            self.congested = True
+            transport.pause_reading()
+
     def _release_delivered(self) -> None:
-        """Free the slots of held gets once every reply is in the kernel (the guest will get it)."""
-        if self.held and self.transport is not None and self.transport.get_write_buffer_size() == 0:
+        """Free the slots of held gets once every reply is in the kernel (the guest will get it).
+
+        Not on a transport that is closing: after a failed write its buffer is empty too, but
+        nothing was delivered (connection_lost then restores the pages).
+        """
+        transport = self.transport
+        if (self.held and transport is not None and not transport.is_closing()
+                and transport.get_write_buffer_size() == 0):
             self.engine.release_held(self.held)
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection now, replies unwritten (their held pages go back)."""
+        if self.transport is not None and not self.aborted:
+            log.info("guest %s: dropping a closed connection: %s", self.guest.name, reason)
+            self.aborted = True
+            self.transport.abort()
 
     def eof_received(self) -> bool | None:
         if self.attached:
@@ -215,8 +244,15 @@ class GuestChannel(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed.done():
             self.closed.set_result(None)
+        self.guest.lingering.discard(self)
+        if self.linger is not None:
+            self.linger.cancel()
         if self.held:
-            self.engine.restore_held(self.held)
+            # A clean end (no error, not aborted) means the transport wrote everything it was given.
+            if exc is None and not self.aborted:
+                self.engine.release_held(self.held)
+            else:
+                self.engine.restore_held(self.held)
         if self.attached:
             if exc is None or isinstance(exc, (BrokenPipeError, ConnectionResetError)):
                 log.info("guest %s: disconnected", self.guest.name)  # a guest may just go away
@@ -225,20 +261,19 @@ class GuestChannel(asyncio.Protocol):
             self._detach()
 
     def pause_writing(self) -> None:
-        self.writing_paused = True
-        if self.transport is not None:
-            self.transport.pause_reading()
+        """Some replies wait in the transport (flow control is `_write`'s, at HIGH_WATER)."""
 
     def resume_writing(self) -> None:
-        self.writing_paused = False
+        """Every reply written is in the kernel now."""
         self._release_delivered()
-        if self.transport is None or not self.attached:
+        if self.transport is None or not self.attached or not self.congested:
             return
+        self.congested = False
         if self.pending or self.pending_error is not None:
             frames, broken = self.pending, self.pending_error
             self.pending, self.pending_error = [], None
             self._apply(frames, broken)
-            if self.writing_paused or not self.attached:
+            if self.congested or not self.attached:
                 return
         self.transport.resume_reading()
 
@@ -264,9 +299,15 @@ class GuestChannel(asyncio.Protocol):
         log.log(level, "guest %s: closing channel: %s", self.guest.name, reason)
         text = wire.error_payload(reason)[:_MAX_REASON]
         out.append(wire.encode(wire.Frame(Op.ERROR, status=int(status), payload=text)))
-        assert self.transport is not None
-        self.transport.write(b"".join(out))
-        self.transport.close()
+        transport = self.transport
+        assert transport is not None
+        transport.write(b"".join(out))
+        self._release_delivered()
+        transport.close()  # after what is queued is written; connection_lost then releases the rest
+        if transport.get_write_buffer_size() > 0:
+            self.guest.lingering.add(self)
+            self.linger = asyncio.get_running_loop().call_later(
+                LINGER_SECONDS, self.abort, "its guest did not read the last replies")
         self._detach()
 
     def _detach(self) -> None:

@@ -19,6 +19,7 @@ search the log.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from array import array
 from collections.abc import Collection, Iterable, Mapping
@@ -47,12 +48,19 @@ _FRESH_BATCH: Final = 256
 
 # An exclusive persistent get whose reply is not yet known delivered: (pool, oid, index, slot ref).
 Held = tuple["Pool", bytes, int, int]
+
+log = logging.getLogger("hostagent.pool")
+
 MAX_POOLS_PER_CLIENT: Final = 1024
 POOL_TABLE: Final = "pools.json"
 
 
 class EngineError(Exception):
     """Base of the engine's errors."""
+
+
+class TableError(EngineError):
+    """The pool table cannot be trusted at a restart: starting anyway would drop persistent pages."""
 
 
 class UnknownPool(EngineError):
@@ -121,7 +129,7 @@ class Pool:
     """
 
     __slots__ = (
-        "charged", "exclusive", "flags", "fresh", "handle", "log", "log_head", "members",
+        "charged", "exclusive", "flags", "fresh", "handle", "held", "log", "log_head", "members",
         "objects", "owner", "persistent", "shared", "storage", "uuid",
     )
 
@@ -139,6 +147,9 @@ class Pool:
         self.storage = Counters() if self.shared else owner.pers if self.persistent else owner.eph
         self.members: dict[str, int] = {}  # client name -> that client's id for this pool
         self.objects: dict[bytes, dict[int, int]] = {}
+        # Pages got exclusively whose replies are not yet known delivered (see PoolEngine.get): out
+        # of `objects`, slots still live. A later put or flush of the key drops the held copy.
+        self.held: dict[bytes, dict[int, int]] = {}
         self.log = array("Q")  # ephemeral only: offset << 24 | generation & 0xFFFFFF, oldest first
         # The youngest entries, moved into `log` in batches: a list append is a native op in the
         # compiled engine, an array append a method call (about a tenth of a raw put).
@@ -280,14 +291,16 @@ class PoolEngine:
         free = self.arena.free
         storage = pool.storage
         mark = pool.persistent
-        for pages in pool.objects.values():
-            for ref in pages.values():
-                size = free(ref, mark)
-                storage.pages -= 1
-                storage.stored -= size
-                if not pool.persistent:
-                    self.eph_bytes -= size
+        for index_map in (pool.objects, pool.held):
+            for pages in index_map.values():
+                for ref in pages.values():
+                    size = free(ref, mark)
+                    storage.pages -= 1
+                    storage.stored -= size
+                    if not pool.persistent:
+                        self.eph_bytes -= size
         pool.objects.clear()
+        pool.held.clear()
         del pool.log[:]
         pool.fresh.clear()
         pool.log_head = 0
@@ -315,6 +328,8 @@ class PoolEngine:
             raise ValueError(f"a page is {PAGE_SIZE} bytes, not {len(raw)}")
         persistent = pool.persistent
         (client.pers if persistent else client.eph).puts += 1
+        if pool.held:
+            self._drop_held(pool, oid, index)
         objects = pool.objects
         pages = objects.get(oid)
         if pages is not None:
@@ -346,6 +361,13 @@ class PoolEngine:
             while storage.stored + size > cap:
                 if not self._evict_lru(charged):
                     return self._refuse(client, persistent)
+                pages = objects.get(oid)
+        elif charged is None:  # shared ephemeral: the shared-pool quota, the pool's own LRU first
+            while storage.stored + size > self.shared_quota_bytes:
+                oldest = self._oldest(pool)
+                if oldest is None:
+                    return self._refuse(client, persistent)
+                self._evict(pool, oldest[1], oldest[2], oldest[3])
                 pages = objects.get(oid)
         if arena.used_bytes + size > self._budget:
             while arena.used_bytes + size > self._budget:
@@ -400,7 +422,9 @@ class PoolEngine:
         """The page, or None. With `held`, an exclusive get on a PERSISTENT pool only unlinks the page:
         its slot stays live (charged, and rebuilt by a restart) until `release_held` says the reply
         reached the guest, or `restore_held` puts it back because it may not have. A host agent
-        killed between the get and the reply's delivery must not lose the guest's only copy.
+        killed between the get and the reply's delivery must not lose the guest's only copy. A put
+        or flush of the key (or the pool's end) meanwhile frees the held copy: the guest's later
+        word wins, so neither a restore nor a restart brings the old page back.
         """
         pool = client.pools.get(pool_id)
         if pool is None:
@@ -420,6 +444,10 @@ class PoolEngine:
             if held is not None and pool.persistent:
                 encoding, data = self.arena.read(ref)
                 held.append((pool, oid, index, ref))
+                held_pages = pool.held.get(oid)
+                if held_pages is None:
+                    held_pages = pool.held[oid] = {}
+                held_pages[index] = ref
                 counters.hits += 1
                 return data if encoding == compress.RAW else compress.decode(encoding, data)
             encoding, data, size = self.arena.take(ref, pool.persistent)
@@ -439,21 +467,44 @@ class PoolEngine:
         return data if encoding == compress.RAW else compress.decode(encoding, data)
 
     def release_held(self, held: list[Held]) -> None:
-        """The replies of these gets reached the guest: free their slots."""
-        for pool, _, _, ref in held:
-            self._forget(pool, ref)
+        """The replies of these gets reached the guest: free their slots (unless a later put or
+        flush of the key, or the pool's end, freed them already)."""
+        for pool, oid, index, ref in held:
+            if self._unhold(pool, oid, index, ref):
+                self._forget(pool, ref)
         held.clear()
 
     def restore_held(self, held: list[Held]) -> None:
-        """These replies may not have reached the guest: the pages go back where they were (unless
-        the key was put again meanwhile, or the pool is gone: then the slot is freed)."""
+        """These replies may not have reached the guest: the pages go back where they were, unless
+        the key was put or flushed since (the guest's newer word wins) or the pool is gone."""
         for pool, oid, index, ref in held:
-            pages = pool.objects.get(oid)
-            if self._pools.get(pool.handle) is pool and (pages is None or index not in pages):
-                pool.objects.setdefault(oid, {})[index] = ref
-            else:
-                self._forget(pool, ref)
+            if self._unhold(pool, oid, index, ref):
+                pages = pool.objects.get(oid)
+                if pages is None:
+                    pages = pool.objects[oid] = {}
+                pages[index] = ref
         held.clear()
+
+    def _unhold(self, pool: Pool, oid: bytes, index: int, ref: int) -> bool:
+        """Take one held page out of its pool's held set; False if it is no longer there."""
+        pages = pool.held.get(oid)
+        if pages is None or pages.get(index) != ref:
+            return False
+        del pages[index]
+        if not pages:
+            del pool.held[oid]
+        return True
+
+    def _drop_held(self, pool: Pool, oid: bytes, index: int) -> None:
+        """A put or flush of a key whose page is held: the held copy is stale now, free it, so
+        neither a restore nor a restart can bring it back."""
+        pages = pool.held.get(oid)
+        if pages is not None:
+            ref = pages.pop(index, None)
+            if ref is not None:
+                if not pages:
+                    del pool.held[oid]
+                self._forget(pool, ref)
 
     def _touch(self, pool: Pool, ref: int) -> None:
         """A use of a shared ephemeral page: move it to the young end of its pool's log."""
@@ -465,6 +516,8 @@ class PoolEngine:
     def flush_page(self, client: Client, pool_id: int, oid: bytes, index: int) -> None:
         pool = self._pool(client, pool_id)
         (client.pers if pool.persistent else client.eph).flushes += 1
+        if pool.held:
+            self._drop_held(pool, oid, index)
         pages = pool.objects.get(oid)
         if pages is None:
             return
@@ -477,6 +530,10 @@ class PoolEngine:
     def flush_object(self, client: Client, pool_id: int, oid: bytes) -> None:
         pool = self._pool(client, pool_id)
         (client.pers if pool.persistent else client.eph).flushes += 1
+        held = pool.held.pop(oid, None)
+        if held:
+            for ref in held.values():
+                self._forget(pool, ref)
         pages = pool.objects.pop(oid, None)
         if pages:
             for ref in pages.values():
@@ -634,15 +691,36 @@ class PoolEngine:
         """Rebuild persistent pools and pages from the pool table and the arena's slots."""
         table: dict[str, Any] = {}
         if self._table.exists():
+            # Without the table every persistent page would be dropped as unowned: refuse to
+            # start rather than lose them silently.
             try:
                 table = json.loads(self._table.read_text())
-            except (OSError, ValueError):
-                table = {}
-        for entry in table.get("pools", []):
-            owner = self.client(entry["owner"])
-            pool = Pool(int(entry["handle"]), int(entry["flags"]), bytes.fromhex(entry["uuid"]), owner)
+                pools = [(int(e["handle"]), int(e["flags"]), bytes.fromhex(e["uuid"]), str(e["owner"]),
+                          {str(n): int(i) for n, i in e["members"].items()})
+                         for e in table.get("pools", [])]
+            except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+                raise TableError(
+                    f"the pool table {self._table} cannot be read ({type(err).__name__}: {err}); "
+                    "it names the owners of the persistent pages in the arena. Restore it, or "
+                    "move it and the arena aside to start empty") from None
+        else:
+            pools = []
+        for handle, flags, uuid, owner_name, members in pools:
+            if flags & PoolFlag.SHARED:
+                allowed = self.shared_acl.get(uuid, frozenset())
+                revoked = sorted(set(members) - allowed)
+                if revoked:  # the config no longer authorises them: their membership ends here
+                    log.warning("shared pool %s: %s no longer authorised, membership dropped",
+                                uuid.hex(), ", ".join(revoked))
+                    members = {n: i for n, i in members.items() if n in allowed}
+                if not members:
+                    continue  # nobody may use it any more: its pages are freed below
+                if owner_name not in members:
+                    owner_name = next(iter(members))
+            owner = self.client(owner_name)
+            pool = Pool(handle, flags, uuid, owner)
             self._pools[pool.handle] = pool
-            for name, pool_id in entry["members"].items():
+            for name, pool_id in members.items():
                 member = self.client(name)
                 member.pools[int(pool_id)] = pool
                 pool.members[name] = int(pool_id)
@@ -655,7 +733,12 @@ class PoolEngine:
         self._next_handle = max([int(table.get("next_handle", 1))] + [h + 1 for h in self._pools])
         rejected: list[int] = []
         best: dict[tuple[int, bytes, int], tuple[int, int]] = {}  # key -> (generation, ref)
+        have_table = self._table.exists()
         for rec in list(self.arena.scan()):
+            if rec.verified and not have_table:
+                raise TableError(
+                    f"the arena holds persistent pages but the pool table {self._table} is "
+                    "missing: restore it, or move the arena aside to start empty")
             found = self._pools.get(rec.handle)
             if found is None or not found.persistent or not rec.verified:
                 if found is not None and found.persistent:
@@ -718,7 +801,7 @@ class PoolEngine:
             },
             "shared": {
                 pool.uuid.hex(): {"kind": pool.kind, "members": sorted(pool.members),
-                                  "quota_bytes": self.shared_quota_bytes if pool.persistent else 0,
+                                  "quota_bytes": self.shared_quota_bytes,
                                   **pool.storage.as_dict()}
                 for pool in self._shared.values()
             },

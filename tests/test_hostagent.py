@@ -343,6 +343,26 @@ def test_persistent_pages_survive_an_agent_restart(host_agent: HostAgentProcess)
             assert g.get(pers, i, 0) == page(i, compressible=bool(i % 2))
 
 
+def test_an_unreadable_pool_table_stops_the_start_and_loses_nothing(
+        host_agent: HostAgentProcess) -> None:
+    """Starting without the table would drop every persistent page as unowned: the agent says why
+    and exits instead; with the table restored, the pages are there."""
+    with connected(host_agent) as g:
+        pers = g.new_pool(PERSISTENT)
+        assert g.put(pers, 1, 0, page(1)) == Status.OK
+    host_agent.kill()
+    table = host_agent.arena_dir / "pools.json"
+    saved = table.read_bytes()
+    table.write_bytes(saved[: len(saved) // 2])  # torn
+    with pytest.raises(AssertionError, match=r"pool table .*pools.json cannot be read"):
+        host_agent.start()
+    assert host_agent.proc is not None and host_agent.proc.returncode != 0
+    table.write_bytes(saved)
+    host_agent.start()
+    with connected(host_agent) as g:
+        assert g.get(pers, 1, 0) == page(1)
+
+
 def test_a_guest_that_never_reads_cannot_grow_host_memory(host_agent: HostAgentProcess) -> None:
     """Flow control: with replies piling up the agent stops reading, so the guest's sends block."""
     limit = 4 << 20  # bytes of GET requests; unbounded, 4 MiB of GETs would queue ~350 MB

@@ -35,6 +35,7 @@ from hostagent.pool import (
     ClientSettings,
     PoolDenied,
     PoolEngine,
+    TableError,
     UnknownPool,
 )
 
@@ -697,3 +698,145 @@ def test_restore_after_the_key_was_put_again_keeps_the_new_page(harness: Harness
     engine.restore_held(held)
     assert engine.get(a, pid, oid(3), 0) == random_page(9)
     assert gstats(engine, "g1", "persistent")["pages"] == 0
+
+
+@pytest.mark.parametrize("later", ["flush_page", "put_flush", "flush_object", "destroy"])
+def test_a_held_page_the_guest_flushed_never_comes_back(harness: Harness, later: str) -> None:
+    """GET, then PUT/FLUSH of the same key before the GET's reply is known delivered: neither a
+    restore (channel lost) nor a restart may resurrect the old page, and it stops being charged."""
+    engine = harness.open()
+    a = client(engine, "g1", compress=False)
+    pid = engine.new_pool(a, PERS_X)
+    assert engine.put(a, pid, oid(4), 0, random_page(1))
+    held: list[Any] = []
+    assert engine.get(a, pid, oid(4), 0, held) == random_page(1)
+    if later == "flush_page":
+        engine.flush_page(a, pid, oid(4), 0)
+    elif later == "put_flush":
+        assert engine.put(a, pid, oid(4), 0, random_page(2))
+        engine.flush_page(a, pid, oid(4), 0)
+    elif later == "flush_object":
+        engine.flush_object(a, pid, oid(4))
+    else:
+        engine.destroy_pool(a, pid)
+        pid = engine.new_pool(a, PERS_X)
+    assert gstats(engine, "g1", "persistent")["pages"] == 0
+    assert engine.arena.slots_in_use == 0  # freed (and marked free in the file) already
+    engine.restore_held(held)  # the channel died before the reply left: nothing goes back
+    assert engine.get(a, pid, oid(4), 0) is None
+    assert gstats(engine, "g1", "persistent")["pages"] == 0
+    again = harness.open()  # or the host agent was killed: no live copy of the key is rebuilt
+    assert again.get(again.client("g1"), pid, oid(4), 0) is None
+    assert again.rebuilt_pages == 0
+
+
+# -- damage found at a restart ------------------------------------------------------------------
+
+
+def slot_of(engine: PoolEngine, pid: int, client_: Client, key: bytes, index: int) -> int:
+    """The arena offset of a stored page's slot."""
+    ref: int = client_.pools[pid].objects[key][index]
+    return ref >> REF_SHIFT
+
+
+def test_a_torn_slot_generation_does_not_become_the_counter(harness: Harness) -> None:
+    """A slot whose header kept its live state but got a garbage generation fails its checksum;
+    its generation must not become the engine's (the next put would overflow the header)."""
+    engine = harness.open()
+    a = client(engine, "g1", compress=False)
+    pid = engine.new_pool(a, PERS)
+    for k in range(4):
+        assert engine.put(a, pid, oid(1), k, random_page(k))
+    offset = slot_of(engine, pid, a, oid(1), 3)
+    with open(harness.root / "arena", "r+b") as f:
+        f.seek(offset + 8)  # the generation field
+        f.write(b"\xff" * 8)
+    again = harness.open()
+    a2 = again.client("g1")
+    assert (again.rebuilt_pages, again.rejected_slots) == (3, 1)
+    assert again.put(a2, pid, oid(1), 3, random_page(9))
+    assert again.put(again.client("g2"), again.new_pool(again.client("g2"), EPH), oid(1), 0,
+                     random_page(1))
+    assert again.get(a2, pid, oid(1), 3) == random_page(9)
+
+
+@pytest.mark.parametrize("damage", ["magic", "size class"])
+def test_a_slab_with_a_damaged_header_never_brings_old_pages_back(harness: Harness,
+                                                                 damage: str) -> None:
+    """Its pages are lost (nothing in it can be trusted), and the slab is punched: reused later, its
+    old slot headers must not look live at the next restart (flushed pages back, old copies winning)."""
+    engine = harness.open()
+    a = client(engine, "g1", compress=False)
+    pid = engine.new_pool(a, PERS)
+    for k in range(10):
+        assert engine.put(a, pid, oid(1), k, random_page(k))
+    base = slot_of(engine, pid, a, oid(1), 0) >> 18 << 18
+    with open(harness.root / "arena", "r+b") as f:
+        f.seek(base if damage == "magic" else base + 4)
+        f.write(b"\xde\xad\xbe\xef" if damage == "magic" else (1).to_bytes(4, "little"))
+    second = harness.open()
+    a2 = second.client("g1")
+    assert second.rebuilt_pages == 0 and second.arena.damaged_slabs == 1
+    for k in range(9):
+        second.flush_page(a2, pid, oid(1), k)
+    assert second.put(a2, pid, oid(1), 9, random_page(109))  # the slab is handed out again
+    third = harness.open()
+    a3 = third.client("g1")
+    assert third.get(a3, pid, oid(1), 9) == random_page(109)
+    assert [third.get(a3, pid, oid(1), k) for k in range(9)] == [None] * 9
+
+
+def test_a_shared_pool_member_the_config_no_longer_authorises_loses_it(harness: Harness) -> None:
+    engine = harness.open()
+    a, b = client(engine, "g1"), client(engine, "g2")
+    pa = engine.new_pool(a, SHARED_PERS, U1)
+    pb = engine.new_pool(b, SHARED_PERS, U1)
+    assert engine.put(a, pa, oid(1), 0, random_page(1))
+    narrowed = harness.open(acl={U1: ("g1",)})  # restarted with g2 taken off the pool's list
+    with pytest.raises(UnknownPool):
+        narrowed.get(narrowed.client("g2"), pb, oid(1), 0)
+    assert narrowed.get(narrowed.client("g1"), pa, oid(1), 0) == random_page(1)
+    nobody = harness.open(acl={})  # nobody may use it: the pool and its pages are gone
+    with pytest.raises(UnknownPool):
+        nobody.get(nobody.client("g1"), pa, oid(1), 0)
+    assert nobody.arena.slots_in_use == 0
+
+
+@pytest.mark.parametrize("table", ["garbage", "missing"])
+def test_a_restart_without_a_usable_pool_table_refuses_and_keeps_the_pages(
+        harness: Harness, table: str) -> None:
+    """The table names the owners of the persistent pages: without it they would all be dropped
+    as unowned. Refuse to start instead, and lose nothing: with the table back, they are served."""
+    engine = harness.open()
+    a = client(engine, "g1", compress=False)
+    pid = engine.new_pool(a, PERS)
+    assert engine.put(a, pid, oid(1), 0, random_page(1))
+    path = harness.root / "pools.json"
+    saved = path.read_bytes()
+    if table == "garbage":
+        path.write_bytes(b"{not json")
+    else:
+        path.unlink()
+    with pytest.raises(TableError, match=r"pools\.json"):
+        harness.open()
+    path.write_bytes(saved)
+    again = harness.open()
+    assert again.get(again.client("g1"), pid, oid(1), 0) == random_page(1)
+
+
+def test_a_shared_ephemeral_pool_is_bounded_by_the_shared_quota(harness: Harness) -> None:
+    """Its pages are charged to the pool, not to a member's cap: the shared-pool quota bounds it,
+    the pool's own oldest pages going first; a member's private pages are not touched."""
+    engine = harness.open()
+    engine.shared_quota_bytes = 8 * RAW
+    a = client(engine, "g1", compress=False, cap_bytes=4 * RAW)
+    own = engine.new_pool(a, EPH)
+    for k in range(4):
+        assert engine.put(a, own, oid(2), k, random_page(k))
+    shared = engine.new_pool(a, SHARED, U1)
+    for k in range(20):
+        assert engine.put(a, shared, oid(1), k, random_page(100 + k))
+    info = engine.stats()["shared"][U1.hex()]
+    assert (info["pages"], info["bytes"], info["quota_bytes"]) == (8, 8 * RAW, 8 * RAW)
+    assert [engine.get(a, shared, oid(1), k) is not None for k in range(20)] == [False] * 12 + [True] * 8
+    assert [engine.get(a, own, oid(2), k) for k in range(4)] == [random_page(k) for k in range(4)]
