@@ -284,6 +284,81 @@ class Arena:
             self._empty.add(slab)
         return size
 
+    # -- compaction -------------------------------------------------------------------------------
+
+    def compaction_plan(self) -> tuple[list[int], list[int]]:
+        """(slabs to empty, free slots to move their live slots into), in the size class where
+        that frees the most slabs; both empty if no class has a slab to spare.
+
+        The move targets are taken off the free list (give back the unused ones with
+        `return_slots`). A class's bump slab is never emptied: `trim` keeps it anyway.
+        """
+        by_class: list[list[int]] = [[] for _ in SLOT_SIZES]
+        for slab in range(self._nslabs):
+            size_class = self._slab_class[slab]
+            if size_class != _NO_SLAB and self._slab_live[slab] > 0:
+                by_class[size_class].append(slab)
+        best: list[int] = []
+        best_class = -1
+        for size_class, slabs in enumerate(by_class):
+            bump_slab = (self._bump_end[size_class] - 1) >> SLAB_SHIFT if self._bump_end[size_class] else -1
+            slabs = sorted((s for s in slabs if s != bump_slab), key=self._slab_live.__getitem__)
+            room = sum(SLOTS_PER_SLAB[size_class] - self._slab_live[s] for s in slabs)
+            victims: list[int] = []
+            moving = 0
+            for slab in slabs:  # sparsest first, while the slabs left can take their slots in
+                live = self._slab_live[slab]
+                room -= SLOTS_PER_SLAB[size_class] - live
+                if moving + live > room:
+                    break
+                victims.append(slab)
+                moving += live
+            if len(victims) > len(best):
+                best, best_class = victims, size_class
+        if not best:
+            return [], []
+        chosen = set(best)
+        keep: list[int] = []
+        targets: list[int] = []
+        for offset in self._free[best_class]:
+            (targets if offset >> SLAB_SHIFT not in chosen else keep).append(offset)
+        self._free[best_class] = keep
+        return best, targets
+
+    def slab_live(self, slab: int) -> int:
+        return self._slab_live[slab]
+
+    def return_slots(self, offsets: list[int]) -> None:
+        """Give free slots taken by `compaction_plan` back to their free lists."""
+        for offset in offsets:
+            self._free[self._slab_class[offset >> SLAB_SHIFT]].append(offset)
+
+    def live_offsets(self, slab: int) -> list[int]:
+        """Offsets of the live slots of a slab in use."""
+        size_class = self._slab_class[slab]
+        size = SLOT_SIZES[size_class]
+        first = (slab << SLAB_SHIFT) + SLAB_HEADER_SIZE
+        return [offset for offset in range(first, first + SLOTS_PER_SLAB[size_class] * size, size)
+                if _STATE_GEN.unpack_from(self._mm, offset)[0] == SLOT_LIVE]
+
+    def move(self, offset: int, target: int) -> None:
+        """Copy a live slot into a free one of the same class (from `compaction_plan`), then free
+        the old one. Both are live for a moment, with the same generation and checksum: a restart
+        in between keeps either, and they are equal. The caller repoints its index."""
+        slab, target_slab = offset >> SLAB_SHIFT, target >> SLAB_SHIFT
+        size = SLOT_SIZES[self._slab_class[slab]]
+        self._mm[target : target + size] = self._mm[offset : offset + size]
+        self._mm[offset] = SLOT_FREE
+        live = self._slab_live[target_slab]
+        if live == 0:
+            self._empty.discard(target_slab)
+        self._slab_live[target_slab] = live + 1
+        self._free[self._slab_class[slab]].append(offset)
+        live = self._slab_live[slab] - 1
+        self._slab_live[slab] = live
+        if live == 0:
+            self._empty.add(slab)
+
     def _release_slab(self, slab: int) -> None:
         size_class = self._slab_class[slab]
         base = slab << SLAB_SHIFT

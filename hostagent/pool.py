@@ -43,6 +43,7 @@ from .arena import (
 
 NO_UUID: Final = bytes(16)
 _LOG_SHIFT: Final = 24
+_REF_LOW: Final = (1 << REF_SHIFT) - 1  # a slot reference's length and encoding bits
 _LOG_GEN: Final = (1 << _LOG_SHIFT) - 1
 _FRESH_BATCH: Final = 256
 
@@ -195,6 +196,7 @@ class PoolEngine:
         self._next_handle = 1
         self._generation = 0
         self.evictions = 0
+        self.compactions = 0  # times a put found no free slab and slabs were compacted
         self.eph_bytes = 0
         self._table = Path(arena.path).with_name(POOL_TABLE)
         self.rebuilt_pages = 0
@@ -397,12 +399,51 @@ class PoolEngine:
 
     def _store_fragmented(self, client: Client, pool: Pool, oid: bytes, index: int,
                           page: bytes) -> bool:
-        """Slow path: no slab left for the slot's class; make one free, then put again."""
+        """Slow path: no slab left for the slot's class; make one free, then put again.
+
+        Compaction comes first: without it, a guest keeping one persistent page per slab could pin
+        the whole arena with a tiny quota, and ephemeral pages would be evicted in vain.
+        """
         while not self.arena.release_empty_slabs():
-            if not self._evict_one():
+            if not self._compact() and not self._evict_one():
                 return self._refuse(client, pool.persistent)
         (client.pers if pool.persistent else client.eph).puts -= 1  # counted again by the retry
         return self.put(client, pool.members[client.name], oid, index, page)
+
+    def _compact(self) -> bool:
+        """Empty the sparsest slabs of the most fragmented size class: their persistent pages move
+        into free slots of the class's other slabs, their ephemeral pages are evicted. A slab with
+        a held page (unlinked, awaiting delivery) stays. True if a slab was emptied."""
+        arena = self.arena
+        victims, targets = arena.compaction_plan()
+        emptied = False
+        for slab in victims:
+            for offset in arena.live_offsets(slab):
+                _, handle, _, oid, index, _, _, _, _ = arena.header(offset)
+                pool = self._pools.get(handle)
+                pages = pool.objects.get(oid) if pool is not None else None
+                ref = pages.get(index) if pages is not None else None
+                if pool is None or pages is None or ref is None or ref >> REF_SHIFT != offset:
+                    if pool is not None and pool.persistent:
+                        break  # a held page (persistent frees are marked): the slab stays
+                    continue  # an ephemeral slot freed without marking its header
+                if pool.persistent:
+                    if not targets:
+                        break
+                    target = targets.pop()
+                    arena.move(offset, target)
+                    pages[index] = target << REF_SHIFT | ref & _REF_LOW
+                else:
+                    del pages[index]
+                    if not pages:
+                        del pool.objects[oid]
+                    pool.storage.evicted += 1
+                    self.evictions += 1
+                    self._forget(pool, ref)
+            emptied = emptied or arena.slab_live(slab) == 0
+        arena.return_slots(targets)
+        self.compactions += 1
+        return emptied
 
     def _refuse(self, client: Client, persistent: bool) -> bool:
         (client.pers if persistent else client.eph).puts_refused += 1
@@ -793,6 +834,7 @@ class PoolEngine:
                 "persistent_pages": pers_pages,
                 "ephemeral_bytes": self.eph_bytes,
                 "evictions": self.evictions,
+                "compactions": self.compactions,
                 "host_available_bytes": self.host_available,
                 "host_reserve_bytes": self.host_reserve_bytes,
                 "pools": len(self._pools),

@@ -840,3 +840,36 @@ def test_a_shared_ephemeral_pool_is_bounded_by_the_shared_quota(harness: Harness
     assert (info["pages"], info["bytes"], info["quota_bytes"]) == (8, 8 * RAW, 8 * RAW)
     assert [engine.get(a, shared, oid(1), k) is not None for k in range(20)] == [False] * 12 + [True] * 8
     assert [engine.get(a, own, oid(2), k) for k in range(4)] == [random_page(k) for k in range(4)]
+
+
+def test_a_guest_cannot_pin_the_arena_with_one_page_per_slab(harness: Harness) -> None:
+    """Persistent pages are never evicted, so a guest that keeps one page in every slab would hold
+    the whole arena with a tiny quota. A put that finds no free slab compacts instead: the pinned
+    pages move together (intact, and found again after a restart) and the slabs they left serve."""
+    engine = harness.open(capacity=1 << 20)  # ~40 slabs; the budget is not what runs out
+    a = client(engine, "g1", compress=False)
+    pid = engine.new_pool(a, PERS)
+    n = 0
+    while engine.put(a, pid, oid(1), n, random_page(n)):
+        n += 1
+    kept: dict[int, int] = {}  # slab -> the one key kept in it
+    for k in range(n):
+        slab = slot_of(engine, pid, a, oid(1), k) >> 18
+        if slab in kept:
+            engine.flush_page(a, pid, oid(1), k)
+        else:
+            kept[slab] = k
+    assert len(kept) > 30 and gstats(engine, "g1", "persistent")["pages"] == len(kept)
+    b = client(engine, "g2")
+    eph = engine.new_pool(b, EPH)
+    text = bytes(range(256)) * 16  # compresses: another size class, which needs a slab of its own
+    assert engine.put(b, eph, oid(2), 0, text)
+    assert engine.compactions >= 1
+    assert engine.get(b, eph, oid(2), 0) == text
+    assert {engine.get(a, pid, oid(1), k) == random_page(k) for k in kept.values()} == {True}
+    # together in at most two slabs (a class's newest slab is never emptied)
+    assert len({slot_of(engine, pid, a, oid(1), k) >> 18 for k in kept.values()}) <= 2
+    again = harness.open(capacity=1 << 20)
+    a2 = again.client("g1")
+    assert again.rebuilt_pages == len(kept)
+    assert {again.get(a2, pid, oid(1), k) == random_page(k) for k in kept.values()} == {True}
