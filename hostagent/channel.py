@@ -264,11 +264,21 @@ class GuestChannel(asyncio.Protocol):
         """Some replies wait in the transport (flow control is `_write`'s, at HIGH_WATER)."""
 
     def resume_writing(self) -> None:
-        """Every reply written is in the kernel now."""
+        """Every reply written is in the kernel now.
+
+        Frames that waited are applied in a callback of their own: this runs inside the transport's
+        write handler, which must not see the transport closed under it (a protocol error among
+        those frames closes the channel).
+        """
         self._release_delivered()
         if self.transport is None or not self.attached or not self.congested:
             return
         self.congested = False
+        asyncio.get_running_loop().call_soon(self._apply_pending)
+
+    def _apply_pending(self) -> None:
+        if self.transport is None or not self.attached or self.congested:
+            return
         if self.pending or self.pending_error is not None:
             frames, broken = self.pending, self.pending_error
             self.pending, self.pending_error = [], None

@@ -47,8 +47,10 @@ _REF_LOW: Final = (1 << REF_SHIFT) - 1  # a slot reference's length and encoding
 _LOG_GEN: Final = (1 << _LOG_SHIFT) - 1
 _FRESH_BATCH: Final = 256
 
-# An exclusive persistent get whose reply is not yet known delivered: (pool, oid, index, slot ref).
-Held = tuple["Pool", bytes, int, int]
+# An exclusive persistent get whose reply is not yet known delivered: (pool, oid, index, slot ref,
+# hold id). The id, unique per get, tells this hold from a later one of the same key: a slot ref
+# comes back when the slot is reused, so it cannot.
+Held = tuple["Pool", bytes, int, int, int]
 
 log = logging.getLogger("hostagent.pool")
 
@@ -150,7 +152,8 @@ class Pool:
         self.objects: dict[bytes, dict[int, int]] = {}
         # Pages got exclusively whose replies are not yet known delivered (see PoolEngine.get): out
         # of `objects`, slots still live. A later put or flush of the key drops the held copy.
-        self.held: dict[bytes, dict[int, int]] = {}
+        # oid -> index -> (slot ref, hold id)
+        self.held: dict[bytes, dict[int, tuple[int, int]]] = {}
         self.log = array("Q")  # ephemeral only: offset << 24 | generation & 0xFFFFFF, oldest first
         # The youngest entries, moved into `log` in batches: a list append is a native op in the
         # compiled engine, an array append a method call (about a tenth of a raw put).
@@ -196,6 +199,7 @@ class PoolEngine:
         self._next_handle = 1
         self._generation = 0
         self.evictions = 0
+        self._holds = 0  # hold ids handed out (see Held)
         self.compactions = 0  # times a put found no free slab and slabs were compacted
         self.eph_bytes = 0
         self._table = Path(arena.path).with_name(POOL_TABLE)
@@ -293,14 +297,14 @@ class PoolEngine:
         free = self.arena.free
         storage = pool.storage
         mark = pool.persistent
-        for index_map in (pool.objects, pool.held):
-            for pages in index_map.values():
-                for ref in pages.values():
-                    size = free(ref, mark)
-                    storage.pages -= 1
-                    storage.stored -= size
-                    if not pool.persistent:
-                        self.eph_bytes -= size
+        refs = [ref for pages in pool.objects.values() for ref in pages.values()]
+        refs += [ref for pages in pool.held.values() for ref, _ in pages.values()]
+        for ref in refs:
+            size = free(ref, mark)
+            storage.pages -= 1
+            storage.stored -= size
+            if not pool.persistent:
+                self.eph_bytes -= size
         pool.objects.clear()
         pool.held.clear()
         del pool.log[:]
@@ -484,11 +488,12 @@ class PoolEngine:
                 del pool.objects[oid]
             if held is not None and pool.persistent:
                 encoding, data = self.arena.read(ref)
-                held.append((pool, oid, index, ref))
+                self._holds = hold = self._holds + 1
+                held.append((pool, oid, index, ref, hold))
                 held_pages = pool.held.get(oid)
                 if held_pages is None:
                     held_pages = pool.held[oid] = {}
-                held_pages[index] = ref
+                held_pages[index] = (ref, hold)
                 counters.hits += 1
                 return data if encoding == compress.RAW else compress.decode(encoding, data)
             encoding, data, size = self.arena.take(ref, pool.persistent)
@@ -510,26 +515,27 @@ class PoolEngine:
     def release_held(self, held: list[Held]) -> None:
         """The replies of these gets reached the guest: free their slots (unless a later put or
         flush of the key, or the pool's end, freed them already)."""
-        for pool, oid, index, ref in held:
-            if self._unhold(pool, oid, index, ref):
+        for pool, oid, index, ref, hold in held:
+            if self._unhold(pool, oid, index, ref, hold):
                 self._forget(pool, ref)
         held.clear()
 
     def restore_held(self, held: list[Held]) -> None:
         """These replies may not have reached the guest: the pages go back where they were, unless
         the key was put or flushed since (the guest's newer word wins) or the pool is gone."""
-        for pool, oid, index, ref in held:
-            if self._unhold(pool, oid, index, ref):
+        for pool, oid, index, ref, hold in held:
+            if self._unhold(pool, oid, index, ref, hold):
                 pages = pool.objects.get(oid)
                 if pages is None:
                     pages = pool.objects[oid] = {}
                 pages[index] = ref
         held.clear()
 
-    def _unhold(self, pool: Pool, oid: bytes, index: int, ref: int) -> bool:
-        """Take one held page out of its pool's held set; False if it is no longer there."""
+    def _unhold(self, pool: Pool, oid: bytes, index: int, ref: int, hold: int) -> bool:
+        """Take one hold out of its pool's held set; False if it is no longer there (a put or
+        flush dropped it, maybe the key is held again by a later get: that hold is not ours)."""
         pages = pool.held.get(oid)
-        if pages is None or pages.get(index) != ref:
+        if pages is None or pages.get(index) != (ref, hold):
             return False
         del pages[index]
         if not pages:
@@ -541,11 +547,11 @@ class PoolEngine:
         neither a restore nor a restart can bring it back."""
         pages = pool.held.get(oid)
         if pages is not None:
-            ref = pages.pop(index, None)
-            if ref is not None:
+            entry = pages.pop(index, None)
+            if entry is not None:
                 if not pages:
                     del pool.held[oid]
-                self._forget(pool, ref)
+                self._forget(pool, entry[0])
 
     def _touch(self, pool: Pool, ref: int) -> None:
         """A use of a shared ephemeral page: move it to the young end of its pool's log."""
@@ -573,7 +579,7 @@ class PoolEngine:
         (client.pers if pool.persistent else client.eph).flushes += 1
         held = pool.held.pop(oid, None)
         if held:
-            for ref in held.values():
+            for ref, _ in held.values():
                 self._forget(pool, ref)
         pages = pool.objects.pop(oid, None)
         if pages:

@@ -135,3 +135,25 @@ def test_a_guest_that_stops_reading_cannot_pile_up_closed_connections(
     for g in open_guests:
         g.close()
     neighbour.close()
+
+
+def test_a_protocol_error_waiting_behind_unread_replies_closes_the_channel_cleanly(
+        host_agent: HostAgentProcess) -> None:
+    """16 vector gets (4 MiB of replies) and a bad frame in one send: the agent stops reading at
+    1 MiB queued, so the bad frame waits until the guest has read; applying it then closes the
+    channel with an ERROR, and nothing goes wrong in the agent (the fixture checks its log)."""
+    g = host_agent.connect("g1")
+    pool = g.new_pool(int(PoolFlag.PERSISTENT))
+    for k in range(64):
+        assert g.put(pool, 1, k, page(k)) == Status.OK
+    keys = wire.keys_payload([(oid(1), k) for k in range(64)])
+    g.send(*[Frame(Op.GET_VEC, request_id=g.rid(), pool=pool, index=64, payload=keys)
+             for _ in range(16)],
+           Frame(Op.GET, request_id=g.rid(), pool=999, oid=oid(1), index=0))
+    time.sleep(0.3)
+    for _ in range(16):
+        assert g.recv().opcode == Op.GET_VEC
+    assert b"does not own" in g.expect_error().payload
+    g.close()
+    with host_agent.connect("g1") as again:
+        assert again.get(pool, 1, 0) == page(0)

@@ -873,3 +873,29 @@ def test_a_guest_cannot_pin_the_arena_with_one_page_per_slab(harness: Harness) -
     a2 = again.client("g1")
     assert again.rebuilt_pages == len(kept)
     assert {again.get(a2, pid, oid(1), k) == random_page(k) for k in kept.values()} == {True}
+
+
+@pytest.mark.parametrize("old_channel", ["released", "restored"])
+def test_a_hold_is_told_from_a_later_hold_of_the_key_in_the_same_slot(harness: Harness,
+                                                                      old_channel: str) -> None:
+    """GET K (hold A), PUT K (drops A, and takes A's freed slot back), GET K again on a new
+    connection (hold B: the same slot ref). Whatever A's old channel does when it ends, B's
+    page must neither be freed nor put back by it."""
+    engine = harness.open()
+    a = client(engine, "g1", compress=False)
+    pid = engine.new_pool(a, PERS_X)
+    assert engine.put(a, pid, oid(5), 0, random_page(1))
+    old: list[Any] = []
+    new: list[Any] = []
+    assert engine.get(a, pid, oid(5), 0, old) == random_page(1)
+    assert engine.put(a, pid, oid(5), 0, random_page(2))
+    assert engine.get(a, pid, oid(5), 0, new) == random_page(2)
+    assert old[0][3] == new[0][3]  # the same slot ref: only the hold id tells them apart
+    if old_channel == "released":
+        engine.release_held(old)
+    else:
+        engine.restore_held(old)
+    assert engine.get(a, pid, oid(5), 0) is None  # B's page was not put back
+    assert gstats(engine, "g1", "persistent")["pages"] == 1  # nor freed: B still holds it
+    engine.restore_held(new)  # B's channel dies before delivering: the page is there again
+    assert engine.get(a, pid, oid(5), 0) == random_page(2)
