@@ -200,7 +200,7 @@ class PoolEngine:
         self._generation = 0
         self.evictions = 0
         self._holds = 0  # hold ids handed out (see Held)
-        self.compactions = 0  # times a put found no free slab and slabs were compacted
+        self.compactions = 0  # times a put found no free slab and compacted a size class
         self.eph_bytes = 0
         self._table = Path(arena.path).with_name(POOL_TABLE)
         self.rebuilt_pages = 0
@@ -420,6 +420,9 @@ class PoolEngine:
         a held page (unlinked, awaiting delivery) stays. True if a slab was emptied."""
         arena = self.arena
         victims, targets = arena.compaction_plan()
+        if not victims:
+            return False
+        self.compactions += 1
         emptied = False
         for slab in victims:
             for offset in arena.live_offsets(slab):
@@ -446,7 +449,6 @@ class PoolEngine:
                     self._forget(pool, ref)
             emptied = emptied or arena.slab_live(slab) == 0
         arena.return_slots(targets)
-        self.compactions += 1
         return emptied
 
     def _refuse(self, client: Client, persistent: bool) -> bool:
