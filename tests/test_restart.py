@@ -18,7 +18,8 @@ from pathlib import Path
 
 from guestagent import wire
 from guestagent.wire import PAGE_SIZE, Op, PoolFlag, Status
-from tests.conftest import HostAgentProcess, WireGuest, oid
+from tests.support.host_agent import HostAgentProcess
+from tests.support.wire_guest import WireGuest, oid
 
 KEYS_OBJECTS = 16  # writers cycle over 16 objects x 64 indexes, so pages get overwritten
 KEYS_INDEXES = 64
