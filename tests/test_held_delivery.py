@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import time
+from functools import partial
 
 import psutil
 
@@ -28,6 +29,11 @@ PERS_X = int(PoolFlag.PERSISTENT | PoolFlag.EXCLUSIVE_GETS)
 def persistent_pages(agent: HostAgentProcess, guest: str = "g1") -> int:
     pages: int = agent.stats()["guests"][guest]["persistent"]["pages"]
     return pages
+
+
+def closed_since(agent: HostAgentProcess, closes: int) -> bool:
+    """The agent has logged more than `closes` disconnects of g1."""
+    return agent.log().count("g1: disconnected") > closes
 
 
 def test_a_vector_get_larger_than_the_socket_buffer_is_released_once_it_drains(
@@ -73,7 +79,7 @@ def test_a_get_whose_reply_never_left_keeps_the_page(host_agent_stopped: HostAge
             g.close()
         finally:
             os.kill(agent.pid, signal.SIGCONT)
-        wait_until(lambda n=gone: agent.log().count("g1: disconnected") > n, what="the close")
+        wait_until(partial(closed_since, agent, gone), what="the close")
     with agent.connect("g1") as g:
         assert [g.get(pool, 0, k) for k in range(5)] == [page(k) for k in range(5)]
     assert persistent_pages(agent) == 0

@@ -485,8 +485,8 @@ def test_kernel_cached_mode_serves_shared_mmap_and_stays_right(
         assert f.read() == data  # the kernel's copy: the shim is not asked again
     assert m.stats()["reads"] - reads <= 3
     new = rng.randbytes(6 * PAGE)
-    with open(m.mountpoint / "f", "r+b") as f:
-        f.write(new[:PAGE])
+    with open(m.mountpoint / "f", "r+b") as w:
+        w.write(new[:PAGE])
     assert read(m.mountpoint / "f") == new[:PAGE] + data[PAGE:]
     (m.backing / "f").write_bytes(new)
     assert read(m.mountpoint / "f") == new
