@@ -56,15 +56,17 @@ class PrecacheMount:
                  *(["--proc-dir", str(self.proc_dir)] if self.proc_dir else [])],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             )
-        deadline = time.monotonic() + MOUNT_TIMEOUT
-        while True:
+
+        def mounted() -> bool:
+            assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"precache exited with {self.proc.returncode}:\n{self.log()}")
-            if os.path.ismount(self.mountpoint) and (not connected or self.stats()["connected"]):
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"precache not mounted after {MOUNT_TIMEOUT} s:\n{self.log()}")
-            time.sleep(0.02)
+            return os.path.ismount(self.mountpoint) and (not connected or bool(self.stats()["connected"]))
+
+        try:
+            wait_until(mounted, MOUNT_TIMEOUT, "the precache mount")
+        except TimeoutError as err:
+            raise AssertionError(f"{err}:\n{self.log()}") from None
 
     def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(os.getxattr(self.mountpoint, STATS))
