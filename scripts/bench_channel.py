@@ -26,20 +26,18 @@ import json
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import lab
-
 from guestagent.jsonline import is_listening
+from scripts import lab
+from scripts.bench_wire import Echo
+from scripts.guest import Guest
 
-GUEST = "tmem-1"
+GUEST = Guest("tmem-1")
 MESSAGE = 48 + 4096
 
 GUEST_ECHO = r'''
 import json, os, statistics, sys, threading, time
-sys.path.insert(0, "/opt/tmem")
 from guestagent.ports import find_port
 samples, window, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 fd = os.open(find_port(), os.O_RDWR)
@@ -80,7 +78,6 @@ print(json.dumps({"rtt_us": statistics.median(rtts) * 1e6, "messages": done,
 
 GUEST_TMEM = r'''
 import json, os, statistics, sys, time
-sys.path.insert(0, "/opt/tmem")
 import trio
 from guestagent import wire
 from guestagent.channel import open_channel
@@ -120,7 +117,6 @@ trio.run(main)
 
 GUEST_BLOCKING = r'''
 import json, os, select, statistics, sys, time
-sys.path.insert(0, "/opt/tmem")
 from guestagent import wire
 from guestagent.ports import find_port
 samples = int(sys.argv[1])
@@ -150,15 +146,6 @@ print(json.dumps({"rtt_us": statistics.median(rtts) * 1e6}))
 '''
 
 
-class Echo(asyncio.Protocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.transport.write(data)
-
-
 def run_echo_server(socket_path: str, stop: threading.Event, ready: threading.Event) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -172,11 +159,8 @@ def run_echo_server(socket_path: str, stop: threading.Event, ready: threading.Ev
 
 
 def guest_run(program: str, args: list[str], timeout: float) -> dict[str, Any]:
-    dom = lab.connect().lookupByName(GUEST)
-    rc, out, err = lab.guest_exec(dom, ["python3", "-", *args], timeout=timeout,
-                                  stdin=program.encode())
-    if rc != 0:
-        raise SystemExit(f"bench channel: guest program failed ({rc}): {out}{err}")
+    """A program in the guest (the project importable); its last line of output, as JSON."""
+    out = GUEST.python(program, *args, timeout=timeout)
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return result
 
@@ -189,17 +173,16 @@ def main() -> int:
     args = ap.parse_args()
     params = [str(args.samples), str(args.window), str(args.seconds)]
     conn = lab.connect() if is_listening(lab.LIBVIRT_SOCK) else None
-    own_lab = conn is None or GUEST not in {d.name() for d in lab.lab_domains(conn)}
+    own_lab = conn is None or GUEST.name not in {d.name() for d in lab.lab_domains(conn)}
     if own_lab:
         print("[bench] starting a one-guest lab", file=sys.stderr)
         lab.down()
         lab.up(lab.default_lab(1))
     try:
-        dom = lab.connect().lookupByName(GUEST)
-        lab.guest_exec(dom, ["systemctl", "stop", "tmem-guestagent"])
+        GUEST.stop_agent()
         # 1. the limit: raw echo over the port, the host agent out of the way
         lab.stop_hostagent()
-        socket_path = str(lab.STATE / "sockets" / f"{GUEST}.tmem")
+        socket_path = str(lab.STATE / "sockets" / f"{GUEST.name}.tmem")
         stop, ready = threading.Event(), threading.Event()
         server = threading.Thread(target=run_echo_server, args=(socket_path, stop, ready))
         server.start()
@@ -214,14 +197,14 @@ def main() -> int:
         time.sleep(1.0)
         ours = guest_run(GUEST_TMEM, params, timeout=300)
         blocking = guest_run(GUEST_BLOCKING, params[:1], timeout=300)
-        lab.guest_exec(dom, ["systemctl", "start", "tmem-guestagent"])
+        GUEST.start_agent()
     finally:
         if own_lab:
             lab.down()
     from hostagent.domain import detect_virt_type
 
     result = {
-        "guest": GUEST,
+        "guest": GUEST.name,
         "virt_type": detect_virt_type(),
         "echo_rtt_us": round(echo["rtt_us"], 1),
         "echo_throughput_mbs": round(echo["throughput_mbs"], 2),

@@ -32,39 +32,19 @@ import mmap
 import os
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from guestagent.jsonline import is_listening
+from scripts.processes import stop, wait_started
 
 PAGE = 4096
 
 
-
-
-def _wait(proc: subprocess.Popen[bytes], ready: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + 15
-    while not ready():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"{what} did not start")
-        time.sleep(0.02)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _stats(mnt: Path) -> dict[str, int]:
@@ -166,19 +146,19 @@ def main() -> int:
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shim: subprocess.Popen[bytes] | None = None
     try:
-        _wait(agent, lambda: is_listening(f"{tmp}/control.sock"), "hostagent")
+        wait_started(agent, lambda: is_listening(f"{tmp}/control.sock"), "hostagent")
         shim = subprocess.Popen(
             [sys.executable, "-m", "guestagent.precache", str(backing), str(mnt),
              "--channel", f"{tmp}/guests/bench.sock", "--cache-pages", str(args.pages + 256)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        _wait(shim, lambda: os.path.ismount(mnt) and bool(_stats(mnt)["connected"]), "precache")
+        wait_started(shim, lambda: os.path.ismount(mnt) and bool(_stats(mnt)["connected"]), "precache")
         print(json.dumps(measure(args, tmp, mnt, backing), indent=1))
     finally:
         if shim is not None:
-            _stop(shim)
+            stop(shim)
         if os.path.ismount(mnt):
             subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
-        _stop(agent)
+        stop(agent)
         for d in (tmp, shm, disk):
             shutil.rmtree(d, ignore_errors=True)
     return 0

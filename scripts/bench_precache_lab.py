@@ -23,16 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scripts import lab
+from scripts.guest import Guest
 
-import lab
-
-GUEST = "tmem-1"
-GUESTAGENT = "/usr/local/bin/guestagent"
+GUEST = Guest("tmem-1")
 BACKING, MOUNT = "/srv/precache", "/mnt/precache"
 
 READER = r"""
@@ -64,36 +60,15 @@ print(json.dumps({"seconds": round(seconds, 2), "bytes_read": total, "disk_reads
 """
 
 
-def run(*argv: str, timeout: float = 600, stdin: bytes | None = None) -> str:
-    dom = lab.connect().lookupByName(GUEST)
-    rc, out, err = lab.guest_exec(dom, list(argv), timeout=timeout, stdin=stdin)
-    if rc != 0:
-        raise SystemExit(f"bench precache-lab: {' '.join(argv)} exited {rc}: {out}{err}")
-    return out
-
-
 def precache_counters() -> dict[str, Any]:
-    stats: dict[str, Any] = json.loads(run(GUESTAGENT, "stats"))
-    pc: dict[str, Any] = stats.get("precache") or {}
+    pc: dict[str, Any] = GUEST.agent_stats().get("precache") or {}
     return pc
 
 
-def wait_mounted(timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        dom = lab.connect().lookupByName(GUEST)
-        rc, out, _ = lab.guest_exec(dom, [GUESTAGENT, "stats"], timeout=30)
-        if rc == 0 and (json.loads(out).get("precache") or {}).get("connected"):
-            return
-        if time.monotonic() > deadline:
-            raise SystemExit("bench precache-lab: the guest's precache mount did not come up")
-        time.sleep(1)
-
-
 def read_case(root: str, cache_mib: int, passes: int) -> dict[str, Any]:
-    run("sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches")
-    out = run("systemd-run", "--scope", "--quiet", "-p", f"MemoryMax={cache_mib}M", "python3", "-", root,
-              str(passes), stdin=READER.encode(), timeout=3600)
+    GUEST.drop_caches()
+    out = GUEST.run("systemd-run", "--scope", "--quiet", "-p", f"MemoryMax={cache_mib}M", "python3", "-",
+                    root, str(passes), stdin=READER, timeout=3600)
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return result
 
@@ -106,25 +81,24 @@ def main() -> int:
     ap.add_argument("--read-iops", type=int, default=200, help="the guest disk's read_iops_sec")
     args = ap.parse_args()
     set_mib = args.set_mib or 3 * args.cache_mib
-    spec = lab.Lab((lab.GuestSpec(name=GUEST, read_iops_sec=args.read_iops),), {})
+    spec = lab.Lab((lab.GuestSpec(name=GUEST.name, read_iops_sec=args.read_iops),), {})
     lab.down()
     try:
         lab.up(spec)
         files = max(1, set_mib // 4)
-        run("sh", "-c", f"mkdir -p {BACKING} {MOUNT} /etc/tmem && for i in $(seq {files}); do "
+        GUEST.run("sh", "-c", f"mkdir -p {BACKING} {MOUNT} && for i in $(seq {files}); do "
             f"head -c {4 << 20} /dev/urandom > {BACKING}/f$i; done; sync", timeout=1800)
         without = read_case(BACKING, args.cache_mib, args.passes)
         print(f"[bench] without precache: {without}", file=sys.stderr)
         config = (f'[[precache]]\nbacking = "{BACKING}"\nmountpoint = "{MOUNT}"\n'
                   f"cache_pages = {args.cache_mib * 256}\n")
-        run("sh", "-c", "cat > /etc/tmem/guestagent.toml", stdin=config.encode())
-        run("systemctl", "restart", "tmem-guestagent")
-        wait_mounted()
+        GUEST.write_agent_config(config)
+        GUEST.wait_until(lambda: precache_counters().get("connected"), 120, "the precache mount")
         before = precache_counters()
-        run("sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches")
+        GUEST.drop_caches()
         # the cold pass here, so that the counters from `mid` on cover re-reads only (read_case's own
         # "cold" pass is then a re-read too; its disk figures cover the measured passes alone)
-        run("python3", "-c", f"import os\nfor n in sorted(os.listdir('{MOUNT}')):\n"
+        GUEST.run("python3", "-c", f"import os\nfor n in sorted(os.listdir('{MOUNT}')):\n"
             f"    open(os.path.join('{MOUNT}', n), 'rb').read()\n", timeout=3600)
         mid = precache_counters()
         with_pc = read_case(MOUNT, args.cache_mib, args.passes)

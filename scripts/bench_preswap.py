@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from guestagent import preswap
+from guestagent.jsonline import is_listening
+from scripts.processes import stop, wait_started
 
 PAGE = preswap.PAGE
 
@@ -50,22 +52,6 @@ def _config(tmp: Path, shm: Path) -> Path:
         '[libvirt]\nenabled = false\n[[guest]]\nname = "bench"\ncompress = false\n'
     )
     return config
-
-
-def _wait_listening(path: str, proc: subprocess.Popen[bytes], what: str) -> None:
-    import socket
-
-    deadline = time.monotonic() + 15
-    while True:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            try:
-                probe.connect(path)
-                return
-            except OSError:
-                pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not start")
-        time.sleep(0.02)
 
 
 def _pass(sock: str, pages: int, budget: int, write_first: bool, reads: int) -> dict[str, Any]:
@@ -112,7 +98,7 @@ def main() -> int:
             host = subprocess.Popen([sys.executable, "-m", "hostagent", "run", "--config",
                                      str(_config(tmp, shm)), "--log-level", "WARNING"], stderr=log)
             procs.append(host)
-            _wait_listening(str(tmp / "guests" / "bench.sock"), host, "hostagent run")
+            wait_started(host, lambda: is_listening(str(tmp / "guests" / "bench.sock")), "hostagent run")
 
             def start_swapper(policy: str, readahead: int = 1) -> subprocess.Popen[bytes]:
                 if os.path.exists(sock):
@@ -123,7 +109,7 @@ def main() -> int:
                      os.path.join(diskdir, "swap"), "--policy", policy, "--readahead", str(readahead)],
                     stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
                 procs.append(swapper)
-                _wait_listening(sock, swapper, "swapper")
+                wait_started(swapper, lambda: is_listening(sock), "swapper")
                 return swapper
 
             def skewed() -> dict[str, Any]:
@@ -189,13 +175,7 @@ def main() -> int:
             raise
         finally:
             for proc in reversed(procs):
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-                    try:
-                        proc.wait(10)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait()
+                stop(proc)
             log.close()
     print(json.dumps(result))
     return 0 if all(result["targets_met"].values()) else 1

@@ -24,23 +24,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scripts import lab
+from scripts.guest import PYTHON, Guest
 
-import lab
-
-GUEST = "tmem-1"
-GUESTAGENT = "/usr/local/bin/guestagent"
-WORKLOAD = ["env", "PYTHONPATH=/opt/tmem", "python3", "-m", "guestagent.preswap_workload"]
+GUEST = Guest("tmem-1")
+WORKLOAD = [*PYTHON, "-m", "guestagent.preswap_workload"]
 SLACK_MIB = 4  # above the process's own memory and the budget: page tables, the kernel's bits
 
 # the workload's own memory before its buffer: the interpreter, the pattern's noise, the versions list
 OVERHEAD = r"""
-import sys
-sys.path.insert(0, "/opt/tmem")
 from guestagent import preswap, preswap_workload as w
 pattern, versions = w.Pattern(1), [0] * int(sys.argv[1])
 with open("/proc/self/status") as f:
@@ -48,43 +42,22 @@ with open("/proc/self/status") as f:
 """
 
 
-def run(*argv: str, timeout: float = 600, stdin: bytes | None = None) -> str:
-    dom = lab.connect().lookupByName(GUEST)
-    rc, out, err = lab.guest_exec(dom, list(argv), timeout=timeout, stdin=stdin)
-    if rc != 0:
-        raise SystemExit(f"bench preswap_lab: {' '.join(argv)} exited {rc}: {out}{err}")
-    return out
-
-
-def disk_requests() -> tuple[int, int]:
-    fields = run("cat", "/sys/block/vda/stat").split()
-    return int(fields[0]), int(fields[4])  # reads, writes completed
-
-
-def wait_preswap(timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        dom = lab.connect().lookupByName(GUEST)
-        rc, out, _ = lab.guest_exec(dom, [GUESTAGENT, "stats"], timeout=30)
-        if rc == 0 and (json.loads(out).get("preswap") or {}).get("running"):
-            return
-        if time.monotonic() > deadline:
-            raise SystemExit("bench preswap_lab: the guest's preswap agent did not come up")
-        time.sleep(1)
+def preswap_running() -> bool:
+    return bool((GUEST.agent_stats().get("preswap") or {}).get("running"))
 
 
 def case(limit_kib: int, argv: list[str]) -> dict[str, Any]:
     """One workload run in a memory-limited scope, with the disk requests it caused."""
-    run("sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches")
-    reads0, writes0 = disk_requests()
-    out = run("systemd-run", "--scope", "--quiet", "-p", f"MemoryMax={limit_kib}K",
+    GUEST.drop_caches()
+    disk0 = GUEST.disk_stat()
+    out = GUEST.run("systemd-run", "--scope", "--quiet", "-p", f"MemoryMax={limit_kib}K",
               "-p", "MemorySwapMax=infinity", *WORKLOAD, *argv, timeout=7200)  # fmt: skip
-    reads1, writes1 = disk_requests()
+    disk1 = GUEST.disk_stat()
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     if result["mismatches"]:
         raise SystemExit(f"bench preswap_lab: {result['mismatches']} pages did not verify: {result}")
     result["random_seconds"] = round(result["seconds"] - result["fill_seconds"], 3)
-    result["disk_reads"], result["disk_writes"] = reads1 - reads0, writes1 - writes0
+    result["disk_reads"], result["disk_writes"] = disk1.reads - disk0.reads, disk1.writes - disk0.writes
     return result
 
 
@@ -98,25 +71,23 @@ def main() -> int:
     ap.add_argument("--write-iops", type=int, default=200, help="the guest disk's write_iops_sec (0: none)")
     args = ap.parse_args()
     budget = args.budget_mib * 256
-    spec = lab.Lab((lab.GuestSpec(name=GUEST, memory_mib=args.memory_mib, max_memory_mib=args.memory_mib,
+    spec = lab.Lab((lab.GuestSpec(name=GUEST.name, memory_mib=args.memory_mib, max_memory_mib=args.memory_mib,
                                   read_iops_sec=args.read_iops or None,
                                   write_iops_sec=args.write_iops or None),), {})  # fmt: skip
     common = ["--pages", str(args.pages), "--budget", str(budget), "--ops", str(args.ops), "--fill"]
     lab.down()
     try:
         lab.up(spec)
-        run("mkdir", "-p", "/etc/tmem", "/var/lib/tmem")
-        run("sh", "-c", "cat > /etc/tmem/guestagent.toml", stdin=b"[preswap]\nenabled = true\n")
-        run("systemctl", "restart", "tmem-guestagent")
-        wait_preswap()
-        overhead_kib = int(run("python3", "-", str(args.pages), stdin=OVERHEAD.encode()))
+        GUEST.write_agent_config("[preswap]\nenabled = true\n")
+        GUEST.wait_until(preswap_running, 120, "the preswap agent")
+        overhead_kib = int(GUEST.python(OVERHEAD, str(args.pages)))
         limit_kib = overhead_kib + (args.budget_mib + SLACK_MIB) * 1024
         kernel = case(limit_kib, [*common, "--anonymous"])
         print(f"[bench] kernel swap: {json.dumps(kernel)}", file=sys.stderr)
         preswap = case(limit_kib, common)
         print(f"[bench] preswap: {json.dumps(preswap)}", file=sys.stderr)
         final = lab.stats()
-        host = next(g for g in final["guests"].values() if g.get("name") == GUEST)["persistent"]
+        host = next(g for g in final["guests"].values() if g.get("name") == GUEST.name)["persistent"]
         virt = final.get("agent", {})
     finally:
         lab.down()

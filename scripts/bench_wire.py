@@ -51,7 +51,6 @@ import asyncio
 import collections
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -60,6 +59,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 import trio
@@ -67,6 +67,9 @@ import trio
 from guestagent import wire
 from guestagent.channel import PendingGet, PendingPut, Pool, open_channel
 from guestagent.jsonline import is_listening
+from scripts.processes import stop, wait_started
+
+ROOT = Path(__file__).resolve().parent.parent
 
 MESSAGE = wire.HEADER_SIZE + wire.PAGE_SIZE
 RECV_SIZE = 1 << 16  # the Channel reads this much per readv: same machinery, same size
@@ -82,16 +85,19 @@ def _page(seed: int) -> bytes:
 # ------------------------------------------------------------------------- echo server process
 
 
+class Echo(asyncio.Protocol):
+    """The baseline peer: echoes every byte, on the host agent's I/O path (an asyncio Protocol)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
 def echo_server(path: str) -> None:
-    """The baseline peer: an asyncio Protocol echoing every byte (host agent's I/O path)."""
-
-    class Echo(asyncio.Protocol):
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            assert isinstance(transport, asyncio.Transport)
-            self.transport = transport
-
-        def data_received(self, data: bytes) -> None:
-            self.transport.write(data)
+    """The baseline peer as a server on `path`."""
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -282,27 +288,10 @@ async def vector_throughput(pool: Pool, window: int, seconds: float,
 # ------------------------------------------------------------------------- processes
 
 
-def _start(argv: list[str], ready: Callable[[], bool], what: str, **kw: object) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(argv, **kw)  # type: ignore[call-overload]
-    deadline = time.monotonic() + 15
-    while not ready():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"{what} did not start")
-        time.sleep(0.02)
-    return proc  # type: ignore[no-any-return]
-
-
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def _start(argv: list[str], ready: Callable[[], bool], what: str, **kw: Any) -> subprocess.Popen[bytes]:
+    proc: subprocess.Popen[bytes] = subprocess.Popen(argv, **kw)
+    wait_started(proc, ready, what)
+    return proc
 
 
 def _config(tmp: Path, shm: Path) -> Path:
@@ -422,10 +411,11 @@ def main() -> int:
         try:
             procs.append(
                 _start(
-                    [sys.executable, __file__, "--echo-server", echo_path],
+                    [sys.executable, "-m", "scripts.bench_wire", "--echo-server", echo_path],
                     lambda: is_listening(echo_path),
                     "echo server",
                     stdout=subprocess.DEVNULL,
+                    cwd=ROOT,
                 )
             )
             procs.append(
@@ -454,7 +444,7 @@ def main() -> int:
             raise
         finally:
             for proc in procs:
-                _stop(proc)
+                stop(proc, 5)
             log.close()
     print(json.dumps(result))
     return 0

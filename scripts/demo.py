@@ -23,19 +23,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from guestagent.jsonline import is_listening
+from hostagent import statsview
+from scripts import lab
+from scripts.guest import AGENT_CONFIG, Guest
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import lab  # noqa: E402
-
-from guestagent.jsonline import is_listening  # noqa: E402
-from hostagent import statsview  # noqa: E402
-
 DEFAULT_LAB = ROOT / "vmconfigs" / "demo.toml"
 GUEST_SCRIPT = (ROOT / "scripts" / "demo_guest.py").read_bytes()
-GUESTAGENT = "/usr/local/bin/guestagent"
-GUEST_CONFIG = "/etc/tmem/guestagent.toml"
 PROJECT = "/mnt/precache/zlib"  # the image's demo project, seen through the precache mount
 WORK = "/var/tmp/tmem-demo"  # in the guest: the workloads' logs and process-group ids
 PAGE_KIB = 4
@@ -56,71 +51,51 @@ def _interrupt(signum: int, _frame: FrameType | None) -> None:
 # -- the guests ---------------------------------------------------------------------------------
 
 
-def run(dom: Any, *argv: str, timeout: float = 120, stdin: bytes | None = None) -> str:
-    rc, out, err = lab.guest_exec(dom, list(argv), timeout=timeout, stdin=stdin)
-    if rc != 0:
-        raise lab.LabError(f"{dom.name()}: {' '.join(argv)} exited {rc}: {(out + err).strip()[-500:]}")
-    return out
-
-
-def guest_daemon_stats(dom: Any) -> dict[str, Any]:
-    """`guestagent stats` in the guest; {} while its daemon is not answering."""
-    rc, out, _ = lab.guest_exec(dom, [GUESTAGENT, "stats"], timeout=60)
-    result: dict[str, Any] = json.loads(out) if rc == 0 else {}
-    return result
-
-
-def set_cache_pages(dom: Any, cache_pages: int) -> None:
+def set_cache_pages(guest: Guest, cache_pages: int) -> None:
     """Give the image's precache mount a shim cache of `cache_pages` (the guest's own copy of the
     mount's pages) and restart the guest agent with it."""
-    lab.wait_guest_agent(dom)
-    config = run(dom, "cat", GUEST_CONFIG)
+    guest.wait_qemu_agent()
+    config = guest.read_agent_config()
     lines = [f"cache_pages = {cache_pages}" if line.startswith("cache_pages") else line
              for line in config.splitlines()]
     if lines == config.splitlines():
-        raise lab.LabError(f"{dom.name()}: {GUEST_CONFIG} has no cache_pages to change:\n{config}")
-    run(dom, "sh", "-c", f"cat > {GUEST_CONFIG}", stdin=("\n".join(lines) + "\n").encode())
-    run(dom, "systemctl", "restart", "tmem-guestagent")
+        raise lab.LabError(f"{guest.name}: {AGENT_CONFIG} has no cache_pages to change:\n{config}")
+    guest.write_agent_config("\n".join(lines) + "\n")
 
 
-def wait_tmem_ready(dom: Any) -> None:
-    """Until the guest agent's precache mount has its pool and its preswap agent runs."""
-    lab.wait_guest_agent(dom)
-    deadline = time.monotonic() + 180
-    while True:
-        st = guest_daemon_stats(dom)
-        precache, preswap = st.get("precache") or {}, st.get("preswap") or {}
-        if precache.get("connected") and preswap.get("running"):
-            return
-        if time.monotonic() > deadline:
-            raise lab.LabError(f"{dom.name()}: the guest agent's precache mount and preswap agent are "
-                               f"not both up after 180 s: {st}")
-        time.sleep(1)
+def tmem_ready(guest: Guest) -> bool:
+    """The guest agent's precache mount has its pool and its preswap agent runs."""
+    st = guest.agent_stats()
+    return bool((st.get("precache") or {}).get("connected") and (st.get("preswap") or {}).get("running"))
 
 
-def start_workloads(dom: Any, seconds: float, args: argparse.Namespace) -> None:
+def wait_tmem_ready(guest: Guest) -> None:
+    guest.wait_qemu_agent()
+    guest.wait_until(lambda: tmem_ready(guest), 180, "the guest agent's precache mount and preswap agent")
+
+
+def start_workloads(guest: Guest, seconds: float, args: argparse.Namespace) -> None:
     """The build loop and the preswap user, in the background (each its own process group)."""
-    run(dom, "sh", "-c", f"rm -rf {WORK} && mkdir -p {WORK}")
-    lab.guest_spawn(dom, ["python3", "-", "build", PROJECT, f"{WORK}/build.log",
-                          "--seconds", str(seconds)], stdin=GUEST_SCRIPT)
-    lab.guest_spawn(dom, ["python3", "-", "preswap", args.preswap_socket, f"{WORK}/preswap.log",
-                          "--seconds", str(seconds), "--pages", str(args.preswap_pages),
-                          "--budget", str(args.preswap_budget), "--ops", str(args.preswap_ops),
-                          "--pause", str(args.preswap_pause)],
-                    stdin=GUEST_SCRIPT)
+    guest.run("sh", "-c", f"rm -rf {WORK} && mkdir -p {WORK}")
+    guest.spawn("python3", "-", "build", PROJECT, f"{WORK}/build.log", "--seconds", str(seconds),
+                stdin=GUEST_SCRIPT)
+    guest.spawn("python3", "-", "preswap", args.preswap_socket, f"{WORK}/preswap.log",
+                "--seconds", str(seconds), "--pages", str(args.preswap_pages),
+                "--budget", str(args.preswap_budget), "--ops", str(args.preswap_ops),
+                "--pause", str(args.preswap_pause), stdin=GUEST_SCRIPT)
 
 
-def stop_workloads(dom: Any) -> None:
+def stop_workloads(guest: Guest) -> None:
     """SIGTERM to both workloads' process groups (a build in progress with them)."""
-    lab.guest_exec(dom, ["sh", "-c", f"for p in {WORK}/*.pid; do kill -TERM -- -$(cat $p) 2>/dev/null;"
-                                     " done; true"], timeout=60)
+    guest.exec("sh", "-c", f"for p in {WORK}/*.pid; do kill -TERM -- -$(cat $p) 2>/dev/null; done; true",
+               timeout=60)
 
 
-def rounds(dom: Any) -> dict[str, dict[str, Any]]:
+def rounds(guest: Guest) -> dict[str, dict[str, Any]]:
     """The workloads' logs: rounds done and failed, the last failure, mean seconds per round."""
     out: dict[str, dict[str, Any]] = {}
     for kind in ("build", "preswap"):
-        rc, text, _ = lab.guest_exec(dom, ["cat", f"{WORK}/{kind}.log"], timeout=60)
+        rc, text, _ = guest.exec("cat", f"{WORK}/{kind}.log", timeout=60)
         records = [json.loads(line) for line in text.splitlines() if line.strip()] if rc == 0 else []
         failed = [r for r in records if not r.get("ok")]
         out[kind] = {"rounds": len(records), "failed": len(failed),
@@ -309,18 +284,17 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.monotonic()
     say(f"starting the lab ({args.config}: {len(spec.guests)} guests)")
     lab.up(spec)
-    conn = lab.connect()
-    doms = {g.name: conn.lookupByName(g.name) for g in spec.guests}
+    doms = {g.name: Guest(g.name) for g in spec.guests}
     if args.cache_pages is not None:
-        for name, dom in doms.items():
-            set_cache_pages(dom, args.cache_pages)
+        for name, guest in doms.items():
+            set_cache_pages(guest, args.cache_pages)
             say(f"{name}: precache shim cache set to {args.cache_pages} pages")
-    for name, dom in doms.items():
-        wait_tmem_ready(dom)
+    for name, guest in doms.items():
+        wait_tmem_ready(guest)
         say(f"{name}: precache mount and preswap agent up")
     seconds = args.minutes * 60
-    for name, dom in doms.items():
-        start_workloads(dom, seconds + 600, args)  # stopped by us; the margin only bounds strays
+    for name, guest in doms.items():
+        start_workloads(guest, seconds + 600, args)  # stopped by us; the margin only bounds strays
         say(f"{name}: build loop in {PROJECT} and preswap user started")
     names = [g.name for g in spec.guests]
     before = ours(lab.stats(), names)
@@ -334,8 +308,8 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(max(0.0, min(args.interval, seconds - (time.monotonic() - start))))
     after = ours(lab.stats(), names)
     measured = time.monotonic() - start
-    for dom in doms.values():
-        stop_workloads(dom)
+    for guest in doms.values():
+        stop_workloads(guest)
     work = {n: rounds(d) for n, d in doms.items()}
     show(after, measured, seconds, work_line(work), clear)
     boot_kib = {g.name: g.memory_mib * 1024 for g in spec.guests}
@@ -377,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ok = "workload_failures" not in result
         if not ok:
             say(f"workloads failed: {json.dumps(result['workload_failures'])}")
-    except lab.LabError as err:
+    except (lab.LabError, TimeoutError) as err:
         say(f"error: {err}")
     except (KeyboardInterrupt, Interrupted) as why:
         say(f"interrupted ({why or 'Ctrl-C'})")

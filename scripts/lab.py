@@ -17,7 +17,6 @@ import argparse
 import base64
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
@@ -27,16 +26,16 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from guestagent import tomlfile
+from guestagent.jsonline import is_listening
+from hostagent import control, statsview
+from hostagent.domain import Guest, IOTune, detect_virt_type, domain_xml
+from scripts import build_image
+from scripts.wait import wait_until
 
-from guestagent import tomlfile  # noqa: E402
-from guestagent.jsonline import is_listening  # noqa: E402
-from hostagent import control, statsview  # noqa: E402
-from hostagent.domain import Guest, IOTune, detect_virt_type, domain_xml  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 URI = "qemu:///system"
 STATE = Path(os.environ.get("TMEM_LAB_DIR", "/var/lib/tmem/lab"))
@@ -83,6 +82,9 @@ class Lab:
     # [host] table: hostagent settings (limit_mib, host_reserve_mib, and [host.balloon], copied
     # as the host agent's [balloon] table)
     host: dict[str, Any]
+    # more of the host agent's config, as TOML appended to it: tables a lab description's [host]
+    # cannot carry, e.g. [[balloon.guest]] (tests set them here rather than patching the lab)
+    host_toml: str = ""
 
 
 def default_lab(n: int, balloon: dict[str, Any] | None = None) -> Lab:
@@ -150,11 +152,10 @@ def ensure_daemons() -> None:
         proc = subprocess.run([daemon, "-d"], capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise LabError(f"starting {daemon} failed: {proc.stderr.strip() or proc.returncode}")
-    deadline = time.monotonic() + 20
-    while not is_listening(LIBVIRT_SOCK):
-        if time.monotonic() > deadline:
-            raise LabError(f"libvirtd did not open {LIBVIRT_SOCK} within 20 s")
-        time.sleep(0.2)
+    try:
+        wait_until(lambda: is_listening(LIBVIRT_SOCK), 20, f"libvirtd to open {LIBVIRT_SOCK}", 0.2)
+    except TimeoutError as err:
+        raise LabError(str(err)) from None
 
 
 def _running(pidfile: str) -> bool:
@@ -179,25 +180,15 @@ def connect() -> Any:
 # -- the guest image ----------------------------------------------------------------------------
 
 
-def _build_image_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("build_image", ROOT / "scripts" / "build_image.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["build_image"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def ensure_image() -> Any:
+def ensure_image() -> build_image.Image:
     """The cached guest image for the current recipe; built (by scripts/build-image) if missing."""
-    bi = _build_image_module()
-    image = bi.image_for()
+    image = build_image.image_for()
     if not image.is_built():
         say("building the guest image (cached afterwards)")
         proc = subprocess.run([str(ROOT / "scripts" / "build-image")], stdout=sys.stderr, check=False)
         if proc.returncode != 0:
             raise LabError("scripts/build-image failed (its output above says which step)")
-        image = bi.image_for()
+        image = build_image.image_for()
     return image
 
 
@@ -215,6 +206,7 @@ def hostagent_config(lab: Lab) -> Path:
         f'arena_dir = "{ARENA_DIR}"\n[control]\nsocket = "{CONTROL}"\n'
         f'[libvirt]\nenabled = true\nuri = "{URI}"\nretry_interval = 1.0\n'
         + (f"[balloon]\n{balloon}" if balloon else "")
+        + lab.host_toml
     )
     return cfg
 
@@ -239,11 +231,16 @@ def start_hostagent(lab: Lab) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "hostagent", "run", "--config", str(cfg)],
                             stdout=log, stderr=log, start_new_session=True, cwd=ROOT)
     (STATE / "hostagent.pid").write_text(str(proc.pid))
-    deadline = time.monotonic() + 20
-    while not is_listening(CONTROL):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise LabError(f"the host agent did not start (log: {STATE / 'hostagent.log'})")
-        time.sleep(0.1)
+
+    def serving() -> bool:
+        if proc.poll() is not None:
+            raise LabError(f"the host agent exited with {proc.returncode} (log: {STATE / 'hostagent.log'})")
+        return is_listening(CONTROL)
+
+    try:
+        wait_until(serving, 20, "the host agent to serve", 0.1)
+    except TimeoutError as err:
+        raise LabError(f"{err} (log: {STATE / 'hostagent.log'})") from None
     say(f"host agent running (pid {proc.pid}, log {STATE / 'hostagent.log'})")
 
 
@@ -254,11 +251,20 @@ def stop_hostagent() -> None:
     pid = int(pidfile.read_text())
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
-        for _ in range(100):
-            os.kill(pid, 0)
-            time.sleep(0.1)
-        os.kill(pid, signal.SIGKILL)
+        try:
+            wait_until(lambda: process_gone(pid), 10, "the host agent to exit", 0.1)
+        except TimeoutError:
+            os.kill(pid, signal.SIGKILL)
     pidfile.unlink()
+
+
+def process_gone(pid: int) -> bool:
+    """Exited (a zombie counts: a container's init, or the process that started it, may never
+    reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, IndexError):
+        return True
 
 
 def stats() -> dict[str, Any]:
@@ -269,16 +275,15 @@ def stats() -> dict[str, Any]:
 # -- domains ------------------------------------------------------------------------------------
 
 
-def create_guests(conn: Any, lab: Lab, image: Any) -> dict[str, float]:
+def create_guests(conn: Any, lab: Lab, image: build_image.Image) -> dict[str, float]:
     """Overlays + transient domains; returns name -> time.monotonic() of creation."""
-    bi = sys.modules["build_image"]
     started = {}
     names = json.loads((STATE / "domains.json").read_text()) if (STATE / "domains.json").exists() else []
     virt_type = detect_virt_type()
     for sub in ("xml", "console", "sockets"):
         (STATE / sub).mkdir(exist_ok=True)
     for g in lab.guests:
-        overlay = bi.create_overlay(image.base, STATE / "disks" / f"{g.name}.qcow2", force=True)
+        overlay = build_image.create_overlay(image.base, STATE / "disks" / f"{g.name}.qcow2", force=True)
         guest = Guest(name=g.name, memory_mib=g.memory_mib, max_memory_mib=g.max_memory_mib,
                       vcpus=g.vcpus, disk=overlay, tmem_socket=STATE / "sockets" / f"{g.name}.tmem",
                       console_log=STATE / "console" / f"{g.name}.log", kernel=image.kernel,
@@ -298,18 +303,21 @@ def wait_handshakes(names: Sequence[str], started: dict[str, float],
                     timeout: float = HANDSHAKE_TIMEOUT) -> dict[str, float]:
     """Seconds from domain creation until its guest agent shook hands and reported."""
     done: dict[str, float] = {}
-    deadline = time.monotonic() + timeout
-    while len(done) < len(names):
-        if time.monotonic() > deadline:
-            missing = sorted(set(names) - set(done))
-            raise LabError(f"no handshake from {', '.join(missing)} within {timeout:.0f} s "
-                           f"(consoles: {STATE / 'console'})")
+
+    def all_reported() -> bool:
         for g in stats()["guests"].values():
             name = g.get("name")
             if name in names and name not in done and g.get("connected") and g.get("report"):
                 done[name] = time.monotonic() - started[name]
                 say(f"{name}: guest agent connected {done[name]:.1f} s after start")
-        time.sleep(0.5)
+        return len(done) == len(names)
+
+    try:
+        wait_until(all_reported, timeout, "every guest agent's handshake", 0.5)
+    except TimeoutError:
+        missing = sorted(set(names) - set(done))
+        raise LabError(f"no handshake from {', '.join(missing)} within {timeout:.0f} s "
+                       f"(consoles: {STATE / 'console'})") from None
     return done
 
 
@@ -398,15 +406,17 @@ def agent_command(dom: Any, command: dict[str, Any], timeout: int = 10) -> Any:
 def wait_guest_agent(dom: Any, timeout: float = HANDSHAKE_TIMEOUT) -> None:
     import libvirt
 
-    deadline = time.monotonic() + timeout
-    while True:
+    def answers() -> bool:
         try:
             agent_command(dom, {"execute": "guest-ping"}, 5)
-            return
         except libvirt.libvirtError:
-            if time.monotonic() > deadline:
-                raise LabError(f"{dom.name()}: qemu-guest-agent not answering") from None
-            time.sleep(1)
+            return False
+        return True
+
+    try:
+        wait_until(answers, timeout, "qemu-guest-agent", 1.0)
+    except TimeoutError:
+        raise LabError(f"{dom.name()}: qemu-guest-agent not answering") from None
 
 
 def guest_spawn(dom: Any, argv: Sequence[str], stdin: bytes | None = None) -> int:
@@ -426,17 +436,20 @@ def guest_exec(dom: Any, argv: Sequence[str], timeout: float = 120,
 
 def guest_wait(dom: Any, pid: int, timeout: float = 120, what: str = "") -> tuple[int, str, str]:
     """Wait for a command started by `guest_spawn`; (exit code, stdout, stderr)."""
-    argv = [what or f"pid {pid}"]
-    deadline = time.monotonic() + timeout
-    while True:
-        st = agent_command(dom, {"execute": "guest-exec-status", "arguments": {"pid": pid}})
-        if st.get("exited"):
-            out = base64.b64decode(st.get("out-data", "")).decode(errors="replace")
-            err = base64.b64decode(st.get("err-data", "")).decode(errors="replace")
-            return int(st.get("exitcode", -1)), out, err
-        if time.monotonic() > deadline:
-            raise LabError(f"{dom.name()}: {' '.join(argv)} did not finish within {timeout:.0f} s")
-        time.sleep(0.2)
+    status: dict[str, Any] = {}
+
+    def exited() -> bool:
+        status.update(agent_command(dom, {"execute": "guest-exec-status", "arguments": {"pid": pid}}))
+        return bool(status.get("exited"))
+
+    try:
+        wait_until(exited, timeout, "", 0.2)
+    except TimeoutError:
+        what = what or f"pid {pid}"
+        raise LabError(f"{dom.name()}: {what} did not finish within {timeout:.0f} s") from None
+    out = base64.b64decode(status.get("out-data", "")).decode(errors="replace")
+    err = base64.b64decode(status.get("err-data", "")).decode(errors="replace")
+    return int(status.get("exitcode", -1)), out, err
 
 
 @contextlib.contextmanager
@@ -467,7 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             down()
         else:
             status()
-    except LabError as err:
+    except (LabError, TimeoutError) as err:
         print(f"[lab] error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -37,7 +37,8 @@ from guestagent.channel import (
     resolve_channel_path,
 )
 from guestagent.wire import Frame, Op, PoolFlag, Status
-from tests.conftest import SHARED_UUID, HostAgentProcess, oid, page
+from tests.support.host_agent import SHARED_UUID, HostAgentProcess
+from tests.support.wire_guest import oid, page
 
 PERSISTENT = int(PoolFlag.PERSISTENT)
 DEADLINE = 30.0  # per test; a hang is a failure, not a stuck suite

@@ -25,10 +25,13 @@ import pytest
 import trio
 
 from guestagent.channel import PendingGet, PendingPut, Pool, open_channel
-from tests.conftest import HostAgentProcess, oid, page
-from tests.test_guest_channel import PERSISTENT
+from guestagent.wire import PoolFlag
+from tests.support.host_agent import HostAgentProcess
+from tests.support.wire_guest import oid, page
 
 SECONDS = 3.0
+
+PERSISTENT = int(PoolFlag.PERSISTENT)
 PIECES = (1, 7, 50, 4096, 4150, 9000, 1 << 16)  # around a header, a page, a frame
 
 

@@ -11,15 +11,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import stat
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,83 +24,11 @@ import pytest
 from guestagent import config as configmod
 from guestagent import control, wire
 from guestagent.wire import Frame, Op, Status
-from tests.conftest import HostAgentProcess, stats_json, wait_for
+from scripts.wait import wait_until
+from tests.support.guest_daemon import GuestDaemon, guestagent_cli
+from tests.support.host_agent import HostAgentProcess, stats_json
 
-START_TIMEOUT = 10.0
 RECONNECT_LIMIT = 5.0  # seconds from "host agent serving again" to "daemon reporting again"
-
-
-class GuestDaemon:
-    """A `guestagent run --channel PATH --config FILE` subprocess with a private control socket."""
-
-    def __init__(self, workdir: Path, channel: str, name: str = "daemon-test") -> None:
-        self.workdir = workdir
-        self.channel = channel
-        self.config = workdir / "guestagent.toml"
-        self.control = str(workdir / "ga.sock")
-        self.log_path = workdir / "guestagent.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.config.write_text(
-            f'[channel]\nname = "{name}"\nretry_interval = 0.1\n'
-            f"[report]\ninterval = 0.2\n"
-            f'[control]\nsocket = "{self.control}"\n'
-        )
-
-    def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "guestagent", "run", "--config", str(self.config),
-                 "--channel", self.channel, "--log-level", "DEBUG"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-            )  # fmt: skip
-        deadline = time.monotonic() + START_TIMEOUT
-        while not control.is_listening(self.control):
-            if self.proc.poll() is not None:
-                raise AssertionError(f"guestagent exited with {self.proc.returncode}:\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"guestagent not serving after {START_TIMEOUT} s:\n{self.log()}")
-            time.sleep(0.02)
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(10)
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return guestagent_cli(*args, "--config", str(self.config))
-
-    def request(self, cmd: str, **fields: Any) -> Any:
-        return control.request(self.control, {"cmd": cmd, **fields})
-
-    def status(self) -> dict[str, Any]:
-        result: dict[str, Any] = self.request("status")
-        return result
-
-
-def guestagent_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "guestagent", *args],
-                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
-
-
-@pytest.fixture
-def daemons(request: pytest.FixtureRequest) -> Iterator[list[GuestDaemon]]:
-    """Daemons the test creates (appended); killed at teardown, their logs shown on failure."""
-    made: list[GuestDaemon] = []
-    yield made
-    for d in made:
-        if d.proc is not None and d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait(10)
-        call = getattr(request.node, "rep_call", None)
-        if call is None or call.failed:
-            print(f"---- guestagent log ({d.log_path}) ----\n{d.log()}", file=sys.stderr)
 
 
 def new_daemon(daemons: list[GuestDaemon], workdir: Path, channel: str) -> GuestDaemon:
@@ -134,7 +58,7 @@ def test_daemon_reports_and_serves_status_check_stats(
 ) -> None:
     d = new_daemon(daemons, host_agent.workdir, host_agent.sockets["g1"])
     d.start()
-    wait_for(lambda: host_has_fresh_report(host_agent), 10, "the daemon's report on the host")
+    wait_until(lambda: host_has_fresh_report(host_agent), 10, "the daemon's report on the host")
     g = host_guest(host_agent)
     assert g["name_in_hello"] == "daemon-test"
     values = g["report"]["values"]
@@ -183,7 +107,7 @@ def test_daemon_reports_and_serves_status_check_stats(
     assert d.stop() == 0
     assert not os.path.exists(d.control)
     assert "Traceback" not in d.log(), d.log()
-    wait_for(lambda: not host_guest(host_agent)["connected"], 5, "the host to see the daemon go")
+    wait_until(lambda: not host_guest(host_agent)["connected"], 5, "the host to see the daemon go")
 
 
 # -- host agent outages ---------------------------------------------------------------------------
@@ -194,18 +118,18 @@ def test_daemon_reconnects_after_the_host_agent_is_killed_and_restarted(
 ) -> None:
     d = new_daemon(daemons, host_agent.workdir, host_agent.sockets["g1"])
     d.start()
-    wait_for(lambda: d.status()["connected"], 10, "the daemon to connect")
+    wait_until(lambda: d.status()["connected"], 10, "the daemon to connect")
 
     host_agent.kill()
-    wait_for(lambda: not d.status()["connected"], 5, "the daemon to notice the outage")
+    wait_until(lambda: not d.status()["connected"], 5, "the daemon to notice the outage")
     assert d.status()["state"] == "disconnected"
     time.sleep(0.5)  # an outage long enough for the reconnect backoff to grow
     assert d.cli("status").returncode == 1
 
     host_agent.start()
     back = time.monotonic()
-    wait_for(lambda: d.status()["connected"], RECONNECT_LIMIT, "the daemon to reconnect")
-    wait_for(lambda: host_has_fresh_report(host_agent), RECONNECT_LIMIT, "a report after the restart")
+    wait_until(lambda: d.status()["connected"], RECONNECT_LIMIT, "the daemon to reconnect")
+    wait_until(lambda: host_has_fresh_report(host_agent), RECONNECT_LIMIT, "a report after the restart")
     assert time.monotonic() - back < RECONNECT_LIMIT + 2
     status = d.status()
     assert status["generation"] == 2
@@ -238,8 +162,8 @@ def test_daemon_started_before_the_host_agent_connects_when_it_appears(
 
     agent.start()
     back = time.monotonic()
-    wait_for(lambda: d.status()["connected"], RECONNECT_LIMIT, "the daemon to connect")
-    wait_for(lambda: host_has_fresh_report(agent), RECONNECT_LIMIT, "the first report")
+    wait_until(lambda: d.status()["connected"], RECONNECT_LIMIT, "the daemon to connect")
+    wait_until(lambda: host_has_fresh_report(agent), RECONNECT_LIMIT, "the first report")
     assert time.monotonic() - back < RECONNECT_LIMIT + 2
     assert d.status()["generation"] == 1
     res = d.cli("check")
@@ -307,10 +231,10 @@ def test_host_notices_are_logged_and_counted(daemons: list[GuestDaemon]) -> None
     try:
         d = new_daemon(daemons, workdir, host.path)
         d.start()
-        wait_for(lambda: d.request("stats")["notices"] == 2, 5, "both notices")
+        wait_until(lambda: d.request("stats")["notices"] == 2, 5, "both notices")
         last = d.status()["last_notice"]
         assert last["kind"] == "shrink_persistent" and last["value"] == 17
-        wait_for(lambda: bool(host.reports), 5, "a report at the wire-level host")
+        wait_until(lambda: bool(host.reports), 5, "a report at the wire-level host")
         assert host.reports[0]["committed_as_kib"] > 0
         assert d.stop() == 0
         log = d.log()
@@ -326,7 +250,7 @@ def test_a_host_that_refuses_us_is_reported_and_retried_not_fatal(daemons: list[
     try:
         d = new_daemon(daemons, workdir, host.path)
         d.start()
-        wait_for(lambda: d.status()["state"] == "failed", 5, "the daemon to give up on this host")
+        wait_until(lambda: d.status()["state"] == "failed", 5, "the daemon to give up on this host")
         status = d.status()
         assert "refused the handshake" in status["error"] and not status["connected"]
         assert d.request("stats")["channel_failures"] == 1

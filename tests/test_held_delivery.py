@@ -13,12 +13,15 @@ import os
 import signal
 import socket
 import time
+from functools import partial
 
 import psutil
 
 from guestagent import wire
 from guestagent.wire import Frame, Op, PoolFlag, Status
-from tests.conftest import HostAgentProcess, oid, page, wait_for
+from scripts.wait import wait_until
+from tests.support.host_agent import HostAgentProcess
+from tests.support.wire_guest import oid, page
 
 PERS_X = int(PoolFlag.PERSISTENT | PoolFlag.EXCLUSIVE_GETS)
 
@@ -26,6 +29,11 @@ PERS_X = int(PoolFlag.PERSISTENT | PoolFlag.EXCLUSIVE_GETS)
 def persistent_pages(agent: HostAgentProcess, guest: str = "g1") -> int:
     pages: int = agent.stats()["guests"][guest]["persistent"]["pages"]
     return pages
+
+
+def closed_since(agent: HostAgentProcess, closes: int) -> bool:
+    """The agent has logged more than `closes` disconnects of g1."""
+    return agent.log().count("g1: disconnected") > closes
 
 
 def test_a_vector_get_larger_than_the_socket_buffer_is_released_once_it_drains(
@@ -45,7 +53,7 @@ def test_a_vector_get_larger_than_the_socket_buffer_is_released_once_it_drains(
     time.sleep(0.3)  # not reading yet: the kernel's buffer fills, the rest waits in the agent
     reply = g.recv()
     assert wire.parse_get_vec_reply(reply.payload, 64) == [page(k) for k in range(64)]
-    wait_for(lambda: persistent_pages(agent) == 0, what="the delivered pages to be freed")
+    wait_until(lambda: persistent_pages(agent) == 0, what="the delivered pages to be freed")
     g.close()
     agent.kill()
     agent.start()
@@ -71,7 +79,7 @@ def test_a_get_whose_reply_never_left_keeps_the_page(host_agent_stopped: HostAge
             g.close()
         finally:
             os.kill(agent.pid, signal.SIGCONT)
-        wait_for(lambda n=gone: agent.log().count("g1: disconnected") > n, what="the close")
+        wait_until(partial(closed_since, agent, gone), what="the close")
     with agent.connect("g1") as g:
         assert [g.get(pool, 0, k) for k in range(5)] == [page(k) for k in range(5)]
     assert persistent_pages(agent) == 0

@@ -14,16 +14,9 @@ import pytest
 
 from guestagent import wire
 from guestagent.wire import Flag, Frame, Op, PoolFlag, Status
-from tests.conftest import (
-    SHARED_UUID,
-    HostAgentProcess,
-    WireGuest,
-    connected,
-    oid,
-    page,
-    stats_json,
-    wait_for,
-)
+from scripts.wait import wait_until
+from tests.support.host_agent import SHARED_UUID, HostAgentProcess, stats_json
+from tests.support.wire_guest import WireGuest, connected, oid, page
 
 PERSISTENT = int(PoolFlag.PERSISTENT)
 
@@ -48,7 +41,7 @@ def test_handshake_reports_limits_and_marks_guest_connected(host_agent: HostAgen
         assert guests["g1"]["connected"] is True
         assert guests["g1"]["connected_since"] is not None
         assert guests["g2"]["connected"] is False
-    wait_for(lambda: not host_agent.stats()["guests"]["g1"]["connected"], what="g1 disconnected")
+    wait_until(lambda: not host_agent.stats()["guests"]["g1"]["connected"], what="g1 disconnected")
 
 
 def test_hello_without_common_version_is_refused(host_agent: HostAgentProcess) -> None:
@@ -254,7 +247,7 @@ def test_bad_input_closes_only_that_channel(host_agent: HostAgentProcess, case: 
 
         assert host_agent.alive
         assert good.get(pool, 1, 0) == page(1)  # the other guest is untouched
-        wait_for(lambda: not host_agent.stats()["guests"]["g1"]["connected"], what="g1 gone")
+        wait_until(lambda: not host_agent.stats()["guests"]["g1"]["connected"], what="g1 gone")
         assert "guest g1: closing channel" in host_agent.log()
 
     with connected(host_agent, "g1") as again:  # the bad guest may come back
@@ -318,7 +311,7 @@ def test_persistent_pages_survive_reconnect_ephemeral_pools_do_not(
         assert g.put(eph, 1, 0, page(1)) == Status.OK
         assert g.put(pers, 2, 0, page(2)) == Status.OK
         assert g.put(pers, 2, 1, page(3)) == Status.OK
-    wait_for(lambda: not host_agent.stats()["guests"]["g1"]["connected"], what="g1 gone")
+    wait_until(lambda: not host_agent.stats()["guests"]["g1"]["connected"], what="g1 gone")
     assert host_agent.stats()["guests"]["g1"]["ephemeral"]["pages"] == 0
     with connected(host_agent) as g:
         assert g.query_pool(eph) is None

@@ -17,30 +17,26 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import lab  # noqa: E402
-
-from tests.test_lab import domain, guest, run, wait_for  # noqa: E402
+from scripts import lab
+from scripts.guest import POLL, Guest
+from scripts.wait import wait_until
 
 MIB = 1024
 INTERVAL = 2.0
 RESERVE_MIB = 64  # the balloon policy's default reserve: goal = Committed_AS + reserve
+# tmem-2 keeps its size unless asked: a lab description's [host] cannot carry [[balloon.guest]], so
+# it goes to the host agent's config as extra TOML.
 LAB = lab.Lab(
     guests=(lab.GuestSpec("tmem-1", memory_mib=768, max_memory_mib=1024),
             lab.GuestSpec("tmem-2", memory_mib=1024, max_memory_mib=1024)),
     host={"balloon": {"enabled": True, "interval": INTERVAL}},
+    host_toml='[[balloon.guest]]\nname = "tmem-2"\nself_balloon = false\n',
 )
-# tmem-2 keeps its size unless asked: the lab description cannot carry [[balloon.guest]], so the
-# test sets it through the host agent's config file before the lab starts (see `running`).
-GUEST_TABLES = '[[balloon.guest]]\nname = "tmem-2"\nself_balloon = false\n'
 
 # Allocates MiB of anonymous memory in steps and touches every page, then holds it for a while.
 ALLOC = b"""
@@ -60,41 +56,27 @@ print("done", len(maps) * 32)
 @pytest.fixture(scope="module")
 def running() -> Iterator[dict[str, Any]]:
     lab.down()
-    original = lab.hostagent_config
-
-    def with_guest_tables(description: lab.Lab) -> Path:
-        cfg = original(description)
-        cfg.write_text(cfg.read_text() + GUEST_TABLES)
-        return cfg
-
-    lab.hostagent_config = with_guest_tables  # type: ignore[assignment]
-    try:
-        with lab.lab_running(LAB) as info:
-            yield info
-    finally:
-        lab.hostagent_config = original  # type: ignore[assignment]
+    with lab.lab_running(LAB) as info:
+        yield info
 
 
 def balloon(name: str) -> dict[str, Any]:
-    b: dict[str, Any] | None = guest(name).get("balloon")
-    assert b is not None, f"{name} has no balloon figures: {guest(name)}"
+    b: dict[str, Any] | None = Guest(name).host_stats().get("balloon")
+    assert b is not None, f"{name} has no balloon figures: {Guest(name).host_stats()}"
     return b
 
 
 def actual_mib(name: str) -> int:
-    return int(domain(name).memoryStats()["actual"]) // MIB
+    return int(Guest(name).domain().memoryStats()["actual"]) // MIB
 
 
 def oom_kills(name: str) -> int:
-    for line in run(name, "cat", "/proc/vmstat").splitlines():
-        key, _, value = line.partition(" ")
-        if key == "oom_kill":
-            return int(value)
-    raise AssertionError(f"{name}: no oom_kill counter in /proc/vmstat")
+    return Guest(name).vmstat()["oom_kill"]
 
 
 def test_idle_guest_is_shrunk_toward_its_goal(running: dict[str, Any]) -> None:
-    wait_for(lambda: balloon("tmem-1")["boot_kib"] is not None, 60, "the controller to see tmem-1")
+    wait_until(lambda: balloon("tmem-1")["boot_kib"] is not None, 60, "the controller to see tmem-1",
+               interval=POLL)
     boot = balloon("tmem-1")["boot_kib"] // MIB
     assert boot == 768, "the first look with stats sees the domain's boot size"
 
@@ -103,7 +85,7 @@ def test_idle_guest_is_shrunk_toward_its_goal(running: dict[str, Any]) -> None:
         return b["goal_kib"] is not None and b["actual_kib"] is not None \
             and b["actual_kib"] - b["goal_kib"] < 64 * MIB
 
-    took = wait_for(near_goal, 240, "tmem-1 to be ballooned down near its goal")
+    took = wait_until(near_goal, 240, "tmem-1 to be ballooned down near its goal", interval=POLL)
     b = balloon("tmem-1")
     assert b["actual_kib"] < boot * MIB - 128 * MIB, b
     assert b["actual_kib"] >= b["floor_kib"] - 4 * MIB, "never below the floor"
@@ -116,7 +98,7 @@ def test_idle_guest_is_shrunk_toward_its_goal(running: dict[str, Any]) -> None:
 
 
 def committed_kib(name: str) -> int:
-    return int(guest(name)["report"]["values"]["committed_as_kib"])
+    return int(Guest(name).host_stats()["report"]["values"]["committed_as_kib"])
 
 
 def test_step_increase_in_allocation_is_granted_in_time_without_oom(running: dict[str, Any]) -> None:
@@ -128,16 +110,16 @@ def test_step_increase_in_allocation_is_granted_in_time_without_oom(running: dic
     # may come from the distress rule, which gives back the most the guest had in the last 60 s:
     # how much that is depends on how long ago the previous test shrank it, so it is not asserted.)
     need_kib = committed_kib("tmem-1") + (RESERVE_MIB + want - 16) * MIB
-    pid = lab.guest_spawn(domain("tmem-1"), ["python3", "-", str(want), "20"], stdin=ALLOC)
+    pid = Guest("tmem-1").spawn("python3", "-", str(want), "20", stdin=ALLOC)
 
     def grown() -> bool:
         b = balloon("tmem-1")
         return b["actual_kib"] is not None and b["actual_kib"] >= need_kib
 
-    took = wait_for(grown, 120, f"tmem-1 to grow to its Committed_AS + reserve + {want} MiB")
+    took = wait_until(grown, 120, f"tmem-1 to grow to its Committed_AS + reserve + {want} MiB", interval=POLL)
     b = balloon("tmem-1")
     assert b["last"]["action"] in ("grow", "distress"), b
-    rc, out, err = lab.guest_wait(domain("tmem-1"), pid, timeout=300, what="the allocation")
+    rc, out, err = Guest("tmem-1").wait(pid, timeout=300, what="the allocation")
     assert rc == 0 and out.strip() == f"done {want}", (rc, out, err)
     assert oom_kills("tmem-1") == kills, "a process in tmem-1 was killed by the OOM killer"
     print(f"tmem-1 grew {before} -> {b['actual_kib'] // MIB} MiB within {took:.0f} s")
@@ -147,24 +129,25 @@ def test_balloon_off_freezes_the_guest(running: dict[str, Any]) -> None:
     # Self-ballooning must have something to shrink: if tmem-1 is near its floor (the previous
     # test's allocation ended a while ago), an allocation grows it first.
     if actual_mib("tmem-1") * MIB < balloon("tmem-1")["floor_kib"] + 96 * MIB:
-        pid = lab.guest_spawn(domain("tmem-1"), ["python3", "-", "192", "1"], stdin=ALLOC)
-        rc, out, err = lab.guest_wait(domain("tmem-1"), pid, timeout=300, what="the allocation")
+        pid = Guest("tmem-1").spawn("python3", "-", "192", "1", stdin=ALLOC)
+        rc, out, err = Guest("tmem-1").wait(pid, timeout=300, what="the allocation")
         assert rc == 0, (rc, out, err)
     out = run_host("set", "tmem-1", "balloon=off")
     assert "balloon=off" in out
-    wait_for(lambda: balloon("tmem-1")["state"] == "off", 30, "the controller to see balloon=off")
+    wait_until(lambda: balloon("tmem-1")["state"] == "off", 30, "the controller to see balloon=off",
+               interval=POLL)
     frozen = actual_mib("tmem-1")
     assert frozen * MIB >= balloon("tmem-1")["floor_kib"] + 32 * MIB, "nothing left to shrink"
     time.sleep(6 * INTERVAL)  # the allocation above has ended: self-ballooning would shrink it
     assert actual_mib("tmem-1") == frozen
     run_host("set", "tmem-1", "balloon=on")
-    wait_for(lambda: actual_mib("tmem-1") < frozen - 16, 120, "tmem-1 to be ballooned again")
+    wait_until(lambda: actual_mib("tmem-1") < frozen - 16, 120, "tmem-1 to be ballooned again", interval=POLL)
 
 
 def test_reserve_frees_what_it_reports(running: dict[str, Any]) -> None:
     # Make tmem-2's memory resident in QEMU (a guest that never touched a page gives nothing back
     # to the host when ballooned): fill its page cache, then drop it so the pages are free.
-    run("tmem-2", "sh", "-c", "head -c 600M /dev/zero > /tmp/fill && rm /tmp/fill && "
+    Guest("tmem-2").run("sh", "-c", "head -c 600M /dev/zero > /tmp/fill && rm /tmp/fill && "
         "sync && echo 3 > /proc/sys/vm/drop_caches")
     qemu = qemu_process("tmem-2")
     rss_before = qemu.memory_info().rss
@@ -184,7 +167,7 @@ def test_reserve_frees_what_it_reports(running: dict[str, Any]) -> None:
 
 def run_host(*argv: str) -> str:
     proc = subprocess.run([sys.executable, "-m", "hostagent", *argv, "--control", lab.CONTROL],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+                          capture_output=True, text=True, timeout=120, cwd=lab.ROOT)
     assert proc.returncode == 0, f"hostagent {' '.join(argv)}: {proc.stdout}{proc.stderr}"
     return proc.stdout
 

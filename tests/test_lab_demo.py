@@ -11,75 +11,62 @@ demo's summary, computed from the host's stats before and after, shows both. No 
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+from scripts import demo, lab
+from scripts.guest import Guest
 
-import demo  # noqa: E402
-import lab  # noqa: E402
-
-from tests.test_lab import guest, run, wait_for  # noqa: E402
-
-SCRIPT = (ROOT / "scripts" / "demo_guest.py").read_bytes()
+SCRIPT = demo.GUEST_SCRIPT
 SPEC = lab.load_lab(demo.DEFAULT_LAB)
 NAME = SPEC.guests[0].name
+G = Guest(NAME)
 
 
 @pytest.fixture(scope="module")
 def running() -> Iterator[dict[str, Any]]:
     lab.down()  # leftovers of an interrupted run (or of another lab test module)
     with lab.lab_running(lab.Lab(SPEC.guests[:1], SPEC.host)) as info:
-        dom = lab.connect().lookupByName(NAME)
-        demo.wait_tmem_ready(dom)
+        demo.wait_tmem_ready(G)
         yield {**info, "before": demo.ours(lab.stats(), [NAME])}
-
-
-def values(name: str) -> dict[str, int]:
-    report = guest(name)["report"]
-    return report["values"] if report else {}
 
 
 def test_the_demo_lab_has_the_balloon_controller_on(running: dict[str, Any]) -> None:
     stats = lab.stats()
     assert stats["balloon"]["enabled"] is True, stats["balloon"]
-    g = guest(NAME)
+    g = G.host_stats()
     assert g["balloon"] is not None and g["balloon"]["enabled"] is True, g["balloon"]
     assert g["domain"]["max_kib"] == SPEC.guests[0].max_memory_mib * 1024
 
 
 def test_a_build_round_in_the_precache_mount(running: dict[str, Any]) -> None:
-    dom = lab.connect().lookupByName(NAME)
-    before = demo.guest_daemon_stats(dom)["precache"]
-    out = run(NAME, "python3", "-", "build", demo.PROJECT, "/var/tmp/build.log", "--rounds", "1",
+    before = G.agent_stats()["precache"]
+    out = G.run("python3", "-", "build", demo.PROJECT, "/var/tmp/build.log", "--rounds", "1",
               stdin=SCRIPT, timeout=900)  # fmt: skip
-    log = run(NAME, "cat", "/var/tmp/build.log")
+    log = G.run("cat", "/var/tmp/build.log")
     print(f"build: {out.strip()}; log: {log.strip()}")
     assert json.loads(out) == {**json.loads(out), "rounds": 1, "failed": 0}, log
-    run(NAME, "test", "-s", f"{demo.PROJECT}/libz.a")  # the library, built in the mount
-    after = demo.guest_daemon_stats(dom)["precache"]
+    G.run("test", "-s", f"{demo.PROJECT}/libz.a")  # the library, built in the mount
+    after = G.agent_stats()["precache"]
     moved = {k: after[k] - before[k] for k in ("reads", "gets", "misses", "bytes_from_disk")}
     print(f"precache during the build: {moved}")
     assert moved["reads"] > 100 and moved["gets"] > 100, moved  # sources, headers, objects read
     assert moved["bytes_from_disk"] > 100 * 4096, moved
-    wait_for(lambda: values(NAME).get("precache_gets", 0) >= after["gets"], 30, "a report with them")
+    G.wait_until(lambda: G.reported().get("precache_gets", 0) >= after["gets"], 30, "a report with them")
 
 
 def test_the_preswap_user_verifies_its_pages(running: dict[str, Any]) -> None:
-    out = run(NAME, "python3", "-", "preswap", "/run/tmem/preswap.sock", "/var/tmp/preswap.log",
+    out = G.run("python3", "-", "preswap", "/run/tmem/preswap.sock", "/var/tmp/preswap.log",
               "--rounds", "1", "--pages", "2048", "--budget", "256", "--ops", "3000",
               stdin=SCRIPT, timeout=600)  # fmt: skip
-    record = json.loads(run(NAME, "cat", "/var/tmp/preswap.log").splitlines()[-1])
+    record = json.loads(G.run("cat", "/var/tmp/preswap.log").splitlines()[-1])
     print(f"preswap: {out.strip()}; {record}")
     assert json.loads(out)["failed"] == 0 and record["ok"] is True, record
     assert record["mismatches"] == 0 and record["agent"]["lost"] == 0, record
     assert record["agent"]["puts"] > 0 and record["agent"]["tmem_faults"] > 0, record
-    wait_for(lambda: values(NAME).get("preswap_puts", 0) >= record["agent"]["puts"], 30,
+    G.wait_until(lambda: G.reported().get("preswap_puts", 0) >= record["agent"]["puts"], 30,
              "a report with the preswap puts")
 
 

@@ -11,7 +11,6 @@ with a configuration of the test's own. A lab of its own (one guest), torn down 
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -19,16 +18,13 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import lab  # noqa: E402
-
-from hostagent import statsview  # noqa: E402
-from tests.test_lab import GUESTAGENT, domain, guest, run, wait_for  # noqa: E402
+from hostagent import statsview
+from scripts import lab
+from scripts.guest import Guest
 
 WORKLOAD = (Path(__file__).parent / "guest" / "precache_reread.py").read_bytes()
 NAME = "tmem-1"
+G = Guest(NAME)
 CACHE_PAGES = 1024  # 4 MiB of shim cache
 FILES, FILE_PAGES = 40, 64  # 10 MiB: 2.5x the cache
 PASSES = 3
@@ -49,13 +45,6 @@ def running() -> Iterator[dict[str, Any]]:
         yield info
 
 
-def guest_stats() -> dict[str, Any]:
-    """`guestagent stats` in the guest; {} while the daemon is not answering (restarting)."""
-    rc, out, _ = lab.guest_exec(domain(NAME), [GUESTAGENT, "stats"], timeout=60)
-    result: dict[str, Any] = json.loads(out) if rc == 0 else {}
-    return result
-
-
 def precache_row(name: str) -> list[str]:
     """The guest's row of the precache table in `hostagent stats`, as its cells."""
     table = statsview.format_stats(lab.stats())
@@ -65,63 +54,61 @@ def precache_row(name: str) -> list[str]:
     return row.split()
 
 
-def reported(name: str) -> dict[str, int]:
-    report = guest(name)["report"]
-    return report["values"] if report else {}
+def mounted() -> bool:
+    """The guest agent's precache mount is up and has its pool."""
+    return bool((G.agent_stats().get("precache") or {}).get("connected"))
 
 
 def hits_reported(at_least: int) -> bool:
-    return reported(NAME).get("precache_hits", 0) >= at_least
+    return G.reported().get("precache_hits", 0) >= at_least
 
 
 def test_default_mount_shows_precache_hits_growing_in_hostagent_stats(running: dict[str, Any]) -> None:
     """The image's own config: mount and pool up with no step of ours; re-reads of a file set 2.5x
     its shim cache make the guest's hits grow in `hostagent stats`, run after run."""
-    wait_for(lambda: (guest_stats().get("precache") or {}).get("connected", False), 120,
-             "the image's default precache mount and its pool")
-    st = guest_stats()
+    G.wait_until(mounted, 120, "the image's default precache mount and its pool")
+    st = G.agent_stats()
     assert st["precache"]["mountpoint"] == "/mnt/precache" and st["precache"]["backing"] == "/srv/precache"
     assert st["precache"]["cache_limit"] == DEFAULT_CACHE_PAGES
     assert st["preswap"]["running"] is True  # the default's other half
     pages = DEFAULT_CACHE_PAGES * 5 // 2 // DEFAULT_FILES
-    made = json.loads(run(NAME, "python3", "-", "make", "/srv/precache/reread", str(DEFAULT_FILES),
+    made = json.loads(G.run("python3", "-", "make", "/srv/precache/reread", str(DEFAULT_FILES),
                           str(pages), stdin=WORKLOAD))  # fmt: skip
     sums = "/srv/precache/sums.json"  # `make` writes it beside the file set's directory
     hits = []
     for passes in (2, 1):  # cold + a re-read, then one more re-read
-        out = json.loads(run(NAME, "python3", "-", "read", "/mnt/precache/reread", str(passes), sums,
+        out = json.loads(G.run("python3", "-", "read", "/mnt/precache/reread", str(passes), sums,
                              stdin=WORKLOAD, timeout=900))  # fmt: skip
         assert out["bad"] == [], out
-        wait_for(partial(hits_reported, guest_stats()["precache"]["hits"]), 30, "a report with the hits")
+        hits_now = G.agent_stats()["precache"]["hits"]
+        G.wait_until(partial(hits_reported, hits_now), 30, "a report with the hits")
         cells = precache_row(NAME)
-        hits.append(reported(NAME)["precache_hits"])
+        hits.append(G.reported()["precache_hits"])
         assert statsview.count(hits[-1]) == cells[2], cells  # GUEST gets HITS ...
         print(f"after {passes} pass(es) over {made['bytes'] >> 20} MiB in {out['seconds']} s: "
               f"{hits[-1]} hits in hostagent stats")
     assert hits[0] > 0, hits
     assert hits[1] - hits[0] >= 0.5 * made["bytes"] // 4096, hits  # most of a pass came from tmem
-    run(NAME, "rm", "-rf", "/srv/precache/reread", sums)
+    G.run("rm", "-rf", "/srv/precache/reread", sums)
 
 
 def test_precache_mount_in_a_guest_serves_rereads_from_tmem(running: dict[str, Any]) -> None:
-    made = json.loads(run(NAME, "python3", "-", "make", "/srv/precache", str(FILES), str(FILE_PAGES),
+    made = json.loads(G.run("python3", "-", "make", "/srv/precache", str(FILES), str(FILE_PAGES),
                           stdin=WORKLOAD))  # fmt: skip
-    run(NAME, "mkdir", "-p", "/mnt/precache", "/etc/tmem")
-    run(NAME, "sh", "-c", "cat > /etc/tmem/guestagent.toml", stdin=CONFIG.encode())
-    run(NAME, "systemctl", "restart", "tmem-guestagent")
-    wait_for(lambda: (guest_stats().get("precache") or {}).get("connected", False), 120,
-             "the daemon's precache mount and its pool")
-    assert run(NAME, "grep", "-c", "^precache /mnt/precache fuse", "/proc/mounts").strip() == "1"
-    run(NAME, "sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches")  # the first pass from the disk
-    before = guest_stats()["precache"]
+    G.run("mkdir", "-p", "/mnt/precache")
+    G.write_agent_config(CONFIG)
+    G.wait_until(mounted, 120, "the daemon's precache mount and its pool")
+    assert G.run("grep", "-c", "^precache /mnt/precache fuse", "/proc/mounts").strip() == "1"
+    G.drop_caches()  # the first pass from the disk
+    before = G.agent_stats()["precache"]
 
-    out = json.loads(run(NAME, "python3", "-", "read", "/mnt/precache", str(PASSES), "/srv/sums.json",
+    out = json.loads(G.run("python3", "-", "read", "/mnt/precache", str(PASSES), "/srv/sums.json",
                          stdin=WORKLOAD, timeout=900))  # fmt: skip
     print(f"guest re-read: {out}; file set {made['bytes'] >> 20} MiB, shim cache {CACHE_PAGES * 4 >> 10} MiB")
     assert out["bad"] == [], out  # every read of every pass matched its checksum
     per_pass = out["pages"] // PASSES
 
-    after = guest_stats()["precache"]
+    after = G.agent_stats()["precache"]
     delta = {k: after[k] - before[k] for k in ("gets", "hits", "misses", "puts", "bytes_from_tmem",
                                                "bytes_from_disk")}  # fmt: skip
     print(f"precache in the guest: {delta}")
@@ -135,31 +122,23 @@ def test_precache_mount_in_a_guest_serves_rereads_from_tmem(running: dict[str, A
     assert delta["bytes_from_disk"] <= 1.1 * made["bytes"] + 2 * 4096 * FILES, delta
 
     # the host sees them in the guest's reports, and `hostagent stats` shows the precache row
-    def reported() -> dict[str, int]:
-        report = guest(NAME)["report"]
-        return report["values"] if report else {}
-
-    wait_for(lambda: reported().get("precache_hits", 0) >= after["hits"], 30, "a report with the hits")
-    assert reported()["precache_bytes_from_tmem"] >= after["bytes_from_tmem"]
-    table = statsview.format_stats(lab.stats())
-    print(table)
-    row = next(line for line in table.split("precache (FUSE")[1].splitlines() if line.startswith(NAME))
-    assert statsview.count(reported()["precache_hits"]) in row.split()
+    G.wait_until(partial(hits_reported, after["hits"]), 30, "a report with the hits")
+    assert G.reported()["precache_bytes_from_tmem"] >= after["bytes_from_tmem"]
+    assert statsview.count(G.reported()["precache_hits"]) in precache_row(NAME)
 
     # a restart of the daemon unmounts cleanly and mounts again
-    run(NAME, "systemctl", "restart", "tmem-guestagent")
-    wait_for(lambda: (guest_stats().get("precache") or {}).get("connected", False), 120, "the mount again")
-    again = json.loads(run(NAME, "python3", "-", "read", "/mnt/precache", "1", "/srv/sums.json",
+    G.restart_agent()
+    G.wait_until(mounted, 120, "the mount again")
+    again = json.loads(G.run("python3", "-", "read", "/mnt/precache", "1", "/srv/sums.json",
                            stdin=WORKLOAD, timeout=600))  # fmt: skip
     assert again["bad"] == [], again
-    assert run(NAME, "grep", "-c", "^precache /mnt/precache fuse", "/proc/mounts").strip() == "1"
+    assert G.run("grep", "-c", "^precache /mnt/precache fuse", "/proc/mounts").strip() == "1"
 
 
 def test_teardown_lab(running: dict[str, Any]) -> None:
     """Last: without a config file the daemon runs with no mount (every key has a default)."""
-    run(NAME, "rm", "-f", "/etc/tmem/guestagent.toml")
-    run(NAME, "systemctl", "restart", "tmem-guestagent")
-    wait_for(lambda: guest_stats().get("precache") is None and "uptime" in guest_stats(), 60,
-             "the daemon without a mount")
-    assert run(NAME, "sh", "-c", "grep -c ' /mnt/precache ' /proc/mounts || true").strip() == "0"
+    G.write_agent_config(None)
+    G.wait_until(lambda: G.agent_stats().get("precache") is None and "uptime" in G.agent_stats(), 60,
+                 "the daemon without a mount")
+    assert G.run("sh", "-c", "grep -c ' /mnt/precache ' /proc/mounts || true").strip() == "0"
     lab.down()

@@ -11,28 +11,23 @@ A lab of its own (one small guest), torn down at the end; no skips.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import lab  # noqa: E402
-
-from hostagent import statsview  # noqa: E402
-from tests.test_lab import GUESTAGENT, guest, run, wait_for  # noqa: E402
+from hostagent import statsview
+from scripts import lab
+from scripts.guest import PYTHON, Guest
 
 NAME = "tmem-1"
+G = Guest(NAME)
 MEMORY_MIB = 256  # small, so a region larger than its free memory stays quick to fill under TCG
 BUDGET_PAGES = 2048  # the region's resident budget: 8 MiB
 OVER_MIB = 32  # the region is this much larger than MemAvailable
 OPS = 4000  # random reads and writes between the fill and the final check of every page
 CONFIG = "[preswap]\nenabled = true\n"
-WORKLOAD = ["env", "PYTHONPATH=/opt/tmem", "python3", "-m", "guestagent.preswap_workload"]
+WORKLOAD = [*PYTHON, "-m", "guestagent.preswap_workload"]
 
 
 @pytest.fixture(scope="module")
@@ -45,38 +40,26 @@ def running() -> Iterator[dict[str, Any]]:
 
 def guest_preswap() -> dict[str, Any]:
     """`guestagent stats`' preswap part in the guest; {} while the daemon is not answering."""
-    rc, out, _ = lab.guest_exec(lab.connect().lookupByName(NAME), [GUESTAGENT, "stats"], timeout=60)
-    result: dict[str, Any] = (json.loads(out).get("preswap") or {}) if rc == 0 else {}
+    result: dict[str, Any] = G.agent_stats().get("preswap") or {}
     return result
 
 
-def kib(text: str, key: str) -> int:
-    """A /proc/meminfo (kB) or /proc/vmstat field."""
-    for line in text.splitlines():
-        name, _, value = line.partition(":") if ":" in line else line.partition(" ")
-        if name == key:
-            return int(value.split()[0])
-    raise AssertionError(f"{key} not found")
-
-
 def test_region_larger_than_free_memory_never_touches_the_swap_file(running: dict[str, Any]) -> None:
-    run(NAME, "mkdir", "-p", "/etc/tmem", "/var/lib/tmem")
-    run(NAME, "sh", "-c", "cat > /etc/tmem/guestagent.toml", stdin=CONFIG.encode())
-    run(NAME, "systemctl", "restart", "tmem-guestagent")
-    wait_for(lambda: guest_preswap().get("running", False), 120, "the daemon's preswap agent")
-    assert "/swapfile" in run(NAME, "cat", "/proc/swaps")  # the kernel's swap is there to be used
+    G.write_agent_config(CONFIG)
+    G.wait_until(lambda: guest_preswap().get("running", False), 120, "the daemon's preswap agent")
+    assert "/swapfile" in G.run("cat", "/proc/swaps")  # the kernel's swap is there to be used
 
-    meminfo = run(NAME, "cat", "/proc/meminfo")
-    available, free = kib(meminfo, "MemAvailable"), kib(meminfo, "MemFree")
+    meminfo = G.meminfo()
+    available, free = meminfo["MemAvailable"], meminfo["MemFree"]
     pages = (available + OVER_MIB * 1024) // 4
     assert pages * 4 > max(available, free)  # it cannot all stay in memory: pages must leave
-    host_before = guest(NAME)["persistent"]
-    vmstat_before = run(NAME, "cat", "/proc/vmstat")
+    host_before = G.host_stats()["persistent"]
+    vmstat_before = G.vmstat()
 
-    out = run(NAME, *WORKLOAD, "--pages", str(pages), "--budget", str(BUDGET_PAGES), "--ops", str(OPS),
+    out = G.run(*WORKLOAD, "--pages", str(pages), "--budget", str(BUDGET_PAGES), "--ops", str(OPS),
               "--fill", timeout=1200)  # fmt: skip
     result = json.loads(out.strip().splitlines()[-1])
-    vmstat_after = run(NAME, "cat", "/proc/vmstat")
+    vmstat_after = G.vmstat()
     agent = result["agent"]
     print(f"region {pages} pages ({pages * 4 >> 10} MiB) in a {MEMORY_MIB} MiB guest with MemAvailable "
           f"{available >> 10} MiB, MemFree {free >> 10} MiB: {json.dumps(result)}")
@@ -89,21 +72,17 @@ def test_region_larger_than_free_memory_never_touches_the_swap_file(running: dic
     assert agent["puts_refused"] == 0 and agent["disk_writes"] == 0 and agent["disk_reads"] == 0, agent
     assert agent["lost"] == 0
     # ... and none of it reached the swap file: the guest swapped nothing in or out meanwhile
-    swapped = {k: kib(vmstat_after, k) - kib(vmstat_before, k) for k in ("pswpin", "pswpout")}
+    swapped = {k: vmstat_after[k] - vmstat_before[k] for k in ("pswpin", "pswpout")}
     assert swapped == {"pswpin": 0, "pswpout": 0}, swapped
     assert result["swap"] == {"pswpin": 0, "pswpout": 0}, result
 
     # the host saw it: persistent puts and gets for this guest, and the counters of its reports
-    host_after = guest(NAME)["persistent"]
+    host_after = G.host_stats()["persistent"]
     assert host_after["puts"] - host_before["puts"] >= agent["puts"]
     assert host_after["gets"] - host_before["gets"] >= agent["gets"]
 
-    def reported() -> dict[str, int]:
-        report = guest(NAME)["report"]
-        return report["values"] if report else {}
-
-    wait_for(lambda: reported().get("preswap_puts", 0) >= agent["puts"], 30, "a report with the puts")
-    values = reported()
+    G.wait_until(lambda: G.reported().get("preswap_puts", 0) >= agent["puts"], 30, "a report with the puts")
+    values = G.reported()
     assert values["preswap_gets"] >= agent["gets"] and values["preswap_disk_writes"] == 0, values
     assert values["preswap_regions"] == 0  # released when the program exited
     table = statsview.format_stats(lab.stats())
@@ -111,12 +90,12 @@ def test_region_larger_than_free_memory_never_touches_the_swap_file(running: dic
     row = next(line for line in table.split("preswap (")[1].splitlines() if line.startswith(NAME))
     assert statsview.count(values["preswap_puts"]) in row.split()
     assert statsview.count(values["preswap_gets"]) in row.split()
-    wait_for(lambda: guest(NAME)["persistent"]["pages"] == 0, 30, "the region's pages flushed")
+    G.wait_until(lambda: G.host_stats()["persistent"]["pages"] == 0, 30, "the region's pages flushed")
 
 
 def test_teardown_lab(running: dict[str, Any]) -> None:
     """Last: restore the default guest config (no preswap) before the lab goes down."""
-    run(NAME, "rm", "-f", "/etc/tmem/guestagent.toml")
-    run(NAME, "systemctl", "restart", "tmem-guestagent")
-    wait_for(lambda: guest_preswap() == {} and guest(NAME)["connected"], 60, "the daemon without preswap")
+    G.write_agent_config(None)
+    G.wait_until(lambda: guest_preswap() == {} and G.host_stats()["connected"], 60,
+                 "the daemon without preswap")
     lab.down()

@@ -24,7 +24,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import HostAgentProcess, wait_for
+from scripts.wait import wait_until
+from tests.support.host_agent import HostAgentProcess
+from tests.support.process import read_log, reap
 
 PAGE = 4096
 STATS = "user.tmem.precache.stats"
@@ -54,15 +56,17 @@ class PrecacheMount:
                  *(["--proc-dir", str(self.proc_dir)] if self.proc_dir else [])],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             )
-        deadline = time.monotonic() + MOUNT_TIMEOUT
-        while True:
+
+        def mounted() -> bool:
+            assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"precache exited with {self.proc.returncode}:\n{self.log()}")
-            if os.path.ismount(self.mountpoint) and (not connected or self.stats()["connected"]):
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"precache not mounted after {MOUNT_TIMEOUT} s:\n{self.log()}")
-            time.sleep(0.02)
+            return os.path.ismount(self.mountpoint) and (not connected or bool(self.stats()["connected"]))
+
+        try:
+            wait_until(mounted, MOUNT_TIMEOUT, "the precache mount")
+        except TimeoutError as err:
+            raise AssertionError(f"{err}:\n{self.log()}") from None
 
     def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(os.getxattr(self.mountpoint, STATS))
@@ -75,10 +79,7 @@ class PrecacheMount:
         os.setxattr(self.mountpoint, "user.tmem.precache.discard", b"1")
 
     def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     def stop(self) -> None:
         """SIGTERM (it unmounts); whatever happens, nothing stays mounted."""
@@ -123,12 +124,8 @@ def precache(host_agent: HostAgentProcess, request: pytest.FixtureRequest
     finally:
         for m in mounts:
             m.stop()
-        call = getattr(request.node, "rep_call", None)
         for m in mounts:
-            log = m.log()
-            if call is None or call.failed:
-                print(f"---- precache log ({m.log_path}) ----\n{log}", file=sys.stderr)
-            assert "Traceback" not in log, log
+            reap(request, m, "precache")
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -159,7 +156,7 @@ def test_exclusive_get_serves_an_evicted_page_once(host_agent: HostAgentProcess,
     assert read(m.mountpoint / "b") == b  # 8 pages push a's page out: put to tmem
     s1 = m.stats()
     assert s1["puts"] == 1 and s1["cached_pages"] == 8
-    wait_for(lambda: pool_pages(host_agent) == 1, what="the put to land")  # fire-and-forget
+    wait_until(lambda: pool_pages(host_agent) == 1, what="the put to land")  # fire-and-forget
 
     assert read(m.mountpoint / "a") == a  # served from tmem, which gives it up (exclusive get)
     s2 = m.stats()
@@ -167,7 +164,7 @@ def test_exclusive_get_serves_an_evicted_page_once(host_agent: HostAgentProcess,
     assert s2["bytes_from_tmem"] - s1["bytes_from_tmem"] == PAGE
     assert s2["bytes_from_disk"] == s1["bytes_from_disk"]
     assert s2["puts"] - s1["puts"] == 1  # a page of b made room for it
-    wait_for(lambda: pool_pages(host_agent) == 1, what="b's put")  # that page of b; a's page left
+    wait_until(lambda: pool_pages(host_agent) == 1, what="b's put")  # that page of b; a's page left
     time.sleep(0.1)
     assert pool_pages(host_agent) == 1
 
@@ -316,7 +313,7 @@ def test_counters_reach_the_host_in_stats_reports(
         report = host_agent.stats()["guests"]["g1"]["report"]
         return report["values"] if report else {}
 
-    wait_for(lambda: reported().get("precache_hits", 0) > 0, timeout=10, what="a STATS report")
+    wait_until(lambda: reported().get("precache_hits", 0) > 0, timeout=10, what="a STATS report")
     values, local = reported(), m.stats()
     assert values["precache_hits"] <= local["hits"] and values["precache_gets"] <= local["gets"]
     assert values["precache_bytes_from_tmem"] >= PAGE
@@ -490,8 +487,8 @@ def test_kernel_cached_mode_serves_shared_mmap_and_stays_right(
         assert f.read() == data  # the kernel's copy: the shim is not asked again
     assert m.stats()["reads"] - reads <= 3
     new = rng.randbytes(6 * PAGE)
-    with open(m.mountpoint / "f", "r+b") as f:
-        f.write(new[:PAGE])
+    with open(m.mountpoint / "f", "r+b") as w:
+        w.write(new[:PAGE])
     assert read(m.mountpoint / "f") == new[:PAGE] + data[PAGE:]
     (m.backing / "f").write_bytes(new)
     assert read(m.mountpoint / "f") == new
@@ -534,11 +531,11 @@ def test_cache_shrinks_with_mem_available_and_sheds_to_tmem(
     # the cache may keep (100 + 200) / 2 pages, and what it sheds goes to tmem.  (This fake
     # MemAvailable does not grow as the cache frees memory, so later samples shrink it further.)
     (tmp_path / "meminfo").write_text(f"MemAvailable: {(MEMORY_RESERVE + 100 * PAGE) // 1024} kB\n")
-    wait_for(lambda: m.stats()["cache_limit"] <= 150, what="the cache to shrink")
+    wait_until(lambda: m.stats()["cache_limit"] <= 150, what="the cache to shrink")
     (tmp_path / "meminfo").write_text(f"MemAvailable: {4 << 20} kB\n")
     s2 = m.stats()
     assert 100 <= s2["cached_pages"] <= 150 and s2["puts"] == 200 - s2["cached_pages"], s2
-    wait_for(lambda: m.stats()["cache_limit"] == 256, what="the cache to grow back")
+    wait_until(lambda: m.stats()["cache_limit"] == 256, what="the cache to grow back")
     assert read(m.mountpoint / "f") == data
     s3 = m.stats()
     assert s3["hits"] - s2["hits"] >= 50 and s3["cached_pages"] == 200
@@ -561,7 +558,7 @@ def test_mount_without_a_host_agent_reads_the_backing_file_then_uses_tmem_once_i
         assert not s["connected"] and s["gets"] == 0 and s["bytes_from_tmem"] == 0
         assert s["bytes_from_disk"] > len(data)  # the shim cache holds 8 of the 20 pages
         host_agent_stopped.start()
-        wait_for(lambda: m.stats()["connected"], timeout=10, what="the mount to connect")
+        wait_until(lambda: m.stats()["connected"], timeout=10, what="the mount to connect")
         for _ in range(2):
             assert read(m.mountpoint / "f") == data
         assert m.stats()["hits"] > 0

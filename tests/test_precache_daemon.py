@@ -25,8 +25,9 @@ import pytest
 
 from guestagent import config as configmod
 from hostagent import statsview
-from tests.conftest import HostAgentProcess, stats_json, wait_for
-from tests.test_guest_daemon import GuestDaemon, guestagent_cli
+from scripts.wait import wait_until
+from tests.support.guest_daemon import GuestDaemon, guestagent_cli
+from tests.support.host_agent import HostAgentProcess, stats_json
 
 PAGE = 4096
 STATS = "user.tmem.precache.stats"
@@ -120,28 +121,13 @@ def work() -> Iterator[Path]:
 
 
 @pytest.fixture
-def daemon(host_agent: HostAgentProcess, work: Path, request: pytest.FixtureRequest) -> Iterator[GuestDaemon]:
+def daemon(host_agent: HostAgentProcess, work: Path, daemons: list[GuestDaemon]) -> GuestDaemon:
     """A daemon (not started) whose config has a [[precache]] mount of work/backing at work/mnt."""
     d = GuestDaemon(work, host_agent.sockets["g1"])
     with d.config.open("a") as f:
         f.write(f'[[precache]]\nbacking = "backing"\nmountpoint = "mnt"\ncache_pages = {CACHE_PAGES}\n')
-    try:
-        yield d
-    finally:
-        if d.proc is not None and d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait(10)
-        call = getattr(request.node, "rep_call", None)
-        if call is None or call.failed:
-            print(f"---- guestagent log ({d.log_path}) ----\n{d.log()}", file=sys.stderr)
-        assert "Traceback" not in d.log(), d.log()
-
-
-def daemon_stats(d: GuestDaemon) -> dict[str, Any]:
-    res = d.cli("stats")
-    assert res.returncode == 0, res.stderr
-    result: dict[str, Any] = json.loads(res.stdout)
-    return result
+    daemons.append(d)
+    return d
 
 
 def test_daemon_serves_its_mount_with_tmem_and_reports_the_counters(
@@ -151,8 +137,8 @@ def test_daemon_serves_its_mount_with_tmem_and_reports_the_counters(
     sums = populate(work / "backing", files=8, pages=16)  # 128 pages: twice the shim's cache
     total = sum((work / "backing" / name).stat().st_size for name in sums)
     daemon.start()
-    wait_for(lambda: os.path.ismount(mnt), what="the mount")
-    wait_for(lambda: daemon_stats(daemon)["precache"]["connected"], timeout=10, what="the mount's pool")
+    wait_until(lambda: os.path.ismount(mnt), what="the mount")
+    wait_until(lambda: daemon.stats()["precache"]["connected"], timeout=10, what="the mount's pool")
 
     read_all(mnt, sums)  # from the disk; what the cache pushes out goes to tmem
     before = json.loads(os.getxattr(mnt, STATS))
@@ -165,7 +151,7 @@ def test_daemon_serves_its_mount_with_tmem_and_reports_the_counters(
     assert after["hits"] - before["hits"] == after["gets"] - before["gets"] > 0
 
     # `guestagent stats` shows the mount and its counters
-    local = daemon_stats(daemon)["precache"]
+    local = daemon.stats()["precache"]
     assert local["mounted"] and local["mountpoint"] == str(mnt) and local["backing"] == str(work / "backing")
     assert local["hits"] >= after["hits"] and local["bytes_from_tmem"] >= after["bytes_from_tmem"]
 
@@ -174,7 +160,7 @@ def test_daemon_serves_its_mount_with_tmem_and_reports_the_counters(
         report = stats_json(host_agent)["guests"]["g1"]["report"]
         return report["values"] if report else {}
 
-    wait_for(lambda: reported().get("precache_hits", 0) >= after["hits"], timeout=10, what="a report")
+    wait_until(lambda: reported().get("precache_hits", 0) >= after["hits"], timeout=10, what="a report")
     values = reported()
     assert values["precache_bytes_from_tmem"] >= after["bytes_from_tmem"]
     assert values["precache_bytes_from_disk"] == after["bytes_from_disk"]
@@ -194,17 +180,17 @@ def test_daemon_mount_reads_the_backing_files_without_a_host_agent(
     host_agent.stop()
     sums = populate(work / "backing", files=4, pages=40)
     daemon.start()
-    wait_for(lambda: os.path.ismount(work / "mnt"), what="the mount")
+    wait_until(lambda: os.path.ismount(work / "mnt"), what="the mount")
     read_all(work / "mnt", sums)
     read_all(work / "mnt", sums)
-    stats = daemon_stats(daemon)["precache"]
+    stats = daemon.stats()["precache"]
     assert stats["connected"] is False and stats["hits"] == 0 and stats["gets"] == 0
     host_agent.start()  # the mount's pool appears with the channel; evicted pages go to tmem again
-    wait_for(lambda: daemon_stats(daemon)["precache"]["connected"], timeout=15, what="the mount's pool")
+    wait_until(lambda: daemon.stats()["precache"]["connected"], timeout=15, what="the mount's pool")
     read_all(work / "mnt", sums)
     os.setxattr(work / "mnt", "user.tmem.precache.evict", b"1")
     read_all(work / "mnt", sums)
-    assert daemon_stats(daemon)["precache"]["hits"] > 0
+    assert daemon.stats()["precache"]["hits"] > 0
     assert daemon.stop() == 0
     assert not os.path.ismount(work / "mnt")
 
@@ -215,17 +201,17 @@ def test_daemon_mount_survives_a_host_agent_restart_and_a_sigkill_of_the_daemon(
     mnt = work / "mnt"
     sums = populate(work / "backing", files=4, pages=40)
     daemon.start()
-    wait_for(lambda: daemon_stats(daemon)["precache"]["connected"], timeout=10, what="the mount's pool")
+    wait_until(lambda: daemon.stats()["precache"]["connected"], timeout=10, what="the mount's pool")
     read_all(mnt, sums)
     host_agent.kill()  # the pool and its pages are gone with it; reads come from the disk meanwhile
     read_all(mnt, sums)
     host_agent.start()
-    wait_for(lambda: daemon_stats(daemon)["precache"]["connected"], timeout=15, what="the pool again")
-    hits = daemon_stats(daemon)["precache"]["hits"]
+    wait_until(lambda: daemon.stats()["precache"]["connected"], timeout=15, what="the pool again")
+    hits = daemon.stats()["precache"]["hits"]
     read_all(mnt, sums)
     os.setxattr(mnt, "user.tmem.precache.evict", b"1")
     read_all(mnt, sums)
-    assert daemon_stats(daemon)["precache"]["hits"] > hits  # the re-created pool serves again
+    assert daemon.stats()["precache"]["hits"] > hits  # the re-created pool serves again
 
     assert daemon.proc is not None
     daemon.proc.kill()  # no unmount: the mount point is left dead (ENOTCONN)
@@ -233,7 +219,7 @@ def test_daemon_mount_survives_a_host_agent_restart_and_a_sigkill_of_the_daemon(
     with pytest.raises(OSError):
         os.stat(mnt)
     daemon.start()  # the new daemon clears the dead mount and mounts again
-    wait_for(lambda: daemon_stats(daemon)["precache"]["connected"], timeout=10, what="the mount again")
+    wait_until(lambda: daemon.stats()["precache"]["connected"], timeout=10, what="the mount again")
     read_all(mnt, sums)
     assert "dead mount" in daemon.log()
     assert daemon.stop() == 0
@@ -266,7 +252,7 @@ def test_cli_precache_mount_in_the_foreground(host_agent: HostAgentProcess, work
         stdin=subprocess.DEVNULL, stdout=log, stderr=log,
     )  # fmt: skip
     try:
-        wait_for(lambda: os.path.ismount(mnt) and json.loads(os.getxattr(mnt, STATS))["connected"],
+        wait_until(lambda: os.path.ismount(mnt) and json.loads(os.getxattr(mnt, STATS))["connected"],
                  timeout=15, what="the mount")
         read_all(mnt, sums)
         os.setxattr(mnt, "user.tmem.precache.evict", b"1")

@@ -27,7 +27,9 @@ from typing import Any
 import pytest
 
 from guestagent import preswap
-from tests.conftest import HostAgentProcess, stats_json, wait_for
+from scripts.wait import wait_until
+from tests.support.host_agent import HostAgentProcess, stats_json
+from tests.support.process import read_log, reap
 
 PAGE = preswap.PAGE
 
@@ -49,7 +51,7 @@ class SwapperProcess:
         assert line == b"ready\n", f"swapper did not start: {line!r}\n{self.log()}"
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return read_log(self.log_path)
 
     def stats(self) -> dict[str, Any]:
         return preswap.stats(self.socket)
@@ -61,16 +63,13 @@ class SwapperProcess:
 
 
 @pytest.fixture
-def swapper(host_agent: HostAgentProcess) -> Iterator[SwapperProcess]:
+def swapper(host_agent: HostAgentProcess, request: pytest.FixtureRequest) -> Iterator[SwapperProcess]:
     proc = SwapperProcess(host_agent)
     try:
         yield proc
         assert proc.stop() == 0, proc.log()
-        assert "Traceback" not in proc.log(), proc.log()
     finally:
-        if proc.proc.poll() is None:
-            proc.proc.kill()
-            proc.proc.wait()
+        reap(request, proc, "swapper")
 
 
 def workload(sw: SwapperProcess, pages: int, budget: int, ops: int, seed: int = 1) -> dict[str, Any]:
@@ -105,7 +104,7 @@ def test_region_4x_budget_random_reads_and_writes(host_agent: HostAgentProcess,
     assert agent["puts_refused"] == agent["disk_writes"] == agent["disk_faults"] == 0
     assert agent["resident"] <= 512 + 64 and agent["evicted"] >= 2048 - 512 - 64
     # released: nothing left in tmem, on disk or in the agent
-    wait_for(lambda: host_persistent(host_agent) == 0, what="tmem pages flushed")
+    wait_until(lambda: host_persistent(host_agent) == 0, what="tmem pages flushed")
     stats = swapper.stats()
     assert stats["regions"] == {} and stats["released"] == 1 and stats["swap_slots_used"] == 0
     g1 = stats_json(host_agent)["guests"]["g1"]["persistent"]
@@ -117,7 +116,7 @@ def test_region_4x_budget_random_reads_and_writes(host_agent: HostAgentProcess,
         return bool(report.get("preswap_puts") == totals["puts"]
                     and report.get("preswap_disk_writes") == 0 and report.get("preswap_regions") == 0)
 
-    wait_for(reported, what="preswap counters in the host's stats")
+    wait_until(reported, what="preswap counters in the host's stats")
 
 
 def test_tiny_quota_falls_back_to_the_swap_file(host_agent: HostAgentProcess,
@@ -129,7 +128,7 @@ def test_tiny_quota_falls_back_to_the_swap_file(host_agent: HostAgentProcess,
     assert agent["lost"] == 0
     assert agent["puts_refused"] > 1000 and agent["disk_faults"] > 1000
     assert agent["tmem_faults"] > 1000  # tmem still takes what fits
-    wait_for(lambda: host_persistent(host_agent) == 0, what="tmem pages flushed")
+    wait_until(lambda: host_persistent(host_agent) == 0, what="tmem pages flushed")
     stats = swapper.stats()
     totals = stats["totals"]  # final figures (the region's were taken with an eviction in flight)
     assert totals["disk_writes"] == totals["puts_refused"]
@@ -153,7 +152,7 @@ def test_killed_application_leaves_nothing_in_tmem(host_agent: HostAgentProcess,
             r = swapper.stats()["regions"].get(str(region))
             return r is not None and r["in_tmem"] > 1000 and r["tmem_faults"] > 1000
 
-        wait_for(busy, timeout=30, what="the region to be swapping through tmem")
+        wait_until(busy, timeout=30, what="the region to be swapping through tmem")
         assert host_persistent(host_agent) > 1000
         app.send_signal(signal.SIGKILL)
         app.wait(10)
@@ -161,8 +160,8 @@ def test_killed_application_leaves_nothing_in_tmem(host_agent: HostAgentProcess,
         if app.poll() is None:
             app.kill()
             app.wait()
-    wait_for(lambda: host_persistent(host_agent) == 0, what="tmem pages flushed after SIGKILL")
-    wait_for(lambda: swapper.stats()["regions"] == {}, what="the region released")
+    wait_until(lambda: host_persistent(host_agent) == 0, what="tmem pages flushed after SIGKILL")
+    wait_until(lambda: swapper.stats()["regions"] == {}, what="the region released")
     assert swapper.stats()["totals"]["lost"] == 0
     res = host_agent.cli("stats", "--json")
     assert json.loads(res.stdout)["guests"]["g1"]["persistent"]["pages"] == 0
@@ -189,7 +188,7 @@ def test_region_in_this_process_is_a_plain_buffer(host_agent: HostAgentProcess,
         mine = swapper.stats()["regions"][str(region.id)]
         assert mine["resident"] <= 16 + 4 and mine["in_tmem"] >= pages - 20
         assert mine["tmem_faults"] >= pages - 32  # the last pages written were still resident
-    wait_for(lambda: host_persistent(host_agent) == 0, what="tmem pages flushed")
+    wait_until(lambda: host_persistent(host_agent) == 0, what="tmem pages flushed")
 
 
 def test_bad_requests_are_refused(swapper: SwapperProcess, tmp_path: Path) -> None:
@@ -222,7 +221,7 @@ def test_host_agent_sigkill_and_restart_mid_run(host_agent: HostAgentProcess,
             r = swapper.stats()["regions"].get(str(region))
             return 0 if r is None else int(r["tmem_faults"])
 
-        wait_for(lambda: faults() > 3000, timeout=30, what="the region swapping through tmem")
+        wait_until(lambda: faults() > 3000, timeout=30, what="the region swapping through tmem")
         host_agent.kill()
         before = faults()
         time.sleep(0.5)  # faults on pages in tmem wait meanwhile
@@ -238,7 +237,7 @@ def test_host_agent_sigkill_and_restart_mid_run(host_agent: HostAgentProcess,
     assert result["mismatches"] == 0 and result["agent"]["lost"] == 0
     assert stalled - before <= 1  # nothing served from tmem while the host agent was away
     assert result["agent"]["tmem_faults"] > stalled
-    wait_for(lambda: host_persistent(host_agent) == 0, what="tmem pages flushed")
+    wait_until(lambda: host_persistent(host_agent) == 0, what="tmem pages flushed")
 
 
 def control(sw: SwapperProcess, request: dict[str, Any]) -> dict[str, Any]:
@@ -260,7 +259,7 @@ def test_shrink_moves_pages_out_of_tmem(host_agent: HostAgentProcess, swapper: S
             r = swapper.stats()["regions"][str(region.id)]
             return bool(r["resident"] + r["in_tmem"] == pages)
 
-        wait_for(settled, what="evictions done")
+        wait_until(settled, what="evictions done")
         in_tmem = swapper.stats()["regions"][str(region.id)]["in_tmem"]
         assert in_tmem >= pages - 64 and host_persistent(host_agent) == in_tmem
         reply = control(swapper, {"cmd": "shrink", "pages": 300})
@@ -277,7 +276,7 @@ def test_shrink_moves_pages_out_of_tmem(host_agent: HostAgentProcess, swapper: S
             assert struct.unpack_from("<QQ", region.buf, p * PAGE + 100) == (p, 3 * p + 1)
         assert swapper.stats()["regions"][str(region.id)]["lost"] == 0
     assert control(swapper, {"cmd": "shrink", "pages": -1})["ok"] is False
-    wait_for(lambda: swapper.stats()["swap_slots_used"] == 0, what="swap slots freed")
+    wait_until(lambda: swapper.stats()["swap_slots_used"] == 0, what="swap slots freed")
 
 
 def test_guest_budget_caps_all_regions_together(host_agent: HostAgentProcess,
@@ -297,7 +296,7 @@ def test_guest_budget_caps_all_regions_together(host_agent: HostAgentProcess,
         assert before[a.id] > 100 and before[b.id] > 50  # within their own budgets, not less
         assert control(swapper, {"cmd": "budget", "pages": 60}) == {"ok": True, "guest_budget": 60}
         # shares follow the budgets asked for: 40 and 20
-        wait_for(lambda: resident()[a.id] <= 40 and resident()[b.id] <= 20, what="the guest budget")
+        wait_until(lambda: resident()[a.id] <= 40 and resident()[b.id] <= 20, what="the guest budget")
         regions = swapper.stats()["regions"]
         assert (regions[str(a.id)]["limit"], regions[str(b.id)]["limit"]) == (40, 20)
         for region in (a, b):
@@ -326,7 +325,7 @@ def test_a_released_region_faults_loudly(host_agent: HostAgentProcess, swapper: 
     res = subprocess.run([sys.executable, "-c", child, swapper.socket], capture_output=True, text=True,
                          timeout=30, check=False)  # fmt: skip
     assert res.stdout == "released\n" and res.returncode == -signal.SIGBUS, res
-    wait_for(lambda: host_persistent(host_agent) == 0, what="tmem pages flushed")
+    wait_until(lambda: host_persistent(host_agent) == 0, what="tmem pages flushed")
 
 
 def test_guest_budget_follows_memavailable(host_agent: HostAgentProcess, tmp_path: Path) -> None:
@@ -342,7 +341,7 @@ def test_guest_budget_follows_memavailable(host_agent: HostAgentProcess, tmp_pat
     sw = SwapperProcess(host_agent, "g2", "--follow-meminfo", "--proc-dir", str(proc),
                         "--interval", "0.05", "--reserve-kib", str(64 << 10))
     try:
-        wait_for(lambda: sw.stats()["guest_budget"] == 136 * 256, what="budget from MemAvailable")
+        wait_until(lambda: sw.stats()["guest_budget"] == 136 * 256, what="budget from MemAvailable")
         with preswap.Region(512 * PAGE, sw.socket, budget_pages=400) as region:
             for p in range(512):
                 region.buf[p * PAGE + 7] = p % 256
@@ -353,10 +352,10 @@ def test_guest_budget_follows_memavailable(host_agent: HostAgentProcess, tmp_pat
                 st = sw.stats()
                 return bool(st["guest_budget"] == st["resident"])
 
-            wait_for(standstill, what="a standstill")
+            wait_until(standstill, what="a standstill")
             meminfo(32)  # below it: they give back what is missing, down to the floor
-            wait_for(lambda: sw.stats()["guest_budget"] == 256, what="the floor")
-            wait_for(lambda: sw.stats()["regions"][str(region.id)]["resident"] <= 256,
+            wait_until(lambda: sw.stats()["guest_budget"] == 256, what="the floor")
+            wait_until(lambda: sw.stats()["regions"][str(region.id)]["resident"] <= 256,
                      what="eviction to the budget")
             for p in range(512):
                 assert region.buf[p * PAGE + 7] == p % 256
@@ -407,7 +406,7 @@ def test_threads_fault_concurrently(host_agent: HostAgentProcess, swapper: Swapp
         assert errors == []
         mine = swapper.stats()["regions"][str(region.id)]
         assert mine["tmem_faults"] > 1000 and mine["lost"] == 0
-    wait_for(lambda: host_persistent(host_agent) == 0, what="tmem pages flushed")
+    wait_until(lambda: host_persistent(host_agent) == 0, what="tmem pages flushed")
 
 
 def test_swapper_stops_while_the_host_agent_is_away(host_agent: HostAgentProcess,

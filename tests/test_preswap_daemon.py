@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,9 @@ import pytest
 
 from guestagent import config as configmod
 from hostagent import statsview
-from tests.conftest import HostAgentProcess, stats_json, wait_for
-from tests.test_guest_daemon import GuestDaemon
+from scripts.wait import wait_until
+from tests.support.guest_daemon import GuestDaemon
+from tests.support.host_agent import HostAgentProcess, stats_json
 
 PAGE = 4096
 BUDGET_PAGES = 256  # default_budget_mib = 1
@@ -68,28 +68,17 @@ def test_preswap_table_defaults_and_validation(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def daemon(host_agent: HostAgentProcess, tmp_path: Path,
-           request: pytest.FixtureRequest) -> Iterator[GuestDaemon]:  # fmt: skip
+def daemon(host_agent: HostAgentProcess, tmp_path: Path, daemons: list[GuestDaemon]) -> GuestDaemon:
     d = GuestDaemon(tmp_path, host_agent.sockets["g1"])
     with d.config.open("a") as f:
         f.write(f'[preswap]\nenabled = true\nsocket = "{tmp_path / "preswap.sock"}"\n'
                 f'swap_file = "{tmp_path / "preswap.swap"}"\ndefault_budget_mib = 1\n')
-    try:
-        yield d
-    finally:
-        if d.proc is not None and d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait(10)
-        call = getattr(request.node, "rep_call", None)
-        if call is None or call.failed:
-            print(f"---- guestagent log ({d.log_path}) ----\n{d.log()}", file=sys.stderr)
-        assert "Traceback" not in d.log(), d.log()
+    daemons.append(d)
+    return d
 
 
 def daemon_preswap(d: GuestDaemon) -> dict[str, Any]:
-    res = d.cli("stats")
-    assert res.returncode == 0, res.stderr
-    out: dict[str, Any] = json.loads(res.stdout)["preswap"]
+    out: dict[str, Any] = d.stats()["preswap"]
     return out
 
 
@@ -97,7 +86,7 @@ def test_daemon_serves_preswap_regions_and_reports_them(host_agent: HostAgentPro
                                                         tmp_path: Path) -> None:
     daemon.start()
     sock = tmp_path / "preswap.sock"
-    wait_for(lambda: daemon_preswap(daemon)["running"] and sock.exists(), timeout=10, what="the swapper")
+    wait_until(lambda: daemon_preswap(daemon)["running"] and sock.exists(), timeout=10, what="the swapper")
 
     def guest() -> dict[str, Any]:
         g: dict[str, Any] = stats_json(host_agent)["guests"]["g1"]
@@ -117,8 +106,9 @@ def test_daemon_serves_preswap_regions_and_reports_them(host_agent: HostAgentPro
         assert region["limit"] == BUDGET_PAGES and local["totals"]["puts"] >= REGION_PAGES - BUDGET_PAGES
         assert local["totals"]["gets"] > 0  # the read-back faulted pages in from tmem
         assert guest()["persistent"]["pages"] > 0
-        wait_for(lambda: reported().get("preswap_regions") == 1 and reported().get("preswap_in_tmem", 0) > 0,
-                 timeout=10, what="preswap counters in the host's report")
+        wait_until(lambda: reported().get("preswap_regions") == 1
+                   and reported().get("preswap_in_tmem", 0) > 0,
+                   timeout=10, what="preswap counters in the host's report")
         values = reported()
         assert values["preswap_puts"] > 0 and "memavailable_kib" in values  # merged, not instead
         table = statsview.format_stats(stats_json(host_agent))  # `hostagent stats` has a preswap table
@@ -133,8 +123,9 @@ def test_daemon_serves_preswap_regions_and_reports_them(host_agent: HostAgentPro
         if app.poll() is None:
             app.kill()
             app.wait()
-    wait_for(lambda: guest()["persistent"]["pages"] == 0, timeout=10, what="the region's tmem pages flushed")
-    wait_for(lambda: reported().get("preswap_regions") == 0 and reported().get("preswap_in_tmem") == 0,
+    wait_until(lambda: guest()["persistent"]["pages"] == 0, timeout=10,
+               what="the region's tmem pages flushed")
+    wait_until(lambda: reported().get("preswap_regions") == 0 and reported().get("preswap_in_tmem") == 0,
              timeout=10, what="a report without the region")
     local = daemon_preswap(daemon)
     assert local["released"] == 1 and local["regions"] == {} and local["swap_slots_used"] == 0
@@ -184,12 +175,12 @@ def test_host_shrink_notice_moves_pages_out_of_tmem(host_agent: HostAgentProcess
         f.write("guest_budget_mib = 64\n")  # a fixed guest budget: the test moves it, not MemAvailable
     daemon.start()
     sock = tmp_path / "preswap.sock"
-    wait_for(lambda: daemon_preswap(daemon)["running"] and sock.exists(), timeout=10, what="the swapper")
+    wait_until(lambda: daemon_preswap(daemon)["running"] and sock.exists(), timeout=10, what="the swapper")
     app = start_app(sock)
     try:
         # squeeze the region to 64 resident pages, then give it its 256 back: room for ~200 pages
         preswap_request(sock, {"cmd": "budget", "pages": 64})
-        wait_for(lambda: daemon_preswap(daemon)["resident"] <= 64, timeout=10, what="the region to shrink")
+        wait_until(lambda: daemon_preswap(daemon)["resident"] <= 64, timeout=10, what="the region to shrink")
         preswap_request(sock, {"cmd": "budget", "pages": None})
         (region,) = daemon_preswap(daemon)["regions"].values()
         room = region["limit"] - region["resident"]
@@ -200,10 +191,11 @@ def test_host_shrink_notice_moves_pages_out_of_tmem(host_agent: HostAgentProcess
         res = host_agent.cli("shrink", "g1", str(n))
         assert res.returncode == 0, res.stderr
         assert f"g1: asked to move {n} persistent pages out of tmem (it holds {before} now)" in res.stdout
-        wait_for(lambda: daemon.request("stats")["shrinks"] == 1, timeout=20, what="the daemon to act on it")
+        wait_until(lambda: daemon.request("stats")["shrinks"] == 1, timeout=20,
+                   what="the daemon to act on it")
         stats = daemon.request("stats")
         assert stats["shrunk_pages"] == n and stats["notices"] == 1
-        wait_for(lambda: host_g1(host_agent)["persistent"]["pages"] == before - n, timeout=10,
+        wait_until(lambda: host_g1(host_agent)["persistent"]["pages"] == before - n, timeout=10,
                  what=f"the host's persistent pages to drop by {n}")
         (region,) = daemon_preswap(daemon)["regions"].values()
         assert region["shrunk_to_memory"] == room and region["shrunk_to_disk"] == 100, region
@@ -235,7 +227,7 @@ def test_a_killed_daemons_pool_is_destroyed_by_the_next(host_agent: HostAgentPro
     daemon.start()
     sock = tmp_path / "preswap.sock"
     state = tmp_path / "preswap.swap.pool"
-    wait_for(lambda: daemon_preswap(daemon)["running"] and sock.exists(), timeout=10, what="the swapper")
+    wait_until(lambda: daemon_preswap(daemon)["running"] and sock.exists(), timeout=10, what="the swapper")
     app = start_app(sock)
     (old,) = g1_pools(host_agent)
     assert "persistent" in old["kind"] and old["exclusive_gets"], old
@@ -251,7 +243,7 @@ def test_a_killed_daemons_pool_is_destroyed_by_the_next(host_agent: HostAgentPro
     assert left["handle"] == old["handle"] and left["pages"] == old["pages"]  # the leak this fixes
 
     daemon.start()
-    wait_for(lambda: daemon_preswap(daemon)["running"], timeout=10, what="the restarted swapper")
+    wait_until(lambda: daemon_preswap(daemon)["running"], timeout=10, what="the restarted swapper")
     (new,) = g1_pools(host_agent)  # the old pool is gone, only the new one is there
     assert new["handle"] != old["handle"] and new["pages"] == 0
     assert host_g1(host_agent)["persistent"]["pages"] == 0
@@ -270,6 +262,6 @@ def test_a_killed_daemons_pool_is_destroyed_by_the_next(host_agent: HostAgentPro
         if app.poll() is None:
             app.kill()
             app.wait()
-    wait_for(lambda: host_g1(host_agent)["persistent"]["pages"] == 0, timeout=10, what="the region flushed")
+    wait_until(lambda: host_g1(host_agent)["persistent"]["pages"] == 0, timeout=10, what="the region flushed")
     assert daemon.stop() == 0
     assert g1_pools(host_agent) == [] and not state.exists()  # a clean stop destroys it and forgets it

@@ -12,13 +12,14 @@ import multiprocessing
 import os
 import random
 import struct
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from guestagent import wire
 from guestagent.wire import PAGE_SIZE, Op, PoolFlag, Status
-from tests.conftest import HostAgentProcess, WireGuest, oid
+from scripts.wait import wait_until
+from tests.support.host_agent import HostAgentProcess
+from tests.support.wire_guest import WireGuest, oid
 
 KEYS_OBJECTS = 16  # writers cycle over 16 objects x 64 indexes, so pages get overwritten
 KEYS_INDEXES = 64
@@ -153,11 +154,11 @@ def run_writers_and_kill(agent: HostAgentProcess, tmp: Path, round_no: int,
                                                         pool, flags, seed0), daemon=True)
         procs[guest].start()
     try:
-        deadline = time.monotonic() + 60
-        while min(count_acks(p) for p in logs.values()) < MIN_ACKS:
+        def acknowledged() -> bool:
             assert all(p.is_alive() for p in procs.values()), "a writer died before the kill"
-            assert time.monotonic() < deadline, f"writers too slow: {agent.log()}"
-            time.sleep(0.01)
+            return min(count_acks(p) for p in logs.values()) >= MIN_ACKS
+
+        wait_until(acknowledged, 60, f"{MIN_ACKS} acknowledged puts per writer", interval=0.01)
         assert all(p.is_alive() for p in procs.values()), "a writer finished before the kill"
         agent.kill()  # SIGKILL mid-load: no shutdown code runs in the agent
         for guest, p in procs.items():

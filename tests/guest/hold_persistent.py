@@ -1,4 +1,5 @@
-"""Runs INSIDE a lab guest (python3 -, through qemu-guest-agent), on the tmem port directly.
+"""Runs INSIDE a lab guest (`env PYTHONPATH=/opt/tmem python3 -`, through qemu-guest-agent), on the
+tmem port directly.
 
 Puts N persistent pages, writes "stored N" to a progress file, waits for a go-file, then gets every
 page back and verifies it. Meanwhile the test may SIGKILL and restart the host agent (gets wait for
@@ -8,8 +9,6 @@ the reconnect) or destroy the domain (then this program simply dies with it). ar
 import hashlib
 import os
 import sys
-
-sys.path.insert(0, "/opt/tmem")
 
 import trio
 

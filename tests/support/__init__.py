@@ -1,0 +1,1 @@
+"""What tests share: real processes (host agent, guest daemon) and a wire-level test guest."""
