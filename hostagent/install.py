@@ -189,16 +189,23 @@ class _Recorder:
         return True
 
     def save(self) -> None:
-        self.file(MANIFEST, "{}")  # its directory and its own entry first
+        """The manifest lists itself, so uninstall removes it too; rewriting it is no change."""
+        self.mkdir(str(Path(MANIFEST).parent))
+        if MANIFEST not in self.files:
+            self.files.append(MANIFEST)
         data = {"files": self.files, "dirs": self.dirs}
         real = self.host.path(MANIFEST)
-        real.write_text(json.dumps(data, indent=1) + "\n")
+        tmp = real.with_name(f".{real.name}.tmp")
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        os.replace(tmp, real)
 
 
 def install(root: str = "/", *, config_file: str | None = None, python: str | None = None,
             start: bool = True) -> dict[str, Any]:
     """Install (idempotently); returns what changed and how the agent runs."""
     host = Host(Path(root))
+    if not host.root.is_dir():
+        raise InstallError(f"{root}: no such directory")
     python = python or sys.executable
     if config_file is not None:
         try:

@@ -201,7 +201,7 @@ def test_stats_watch_compact_appends_lines_without_escape_codes(
             g.put(pool, 1, i, page(i))
         time.sleep(1.2)
     watch.terminate()
-    out, err = watch.communicate(timeout=10)
+    out, _ = watch.communicate(timeout=10)
     assert "\x1b" not in out
     lines = out.splitlines()
     pool_lines = [ln for ln in lines if " pool used " in ln]
