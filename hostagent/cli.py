@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "nothing is started)")
     inst.add_argument("--config", metavar="FILE", help="install this configuration (checked first)")
     inst.add_argument("--python", metavar="PATH",
-                      help="interpreter for the service (default: this one, %(default)s)")
+                      help="interpreter for the service (default: the one running this command)")
     inst.add_argument("--no-start", action="store_true", help="write the files only")
     inst.add_argument("--json", action="store_true", help="print the result as JSON")
     uninst = sub.add_parser(

@@ -57,6 +57,14 @@ def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> float:
     return time.monotonic() - start
 
 
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie whose parent has not reaped it counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def stats() -> dict[str, Any]:
     res = hostagent("stats", "--json")
     assert res.returncode == 0, res.stderr
@@ -118,6 +126,16 @@ def test_install_on_the_real_paths_is_idempotent(host: dict[str, Any]) -> None:
     assert r["changed"] == [] and r["running"] == {**first["running"], "started": False}
     for p in (install.CONFIG, install.UNIT, install.LINK, install.WANTS, install.MANIFEST):
         assert os.path.lexists(p), p
+    # a changed configuration is installed and the agent restarted on it; then back again
+    other = host["config"].with_name("other.toml")
+    other.write_text(host["config"].read_text().replace("limit_mib = 256", "limit_mib = 128"))
+    r = json.loads(hostagent("install", "--config", str(other), "--json").stdout)
+    assert r["changed"] == [install.CONFIG] and r["running"]["started"]
+    assert r["running"]["pid"] != pid and gone(pid)
+    assert stats()["pool"]["limit_bytes"] == 128 << 20
+    r = json.loads(hostagent("install", "--config", str(host["config"]), "--json").stdout)
+    assert r["changed"] == [install.CONFIG] and stats()["pool"]["limit_bytes"] == 256 << 20
+    host["install"] = r
 
 
 def test_a_domain_defined_with_virsh_is_attached_live(host: dict[str, Any]) -> None:
@@ -235,7 +253,7 @@ def test_uninstall_leaves_no_unit_file_or_socket(host: dict[str, Any]) -> None:
     pid = host["install"]["running"]["pid"]
     res = hostagent("uninstall")
     assert res.returncode == 0, res.stderr
-    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    assert gone(pid)
     for p in (install.CONFIG, install.UNIT, install.WANTS, install.LINK, install.MANIFEST,
               install.PIDFILE, install.LOG, CONTROL, ARENA):
         assert not os.path.lexists(p), p

@@ -4,6 +4,7 @@ prometheus_client's own text parser; its values must be those of `hostagent stat
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -221,3 +222,31 @@ def test_stats_json_watch_is_one_object_per_line(agent: HostAgentProcess) -> Non
     out, _ = proc.communicate(timeout=10)
     rows = [json.loads(ln) for ln in out.splitlines()]
     assert len(rows) >= 2 and all("pool" in r for r in rows)
+
+
+@pytest.mark.parametrize("append", [False, True])
+def test_stats_watch_on_a_terminal_redraws_unless_append(agent: HostAgentProcess,
+                                                          append: bool) -> None:
+    """On a terminal the table is redrawn (clear screen); --append keeps every sample."""
+    import pty
+
+    main, sub = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-W", "ignore", "-m", "hostagent", "stats", "--watch",
+                             "0.2", "--control", agent.control, *(["--append"] if append else [])],
+                            stdout=sub, stderr=subprocess.DEVNULL)
+    os.close(sub)
+    time.sleep(1.0)
+    proc.terminate()
+    proc.wait(10)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # EIO: the writer is gone
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(main)
+    assert out.count(b"pool: ") >= 2, out
+    assert (b"\x1b[2J" in out) is not append
