@@ -153,6 +153,17 @@ def test_bad_requests_get_errors_and_the_agent_keeps_serving(agent: HostAgentPro
     assert agent.alive
 
 
+def test_metrics_config_is_checked() -> None:
+    from hostagent import config as configmod
+
+    assert configmod.parse({}).metrics == configmod.MetricsConfig(False, "127.0.0.1", 9787)
+    assert configmod.parse({"metrics": {"enabled": True, "port": 0}}).metrics.port == 0
+    for bad, key in (({"address": ""}, "metrics.address"), ({"port": 65536}, "metrics.port"),
+                     ({"enabled": "yes"}, "metrics.enabled"), ({"path": "/x"}, "metrics.path")):
+        with pytest.raises(configmod.ConfigError, match=key):
+            configmod.parse({"metrics": bad})
+
+
 def test_off_by_default(host_agent: HostAgentProcess) -> None:
     assert host_agent.stats()["agent"]["metrics"] is None
     assert "metrics" not in host_agent.log()
