@@ -21,11 +21,13 @@ from typing import Any
 import psutil
 
 from guestagent import wire
+from hostagent import sdnotify
 from hostagent.arena import Arena, ArenaError
 from hostagent.balloon_driver import BalloonDriver
 from hostagent.channel import Guest, GuestChannel
 from hostagent.config import Config
 from hostagent.control import ControlError, ControlServer, is_listening
+from hostagent.metrics_http import MetricsServer
 from hostagent.pool import ClientSettings, PoolEngine, TableError
 from hostagent.virt import Domain, LibvirtWatcher
 
@@ -62,6 +64,7 @@ class HostAgent:
         self.watcher: LibvirtWatcher | None = None
         self.balloon: BalloonDriver | None = None
         self._control: ControlServer | None = None
+        self.metrics: MetricsServer | None = None
         self._stop: asyncio.Event | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -143,6 +146,9 @@ class HostAgent:
 
                 self._servers.append(await loop.create_unix_server(factory, guest.socket_path))
                 os.chmod(guest.socket_path, 0o600)
+            if cfg.metrics.enabled:
+                self.metrics = MetricsServer(cfg.metrics.address, cfg.metrics.port, self.stats)
+                await self.metrics.start()
             _prepare_socket_path(cfg.control.socket)
             self._control = ControlServer(cfg.control.socket, self.handle)
             await self._control.start()
@@ -151,6 +157,7 @@ class HostAgent:
             raise StartupError(str(err)) from None
         log.info("host agent ready: pid %d, %d guest(s), pool limit %d MiB, control %s",
                  os.getpid(), len(self.guests), cfg.pool.limit_mib, cfg.control.socket)
+        sdnotify.notify(READY=1, MAINPID=os.getpid(), STATUS=self._status())
         tasks = [asyncio.create_task(self._sample(engine))]
         if cfg.libvirt.enabled:
             self.watcher = LibvirtWatcher(cfg.libvirt.uri, cfg.libvirt.channel, self._domain_up,
@@ -168,6 +175,7 @@ class HostAgent:
             assert self._stop is not None
             await self._stop.wait()
             log.info("host agent stopping")
+            sdnotify.notify(STOPPING=1, STATUS="stopping")
         finally:
             for task in [*tasks, *self._links.values()]:
                 task.cancel()
@@ -177,10 +185,20 @@ class HostAgent:
             self._links.clear()
             await self._close_servers()
 
+    def _status(self) -> str:
+        """The one line `systemctl status` shows."""
+        connected = sum(1 for g in self.guests.values() if g.connected)
+        extra = f"; metrics on {self.metrics.url_host()}" if self.metrics is not None else ""
+        return (f"serving {len(self.guests)} guest(s), {connected} connected; pool limit "
+                f"{self.config.pool.limit_mib} MiB{extra}")
+
     async def _close_servers(self) -> None:
         if self._control is not None:
             await self._control.close()
             self._control = None
+        if self.metrics is not None:
+            await self.metrics.close()
+            self.metrics = None
         for server in self._servers:
             server.close()
         self._close_channels()
@@ -216,6 +234,7 @@ class HostAgent:
         if self.balloon is not None:
             self.balloon.add(guest)
         log.info("domain %s (%s): attaching to its tmem channel %s", d.name, d.uuid, d.socket)
+        sdnotify.notify(STATUS=self._status())
 
     def _domain_down(self, uuid: str, reason: str) -> None:
         """The domain is gone: close its channel and free every pool it had, at once."""
@@ -231,6 +250,7 @@ class HostAgent:
         pages = guest.client.eph.pages + guest.client.pers.pages
         self.engine.remove(guest.client)
         log.info("domain %s (%s) %s: detached, %d pages freed", guest.display, uuid, reason, pages)
+        sdnotify.notify(STATUS=self._status())
 
     def _forget_orphans(self, running: set[str]) -> None:
         """Persistent pools rebuilt from the arena for a domain that is not running are garbage: its
@@ -308,6 +328,7 @@ class HostAgent:
         for name, g in result["guests"].items():
             guest = self.guests.get(name)
             g["name"] = guest.display if guest is not None else name
+            g["uuid"] = guest.domain if guest is not None else None
             g["rates"] = guest.rates if guest is not None else {}
             g["domain"] = None
             if guest is not None and guest.domain is not None and self.watcher is not None:
@@ -337,6 +358,9 @@ class HostAgent:
             "cpu_ratio": round(agent_cpu / guest_cpu, 5) if guest_cpu else None,
             "libvirt": None if self.watcher is None else {
                 "uri": self.watcher.uri, "connected": self.watcher.connected},
+            "metrics": None if self.metrics is None else {
+                "address": self.metrics.address, "port": self.metrics.port,
+                "scrapes": self.metrics.scrapes},
         }
         result["balloon"] = {"enabled": False} if self.balloon is None else self.balloon.figures()
         return result

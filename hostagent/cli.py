@@ -7,11 +7,14 @@ exit status (2 for bad usage, 1 for everything else), never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from hostagent import config as configmod
@@ -31,6 +34,10 @@ class UsageError(Exception):
     """Bad command-line syntax that argparse cannot see (exit 2)."""
 
 
+class OpError(Exception):
+    """attach/detach/install/guest-install failed: one line, exit 1."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -44,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "without it every setting has its default and no guest is configured")
     run.add_argument("--log-level", default="INFO", type=str.upper,
                      choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: INFO")
+    run.add_argument("--pid-file", metavar="FILE",
+                     help="write the agent's pid here while it runs (`hostagent install` without "
+                          "systemd uses /run/tmem/hostagent.pid)")
 
     client = argparse.ArgumentParser(add_help=False)
     client.add_argument("--control", metavar="PATH",
@@ -54,7 +64,68 @@ def build_parser() -> argparse.ArgumentParser:
     stats = sub.add_parser("stats", parents=[client], help="per-guest and pool statistics")
     stats.add_argument("--json", action="store_true", help="print the raw JSON result")
     stats.add_argument("--watch", type=_positive_float, metavar="SECONDS",
-                       help="repeat every SECONDS until interrupted")
+                       help="repeat every SECONDS until interrupted (the screen is redrawn only "
+                            "on a terminal, and not with --compact or --append)")
+    stats.add_argument("--compact", action="store_true",
+                       help="one line per guest (and one for the pool), each with the time; with "
+                            "--watch, rates since the previous sample")
+    stats.add_argument("--append", action="store_true",
+                       help="with --watch: never clear the screen, append each sample")
+
+    attach = sub.add_parser(
+        "attach", help="give a libvirt domain the tmem channel (definition, and live if running)",
+        description="Add the tmem virtio-serial channel to DOMAIN's persistent definition "
+                    "(validated by libvirt) and, if it is running, hot-plug it; the host agent "
+                    "picks the domain up from libvirt's events. Idempotent.")
+    detach = sub.add_parser(
+        "detach", help="remove the tmem channel from a libvirt domain (live and definition)",
+        description="Unplug the tmem channel from DOMAIN if it is running and remove it from its "
+                    "persistent definition; the host agent detaches it and frees its pools. "
+                    "Idempotent.")
+    for p in (attach, detach):
+        p.add_argument("domain", help="libvirt domain name or UUID")
+        p.add_argument("--uri", default=None, help="libvirt URI (default: from --config, else "
+                                                   "qemu:///system)")
+        p.add_argument("--config", metavar="FILE", help="read [libvirt] uri and channel from here")
+        p.add_argument("--json", action="store_true", help="print what changed as JSON")
+
+    inst = sub.add_parser(
+        "install", help="install the host agent as a service (systemd unit, config) and start it",
+        description="Write /etc/tmem/hostagent.toml (kept if present, unless --config replaces "
+                    "it), the systemd unit tmem-hostagent.service and /usr/local/sbin/hostagent, "
+                    "then start the agent: systemctl enable --now with systemd, else as a daemon "
+                    "with a pid file. Idempotent; see docs/deploy.md.")
+    inst.add_argument("--root", default="/", help="install below this directory (staging: "
+                                                  "nothing is started)")
+    inst.add_argument("--config", metavar="FILE", help="install this configuration (checked first)")
+    inst.add_argument("--python", metavar="PATH",
+                      help="interpreter for the service (default: the one running this command)")
+    inst.add_argument("--no-start", action="store_true", help="write the files only")
+    inst.add_argument("--json", action="store_true", help="print the result as JSON")
+    uninst = sub.add_parser(
+        "uninstall", help="stop the service and remove everything install created",
+        description="Stop the host agent, remove its unit, link, configuration, pid file, log, "
+                    "socket and arena, and the directories install created (if empty).")
+    uninst.add_argument("--root", default="/", help="as given to install")
+    uninst.add_argument("--keep-config", action="store_true",
+                        help="leave /etc/tmem/hostagent.toml in place")
+    uninst.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    deb = sub.add_parser(
+        "guest-deb", help="build the guest agent's .deb (for Debian/Ubuntu guests) from this tree",
+        description="Build tmem-guestagent_VERSION_all.deb with dpkg-deb: the guestagent package, "
+                    "/usr/bin/guestagent, its systemd unit and /etc/tmem/guestagent.toml.")
+    deb.add_argument("--output", default=".", metavar="DIR", help="where to write it (default .)")
+    ginst = sub.add_parser(
+        "guest-install", help="install the guest agent into a running guest via qemu-guest-agent",
+        description="Copy the guest agent's .deb into DOMAIN through the QEMU guest agent "
+                    "(guest-file-open/write), install it there with apt-get (dpkg if apt-get is "
+                    "missing) and check that tmem-guestagent.service runs.")
+    ginst.add_argument("domain", help="libvirt domain name or UUID")
+    ginst.add_argument("--deb", metavar="FILE", help="the package (default: built now)")
+    ginst.add_argument("--uri", default="qemu:///system", help="libvirt URI")
+    ginst.add_argument("--timeout", type=_positive_float, default=300.0, metavar="SECONDS",
+                       help="for the install in the guest (default 300)")
 
     pools = sub.add_parser("pools", parents=[client], help="list the pools")
     pools.add_argument("--json", action="store_true", help="print the raw JSON result")
@@ -94,9 +165,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command in ("attach", "detach"):
+            return _attach(args)
+        if args.command in ("install", "uninstall"):
+            return _install(args)
+        if args.command in ("guest-deb", "guest-install"):
+            return _guest(args)
         path = _control_path(args)
         if args.command == "stats":
-            return _stats(path, args.json, args.watch)
+            return _stats(path, args.json, args.watch, compact=args.compact, append=args.append)
         if args.command == "pools":
             result = control.request(path, {"cmd": "pools"})
             print(json.dumps(result, indent=2) if args.json else statsview.format_pools(result))
@@ -111,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(f"{PROG} {args.command}: {err}", file=sys.stderr)
         return 2
-    except (control.ControlError, configmod.ConfigError) as err:
+    except (control.ControlError, configmod.ConfigError, OpError) as err:
         print(f"{PROG}: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -125,11 +202,104 @@ def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = configmod.load(args.config) if args.config else configmod.Config()
+    pid_file = Path(args.pid_file) if args.pid_file else None
+    if pid_file is not None:
+        pid_file.parent.mkdir(parents=True, exist_ok=True)
+        pid_file.write_text(f"{os.getpid()}\n")
     try:
         HostAgent(cfg).run()
     except StartupError as err:
         print(f"{PROG}: {err}", file=sys.stderr)
         return 1
+    finally:
+        if pid_file is not None:  # only our own: a newer agent may have written it since
+            with contextlib.suppress(OSError, ValueError):
+                if int(pid_file.read_text().split()[0]) == os.getpid():
+                    pid_file.unlink()
+    return 0
+
+
+def _attach(args: argparse.Namespace) -> int:
+    from hostagent import attach as attachmod
+    from hostagent import virt
+
+    cfg = configmod.load(args.config) if args.config else configmod.Config()
+    uri = args.uri or cfg.libvirt.uri
+    try:
+        import libvirt
+    except ImportError:
+        raise OpError("libvirt-python is not installed") from None
+    libvirt.registerErrorHandler(lambda _c, _e: None, None)
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as err:
+        raise OpError(f"cannot connect to libvirt at {uri}: {virt._msg(err)}") from None
+    try:
+        fn = attachmod.attach if args.command == "attach" else attachmod.detach
+        change = fn(conn, args.domain, attachmod.devices(cfg.libvirt.channel))
+    except attachmod.AttachError as err:
+        raise OpError(str(err)) from None
+    finally:
+        conn.close()
+    if args.json:
+        print(json.dumps(change.as_dict()))
+        return 0
+    verb = "added" if args.command == "attach" else "removed"
+    if not change.changed and not change.not_live:
+        print(f"{change.domain}: unchanged (already {args.command}ed)")
+    for where, labels in (("definition", change.config), ("live", change.live)):
+        if labels:
+            print(f"{change.domain}: {verb} {', '.join(labels)} ({where})")
+    if change.not_live:
+        print(f"{change.domain}: {', '.join(change.not_live)} take effect at its next start")
+    if not change.persistent:
+        print(f"{change.domain}: transient domain: there is no definition to edit, live only")
+    return 0
+
+
+def _install(args: argparse.Namespace) -> int:
+    from hostagent import install
+
+    try:
+        if args.command == "install":
+            result = install.install(args.root, config_file=args.config, python=args.python,
+                                     start=not args.no_start)
+        else:
+            result = install.uninstall(args.root, keep_config=args.keep_config)
+    except (install.InstallError, OSError) as err:
+        raise OpError(f"{args.command}: {err}") from None
+    if args.json:
+        print(json.dumps(result))
+    elif args.command == "install":
+        changed = ", ".join(result["changed"]) or "nothing (already installed)"
+        print(f"installed below {result['root']}: changed {changed}")
+        running = result.get("running")
+        if running == "systemd":
+            print(f"running: systemctl status {install.UNIT_NAME}")
+        elif isinstance(running, dict):
+            state = "started" if running["started"] else "already running"
+            print(f"host agent {state} as a daemon: pid {running['pid']} ({running['pidfile']}, "
+                  f"log {running['log']})")
+    elif not result["installed"]:
+        print(f"nothing installed below {result['root']}")
+    else:
+        print(f"uninstalled below {result['root']}: removed {len(result['removed'])} paths")
+    return 0
+
+
+def _guest(args: argparse.Namespace) -> int:
+    from hostagent import guestinstall
+
+    try:
+        if args.command == "guest-deb":
+            print(guestinstall.build_deb(Path(args.output)))
+            return 0
+        result = guestinstall.install_into(args.domain, uri=args.uri,
+                                           deb=Path(args.deb) if args.deb else None,
+                                           timeout=args.timeout)
+    except guestinstall.GuestInstallError as err:
+        raise OpError(f"{args.command}: {err}") from None
+    print(json.dumps(result))
     return 0
 
 
@@ -141,13 +311,20 @@ def _control_path(args: argparse.Namespace) -> str:
     return configmod.DEFAULT_CONTROL_SOCKET
 
 
-def _stats(path: str, as_json: bool, watch: float | None) -> int:
+def _stats(path: str, as_json: bool, watch: float | None, *, compact: bool = False,
+           append: bool = False) -> int:
+    redraw = bool(watch) and sys.stdout.isatty() and not (compact or append)
+    previous: tuple[float, dict[str, Any]] | None = None
     while True:
         result = control.request(path, {"cmd": "stats"})
+        now = time.monotonic()
         if as_json:  # one line per sample when watching, so the output can be streamed
             print(json.dumps(result, indent=None if watch else 2))
+        elif compact:
+            since = None if previous is None else (now - previous[0], previous[1])
+            print(statsview.format_compact(result, time.strftime("%H:%M:%S"), since))
         else:
-            if watch and sys.stdout.isatty():
+            if redraw:
                 print("\x1b[H\x1b[2J", end="")
             print(statsview.format_stats(result))
             if watch:
@@ -155,6 +332,7 @@ def _stats(path: str, as_json: bool, watch: float | None) -> int:
         sys.stdout.flush()
         if not watch:
             return 0
+        previous = (now, result)
         time.sleep(watch)
 
 

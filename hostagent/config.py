@@ -63,6 +63,15 @@ class LibvirtConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """[metrics]: the Prometheus endpoint (GET /metrics over HTTP), off unless enabled."""
+
+    enabled: bool = False
+    address: str = "127.0.0.1"
+    port: int = 9787
+
+
+@dataclass(frozen=True, slots=True)
 class GuestDefaults:
     weight: int = 1
     cap_mib: int = 0
@@ -117,6 +126,7 @@ class Config:
     guests: tuple[GuestConfig, ...] = ()
     shared_pools: tuple[SharedPoolConfig, ...] = ()
     balloon: BalloonConfig = BalloonConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     def guest(self, name: str) -> GuestConfig | None:
         for g in self.guests:
@@ -142,7 +152,7 @@ def load(path: str | Path) -> Config:
 def parse(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Config:
     """Validate an already-decoded TOML document (a dict) into a `Config`."""
     _no_unknown(data, {"pool", "control", "channels", "libvirt", "defaults", "guest", "shared_pool",
-                       "balloon"}, "")
+                       "balloon", "metrics"}, "")
 
     def path(value: str) -> str:
         return str(base_dir / value) if base_dir is not None else value
@@ -189,6 +199,17 @@ def parse(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Config:
     t.done()
     if not libvirt.channel:
         raise ConfigError("libvirt.channel: must not be empty")
+
+    dmetrics = MetricsConfig()
+    t = _Table(_table(data, "metrics"), "metrics")
+    metrics = MetricsConfig(
+        enabled=t.get_bool("enabled", dmetrics.enabled),
+        address=t.get_str("address", dmetrics.address),
+        port=t.get_int("port", dmetrics.port, minimum=0, maximum=65535),
+    )
+    t.done()
+    if not metrics.address:
+        raise ConfigError("metrics.address: must not be empty (0.0.0.0 or :: for every address)")
 
     t = _Table(_table(data, "defaults"), "defaults")
     defaults = _guest_settings(t, GuestDefaults())
@@ -243,7 +264,8 @@ def parse(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Config:
         shared.append(SharedPoolConfig(uuid=u, guests=tuple(members)))
 
     return Config(pool=pool, control=control, channels=channels, libvirt=libvirt, defaults=defaults,
-                  guests=tuple(guests), shared_pools=tuple(shared), balloon=_balloon(data))
+                  guests=tuple(guests), shared_pools=tuple(shared), balloon=_balloon(data),
+                  metrics=metrics)
 
 
 def _balloon(data: Mapping[str, Any]) -> BalloonConfig:

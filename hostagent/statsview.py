@@ -223,3 +223,44 @@ def _duration(seconds: float) -> str:
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def format_compact(stats: Mapping[str, Any], stamp: str,
+                   since: tuple[float, Mapping[str, Any]] | None = None) -> str:
+    """One line for the pool and one per guest, each starting with `stamp`: for a log or a
+    terminal over SSH (nothing is redrawn). With `since` (seconds, the previous sample), puts and
+    gets per second over that interval are shown."""
+    p = stats.get("pool", {})
+    lines = [
+        f"{stamp} pool used {mib(p.get('used_bytes'))}/{mib(p.get('budget_bytes'), 0)} MiB "
+        f"pages {count(p.get('pages'))} (eph {count(p.get('ephemeral_pages'))} pers "
+        f"{count(p.get('persistent_pages'))}) evictions {count(p.get('evictions'))} "
+        f"host-avail {mib(p.get('host_available_bytes'), 0)} MiB"
+    ]
+    guests = stats.get("guests", {})
+    old = since[1].get("guests", {}) if since else {}
+    name_w = max([1, *(len(str(g.get("name", k))) for k, g in guests.items())])
+    for key, g in sorted(guests.items(), key=lambda kv: str(kv[1].get("name", kv[0]))):
+        e, s = g.get("ephemeral", {}), g.get("persistent", {})
+        line = (f"{stamp} {g.get('name', key):<{name_w}} {'up' if g.get('connected') else 'down':<4} "
+                f"eph {count(e.get('pages'))}p {mib(e.get('bytes'))}M hit {count(e.get('hits'))}/"
+                f"{count(e.get('gets'))} pers {count(s.get('pages'))}p {mib(s.get('bytes'))}M "
+                f"refused {count(s.get('puts_refused'))}")
+        if since is not None and key in old and since[0] > 0:
+            o = old[key]
+
+            def delta(op: str, g: Mapping[str, Any] = g, o: Mapping[str, Any] = o) -> float:
+                return float(sum(g.get(k, {}).get(op, 0) - o.get(k, {}).get(op, 0)
+                                 for k, _ in _KINDS))
+
+            line += f" put/s {delta('puts') / since[0]:.0f} get/s {delta('gets') / since[0]:.0f}"
+        dom = g.get("domain") or {}
+        if dom:
+            line += f" mem {_kib_mib(dom.get('actual_kib'))}/{_kib_mib(dom.get('max_kib'))}M"
+        values = (g.get("report") or {}).get("values", {})
+        if "committed_as_kib" in values:
+            line += f" commit {_kib_mib(values['committed_as_kib'])}M"
+        lines.append(line)
+    if not guests:
+        lines.append(f"{stamp} (no guests)")
+    return "\n".join(lines)

@@ -119,10 +119,18 @@ class LibvirtWatcher:
         def balloon(_conn: Any, dom: Any, actual: int, _opaque: Any) -> None:
             loop.call_soon(self._balloon_changed, libvirt, dom, actual)
 
+        def device(_conn: Any, dom: Any, _alias: str, _opaque: Any) -> None:
+            loop.call_soon(self._device_changed, libvirt, dom)
+
         callback_id = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
                                                   lifecycle, None)
         balloon_id = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_BALLOON_CHANGE,
                                                  balloon, None)
+        # `hostagent attach` hot-plugs the channel into a running domain, `detach` unplugs it.
+        added_id = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED,
+                                               device, None)
+        removed_id = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED,
+                                                 device, None)
         self.conn = conn
         self.connected = True
         log.info("watching libvirt domains at %s (channel %s)", self.uri, self.channel)
@@ -133,6 +141,8 @@ class LibvirtWatcher:
             with contextlib.suppress(libvirt.libvirtError):
                 conn.domainEventDeregisterAny(callback_id)
                 conn.domainEventDeregisterAny(balloon_id)
+                conn.domainEventDeregisterAny(added_id)
+                conn.domainEventDeregisterAny(removed_id)
                 conn.unregisterCloseCallback()
 
     def _discover(self, libvirt: Any, conn: Any) -> None:
@@ -171,6 +181,19 @@ class LibvirtWatcher:
             reason = "crashed" if event == libvirt.VIR_DOMAIN_EVENT_CRASHED else _stop_reason(
                 libvirt, detail)
             self._down(uuid, reason)
+
+    def _device_changed(self, libvirt: Any, dom: Any) -> None:
+        """A device came or went on a running domain: look at its tmem channel again."""
+        try:
+            uuid = dom.UUIDString()
+            active = bool(dom.isActive())
+        except libvirt.libvirtError:
+            return
+        found = self._describe(libvirt, dom) if active else None
+        if found is not None:
+            self._up(found)
+        elif uuid in self.known:
+            self._down(uuid, "its tmem channel was removed")
 
     def _balloon_changed(self, libvirt: Any, dom: Any, actual: int) -> None:
         """libvirt's balloon-change event: the guest's `actual` moved (KiB)."""

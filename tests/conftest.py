@@ -24,6 +24,7 @@ TIERS: dict[str, str] = {
     "test_ports": "unit",
     "test_reporter": "unit",
     "test_wire": "unit",
+    "test_attach": "unit",
     "test_domain": "process",  # runs detect_virt_type in a subprocess
     "test_guest_channel": "process",
     "test_guest_channel_chaos": "process",
@@ -35,11 +36,15 @@ TIERS: dict[str, str] = {
     "test_preswap": "process",
     "test_preswap_daemon": "process",
     "test_restart": "process",
+    "test_metrics": "process",
+    "test_sdnotify": "process",
+    "test_install": "process",
     "test_lab": "lab",
     "test_lab_balloon": "lab",
     "test_lab_demo": "lab",
     "test_lab_precache": "lab",
     "test_lab_preswap": "lab",
+    "test_lab_deploy": "lab",
 }
 
 
