@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from guestagent import jsonline
+from hostagent import streams
 
 log = logging.getLogger("hostagent.control")
 
@@ -44,7 +45,8 @@ class ControlServer:
 
     async def start(self) -> None:
         """Listen; the path must be free (the agent removes a stale socket file first)."""
-        self._server = await asyncio.start_unix_server(self._serve, path=self.path, limit=MAX_LINE)
+        self._server = await asyncio.start_unix_server(streams.cancellable(self._serve), path=self.path,
+                                                       limit=MAX_LINE)
         os.chmod(self.path, 0o600)
 
     async def close(self) -> None:

@@ -65,6 +65,12 @@ def _guest_labels(key: str, g: Mapping[str, Any]) -> tuple[str, str]:
 
 def families(stats: Mapping[str, Any]) -> list[Metric]:
     """Every metric family for one `stats` result."""
+    return [*_pool_families(stats), *_guest_families(stats.get("guests", {})),
+            *_shared_families(stats)]
+
+
+def _pool_families(stats: Mapping[str, Any]) -> list[Metric]:
+    """The pool's and the agent's own figures."""
     out: list[Metric] = []
     pool = stats.get("pool", {})
 
@@ -92,8 +98,15 @@ def families(stats: Mapping[str, Any]) -> list[Metric]:
         if isinstance(pool.get(f"{kind}_pages"), int):
             pages.add_metric([kind], pool[f"{kind}_pages"])
     out.append(pages)
+    agent = stats.get("agent") or {}
+    counter("tmem_agent_cpu_seconds", "Host agent's CPU time (user + system).",
+            agent.get("cpu_seconds"))
+    gauge("tmem_agent_uptime_seconds", "Seconds since the host agent started.", agent.get("uptime"))
+    return out
 
-    guests = stats.get("guests", {})
+
+def _guest_families(guests: Mapping[str, Any]) -> list[Metric]:
+    """Per-guest figures, labelled with the domain's name and UUID (and the pool kind)."""
     connected = GaugeMetricFamily("tmem_guest_connected",
                                   "1 while the guest's channel is connected.", labels=GUEST_LABELS)
     counters = {m: CounterMetricFamily(m, doc, labels=KIND_LABELS) for m, _, doc in _GUEST_COUNTERS}
@@ -139,9 +152,12 @@ def families(stats: Mapping[str, Any]) -> list[Metric]:
             mem_max.add_metric(labels, dom["max_kib"] * 1024)
         if isinstance(dom.get("cpu_seconds"), int | float):
             cpu.add_metric(labels, dom["cpu_seconds"])
-    out += [connected, *counters.values(), *gauges.values(), quota, cap, *report.values(),
+    return [connected, *counters.values(), *gauges.values(), quota, cap, *report.values(),
             mem_actual, mem_max, cpu]
 
+
+def _shared_families(stats: Mapping[str, Any]) -> list[Metric]:
+    """Shared pools, labelled by UUID: their pages are nobody's."""
     shared_pages = GaugeMetricFamily("tmem_shared_pool_pages", "Pages in a shared pool.",
                                      labels=["pool_uuid", "kind"])
     shared_bytes = GaugeMetricFamily("tmem_shared_pool_stored_bytes",
@@ -152,13 +168,7 @@ def families(stats: Mapping[str, Any]) -> list[Metric]:
             shared_pages.add_metric([uuid, str(sp.get("kind", ""))], sp["pages"])
         if isinstance(sp.get("bytes"), int):
             shared_bytes.add_metric([uuid, str(sp.get("kind", ""))], sp["bytes"])
-    out += [shared_pages, shared_bytes]
-
-    agent = stats.get("agent") or {}
-    counter("tmem_agent_cpu_seconds", "Host agent's CPU time (user + system).",
-            agent.get("cpu_seconds"))
-    gauge("tmem_agent_uptime_seconds", "Seconds since the host agent started.", agent.get("uptime"))
-    return out
+    return [shared_pages, shared_bytes]
 
 
 class _Snapshot(Collector):

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from hostagent import metrics
+from hostagent import metrics, streams
 
 log = logging.getLogger("hostagent.metrics")
 
@@ -42,7 +42,7 @@ class MetricsServer:
         self.scrapes = 0
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.address, self.port,
+        self._server = await asyncio.start_server(streams.cancellable(self._serve), self.address, self.port,
                                                   limit=MAX_REQUEST, reuse_address=True)
         sock = self._server.sockets[0]
         self.port = int(sock.getsockname()[1])

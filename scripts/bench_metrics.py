@@ -21,11 +21,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from hostagent import control
+from tests.support.wire_guest import WireGuest
 
-from hostagent import control  # noqa: E402
-from tests.conftest import WireGuest  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def percentiles(xs: list[float]) -> dict[str, float]:

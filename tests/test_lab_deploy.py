@@ -13,23 +13,20 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import lab  # noqa: E402
-
-from hostagent import attach, install  # noqa: E402
-from hostagent.domain import Guest, detect_virt_type, domain_xml  # noqa: E402
+from hostagent import attach, install
+from hostagent.domain import Guest, detect_virt_type, domain_xml
+from scripts import lab
+from scripts.guest import Guest as LabGuest
+from scripts.wait import wait_until
 
 NAME = "tmem-deploy"
 CONTROL = "/run/tmem/control.sock"
@@ -46,23 +43,6 @@ def virsh(*args: str) -> str:
                          timeout=120, check=False)
     assert res.returncode == 0, f"virsh {' '.join(args)}: {res.stderr}"
     return res.stdout
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> float:
-    start = time.monotonic()
-    while not cond():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.5)
-    return time.monotonic() - start
-
-
-def gone(pid: int) -> bool:
-    """The process has exited (a zombie whose parent has not reaped it counts as gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def stats() -> dict[str, Any]:
@@ -82,9 +62,7 @@ def channels(xml: str) -> list[ET.Element]:
 
 
 def run(*argv: str, timeout: float = 120) -> str:
-    rc, out, err = lab.guest_exec(lab.connect().lookupByName(NAME), list(argv), timeout=timeout)
-    assert rc == 0, f"{' '.join(argv)} exited {rc}: {out}{err}"
-    return out
+    return LabGuest(NAME).run(*argv, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +109,7 @@ def test_install_on_the_real_paths_is_idempotent(host: dict[str, Any]) -> None:
     other.write_text(host["config"].read_text().replace("limit_mib = 256", "limit_mib = 128"))
     r = json.loads(hostagent("install", "--config", str(other), "--json").stdout)
     assert r["changed"] == [install.CONFIG] and r["running"]["started"]
-    assert r["running"]["pid"] != pid and gone(pid)
+    assert r["running"]["pid"] != pid and lab.process_gone(pid)
     assert stats()["pool"]["limit_bytes"] == 128 << 20
     r = json.loads(hostagent("install", "--config", str(host["config"]), "--json").stdout)
     assert r["changed"] == [install.CONFIG] and stats()["pool"]["limit_bytes"] == 256 << 20
@@ -169,7 +147,7 @@ def test_a_domain_defined_with_virsh_is_attached_live(host: dict[str, Any]) -> N
     assert len(live) == 1 and live[0].find("source").get("path"), ET.tostring(live[0])  # type: ignore[union-attr]
     assert len(channels(virsh("dumpxml", "--inactive", NAME))) == 1
     # the agent picked it up from libvirt's device-added event
-    wait_for(lambda: ours(stats()) is not None, 30, "the host agent to attach the domain")
+    wait_until(lambda: ours(stats()) is not None, 30, "the host agent to attach the domain")
 
     def devices() -> tuple[str, list[bytes]]:  # the live XML's balloon figures move: not compared
         return virsh("dumpxml", "--inactive", NAME), [ET.tostring(d) for d in ET.fromstring(
@@ -203,7 +181,7 @@ def test_guest_agent_installed_through_the_qemu_guest_agent(host: dict[str, Any]
 
 
 def test_the_domain_shows_in_stats_and_on_metrics(host: dict[str, Any]) -> None:
-    wait_for(lambda: (g := ours(stats())) is not None and g["connected"] and g["report"], 120,
+    wait_until(lambda: (g := ours(stats())) is not None and g["connected"] and g["report"], 120,
              "the installed guest agent to connect and report")
     out = run("guestagent", "check")
     assert json.loads(out)["ok"] is True
@@ -238,9 +216,9 @@ def test_detach_removes_it_cleanly(host: dict[str, Any]) -> None:
     assert res.returncode == 0, res.stderr
     change = json.loads(res.stdout)
     assert change["live"] == ["channel org.tmem.0"] and change["config"] == ["channel org.tmem.0"]
-    wait_for(lambda: channels(dom.XMLDesc(0)) == [], 30, "QEMU to unplug the port")
+    wait_until(lambda: channels(dom.XMLDesc(0)) == [], 30, "QEMU to unplug the port")
     assert channels(virsh("dumpxml", "--inactive", NAME)) == []
-    wait_for(lambda: ours(stats()) is None, 30, "the host agent to detach the domain")
+    wait_until(lambda: ours(stats()) is None, 30, "the host agent to detach the domain")
     m = stats()["agent"]["metrics"]
     with urllib.request.urlopen(f"http://{m['address']}:{m['port']}/metrics", timeout=30) as resp:
         assert f'domain="{NAME}"' not in resp.read().decode()
@@ -253,7 +231,7 @@ def test_uninstall_leaves_no_unit_file_or_socket(host: dict[str, Any]) -> None:
     pid = host["install"]["running"]["pid"]
     res = hostagent("uninstall")
     assert res.returncode == 0, res.stderr
-    assert gone(pid)
+    assert lab.process_gone(pid)
     for p in (install.CONFIG, install.UNIT, install.WANTS, install.LINK, install.MANIFEST,
               install.PIDFILE, install.LOG, CONTROL, ARENA):
         assert not os.path.lexists(p), p

@@ -19,7 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from guestagent.wire import PoolFlag
 from hostagent import metrics
-from tests.conftest import HostAgentProcess, connected, page, stats_json
+from tests.support.host_agent import HostAgentProcess, stats_json
+from tests.support.wire_guest import connected, page
 
 PERSISTENT = int(PoolFlag.PERSISTENT)
 

@@ -11,7 +11,7 @@ import sys
 import time
 
 from hostagent import control, sdnotify
-from tests.conftest import HostAgentProcess
+from tests.support.host_agent import HostAgentProcess
 
 
 def messages(sock: socket.socket, until: str, timeout: float = 15.0) -> list[dict[str, str]]:
