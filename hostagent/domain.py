@@ -29,6 +29,7 @@ from typing import Literal
 
 VirtType = Literal["kvm", "qemu"]
 Boot = Literal["kernel", "disk"]
+DiskCache = Literal["none", "writeback"]
 
 TMEM_CHANNEL = "org.tmem.0"
 QEMU_GA_CHANNEL = "org.qemu.guest_agent.0"
@@ -82,6 +83,9 @@ class Guest:
     cmdline: str = DEFAULT_CMDLINE
     iotune: IOTune | None = None
     tcg_tb_cache_mib: int | None = TCG_TB_CACHE_MIB
+    # 'none' (O_DIRECT: the host page cache stays out); 'writeback' lets it cache the disk, as a
+    # KVM user might pick instead of tmem (scripts/bench seed's host_cache configuration)
+    disk_cache: DiskCache = "none"
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
@@ -98,6 +102,9 @@ class Guest:
             raise ValueError(f"guest {self.name}: boot='kernel' needs a kernel")
         if self.tcg_tb_cache_mib is not None and self.tcg_tb_cache_mib <= 0:
             raise ValueError(f"guest {self.name}: tcg_tb_cache_mib must be positive")
+        if self.disk_cache not in ("none", "writeback"):
+            raise ValueError(f"guest {self.name}: disk_cache must be 'none' or 'writeback', "
+                             f"not {self.disk_cache!r}")
         if self.iotune is not None:
             for key, value in self.iotune.limits().items():
                 if value <= 0:
@@ -174,7 +181,10 @@ def domain_xml(guest: Guest, virt_type: VirtType, *, machine: str = "q35") -> st
 
     devices = _sub(domain, "devices")
     disk = _sub(devices, "disk", type="file", device="disk")
-    _sub(disk, "driver", name="qemu", type="qcow2", cache="none", io="native")
+    if guest.disk_cache == "none":
+        _sub(disk, "driver", name="qemu", type="qcow2", cache="none", io="native")
+    else:  # io='native' needs O_DIRECT: through the host page cache, QEMU's thread pool does the IO
+        _sub(disk, "driver", name="qemu", type="qcow2", cache=guest.disk_cache, io="threads")
     _sub(disk, "source", file=str(guest.disk))
     _sub(disk, "target", dev="vda", bus="virtio")
     if guest.iotune is not None and guest.iotune.limits():

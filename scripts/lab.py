@@ -26,12 +26,12 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from guestagent import tomlfile
 from guestagent.jsonline import is_listening
 from hostagent import control, statsview
-from hostagent.domain import Guest, IOTune, detect_virt_type, domain_xml
+from hostagent.domain import DiskCache, Guest, IOTune, detect_virt_type, domain_xml
 from scripts import build_image
 from scripts.wait import wait_until
 
@@ -69,6 +69,7 @@ class GuestSpec:
     write_iops_sec: int | None = None
     read_bytes_sec: int | None = None
     write_bytes_sec: int | None = None
+    disk_cache: str = "none"  # or "writeback": the host page cache caches the disk
 
     def iotune(self) -> IOTune | None:
         tune = IOTune(self.read_iops_sec, self.write_iops_sec, self.read_bytes_sec,
@@ -287,7 +288,8 @@ def create_guests(conn: Any, lab: Lab, image: build_image.Image) -> dict[str, fl
         guest = Guest(name=g.name, memory_mib=g.memory_mib, max_memory_mib=g.max_memory_mib,
                       vcpus=g.vcpus, disk=overlay, tmem_socket=STATE / "sockets" / f"{g.name}.tmem",
                       console_log=STATE / "console" / f"{g.name}.log", kernel=image.kernel,
-                      initrd=image.initrd, iotune=g.iotune())
+                      initrd=image.initrd, iotune=g.iotune(),
+                      disk_cache=cast(DiskCache, g.disk_cache))  # Guest refuses others
         xml = domain_xml(guest, virt_type)
         (STATE / "xml" / f"{g.name}.xml").write_text(xml)
         conn.createXML(xml, 0)
