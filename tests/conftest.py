@@ -25,6 +25,7 @@ TIERS: dict[str, str] = {
     "test_reporter": "unit",
     "test_wire": "unit",
     "test_seed_figures": "unit",
+    "test_demo_summary": "unit",
     "test_attach": "unit",
     "test_domain": "process",  # runs detect_virt_type in a subprocess
     "test_guest_channel": "process",
