@@ -26,6 +26,7 @@ one JSON object on stdout; writes it, a Markdown table and PNG plots to --out. P
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -198,7 +199,10 @@ def probe(guest: Guest) -> dict[str, Any]:
 
 
 def snapshot(guests: Mapping[str, Guest]) -> dict[str, Any]:
-    probes = {n: probe(g) for n, g in guests.items()}  # the slow part first: libvirt's right after
+    # the slow part first, in parallel (a thrashing guest takes long to start python3), then
+    # libvirt's and the host's counters together: the window is between those
+    with concurrent.futures.ThreadPoolExecutor(len(guests)) as pool:
+        probes = dict(zip(guests, pool.map(probe, guests.values()), strict=True))
     host, reports = host_counters(list(guests))
     return {"guests": {n: {"probe": probes[n], "report": reports[n], **domain_counters(n)} for n in guests},
             "host": host, "t": time.monotonic()}
@@ -329,8 +333,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="scripts/bench seed", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="short windows (whole run under ~15 min)")
     ap.add_argument("--guests", type=int, default=3)
-    ap.add_argument("--warmup", type=float, help="seconds of load before the window (default 90; quick 40)")
-    ap.add_argument("--window", type=float, help="seconds measured (default 180; quick 60)")
+    ap.add_argument("--warmup", type=float, help="seconds of load before the window, the stagger "
+                    "included (default 90; quick 30)")
+    ap.add_argument("--window", type=float, help="seconds measured (default 180; quick 45)")
     ap.add_argument("--stagger", type=float, default=10.0, help="seconds between the guests' starts")
     ap.add_argument("--sample", type=float, default=10.0, help="seconds between timeline samples")
     ap.add_argument("--configs", default=",".join(ORDER), help=f"a subset of {','.join(ORDER)}")
@@ -343,8 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--config", type=Path, default=DEFAULT_LAB, help="the lab description (its guests)")
     ap.add_argument("--out", type=Path, default=Path("/var/tmp/tmem-seed"), help="report directory")
     args = ap.parse_args(argv)
-    args.warmup = args.warmup if args.warmup is not None else (40.0 if args.quick else 90.0)
-    args.window = args.window if args.window is not None else (60.0 if args.quick else 180.0)
+    args.warmup = args.warmup if args.warmup is not None else (30.0 if args.quick else 90.0)
+    args.window = args.window if args.window is not None else (45.0 if args.quick else 180.0)
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     if unknown := set(args.configs) - set(ORDER):
         ap.error(f"unknown configuration(s) {', '.join(sorted(unknown))} (known: {', '.join(ORDER)})")

@@ -95,6 +95,9 @@ def guest_figures(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, float
         "guest_cpu_seconds": _d(a, b, "vcpu_seconds"),
         "guest_agent_cpu_seconds": _d(pa.get("agent", {}), pb.get("agent", {}), "cpu_seconds"),
         "guest_agent_rss_mib": float(pb.get("agent", {}).get("rss_kib", 0)) / 1024,
+        # zswap's compressed pool at the end: guest memory it holds swapped pages in
+        "zswap_stored_pages": float(pb.get("zswap", {}).get("stored_pages", 0)),
+        "zswap_pool_mib": float(pb.get("zswap", {}).get("pool_total_size", 0)) / MIB,
     }
 
 
@@ -145,6 +148,8 @@ def config_figures(a: Mapping[str, Any], b: Mapping[str, Any], seconds: float) -
         "guest_agent_cpu_pct_of_guest": (round(100 * total.get("guest_agent_cpu_seconds", 0.0) / guest_cpu, 1)
                                          if guest_cpu else None),
         "guest_agent_rss_mib": round(total.get("guest_agent_rss_mib", 0.0), 1),
+        "zswap_stored_pages_end": int(total.get("zswap_stored_pages", 0)),
+        "zswap_pool_mib_end": round(total.get("zswap_pool_mib", 0.0), 1),
         "per_guest": {n: {k: round(v, 1) for k, v in f.items()} for n, f in per_guest.items()},
     }
     return out

@@ -41,7 +41,8 @@ def bars(configs: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
     ax_mem.legend(fontsize="small")
     for ax in (ax_io, ax_builds, ax_mem):
         ax.set_xticks(list(xs), names, rotation=20)
-    fig.suptitle(f"scripts/bench seed: {configs[names[0]]['seconds']:.0f} s windows" if names else "")
+    secs = [configs[n]["seconds"] for n in names]
+    fig.suptitle(f"scripts/bench seed: windows of {min(secs):.0f}-{max(secs):.0f} s" if names else "")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
