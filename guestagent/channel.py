@@ -33,7 +33,6 @@ import math
 import os
 import select
 import socket
-import struct
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -49,7 +48,24 @@ from trio.lowlevel import (
     wait_task_rescheduled,
 )
 
-from guestagent import wire
+from guestagent.protocol import wire
+from guestagent.protocol.headers import (
+    FLUSH_OBJECT,
+    FLUSH_PAGE,
+    GET,
+    NO_SPACE,
+    NOREPLY,
+    NOT_FOUND,
+    NOTICE,
+    OK,
+    PERSISTENT,
+    PUT,
+    REPLY,
+    pack_request,
+    payload_length,
+)
+from guestagent.protocol.session import GuestSession, HandshakeRefused
+from guestagent.protocol.wire import HEADER_SIZE, NO_OID, PAGE_SIZE
 
 __all__ = [
     "Channel",
@@ -68,8 +84,6 @@ log = logging.getLogger(__name__)
 VIRTIO_PORTS_DIR: Final = "/dev/virtio-ports"
 
 _RECV_SIZE: Final = 1 << 16  # bytes asked of the transport per receive
-_READ_MAX_PAYLOAD: Final = 1 << 24  # the host is trusted for size; vectors bound what we ask for
-_READ_MAX_VECTOR: Final = 1024
 _HANDSHAKE_TIMEOUT: Final = 10.0  # a host that accepts but never answers HELLO is retried
 _MAX_BACKOFF_FACTOR: Final = 8  # reconnect delay grows to retry_interval * this
 _STABLE_SESSION: Final = 2.0  # a session that lasted this long resets the backoff
@@ -94,25 +108,6 @@ _FLUSH_PARTS: Final = 16
 _SYNC_WAIT: Final = 0.002
 _SYNC_SLICE: Final = 0.001
 
-_NO_OID: Final = wire.NO_OID
-_PAGE_SIZE: Final = wire.PAGE_SIZE
-_MAGIC: Final = wire.MAGIC
-_VERSION: Final = wire.VERSION
-_REPLY: Final = int(wire.Flag.REPLY)
-_NOREPLY: Final = int(wire.Flag.NOREPLY)
-_OK: Final = int(wire.Status.OK)
-_NOT_FOUND: Final = int(wire.Status.NOT_FOUND)
-_NO_SPACE: Final = int(wire.Status.NO_SPACE)
-_NOTICE: Final = int(wire.Op.NOTICE)
-_PUT: Final = int(wire.Op.PUT)
-_GET: Final = int(wire.Op.GET)
-_FLUSH_PAGE: Final = int(wire.Op.FLUSH_PAGE)
-_FLUSH_OBJECT: Final = int(wire.Op.FLUSH_OBJECT)
-_PERSISTENT: Final = int(wire.PoolFlag.PERSISTENT)
-_pack_header = wire.HEADER.pack
-_HEADER_SIZE: Final = wire.HEADER_SIZE
-_unpack_length = struct.Struct("<I").unpack_from  # a header's payload length, its last field
-_LENGTH_AT: Final = _HEADER_SIZE - 4
 
 
 class ChannelError(Exception):
@@ -239,20 +234,6 @@ def hold_budget(most: float = _SYNC_WAIT) -> Budget:
 def _close_fd(fd: int) -> None:
     trio.lowlevel.notify_closing(fd)
     os.close(fd)
-
-
-def _header(op: int, flags: int, rid: int, pool: int, oid: bytes, index: int, length: int) -> bytes:
-    """Pack a request header; bad arguments are the caller's bug, so ValueError.
-
-    Header and payload are queued as separate parts (writev takes both), so a page is never
-    copied on its way out: the header is the only new bytes object of a put.
-    """
-    if len(oid) != 24:
-        raise ValueError(f"oid is {len(oid)} bytes, want 24")
-    try:
-        return _pack_header(_MAGIC, _VERSION, op, flags, 0, 0, rid, pool, oid, index, length)
-    except struct.error as exc:
-        raise ValueError(f"cannot encode {wire.Op(op).name} request: {exc}") from None
 
 
 def _unwritten(parts: list[bytes | memoryview], n: int) -> list[bytes | memoryview]:
@@ -405,9 +386,9 @@ def _put_answer(frame: wire.Frame | None) -> bool:
     if frame is None:
         return False
     status = frame.status
-    if status == _OK:
+    if status == OK:
         return True
-    if status == _NO_SPACE:
+    if status == NO_SPACE:
         return False
     raise _failed(frame)
 
@@ -417,9 +398,9 @@ def _get_answer(frame: wire.Frame | None) -> bytes | None:
     if frame is None:
         return None
     status = frame.status
-    if status == _OK:
+    if status == OK:
         return frame.payload
-    if status == _NOT_FOUND:
+    if status == NOT_FOUND:
         return None
     raise _failed(frame)
 
@@ -443,11 +424,11 @@ class _Conn:
         "writer", "writer_task", "writing",
     )  # fmt: skip
 
-    def __init__(self, fd: int, join: bool) -> None:
+    def __init__(self, fd: int, join: bool, frames_in: wire.FrameReader) -> None:
         self.fd = fd
         self.join = join  # a virtio port: join a request's parts into one write (see _PORT_WRITE)
         # Receive state, shared by the reader task and a caller reading its own reply
-        self.frames_in = wire.FrameReader(wire.Role.GUEST, _READ_MAX_PAYLOAD, _READ_MAX_VECTOR)
+        self.frames_in = frames_in
         self.buf = bytearray(_RECV_SIZE)
         self.view = memoryview(self.buf)
         self.poller = select.poll()
@@ -476,7 +457,7 @@ class Pool:
     def __init__(self, channel: Channel, flags: int, uuid: bytes) -> None:
         self._ch = channel
         self.flags = flags
-        self.persistent = bool(flags & _PERSISTENT)
+        self.persistent = bool(flags & PERSISTENT)
         self._uuid = uuid
         self._remote = 0
         self._lost: str | None = None
@@ -494,15 +475,15 @@ class Pool:
 
     async def put(self, oid: bytes, index: int, page: bytes) -> bool:
         """Store one page; True if stored, False if the host refused (or it was dropped)."""
-        if len(page) != _PAGE_SIZE:
-            raise ValueError(f"page is {len(page)} bytes, want {_PAGE_SIZE}")
+        if len(page) != PAGE_SIZE:
+            raise ValueError(f"page is {len(page)} bytes, want {PAGE_SIZE}")
         ch = self._ch
-        req = ch._start(self, _PUT, oid, index, page)
+        req = ch._start(self, PUT, oid, index, page)
         if req is not None:
             frame: wire.Frame | None = (
                 req.unwrap() if req.done else await wait_task_rescheduled(req.abort))
         else:
-            frame = await ch._call(self, _PUT, oid, index, page)
+            frame = await ch._call(self, PUT, oid, index, page)
         return _put_answer(frame)
 
     def put_nowait(self, oid: bytes, index: int, page: bytes) -> None:
@@ -514,27 +495,27 @@ class Pool:
         """
         if self.persistent:
             raise ValueError("put_nowait is only for ephemeral pools (a lost put is data loss)")
-        if len(page) != _PAGE_SIZE:
-            raise ValueError(f"page is {len(page)} bytes, want {_PAGE_SIZE}")
+        if len(page) != PAGE_SIZE:
+            raise ValueError(f"page is {len(page)} bytes, want {PAGE_SIZE}")
         ch = self._ch
         ch._check_pool(self)
         conn = ch._conn
         if not ch._ready or conn is None:
             return
         if len(conn.outq) < _NOWAIT_QUEUE_LIMIT:
-            ch._send(conn, _header(_PUT, _NOREPLY, 0, self._remote, oid, index, _PAGE_SIZE), page)
+            ch._send(conn, pack_request(PUT, NOREPLY, 0, self._remote, oid, index, PAGE_SIZE), page)
         else:
-            ch._send(conn, _header(_FLUSH_PAGE, _NOREPLY, 0, self._remote, oid, index, 0), b"")
+            ch._send(conn, pack_request(FLUSH_PAGE, NOREPLY, 0, self._remote, oid, index, 0), b"")
 
     async def get(self, oid: bytes, index: int) -> bytes | None:
         """The page stored under (oid, index), or None on a miss."""
         ch = self._ch
-        req = ch._start(self, _GET, oid, index, b"")
+        req = ch._start(self, GET, oid, index, b"")
         if req is not None:  # the fast path, without a coroutine of its own
             frame: wire.Frame | None = (
                 req.unwrap() if req.done else await wait_task_rescheduled(req.abort))
         else:
-            frame = await ch._call(self, _GET, oid, index, b"")
+            frame = await ch._call(self, GET, oid, index, b"")
         return _get_answer(frame)
 
     def start_put(self, oid: bytes, index: int, page: bytes) -> PendingPut:
@@ -546,30 +527,30 @@ class Pool:
         while the host is away an ephemeral pool's put completes as dropped (False) and a
         persistent pool's is sent once the host is back (see `Channel._pipeline`).
         """
-        if len(page) != _PAGE_SIZE:
-            raise ValueError(f"page is {len(page)} bytes, want {_PAGE_SIZE}")
-        return self._ch._pipeline(PendingPut, self, _PUT, oid, index, page)
+        if len(page) != PAGE_SIZE:
+            raise ValueError(f"page is {len(page)} bytes, want {PAGE_SIZE}")
+        return self._ch._pipeline(PendingPut, self, PUT, oid, index, page)
 
     def start_get(self, oid: bytes, index: int) -> PendingGet:
         """Send a get without waiting for its reply; `await` the result for `get`'s answer."""
-        return self._ch._pipeline(PendingGet, self, _GET, oid, index, b"")
+        return self._ch._pipeline(PendingGet, self, GET, oid, index, b"")
 
     async def flush_page(self, oid: bytes, index: int) -> None:
         """Drop one page from the pool."""
-        frame = await self._ch._call(self, _FLUSH_PAGE, oid, index, b"")
-        if frame is not None and frame.status != _OK:
+        frame = await self._ch._call(self, FLUSH_PAGE, oid, index, b"")
+        if frame is not None and frame.status != OK:
             raise _failed(frame)
 
     async def flush_object(self, oid: bytes) -> None:
         """Drop every page of an object (e.g. a file that was truncated or deleted)."""
-        frame = await self._ch._call(self, _FLUSH_OBJECT, oid, 0, b"")
-        if frame is not None and frame.status != _OK:
+        frame = await self._ch._call(self, FLUSH_OBJECT, oid, 0, b"")
+        if frame is not None and frame.status != OK:
             raise _failed(frame)
 
     async def put_many(self, items: Sequence[tuple[bytes, int, bytes]]) -> list[bool]:
         """Store many pages with PUT_VEC frames (split to the host's limits, pipelined)."""
         parts: list[tuple[int, bytes]] = []
-        step = self._ch._chunk
+        step = self._ch._protocol.chunk
         for start in range(0, len(items), step):
             part = items[start : start + step]
             keys = [(oid, index) for oid, index, _ in part]
@@ -578,15 +559,15 @@ class Pool:
         frames = await self._ch._call_vector(self, wire.Op.PUT_VEC, parts)
         out: list[bool] = []
         for (n, _), frame in zip(parts, frames, strict=True):
-            if frame is None or (frame.status == _NO_SPACE and not frame.payload):
+            if frame is None or (frame.status == NO_SPACE and not frame.payload):
                 out.extend([False] * n)
-            elif frame.status != _OK:
+            elif frame.status != OK:
                 raise _failed(frame)
             else:
                 for status in frame.payload:
-                    if status not in (_OK, _NO_SPACE):
+                    if status not in (OK, NO_SPACE):
                         raise ChannelError(f"PUT_VEC key failed: {_status_name(status)}")
-                    out.append(status == _OK)
+                    out.append(status == OK)
         return out
 
     async def get_many(self, keys: Sequence[tuple[bytes, int]]) -> list[bytes | None]:
@@ -597,7 +578,7 @@ class Pool:
         for (n, _), frame in zip(parts, frames, strict=True):
             if frame is None:
                 out.extend([None] * n)
-            elif frame.status != _OK:
+            elif frame.status != OK:
                 raise _failed(frame)
             else:
                 out.extend(wire.parse_get_vec_reply(frame.payload, n))
@@ -607,7 +588,7 @@ class Pool:
         """Drop many pages with FLUSH_VEC frames."""
         parts = self._key_parts(keys)
         for frame in await self._ch._call_vector(self, wire.Op.FLUSH_VEC, parts):
-            if frame is not None and frame.status != _OK:
+            if frame is not None and frame.status != OK:
                 raise _failed(frame)
 
     async def destroy(self) -> None:
@@ -624,16 +605,16 @@ class Pool:
             # an ephemeral pool dies with its connection, so it must not be re-created
             ch._pools.pop(self, None)
         try:
-            frame = await ch._call(self, wire.Op.DESTROY_POOL, _NO_OID, 0, b"", destroying=True)
+            frame = await ch._call(self, wire.Op.DESTROY_POOL, NO_OID, 0, b"", destroying=True)
         except PoolLost:
             frame = None
         finally:
             ch._pools.pop(self, None)
-        if frame is not None and frame.status != _OK:
+        if frame is not None and frame.status != OK:
             raise _failed(frame)
 
     def _key_parts(self, keys: Sequence[tuple[bytes, int]]) -> list[tuple[int, bytes]]:
-        step = self._ch._chunk
+        step = self._ch._protocol.chunk
         parts = []
         for start in range(0, len(keys), step):
             part = keys[start : start + step]
@@ -647,7 +628,6 @@ class Channel:
     Create it with `open_channel`; the attributes below describe the live connection.
     """
 
-    welcome: wire.Welcome  # from the last handshake
     generation: int  # increments on every (re)connect
     notices: trio.MemoryReceiveChannel[tuple[wire.Notice, int]]  # host notices, oldest dropped
 
@@ -655,23 +635,18 @@ class Channel:
         self.spec = spec
         self.transport, self.path = resolve_channel_path(spec)
         self.name = name
-        if len(name.encode("utf-8")) > wire.MAX_NAME:
-            raise ValueError(f"channel name is longer than {wire.MAX_NAME} utf-8 bytes")
+        # HELLO first, the host's limits, request ids and the pending table (the protocol's rules)
+        self._protocol: GuestSession[_Req] = GuestSession(name)
         if not retry_interval > 0 or not math.isfinite(retry_interval):
             raise ValueError("retry_interval must be a positive number of seconds")
         self._reconnect = reconnect
         self._retry_interval = retry_interval
-        self.welcome = wire.Welcome(
-            wire.VERSION, wire.PAGE_SIZE, wire.DEFAULT_MAX_PAYLOAD, wire.DEFAULT_MAX_VECTOR
-        )
         self.generation = 0
-        self._chunk = wire.DEFAULT_MAX_VECTOR
         self._conn: _Conn | None = None
         self._ready = False  # handshake done and pools restored on self._conn
         self._ready_event = trio.Event()
-        self._pending: dict[int, _Req] = {}
+        self._pending = self._protocol.pending  # one dict, read inline on the hot paths
         self._pools: dict[Pool, None] = {}  # insertion-ordered set of live pools
-        self._rid = 0
         # The step a synchronous wait last ran in (task, its trio schedule points) and when
         # that step's first one began: `_await_sync` bounds a step's waits by _SYNC_SLICE.
         self._sync_task: Task | None = None
@@ -684,6 +659,11 @@ class Channel:
     def __repr__(self) -> str:
         state = "connected" if self._ready else "closed" if self._closed else "disconnected"
         return f"<Channel {self.spec!r} {state} generation={self.generation}>"
+
+    @property
+    def welcome(self) -> wire.Welcome:
+        """The host's limits, from the last handshake."""
+        return self._protocol.welcome
 
     @property
     def connected(self) -> bool:
@@ -718,7 +698,7 @@ class Channel:
             frame = await self._request(conn, None, wire.Op.NEW_POOL, 0, spec)
             if frame is None:
                 continue
-            if frame.status != _OK:
+            if frame.status != OK:
                 raise ChannelError(f"host refused the pool (flags {flags:#x}): {_status_name(frame.status)}")
             if self._fresh(generation):
                 return self._adopt(pool, frame.pool)
@@ -729,7 +709,7 @@ class Channel:
         """A handle on persistent pool `remote` that an earlier session of this guest made (a
         killed agent's: persistent pools outlive their session), if the host still has it with
         exactly these flags; None if it has not.  The caller usually destroys it."""
-        if not flags & _PERSISTENT:
+        if not flags & PERSISTENT:
             raise ValueError("only a persistent pool outlives its session")
         while True:
             await self.wait_connected()
@@ -749,7 +729,7 @@ class Channel:
         await trio.lowlevel.checkpoint()
         conn = self._conn
         if self._ready and conn is not None:
-            head = _header(int(wire.Op.STATS), 0, 0, 0, _NO_OID, 0, len(payload))
+            head = pack_request(int(wire.Op.STATS), 0, 0, 0, NO_OID, 0, len(payload))
             self._send(conn, head, payload)
 
     # ----------------------------------------------------------------- request machinery
@@ -772,7 +752,7 @@ class Channel:
 
     @staticmethod
     def _same_pool(frame: wire.Frame, flags: int) -> bool:
-        return frame.status == _OK and wire.parse_pool_flags(frame.payload) == flags
+        return frame.status == OK and wire.parse_pool_flags(frame.payload) == flags
 
     def _adopt(self, pool: Pool, remote: int) -> Pool:
         pool._remote = remote
@@ -814,9 +794,8 @@ class Channel:
         self, conn: _Conn, pool: Pool | None, op: int, remote: int, oid: bytes, index: int,
         body: bytes,
     ) -> _Req:  # fmt: skip
-        rid = self._rid + 1 if self._rid < 0xFFFF_FFFF else 1
-        head = _header(op, 0, rid, remote, oid, index, len(body))
-        self._rid = rid
+        rid = self._protocol.next_rid()
+        head = pack_request(op, 0, rid, remote, oid, index, len(body))
         req = self._pending[rid] = _Req(rid, head, body, pool, self._pending)
         self._send(conn, head, body)
         return req
@@ -834,18 +813,16 @@ class Channel:
         """
         if self._closed or self._fatal is not None or pool._lost is not None or pool._destroyed:
             self._check_pool(pool)  # raises
-        rid = self._rid + 1 if self._rid < 0xFFFF_FFFF else 1
-        head = _header(op, 0, rid, pool._remote, oid, index, len(body))
+        rid = self._protocol.next_rid()
+        head = pack_request(op, 0, rid, pool._remote, oid, index, len(body))
         conn = self._conn
         if not self._ready or conn is None:
             if not pool.persistent:
                 dropped = kind(0, head, body, pool, {})
                 _complete(dropped, None)
                 return dropped
-            self._rid = rid
             req = self._pending[rid] = kind(rid, head, body, pool, self._pending)
             return req
-        self._rid = rid
         pending = self._pending
         req = pending[rid] = kind(rid, head, body, pool, pending)
         q = conn.outq  # _send, inline
@@ -919,14 +896,8 @@ class Channel:
             return None
         conn = self._conn
         assert conn is not None
-        rid = self._rid + 1 if self._rid < 0xFFFF_FFFF else 1
-        if len(oid) != 24:
-            raise ValueError(f"oid is {len(oid)} bytes, want 24")
-        try:
-            head = _pack_header(_MAGIC, _VERSION, op, 0, 0, 0, rid, pool._remote, oid, index, len(body))
-        except struct.error as exc:
-            raise ValueError(f"cannot encode {wire.Op(op).name} request: {exc}") from None
-        self._rid = rid
+        rid = self._protocol.next_rid()
+        head = pack_request(op, 0, rid, pool._remote, oid, index, len(body))
         pending = self._pending
         lone = not pending and conn.writer is not None and conn.woken <= 1
         req = pending[rid] = _Req(rid, head, body, pool, pending)
@@ -976,7 +947,7 @@ class Channel:
             return [None] * len(parts)
         conn = self._conn
         assert conn is not None
-        sent = [self._submit(conn, pool, op, pool._remote, _NO_OID, n, body) for n, body in parts]
+        sent = [self._submit(conn, pool, op, pool._remote, NO_OID, n, body) for n, body in parts]
         out: list[wire.Frame | None] = []
         try:
             for req in sent:
@@ -990,7 +961,7 @@ class Channel:
         self, conn: _Conn, pool: Pool | None, op: int, remote: int, body: bytes
     ) -> wire.Frame | None:
         """A channel-level request on `conn`, not gated on readiness (used by the handshake)."""
-        frame: wire.Frame | None = await self._wait(self._submit(conn, pool, op, remote, _NO_OID, 0, body))
+        frame: wire.Frame | None = await self._wait(self._submit(conn, pool, op, remote, NO_OID, 0, body))
         return frame
 
     # ----------------------------------------------------------------- connection tasks
@@ -1040,7 +1011,7 @@ class Channel:
         pending = self._pending
         woken = 0
         for frame in frames:  # _dispatch, inlined for the common case
-            if frame.flags & _REPLY:
+            if frame.flags & REPLY:
                 req = pending.pop(frame.request_id, None)
                 if req is not None:  # else: its caller was cancelled
                     req.frame = frame
@@ -1115,14 +1086,14 @@ class Channel:
                 if n > 0:
                     have += n
                     if not gather or (
-                        have >= _HEADER_SIZE
-                        and not have < _HEADER_SIZE + _unpack_length(buf, _LENGTH_AT)[0] <= size
+                        have >= HEADER_SIZE
+                        and not have < HEADER_SIZE + payload_length(buf) <= size
                     ):  # not one partial frame that fits behind what we have: decode it now
                         end, have = have, 0
                         frame = frames_in.feed_one(view[:end]) if gather else None
                         if frame is None:
                             conn.woken = self._received(conn, end)
-                        elif frame.request_id == req.rid and frame.flags & _REPLY:
+                        elif frame.request_id == req.rid and frame.flags & REPLY:
                             self._pending.pop(req.rid, None)  # the usual: our reply, alone
                             req.frame = frame
                             req.done = True
@@ -1142,11 +1113,11 @@ class Channel:
 
     def _dispatch(self, frames: Iterable[wire.Frame]) -> None:
         for frame in frames:
-            if frame.flags & _REPLY:
+            if frame.flags & REPLY:
                 req = self._pending.pop(frame.request_id, None)
                 if req is not None:  # else: its caller was cancelled
                     _complete(req, frame)
-            elif frame.opcode == _NOTICE:
+            elif frame.opcode == NOTICE:
                 self._notice(frame)
             else:  # ERROR: the host closes the channel after it
                 reason = wire.parse_error(frame.payload)
@@ -1298,7 +1269,7 @@ class Channel:
 
     async def _session(self, fd: int, on_ready: Callable[[], None]) -> BaseException:
         """Serve one connection until it breaks; returns why it ended."""
-        conn = _Conn(fd, join=self.transport == "virtio")
+        conn = _Conn(fd, self.transport == "virtio", self._protocol.reader())
         self._conn = conn
         try:
             with conn.scope:
@@ -1326,28 +1297,25 @@ class Channel:
 
     async def _handshake(self, conn: _Conn) -> None:
         """HELLO, then bring every pool back: re-create ephemeral ones, re-check persistent."""
-        hello = wire.hello_payload(wire.Hello(wire.VERSION, wire.VERSION, _PAGE_SIZE, self.name))
-        frame = await self._request(conn, None, wire.Op.HELLO, 0, hello)
+        session = self._protocol
+        session.restart()
+        frame = await self._request(conn, None, wire.Op.HELLO, 0, session.hello())
         if frame is None:
             raise _Broken("channel broke during the handshake")
-        if frame.status != _OK:
-            raise _Fatal(f"host agent refused the handshake: {_status_name(frame.status)}")
-        welcome = wire.parse_welcome(frame.payload)
-        if welcome.version != wire.VERSION or welcome.page_size != _PAGE_SIZE:
-            raise _Fatal(f"host agent speaks {welcome}, we need version {wire.VERSION}")
-        self.welcome = welcome
-        per_key = wire.KEY_SIZE + _PAGE_SIZE
-        self._chunk = max(1, min(welcome.max_vector, _READ_MAX_VECTOR, welcome.max_payload // per_key))
+        try:
+            session.welcomed_by(frame)
+        except HandshakeRefused as err:
+            raise _Fatal(str(err)) from None
         # persistent pools first: the host answers in order, so their QUERY_POOLs cannot see
         # an ephemeral pool re-created under a reused id
         pools = sorted((p for p in self._pools if p._lost is None), key=lambda p: not p.persistent)
         sent = []
         for pool in pools:  # all at once: restoring many pools costs one round trip
             if pool.persistent:
-                sent.append(self._submit(conn, None, wire.Op.QUERY_POOL, pool._remote, _NO_OID, 0, b""))
+                sent.append(self._submit(conn, None, wire.Op.QUERY_POOL, pool._remote, NO_OID, 0, b""))
             else:
                 spec = wire.pool_spec_payload(pool.flags, pool._uuid)
-                sent.append(self._submit(conn, None, wire.Op.NEW_POOL, 0, _NO_OID, 0, spec))
+                sent.append(self._submit(conn, None, wire.Op.NEW_POOL, 0, NO_OID, 0, spec))
         for pool, req in zip(pools, sent, strict=True):
             frame = await self._wait(req)
             if frame is None:
@@ -1356,7 +1324,7 @@ class Channel:
                 if not self._same_pool(frame, pool.flags):
                     pool._lost = f"persistent pool {pool._remote} did not survive the host restart"
                     log.warning("%s", pool._lost)
-            elif frame.status == _OK:
+            elif frame.status == OK:
                 pool._remote = frame.pool
             else:
                 pool._lost = f"host refused to re-create the pool: {_status_name(frame.status)}"

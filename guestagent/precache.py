@@ -50,9 +50,9 @@ from typing import Any, Final, TypeVar, cast
 import pyfuse3
 import trio
 
-from guestagent import wire
 from guestagent.channel import Channel, ChannelError, Pool, open_channel
 from guestagent.pagecache import PageCache
+from guestagent.protocol import wire
 from guestagent.reporter import parse_meminfo
 
 __all__ = ["Counters", "PrecacheFS", "cache_target", "main", "mount", "serve"]

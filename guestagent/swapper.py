@@ -56,8 +56,9 @@ from typing import Any, Final
 
 import trio
 
-from guestagent import reporter, uffd, wire
+from guestagent import reporter, uffd
 from guestagent.channel import Channel, ChannelError, Pool, hold_budget, open_channel
+from guestagent.protocol import wire
 
 __all__ = ["PREFIX_MAX", "SwapFile", "Swapper", "main"]
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import psutil
 
-from guestagent import wire
+from guestagent.protocol import wire
 from hostagent.arena import Arena, ArenaError
 from hostagent.balloon_driver import BalloonDriver
 from hostagent.channel import Guest, GuestChannel

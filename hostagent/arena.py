@@ -29,7 +29,7 @@ from typing import Final
 
 import xxhash
 
-from guestagent.wire import PAGE_SIZE
+from guestagent.protocol.wire import PAGE_SIZE
 
 SLAB_SHIFT: Final = 18
 SLAB_SIZE: Final = 1 << SLAB_SHIFT  # 256 KiB

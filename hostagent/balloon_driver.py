@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from guestagent import wire
-from guestagent.wire import PAGE_SIZE
+from guestagent.protocol import wire
+from guestagent.protocol.wire import PAGE_SIZE
 from hostagent.balloon import KIB_PER_MIB, Controller, GuestState, Observation, Plan
 from hostagent.channel import Guest
 from hostagent.config import BalloonConfig

@@ -32,7 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lab
 
-from guestagent.jsonline import is_listening
+from guestagent.protocol.jsonline import is_listening
 
 GUEST = "tmem-1"
 MESSAGE = 48 + 4096
@@ -82,7 +82,7 @@ GUEST_TMEM = r'''
 import json, os, statistics, sys, time
 sys.path.insert(0, "/opt/tmem")
 import trio
-from guestagent import wire
+from guestagent.protocol import wire
 from guestagent.channel import open_channel
 from guestagent.ports import find_port
 samples, window, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
@@ -121,7 +121,7 @@ trio.run(main)
 GUEST_BLOCKING = r'''
 import json, os, select, statistics, sys, time
 sys.path.insert(0, "/opt/tmem")
-from guestagent import wire
+from guestagent.protocol import wire
 from guestagent.ports import find_port
 samples = int(sys.argv[1])
 fd = os.open(find_port(), os.O_RDWR)

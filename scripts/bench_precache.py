@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from guestagent.jsonline import is_listening
+from guestagent.protocol.jsonline import is_listening
 
 PAGE = 4096
 

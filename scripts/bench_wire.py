@@ -64,9 +64,9 @@ from pathlib import Path
 import psutil
 import trio
 
-from guestagent import wire
 from guestagent.channel import PendingGet, PendingPut, Pool, open_channel
-from guestagent.jsonline import is_listening
+from guestagent.protocol import wire
+from guestagent.protocol.jsonline import is_listening
 
 MESSAGE = wire.HEADER_SIZE + wire.PAGE_SIZE
 RECV_SIZE = 1 << 16  # the Channel reads this much per readv: same machinery, same size

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import lab  # noqa: E402
 
-from guestagent.jsonline import is_listening  # noqa: E402
+from guestagent.protocol.jsonline import is_listening  # noqa: E402
 from hostagent import statsview  # noqa: E402
 
 DEFAULT_LAB = ROOT / "vmconfigs" / "demo.toml"

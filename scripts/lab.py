@@ -33,8 +33,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from guestagent import tomlfile  # noqa: E402
-from guestagent.jsonline import is_listening  # noqa: E402
+from guestagent.protocol import tomlfile  # noqa: E402
+from guestagent.protocol.jsonline import is_listening  # noqa: E402
 from hostagent import control, statsview  # noqa: E402
 from hostagent.domain import Guest, IOTune, detect_virt_type, domain_xml  # noqa: E402
 

@@ -2,7 +2,7 @@
 
 The host agent runs as a subprocess on a temp config (arena under /dev/shm, sockets under a short
 /tmp dir: unix socket paths are limited to 107 bytes). Tests talk to it over its real sockets; the
-test guest is built directly on `guestagent.wire`, not on the guest agent's channel client.
+test guest is built directly on `guestagent.protocol.wire`, not on the guest agent's channel client.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from guestagent import wire
-from guestagent.wire import Frame, Op, Status
+from guestagent.protocol import wire
+from guestagent.protocol.wire import Frame, Op, Status
 from hostagent import control
 
 START_TIMEOUT = 15.0

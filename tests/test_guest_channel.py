@@ -26,7 +26,6 @@ import pytest
 import trio
 
 from guestagent import channel as channel_mod
-from guestagent import wire
 from guestagent.channel import (
     Channel,
     ChannelClosed,
@@ -36,7 +35,8 @@ from guestagent.channel import (
     open_channel,
     resolve_channel_path,
 )
-from guestagent.wire import Frame, Op, PoolFlag, Status
+from guestagent.protocol import wire
+from guestagent.protocol.wire import Frame, Op, PoolFlag, Status
 from tests.conftest import SHARED_UUID, HostAgentProcess, oid, page
 
 PERSISTENT = int(PoolFlag.PERSISTENT)
@@ -245,7 +245,7 @@ def test_a_pipelining_task_reads_its_own_replies(
     if join:
         init = channel_mod._Conn.__init__
         monkeypatch.setattr(channel_mod._Conn, "__init__",
-                            lambda self, fd, join: init(self, fd, True))  # fmt: skip
+                            lambda self, fd, join, frames_in: init(self, fd, True, frames_in))  # fmt: skip
 
     async def main() -> None:
         wakeups = _Wakeups()

@@ -26,8 +26,9 @@ from typing import Any
 import pytest
 
 from guestagent import config as configmod
-from guestagent import control, wire
-from guestagent.wire import Frame, Op, Status
+from guestagent import control
+from guestagent.protocol import wire
+from guestagent.protocol.wire import Frame, Op, Status
 from tests.conftest import HostAgentProcess, stats_json, wait_for
 
 START_TIMEOUT = 10.0

@@ -16,8 +16,8 @@ import time
 
 import psutil
 
-from guestagent import wire
-from guestagent.wire import Frame, Op, PoolFlag, Status
+from guestagent.protocol import wire
+from guestagent.protocol.wire import Frame, Op, PoolFlag, Status
 from tests.conftest import HostAgentProcess, oid, page, wait_for
 
 PERS_X = int(PoolFlag.PERSISTENT | PoolFlag.EXCLUSIVE_GETS)

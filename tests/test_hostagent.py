@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import pytest
 
-from guestagent import wire
-from guestagent.wire import Flag, Frame, Op, PoolFlag, Status
+from guestagent.protocol import wire
+from guestagent.protocol.wire import Flag, Frame, Op, PoolFlag, Status
 from tests.conftest import (
     SHARED_UUID,
     HostAgentProcess,

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from guestagent.wire import PAGE_SIZE, PoolFlag
+from guestagent.protocol.wire import PAGE_SIZE, PoolFlag
 from hostagent.arena import (
     CLASS_FOR_LENGTH,
     FLAG_CHECKSUM,

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from guestagent.wire import PAGE_SIZE, PoolFlag
+from guestagent.protocol.wire import PAGE_SIZE, PoolFlag
 from hostagent.arena import SLOT_SIZES, Arena
 from hostagent.pool import ClientSettings, PoolDenied, PoolEngine, UnknownPool
 

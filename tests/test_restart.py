@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from guestagent import wire
-from guestagent.wire import PAGE_SIZE, Op, PoolFlag, Status
+from guestagent.protocol import wire
+from guestagent.protocol.wire import PAGE_SIZE, Op, PoolFlag, Status
 from tests.conftest import HostAgentProcess, WireGuest, oid
 
 KEYS_OBJECTS = 16  # writers cycle over 16 objects x 64 indexes, so pages get overwritten

@@ -13,9 +13,9 @@ sys.path.insert(0, "/opt/tmem")
 
 import trio
 
-from guestagent import wire
 from guestagent.channel import open_channel
 from guestagent.ports import find_port
+from guestagent.protocol import wire
 
 
 def page(i: int) -> bytes:
