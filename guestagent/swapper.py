@@ -57,7 +57,8 @@ from typing import Any, Final
 import trio
 
 from guestagent import reporter, uffd
-from guestagent.channel import Channel, ChannelError, Pool, hold_budget, open_channel
+from guestagent.channel import Channel, ChannelError, PoolHandle, open_channel
+from guestagent.channel.sched import hold_budget
 from guestagent.protocol import wire
 
 __all__ = ["PREFIX_MAX", "SwapFile", "Swapper", "main"]
@@ -249,7 +250,7 @@ class Swapper:
         self.state_path = state_path if state_path is not None else swap_path + STATE_SUFFIX
         self.default_budget = default_budget
         self.guest_budget = guest_budget  # resident pages for all regions together (None: no cap)
-        self.pool: Pool | None = None
+        self.pool: PoolHandle | None = None
         self.regions: dict[int, Region] = {}
         self.next_id = 1
         self.totals = dict.fromkeys(REGION_COUNTERS, 0)
