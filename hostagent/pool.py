@@ -18,9 +18,7 @@ search the log.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from array import array
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -29,7 +27,7 @@ from typing import Any, Final
 
 from guestagent.protocol.wire import PAGE_SIZE, PoolFlag
 
-from . import compress
+from . import compress, pooltable
 from .arena import (
     CLASS_FOR_LENGTH,
     FLAG_XXH3,
@@ -55,7 +53,6 @@ Held = tuple["Pool", bytes, int, int, int]
 log = logging.getLogger("hostagent.pool")
 
 MAX_POOLS_PER_CLIENT: Final = 1024
-POOL_TABLE: Final = "pools.json"
 
 
 class EngineError(Exception):
@@ -202,7 +199,7 @@ class PoolEngine:
         self._holds = 0  # hold ids handed out (see Held)
         self.compactions = 0  # times a put found no free slab and compacted a size class
         self.eph_bytes = 0
-        self._table = Path(arena.path).with_name(POOL_TABLE)
+        self._table = Path(arena.path).with_name(pooltable.POOL_TABLE)
         self.rebuilt_pages = 0
         self.rejected_slots = 0
         self._rebuild()
@@ -724,37 +721,20 @@ class PoolEngine:
 
     def _save_table(self) -> None:
         """Persist persistent pools' identities (atomic rename), so a restart can rebuild them."""
-        pools = [
-            {"handle": p.handle, "flags": p.flags, "uuid": p.uuid.hex(), "owner": p.owner.name,
-             "members": p.members}
-            for p in self._pools.values() if p.persistent
-        ]
+        pools = [pooltable.PoolRecord(p.handle, p.flags, p.uuid, p.owner.name, p.members)
+                 for p in self._pools.values() if p.persistent]
         next_ids = {c.name: c.next_pool_id for c in self._clients.values()}
-        tmp = self._table.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"version": 1, "next_handle": self._next_handle, "next_ids": next_ids,
-                       "pools": pools}, f)
-        os.replace(tmp, self._table)
+        pooltable.write(self._table, pooltable.PoolTable(self._next_handle, next_ids, pools))
 
     def _rebuild(self) -> None:
         """Rebuild persistent pools and pages from the pool table and the arena's slots."""
-        table: dict[str, Any] = {}
-        if self._table.exists():
-            # Without the table every persistent page would be dropped as unowned: refuse to
-            # start rather than lose them silently.
-            try:
-                table = json.loads(self._table.read_text())
-                pools = [(int(e["handle"]), int(e["flags"]), bytes.fromhex(e["uuid"]), str(e["owner"]),
-                          {str(n): int(i) for n, i in e["members"].items()})
-                         for e in table.get("pools", [])]
-            except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
-                raise TableError(
-                    f"the pool table {self._table} cannot be read ({type(err).__name__}: {err}); "
-                    "it names the owners of the persistent pages in the arena. Restore it, or "
-                    "move it and the arena aside to start empty") from None
-        else:
-            pools = []
-        for handle, flags, uuid, owner_name, members in pools:
+        try:
+            found_table = pooltable.read(self._table)
+        except pooltable.TableUnreadable as err:
+            raise TableError(str(err)) from None
+        have_table = found_table is not None
+        table = found_table if found_table is not None else pooltable.PoolTable(1, {}, [])
+        for handle, flags, uuid, owner_name, members in table.pools:
             if flags & PoolFlag.SHARED:
                 allowed = self.shared_acl.get(uuid, frozenset())
                 revoked = sorted(set(members) - allowed)
@@ -776,13 +756,12 @@ class PoolEngine:
                 member.next_pool_id = max(member.next_pool_id, int(pool_id) + 1)
             if pool.shared:
                 self._shared[pool.uuid] = pool
-        for name, next_id in table.get("next_ids", {}).items():
+        for name, next_id in table.next_ids.items():
             c = self.client(name)
-            c.next_pool_id = max(c.next_pool_id, int(next_id))
-        self._next_handle = max([int(table.get("next_handle", 1))] + [h + 1 for h in self._pools])
+            c.next_pool_id = max(c.next_pool_id, next_id)
+        self._next_handle = max([table.next_handle] + [h + 1 for h in self._pools])
         rejected: list[int] = []
         best: dict[tuple[int, bytes, int], tuple[int, int]] = {}  # key -> (generation, ref)
-        have_table = self._table.exists()
         for rec in list(self.arena.scan()):
             if rec.verified and not have_table:
                 raise TableError(
@@ -812,7 +791,7 @@ class PoolEngine:
         self.arena.release_unused_after_scan()
         self.rebuilt_pages = len(best)
         self._generation = self.arena.max_generation
-        if self._pools or self._table.exists():
+        if self._pools or have_table:
             self._save_table()
 
     def close(self) -> None:
