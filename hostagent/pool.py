@@ -21,9 +21,9 @@ from __future__ import annotations
 import logging
 from array import array
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final, NamedTuple
 
 from guestagent.protocol.wire import PAGE_SIZE, PoolFlag
 
@@ -38,6 +38,7 @@ from .arena import (
     ArenaFull,
     checksum,
 )
+from .poolstats import CounterStats, EngineStats, PoolInfo, SharedPoolStats
 
 NO_UUID: Final = bytes(16)
 _LOG_SHIFT: Final = 24
@@ -45,10 +46,7 @@ _REF_LOW: Final = (1 << REF_SHIFT) - 1  # a slot reference's length and encoding
 _LOG_GEN: Final = (1 << _LOG_SHIFT) - 1
 _FRESH_BATCH: Final = 256
 
-# An exclusive persistent get whose reply is not yet known delivered: (pool, oid, index, slot ref,
-# hold id). The id, unique per get, tells this hold from a later one of the same key: a slot ref
-# comes back when the slot is reused, so it cannot.
-Held = tuple["Pool", bytes, int, int, int]
+
 
 log = logging.getLogger("hostagent.pool")
 
@@ -100,7 +98,7 @@ class Counters:
         self.pages = 0
         self.stored = 0  # arena bytes
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> CounterStats:
         return {
             "puts": self.puts, "puts_refused": self.puts_refused, "gets": self.gets,
             "hits": self.hits, "flushes": self.flushes, "evicted": self.evicted,
@@ -173,6 +171,20 @@ class Pool:
     def kind(self) -> str:
         return ("shared-" if self.shared else "private-") + (
             "persistent" if self.persistent else "ephemeral")
+
+
+class Held(NamedTuple):
+    """An exclusive persistent get whose reply is not yet known delivered.
+
+    `hold`, unique per get, tells this hold from a later one of the same key: a slot ref comes
+    back when the slot is reused, so it cannot.
+    """
+
+    pool: Pool
+    oid: bytes
+    index: int  # type: ignore[assignment]  # shadows tuple.index; the key's name
+    ref: int  # the slot
+    hold: int  # the hold's id
 
 
 class PoolEngine:
@@ -423,7 +435,8 @@ class PoolEngine:
         emptied = False
         for slab in victims:
             for offset in arena.live_offsets(slab):
-                _, handle, _, oid, index, _, _, _, _ = arena.header(offset)
+                h = arena.header(offset)
+                handle, oid, index = h.handle, h.oid, h.index
                 pool = self._pools.get(handle)
                 pages = pool.objects.get(oid) if pool is not None else None
                 ref = pages.get(index) if pages is not None else None
@@ -488,7 +501,7 @@ class PoolEngine:
             if held is not None and pool.persistent:
                 encoding, data = self.arena.read(ref)
                 self._holds = hold = self._holds + 1
-                held.append((pool, oid, index, ref, hold))
+                held.append(Held(pool, oid, index, ref, hold))
                 held_pages = pool.held.get(oid)
                 if held_pages is None:
                     held_pages = pool.held[oid] = {}
@@ -604,7 +617,8 @@ class PoolEngine:
             offset = entry >> _LOG_SHIFT
             generation = arena.live_generation(offset)
             if generation and generation & _LOG_GEN == entry & _LOG_GEN:
-                _, _, _, oid, index, _, _, _, _ = arena.header(offset)
+                h = arena.header(offset)
+                oid, index = h.oid, h.index
                 pages = pool.objects.get(oid)
                 ref = pages.get(index) if pages is not None else None
                 if ref is not None and ref >> REF_SHIFT == offset:
@@ -799,7 +813,7 @@ class PoolEngine:
 
     # -- observability ----------------------------------------------------------------------------
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> EngineStats:
         arena = self.arena
         eph_pages = sum(c.eph.pages for c in self._clients.values())
         pers_pages = sum(c.pers.pages for c in self._clients.values())
@@ -828,15 +842,13 @@ class PoolEngine:
                 "rebuilt_pages": self.rebuilt_pages,
                 "rejected_slots": self.rejected_slots,
             },
-            "shared": {
-                pool.uuid.hex(): {"kind": pool.kind, "members": sorted(pool.members),
-                                  "quota_bytes": self.shared_quota_bytes,
-                                  **pool.storage.as_dict()}
-                for pool in self._shared.values()
-            },
+            "shared": {pool.uuid.hex(): self._shared_stats(pool) for pool in self._shared.values()},
             "guests": {
                 c.name: {
-                    **asdict(c.settings),
+                    "weight": c.settings.weight,
+                    "cap_bytes": c.settings.cap_bytes,
+                    "quota_bytes": c.settings.quota_bytes,
+                    "compress": c.settings.compress,
                     "pools": len(c.pools),
                     "ephemeral": c.eph.as_dict(),
                     "persistent": c.pers.as_dict(),
@@ -845,8 +857,15 @@ class PoolEngine:
             },
         }
 
-    def pools_info(self) -> list[dict[str, Any]]:
-        out = []
+    def _shared_stats(self, pool: Pool) -> SharedPoolStats:
+        c = pool.storage.as_dict()
+        return {"kind": pool.kind, "members": sorted(pool.members), "quota_bytes": self.shared_quota_bytes,
+                "puts": c["puts"], "puts_refused": c["puts_refused"], "gets": c["gets"], "hits": c["hits"],
+                "flushes": c["flushes"], "evicted": c["evicted"], "pages": c["pages"], "bytes": c["bytes"],
+                "raw_bytes": c["raw_bytes"]}
+
+    def pools_info(self) -> list[PoolInfo]:
+        out: list[PoolInfo] = []
         for pool in self._pools.values():
             pages = sum(len(p) for p in pool.objects.values())
             stored = sum(self.arena.size_of(r) for p in pool.objects.values() for r in p.values())
