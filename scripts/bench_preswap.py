@@ -118,7 +118,7 @@ def main() -> int:
                 if os.path.exists(sock):
                     os.unlink(sock)
                 swapper = subprocess.Popen(
-                    [sys.executable, "-m", "guestagent.swapper", "--channel",
+                    [sys.executable, str(Path(__file__).resolve().parent / "preswap_swapper.py"), "--channel",
                      str(tmp / "guests" / "bench.sock"), "--socket", sock, "--swap-file",
                      os.path.join(diskdir, "swap"), "--policy", policy, "--readahead", str(readahead)],
                     stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
