@@ -211,6 +211,9 @@ class HostAgent:
 
     def _domain_up(self, d: Domain) -> None:
         """A running domain with a tmem channel: connect to its socket (QEMU listens on it)."""
+        tasks = self._tasks
+        if tasks is None or (self._stop is not None and self._stop.is_set()):
+            return  # the agent is stopping: its task group takes no new links
         engine = self._engine()
         old = self.guests.get(d.uuid)
         if old is not None:
@@ -223,8 +226,7 @@ class HostAgent:
                                                        dflt.compress))
         guest = Guest(d.uuid, d.socket, client, display=d.name, domain=d.uuid)
         self.guests[d.uuid] = guest
-        assert self._tasks is not None  # the watcher runs in the group, so the group is open
-        self._links[d.uuid] = self._tasks.create_task(self._link(guest))
+        self._links[d.uuid] = tasks.create_task(self._link(guest))
         if self.balloon is not None:
             self.balloon.add(guest)
         log.info("domain %s (%s): attaching to its tmem channel %s", d.name, d.uuid, d.socket)
