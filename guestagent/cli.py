@@ -23,9 +23,10 @@ from typing import Any
 import trio
 
 from guestagent import config as configmod
-from guestagent import control, ports, wire
+from guestagent import control
 from guestagent.channel import ChannelError, open_channel, resolve_channel_path
 from guestagent.daemon import CHECK_TIMEOUT, GuestAgent, StartupError, default_name
+from guestagent.protocol import wire
 from guestagent.selftest import exercise_all
 
 PROG = "guestagent"
@@ -124,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="no direct_io: the kernel page cache serves hot reads (the shim sees fewer)")
     mnt.add_argument("--channel", metavar="SPEC",
                      help=CHANNEL_HELP + " (default: the virtio-serial port from --config, else "
-                          f"{ports.DEFAULT_PORT_NAME})")
+                          f"{wire.PORT_NAME})")
     mnt.add_argument("--config", metavar="FILE", help="read the port name from here")
     mnt.add_argument("--log-level", default="WARNING", type=str.upper,
                      choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: WARNING")

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from guestagent import tomlfile, wire
-from guestagent.ports import DEFAULT_PORT_NAME
+from guestagent.protocol import tomlfile, wire
 
 __all__ = ["DEFAULT_CONFIG", "DEFAULT_CONTROL_SOCKET", "Config", "ConfigError", "PrecacheMount", "load",
            "parse"]
@@ -50,7 +49,7 @@ class PrecacheMount:
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    port: str = DEFAULT_PORT_NAME  # virtio-serial port name, looked up in sysfs
+    port: str = wire.PORT_NAME  # virtio-serial port name, looked up in sysfs
     channel: str = ""  # explicit channel (device or unix socket path); overrides `port`
     name: str = ""  # display name in HELLO; empty = the hostname
     # channel reconnect delay, doubling up to 8x: on a virtio port each retry is an open and a poll,

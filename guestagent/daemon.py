@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from guestagent import control, ports, reporter, selftest, wire
+from guestagent import control, ports, reporter, selftest
 from guestagent.channel import Channel, ChannelError, open_channel, resolve_channel_path
 from guestagent.config import Config, PrecacheMount
+from guestagent.protocol import wire
 
 if TYPE_CHECKING:
     from guestagent.precache import PrecacheFS

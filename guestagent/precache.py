@@ -50,9 +50,9 @@ from typing import Any, Final, TypeVar, cast
 import pyfuse3
 import trio
 
-from guestagent import wire
-from guestagent.channel import Channel, ChannelError, Pool, open_channel
+from guestagent.channel import Channel, ChannelError, PoolHandle, open_channel
 from guestagent.pagecache import PageCache
+from guestagent.protocol import wire
 from guestagent.reporter import parse_meminfo
 
 __all__ = ["Counters", "PrecacheFS", "cache_target", "main", "mount", "serve"]
@@ -245,7 +245,7 @@ class PrecacheFS(pyfuse3.Operations):
         super().__init__()
         self.backing = os.path.abspath(backing)
         self.direct_io = direct_io
-        self.pool: Pool | None = None
+        self.pool: PoolHandle | None = None
         self.counters = Counters()
         self.cache = PageCache(cache_pages, self._evicted)
         self.max_pages = cache_pages

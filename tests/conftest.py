@@ -25,6 +25,10 @@ TIERS: dict[str, str] = {
     "test_reporter": "unit",
     "test_wire": "unit",
     "test_attach": "unit",
+    "test_guest_sched": "unit",
+    "test_pressure": "unit",
+    "test_protocol_session": "unit",
+    "test_regionbook": "unit",
     "test_domain": "process",  # runs detect_virt_type in a subprocess
     "test_guest_channel": "process",
     "test_guest_channel_chaos": "process",
@@ -37,6 +41,7 @@ TIERS: dict[str, str] = {
     "test_preswap_daemon": "process",
     "test_restart": "process",
     "test_metrics": "process",
+    "test_agent_tasks": "process",  # a real agent and unix sockets in this process
     "test_sdnotify": "process",
     "test_install": "process",
     "test_lab": "lab",
