@@ -43,7 +43,7 @@ import signal
 import stat
 import struct
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final, TypeVar, cast
 
@@ -71,6 +71,7 @@ MEMORY_INTERVAL: Final = 1.0  # seconds between looks at MemAvailable
 MEMORY_RESERVE: Final = 64 << 20  # bytes the cache leaves to the rest of the guest
 MIN_CACHE_PAGES: Final = 64
 READ_AHEAD_PAGES: Final = 32
+PARTIAL_FLUSH_PAGES: Final = 64  # a write over more pages than this flushes the whole object
 SHED_BATCH: Final = 512  # pages evicted at once when the cache shrinks (the channel queues 2048 puts)
 _BARRIER_OID: Final = b"\xff" * 24  # no file's identity: a flush of it only waits for the host
 _ROOT: Final = int(pyfuse3.ROOT_INODE)
@@ -131,6 +132,11 @@ def cache_target(max_pages: int, cached_pages: int, mem_available: int, reserve:
     without the cache, beyond a reserve; never above the configured maximum, nor below a floor."""
     without = mem_available + cached_pages * PAGE - reserve
     return max(min(MIN_CACHE_PAGES, max_pages), min(max_pages, without // 2 // PAGE))
+
+
+def _page_length(size: int, index: int) -> int:
+    """How many bytes page `index` holds in a file of `size` bytes (0 past its end)."""
+    return max(0, min(PAGE, size - index * PAGE))
 
 
 def _seen(st: os.stat_result) -> tuple[int, int, int]:
@@ -277,19 +283,31 @@ class PrecacheFS(pyfuse3.Operations):
         if obj is not None:
             obj.in_tmem = True
 
-    async def _invalidate(self, obj: _Object) -> None:
-        """Drop the object's pages here and in tmem; reads in flight will not cache theirs."""
+    async def _invalidate(self, obj: _Object, indexes: Collection[int] | None = None) -> None:
+        """Drop the object's pages (only `indexes`, if given) here and in tmem; reads in flight
+        will not cache theirs.  Everything up to the first await happens at once, so no read can
+        slip between the change and the drop."""
         obj.epoch += 1
-        self.cache.drop_object(obj.oid)
+        if indexes is None or len(indexes) > PARTIAL_FLUSH_PAGES:
+            self.cache.drop_object(obj.oid)
+            indexes = None
+        elif indexes:
+            self.cache.drop_pages(obj.oid, indexes)
+        else:
+            return
         if not obj.in_tmem:
             return
-        obj.in_tmem = False
         pool = self.pool
         if pool is None:
+            obj.in_tmem = False  # the pool is gone with the channel: nothing of it can come back
             return
         self.counters.flushes += 1
         try:
-            await pool.flush_object(obj.oid)  # queued at once: ordered after any earlier put
+            if indexes is None:
+                obj.in_tmem = False
+                await pool.flush_object(obj.oid)  # queued at once: ordered after any earlier put
+            else:
+                await pool.flush_many([(obj.oid, i) for i in sorted(indexes)])
         except ChannelError as exc:
             log.debug("flush of an object failed: %s", exc)
 
@@ -426,8 +444,12 @@ class PrecacheFS(pyfuse3.Operations):
         before, st = await _io(apply)
         obj = self._objects.get((st.st_dev, st.st_ino))
         if fields.update_size and obj is not None:
+            # the new size at once (reads cut their pages by it), then nothing of the old content
+            # is kept: the file is known as it is now
+            obj.size = st.st_size
+            obj.seen = _seen(st)
             await self._invalidate(obj)
-            obj.seen = None  # nothing is cached: the next open records the file afresh
+            return self._entry(inode, st)
         self._sync(before, st)
         return self._entry(inode, st)
 
@@ -551,10 +573,10 @@ class PrecacheFS(pyfuse3.Operations):
     async def _opened(self, fd: int, st: os.stat_result, generation: int, trunc: bool) -> pyfuse3.FileInfo:
         obj = self._object(st, generation)
         changed = obj.seen != _seen(st) if obj.seen is not None else self.cache.holds(obj.oid) or obj.in_tmem
-        if trunc or changed:
-            await self._invalidate(obj)
         obj.seen = _seen(st)
-        obj.size = st.st_size
+        if trunc or changed or obj.size != st.st_size:
+            obj.size = st.st_size  # before any await: a read in between cuts pages by it
+            await self._invalidate(obj)
         obj.opens += 1
         self._files[fd] = (fd, obj)
         fh = cast("pyfuse3.FileHandleT", fd)
@@ -579,7 +601,10 @@ class PrecacheFS(pyfuse3.Operations):
         c.reads += 1
         sequential = self._next_off.get(fh) == off
         self._next_off[fh] = off + size
-        end = min(off + size, obj.size)
+        # The file's size as the shim knows it now: a write or truncate may change obj.size while
+        # this read waits on tmem or the disk, so every length below comes from this one value.
+        known = obj.size
+        end = min(off + size, known)
         if off >= end:  # past what the shim knows of the file: ask the file itself, uncached
             data = await _io(_pread_all, fd, size, off)
             c.bytes_from_disk += len(data)
@@ -601,7 +626,7 @@ class PrecacheFS(pyfuse3.Operations):
             # read for all of them instead of a round trip each (never more than a quarter of
             # the cache, so the pages asked for now are not pushed out by their successors)
             window = min(READ_AHEAD_PAGES, self.cache.capacity // 4)
-            ahead = [i for i in range(last + 1, min(last + window, (obj.size - 1) // PAGE) + 1)
+            ahead = [i for i in range(last + 1, min(last + window, (known - 1) // PAGE) + 1)
                      if self.cache.get(oid, i) is None]  # fmt: skip
             c.read_ahead += len(ahead)
             missing.extend(ahead)
@@ -612,27 +637,32 @@ class PrecacheFS(pyfuse3.Operations):
                     c.misses += 1
                 else:
                     c.hits += 1
-                    got = got[: min(PAGE, obj.size - index * PAGE)]
+                    got = got[: _page_length(known, index)]
                     c.bytes_from_tmem += len(got)
                     fetched[index] = got
             missing = [i for i in missing if i not in fetched]
         if missing:
             lo, hi = missing[0], missing[-1]
-            data = await _pread(fd, min((hi - lo + 1) * PAGE, obj.size - lo * PAGE), lo * PAGE)
+            data = await _pread(fd, min((hi - lo + 1) * PAGE, known - lo * PAGE), lo * PAGE)
             c.bytes_from_disk += len(data)
             for index in missing:
                 fetched[index] = data[(index - lo) * PAGE : (index - lo + 1) * PAGE]
-        if obj.epoch == epoch:
+        if obj.epoch == epoch:  # no change since `known`: what was fetched is the file's
             # read-ahead pages first: the pages asked for now are the most recently used
             for index in sorted(fetched, key=lambda i: i <= last):
                 page = fetched[index]
-                if len(page) == min(PAGE, obj.size - index * PAGE):  # else it changed behind us
+                if len(page) == _page_length(known, index):  # else it changed behind us
                     self.cache.insert(oid, index, page)
         pages.update(fetched)
         c.cached_pages = len(self.cache)
-        blob = b"".join(pages[i] for i in range(first, last + 1))
-        out = blob[off - first * PAGE : end - first * PAGE]
-        if off + size > obj.size and len(out) == end - off:  # the file may have grown behind us
+        parts = []
+        for index in range(first, last + 1):
+            page = pages[index]
+            parts.append(page)
+            if len(page) < _page_length(known, index):  # shrunk meanwhile: a short read, no gap
+                break
+        out = b"".join(parts)[off - first * PAGE : end - first * PAGE]
+        if off + size > known and len(out) == end - off:  # the file may have grown behind us
             more = await _io(_pread_all, fd, off + size - end, end)
             c.bytes_from_disk += len(more)
             out += more
@@ -641,9 +671,18 @@ class PrecacheFS(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         fd, obj = self._files[fh]
         n, st = await _io(_pwrite_stat, fd, buf, off)
-        await self._invalidate(obj)
+        # The new size first, then the drop, with no await between: a read that starts after this
+        # sees the new length (before, one could cache the old last page cut to the old length).
+        old = obj.size
         obj.seen = _seen(st)
         obj.size = st.st_size
+        if st.st_size < old:  # a shrink not seen here (or replies out of order): all goes
+            await self._invalidate(obj)
+            return n
+        written = set(range(off // PAGE, (off + n - 1) // PAGE + 1)) if n else set()
+        if st.st_size != old and old % PAGE:
+            written.add(old // PAGE)  # the old last page, cut to the old length, is longer now
+        await self._invalidate(obj, written)  # only the pages this write changed
         return n
 
     async def flush(self, fh: int) -> None:
