@@ -55,7 +55,7 @@ from guestagent.channel import Channel, ChannelError, Pool, open_channel
 from guestagent.pagecache import PageCache
 from guestagent.reporter import parse_meminfo
 
-__all__ = ["Counters", "PrecacheFS", "cache_target", "main", "mount", "serve"]
+__all__ = ["Counters", "PrecacheFS", "cache_target", "main", "mount", "mount_options", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +209,34 @@ def _pwrite_stat(fd: int, buf: bytes, offset: int) -> tuple[int, os.stat_result]
 def _open_stat(path: str, flags: int, mode: int) -> tuple[int, os.stat_result, int]:
     fd = os.open(path, flags, mode)
     try:
+        st = os.fstat(fd)
+        return fd, st, _generation(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _give(path: str, ctx: Any) -> None:
+    """A new entry belongs to whoever asked for it, not to the shim (root): with allow_other, a
+    user's files must be the user's. The group follows a set-group-ID parent, as on any file system."""
+    uid, gid = int(getattr(ctx, "uid", 0)), int(getattr(ctx, "gid", 0))
+    if (uid, gid) == (os.geteuid(), os.getegid()):
+        return
+    parent = os.lstat(os.path.dirname(path))
+    os.lchown(path, uid, -1 if parent.st_mode & stat.S_ISGID else gid)
+
+
+def _create_stat(path: str, flags: int, mode: int, ctx: Any) -> tuple[int, os.stat_result, int]:
+    """open(O_CREAT) for `ctx`: a file this call made is given to the caller; one that appeared
+    meanwhile (created behind the mount) is only opened, its owner untouched."""
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        if flags & os.O_EXCL:
+            raise
+        return _open_stat(path, flags & ~os.O_CREAT, 0)
+    try:
+        _give(path, ctx)
         st = os.fstat(fd)
         return fd, st, _generation(fd)
     except BaseException:
@@ -463,6 +491,7 @@ class PrecacheFS(pyfuse3.Operations):
 
         def make() -> os.stat_result:
             os.mkdir(path, mode)
+            _give(path, ctx)
             return os.lstat(path)
 
         return self._remember(path, await _io(make))
@@ -474,6 +503,7 @@ class PrecacheFS(pyfuse3.Operations):
 
         def make() -> os.stat_result:
             os.mknod(path, mode, rdev)
+            _give(path, ctx)
             return os.lstat(path)
 
         return self._remember(path, await _io(make))
@@ -485,6 +515,7 @@ class PrecacheFS(pyfuse3.Operations):
 
         def make() -> os.stat_result:
             os.symlink(os.fsdecode(target), path)
+            _give(path, ctx)
             return os.lstat(path)
 
         return self._remember(path, await _io(make))
@@ -591,7 +622,7 @@ class PrecacheFS(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         path = self._child(parent_inode, name)
-        fd, st, gen = await _io(_open_stat, path, (flags | os.O_CREAT) & ~_BACKING_DROPS, mode)
+        fd, st, gen = await _io(_create_stat, path, flags & ~_BACKING_DROPS, mode, ctx)
         info = await self._opened(fd, st, gen, True)  # new, or truncated, or as we saw it
         return info, self._remember(path, st)
 
@@ -822,6 +853,20 @@ class PrecacheFS(pyfuse3.Operations):
 # ------------------------------------------------------------------------------- running it
 
 
+def mount_options(allow_other: bool = False) -> set[str]:
+    """The FUSE mount options. Without allow_other only root (the shim's user) may use the mount,
+    and the backing file system's own checks, made as root, are all there is. allow_other lets
+    every user in, so it always comes with default_permissions: the kernel then checks each access
+    against the mode and owner the shim reports (the backing file's), as on the backing itself."""
+    options = set(pyfuse3.default_options)
+    options.add("fsname=precache")
+    options.discard("default_permissions")
+    if allow_other:
+        options |= {"allow_other", "default_permissions"}
+    return options
+
+
+
 async def _use_channel(fs: PrecacheFS, channel: Channel) -> None:
     """Create the mount's pool on `channel` (waits for the host); gets miss until then."""
     pool = await channel.new_pool(0)  # private ephemeral: exclusive gets
@@ -870,7 +915,7 @@ async def _stop_on_signals() -> None:
 
 async def serve(
     backing: str, mountpoint: str, channel_spec: str | None, cache_pages: int, *, direct_io: bool = True,
-    channel: Channel | None = None, proc_dir: str = "/proc", signals: bool = True,
+    allow_other: bool = False, channel: Channel | None = None, proc_dir: str = "/proc", signals: bool = True,
     task_status: trio.TaskStatus[PrecacheFS] = trio.TASK_STATUS_IGNORED,
 ) -> None:  # fmt: skip
     """Mount and serve until unmounted (or SIGTERM/SIGINT/SIGHUP with `signals`).
@@ -882,10 +927,7 @@ async def serve(
     if (channel is None) == (channel_spec is None):
         raise ValueError("give one of channel_spec and channel")
     fs = PrecacheFS(backing, cache_pages, direct_io=direct_io)
-    options = set(pyfuse3.default_options)
-    options.add("fsname=precache")
-    options.discard("default_permissions")  # the backing file system checks permissions
-    pyfuse3.init(fs, mountpoint, options)
+    pyfuse3.init(fs, mountpoint, mount_options(allow_other))
     try:
         async with trio.open_nursery() as nursery:
             if channel is not None:
@@ -905,7 +947,7 @@ async def serve(
 
 def mount(
     backing: str, mountpoint: str, channel_spec: str, cache_pages: int, *, direct_io: bool = True,
-    proc_dir: str = "/proc",
+    allow_other: bool = False, proc_dir: str = "/proc",
 ) -> None:
     """Blocking entry point for `guestagent precache mount BACKING MOUNTPOINT`."""
     for what, path in (("backing directory", backing), ("mount point", mountpoint)):
@@ -914,7 +956,7 @@ def mount(
     if cache_pages < 1:
         raise SystemExit("precache: the cache needs at least one page")
     trio.run(functools.partial(serve, backing, mountpoint, channel_spec, cache_pages, direct_io=direct_io,
-                               proc_dir=proc_dir))
+                               allow_other=allow_other, proc_dir=proc_dir))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -925,13 +967,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-pages", type=int, default=16384)
     parser.add_argument("--kernel-cache", action="store_true",
                         help="no direct_io: the kernel page cache serves hot reads (the shim sees fewer)")
+    parser.add_argument("--allow-other", action="store_true",
+                        help="let every user use the mount, the kernel checking permissions")
     parser.add_argument("--proc-dir", default="/proc", help="where meminfo is read (tests use a fake one)")
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     mount(args.backing, args.mountpoint, args.channel, args.cache_pages, direct_io=not args.kernel_cache,
-          proc_dir=args.proc_dir)
+          allow_other=args.allow_other, proc_dir=args.proc_dir)
     return 0
 
 

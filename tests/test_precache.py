@@ -35,7 +35,8 @@ class PrecacheMount:
     """One `python -m guestagent.precache` process and its mount point."""
 
     def __init__(self, backing: Path, mountpoint: Path, channel: str, cache_pages: int, log: Path,
-                 kernel_cache: bool = False, proc_dir: Path | None = None) -> None:
+                 kernel_cache: bool = False, proc_dir: Path | None = None, allow_other: bool = False) -> None:
+        self.allow_other = allow_other
         self.backing = backing
         self.mountpoint = mountpoint
         self.channel = channel
@@ -51,6 +52,7 @@ class PrecacheMount:
                 [sys.executable, "-m", "guestagent.precache", str(self.backing), str(self.mountpoint),
                  "--channel", self.channel, "--cache-pages", str(self.cache_pages), "--log-level", "INFO",
                  *(["--kernel-cache"] if self.kernel_cache else []),
+                 *(["--allow-other"] if self.allow_other else []),
                  *(["--proc-dir", str(self.proc_dir)] if self.proc_dir else [])],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             )
@@ -105,7 +107,8 @@ def precache(host_agent: HostAgentProcess, request: pytest.FixtureRequest
     mounts: list[PrecacheMount] = []
 
     def make(cache_pages: int, populate: Callable[[Path], None] | None = None,
-             kernel_cache: bool = False, proc_dir: Path | None = None) -> PrecacheMount:
+             kernel_cache: bool = False, proc_dir: Path | None = None,
+             allow_other: bool = False) -> PrecacheMount:
         n = len(mounts)
         backing, mountpoint = work / f"backing{n}", work / f"mnt{n}"
         backing.mkdir()
@@ -113,7 +116,7 @@ def precache(host_agent: HostAgentProcess, request: pytest.FixtureRequest
         if populate is not None:
             populate(backing)
         m = PrecacheMount(backing, mountpoint, host_agent.sockets["g1"], cache_pages,
-                          work / f"precache{n}.log", kernel_cache, proc_dir)
+                          work / f"precache{n}.log", kernel_cache, proc_dir, allow_other)
         mounts.append(m)
         m.start()
         return m
