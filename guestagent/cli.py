@@ -27,6 +27,7 @@ from guestagent import control, ports, wire
 from guestagent.channel import ChannelError, open_channel, resolve_channel_path
 from guestagent.daemon import CHECK_TIMEOUT, GuestAgent, StartupError, default_name
 from guestagent.selftest import exercise_all
+from guestagent.stdout import quiet_pipe
 
 PROG = "guestagent"
 CHANNEL_HELP = (
@@ -184,6 +185,10 @@ def _fail(message: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return quiet_pipe(lambda: _main(argv))  # `| head` ends it quietly
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
