@@ -43,6 +43,7 @@ import signal
 import stat
 import struct
 import sys
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final, TypeVar, cast
@@ -71,6 +72,7 @@ MEMORY_INTERVAL: Final = 1.0  # seconds between looks at MemAvailable
 MEMORY_RESERVE: Final = 64 << 20  # bytes the cache leaves to the rest of the guest
 MIN_CACHE_PAGES: Final = 64
 READ_AHEAD_PAGES: Final = 32
+FORGOTTEN_OBJECTS: Final = 4096  # files the kernel forgot whose pages the shim still tracks
 PARTIAL_FLUSH_PAGES: Final = 64  # a write over more pages than this flushes the whole object
 SHED_BATCH: Final = 512  # pages evicted at once when the cache shrinks (the channel queues 2048 puts)
 _BARRIER_OID: Final = b"\xff" * 24  # no file's identity: a flush of it only waits for the host
@@ -103,6 +105,7 @@ class Counters:
     bytes_from_disk: int = 0
     cached_pages: int = 0
     cache_limit: int = 0  # pages: the configured maximum, lowered while memory is short
+    objects: int = 0  # files the shim keeps state for (open, looked up, or pages cached or in tmem)
     connected: bool = False
 
 
@@ -290,6 +293,9 @@ class PrecacheFS(pyfuse3.Operations):
         self._by_key: dict[tuple[int, int], int] = {rkey: _ROOT}
         self._next_ino = _ROOT + 1
         self._objects: dict[tuple[int, int], _Object] = {}
+        # objects of files the kernel forgot, oldest first: kept (bounded) so that their pages in
+        # the cache and tmem stay usable and a change behind the mount is still seen at open
+        self._forgotten: OrderedDict[tuple[int, int], None] = OrderedDict()
         self._files: dict[int, tuple[int, _Object]] = {}  # fh (= backing fd) -> (fd, object)
         self._next_off: dict[int, int] = {}  # fh -> where a sequential reader reads next
         self._dirs: dict[int, tuple[int, list[tuple[bytes, os.stat_result]] | None]] = {}
@@ -375,6 +381,7 @@ class PrecacheFS(pyfuse3.Operations):
                 self.cache.drop_object(obj.oid)
             obj = _Object(oid, None, st.st_size)
             self._objects[key] = obj
+        self._forgotten.pop(key, None)  # known to the kernel again
         return obj
 
     def _remember(self, path: str, st: os.stat_result) -> pyfuse3.EntryAttributes:
@@ -439,8 +446,23 @@ class PrecacheFS(pyfuse3.Operations):
                 del self._nodes[ino]
                 self._by_key.pop(node.key, None)
                 obj = self._objects.get(node.key)
-                if obj is not None and not obj.opens and not obj.in_tmem and not self.cache.holds(obj.oid):
+                if obj is None or obj.opens:
+                    continue
+                if not obj.in_tmem and not self.cache.holds(obj.oid):
                     del self._objects[node.key]
+                    self._forgotten.pop(node.key, None)
+                else:
+                    self._forgotten[node.key] = None
+                    self._forgotten.move_to_end(node.key)
+        # Past the bound the oldest go, with their pages (here and in tmem): without its object
+        # the shim could not tell a later change behind the mount from the pages it kept.
+        while len(self._forgotten) > FORGOTTEN_OBJECTS:
+            key, _ = self._forgotten.popitem(last=False)
+            obj = self._objects.get(key)
+            if obj is None or obj.opens or key in self._by_key:
+                continue
+            del self._objects[key]  # first: a reopen while the flush is queued starts afresh
+            await self._invalidate(obj)
 
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
         st = await _io(os.lstat, self._path(inode))
@@ -782,6 +804,7 @@ class PrecacheFS(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
         if inode == _ROOT and name == STATS_XATTR:
             self.counters.cached_pages = len(self.cache)
+            self.counters.objects = len(self._objects)
             self.counters.connected = self.pool is not None and self.pool._ch.connected
             return json.dumps(asdict(self.counters)).encode()
         try:
@@ -826,6 +849,7 @@ class PrecacheFS(pyfuse3.Operations):
         """The counters as STATS names (`precache_*`), for a report to the host."""
         c = self.counters
         c.cached_pages = len(self.cache)
+        c.objects = len(self._objects)
         return {f"precache_{k}": int(v) for k, v in asdict(c).items() if k != "connected"}
 
     async def follow_memory(self, mem_available: int) -> None:
