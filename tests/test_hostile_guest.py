@@ -10,12 +10,13 @@ restart: the pools the attacker kept, and their pages, are all there (the journa
 from __future__ import annotations
 
 import multiprocessing
+import random
 import statistics
 import time
 
 from guestagent import wire
 from guestagent.wire import Frame, Op, PoolFlag, Status
-from tests.conftest import HostAgentProcess, WireGuest, connected, page
+from tests.conftest import HostAgentProcess, WireGuest, connected, oid, page
 
 PERS = int(PoolFlag.PERSISTENT)
 BATCH = 1000  # pools created (then destroyed) per write; the per-guest limit is 1024
@@ -102,3 +103,68 @@ def test_a_guest_churning_persistent_pools_does_not_stall_another(
     pools = agent.request("pools")
     assert sum(1 for p in pools if p["owner"] == "g3") == 1000
     assert sum(1 for p in pools if p["owner"] == "g1") == KEEP
+
+
+def rss_anon_kib(pid: int) -> int:
+    """The process's anonymous resident memory (its heap: the arena is a shared file mapping)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+    raise AssertionError("no RssAnon in /proc/PID/status")
+
+
+def hostile_round(agent: HostAgentProcess, rng: random.Random, frames: int, bad_channels: int) -> None:
+    """Valid but useless frames on random keys (puts, gets, flushes, queries of pools that do not
+    exist, STATS reports with fresh names every time), then channels that send garbage."""
+    data = rng.randbytes(wire.PAGE_SIZE)
+    with connected(agent, "g1") as g:
+        eph, pers = g.new_pool(0), g.new_pool(PERS)
+        sent = 0
+        while sent < frames:
+            batch: list[Frame] = []
+            for _ in range(500):
+                k, op = rng.randrange(1 << 40), rng.randrange(6)
+                pool = eph if k & 1 else pers
+                if op == 0:
+                    batch.append(Frame(Op.PUT, request_id=g.rid(), pool=pool, oid=oid(k),
+                                       index=rng.randrange(1 << 20), payload=data))
+                elif op == 1:
+                    batch.append(Frame(Op.GET, request_id=g.rid(), pool=pool, oid=oid(k), index=k & 0xFFFF))
+                elif op == 2:
+                    batch.append(Frame(Op.FLUSH_OBJECT, request_id=g.rid(), pool=pool, oid=oid(k)))
+                elif op == 3:
+                    batch.append(Frame(Op.FLUSH_PAGE, request_id=g.rid(), pool=pool, oid=oid(k),
+                                       index=k & 0xFFFF))
+                elif op == 4:
+                    batch.append(Frame(Op.STATS, payload=wire.stats_payload(
+                        {f"x{rng.randrange(1 << 40)}": 1 for _ in range(50)})))
+                else:
+                    batch.append(Frame(Op.QUERY_POOL, request_id=g.rid(), pool=rng.randrange(1 << 30)))
+            g.send(*batch)
+            for _ in range(sum(1 for f in batch if f.opcode != Op.STATS)):
+                g.recv()
+            sent += len(batch)
+    for i in range(bad_channels):
+        with WireGuest(agent.sockets["g2"]) as g:
+            if i % 2:
+                g.hello("hostile")
+            g.send_raw(rng.randbytes(128))  # a header with a bad magic (or worse)
+            g.expect_error()
+
+
+def test_the_agents_memory_stays_bounded_under_hostile_frames(host_agent: HostAgentProcess) -> None:
+    """Issue 15 saw the agent's RSS creep from 27 to 37 MiB over 1.2 M hostile frames. The arena
+    is a file mapping bounded by the pool limit; the agent's own heap (RssAnon) must level off:
+    after a first round (the pools fill, caches warm up) five more rounds of 100,000 frames and
+    500 garbage channels each may add at most 2 MiB."""
+    rng = random.Random(15)
+    hostile_round(host_agent, rng, 100_000, 500)
+    first = rss_anon_kib(host_agent.pid)
+    sizes = []
+    for _ in range(5):
+        hostile_round(host_agent, rng, 100_000, 500)
+        sizes.append(rss_anon_kib(host_agent.pid))
+    print(f"agent RssAnon after each round of 100,000 frames and 500 garbage channels: "
+          f"{first / 1024:.1f} MiB, then {', '.join(f'{s / 1024:.1f}' for s in sizes)} MiB")
+    assert max(sizes) - first < 2048, (first, sizes)
