@@ -219,14 +219,20 @@ def _open_stat(path: str, flags: int, mode: int) -> tuple[int, os.stat_result, i
         raise
 
 
-def _give(path: str, ctx: Any) -> None:
+def _give(path: str, ctx: Any, mode: int | None = None) -> None:
     """A new entry belongs to whoever asked for it, not to the shim (root): with allow_other, a
-    user's files must be the user's. The group follows a set-group-ID parent, as on any file system."""
+    user's files must be the user's. The group follows a set-group-ID parent, as on any file system.
+    Its permission bits are those asked for under the caller's umask: the shim's own umask, applied
+    again by the system call that made it, must not narrow them (a umask of 002 gives 0664)."""
     uid, gid = int(getattr(ctx, "uid", 0)), int(getattr(ctx, "gid", 0))
-    if (uid, gid) == (os.geteuid(), os.getegid()):
-        return
-    parent = os.lstat(os.path.dirname(path))
-    os.lchown(path, uid, -1 if parent.st_mode & stat.S_ISGID else gid)
+    if (uid, gid) != (os.geteuid(), os.getegid()):
+        parent = os.lstat(os.path.dirname(path))
+        os.lchown(path, uid, -1 if parent.st_mode & stat.S_ISGID else gid)
+    if mode is not None:  # after the chown, which clears set-ID bits
+        want = mode & 0o777 & ~int(getattr(ctx, "umask", 0))
+        have = stat.S_IMODE(os.lstat(path).st_mode)
+        if have & 0o777 != want:
+            os.chmod(path, have & ~0o777 | want)
 
 
 def _create_stat(path: str, flags: int, mode: int, ctx: Any) -> tuple[int, os.stat_result, int]:
@@ -239,7 +245,7 @@ def _create_stat(path: str, flags: int, mode: int, ctx: Any) -> tuple[int, os.st
             raise
         return _open_stat(path, flags & ~os.O_CREAT, 0)
     try:
-        _give(path, ctx)
+        _give(path, ctx, mode)
         st = os.fstat(fd)
         return fd, st, _generation(fd)
     except BaseException:
@@ -513,7 +519,7 @@ class PrecacheFS(pyfuse3.Operations):
 
         def make() -> os.stat_result:
             os.mkdir(path, mode)
-            _give(path, ctx)
+            _give(path, ctx, mode)
             return os.lstat(path)
 
         return self._remember(path, await _io(make))
@@ -525,7 +531,7 @@ class PrecacheFS(pyfuse3.Operations):
 
         def make() -> os.stat_result:
             os.mknod(path, mode, rdev)
-            _give(path, ctx)
+            _give(path, ctx, mode)
             return os.lstat(path)
 
         return self._remember(path, await _io(make))

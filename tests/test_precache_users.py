@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +51,9 @@ step("create in shared", lambda: write("shared/mine"))
 step("read back mine", lambda: read("shared/mine"))
 step("mkdir in shared", lambda: os.mkdir(os.path.join(root, "shared/mydir")))
 step("symlink in shared", lambda: os.symlink("mine", os.path.join(root, "shared/mylink")))
+os.umask(0o002)  # a group-writable file and directory, as the user's umask asks
+step("create with umask 002", lambda: write("shared/groupw"))
+step("mkdir with umask 002", lambda: os.mkdir(os.path.join(root, "shared/groupd")))
 step("unlink root's file in sticky shared", lambda: os.unlink(os.path.join(root, "shared/roots")))
 step("evict hook", lambda: os.setxattr(root, "user.tmem.precache.evict", b"1"))
 step("stats", lambda: os.getxattr(root, "user.tmem.precache.stats"))
@@ -104,6 +108,8 @@ def test_allow_other_lets_users_in_as_far_as_the_modes_say(
         "read back mine": "ok",
         "mkdir in shared": "ok",
         "symlink in shared": "ok",
+        "create with umask 002": "ok",
+        "mkdir with umask 002": "ok",
         "unlink root's file in sticky shared": "EPERM",
         "evict hook": "EACCES",
         "stats": "ok",
@@ -113,6 +119,9 @@ def test_allow_other_lets_users_in_as_far_as_the_modes_say(
         st = os.lstat(m.backing / "shared" / name)
         assert (st.st_uid, st.st_gid) == (NOBODY, NOGROUP), (name, st)
     assert (m.backing / "shared" / "mine").read_bytes() == b"mine"
+    # the modes the user's umask gave, not narrowed again by the shim's own umask
+    assert stat.S_IMODE(os.lstat(m.backing / "shared" / "groupw").st_mode) == 0o664
+    assert stat.S_IMODE(os.lstat(m.backing / "shared" / "groupd").st_mode) == 0o775
     assert (m.backing / "public").read_bytes() == b"for everyone\n" * 500  # untouched
     assert (m.backing / "shared" / "roots").exists()
     # root, through the mount, still creates root's files
