@@ -279,6 +279,30 @@ def _lstat_or_none(path: str) -> os.stat_result | None:
         return None
 
 
+_OPERATIONS: Final = (
+    "lookup", "forget", "getattr", "setattr", "readlink", "mkdir", "mknod", "symlink", "link", "unlink",
+    "rmdir", "rename", "open", "create", "read", "write", "flush", "fsync", "release", "opendir",
+    "readdir", "releasedir", "statfs", "getxattr", "setxattr", "listxattr", "removexattr",
+)
+
+
+def _answering_eio(op: Callable[..., Any]) -> Callable[..., Any]:
+    """A FUSE operation whose unexpected exception (a bug) is logged and answered EIO: pyfuse3
+    would end its main loop on it, taking the mount and every user of it down (ENOTCONN)."""
+
+    @functools.wraps(op)
+    async def guarded(*args: Any) -> Any:
+        try:
+            return await op(*args)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            log.exception("precache: %s failed unexpectedly; answered EIO", op.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return guarded
+
+
 class PrecacheFS(pyfuse3.Operations):
     """The passthrough operations with the victim cache; see the module docstring."""
 
@@ -286,6 +310,8 @@ class PrecacheFS(pyfuse3.Operations):
 
     def __init__(self, backing: str, cache_pages: int, *, direct_io: bool = True) -> None:
         super().__init__()
+        for name in _OPERATIONS:  # pyfuse3 looks the operations up on the instance
+            setattr(self, name, _answering_eio(getattr(self, name)))
         self.backing = os.path.abspath(backing)
         self.direct_io = direct_io
         self.pool: Pool | None = None

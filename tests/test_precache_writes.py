@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import HostAgentProcess, wait_for
 from tests.test_precache import PAGE, PrecacheMount, precache, read  # noqa: F401 (precache: the fixture)
 
@@ -97,3 +99,34 @@ def test_the_shim_forgets_files_the_kernel_forgot_within_a_bound(
     assert read(m.mountpoint / "f0") == b"file 0\n" * 10
     assert read(m.mountpoint / f"f{n - 1}") == f"file {n - 1}\n".encode() * 10
     print(f"{n} files read in {took:.1f} s; objects after the kernel forgot them: {m.stats()['objects']}")
+
+
+def test_an_unexpected_error_in_an_operation_is_answered_eio_not_fatal(tmp_path: Path) -> None:
+    """Defence in depth for the class of issue 15's first defect (a ValueError in read() ended
+    pyfuse3's main loop, and the mount with it): any exception but FUSEError becomes EIO, logged.
+    Driven directly (no mount), with the read path made to fail."""
+    import pyfuse3
+    import trio
+
+    from guestagent import precache as pc
+
+    (tmp_path / "f").write_bytes(b"x" * 10)
+    fs = pc.PrecacheFS(str(tmp_path), 8)
+
+    async def go() -> None:
+        entry = await fs.lookup(pyfuse3.ROOT_INODE, b"f", None)
+        info = await fs.open(entry.st_ino, os.O_RDONLY, None)
+        assert await fs.read(info.fh, 0, 10) == b"x" * 10
+        fs.cache = None  # type: ignore[assignment]  # the next read fails inside the shim
+        try:
+            await fs.read(info.fh, 0, 10)
+        except pyfuse3.FUSEError as exc:
+            assert exc.errno == errno.EIO
+        else:
+            raise AssertionError("a broken read answered normally")
+        with pytest.raises(pyfuse3.FUSEError) as missing:  # FUSEErrors pass through as they are
+            await fs.lookup(pyfuse3.ROOT_INODE, b"nothing", None)
+        assert missing.value.errno == errno.ENOENT
+        await fs.release(info.fh)
+
+    trio.run(go)
