@@ -27,7 +27,7 @@ from typing import Final, NamedTuple
 
 from guestagent.protocol.wire import PAGE_SIZE, PoolFlag
 
-from . import compress, pooltable
+from . import compress
 from .arena import (
     CLASS_FOR_LENGTH,
     FLAG_XXH3,
@@ -39,12 +39,14 @@ from .arena import (
     checksum,
 )
 from .poolstats import CounterStats, EngineStats, PoolInfo, SharedPoolStats
+from .pooltable import PoolRecord, PoolTable, TableError
 
 NO_UUID: Final = bytes(16)
 _LOG_SHIFT: Final = 24
 _REF_LOW: Final = (1 << REF_SHIFT) - 1  # a slot reference's length and encoding bits
 _LOG_GEN: Final = (1 << _LOG_SHIFT) - 1
 _FRESH_BATCH: Final = 256
+_POOL_FLAGS: Final = int(PoolFlag.PERSISTENT | PoolFlag.SHARED | PoolFlag.EXCLUSIVE_GETS)
 
 
 
@@ -55,10 +57,6 @@ MAX_POOLS_PER_CLIENT: Final = 1024
 
 class EngineError(Exception):
     """Base of the engine's errors."""
-
-
-class TableError(EngineError):
-    """The pool table cannot be trusted at a restart: starting anyway would drop persistent pages."""
 
 
 class UnknownPool(EngineError):
@@ -211,7 +209,7 @@ class PoolEngine:
         self._holds = 0  # hold ids handed out (see Held)
         self.compactions = 0  # times a put found no free slab and compacted a size class
         self.eph_bytes = 0
-        self._table = Path(arena.path).with_name(pooltable.POOL_TABLE)
+        self._table = PoolTable(Path(arena.path).parent)
         self.rebuilt_pages = 0
         self.rejected_slots = 0
         self._rebuild()
@@ -254,7 +252,7 @@ class PoolEngine:
     # -- pools ------------------------------------------------------------------------------------
 
     def new_pool(self, client: Client, flags: int, uuid: bytes = NO_UUID) -> int:
-        flags &= PoolFlag.PERSISTENT | PoolFlag.SHARED | PoolFlag.EXCLUSIVE_GETS
+        flags &= _POOL_FLAGS
         if len(client.pools) >= MAX_POOLS_PER_CLIENT:
             raise OutOfSpace(f"{client.name} has {MAX_POOLS_PER_CLIENT} pools")
         if flags & PoolFlag.SHARED:
@@ -279,7 +277,7 @@ class PoolEngine:
         pool.members[client.name] = pool_id
         client.pools[pool_id] = pool
         if pool.persistent:
-            self._save_table()
+            self._table.set(self._record(pool), self._next_handle, {client.name: client.next_pool_id})
         return pool_id
 
     def pool_flags(self, client: Client, pool_id: int) -> int | None:
@@ -300,7 +298,11 @@ class PoolEngine:
         else:
             self._drop_pool(pool)
         if pool.persistent:
-            self._save_table()
+            ids = {client.name: client.next_pool_id}
+            if pool.members:
+                self._table.set(self._record(pool), self._next_handle, ids)
+            else:
+                self._table.drop(pool.handle, self._next_handle, ids)
 
     def _drop_pool(self, pool: Pool) -> None:
         free = self.arena.free
@@ -733,22 +735,17 @@ class PoolEngine:
 
     # -- persistence ------------------------------------------------------------------------------
 
-    def _save_table(self) -> None:
-        """Persist persistent pools' identities (atomic rename), so a restart can rebuild them."""
-        pools = [pooltable.PoolRecord(p.handle, p.flags, p.uuid, p.owner.name, p.members)
-                 for p in self._pools.values() if p.persistent]
-        next_ids = {c.name: c.next_pool_id for c in self._clients.values()}
-        pooltable.write(self._table, pooltable.PoolTable(self._next_handle, next_ids, pools))
+    @staticmethod
+    def _record(pool: Pool) -> PoolRecord:
+        return PoolRecord(pool.handle, pool.flags, pool.uuid, pool.owner.name, dict(pool.members))
 
     def _rebuild(self) -> None:  # noqa: C901 (the rebuild checks each slot in one pass)
         """Rebuild persistent pools and pages from the pool table and the arena's slots."""
-        try:
-            found_table = pooltable.read(self._table)
-        except pooltable.TableUnreadable as err:
-            raise TableError(str(err)) from None
-        have_table = found_table is not None
-        table = found_table if found_table is not None else pooltable.PoolTable(1, {}, [])
-        for handle, flags, uuid, owner_name, members in table.pools:
+        # Without the table every persistent page would be dropped as unowned: an unreadable one
+        # (TableError) stops the start rather than lose them silently.
+        table = self._table.load()
+        pools = [(r.handle, r.flags, r.uuid, r.owner, r.members) for r in table.pools.values()]
+        for handle, flags, uuid, owner_name, members in pools:
             if flags & PoolFlag.SHARED:
                 allowed = self.shared_acl.get(uuid, frozenset())
                 revoked = sorted(set(members) - allowed)
@@ -776,10 +773,11 @@ class PoolEngine:
         self._next_handle = max([table.next_handle] + [h + 1 for h in self._pools])
         rejected: list[int] = []
         best: dict[tuple[int, bytes, int], tuple[int, int]] = {}  # key -> (generation, ref)
+        have_table = table.exists
         for rec in list(self.arena.scan()):
             if rec.verified and not have_table:
                 raise TableError(
-                    f"the arena holds persistent pages but the pool table {self._table} is "
+                    f"the arena holds persistent pages but the pool table {self._table.snapshot} is "
                     "missing: restore it, or move the arena aside to start empty")
             found = self._pools.get(rec.handle)
             if found is None or not found.persistent or not rec.verified:
@@ -806,9 +804,11 @@ class PoolEngine:
         self.rebuilt_pages = len(best)
         self._generation = self.arena.max_generation
         if self._pools or have_table:
-            self._save_table()
+            self._table.rewrite([self._record(p) for p in self._pools.values() if p.persistent],
+                                self._next_handle, {c.name: c.next_pool_id for c in self._clients.values()})
 
     def close(self) -> None:
+        self._table.close()
         self.arena.close()
 
     # -- observability ----------------------------------------------------------------------------
@@ -881,5 +881,5 @@ class PoolEngine:
 
 __all__ = [
     "Client", "ClientSettings", "Counters", "EngineError", "OutOfSpace", "Pool", "PoolDenied",
-    "PoolEngine", "UnknownPool",
+    "PoolEngine", "TableError", "UnknownPool",
 ]
