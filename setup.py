@@ -9,16 +9,21 @@ compilation and everything still works, only slower.
 """
 
 import os
+from pathlib import Path
 
 from setuptools import setup
+
+# The list of compiled modules lives in hostagent/compiled.txt (scripts/setup and the stale-source
+# fallback in hostagent/__init__.py read it too).
+COMPILED = [
+    line.strip() for line in (Path(__file__).parent / "hostagent" / "compiled.txt").read_text().splitlines()
+    if line.strip() and not line.startswith("#")
+]
 
 ext_modules = []
 if not os.environ.get("TMEM_PURE_PYTHON"):
     from mypyc.build import mypycify
 
-    ext_modules = mypycify(
-        ["hostagent/arena.py", "hostagent/compress.py", "hostagent/pool.py", "hostagent/channel.py"],
-        opt_level="3",
-    )
+    ext_modules = mypycify([f"hostagent/{name}.py" for name in COMPILED], opt_level="3")
 
 setup(ext_modules=ext_modules)

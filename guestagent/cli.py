@@ -23,10 +23,12 @@ from typing import Any
 import trio
 
 from guestagent import config as configmod
-from guestagent import control, ports, wire
+from guestagent import control
 from guestagent.channel import ChannelError, open_channel, resolve_channel_path
 from guestagent.daemon import CHECK_TIMEOUT, GuestAgent, StartupError, default_name
+from guestagent.protocol import wire
 from guestagent.selftest import exercise_all
+from guestagent.stdout import quiet_pipe
 
 PROG = "guestagent"
 CHANNEL_HELP = (
@@ -122,9 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
                           f"{configmod.DEFAULT_CACHE_PAGES}); it shrinks with MemAvailable")
     mnt.add_argument("--kernel-cache", action="store_true",
                      help="no direct_io: the kernel page cache serves hot reads (the shim sees fewer)")
+    mnt.add_argument("--allow-other", action="store_true",
+                     help="every user may use the mount, the kernel checking each access against the "
+                          "backing files' modes (default_permissions); default: root only")
     mnt.add_argument("--channel", metavar="SPEC",
                      help=CHANNEL_HELP + " (default: the virtio-serial port from --config, else "
-                          f"{ports.DEFAULT_PORT_NAME})")
+                          f"{wire.PORT_NAME})")
     mnt.add_argument("--config", metavar="FILE", help="read the port name from here")
     mnt.add_argument("--log-level", default="WARNING", type=str.upper,
                      choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: WARNING")
@@ -144,7 +149,8 @@ def _precache_mount(args: argparse.Namespace) -> int:
         cfg = _load_config(args.config)
         spec = cfg.channel or cfg.port
     try:
-        precache.mount(args.backing, args.mountpoint, spec, args.cache_pages, direct_io=not args.kernel_cache)
+        precache.mount(args.backing, args.mountpoint, spec, args.cache_pages, direct_io=not args.kernel_cache,
+                       allow_other=args.allow_other)
     except SystemExit as exc:  # precache.mount's refusals carry their message
         if isinstance(exc.code, str):
             return _fail(exc.code.removeprefix("precache: "))
@@ -180,6 +186,10 @@ def _fail(message: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return quiet_pipe(lambda: _main(argv))  # `| head` ends it quietly
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from guestagent import tomlfile, wire
-from guestagent.ports import DEFAULT_PORT_NAME
+from guestagent.protocol import tomlfile, wire
 
 __all__ = ["DEFAULT_CONFIG", "DEFAULT_CONTROL_SOCKET", "Config", "ConfigError", "PrecacheMount", "load",
            "parse"]
@@ -46,11 +45,12 @@ class PrecacheMount:
     mountpoint: str
     cache_pages: int = DEFAULT_CACHE_PAGES  # the shim's own cache, at most (it also follows MemAvailable)
     kernel_cache: bool = False  # no direct_io: the kernel page cache serves hot reads, the shim sees fewer
+    allow_other: bool = False  # every user may use the mount (with default_permissions); else root only
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    port: str = DEFAULT_PORT_NAME  # virtio-serial port name, looked up in sysfs
+    port: str = wire.PORT_NAME  # virtio-serial port name, looked up in sysfs
     channel: str = ""  # explicit channel (device or unix socket path); overrides `port`
     name: str = ""  # display name in HELLO; empty = the hostname
     # channel reconnect delay, doubling up to 8x: on a virtio port each retry is an open and a poll,
@@ -147,7 +147,7 @@ def _check(key: str, field: str, value: Any) -> Any:
     return value
 
 
-_PRECACHE_KEYS: Final = ("backing", "mountpoint", "cache_pages", "kernel_cache")
+_PRECACHE_KEYS: Final = ("backing", "mountpoint", "cache_pages", "kernel_cache", "allow_other")
 
 
 def _precache(tables: Any, base_dir: Path | None) -> tuple[PrecacheMount, ...]:
@@ -180,5 +180,8 @@ def _precache(tables: Any, base_dir: Path | None) -> tuple[PrecacheMount, ...]:
         kernel_cache = table.get("kernel_cache", False)
         if not isinstance(kernel_cache, bool):
             raise ConfigError(f"{where}.kernel_cache: expected true or false, got {kernel_cache!r}")
-        mounts.append(PrecacheMount(paths["backing"], paths["mountpoint"], pages, kernel_cache))
+        allow_other = table.get("allow_other", False)
+        if not isinstance(allow_other, bool):
+            raise ConfigError(f"{where}.allow_other: expected true or false, got {allow_other!r}")
+        mounts.append(PrecacheMount(paths["backing"], paths["mountpoint"], pages, kernel_cache, allow_other))
     return tuple(mounts)

@@ -19,7 +19,7 @@ from typing import Any, Final
 
 import trio
 
-from guestagent import jsonline
+from guestagent.protocol import jsonline
 
 __all__ = ["ControlError", "DaemonNotRunning", "is_listening", "request", "serve"]
 

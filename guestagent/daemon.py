@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from guestagent import control, ports, reporter, selftest, wire
+from guestagent import control, ports, reporter, selftest
 from guestagent.channel import Channel, ChannelError, open_channel, resolve_channel_path
 from guestagent.config import Config, PrecacheMount
+from guestagent.protocol import wire
 
 if TYPE_CHECKING:
     from guestagent.precache import PrecacheFS
@@ -298,11 +299,8 @@ class GuestAgent:
             if not os.path.isdir(path):
                 raise StartupError(f"precache: {what} {path} is not a directory")
         fs = precache.PrecacheFS(mount.backing, mount.cache_pages, direct_io=not mount.kernel_cache)
-        options = set(pyfuse3.default_options)
-        options.add("fsname=precache")
-        options.discard("default_permissions")  # the backing file system checks permissions
         try:
-            pyfuse3.init(fs, mount.mountpoint, options)
+            pyfuse3.init(fs, mount.mountpoint, precache.mount_options(mount.allow_other))
         except RuntimeError as exc:  # pyfuse3 says "fuse_session_mount failed" and libfuse logs why
             raise StartupError(f"precache: cannot mount {mount.mountpoint}: {exc}") from None
         log.info("precache: %s mounted at %s (cache %d pages%s)", mount.backing, mount.mountpoint,

@@ -12,7 +12,7 @@ callback pads them if it needs to.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 __all__ = ["PageCache"]
 
@@ -71,6 +71,21 @@ class PageCache:
         for index in indexes:
             del self._pages[(oid, index)]
         return len(indexes)
+
+    def drop_pages(self, oid: bytes, indexes: Iterable[int]) -> int:
+        """Forget these pages of `oid` (those it holds) without evicting them; returns how many."""
+        held = self._by_object.get(oid)
+        if not held:
+            return 0
+        n = 0
+        for index in indexes:
+            if index in held:
+                held.discard(index)
+                del self._pages[(oid, index)]
+                n += 1
+        if not held:
+            del self._by_object[oid]
+        return n
 
     def discard_all(self) -> int:
         """Forget every page without evicting (a test and benchmark hook)."""

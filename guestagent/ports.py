@@ -17,15 +17,15 @@ from __future__ import annotations
 import os
 from typing import Final
 
+from guestagent.protocol.wire import PORT_NAME
+
 __all__ = [
     "BY_NAME_DIR",
-    "DEFAULT_PORT_NAME",
     "SYSFS_PORTS_DIR",
     "PortNotFound",
     "find_port",
 ]
 
-DEFAULT_PORT_NAME: Final = "org.tmem.0"
 SYSFS_PORTS_DIR: Final = "/sys/class/virtio-ports"
 BY_NAME_DIR: Final = "/dev/virtio-ports"
 
@@ -35,7 +35,7 @@ class PortNotFound(LookupError):
 
 
 def find_port(
-    name: str = DEFAULT_PORT_NAME,
+    name: str = PORT_NAME,
     *,
     sysfs_dir: str = SYSFS_PORTS_DIR,
     dev_dir: str = "/dev",

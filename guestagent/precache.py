@@ -43,19 +43,20 @@ import signal
 import stat
 import struct
 import sys
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final, TypeVar, cast
 
 import pyfuse3
 import trio
 
-from guestagent import wire
-from guestagent.channel import Channel, ChannelError, Pool, open_channel
+from guestagent.channel import Channel, ChannelError, PoolHandle, open_channel
 from guestagent.pagecache import PageCache
+from guestagent.protocol import wire
 from guestagent.reporter import parse_meminfo
 
-__all__ = ["Counters", "PrecacheFS", "cache_target", "main", "mount", "serve"]
+__all__ = ["Counters", "PrecacheFS", "cache_target", "main", "mount", "mount_options", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,8 @@ MEMORY_INTERVAL: Final = 1.0  # seconds between looks at MemAvailable
 MEMORY_RESERVE: Final = 64 << 20  # bytes the cache leaves to the rest of the guest
 MIN_CACHE_PAGES: Final = 64
 READ_AHEAD_PAGES: Final = 32
+FORGOTTEN_OBJECTS: Final = 4096  # files the kernel forgot whose pages the shim still tracks
+PARTIAL_FLUSH_PAGES: Final = 64  # a write over more pages than this flushes the whole object
 SHED_BATCH: Final = 512  # pages evicted at once when the cache shrinks (the channel queues 2048 puts)
 _BARRIER_OID: Final = b"\xff" * 24  # no file's identity: a flush of it only waits for the host
 _ROOT: Final = int(pyfuse3.ROOT_INODE)
@@ -102,6 +105,7 @@ class Counters:
     bytes_from_disk: int = 0
     cached_pages: int = 0
     cache_limit: int = 0  # pages: the configured maximum, lowered while memory is short
+    objects: int = 0  # files the shim keeps state for (open, looked up, or pages cached or in tmem)
     connected: bool = False
 
 
@@ -131,6 +135,11 @@ def cache_target(max_pages: int, cached_pages: int, mem_available: int, reserve:
     without the cache, beyond a reserve; never above the configured maximum, nor below a floor."""
     without = mem_available + cached_pages * PAGE - reserve
     return max(min(MIN_CACHE_PAGES, max_pages), min(max_pages, without // 2 // PAGE))
+
+
+def _page_length(size: int, index: int) -> int:
+    """How many bytes page `index` holds in a file of `size` bytes (0 past its end)."""
+    return max(0, min(PAGE, size - index * PAGE))
 
 
 def _seen(st: os.stat_result) -> tuple[int, int, int]:
@@ -210,6 +219,40 @@ def _open_stat(path: str, flags: int, mode: int) -> tuple[int, os.stat_result, i
         raise
 
 
+def _give(path: str, ctx: Any, mode: int | None = None) -> None:
+    """A new entry belongs to whoever asked for it, not to the shim (root): with allow_other, a
+    user's files must be the user's. The group follows a set-group-ID parent, as on any file system.
+    Its permission bits are those asked for under the caller's umask: the shim's own umask, applied
+    again by the system call that made it, must not narrow them (a umask of 002 gives 0664)."""
+    uid, gid = int(getattr(ctx, "uid", 0)), int(getattr(ctx, "gid", 0))
+    if (uid, gid) != (os.geteuid(), os.getegid()):
+        parent = os.lstat(os.path.dirname(path))
+        os.lchown(path, uid, -1 if parent.st_mode & stat.S_ISGID else gid)
+    if mode is not None:  # after the chown, which clears set-ID bits
+        want = mode & 0o777 & ~int(getattr(ctx, "umask", 0))
+        have = stat.S_IMODE(os.lstat(path).st_mode)
+        if have & 0o777 != want:
+            os.chmod(path, have & ~0o777 | want)
+
+
+def _create_stat(path: str, flags: int, mode: int, ctx: Any) -> tuple[int, os.stat_result, int]:
+    """open(O_CREAT) for `ctx`: a file this call made is given to the caller; one that appeared
+    meanwhile (created behind the mount) is only opened, its owner untouched."""
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        if flags & os.O_EXCL:
+            raise
+        return _open_stat(path, flags & ~os.O_CREAT, 0)
+    try:
+        _give(path, ctx, mode)
+        st = os.fstat(fd)
+        return fd, st, _generation(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _renameat2(old: str, new: str, flags: int) -> None:
     """renameat2(2) with flags (os.rename has none); glibc >= 2.28."""
     fn = getattr(_libc, "renameat2", None)
@@ -236,6 +279,30 @@ def _lstat_or_none(path: str) -> os.stat_result | None:
         return None
 
 
+_OPERATIONS: Final = (
+    "lookup", "forget", "getattr", "setattr", "readlink", "mkdir", "mknod", "symlink", "link", "unlink",
+    "rmdir", "rename", "open", "create", "read", "write", "flush", "fsync", "release", "opendir",
+    "readdir", "releasedir", "statfs", "getxattr", "setxattr", "listxattr", "removexattr",
+)
+
+
+def _answering_eio(op: Callable[..., Any]) -> Callable[..., Any]:
+    """A FUSE operation whose unexpected exception (a bug) is logged and answered EIO: pyfuse3
+    would end its main loop on it, taking the mount and every user of it down (ENOTCONN)."""
+
+    @functools.wraps(op)
+    async def guarded(*args: Any) -> Any:
+        try:
+            return await op(*args)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            log.exception("precache: %s failed unexpectedly; answered EIO", op.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return guarded
+
+
 class PrecacheFS(pyfuse3.Operations):
     """The passthrough operations with the victim cache; see the module docstring."""
 
@@ -243,9 +310,11 @@ class PrecacheFS(pyfuse3.Operations):
 
     def __init__(self, backing: str, cache_pages: int, *, direct_io: bool = True) -> None:
         super().__init__()
+        for name in _OPERATIONS:  # pyfuse3 looks the operations up on the instance
+            setattr(self, name, _answering_eio(getattr(self, name)))
         self.backing = os.path.abspath(backing)
         self.direct_io = direct_io
-        self.pool: Pool | None = None
+        self.pool: PoolHandle | None = None
         self.counters = Counters()
         self.cache = PageCache(cache_pages, self._evicted)
         self.max_pages = cache_pages
@@ -256,6 +325,9 @@ class PrecacheFS(pyfuse3.Operations):
         self._by_key: dict[tuple[int, int], int] = {rkey: _ROOT}
         self._next_ino = _ROOT + 1
         self._objects: dict[tuple[int, int], _Object] = {}
+        # objects of files the kernel forgot, oldest first: kept (bounded) so that their pages in
+        # the cache and tmem stay usable and a change behind the mount is still seen at open
+        self._forgotten: OrderedDict[tuple[int, int], None] = OrderedDict()
         self._files: dict[int, tuple[int, _Object]] = {}  # fh (= backing fd) -> (fd, object)
         self._next_off: dict[int, int] = {}  # fh -> where a sequential reader reads next
         self._dirs: dict[int, tuple[int, list[tuple[bytes, os.stat_result]] | None]] = {}
@@ -277,19 +349,31 @@ class PrecacheFS(pyfuse3.Operations):
         if obj is not None:
             obj.in_tmem = True
 
-    async def _invalidate(self, obj: _Object) -> None:
-        """Drop the object's pages here and in tmem; reads in flight will not cache theirs."""
+    async def _invalidate(self, obj: _Object, indexes: Collection[int] | None = None) -> None:
+        """Drop the object's pages (only `indexes`, if given) here and in tmem; reads in flight
+        will not cache theirs.  Everything up to the first await happens at once, so no read can
+        slip between the change and the drop."""
         obj.epoch += 1
-        self.cache.drop_object(obj.oid)
+        if indexes is None or len(indexes) > PARTIAL_FLUSH_PAGES:
+            self.cache.drop_object(obj.oid)
+            indexes = None
+        elif indexes:
+            self.cache.drop_pages(obj.oid, indexes)
+        else:
+            return
         if not obj.in_tmem:
             return
-        obj.in_tmem = False
         pool = self.pool
         if pool is None:
+            obj.in_tmem = False  # the pool is gone with the channel: nothing of it can come back
             return
         self.counters.flushes += 1
         try:
-            await pool.flush_object(obj.oid)  # queued at once: ordered after any earlier put
+            if indexes is None:
+                obj.in_tmem = False
+                await pool.flush_object(obj.oid)  # queued at once: ordered after any earlier put
+            else:
+                await pool.flush_many([(obj.oid, i) for i in sorted(indexes)])
         except ChannelError as exc:
             log.debug("flush of an object failed: %s", exc)
 
@@ -329,6 +413,7 @@ class PrecacheFS(pyfuse3.Operations):
                 self.cache.drop_object(obj.oid)
             obj = _Object(oid, None, st.st_size)
             self._objects[key] = obj
+        self._forgotten.pop(key, None)  # known to the kernel again
         return obj
 
     def _remember(self, path: str, st: os.stat_result) -> pyfuse3.EntryAttributes:
@@ -393,8 +478,23 @@ class PrecacheFS(pyfuse3.Operations):
                 del self._nodes[ino]
                 self._by_key.pop(node.key, None)
                 obj = self._objects.get(node.key)
-                if obj is not None and not obj.opens and not obj.in_tmem and not self.cache.holds(obj.oid):
+                if obj is None or obj.opens:
+                    continue
+                if not obj.in_tmem and not self.cache.holds(obj.oid):
                     del self._objects[node.key]
+                    self._forgotten.pop(node.key, None)
+                else:
+                    self._forgotten[node.key] = None
+                    self._forgotten.move_to_end(node.key)
+        # Past the bound the oldest go, with their pages (here and in tmem): without its object
+        # the shim could not tell a later change behind the mount from the pages it kept.
+        while len(self._forgotten) > FORGOTTEN_OBJECTS:
+            key, _ = self._forgotten.popitem(last=False)
+            obj = self._objects.get(key)
+            if obj is None or obj.opens or key in self._by_key:
+                continue
+            del self._objects[key]  # first: a reopen while the flush is queued starts afresh
+            await self._invalidate(obj)
 
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
         st = await _io(os.lstat, self._path(inode))
@@ -426,8 +526,12 @@ class PrecacheFS(pyfuse3.Operations):
         before, st = await _io(apply)
         obj = self._objects.get((st.st_dev, st.st_ino))
         if fields.update_size and obj is not None:
+            # the new size at once (reads cut their pages by it), then nothing of the old content
+            # is kept: the file is known as it is now
+            obj.size = st.st_size
+            obj.seen = _seen(st)
             await self._invalidate(obj)
-            obj.seen = None  # nothing is cached: the next open records the file afresh
+            return self._entry(inode, st)
         self._sync(before, st)
         return self._entry(inode, st)
 
@@ -441,6 +545,7 @@ class PrecacheFS(pyfuse3.Operations):
 
         def make() -> os.stat_result:
             os.mkdir(path, mode)
+            _give(path, ctx, mode)
             return os.lstat(path)
 
         return self._remember(path, await _io(make))
@@ -452,6 +557,7 @@ class PrecacheFS(pyfuse3.Operations):
 
         def make() -> os.stat_result:
             os.mknod(path, mode, rdev)
+            _give(path, ctx, mode)
             return os.lstat(path)
 
         return self._remember(path, await _io(make))
@@ -463,6 +569,7 @@ class PrecacheFS(pyfuse3.Operations):
 
         def make() -> os.stat_result:
             os.symlink(os.fsdecode(target), path)
+            _give(path, ctx)
             return os.lstat(path)
 
         return self._remember(path, await _io(make))
@@ -551,10 +658,10 @@ class PrecacheFS(pyfuse3.Operations):
     async def _opened(self, fd: int, st: os.stat_result, generation: int, trunc: bool) -> pyfuse3.FileInfo:
         obj = self._object(st, generation)
         changed = obj.seen != _seen(st) if obj.seen is not None else self.cache.holds(obj.oid) or obj.in_tmem
-        if trunc or changed:
-            await self._invalidate(obj)
         obj.seen = _seen(st)
-        obj.size = st.st_size
+        if trunc or changed or obj.size != st.st_size:
+            obj.size = st.st_size  # before any await: a read in between cuts pages by it
+            await self._invalidate(obj)
         obj.opens += 1
         self._files[fd] = (fd, obj)
         fh = cast("pyfuse3.FileHandleT", fd)
@@ -569,17 +676,20 @@ class PrecacheFS(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         path = self._child(parent_inode, name)
-        fd, st, gen = await _io(_open_stat, path, (flags | os.O_CREAT) & ~_BACKING_DROPS, mode)
+        fd, st, gen = await _io(_create_stat, path, flags & ~_BACKING_DROPS, mode, ctx)
         info = await self._opened(fd, st, gen, True)  # new, or truncated, or as we saw it
         return info, self._remember(path, st)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes:  # noqa: C901 (cache, tmem, backing file, in order)
         fd, obj = self._files[fh]
         c = self.counters
         c.reads += 1
         sequential = self._next_off.get(fh) == off
         self._next_off[fh] = off + size
-        end = min(off + size, obj.size)
+        # The file's size as the shim knows it now: a write or truncate may change obj.size while
+        # this read waits on tmem or the disk, so every length below comes from this one value.
+        known = obj.size
+        end = min(off + size, known)
         if off >= end:  # past what the shim knows of the file: ask the file itself, uncached
             data = await _io(_pread_all, fd, size, off)
             c.bytes_from_disk += len(data)
@@ -601,7 +711,7 @@ class PrecacheFS(pyfuse3.Operations):
             # read for all of them instead of a round trip each (never more than a quarter of
             # the cache, so the pages asked for now are not pushed out by their successors)
             window = min(READ_AHEAD_PAGES, self.cache.capacity // 4)
-            ahead = [i for i in range(last + 1, min(last + window, (obj.size - 1) // PAGE) + 1)
+            ahead = [i for i in range(last + 1, min(last + window, (known - 1) // PAGE) + 1)
                      if self.cache.get(oid, i) is None]  # fmt: skip
             c.read_ahead += len(ahead)
             missing.extend(ahead)
@@ -612,27 +722,32 @@ class PrecacheFS(pyfuse3.Operations):
                     c.misses += 1
                 else:
                     c.hits += 1
-                    got = got[: min(PAGE, obj.size - index * PAGE)]
+                    got = got[: _page_length(known, index)]
                     c.bytes_from_tmem += len(got)
                     fetched[index] = got
             missing = [i for i in missing if i not in fetched]
         if missing:
             lo, hi = missing[0], missing[-1]
-            data = await _pread(fd, min((hi - lo + 1) * PAGE, obj.size - lo * PAGE), lo * PAGE)
+            data = await _pread(fd, min((hi - lo + 1) * PAGE, known - lo * PAGE), lo * PAGE)
             c.bytes_from_disk += len(data)
             for index in missing:
                 fetched[index] = data[(index - lo) * PAGE : (index - lo + 1) * PAGE]
-        if obj.epoch == epoch:
+        if obj.epoch == epoch:  # no change since `known`: what was fetched is the file's
             # read-ahead pages first: the pages asked for now are the most recently used
             for index in sorted(fetched, key=lambda i: i <= last):
                 page = fetched[index]
-                if len(page) == min(PAGE, obj.size - index * PAGE):  # else it changed behind us
+                if len(page) == _page_length(known, index):  # else it changed behind us
                     self.cache.insert(oid, index, page)
         pages.update(fetched)
         c.cached_pages = len(self.cache)
-        blob = b"".join(pages[i] for i in range(first, last + 1))
-        out = blob[off - first * PAGE : end - first * PAGE]
-        if off + size > obj.size and len(out) == end - off:  # the file may have grown behind us
+        parts = []
+        for index in range(first, last + 1):
+            page = pages[index]
+            parts.append(page)
+            if len(page) < _page_length(known, index):  # shrunk meanwhile: a short read, no gap
+                break
+        out = b"".join(parts)[off - first * PAGE : end - first * PAGE]
+        if off + size > known and len(out) == end - off:  # the file may have grown behind us
             more = await _io(_pread_all, fd, off + size - end, end)
             c.bytes_from_disk += len(more)
             out += more
@@ -641,9 +756,18 @@ class PrecacheFS(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         fd, obj = self._files[fh]
         n, st = await _io(_pwrite_stat, fd, buf, off)
-        await self._invalidate(obj)
+        # The new size first, then the drop, with no await between: a read that starts after this
+        # sees the new length (before, one could cache the old last page cut to the old length).
+        old = obj.size
         obj.seen = _seen(st)
         obj.size = st.st_size
+        if st.st_size < old:  # a shrink not seen here (or replies out of order): all goes
+            await self._invalidate(obj)
+            return n
+        written = set(range(off // PAGE, (off + n - 1) // PAGE + 1)) if n else set()
+        if st.st_size != old and old % PAGE:
+            written.add(old // PAGE)  # the old last page, cut to the old length, is longer now
+        await self._invalidate(obj, written)  # only the pages this write changed
         return n
 
     async def flush(self, fh: int) -> None:
@@ -712,6 +836,7 @@ class PrecacheFS(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
         if inode == _ROOT and name == STATS_XATTR:
             self.counters.cached_pages = len(self.cache)
+            self.counters.objects = len(self._objects)
             self.counters.connected = self.pool is not None and self.pool._ch.connected
             return json.dumps(asdict(self.counters)).encode()
         try:
@@ -756,6 +881,7 @@ class PrecacheFS(pyfuse3.Operations):
         """The counters as STATS names (`precache_*`), for a report to the host."""
         c = self.counters
         c.cached_pages = len(self.cache)
+        c.objects = len(self._objects)
         return {f"precache_{k}": int(v) for k, v in asdict(c).items() if k != "connected"}
 
     async def follow_memory(self, mem_available: int) -> None:
@@ -781,6 +907,20 @@ class PrecacheFS(pyfuse3.Operations):
 
 
 # ------------------------------------------------------------------------------- running it
+
+
+def mount_options(allow_other: bool = False) -> set[str]:
+    """The FUSE mount options. Without allow_other only root (the shim's user) may use the mount,
+    and the backing file system's own checks, made as root, are all there is. allow_other lets
+    every user in, so it always comes with default_permissions: the kernel then checks each access
+    against the mode and owner the shim reports (the backing file's), as on the backing itself."""
+    options = set(pyfuse3.default_options)
+    options.add("fsname=precache")
+    options.discard("default_permissions")
+    if allow_other:
+        options |= {"allow_other", "default_permissions"}
+    return options
+
 
 
 async def _use_channel(fs: PrecacheFS, channel: Channel) -> None:
@@ -831,7 +971,7 @@ async def _stop_on_signals() -> None:
 
 async def serve(
     backing: str, mountpoint: str, channel_spec: str | None, cache_pages: int, *, direct_io: bool = True,
-    channel: Channel | None = None, proc_dir: str = "/proc", signals: bool = True,
+    allow_other: bool = False, channel: Channel | None = None, proc_dir: str = "/proc", signals: bool = True,
     task_status: trio.TaskStatus[PrecacheFS] = trio.TASK_STATUS_IGNORED,
 ) -> None:  # fmt: skip
     """Mount and serve until unmounted (or SIGTERM/SIGINT/SIGHUP with `signals`).
@@ -843,10 +983,7 @@ async def serve(
     if (channel is None) == (channel_spec is None):
         raise ValueError("give one of channel_spec and channel")
     fs = PrecacheFS(backing, cache_pages, direct_io=direct_io)
-    options = set(pyfuse3.default_options)
-    options.add("fsname=precache")
-    options.discard("default_permissions")  # the backing file system checks permissions
-    pyfuse3.init(fs, mountpoint, options)
+    pyfuse3.init(fs, mountpoint, mount_options(allow_other))
     try:
         async with trio.open_nursery() as nursery:
             if channel is not None:
@@ -866,7 +1003,7 @@ async def serve(
 
 def mount(
     backing: str, mountpoint: str, channel_spec: str, cache_pages: int, *, direct_io: bool = True,
-    proc_dir: str = "/proc",
+    allow_other: bool = False, proc_dir: str = "/proc",
 ) -> None:
     """Blocking entry point for `guestagent precache mount BACKING MOUNTPOINT`."""
     for what, path in (("backing directory", backing), ("mount point", mountpoint)):
@@ -875,7 +1012,7 @@ def mount(
     if cache_pages < 1:
         raise SystemExit("precache: the cache needs at least one page")
     trio.run(functools.partial(serve, backing, mountpoint, channel_spec, cache_pages, direct_io=direct_io,
-                               proc_dir=proc_dir))
+                               allow_other=allow_other, proc_dir=proc_dir))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -886,13 +1023,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-pages", type=int, default=16384)
     parser.add_argument("--kernel-cache", action="store_true",
                         help="no direct_io: the kernel page cache serves hot reads (the shim sees fewer)")
+    parser.add_argument("--allow-other", action="store_true",
+                        help="let every user use the mount, the kernel checking permissions")
     parser.add_argument("--proc-dir", default="/proc", help="where meminfo is read (tests use a fake one)")
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     mount(args.backing, args.mountpoint, args.channel, args.cache_pages, direct_io=not args.kernel_cache,
-          proc_dir=args.proc_dir)
+          allow_other=args.allow_other, proc_dir=args.proc_dir)
     return 0
 
 

@@ -16,7 +16,6 @@ even by SIGKILL) makes the agent flush the region's pages from tmem and the swap
 from __future__ import annotations
 
 import ctypes
-import json
 import mmap
 import os
 import socket
@@ -24,15 +23,11 @@ from types import TracebackType
 from typing import Any, Final
 
 from guestagent import uffd
+from guestagent.preswap_socket import DEFAULT_SOCKET, PreswapError, read_reply, send_request
 
 __all__ = ["DEFAULT_SOCKET", "PreswapError", "Region", "stats"]
 
-DEFAULT_SOCKET: Final = "/run/tmem/preswap.sock"
 PAGE: Final = uffd.PAGE_SIZE
-
-
-class PreswapError(Exception):
-    """The agent refused the region, or is not reachable."""
 
 
 def _address(mm: mmap.mmap) -> int:
@@ -41,21 +36,6 @@ def _address(mm: mmap.mmap) -> int:
         return ctypes.addressof(holder)
     finally:
         del holder  # release the export, or the mmap could never be closed
-
-
-def _read_line(sock: socket.socket) -> dict[str, Any]:
-    buf = b""
-    while b"\n" not in buf:
-        data = sock.recv(65536)
-        if not data:
-            raise PreswapError("the guest agent closed the preswap socket")
-        buf += data
-    reply = json.loads(buf.split(b"\n", 1)[0])
-    if not isinstance(reply, dict):
-        raise PreswapError(f"unexpected reply {reply!r}")
-    if not reply.get("ok"):
-        raise PreswapError(str(reply.get("error")))
-    return reply
 
 
 class Region:
@@ -92,8 +72,8 @@ class Region:
             except OSError as exc:
                 raise PreswapError(f"guest agent not reachable at {socket_path}: {exc}") from exc
             request = {"cmd": "region", "size": self.size, "addr": self.addr, "budget": budget_pages}
-            socket.send_fds(sock, [(json.dumps(request) + "\n").encode()], [memfd, ufd])
-            self.id = int(_read_line(sock)["id"])
+            send_request(sock, request, [memfd, ufd])
+            self.id = int(read_reply(sock)["id"])
             sock.settimeout(None)
         except BaseException:
             if sock is not None:
@@ -136,5 +116,5 @@ def stats(socket_path: str = DEFAULT_SOCKET, timeout: float = 10.0) -> dict[str,
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
         sock.settimeout(timeout)
         sock.connect(socket_path)
-        sock.sendall(b'{"cmd": "stats"}\n')
-        return _read_line(sock)
+        send_request(sock, {"cmd": "stats"})
+        return read_reply(sock)

@@ -14,8 +14,8 @@ from typing import Any, Final
 
 import trio
 
-from guestagent import wire
 from guestagent.channel import Channel
+from guestagent.protocol import wire
 
 __all__ = ["POOL_KINDS", "exercise", "exercise_all"]
 

@@ -34,37 +34,47 @@ for as long as the guest lives.  The next swapper destroys that pool before it m
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
-import errno
 import json
 import logging
 import math
 import mmap
 import os
 import select
-import signal
 import socket
-import struct
-import sys
 import time
-from collections import deque
-from collections.abc import Sequence
-from functools import partial
+from collections.abc import Mapping
 from typing import Any, Final
 
 import trio
 
-from guestagent import reporter, uffd, wire
-from guestagent.channel import Channel, ChannelError, Pool, hold_budget, open_channel
+from guestagent import uffd
+from guestagent.channel import Channel, ChannelError, PoolHandle
+from guestagent.channel.sched import hold_budget
+from guestagent.pressure import follow_meminfo
+from guestagent.preswap_socket import privileged, read_request, reply
+from guestagent.protocol import wire
+from guestagent.regionbook import (
+    DISK,
+    EVICTING,
+    LOADING,
+    REGION_COUNTERS,
+    RESIDENT,
+    TMEM,
+    ZERO,
+    RegionBook,
+    pressure_budget,
+    runs,
+    shares,
+)
+from guestagent.swapfile import SwapFile, punch_hole, write_all
 
-__all__ = ["PREFIX_MAX", "SwapFile", "Swapper", "main"]
+__all__ = ["Region", "RegionLost", "Swapper", "follow_pressure"]
 
 log = logging.getLogger(__name__)
 
 PAGE: Final = uffd.PAGE_SIZE
-PREFIX_MAX: Final = 65536  # longest request line
 EVICT_BATCH: Final = 64  # pages per eviction round (one PUT_VEC)
 _READ_EVENTS: Final = 64  # uffd messages per read
 # a fault loop with nothing else runnable waits for the next fault in poll(2) rather than the event
@@ -72,35 +82,8 @@ _READ_EVENTS: Final = 64  # uffd messages per read
 FAULT_WAIT: Final = 0.002
 FAULT_SLICE: Final = 0.005
 
-ZERO, RESIDENT, EVICTING, TMEM, DISK, LOADING = range(6)
 _ZERO_PAGE: Final = bytes(PAGE)
 
-FALLOC_FL_KEEP_SIZE: Final = 1
-FALLOC_FL_PUNCH_HOLE: Final = 2
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
-_fallocate.restype = ctypes.c_int
-
-REGION_COUNTERS: Final = (
-    "faults",  # page faults resolved (first touch, tmem, disk)
-    "zero_faults",  # resolved with UFFDIO_ZEROPAGE
-    "tmem_faults",  # resolved from a get
-    "disk_faults",  # resolved from the swap file
-    "wp_faults",  # writes that hit a page under eviction (or a stale protection)
-    "evictions",  # pages moved out of the memfd
-    "zero_evictions",  # evicted pages that were all zeros: nothing stored
-    "puts",  # persistent puts answered OK
-    "puts_refused",  # refused by the host: the page went to the swap file
-    "gets",  # gets answered with the page
-    "disk_writes",
-    "disk_reads",
-    "readahead",  # pages brought in with a fault's page, on a sequential scan
-    "zero_ahead",  # never-written pages mapped with a zero fault's page, on a sequential first touch
-    "lost",  # pages tmem did not return: must stay 0
-    "shrunk_to_memory",  # moved out of tmem on the host's request, back into the memfd
-    "shrunk_to_disk",  # ... or into the swap file
-)
 POLICIES: Final = ("clock", "fifo")  # eviction: second chance for refaulted pages, or plain FIFO
 READAHEAD: Final = 16  # most pages one sequential tmem fault brings in (1: no readahead)
 STOP_TIMEOUT: Final = 5.0  # seconds the shutdown may wait for the host agent
@@ -108,103 +91,28 @@ STATE_SUFFIX: Final = ".pool"  # the pool's id, in a file beside the swap file
 SHRINK_BATCH: Final = 256  # pages per GET_VEC when moving pages out of tmem
 
 
-def punch_hole(fd: int, offset: int, length: int) -> None:
-    """Free [offset, offset+length) of a file (tmpfs or disk), keeping its size."""
-    if _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, f"fallocate(PUNCH_HOLE): {os.strerror(code)}")
-
-
 class RegionLost(OSError):
     """A page of the region cannot be had back: the region ends (its process gets SIGBUS)."""
 
 
-class SwapFile:
-    """Page slots in a plain file: a free list over a growing high-water mark.
-
-    Opened with O_DIRECT where the file system allows it: the kernel's own swap bypasses the
-    page cache, and so does this, or a disk fallback would only measure (and fill) the cache.
-    Freed slots are punched out, so the file holds disk blocks only for pages it keeps.
-    """
-
-    def __init__(self, path: str, *, direct: bool = True) -> None:
-        self.path = path
-        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-        self.direct = False
-        if direct:
-            try:
-                self.fd = os.open(path, flags | os.O_DIRECT, 0o600)
-                self.direct = True
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:  # tmpfs has no O_DIRECT
-                    raise
-        if not self.direct:
-            self.fd = os.open(path, flags, 0o600)
-        self.free: list[int] = []
-        self.top = 0
-        self.used = 0
-
-    def alloc(self) -> int:
-        self.used += 1
-        if self.free:
-            return self.free.pop()
-        self.top += 1
-        return self.top - 1
-
-    def release(self, slot: int) -> None:
-        self.used -= 1
-        self.free.append(slot)
-        punch_hole(self.fd, slot * PAGE, PAGE)
-
-    def write(self, slot: int, data: bytes) -> None:
-        with mmap.mmap(-1, PAGE) as buf:  # page-aligned, as O_DIRECT wants
-            buf[:] = data
-            if os.pwritev(self.fd, [buf], slot * PAGE) != PAGE:
-                raise OSError(errno.EIO, "short write to the swap file")
-
-    def read(self, slot: int) -> bytes:
-        with mmap.mmap(-1, PAGE) as buf:
-            if os.preadv(self.fd, [buf], slot * PAGE) != PAGE:
-                raise OSError(errno.EIO, "short read from the swap file")
-            return bytes(buf)
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
-class Region:
-    """One application region as the agent sees it (the uffd, the memfd, our mapping)."""
+class Region(RegionBook):
+    """One application region as the agent sees it: its bookkeeping (`RegionBook`), plus the
+    uffd, the memfd, our mapping of it and the tasks' events."""
 
     def __init__(self, rid: int, addr: int, size: int, budget: int, memfd: int, ufd: int) -> None:
-        self.id = rid
+        super().__init__(rid, size // PAGE, budget)
         self.oid = rid.to_bytes(len(wire.NO_OID), "little")
         self.addr = addr
         self.size = size
-        self.pages = size // PAGE
-        self.budget = budget  # what the application asked for
-        self.limit = budget  # what it gets: the budget, cut to its share of the guest's
         self.memfd = memfd
         self.uffd = ufd
         self.mm = mmap.mmap(memfd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self.state = bytearray(self.pages)  # all ZERO
-        self.ref = bytearray(self.pages)  # chances left on the clock: set on a refault
-        self.hist = bytearray(self.pages)  # refaults so far (saturating): survives evictions
-        self.slots: dict[int, int] = {}  # page -> swap-file slot, for DISK pages
-        self.clock: deque[int] = deque()  # resident pages, oldest fault first
-        self.resident = 0
-        self.held_tmem = 0
-        self.held_disk = 0
-        self.counters = dict.fromkeys(REGION_COUNTERS, 0)
         self.staging = ctypes.create_string_buffer(PAGE)  # UFFDIO_COPY's source
         self.staging_addr = ctypes.addressof(self.staging)
         self.put_scope: trio.CancelScope | None = None  # the evictor's put while one is in flight
         self.wp_waiting: set[int] = set()  # EVICTING pages a writer waits on (its WP fault seen)
         self.need_evict = trio.Event()
         self.room = trio.Event()
-        self.ra_window = 1  # readahead: pages fetched with the last tmem fault
-        self.ra_next = -1  # the page a sequential scan would fault on next
-        self.zero_window = 1  # the same for first touches (zero pages mapped ahead)
-        self.zero_next = -1
         self.scope = trio.CancelScope()  # the region's tasks; cancelled to end it
         self.failure: BaseException | None = None  # why it ended, if not by its process
 
@@ -213,14 +121,6 @@ class Region:
         if self.failure is None:
             self.failure = why
         self.scope.cancel()
-
-    def stats(self) -> dict[str, int]:
-        return {
-            **self.counters, "pages": self.pages, "budget": self.budget, "limit": self.limit,
-            "resident": self.resident,
-            "evicted": self.held_tmem + self.held_disk, "in_tmem": self.held_tmem,
-            "on_disk": self.held_disk,
-        }
 
     def close(self) -> None:
         # Truncated first: once our uffd is closed the application's mapping is a plain one,
@@ -248,7 +148,7 @@ class Swapper:
         self.state_path = state_path if state_path is not None else swap_path + STATE_SUFFIX
         self.default_budget = default_budget
         self.guest_budget = guest_budget  # resident pages for all regions together (None: no cap)
-        self.pool: Pool | None = None
+        self.pool: PoolHandle | None = None
         self.regions: dict[int, Region] = {}
         self.next_id = 1
         self.totals = dict.fromkeys(REGION_COUNTERS, 0)
@@ -318,7 +218,7 @@ class Swapper:
     async def _serve_client(self, conn: trio.socket.SocketType) -> None:
         with conn:
             try:
-                line, fds = await _read_request(conn)
+                line, fds = await read_request(conn)
             except (OSError, ValueError) as exc:
                 log.warning("bad preswap request: %s", exc)
                 return
@@ -328,27 +228,27 @@ class Swapper:
                     raise ValueError("a request is a JSON object")
                 cmd = req.get("cmd")
                 if cmd == "stats":
-                    await _reply(conn, {"ok": True, **self.stats()})
-                elif cmd in ("shrink", "budget") and not _privileged(conn):
+                    await reply(conn, {"ok": True, **self.stats()})
+                elif cmd in ("shrink", "budget") and not privileged(conn):
                     raise ValueError(f"{cmd}: only root or the agent's user may ask for it")
                 elif cmd == "shrink":
                     pages = req.get("pages")
                     if isinstance(pages, bool) or not isinstance(pages, int) or pages < 0:
                         raise ValueError("shrink: pages must be a number >= 0")
-                    await _reply(conn, {"ok": True, "moved": await self.shrink(pages)})
+                    await reply(conn, {"ok": True, "moved": await self.shrink(pages)})
                 elif cmd == "budget":
                     pages = req.get("pages")
                     if pages is not None and (isinstance(pages, bool) or not isinstance(pages, int)):
                         raise ValueError("budget: pages must be a number of pages or null")
                     self.set_guest_budget(pages)
-                    await _reply(conn, {"ok": True, "guest_budget": self.guest_budget})
+                    await reply(conn, {"ok": True, "guest_budget": self.guest_budget})
                 elif cmd == "region":
                     mine, fds = fds, []
                     await self._serve_region(conn, req, mine)
                 else:
-                    await _reply(conn, {"ok": False, "error": f"unknown command {cmd!r}"})
+                    await reply(conn, {"ok": False, "error": f"unknown command {cmd!r}"})
             except (ValueError, KeyError, TypeError, uffd.UffdError) as exc:
-                await _reply(conn, {"ok": False, "error": str(exc)})
+                await reply(conn, {"ok": False, "error": str(exc)})
             finally:
                 for fd in fds:
                     os.close(fd)
@@ -391,7 +291,7 @@ class Swapper:
                     nursery.start_soon(guarded, self._faults, region, nursery)
                     nursery.start_soon(guarded, self._evictor, region)
                     try:
-                        await _reply(conn, {"ok": True, "id": region.id})
+                        await reply(conn, {"ok": True, "id": region.id})
                         # the application keeps the socket open for the region's lifetime
                         while await conn.recv(4096):
                             pass
@@ -449,13 +349,9 @@ class Swapper:
     def rebalance(self) -> None:
         """Each region's limit: its own budget, or its share of the guest budget if that is less
         (shares in proportion to the budgets asked for); regions over it start evicting."""
-        total = sum(r.budget for r in self.regions.values())
-        cap = self.guest_budget
+        limits = shares({r.id: r.budget for r in self.regions.values()}, self.guest_budget)
         for region in self.regions.values():
-            if cap is None or total <= cap:
-                region.limit = region.budget
-            else:
-                region.limit = max(1, cap * region.budget // total)
+            region.limit = limits[region.id]
             if region.resident > region.limit:
                 region.need_evict.set()
 
@@ -538,7 +434,7 @@ class Swapper:
                     to_disk.append((p, data))
             if to_disk:
                 slots = [self.swap.alloc() for _ in to_disk]
-                await trio.to_thread.run_sync(_write_all, self.swap, slots, [d for _, d in to_disk])
+                await trio.to_thread.run_sync(write_all, self.swap, slots, [d for _, d in to_disk])
                 if region.id not in self.regions:
                     for slot in slots:
                         self.swap.release(slot)
@@ -555,7 +451,7 @@ class Swapper:
 
     # ----------------------------------------------------------------- faults
 
-    async def _faults(self, region: Region, nursery: trio.Nursery) -> None:
+    async def _faults(self, region: Region, nursery: trio.Nursery) -> None:  # noqa: C901 (the userfaultfd fault loop: one event kind after another)
         ufd = region.uffd
         state = region.state
         base, pages = region.addr, region.pages
@@ -602,7 +498,7 @@ class Swapper:
                     # LOADING: woken by the copy
                     continue
                 if st == ZERO:
-                    n = self._zero_ahead(region, p) if self.readahead > 1 else 1
+                    n = region.zero_ahead(p, self.readahead) if self.readahead > 1 else 1
                     uffd.zeropage(ufd, at, n * PAGE)
                     for q in range(p, p + n):
                         self._resident(region, q, refault=False)
@@ -610,7 +506,7 @@ class Swapper:
                     counters["zero_ahead"] += n - 1
                     counters["faults"] += 1
                 elif st == TMEM:
-                    batch = self._readahead(region, p) if self.readahead > 1 else [p]
+                    batch = region.readahead(p, self.readahead) if self.readahead > 1 else [p]
                     for q in batch:
                         state[q] = LOADING
                     if len(batch) == 1 and self.channel.connected:
@@ -632,50 +528,8 @@ class Swapper:
                     region.room = trio.Event()
                     await region.room.wait()
 
-    def _readahead(self, region: Region, p: int) -> list[int]:
-        """The pages one tmem fault on p brings in: p, and on a sequential scan the next held ones.
-
-        A fault where the last readahead window ended is a sequential scan: the window doubles
-        (up to `readahead` pages), else it starts again at one.
-        """
-        most = min(self.readahead, max(1, region.limit // 4))  # never a budget's worth
-        window = min(most, 2 * region.ra_window) if p == region.ra_next else 1
-        region.ra_window, region.ra_next = window, p + window
-        if window == 1:
-            return [p]
-        state = region.state
-        return [p, *(q for q in range(p + 1, min(region.pages, p + window)) if state[q] == TMEM)]
-
-    def _zero_ahead(self, region: Region, p: int) -> int:
-        """How many never-written pages from p one zero fault maps: the readahead window's rule
-        on first touches, so a buffer filled in order costs a fault per window, not per page.
-
-        Each first touch is a round trip through this process (the kernel maps a fresh anonymous
-        page without leaving the faulting thread); the pages mapped ahead are zeros either way
-        and, if never written, leave again as zero evictions (nothing stored).
-        """
-        most = min(self.readahead, max(1, region.limit // 4))
-        window = min(most, 2 * region.zero_window) if p == region.zero_next else 1
-        n = 1
-        end = min(region.pages, p + window)
-        state = region.state
-        while p + n < end and state[p + n] == ZERO:
-            n += 1
-        region.zero_window, region.zero_next = window, p + n
-        return n
-
     def _resident(self, region: Region, p: int, *, refault: bool) -> None:
-        region.state[p] = RESIDENT
-        # a refault earns chances, up to 3, that the clock spends one per pass: a page that keeps
-        # coming back stays longer (kept across evictions, unlike a plain second-chance bit)
-        if refault:
-            region.hist[p] = heat = min(3, region.hist[p] + 1)
-            region.ref[p] = heat
-        else:
-            region.ref[p] = 0
-        region.clock.append(p)
-        region.resident += 1
-        if region.resident > region.limit:
+        if region.make_resident(p, refault=refault):
             region.need_evict.set()
 
     async def _guarded_load(self, region: Region, p: int, st: int) -> None:
@@ -735,24 +589,7 @@ class Swapper:
 
     # ----------------------------------------------------------------- eviction
 
-    def _victims(self, region: Region, n: int) -> list[int]:
-        """Up to n resident pages, by the clock: a refaulted page gets a second chance."""
-        clock, ref, state = region.clock, region.ref, region.state
-        out: list[int] = []
-        spins = 2 * len(clock)
-        while clock and len(out) < n and spins > 0:
-            spins -= 1
-            p = clock.popleft()
-            if state[p] != RESIDENT:
-                continue  # a stale entry (the page left and came back: it is queued again)
-            if ref[p] and self.second_chance:
-                ref[p] -= 1
-                clock.append(p)
-                continue
-            out.append(p)
-        return out
-
-    async def _evictor(self, region: Region) -> None:
+    async def _evictor(self, region: Region) -> None:  # noqa: C901 (the eviction loop: one pass, its refusals and fallbacks)
         assert self.pool is not None
         pool = self.pool
         ufd, mm, state = region.uffd, region.mm, region.state
@@ -765,16 +602,16 @@ class Swapper:
             # (one PUT_VEC round trip for many pages) rather than one page per fault
             while region.resident > region.limit:
                 low = region.limit - min(EVICT_BATCH, max(1, region.limit // 8))
-                victims = self._victims(region, min(EVICT_BATCH, region.resident - low))
+                victims = region.victims(min(EVICT_BATCH, region.resident - low), self.second_chance)
                 if not victims:
                     break
                 # sorted, so that neighbours (a sequential scan's pages) are protected and
                 # punched with one call per run of pages rather than one per page
                 victims.sort()
-                runs = _runs(victims)
+                victim_runs = runs(victims)
                 for p in victims:
                     state[p] = EVICTING
-                for first, n in runs:
+                for first, n in victim_runs:
                     uffd.writeprotect(ufd, region.addr + first * PAGE, n * PAGE, True)
                 datas = [mm[p * PAGE : (p + 1) * PAGE] for p in victims]
                 puts = [(oid, p, d) for p, d in zip(victims, datas, strict=True) if d != _ZERO_PAGE]
@@ -790,7 +627,7 @@ class Swapper:
                     counters["puts_refused"] += len(refused)
                     if refused:
                         slots = [self.swap.alloc() for _ in refused]
-                        await trio.to_thread.run_sync(_write_all, self.swap, slots,
+                        await trio.to_thread.run_sync(write_all, self.swap, slots,
                                                       [d for _, d in refused])  # fmt: skip
                         counters["disk_writes"] += len(refused)
                         for (p, _), slot in zip(refused, slots, strict=True):
@@ -798,7 +635,7 @@ class Swapper:
                 region.put_scope = None
                 if put_scope.cancelled_caught:  # stopping, and the host is away: the region ends
                     return
-                for first, n in runs:
+                for first, n in victim_runs:
                     punch_hole(region.memfd, first * PAGE, n * PAGE)
                 for _, p, _ in puts:
                     state[p] = TMEM
@@ -826,21 +663,6 @@ class Swapper:
             region.room.set()
 
 
-def _runs(pages: Sequence[int]) -> list[tuple[int, int]]:
-    """(first page, count) for each run of consecutive pages in a sorted list."""
-    runs: list[tuple[int, int]] = []
-    first = prev = -2
-    for p in pages:
-        if p != prev + 1:
-            if prev >= 0:
-                runs.append((first, prev - first + 1))
-            first = p
-        prev = p
-    if prev >= 0:
-        runs.append((first, prev - first + 1))
-    return runs
-
-
 def _write_state(path: str, pool_id: int) -> None:
     """Record the pool's id (atomically: a crash leaves the old record or the new, never half)."""
     tmp = f"{path}.tmp"
@@ -851,138 +673,13 @@ def _write_state(path: str, pool_id: int) -> None:
     os.replace(tmp, path)
 
 
-def _privileged(conn: trio.socket.SocketType) -> bool:
-    """The peer is root or runs as we do (SO_PEERCRED): allowed to steer other regions."""
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _, uid, _ = struct.unpack("3i", creds)
-    return uid in (0, os.getuid())
-
-
-def _write_all(swap: SwapFile, slots: Sequence[int], datas: Sequence[bytes]) -> None:
-    for slot, data in zip(slots, datas, strict=True):
-        swap.write(slot, data)
-
-
-async def _read_request(conn: trio.socket.SocketType) -> tuple[bytes, list[int]]:
-    """One JSON line and the fds that came with it (SCM_RIGHTS)."""
-    buf = b""
-    fds: list[int] = []
-    space = socket.CMSG_SPACE(8 * 4)
-    while b"\n" not in buf:
-        data, ancdata, _, _ = await conn.recvmsg(PREFIX_MAX, space)
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                usable = len(payload) - len(payload) % 4
-                fds.extend(int.from_bytes(payload[i : i + 4], sys.byteorder) for i in range(0, usable, 4))
-        if not data:
-            for fd in fds:
-                os.close(fd)
-            raise ValueError("connection closed before a request")
-        buf += data
-        if len(buf) > PREFIX_MAX:
-            for fd in fds:
-                os.close(fd)
-            raise ValueError("request too long")
-    return buf.split(b"\n", 1)[0], fds
-
-
-async def _reply(conn: trio.socket.SocketType, obj: dict[str, Any]) -> None:
-    data = (json.dumps(obj) + "\n").encode()
-    while data:
-        sent = await conn.send(data)
-        data = data[sent:]
-
-
-def pressure_budget(resident: int, mem_available_kib: int, mem_total_kib: int, *,
-                    reserve_kib: int | None = None, floor: int = 256) -> int:  # fmt: skip
-    """The guest budget for all regions together: the pages they hold now, plus what the guest
-    can spare above a reserve of available memory (minus what it lacks below it).
-
-    Region pages are shmem, which MemAvailable does not count, so growing regions lower it: the
-    budget settles where MemAvailable meets the reserve.  A balloon that inflates lowers
-    MemAvailable too, so following it follows the host's balloon target.
-    """
-    reserve = reserve_kib if reserve_kib is not None else max(64 << 10, mem_total_kib // 20)
-    return max(floor, resident + (mem_available_kib - reserve) * 1024 // PAGE)
-
-
 async def follow_pressure(swapper: Swapper, *, proc_dir: str = "/proc", interval: float = 1.0,
                           reserve_kib: int | None = None, floor: int = 256) -> None:  # fmt: skip
     """Set the swapper's guest budget from /proc/meminfo every interval (see `pressure_budget`)."""
-    path = os.path.join(proc_dir, "meminfo")
-    while True:
-        try:
-            with open(path) as f:
-                info = reporter.parse_meminfo(f.read())
-            resident = sum(r.resident for r in swapper.regions.values())
-            swapper.set_guest_budget(pressure_budget(
-                resident, info["MemAvailable"], info["MemTotal"], reserve_kib=reserve_kib, floor=floor))
-        except (OSError, KeyError) as exc:
-            log.warning("cannot follow memory pressure: %s", exc)
-        await trio.sleep(interval)
 
+    async def apply(info: Mapping[str, int]) -> None:
+        resident = sum(r.resident for r in swapper.regions.values())
+        swapper.set_guest_budget(pressure_budget(
+            resident, info["MemAvailable"], info["MemTotal"], reserve_kib=reserve_kib, floor=floor))
 
-async def _follow_notices(ch: Channel, swapper: Swapper) -> None:
-    """Standalone only (the daemon owns the notices when it embeds a swapper)."""
-    async for kind, value in ch.notices:
-        if kind == wire.Notice.SHRINK_PERSISTENT:
-            moved = await swapper.shrink(value)
-            log.info("host asked for %d persistent pages back: moved %d", value, moved)
-
-
-async def _report(ch: Channel, swapper: Swapper, interval: float) -> None:
-    """Standalone only: the counters as this channel's STATS report (the daemon merges them
-    into its own report instead, as the host keeps one report per guest)."""
-    while True:
-        if ch.connected:
-            await ch.report_stats(swapper.report_values())
-        await trio.sleep(interval)
-
-
-async def _main_async(args: argparse.Namespace) -> None:
-    async with open_channel(args.channel, name=args.name, reconnect=True) as ch:
-        swapper = Swapper(ch, args.socket, args.swap_file, default_budget=args.budget,
-                          guest_budget=args.guest_budget, policy=args.policy,
-                          readahead=args.readahead)
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(swapper.run)
-                print("ready", flush=True)
-                nursery.start_soon(_follow_notices, ch, swapper)
-                nursery.start_soon(_report, ch, swapper, args.report_interval)
-                if args.follow_meminfo:
-                    nursery.start_soon(partial(follow_pressure, swapper, proc_dir=args.proc_dir,
-                                               interval=args.interval, reserve_kib=args.reserve_kib))
-                async for signum in signals:
-                    log.info("signal %d: stopping", signum)
-                    swapper.stop()
-                    nursery.cancel_scope.cancel()
-                    break
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Run a swapper on its own channel (the daemon embeds one on its channel instead)."""
-    parser = argparse.ArgumentParser(prog="python -m guestagent.swapper")
-    parser.add_argument("--channel", required=True, help="host agent socket or virtio port")
-    parser.add_argument("--socket", required=True, help="unix socket for the applications")
-    parser.add_argument("--swap-file", required=True)
-    parser.add_argument("--budget", type=int, default=1024, help="default resident pages per region")
-    parser.add_argument("--guest-budget", type=int, help="resident pages for all regions together")
-    parser.add_argument("--policy", choices=POLICIES, default="clock", help="eviction policy")
-    parser.add_argument("--readahead", type=int, default=READAHEAD,
-                        help="most pages per sequential fault (1: off)")
-    parser.add_argument("--follow-meminfo", action="store_true",
-                        help="set the guest budget from MemAvailable (overrides --guest-budget)")
-    parser.add_argument("--proc-dir", default="/proc")
-    parser.add_argument("--report-interval", type=float, default=2.0)
-    parser.add_argument("--interval", type=float, default=1.0)
-    parser.add_argument("--reserve-kib", type=int, help="MemAvailable to keep (default 5%%, >= 64 MiB)")
-    parser.add_argument("--name", default="preswap")
-    parser.add_argument("--log-level", default="WARNING")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    trio.run(_main_async, args)
-
-
-if __name__ == "__main__":
-    main()
+    await follow_meminfo(apply, proc_dir=proc_dir, interval=interval)

@@ -13,7 +13,11 @@ import sys
 import warnings
 from pathlib import Path
 
-_COMPILED = ("arena", "compress", "pool", "channel")  # in import order
+# compiled.txt is the one list of compiled modules (setup.py and scripts/setup read it too)
+_COMPILED = tuple(
+    line.strip() for line in (Path(__file__).parent / "compiled.txt").read_text().splitlines()
+    if line.strip() and not line.startswith("#")
+)  # in import order
 
 
 def _load_stale_from_source() -> None:

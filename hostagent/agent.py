@@ -20,7 +20,7 @@ from typing import Any
 
 import psutil
 
-from guestagent import wire
+from guestagent.protocol import wire
 from hostagent import sdnotify
 from hostagent.arena import Arena, ArenaError
 from hostagent.balloon_driver import BalloonDriver
@@ -50,6 +50,10 @@ def host_available() -> int:
     return int(psutil.virtual_memory().available)
 
 
+class _Stopping(Exception):
+    """Raised in the agent's task group to end it: the agent was asked to stop."""
+
+
 class HostAgent:
     """Arena + engine + servers, built from a `Config`. `run()` serves until SIGTERM/SIGINT."""
 
@@ -60,6 +64,7 @@ class HostAgent:
         self.engine: PoolEngine | None = None
         self.guests: dict[str, Guest] = {}
         self._servers: list[asyncio.AbstractServer] = []
+        self._tasks: asyncio.TaskGroup | None = None  # owns every task while the agent serves
         self._links: dict[str, asyncio.Task[None]] = {}  # domain UUID -> its channel's connector
         self.watcher: LibvirtWatcher | None = None
         self.balloon: BalloonDriver | None = None
@@ -158,30 +163,30 @@ class HostAgent:
         log.info("host agent ready: pid %d, %d guest(s), pool limit %d MiB, control %s",
                  os.getpid(), len(self.guests), cfg.pool.limit_mib, cfg.control.socket)
         sdnotify.notify(READY=1, MAINPID=os.getpid(), STATUS=self._status())
-        tasks = [asyncio.create_task(self._sample(engine))]
-        if cfg.libvirt.enabled:
-            self.watcher = LibvirtWatcher(cfg.libvirt.uri, cfg.libvirt.channel, self._domain_up,
-                                          self._domain_down,
-                                          retry_interval=cfg.libvirt.retry_interval,
-                                          on_discovered=self._forget_orphans)
-            tasks.append(asyncio.create_task(self.watcher.run()))
-            if cfg.balloon.enabled:
-                self.balloon = BalloonDriver(cfg.balloon, self.watcher, self.guests, self._engine,
-                                             host_available)
-                tasks.append(asyncio.create_task(self.balloon.run()))
-        elif cfg.balloon.enabled:
-            log.warning("[balloon] is enabled but [libvirt] is not: there is nothing to balloon")
         try:
-            assert self._stop is not None
-            await self._stop.wait()
+            # Every task of the agent belongs to this group (the domains' links too), so none
+            # outlives `run` and none fails unseen; a stop request ends them all.
+            async with asyncio.TaskGroup() as tasks:
+                self._tasks = tasks
+                tasks.create_task(self._sample(engine))
+                if cfg.libvirt.enabled:
+                    self.watcher = LibvirtWatcher(cfg.libvirt.uri, cfg.libvirt.channel, self._domain_up,
+                                                  self._domain_down,
+                                                  retry_interval=cfg.libvirt.retry_interval,
+                                                  on_discovered=self._forget_orphans)
+                    tasks.create_task(self.watcher.run())
+                    if cfg.balloon.enabled:
+                        self.balloon = BalloonDriver(cfg.balloon, self.watcher, self.guests,
+                                                     self._engine, host_available, tasks)
+                        tasks.create_task(self.balloon.run())
+                elif cfg.balloon.enabled:
+                    log.warning("[balloon] is enabled but [libvirt] is not: there is nothing to balloon")
+                tasks.create_task(self._until_stopped())
+        except* _Stopping:
             log.info("host agent stopping")
             sdnotify.notify(STOPPING=1, STATUS="stopping")
         finally:
-            for task in [*tasks, *self._links.values()]:
-                task.cancel()
-            for task in [*tasks, *self._links.values()]:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            self._tasks = None
             self._links.clear()
             await self._close_servers()
 
@@ -191,6 +196,12 @@ class HostAgent:
         extra = f"; metrics on {self.metrics.url_host()}" if self.metrics is not None else ""
         return (f"serving {len(self.guests)} guest(s), {connected} connected; pool limit "
                 f"{self.config.pool.limit_mib} MiB{extra}")
+
+    async def _until_stopped(self) -> None:
+        """Wait for a stop request, then end the task group (and so every task in it)."""
+        assert self._stop is not None
+        await self._stop.wait()
+        raise _Stopping
 
     async def _close_servers(self) -> None:
         if self._control is not None:
@@ -218,6 +229,9 @@ class HostAgent:
 
     def _domain_up(self, d: Domain) -> None:
         """A running domain with a tmem channel: connect to its socket (QEMU listens on it)."""
+        tasks = self._tasks
+        if tasks is None or (self._stop is not None and self._stop.is_set()):
+            return  # the agent is stopping: its task group takes no new links
         engine = self._engine()
         old = self.guests.get(d.uuid)
         if old is not None:
@@ -230,7 +244,7 @@ class HostAgent:
                                                        dflt.compress))
         guest = Guest(d.uuid, d.socket, client, display=d.name, domain=d.uuid)
         self.guests[d.uuid] = guest
-        self._links[d.uuid] = asyncio.get_running_loop().create_task(self._link(guest))
+        self._links[d.uuid] = tasks.create_task(self._link(guest))
         if self.balloon is not None:
             self.balloon.add(guest)
         log.info("domain %s (%s): attaching to its tmem channel %s", d.name, d.uuid, d.socket)
@@ -322,10 +336,13 @@ class HostAgent:
 
     def stats(self) -> dict[str, Any]:
         """engine.stats(), plus per guest its channel and latest report, plus the agent itself."""
-        result = self._engine().stats()
+        engine_stats = self._engine().stats()
+        result: dict[str, Any] = dict(engine_stats)
+        guests: dict[str, dict[str, Any]] = {name: dict(g) for name, g in engine_stats["guests"].items()}
+        result["guests"] = guests
         now = time.monotonic()
         guest_cpu = 0.0
-        for name, g in result["guests"].items():
+        for name, g in guests.items():
             guest = self.guests.get(name)
             g["name"] = guest.display if guest is not None else name
             g["uuid"] = guest.domain if guest is not None else None

@@ -25,11 +25,11 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, NamedTuple
 
 import xxhash
 
-from guestagent.wire import PAGE_SIZE
+from guestagent.protocol.wire import PAGE_SIZE
 
 SLAB_SHIFT: Final = 18
 SLAB_SIZE: Final = 1 << SLAB_SHIFT  # 256 KiB
@@ -135,6 +135,20 @@ def verify(flags: int, crc: int, handle: int, generation: int, oid: bytes, index
     if flags & FLAG_CHECKSUM:
         return crc == crc32_checksum(handle, generation, oid, index, encoding, data)
     return False
+
+
+class SlotHeader(NamedTuple):
+    """A slot's header, as SLOT_HEADER lays it out."""
+
+    state: int  # SLOT_LIVE, or a free mark
+    handle: int  # the pool's arena handle
+    generation: int
+    oid: bytes
+    index: int  # type: ignore[assignment]  # shadows tuple.index; the key's name
+    crc: int  # checksum of key and data, when flags say so
+    length: int  # stored bytes
+    encoding: int
+    flags: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -419,11 +433,9 @@ class Arena:
         data = self._mm[start : start + (ref >> 2 & _REF_LENGTH_MASK)]
         return ref & 3, data, self.free(ref, mark)
 
-    def header(self, offset: int) -> tuple[int, int, int, bytes, int, int, int, int, int]:
-        """The raw slot header: state, handle, generation, oid, index, crc, length, encoding, flags."""
-        fields: tuple[int, int, int, bytes, int, int, int, int, int] = SLOT_HEADER.unpack_from(
-            self._mm, offset)
-        return fields
+    def header(self, offset: int) -> SlotHeader:
+        """The raw slot header at `offset`."""
+        return SlotHeader(*SLOT_HEADER.unpack_from(self._mm, offset))
 
     def live_generation(self, offset: int) -> int:
         """The slot's generation if it is live, else 0: how LRU logs tell stale entries."""
@@ -476,20 +488,20 @@ class Arena:
             size = SLOT_SIZES[size_class]
             free = self._free[size_class]
             for pos in range(SLAB_HEADER_SIZE, SLAB_HEADER_SIZE + SLOTS_PER_SLAB[size_class] * size, size):
-                state, handle, gen, oid, index, crc, length, encoding, flags = SLOT_HEADER.unpack_from(
-                    raw, pos)
-                if state != SLOT_LIVE or length > size - SLOT_HEADER_SIZE:
+                h = SlotHeader(*SLOT_HEADER.unpack_from(raw, pos))
+                length, gen = h.length, h.generation
+                if h.state != SLOT_LIVE or length > size - SLOT_HEADER_SIZE:
                     free.append(base + pos)
                     continue
                 data = raw[pos + SLOT_HEADER_SIZE : pos + SLOT_HEADER_SIZE + length]
-                verified = verify(flags, crc, handle, gen, oid, index, encoding, data)
+                verified = verify(h.flags, h.crc, h.handle, gen, h.oid, h.index, h.encoding, data)
                 self._slab_live[slab] += 1
                 self.slots_in_use += 1
                 self.used_bytes += size
                 if verified:  # a torn header's generation must not become the engine's counter
                     self.max_generation = max(self.max_generation, gen)
-                yield SlotRecord(base + pos, make_ref(base + pos, length, encoding), size_class, handle,
-                                 gen, oid, index, encoding, verified)
+                yield SlotRecord(base + pos, make_ref(base + pos, length, h.encoding), size_class, h.handle,
+                                 gen, h.oid, h.index, h.encoding, verified)
         self._free_slabs = [s for s in range(self._nslabs) if s not in in_use]
         heapq.heapify(self._free_slabs)
 

@@ -232,7 +232,7 @@ class Controller:
         st.params = replace(st.params, enabled=enabled)
         st.state = "on" if enabled else "off"
 
-    def step(self, now: float, obs: dict[str, Observation], host_available_kib: int,
+    def step(self, now: float, obs: dict[str, Observation], host_available_kib: int,  # noqa: C901 (one interval's decision, rule by rule)
              ephemeral_kib: int = 0, persistent_excess_pages: int = 0) -> Plan:
         """Decide this interval's targets. `ephemeral_kib`: tmem ephemeral memory that can be
         dropped; `persistent_excess_pages`: persistent pages the pool can no longer hold."""

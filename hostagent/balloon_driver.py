@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from guestagent import wire
-from guestagent.wire import PAGE_SIZE
+from guestagent.protocol import wire
+from guestagent.protocol.wire import PAGE_SIZE
 from hostagent.balloon import KIB_PER_MIB, Controller, GuestState, Observation, Plan
 from hostagent.channel import Guest
 from hostagent.config import BalloonConfig
@@ -33,8 +33,10 @@ class BalloonDriver:
     """Runs the controller every `interval` over the agent's libvirt guests."""
 
     def __init__(self, config: BalloonConfig, watcher: LibvirtWatcher, guests: Mapping[str, Guest],
-                 engine: Callable[[], PoolEngine], host_available: Callable[[], int]) -> None:
+                 engine: Callable[[], PoolEngine], host_available: Callable[[], int],
+                 tasks: asyncio.TaskGroup) -> None:
         self.config = config
+        self.tasks = tasks  # the agent's: it owns the driver's side tasks
         self.watcher = watcher
         self.guests = guests
         self.engine = engine
@@ -51,7 +53,7 @@ class BalloonDriver:
         st = self.controller.add(guest.name, self.config.params(guest.display))
         st.state = "waiting for stats"
         if guest.domain is not None:
-            asyncio.get_running_loop().create_task(self._set_stats_period(guest))
+            self.tasks.create_task(self._set_stats_period(guest))
 
     def remove(self, name: str) -> None:
         self.controller.remove(name)

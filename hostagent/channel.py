@@ -14,8 +14,25 @@ import asyncio
 import logging
 import time
 
-from guestagent import wire
-from guestagent.wire import Flag, Op, PoolFlag, Status
+from guestagent.protocol import wire
+from guestagent.protocol.headers import (
+    FLUSH_OBJECT,
+    FLUSH_PAGE,
+    FLUSH_VEC,
+    GET,
+    GET_VEC,
+    HELLO,
+    NO_SPACE,
+    NOREPLY,
+    NOT_FOUND,
+    OK,
+    PUT,
+    PUT_VEC,
+    STATS,
+    pack_reply,
+)
+from guestagent.protocol.session import HandshakeRefused, HostSession, SessionError
+from guestagent.protocol.wire import Op, PoolFlag, Status
 from hostagent.pool import Client, EngineError, Held, OutOfSpace, PoolDenied, PoolEngine, UnknownPool
 
 log = logging.getLogger("hostagent.channel")
@@ -31,23 +48,6 @@ LINGER_SECONDS = 5.0
 # Longest reason text sent in an ERROR frame (keeps it far below any guest's max_payload).
 _MAX_REASON = 512
 
-_pack_header = wire.HEADER.pack
-_MAGIC = wire.MAGIC
-_VERSION = wire.VERSION
-_REPLY = int(Flag.REPLY)
-_NOREPLY = int(Flag.NOREPLY)
-_OK = int(Status.OK)
-_NOT_FOUND = int(Status.NOT_FOUND)
-_NO_SPACE = int(Status.NO_SPACE)
-_PUT = int(Op.PUT)
-_GET = int(Op.GET)
-_FLUSH_PAGE = int(Op.FLUSH_PAGE)
-_FLUSH_OBJECT = int(Op.FLUSH_OBJECT)
-_PUT_VEC = int(Op.PUT_VEC)
-_GET_VEC = int(Op.GET_VEC)
-_FLUSH_VEC = int(Op.FLUSH_VEC)
-_STATS = int(Op.STATS)
-_HELLO = int(Op.HELLO)
 _KNOWN_POOL_FLAGS = int(PoolFlag.PERSISTENT | PoolFlag.SHARED | PoolFlag.EXCLUSIVE_GETS)
 
 
@@ -96,7 +96,7 @@ class Guest:
     @property
     def connected(self) -> bool:
         """A session is up: the channel is open and the guest's agent has shaken hands."""
-        return self.channel is not None and self.channel.welcomed
+        return self.channel is not None and self.channel.session.welcomed
 
     def send_notice(self, kind: wire.Notice, value: int) -> bool:
         """Send a NOTICE if the guest is connected; False if it is not (nothing is queued)."""
@@ -114,13 +114,10 @@ class GuestChannel(asyncio.Protocol):
                  max_vector: int) -> None:
         self.guest = guest
         self.engine = engine
-        self.max_payload = max_payload
-        self.max_vector = max_vector
-        self.reader = wire.FrameReader(wire.Role.HOST, max_payload=max_payload,
-                                       max_vector=max_vector)
+        self.session = HostSession(max_payload, max_vector)  # HELLO first, the limits announced
+        self.reader = self.session.reader()
         self.transport: asyncio.Transport | None = None
         self.attached = False  # owns guest.channel and the engine client's connection
-        self.welcomed = False  # HELLO done
         self.congested = False  # reading paused: more than HIGH_WATER of replies wait unwritten
         self.aborted = False  # dropped with replies unwritten (connection_lost then says exc=None)
         # Frames decoded but not yet applied because the guest is not reading its replies, and the
@@ -290,7 +287,7 @@ class GuestChannel(asyncio.Protocol):
     # -- host-initiated ---------------------------------------------------------------------------
 
     def send_notice(self, kind: wire.Notice, value: int) -> bool:
-        if not (self.attached and self.welcomed) or self.transport is None:
+        if not (self.attached and self.session.welcomed) or self.transport is None:
             return False
         self.transport.write(wire.encode(wire.Frame(Op.NOTICE,
                                                     payload=wire.notice_payload(kind, value))))
@@ -326,61 +323,61 @@ class GuestChannel(asyncio.Protocol):
         if guest.channel is self:
             guest.channel = None
             guest.connected_since = None
-        if self.welcomed:
+        if self.session.welcomed:
             self.engine.disconnect(guest.client)
 
-    def _handle(self, f: wire.Frame, out: list[bytes]) -> None:
+    def _handle(self, f: wire.Frame, out: list[bytes]) -> None:  # noqa: C901 (the opcode dispatch, most frequent first (mypyc hot path))
         """Apply one request; append its reply (if any) to `out`. Most frequent ops first."""
         op = f.opcode
-        if not self.welcomed:
+        if not self.session.welcomed:
             self._hello(f, out)
             return
         engine = self.engine
         client = self.guest.client
-        if op == _PUT:
+        if op == PUT:
             ok = engine.put(client, f.pool, f.oid, f.index, f.payload)
-            if not f.flags & _NOREPLY:
-                out.append(_pack_header(_MAGIC, _VERSION, _PUT, _REPLY, _OK if ok else _NO_SPACE, 0,
+            if not f.flags & NOREPLY:
+                out.append(pack_reply(PUT, OK if ok else NO_SPACE,
                                         f.request_id, f.pool, f.oid, f.index, 0))
-        elif op == _GET:
+        elif op == GET:
             page = engine.get(client, f.pool, f.oid, f.index, self.held)
             if page is None:
-                out.append(_pack_header(_MAGIC, _VERSION, _GET, _REPLY, _NOT_FOUND, 0,
+                out.append(pack_reply(GET, NOT_FOUND,
                                         f.request_id, f.pool, f.oid, f.index, 0))
             else:
-                out.append(_pack_header(_MAGIC, _VERSION, _GET, _REPLY, _OK, 0,
+                out.append(pack_reply(GET, OK,
                                         f.request_id, f.pool, f.oid, f.index, len(page)))
                 out.append(page)
-        elif op == _FLUSH_PAGE:
+        elif op == FLUSH_PAGE:
             engine.flush_page(client, f.pool, f.oid, f.index)
-            if not f.flags & _NOREPLY:
-                out.append(_pack_header(_MAGIC, _VERSION, op, _REPLY, _OK, 0,
+            if not f.flags & NOREPLY:
+                out.append(pack_reply(op, OK,
                                         f.request_id, f.pool, f.oid, f.index, 0))
-        elif op == _PUT_VEC:
+        elif op == PUT_VEC:
             keys, pages = wire.parse_put_vec(f.payload, f.index)
             pool = f.pool
-            statuses = bytes([_OK if engine.put(client, pool, oid, index, page) else _NO_SPACE
+            statuses = bytes([OK if engine.put(client, pool, oid, index, page) else NO_SPACE
                               for (oid, index), page in zip(keys, pages, strict=True)])
-            if not f.flags & _NOREPLY:
+            if not f.flags & NOREPLY:
                 self._reply(out, f, payload=statuses)
-        elif op == _GET_VEC:
+        elif op == GET_VEC:
             pool = f.pool
             found = [engine.get(client, pool, oid, index, self.held)
                      for oid, index in wire.parse_keys(f.payload, f.index)]
-            statuses = bytes([_NOT_FOUND if p is None else _OK for p in found])
+            statuses = bytes([NOT_FOUND if p is None else OK for p in found])
             self._reply(out, f, payload=wire.get_vec_reply_payload(
                 list(statuses), [p for p in found if p is not None]))
-        elif op == _FLUSH_VEC:
+        elif op == FLUSH_VEC:
             pool = f.pool
             for oid, index in wire.parse_keys(f.payload, f.index):
                 engine.flush_page(client, pool, oid, index)
-            if not f.flags & _NOREPLY:
+            if not f.flags & NOREPLY:
                 self._reply(out, f)
-        elif op == _FLUSH_OBJECT:
+        elif op == FLUSH_OBJECT:
             engine.flush_object(client, f.pool, f.oid)
-            if not f.flags & _NOREPLY:
+            if not f.flags & NOREPLY:
                 self._reply(out, f)
-        elif op == _STATS:
+        elif op == STATS:
             self.guest.record_report(wire.parse_stats(f.payload), time.monotonic())
         elif op == Op.QUERY_POOL:
             flags = engine.pool_flags(client, f.pool)
@@ -393,38 +390,30 @@ class GuestChannel(asyncio.Protocol):
         elif op == Op.DESTROY_POOL:
             engine.destroy_pool(client, f.pool)
             self._reply(out, f)
-        elif op == _HELLO:
+        elif op == HELLO:
             # A virtio-serial port does not tell the host when the guest's agent closes and reopens
             # it: a new HELLO is how a restarted guest agent says so. Its ephemeral pools are gone
             # (as after a disconnect); persistent ones wait for it, as always.
             log.info("guest %s: new session on the open channel (guest agent restarted)",
                      self.guest.name)
             self.engine.disconnect(client)
-            self.welcomed = False
+            self.session.restart()
             self._hello(f, out)
         else:  # the decoder admits only requests; a new opcode must be handled here
             raise ChannelError(f"opcode {_op_name(op)} is not served by this host")
 
     def _hello(self, f: wire.Frame, out: list[bytes]) -> None:
-        if f.opcode != _HELLO:
-            raise ChannelError(f"first frame must be HELLO, got {_op_name(f.opcode)}")
-        hello = wire.parse_hello(f.payload)
+        """Answer the HELLO that must open a session (the rules are the protocol's session's)."""
+        try:
+            out.append(self.session.receive_hello(f))
+        except HandshakeRefused as err:
+            out.append(err.reply)
+            raise ChannelError(str(err), err.status) from None
+        except SessionError as err:
+            raise ChannelError(str(err), err.status) from None
         guest = self.guest
-        versions_ok = hello.min_version <= _VERSION <= hello.max_version
-        if not versions_ok or hello.page_size != wire.PAGE_SIZE:
-            self._reply(out, f, Status.INVALID)
-            raise ChannelError(
-                f"no common protocol: guest offers versions {hello.min_version}.."
-                f"{hello.max_version} and page size {hello.page_size}, host speaks {_VERSION} "
-                f"with {wire.PAGE_SIZE}",
-                Status.INVALID,
-            )
-        welcome = wire.Welcome(version=_VERSION, page_size=wire.PAGE_SIZE,
-                               max_payload=self.max_payload, max_vector=self.max_vector)
-        self._reply(out, f, payload=wire.welcome_payload(welcome))
-        self.welcomed = True
-        guest.hello_name = hello.name
-        log.info("guest %s: handshake done (calls itself %r)", guest.name, hello.name)
+        guest.hello_name = self.session.hello_name
+        log.info("guest %s: handshake done (calls itself %r)", guest.name, guest.hello_name)
 
     def _new_pool(self, f: wire.Frame, out: list[bytes]) -> None:
         flags, uuid = wire.parse_pool_spec(f.payload)
@@ -444,13 +433,13 @@ class GuestChannel(asyncio.Protocol):
             log.warning("guest %s: pool refused: %s", self.guest.name, err)
             self._reply(out, f, Status.INVALID)
         else:
-            out.append(_pack_header(_MAGIC, _VERSION, f.opcode, _REPLY, _OK, 0,
+            out.append(pack_reply(f.opcode, OK,
                                     f.request_id, pool_id, f.oid, f.index, 0))
 
     @staticmethod
-    def _reply(out: list[bytes], f: wire.Frame, status: int = _OK, payload: bytes = b"") -> None:
+    def _reply(out: list[bytes], f: wire.Frame, status: int = OK, payload: bytes = b"") -> None:
         """Append a reply echoing the request's pool, oid and index (vector replies need n back)."""
-        out.append(_pack_header(_MAGIC, _VERSION, f.opcode, _REPLY, status, 0,
+        out.append(pack_reply(f.opcode, status,
                                 f.request_id, f.pool, f.oid, f.index, len(payload)))
         if payload:
             out.append(payload)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from guestagent.stdout import quiet_pipe
 from hostagent import config as configmod
 from hostagent import control, statsview
 
@@ -161,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return quiet_pipe(lambda: _main(argv))  # `| head` ends it quietly
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":

@@ -11,7 +11,7 @@ from typing import Final
 
 import lz4.block  # type: ignore[import-untyped,unused-ignore]
 
-from guestagent.wire import PAGE_SIZE
+from guestagent.protocol.wire import PAGE_SIZE
 
 RAW: Final = 0
 LZ4: Final = 1

@@ -14,8 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from guestagent import tomlfile
-from guestagent.wire import DEFAULT_MAX_PAYLOAD, DEFAULT_MAX_VECTOR, HEADER_SIZE, PAGE_SIZE
+from guestagent.protocol import tomlfile
+from guestagent.protocol.wire import (
+    DEFAULT_MAX_PAYLOAD,
+    DEFAULT_MAX_VECTOR,
+    HEADER_SIZE,
+    PAGE_SIZE,
+    PORT_NAME,
+)
 from hostagent.balloon import HostParams, Params
 
 DEFAULT_CONTROL_SOCKET = "/run/tmem/control.sock"
@@ -58,7 +64,7 @@ class ChannelsConfig:
 class LibvirtConfig:
     enabled: bool = True
     uri: str = "qemu:///system"
-    channel: str = "org.tmem.0"
+    channel: str = PORT_NAME
     retry_interval: float = 2.0
 
 
@@ -149,7 +155,7 @@ def load(path: str | Path) -> Config:
         raise ConfigError(f"{p}: {e}") from None
 
 
-def parse(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Config:
+def parse(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Config:  # noqa: C901 (one section check after another)
     """Validate an already-decoded TOML document (a dict) into a `Config`."""
     _no_unknown(data, {"pool", "control", "channels", "libvirt", "defaults", "guest", "shared_pool",
                        "balloon", "metrics"}, "")

@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from guestagent import jsonline
+from guestagent.protocol import jsonline
 from hostagent import streams
 
 log = logging.getLogger("hostagent.control")

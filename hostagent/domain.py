@@ -27,11 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from guestagent.protocol.wire import PORT_NAME
+
 VirtType = Literal["kvm", "qemu"]
 Boot = Literal["kernel", "disk"]
 DiskCache = Literal["none", "writeback"]
 
-TMEM_CHANNEL = "org.tmem.0"
+TMEM_CHANNEL = PORT_NAME
 QEMU_GA_CHANNEL = "org.qemu.guest_agent.0"
 DEFAULT_CMDLINE = "root=/dev/vda rw console=ttyS0"
 VIRT_TYPE_ENV = "TMEM_VIRT_TYPE"

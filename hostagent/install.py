@@ -35,7 +35,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from guestagent.jsonline import is_listening
+from guestagent.protocol.jsonline import is_listening
 from hostagent import config as configmod
 
 UNIT_NAME = "tmem-hostagent.service"

@@ -18,16 +18,14 @@ search the log.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from array import array
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final, NamedTuple
 
-from guestagent.wire import PAGE_SIZE, PoolFlag
+from guestagent.protocol.wire import PAGE_SIZE, PoolFlag
 
 from . import compress
 from .arena import (
@@ -40,30 +38,25 @@ from .arena import (
     ArenaFull,
     checksum,
 )
+from .poolstats import CounterStats, EngineStats, PoolInfo, SharedPoolStats
+from .pooltable import PoolRecord, PoolTable, TableError
 
 NO_UUID: Final = bytes(16)
 _LOG_SHIFT: Final = 24
 _REF_LOW: Final = (1 << REF_SHIFT) - 1  # a slot reference's length and encoding bits
 _LOG_GEN: Final = (1 << _LOG_SHIFT) - 1
 _FRESH_BATCH: Final = 256
+_POOL_FLAGS: Final = int(PoolFlag.PERSISTENT | PoolFlag.SHARED | PoolFlag.EXCLUSIVE_GETS)
 
-# An exclusive persistent get whose reply is not yet known delivered: (pool, oid, index, slot ref,
-# hold id). The id, unique per get, tells this hold from a later one of the same key: a slot ref
-# comes back when the slot is reused, so it cannot.
-Held = tuple["Pool", bytes, int, int, int]
+
 
 log = logging.getLogger("hostagent.pool")
 
 MAX_POOLS_PER_CLIENT: Final = 1024
-POOL_TABLE: Final = "pools.json"
 
 
 class EngineError(Exception):
     """Base of the engine's errors."""
-
-
-class TableError(EngineError):
-    """The pool table cannot be trusted at a restart: starting anyway would drop persistent pages."""
 
 
 class UnknownPool(EngineError):
@@ -103,7 +96,7 @@ class Counters:
         self.pages = 0
         self.stored = 0  # arena bytes
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> CounterStats:
         return {
             "puts": self.puts, "puts_refused": self.puts_refused, "gets": self.gets,
             "hits": self.hits, "flushes": self.flushes, "evicted": self.evicted,
@@ -178,6 +171,20 @@ class Pool:
             "persistent" if self.persistent else "ephemeral")
 
 
+class Held(NamedTuple):
+    """An exclusive persistent get whose reply is not yet known delivered.
+
+    `hold`, unique per get, tells this hold from a later one of the same key: a slot ref comes
+    back when the slot is reused, so it cannot.
+    """
+
+    pool: Pool
+    oid: bytes
+    index: int  # type: ignore[assignment]  # shadows tuple.index; the key's name
+    ref: int  # the slot
+    hold: int  # the hold's id
+
+
 class PoolEngine:
     """All pools of all guests over one arena."""
 
@@ -202,7 +209,7 @@ class PoolEngine:
         self._holds = 0  # hold ids handed out (see Held)
         self.compactions = 0  # times a put found no free slab and compacted a size class
         self.eph_bytes = 0
-        self._table = Path(arena.path).with_name(POOL_TABLE)
+        self._table = PoolTable(Path(arena.path).parent)
         self.rebuilt_pages = 0
         self.rejected_slots = 0
         self._rebuild()
@@ -245,7 +252,7 @@ class PoolEngine:
     # -- pools ------------------------------------------------------------------------------------
 
     def new_pool(self, client: Client, flags: int, uuid: bytes = NO_UUID) -> int:
-        flags &= PoolFlag.PERSISTENT | PoolFlag.SHARED | PoolFlag.EXCLUSIVE_GETS
+        flags &= _POOL_FLAGS
         if len(client.pools) >= MAX_POOLS_PER_CLIENT:
             raise OutOfSpace(f"{client.name} has {MAX_POOLS_PER_CLIENT} pools")
         if flags & PoolFlag.SHARED:
@@ -270,7 +277,7 @@ class PoolEngine:
         pool.members[client.name] = pool_id
         client.pools[pool_id] = pool
         if pool.persistent:
-            self._save_table()
+            self._table.set(self._record(pool), self._next_handle, {client.name: client.next_pool_id})
         return pool_id
 
     def pool_flags(self, client: Client, pool_id: int) -> int | None:
@@ -291,7 +298,11 @@ class PoolEngine:
         else:
             self._drop_pool(pool)
         if pool.persistent:
-            self._save_table()
+            ids = {client.name: client.next_pool_id}
+            if pool.members:
+                self._table.set(self._record(pool), self._next_handle, ids)
+            else:
+                self._table.drop(pool.handle, self._next_handle, ids)
 
     def _drop_pool(self, pool: Pool) -> None:
         free = self.arena.free
@@ -322,7 +333,7 @@ class PoolEngine:
 
     # -- pages ------------------------------------------------------------------------------------
 
-    def put(self, client: Client, pool_id: int, oid: bytes, index: int,
+    def put(self, client: Client, pool_id: int, oid: bytes, index: int,  # noqa: C901 (the hot path (mypyc): split only with bench pool)
             page: bytes | bytearray | memoryview) -> bool:
         """Store a page (True) or refuse it (False, and no older copy stays readable)."""
         pool = client.pools.get(pool_id)
@@ -426,7 +437,8 @@ class PoolEngine:
         emptied = False
         for slab in victims:
             for offset in arena.live_offsets(slab):
-                _, handle, _, oid, index, _, _, _, _ = arena.header(offset)
+                h = arena.header(offset)
+                handle, oid, index = h.handle, h.oid, h.index
                 pool = self._pools.get(handle)
                 pages = pool.objects.get(oid) if pool is not None else None
                 ref = pages.get(index) if pages is not None else None
@@ -491,7 +503,7 @@ class PoolEngine:
             if held is not None and pool.persistent:
                 encoding, data = self.arena.read(ref)
                 self._holds = hold = self._holds + 1
-                held.append((pool, oid, index, ref, hold))
+                held.append(Held(pool, oid, index, ref, hold))
                 held_pages = pool.held.get(oid)
                 if held_pages is None:
                     held_pages = pool.held[oid] = {}
@@ -607,7 +619,8 @@ class PoolEngine:
             offset = entry >> _LOG_SHIFT
             generation = arena.live_generation(offset)
             if generation and generation & _LOG_GEN == entry & _LOG_GEN:
-                _, _, _, oid, index, _, _, _, _ = arena.header(offset)
+                h = arena.header(offset)
+                oid, index = h.oid, h.index
                 pages = pool.objects.get(oid)
                 ref = pages.get(index) if pages is not None else None
                 if ref is not None and ref >> REF_SHIFT == offset:
@@ -722,38 +735,16 @@ class PoolEngine:
 
     # -- persistence ------------------------------------------------------------------------------
 
-    def _save_table(self) -> None:
-        """Persist persistent pools' identities (atomic rename), so a restart can rebuild them."""
-        pools = [
-            {"handle": p.handle, "flags": p.flags, "uuid": p.uuid.hex(), "owner": p.owner.name,
-             "members": p.members}
-            for p in self._pools.values() if p.persistent
-        ]
-        next_ids = {c.name: c.next_pool_id for c in self._clients.values()}
-        tmp = self._table.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"version": 1, "next_handle": self._next_handle, "next_ids": next_ids,
-                       "pools": pools}, f)
-        os.replace(tmp, self._table)
+    @staticmethod
+    def _record(pool: Pool) -> PoolRecord:
+        return PoolRecord(pool.handle, pool.flags, pool.uuid, pool.owner.name, dict(pool.members))
 
-    def _rebuild(self) -> None:
+    def _rebuild(self) -> None:  # noqa: C901 (the rebuild checks each slot in one pass)
         """Rebuild persistent pools and pages from the pool table and the arena's slots."""
-        table: dict[str, Any] = {}
-        if self._table.exists():
-            # Without the table every persistent page would be dropped as unowned: refuse to
-            # start rather than lose them silently.
-            try:
-                table = json.loads(self._table.read_text())
-                pools = [(int(e["handle"]), int(e["flags"]), bytes.fromhex(e["uuid"]), str(e["owner"]),
-                          {str(n): int(i) for n, i in e["members"].items()})
-                         for e in table.get("pools", [])]
-            except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
-                raise TableError(
-                    f"the pool table {self._table} cannot be read ({type(err).__name__}: {err}); "
-                    "it names the owners of the persistent pages in the arena. Restore it, or "
-                    "move it and the arena aside to start empty") from None
-        else:
-            pools = []
+        # Without the table every persistent page would be dropped as unowned: an unreadable one
+        # (TableError) stops the start rather than lose them silently.
+        table = self._table.load()
+        pools = [(r.handle, r.flags, r.uuid, r.owner, r.members) for r in table.pools.values()]
         for handle, flags, uuid, owner_name, members in pools:
             if flags & PoolFlag.SHARED:
                 allowed = self.shared_acl.get(uuid, frozenset())
@@ -776,17 +767,17 @@ class PoolEngine:
                 member.next_pool_id = max(member.next_pool_id, int(pool_id) + 1)
             if pool.shared:
                 self._shared[pool.uuid] = pool
-        for name, next_id in table.get("next_ids", {}).items():
+        for name, next_id in table.next_ids.items():
             c = self.client(name)
-            c.next_pool_id = max(c.next_pool_id, int(next_id))
-        self._next_handle = max([int(table.get("next_handle", 1))] + [h + 1 for h in self._pools])
+            c.next_pool_id = max(c.next_pool_id, next_id)
+        self._next_handle = max([table.next_handle] + [h + 1 for h in self._pools])
         rejected: list[int] = []
         best: dict[tuple[int, bytes, int], tuple[int, int]] = {}  # key -> (generation, ref)
-        have_table = self._table.exists()
+        have_table = table.exists
         for rec in list(self.arena.scan()):
             if rec.verified and not have_table:
                 raise TableError(
-                    f"the arena holds persistent pages but the pool table {self._table} is "
+                    f"the arena holds persistent pages but the pool table {self._table.snapshot} is "
                     "missing: restore it, or move the arena aside to start empty")
             found = self._pools.get(rec.handle)
             if found is None or not found.persistent or not rec.verified:
@@ -812,15 +803,17 @@ class PoolEngine:
         self.arena.release_unused_after_scan()
         self.rebuilt_pages = len(best)
         self._generation = self.arena.max_generation
-        if self._pools or self._table.exists():
-            self._save_table()
+        if self._pools or have_table:
+            self._table.rewrite([self._record(p) for p in self._pools.values() if p.persistent],
+                                self._next_handle, {c.name: c.next_pool_id for c in self._clients.values()})
 
     def close(self) -> None:
+        self._table.close()
         self.arena.close()
 
     # -- observability ----------------------------------------------------------------------------
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> EngineStats:
         arena = self.arena
         eph_pages = sum(c.eph.pages for c in self._clients.values())
         pers_pages = sum(c.pers.pages for c in self._clients.values())
@@ -849,15 +842,13 @@ class PoolEngine:
                 "rebuilt_pages": self.rebuilt_pages,
                 "rejected_slots": self.rejected_slots,
             },
-            "shared": {
-                pool.uuid.hex(): {"kind": pool.kind, "members": sorted(pool.members),
-                                  "quota_bytes": self.shared_quota_bytes,
-                                  **pool.storage.as_dict()}
-                for pool in self._shared.values()
-            },
+            "shared": {pool.uuid.hex(): self._shared_stats(pool) for pool in self._shared.values()},
             "guests": {
                 c.name: {
-                    **asdict(c.settings),
+                    "weight": c.settings.weight,
+                    "cap_bytes": c.settings.cap_bytes,
+                    "quota_bytes": c.settings.quota_bytes,
+                    "compress": c.settings.compress,
                     "pools": len(c.pools),
                     "ephemeral": c.eph.as_dict(),
                     "persistent": c.pers.as_dict(),
@@ -866,8 +857,15 @@ class PoolEngine:
             },
         }
 
-    def pools_info(self) -> list[dict[str, Any]]:
-        out = []
+    def _shared_stats(self, pool: Pool) -> SharedPoolStats:
+        c = pool.storage.as_dict()
+        return {"kind": pool.kind, "members": sorted(pool.members), "quota_bytes": self.shared_quota_bytes,
+                "puts": c["puts"], "puts_refused": c["puts_refused"], "gets": c["gets"], "hits": c["hits"],
+                "flushes": c["flushes"], "evicted": c["evicted"], "pages": c["pages"], "bytes": c["bytes"],
+                "raw_bytes": c["raw_bytes"]}
+
+    def pools_info(self) -> list[PoolInfo]:
+        out: list[PoolInfo] = []
         for pool in self._pools.values():
             pages = sum(len(p) for p in pool.objects.values())
             stored = sum(self.arena.size_of(r) for p in pool.objects.values() for r in p.values())
@@ -883,5 +881,5 @@ class PoolEngine:
 
 __all__ = [
     "Client", "ClientSettings", "Counters", "EngineError", "OutOfSpace", "Pool", "PoolDenied",
-    "PoolEngine", "UnknownPool",
+    "PoolEngine", "TableError", "UnknownPool",
 ]

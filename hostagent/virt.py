@@ -21,10 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from guestagent.protocol.wire import PORT_NAME
+
 log = logging.getLogger("hostagent.virt")
 
 DEFAULT_URI = "qemu:///system"
-DEFAULT_CHANNEL = "org.tmem.0"
+DEFAULT_CHANNEL = PORT_NAME
 
 
 @dataclass(frozen=True, slots=True)

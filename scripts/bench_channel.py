@@ -28,7 +28,7 @@ import threading
 import time
 from typing import Any
 
-from guestagent.jsonline import is_listening
+from guestagent.protocol.jsonline import is_listening
 from scripts import lab
 from scripts.bench_wire import Echo
 from scripts.guest import Guest
@@ -79,7 +79,7 @@ print(json.dumps({"rtt_us": statistics.median(rtts) * 1e6, "messages": done,
 GUEST_TMEM = r'''
 import json, os, statistics, sys, time
 import trio
-from guestagent import wire
+from guestagent.protocol import wire
 from guestagent.channel import open_channel
 from guestagent.ports import find_port
 samples, window, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
@@ -117,7 +117,7 @@ trio.run(main)
 
 GUEST_BLOCKING = r'''
 import json, os, select, statistics, sys, time
-from guestagent import wire
+from guestagent.protocol import wire
 from guestagent.ports import find_port
 samples = int(sys.argv[1])
 fd = os.open(find_port(), os.O_RDWR)

@@ -39,7 +39,7 @@ from typing import Any
 
 import lz4.block
 
-from guestagent.wire import PAGE_SIZE, PoolFlag
+from guestagent.protocol.wire import PAGE_SIZE, PoolFlag
 from hostagent.arena import RAW_CLASS, SLOT_SIZES, Arena
 from hostagent.pool import Client, ClientSettings, PoolEngine
 

@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from guestagent.jsonline import is_listening
+from guestagent.protocol.jsonline import is_listening
 from scripts.processes import stop, wait_started
 
 PAGE = 4096

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from guestagent import preswap
-from guestagent.jsonline import is_listening
+from guestagent.protocol.jsonline import is_listening
 from scripts.processes import stop, wait_started
 
 PAGE = preswap.PAGE
@@ -104,7 +104,7 @@ def main() -> int:
                 if os.path.exists(sock):
                     os.unlink(sock)
                 swapper = subprocess.Popen(
-                    [sys.executable, "-m", "guestagent.swapper", "--channel",
+                    [sys.executable, str(Path(__file__).resolve().parent / "preswap_swapper.py"), "--channel",
                      str(tmp / "guests" / "bench.sock"), "--socket", sock, "--swap-file",
                      os.path.join(diskdir, "swap"), "--policy", policy, "--readahead", str(readahead)],
                     stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip

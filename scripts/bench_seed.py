@@ -38,7 +38,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from guestagent.jsonline import is_listening
+from guestagent.protocol.jsonline import is_listening
 from scripts import lab, seed_figures
 from scripts.demo import tmem_ready
 from scripts.guest import AGENT_UNIT, Guest

@@ -16,9 +16,9 @@ full/dry, one task):
   same unit as ours, although an echo moves a full message in *both* directions.
 
 ours (a real `hostagent run` subprocess: temp config, arena in a tmp dir on /dev/shm; client
-= `open_channel` + `Pool`, on guest "bench", whose `compress = false`: the compressor is the
+= `open_channel` + `PoolHandle`, on guest "bench", whose `compress = false`: the compressor is the
 engine's business and `scripts/bench pool` measures it, this measures the channel):
-- `get_rtt_us`: median `Pool.get` of one stored page on a persistent pool created WITHOUT
+- `get_rtt_us`: median `PoolHandle.get` of one stored page on a persistent pool created WITHOUT
   EXCLUSIVE_GETS (so every get hits), one request in flight, `rtt_samples` samples.
 - `throughput_mbs`: one task keeping `window` requests in flight, as the echo client does:
   `start_put(k)` then `start_get(k)` (the get must return the put's page), awaiting the oldest
@@ -64,9 +64,9 @@ from typing import Any
 import psutil
 import trio
 
-from guestagent import wire
-from guestagent.channel import PendingGet, PendingPut, Pool, open_channel
-from guestagent.jsonline import is_listening
+from guestagent.channel import PendingGet, PendingPut, PoolHandle, open_channel
+from guestagent.protocol import wire
+from guestagent.protocol.jsonline import is_listening
 from scripts.processes import stop, wait_started
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -179,7 +179,7 @@ async def echo_throughput(path: str, window: int, seconds: float) -> float:
     return done * wire.PAGE_SIZE / elapsed / 1e6
 
 
-async def get_rtt(pool: Pool, samples: int) -> float:
+async def get_rtt(pool: PoolHandle, samples: int) -> float:
     oid = b"rtt".ljust(24, b"\0")
     page = _page(1)
     if not await pool.put(oid, 0, page):
@@ -194,7 +194,7 @@ async def get_rtt(pool: Pool, samples: int) -> float:
     return statistics.median(times) * 1e6
 
 
-async def channel_throughput(pool: Pool, window: int, seconds: float) -> tuple[float, int]:
+async def channel_throughput(pool: PoolHandle, window: int, seconds: float) -> tuple[float, int]:
     """(MB/s of page bytes moved, operations done)."""
     pages = [_page(i) for i in range(KEYS_PER_TASK)]
     ops = 0
@@ -221,7 +221,7 @@ async def channel_throughput(pool: Pool, window: int, seconds: float) -> tuple[f
     return ops * wire.PAGE_SIZE / elapsed / 1e6, ops
 
 
-async def pipelined_throughput(pool: Pool, window: int, seconds: float) -> tuple[float, int]:
+async def pipelined_throughput(pool: PoolHandle, window: int, seconds: float) -> tuple[float, int]:
     """(MB/s of page bytes moved, operations done) with one task keeping `window` requests in
     flight, as the echo client does: start put(k) and get(k) back to back (the channel applies
     them in order, so the get must see the put), await the oldest pair once the window is full.
@@ -254,7 +254,7 @@ async def pipelined_throughput(pool: Pool, window: int, seconds: float) -> tuple
     return ops * wire.PAGE_SIZE / elapsed / 1e6, ops
 
 
-async def vector_throughput(pool: Pool, window: int, seconds: float,
+async def vector_throughput(pool: PoolHandle, window: int, seconds: float,
                             batch: int = 16) -> tuple[float, int]:
     """(MB/s of page bytes moved, pages moved) with PUT_VEC/GET_VEC of `batch` pages.
 

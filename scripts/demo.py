@@ -23,7 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from guestagent.jsonline import is_listening
+from guestagent.protocol.jsonline import is_listening
 from hostagent import statsview
 from scripts import lab
 from scripts.guest import AGENT_CONFIG, Guest

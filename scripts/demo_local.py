@@ -30,8 +30,8 @@ from typing import Any
 
 import trio
 
-from guestagent import wire
 from guestagent.channel import open_channel
+from guestagent.protocol import wire
 
 ROOT = Path(__file__).resolve().parent.parent
 GUESTS = (("alpha", 1), ("beta", 1), ("gamma", 2))

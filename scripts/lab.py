@@ -28,8 +28,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
-from guestagent import tomlfile
-from guestagent.jsonline import is_listening
+from guestagent.protocol import tomlfile
+from guestagent.protocol.jsonline import is_listening
 from hostagent import control, statsview
 from hostagent.domain import DiskCache, Guest, IOTune, detect_virt_type, domain_xml
 from scripts import build_image

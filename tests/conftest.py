@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-pytest_plugins = ["tests.support.host_agent", "tests.support.guest_daemon"]
+pytest_plugins = ["tests.support.host_agent", "tests.support.guest_daemon", "tests.support.precache_mount"]
 
 TIERS: dict[str, str] = {
     "test_balloon": "unit",
@@ -27,6 +27,11 @@ TIERS: dict[str, str] = {
     "test_seed_figures": "unit",
     "test_demo_summary": "unit",
     "test_attach": "unit",
+    "test_guest_sched": "unit",
+    "test_pressure": "unit",
+    "test_protocol_session": "unit",
+    "test_regionbook": "unit",
+    "test_pooltable": "unit",  # real files in a temp dir, no processes
     "test_domain": "process",  # runs detect_virt_type in a subprocess
     "test_guest_channel": "process",
     "test_guest_channel_chaos": "process",
@@ -35,10 +40,16 @@ TIERS: dict[str, str] = {
     "test_hostagent": "process",
     "test_precache": "process",
     "test_precache_daemon": "process",
+    "test_precache_races": "process",
+    "test_precache_users": "process",
+    "test_precache_writes": "process",
+    "test_hostile_guest": "process",
+    "test_cli_pipes": "process",
     "test_preswap": "process",
     "test_preswap_daemon": "process",
     "test_restart": "process",
     "test_metrics": "process",
+    "test_agent_tasks": "process",  # a real agent and unix sockets in this process
     "test_sdnotify": "process",
     "test_install": "process",
     "test_lab": "lab",

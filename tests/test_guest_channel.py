@@ -25,18 +25,18 @@ from typing import Any
 import pytest
 import trio
 
-from guestagent import channel as channel_mod
-from guestagent import wire
 from guestagent.channel import (
     Channel,
     ChannelClosed,
     ChannelError,
-    Pool,
+    PoolHandle,
     PoolLost,
     open_channel,
     resolve_channel_path,
 )
-from guestagent.wire import Frame, Op, PoolFlag, Status
+from guestagent.channel import connection as channel_mod
+from guestagent.protocol import wire
+from guestagent.protocol.wire import Frame, Op, PoolFlag, Status
 from tests.support.host_agent import SHARED_UUID, HostAgentProcess
 from tests.support.wire_guest import oid, page
 
@@ -218,7 +218,7 @@ class _Wakeups(trio.abc.Instrument):
         self.counts[task] += 1
 
 
-async def _window(pool: Pool, pairs: int, most: int = 16) -> None:
+async def _window(pool: PoolHandle, pairs: int, most: int = 16) -> None:
     """Put+get pairs with up to `most` pairs in flight, each awaited oldest first."""
     window: collections.deque[tuple[int, Any, Any]] = collections.deque()
     for i in range(pairs):
@@ -244,9 +244,9 @@ def test_a_pipelining_task_reads_its_own_replies(
     # the machine; the runnable neighbour is checked with the real one.
     monkeypatch.setattr(channel_mod, "_SYNC_SLICE", 0.005)
     if join:
-        init = channel_mod._Conn.__init__
-        monkeypatch.setattr(channel_mod._Conn, "__init__",
-                            lambda self, fd, join: init(self, fd, True))  # fmt: skip
+        init = channel_mod.Connection.__init__
+        monkeypatch.setattr(channel_mod.Connection, "__init__",
+                            lambda self, fd, join, *rest: init(self, fd, True, *rest))  # fmt: skip
 
     async def main() -> None:
         wakeups = _Wakeups()
@@ -462,7 +462,7 @@ def test_persistent_get_survives_host_agent_restart(host_agent: HostAgentProcess
             per_id = per.remote_id
             got: dict[str, bytes | None] = {}
 
-            async def fetch(label: str, pool: Pool, key: int, index: int) -> None:
+            async def fetch(label: str, pool: PoolHandle, key: int, index: int) -> None:
                 got[label] = await pool.get(oid(key), index)
 
             async with trio.open_nursery() as nursery:
@@ -640,7 +640,7 @@ def test_closing_fails_waiting_requests(host_agent: HostAgentProcess) -> None:
     async def main() -> None:
         errors: list[BaseException] = []
 
-        async def blocked(pool: Pool) -> None:
+        async def blocked(pool: PoolHandle) -> None:
             try:
                 await pool.get(oid(1), 0)
             except ChannelClosed as exc:

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from guestagent.channel import PendingGet, PendingPut, Pool, open_channel
-from guestagent.wire import PoolFlag
+from guestagent.channel import PendingGet, PendingPut, PoolHandle, open_channel
+from guestagent.protocol.wire import PoolFlag
 from tests.support.host_agent import HostAgentProcess
 from tests.support.wire_guest import oid, page
 
@@ -116,7 +116,7 @@ def test_pipelining_tasks_through_a_chopping_cutting_proxy(
     proxy = ChoppingProxy(host_agent.sockets["g1"], seed)
     rounds: collections.Counter[str] = collections.Counter()
 
-    async def window(pool: Pool, name: str, o: int, most: int, end: float) -> None:
+    async def window(pool: PoolHandle, name: str, o: int, most: int, end: float) -> None:
         inflight: collections.deque[tuple[int, PendingPut, PendingGet]] = collections.deque()
         i = 0
         while time.monotonic() < end or inflight:
@@ -130,7 +130,7 @@ def test_pipelining_tasks_through_a_chopping_cutting_proxy(
                 assert await get == page(n), (name, n)
                 rounds[name] += 1
 
-    async def vectors(pool: Pool, end: float) -> None:
+    async def vectors(pool: PoolHandle, end: float) -> None:
         keys = [(oid(12), i) for i in range(40)]
         n = 0
         while time.monotonic() < end:
@@ -139,7 +139,7 @@ def test_pipelining_tasks_through_a_chopping_cutting_proxy(
             n += 1
             rounds["vectors"] += 1
 
-    async def lone(pool: Pool, end: float) -> None:
+    async def lone(pool: PoolHandle, end: float) -> None:
         n = 0
         while time.monotonic() < end:
             assert await pool.put(oid(13), n % 8, page(n))

@@ -22,8 +22,9 @@ from typing import Any
 import pytest
 
 from guestagent import config as configmod
-from guestagent import control, wire
-from guestagent.wire import Frame, Op, Status
+from guestagent import control
+from guestagent.protocol import wire
+from guestagent.protocol.wire import Frame, Op, Status
 from scripts.wait import wait_until
 from tests.support.guest_daemon import GuestDaemon, guestagent_cli
 from tests.support.host_agent import HostAgentProcess, stats_json

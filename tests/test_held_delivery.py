@@ -17,8 +17,8 @@ from functools import partial
 
 import psutil
 
-from guestagent import wire
-from guestagent.wire import Frame, Op, PoolFlag, Status
+from guestagent.protocol import wire
+from guestagent.protocol.wire import Frame, Op, PoolFlag, Status
 from scripts.wait import wait_until
 from tests.support.host_agent import HostAgentProcess
 from tests.support.wire_guest import oid, page

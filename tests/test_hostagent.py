@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import pytest
 
-from guestagent import wire
-from guestagent.wire import Flag, Frame, Op, PoolFlag, Status
+from guestagent.protocol import wire
+from guestagent.protocol.wire import Flag, Frame, Op, PoolFlag, Status
 from scripts.wait import wait_until
 from tests.support.host_agent import SHARED_UUID, HostAgentProcess, stats_json
 from tests.support.wire_guest import WireGuest, connected, oid, page

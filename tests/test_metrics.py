@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from guestagent.wire import PoolFlag
+from guestagent.protocol.wire import PoolFlag
 from hostagent import metrics
 from tests.support.host_agent import HostAgentProcess, stats_json
 from tests.support.wire_guest import connected, page

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from guestagent.wire import PAGE_SIZE, PoolFlag
+from guestagent.protocol.wire import PAGE_SIZE, PoolFlag
 from hostagent.arena import (
     CLASS_FOR_LENGTH,
     FLAG_CHECKSUM,
@@ -114,7 +114,8 @@ def harness() -> Iterator[Harness]:
 
 
 def gstats(engine: PoolEngine, name: str, kind: str) -> dict[str, Any]:
-    result: dict[str, Any] = engine.stats()["guests"][name][kind]
+    guests: dict[str, Any] = dict(engine.stats()["guests"])
+    result: dict[str, Any] = guests[name][kind]
     return result
 
 

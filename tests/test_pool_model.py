@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from guestagent.wire import PAGE_SIZE, PoolFlag
+from guestagent.protocol.wire import PAGE_SIZE, PoolFlag
 from hostagent.arena import SLOT_SIZES, Arena
 from hostagent.pool import ClientSettings, PoolDenied, PoolEngine, UnknownPool
 
@@ -295,7 +295,7 @@ class PoolModel(RuleBasedStateMachine):
             return
         pid, pool = picked
         page = make_page(*spec)
-        before = self.engine.stats() if self.TIGHT else None
+        before = dict(self.engine.stats()) if self.TIGHT else None
         stored = self.engine.put(self.engine.client(who), pid, key[0], key[1], page)
         assert stored in (True, False)
         if not self.TIGHT:
@@ -415,7 +415,7 @@ class PoolModel(RuleBasedStateMachine):
 
         Private pools are charged to their guest, shared pools to themselves ("shared" by uuid).
         """
-        stats: dict[str, Any] = self.engine.stats()
+        stats: dict[str, Any] = dict(self.engine.stats())
         pool = stats["pool"]
         if pool["evictions"]:
             event("evictions happened")

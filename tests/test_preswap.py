@@ -1,10 +1,11 @@
 """Preswap on the host: real userfaultfd, a real swapper process, a real host agent process.
 
-The swapper (`python -m guestagent.swapper`) holds its own channel to the host agent as guest g1;
-applications are separate processes (`python -m guestagent.preswap_workload`) or this test process
-itself: either way no fault is ever handled in the faulting process.  The 100,000+ fault soak of
-issue 5 is `python -m guestagent.preswap_workload --ops 140000` against the same setup
-(`scripts/bench_preswap.py` runs it with the fault-service figures); the test here does ~30,000.
+The swapper (`scripts/preswap_swapper.py`: one without the daemon) holds its own channel to the
+host agent as guest g1; applications are separate processes (`python -m
+guestagent.preswap_workload`) or this test process itself: either way no fault is ever handled in
+the faulting process.  The 100,000+ fault soak of issue 5 is `python -m guestagent.preswap_workload
+--ops 140000` against the same setup (`scripts/bench_preswap.py` runs it with the fault-service
+figures); the test here does ~30,000.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from tests.support.host_agent import HostAgentProcess, stats_json
 from tests.support.process import read_log, reap
 
 PAGE = preswap.PAGE
+SWAPPER = Path(__file__).resolve().parent.parent / "scripts" / "preswap_swapper.py"
 
 
 class SwapperProcess:
@@ -41,7 +43,7 @@ class SwapperProcess:
         self.log_path = agent.workdir / f"swapper-{guest}.log"
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "guestagent.swapper", "--channel", agent.sockets[guest],
+                [sys.executable, str(SWAPPER), "--channel", agent.sockets[guest],
                  "--socket", self.socket, "--swap-file", self.swap_file, "--log-level", "INFO",
                  "--report-interval", "0.1", *extra],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,

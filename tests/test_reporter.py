@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from guestagent import reporter, wire
+from guestagent import reporter
+from guestagent.protocol import wire
 
 MEMINFO = """\
 MemTotal:         401232 kB

@@ -15,8 +15,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from guestagent import wire
-from guestagent.wire import PAGE_SIZE, Op, PoolFlag, Status
+from guestagent.protocol import wire
+from guestagent.protocol.wire import PAGE_SIZE, Op, PoolFlag, Status
 from scripts.wait import wait_until
 from tests.support.host_agent import HostAgentProcess
 from tests.support.wire_guest import WireGuest, oid

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guestagent import wire
-from guestagent.wire import (
+from guestagent.protocol import wire
+from guestagent.protocol.wire import (
     DEFAULT_MAX_PAYLOAD,
     DEFAULT_MAX_VECTOR,
     HEADER,

@@ -12,9 +12,9 @@ import sys
 
 import trio
 
-from guestagent import wire
 from guestagent.channel import open_channel
 from guestagent.ports import find_port
+from guestagent.protocol import wire
 
 
 def page(i: int) -> bytes:

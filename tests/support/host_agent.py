@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from guestagent import wire
+from guestagent.protocol import wire
 from hostagent import control
 from tests.support.process import read_log, reap, spawn, wait_serving
 from tests.support.wire_guest import WireGuest

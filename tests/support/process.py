@@ -10,7 +10,7 @@ from typing import Protocol
 
 import pytest
 
-from guestagent.jsonline import is_listening
+from guestagent.protocol.jsonline import is_listening
 from scripts.wait import wait_until
 
 STOP_TIMEOUT = 10.0

@@ -1,4 +1,4 @@
-"""A blocking wire-level test guest, built directly on `guestagent.wire` (not on the guest
+"""A blocking wire-level test guest, built directly on `guestagent.protocol.wire` (not on the guest
 agent's channel client), so tests see exactly the frames the host agent sends."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from collections import deque
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from guestagent import wire
-from guestagent.wire import Frame, Op, Status
+from guestagent.protocol import wire
+from guestagent.protocol.wire import Frame, Op, Status
 
 if TYPE_CHECKING:
     from tests.support.host_agent import HostAgentProcess

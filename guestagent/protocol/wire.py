@@ -35,6 +35,7 @@ __all__ = [
     "NOREPLY_OPS",
     "NO_OID",
     "PAGE_SIZE",
+    "PORT_NAME",
     "REQUEST_OPS",
     "VECTOR_OPS",
     "VERSION",
@@ -78,6 +79,7 @@ __all__ = [
 # --------------------------------------------------------------------------- constants
 
 PAGE_SIZE = 4096
+PORT_NAME = "org.tmem.0"  # the virtio-serial port (QEMU's `name=`) the channel runs over
 VERSION = 1
 MAGIC = 0x6D74
 # magic u16, version u8, opcode u8, flags u8, status u8, reserved u16 (must be 0),
