@@ -120,6 +120,7 @@ def config_figures(a: Mapping[str, Any], b: Mapping[str, Any], seconds: float) -
         "builds": builds,
         "builds_failed": int(total.get("builds_failed", 0)),
         "build_mean_seconds": round(total["build_seconds_sum"] / builds, 1) if builds else None,
+        "builds_per_minute": round(60 * builds / seconds, 2) if seconds else None,
         "memory_rounds": int(total.get("memory_rounds", 0)),
         "memory_rounds_failed": int(total.get("memory_rounds_failed", 0)),
         "disk_reads": int(total.get("disk_reads", 0)),
@@ -128,6 +129,8 @@ def config_figures(a: Mapping[str, Any], b: Mapping[str, Any], seconds: float) -
         "disk_read_mib": round(total.get("disk_read_mib", 0.0), 1),
         "storage_reads": round(total.get("storage_reads", 0.0)),
         "storage_ops": round(total.get("storage_reads", 0.0) + total.get("disk_writes", 0.0)),
+        "storage_ops_per_second": (round((total.get("storage_reads", 0.0) + total.get("disk_writes", 0.0))
+                                         / seconds, 1) if seconds else None),
         "swap_pages_to_disk": int(total.get("swap_pages_to_disk", 0)),
         "swap_pages_to_pool": int(total.get("swap_pages_to_pool", 0)),
         "page_ins": round(page_ins),
@@ -241,13 +244,15 @@ def targets(configs: Mapping[str, Mapping[str, Any]], rat: Mapping[str, Any]) ->
 
 
 COLUMNS = (
+    ("window (s)", "seconds"),
     ("guest memory at end (MiB)", "guest_memory_mib_end"),
-    ("builds", "builds"),
+    ("builds (per min)", "builds"),
     ("build mean (s)", "build_mean_seconds"),
     ("memory rounds", "memory_rounds"),
     ("disk reads", "disk_reads"),
     ("disk writes", "disk_writes"),
     ("reads at host storage", "storage_reads"),
+    ("host storage ops/s", "storage_ops_per_second"),
     ("swap pages to disk", "swap_pages_to_disk"),
     ("page-ins (from pool)", "page_ins"),
     ("host memory (MiB)", "host_memory_mib"),
@@ -261,6 +266,8 @@ def _cell(c: Mapping[str, Any], key: str) -> str:
     v = c.get(key)
     if key == "page_ins":
         return f"{v:,} ({c.get('page_ins_from_pool', 0):,})"
+    if key == "builds":
+        return f"{v} ({c.get('builds_per_minute')})"
     if key == "guest_agent_cpu_seconds":
         return f"{v} / {c.get('guest_agent_rss_mib')}"
     if v is None:

@@ -155,4 +155,4 @@ def test_table_has_a_row_per_configuration_in_order() -> None:
     lines = sf.markdown_table(figs).splitlines()
     assert [line.split("|")[1].strip() for line in lines[2:]] == ["plain", "tmem", "zswap"]
     assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|")
-    assert "1,234" in lines[2]
+    assert "1,234" in lines[2] and "| 2 (2.0) |" in lines[2]
