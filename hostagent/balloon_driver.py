@@ -33,8 +33,10 @@ class BalloonDriver:
     """Runs the controller every `interval` over the agent's libvirt guests."""
 
     def __init__(self, config: BalloonConfig, watcher: LibvirtWatcher, guests: Mapping[str, Guest],
-                 engine: Callable[[], PoolEngine], host_available: Callable[[], int]) -> None:
+                 engine: Callable[[], PoolEngine], host_available: Callable[[], int],
+                 swapdev_refused: Callable[[str], int | None] | None = None) -> None:
         self.config = config
+        self.swapdev_refused = swapdev_refused
         self.watcher = watcher
         self.guests = guests
         self.engine = engine
@@ -109,6 +111,7 @@ class BalloonDriver:
                 refault_rate=sum(rates.get(k, 0.0) for k in REFAULT_KEYS),
                 preswap_refused=None if report is None else report.get("preswap_puts_refused"),
                 persistent_pages=g.client.pers.pages,
+                swapdev_refused=None if self.swapdev_refused is None else self.swapdev_refused(name),
             )
         return obs
 
