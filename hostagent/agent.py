@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
+import itertools
 import logging
 import os
+import re
 import signal
 import stat
 import time
@@ -34,7 +36,7 @@ from hostagent.virt import Domain, LibvirtWatcher
 log = logging.getLogger("hostagent")
 
 ARENA_FILE = "arena"  # inside [pool] arena_dir
-QEMU_PIDFILE_DIR = "/run/libvirt/qemu"
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 SAVED = "stopped (saved)"  # virt's reason for a domain saved to a file (virsh save)
 MIB = 1 << 20
 
@@ -208,17 +210,27 @@ class HostAgent:
                  cfg.spill_dir)
 
     def _authorize_swap(self, name: str, pid: int) -> Client | str:
-        """The guest a swap-device connection may have: the export names it, the peer must be it."""
+        """The guest a swap-device connection may have: the export names it, the peer must be it.
+
+        A configured guest: the socket's permissions decide who may connect. A libvirt domain (the
+        export is its UUID): the peer must be a QEMU started with `-uuid` that UUID. QEMU opens the
+        device before libvirt reports the domain running, and again at a restore, so the domain
+        need not be attached yet: its client is made (or found, after a save) here."""
         guest = self.guests.get(name)
-        if guest is None:
+        if guest is not None and guest.domain is None:
+            return guest.client
+        if not self.config.libvirt.enabled or not _UUID.fullmatch(name):
             return "no such guest"
-        if guest.domain is not None:
-            qemu = qemu_pid(guest.display)
-            if qemu is None:
-                return f"cannot read the QEMU pid of domain {guest.display}"
-            if qemu != pid:
-                return f"the peer is not domain {guest.display}'s QEMU (pid {qemu})"
-        return guest.client
+        if qemu_uuid(pid) != name:
+            return f"the peer (pid {pid}) is not the QEMU of domain {name}"
+        if guest is not None:
+            return guest.client
+        engine = self._engine()
+        if any(c.name == name for c in engine.clients()):  # saved and restored, or rebuilt
+            return engine.client(name)
+        dflt = self.config.defaults
+        return engine.client(name, client_settings(dflt.weight, dflt.cap_mib, dflt.quota_mib,
+                                                   dflt.compress))
 
     async def _close_servers(self) -> None:
         if self._control is not None:
@@ -494,12 +506,19 @@ class HostAgent:
                 "persistent_pages": guest.client.pers.pages}
 
 
-def qemu_pid(domain_name: str) -> int | None:
-    """The pid of a running domain's QEMU, from libvirt's pid file (root-owned, not the guest's)."""
+def qemu_uuid(pid: int) -> str | None:
+    """The `-uuid` on a process's command line (libvirt starts QEMU with it), or None: the host's
+    word on which domain a QEMU process runs, which nothing in the guest can change."""
     try:
-        return int(Path(QEMU_PIDFILE_DIR, f"{domain_name}.pid").read_text().strip())
-    except (OSError, ValueError):
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
         return None
+    if not args or not os.path.basename(args[0].decode(errors="replace")).startswith("qemu"):
+        return None
+    for flag, value in itertools.pairwise(args):
+        if flag == b"-uuid":
+            return value.decode(errors="replace").lower()
+    return None
 
 
 def _int_arg(req: Mapping[str, Any], key: str, minimum: int) -> int:
