@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from guestagent.wire import PAGE_SIZE, PoolFlag
+from hostagent.agent import qemu_uuid
 from hostagent.arena import Arena
 from hostagent.pool import ClientSettings, PoolEngine
 from hostagent.swapdev import DEVICE_POOL, SwapDevice, page_key
@@ -157,3 +160,21 @@ def test_a_page_in_pool_and_spill_after_a_crash_keeps_the_pool_copy(tmp_path: Pa
 def test_page_key_is_unique_over_index_overflow() -> None:
     assert page_key(5) != page_key(5 + (1 << 32))
     assert page_key((1 << 32) + 5) == ((1).to_bytes(24, "little"), 5)
+
+
+def test_a_domain_peer_is_known_by_its_qemu_command_line() -> None:
+    """The agent's check of a domain's swap-device connection: the peer's `-uuid`, read from /proc."""
+    uuid = "2b7c3e0a-1111-4222-8333-444455556666"
+    code = "import time; time.sleep(30)"
+    fake = subprocess.Popen(["qemu-system-x86_64", "-c", code, "-uuid", uuid.upper()],
+                            executable=sys.executable)
+    other = subprocess.Popen(["python3", "-c", code, "-uuid", uuid], executable=sys.executable)
+    try:
+        assert qemu_uuid(fake.pid) == uuid
+        assert qemu_uuid(other.pid) is None  # not a QEMU
+        assert qemu_uuid(os.getpid()) is None
+    finally:
+        for p in (fake, other):
+            p.kill()
+            p.wait()
+    assert qemu_uuid(fake.pid) is None  # gone
