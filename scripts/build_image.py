@@ -179,7 +179,6 @@ SWAPDEV_UNIT = f"""\
 Description=tmem swap device (the host's pool, over NBD): the highest-priority swap
 BindsTo={SWAPDEV_DEVICE_UNIT}
 After={SWAPDEV_DEVICE_UNIT}
-Before=swap.target
 
 [Service]
 Type=oneshot
