@@ -42,6 +42,9 @@ TCG_TB_CACHE_MIB = 256
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"  # <qemu:commandline>
 SWAP_NODE = "tmemswap"
 SWAP_SERIAL = "tmem-swap"  # the guest sees /dev/disk/by-id/virtio-tmem-swap
+# An integrated endpoint on q35's root bus, in a slot libvirt does not use: QEMU creates command-line
+# devices before libvirt's own, so one left to pick a slot takes the one libvirt gave a root port.
+SWAP_PCI_SLOT = "0x10"
 
 ET.register_namespace("qemu", QEMU_NS)
 
@@ -239,5 +242,6 @@ def _swap_device(domain: ET.Element, guest: Guest) -> None:
     blockdev = swap_blockdev(guest.swap_socket, guest.uuid, guest.swap_reconnect_delay)
     cmdline = ET.SubElement(domain, f"{{{QEMU_NS}}}commandline")
     for arg in ("-blockdev", json.dumps(blockdev, separators=(",", ":")), "-device",
-                f"virtio-blk-pci,drive={SWAP_NODE},id=tmemswap0,serial={SWAP_SERIAL}"):
+                f"virtio-blk-pci,drive={SWAP_NODE},id=tmemswap0,serial={SWAP_SERIAL},"
+                f"bus=pcie.0,addr={SWAP_PCI_SLOT}"):
         ET.SubElement(cmdline, f"{{{QEMU_NS}}}arg", value=arg)

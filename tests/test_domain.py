@@ -140,7 +140,8 @@ def test_swap_device_is_an_nbd_blockdev_with_reconnect_on_the_qemu_command_line(
     assert blockdev["export"] == uuid and blockdev["server"] == {"type": "unix",
                                                                  "path": "/run/tmem/swap.sock"}
     assert blockdev["reconnect-delay"] == 45 and blockdev["discard"] == "unmap"
-    assert args[3] == f"virtio-blk-pci,drive={domain.SWAP_NODE},id=tmemswap0,serial=tmem-swap"
+    assert args[3] == (f"virtio-blk-pci,drive={domain.SWAP_NODE},id=tmemswap0,serial=tmem-swap,"
+                       "bus=pcie.0,addr=0x10")
     assert not parse(guest()).findall(f"{{{domain.QEMU_NS}}}commandline")
     with pytest.raises(ValueError, match="uuid"):
         guest(swap_socket=Path("/run/tmem/swap.sock"))
