@@ -42,12 +42,22 @@ SPEC = lab.Lab((lab.GuestSpec(name=NAME, memory_mib=MEMORY_MIB, max_memory_mib=M
 @pytest.fixture(scope="module")
 def running() -> Iterator[dict[str, Any]]:
     lab.down()
-    with lab.lab_running(SPEC) as info:
+    console = lab.STATE / "console" / f"{NAME}.log"
+    try:
+        info = lab.up(SPEC)
+    except Exception:
+        if console.exists():  # the next lab overwrites it: keep it with the test's output
+            print(f"\n--- {console} ---\n{console.read_text(errors='replace')[-6000:]}")
+        lab.down()
+        raise
+    try:
         run(NAME, "sh", "-c", f"gcc -O2 -o {HOG} -x c -",
             stdin=(ROOT / "scripts" / "swap_hog.c").read_bytes())
         wait_for(lambda: "/dev/vdb" in run(NAME, "cat", "/proc/swaps"), 120,
                  "the swap device to be swapped on")
         yield info
+    finally:
+        lab.down()
 
 
 def swaps() -> dict[str, dict[str, int]]:
