@@ -45,6 +45,9 @@ SWAP_SERIAL = "tmem-swap"  # the guest sees /dev/disk/by-id/virtio-tmem-swap
 # An integrated endpoint on q35's root bus, in a slot libvirt does not use: QEMU creates command-line
 # devices before libvirt's own, so one left to pick a slot takes the one libvirt gave a root port.
 SWAP_PCI_SLOT = "0x10"
+# With a swap disk, the root disk is an integrated endpoint too, in a lower slot: the guest kernel
+# probes bus 0 in slot order before the buses behind root ports, so the root disk stays vda.
+ROOT_DISK_PCI_SLOT = "0x0e"
 
 ET.register_namespace("qemu", QEMU_NS)
 
@@ -196,6 +199,9 @@ def domain_xml(guest: Guest, virt_type: VirtType, *, machine: str = "q35") -> st
     _sub(disk, "driver", name="qemu", type="qcow2", cache="none", io="native")
     _sub(disk, "source", file=str(guest.disk))
     _sub(disk, "target", dev="vda", bus="virtio")
+    if guest.swap_socket is not None:  # probed before the swap disk (slot 0x10): it stays vda
+        _sub(disk, "address", type="pci", domain="0x0000", bus="0x00", slot=ROOT_DISK_PCI_SLOT,
+             function="0x0")
     if guest.iotune is not None and guest.iotune.limits():
         iotune = _sub(disk, "iotune")
         for key, value in guest.iotune.limits().items():

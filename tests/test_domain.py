@@ -142,7 +142,10 @@ def test_swap_device_is_an_nbd_blockdev_with_reconnect_on_the_qemu_command_line(
     assert blockdev["reconnect-delay"] == 45 and blockdev["discard"] == "unmap"
     assert args[3] == (f"virtio-blk-pci,drive={domain.SWAP_NODE},id=tmemswap0,serial=tmem-swap,"
                        "bus=pcie.0,addr=0x10")
+    address = one(root, "devices/disk/address")  # the root disk is probed first: it stays vda
+    assert (address.get("bus"), address.get("slot")) == ("0x00", "0x0e")
     assert not parse(guest()).findall(f"{{{domain.QEMU_NS}}}commandline")
+    assert not parse(guest()).findall("devices/disk/address")
     with pytest.raises(ValueError, match="uuid"):
         guest(swap_socket=Path("/run/tmem/swap.sock"))
 
