@@ -22,6 +22,7 @@ seconds. See docs/preswap-device.md for what TCG skews.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import sys
 import time
@@ -82,12 +83,13 @@ def case(name: str, mib: int, ops: int, seed: int) -> dict[str, Any]:
         peak_pool_pages = max(peak_pool_pages, device().get("pool_pages", 0))
         if name == "zswap":
             peak_zswap = max(peak_zswap, zswap_bytes())
-        if st.get("exited"):
+        if st.get("exited"):  # reported once: its output is here
             break
         time.sleep(2)
-    rc, out, err = lab.guest_wait(dom, pid, 60, "swap_hog")
-    if rc != 0:
-        raise SystemExit(f"bench swap_lab: {name}: swap_hog exited {rc}: {out}{err}")
+    out = base64.b64decode(st.get("out-data", "")).decode(errors="replace")
+    err = base64.b64decode(st.get("err-data", "")).decode(errors="replace")
+    if st.get("exitcode") != 0:
+        raise SystemExit(f"bench swap_lab: {name}: swap_hog: {st}: {out}{err}")
     hog = json.loads(out.strip().splitlines()[-1])
     v1, vdb1, dev1 = vmstat(), written_pages("vdb"), device()
     cpu1 = lab.stats()["agent"]["cpu_seconds"]

@@ -12,6 +12,7 @@ within 2 s. A lab of its own, torn down at the end; no skips.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -93,6 +94,18 @@ def spawn_hog(mib: int, ops: int, seed: int) -> int:
     return lab.guest_spawn(domain(NAME), [HOG, str(mib), str(ops), str(seed)])
 
 
+def hog_status(pid: int) -> dict[str, Any] | None:
+    """The hog's result once it exited (qemu-guest-agent reports an exit once), else None."""
+    st = lab.agent_command(domain(NAME), {"execute": "guest-exec-status", "arguments": {"pid": pid}})
+    if not st.get("exited"):
+        return None
+    out = base64.b64decode(st.get("out-data", "")).decode(errors="replace")
+    err = base64.b64decode(st.get("err-data", "")).decode(errors="replace")
+    assert st.get("exitcode") == 0, f"swap_hog: {st}: {out}{err}"
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
 def wait_hog(pid: int, timeout: float = 1800) -> dict[str, Any]:
     rc, out, err = lab.guest_wait(lab.connect().lookupByName(NAME), pid, timeout, "swap_hog")
     assert rc == 0, f"swap_hog exited {rc}: {out}{err}"
@@ -110,13 +123,12 @@ def test_device_is_the_first_swap_and_the_swap_file_gets_nothing(running: dict[s
     deadline = time.monotonic() + 1800
     while True:
         peak = max(peak, device()["pool_pages"])
-        st = lab.agent_command(domain(NAME), {"execute": "guest-exec-status",
-                                              "arguments": {"pid": pid}})
-        if st.get("exited") or time.monotonic() > deadline:
+        result = hog_status(pid)
+        if result is not None:
             break
+        assert time.monotonic() < deadline, "the hog did not finish"
         assert swaps()["/swapfile"]["used"] == 0
         time.sleep(2)
-    result = wait_hog(pid, 10)
     after = device()
     assert result["bad_pages"] == 0 and result["pages"] == 2 * MEMORY_MIB * 256
     assert swaps()["/swapfile"]["used"] == 0, "a page reached the guest's swap file"
