@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -170,6 +171,11 @@ def test_a_domain_peer_is_known_by_its_qemu_command_line() -> None:
                             executable=sys.executable)
     other = subprocess.Popen(["python3", "-c", code, "-uuid", uuid], executable=sys.executable)
     try:
+        for proc, argv0 in ((fake, b"qemu-system-x86_64"), (other, b"python3")):
+            deadline = time.monotonic() + 10  # until the child has exec'd (a fork shows ours)
+            while not Path(f"/proc/{proc.pid}/cmdline").read_bytes().startswith(argv0 + b"\0"):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
         assert qemu_uuid(fake.pid) == uuid
         assert qemu_uuid(other.pid) is None  # not a QEMU
         assert qemu_uuid(os.getpid()) is None
