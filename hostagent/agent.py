@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
+import itertools
 import logging
 import os
+import re
 import signal
 import stat
 import time
@@ -28,12 +31,15 @@ from hostagent.channel import Guest, GuestChannel
 from hostagent.config import Config
 from hostagent.control import ControlError, ControlServer, is_listening
 from hostagent.metrics_http import MetricsServer
-from hostagent.pool import ClientSettings, PoolEngine, TableError
+from hostagent.pool import Client, ClientSettings, PoolEngine, TableError
+from hostagent.swapserve import NbdConnection, SwapDevices
 from hostagent.virt import Domain, LibvirtWatcher
 
 log = logging.getLogger("hostagent")
 
 ARENA_FILE = "arena"  # inside [pool] arena_dir
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+SAVED = "stopped (saved)"  # virt's reason for a domain saved to a file (virsh save)
 MIB = 1 << 20
 
 
@@ -68,6 +74,7 @@ class HostAgent:
         self._links: dict[str, asyncio.Task[None]] = {}  # domain UUID -> its channel's connector
         self.watcher: LibvirtWatcher | None = None
         self.balloon: BalloonDriver | None = None
+        self.swap: SwapDevices | None = None
         self._control: ControlServer | None = None
         self.metrics: MetricsServer | None = None
         self._stop: asyncio.Event | None = None
@@ -154,6 +161,8 @@ class HostAgent:
             if cfg.metrics.enabled:
                 self.metrics = MetricsServer(cfg.metrics.address, cfg.metrics.port, self.stats)
                 await self.metrics.start()
+            if cfg.swap.enabled:
+                await self._serve_swap(engine)
             _prepare_socket_path(cfg.control.socket)
             self._control = ControlServer(cfg.control.socket, self.handle)
             await self._control.start()
@@ -176,8 +185,10 @@ class HostAgent:
                                                   on_discovered=self._forget_orphans)
                     tasks.create_task(self.watcher.run())
                     if cfg.balloon.enabled:
+                        swap = self.swap
                         self.balloon = BalloonDriver(cfg.balloon, self.watcher, self.guests,
-                                                     self._engine, host_available, tasks)
+                                                     self._engine, host_available, tasks,
+                                                     None if swap is None else swap.refusals)
                         tasks.create_task(self.balloon.run())
                 elif cfg.balloon.enabled:
                     log.warning("[balloon] is enabled but [libvirt] is not: there is nothing to balloon")
@@ -203,6 +214,50 @@ class HostAgent:
         await self._stop.wait()
         raise _Stopping
 
+    async def _serve_swap(self, engine: PoolEngine) -> None:
+        """The swap devices' NBD socket (QEMU connects to it: its group may be given access)."""
+        cfg = self.config.swap
+        self.swap = SwapDevices(engine, cfg.spill_dir, cfg.size_mib * MIB)
+        self.swap.open_existing()
+        _prepare_socket_path(cfg.socket)
+        swap = self.swap
+        self._servers.append(await asyncio.get_running_loop().create_unix_server(
+            lambda: NbdConnection(swap, self._authorize_swap), cfg.socket))
+        if cfg.socket_group:
+            gid = grp.getgrnam(cfg.socket_group).gr_gid
+            parent = os.path.dirname(cfg.socket)
+            os.chown(parent, -1, gid)
+            os.chmod(parent, os.stat(parent).st_mode & 0o7777 | 0o010)  # the group may traverse
+            os.chown(cfg.socket, -1, gid)
+            os.chmod(cfg.socket, 0o660)
+        else:
+            os.chmod(cfg.socket, 0o600)
+        log.info("swap devices: %s (%d MiB each, spill files in %s)", cfg.socket, cfg.size_mib,
+                 cfg.spill_dir)
+
+    def _authorize_swap(self, name: str, pid: int) -> Client | str:
+        """The guest a swap-device connection may have: the export names it, the peer must be it.
+
+        A configured guest: the socket's permissions decide who may connect. A libvirt domain (the
+        export is its UUID): the peer must be a QEMU started with `-uuid` that UUID. QEMU opens the
+        device before libvirt reports the domain running, and again at a restore, so the domain
+        need not be attached yet: its client is made (or found, after a save) here."""
+        guest = self.guests.get(name)
+        if guest is not None and guest.domain is None:
+            return guest.client
+        if not self.config.libvirt.enabled or not _UUID.fullmatch(name):
+            return "no such guest"
+        if qemu_uuid(pid) != name:
+            return f"the peer (pid {pid}) is not the QEMU of domain {name}"
+        if guest is not None:
+            return guest.client
+        engine = self._engine()
+        if any(c.name == name for c in engine.clients()):  # saved and restored, or rebuilt
+            return engine.client(name)
+        dflt = self.config.defaults
+        return engine.client(name, client_settings(dflt.weight, dflt.cap_mib, dflt.quota_mib,
+                                                   dflt.compress))
+
     async def _close_servers(self) -> None:
         if self._control is not None:
             await self._control.close()
@@ -216,6 +271,11 @@ class HostAgent:
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
+        if self.swap is not None:
+            self.swap.close()
+            self.swap = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.config.swap.socket)
         for guest in self.guests.values():
             if guest.domain is None:  # a domain's socket is QEMU's, not ours
                 with contextlib.suppress(FileNotFoundError):
@@ -262,7 +322,14 @@ class HostAgent:
             return
         guest.close_channel(f"domain {reason}")
         pages = guest.client.eph.pages + guest.client.pers.pages
+        if reason == SAVED:  # its memory image lives on: so must its persistent pages (swap device)
+            self.engine.disconnect(guest.client)
+            log.info("domain %s (%s) %s: detached, %d persistent pages kept for its restore",
+                     guest.display, uuid, reason, guest.client.pers.pages)
+            return
         self.engine.remove(guest.client)
+        if self.swap is not None:
+            self.swap.release(uuid)
         log.info("domain %s (%s) %s: detached, %d pages freed", guest.display, uuid, reason, pages)
         sdnotify.notify(STATUS=self._status())
 
@@ -277,6 +344,8 @@ class HostAgent:
             if client.name not in self.guests and client.name not in running:
                 pages = client.pers.pages + client.eph.pages
                 engine.remove(client)
+                if self.swap is not None:
+                    pages += self.swap.release(client.name)
                 log.info("%s is not a running domain: its %d pages from a previous run are freed",
                          client.name, pages)
 
@@ -360,6 +429,7 @@ class HostAgent:
                 {"values": guest.report, "age": round(now - guest.report_time, 3)}
                 if guest is not None and guest.report is not None else None
             )
+            g["swapdev"] = None if self.swap is None else self.swap.figures(name)
             g["balloon"] = None if self.balloon is None else self.balloon.guest_figures(name)
             if g["balloon"] is not None and g["domain"] is not None:
                 g["balloon"]["actual_kib"] = g["domain"]["actual_kib"]
@@ -465,10 +535,31 @@ class HostAgent:
         if pages >= 1 << 64:
             raise ControlError(f"pages: at most {(1 << 64) - 1}, got {pages}")
         guest = self.guests[name]
-        if not guest.send_notice(wire.Notice.SHRINK_PERSISTENT, pages):
-            raise ControlError(f"guest {name} is not connected")
-        log.info("guest %s: asked to move %d persistent pages out of tmem", name, pages)
-        return {"guest": name, "pages": pages, "persistent_pages": guest.client.pers.pages}
+        moved = 0 if self.swap is None else self.swap.shrink(name, pages)
+        rest = pages - moved
+        if rest and not guest.send_notice(wire.Notice.SHRINK_PERSISTENT, rest):
+            if not moved:
+                raise ControlError(f"guest {name} is not connected")
+            rest = 0
+        log.info("guest %s: %d swap-device pages moved to storage, asked to move %d persistent "
+                 "pages out of tmem", name, moved, rest)
+        return {"guest": name, "pages": pages, "swapdev_moved": moved, "notice_pages": rest,
+                "persistent_pages": guest.client.pers.pages}
+
+
+def qemu_uuid(pid: int) -> str | None:
+    """The `-uuid` on a process's command line (libvirt starts QEMU with it), or None: the host's
+    word on which domain a QEMU process runs, which nothing in the guest can change."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    if not args or not os.path.basename(args[0].decode(errors="replace")).startswith("qemu"):
+        return None
+    for flag, value in itertools.pairwise(args):
+        if flag == b"-uuid":
+            return value.decode(errors="replace").lower()
+    return None
 
 
 def _int_arg(req: Mapping[str, Any], key: str, minimum: int) -> int:

@@ -74,6 +74,7 @@ class Observation:
     swapin_rate: float = 0.0  # pages/s, between the guest's last two reports
     refault_rate: float = 0.0  # pages/s
     preswap_refused: int | None = None  # cumulative counter from the guest's report
+    swapdev_refused: int | None = None  # cumulative: its swap device's pages the pool refused
     persistent_pages: int = 0  # the guest's persistent pages in the pool
 
 
@@ -103,6 +104,7 @@ class GuestState:
     pressure_cap_kib: int | None = None  # while the host takes memory: the most this guest may have
     fixed_kib: int | None = None  # without self-ballooning: the size it keeps (boot, reserve, distress)
     last_refused: int | None = None
+    last_swapdev_refused: int | None = None
     given_back_kib: int = 0
     returned_kib: int = 0
     last: Action | None = None
@@ -170,7 +172,8 @@ def not_ballooned(p: Params, o: Observation) -> str | None:
     return None
 
 
-def in_distress(p: Params, obs: Observation, last_refused: int | None) -> str | None:
+def in_distress(p: Params, obs: Observation, last_refused: int | None,
+                last_swapdev_refused: int | None = None) -> str | None:
     """Why the guest is in distress, or None."""
     if obs.swapin_rate >= p.distress_swapin:
         return f"swap-in storm ({obs.swapin_rate:.0f} pages/s)"
@@ -179,6 +182,10 @@ def in_distress(p: Params, obs: Observation, last_refused: int | None) -> str | 
     if obs.preswap_refused is not None and last_refused is not None \
             and obs.preswap_refused > last_refused:
         return f"preswap puts refused ({obs.preswap_refused - last_refused} since the last look)"
+    if obs.swapdev_refused is not None and last_swapdev_refused is not None \
+            and obs.swapdev_refused > last_swapdev_refused:
+        return (f"swap-device pages refused by the pool "
+                f"({obs.swapdev_refused - last_swapdev_refused} since the last look)")
     return None
 
 
@@ -259,9 +266,11 @@ class Controller:
             cur = st.target_kib if st.target_kib is not None else o.actual_kib
             current[name] = cur
             active.append(name)
-            distress = in_distress(p, o, st.last_refused)
+            distress = in_distress(p, o, st.last_refused, st.last_swapdev_refused)
             if o.preswap_refused is not None:
                 st.last_refused = o.preswap_refused
+            if o.swapdev_refused is not None:
+                st.last_swapdev_refused = o.swapdev_refused
             while st.history and st.history[0][0] < now - p.distress_window:
                 st.history.popleft()
             if distress is not None:

@@ -34,9 +34,11 @@ class BalloonDriver:
 
     def __init__(self, config: BalloonConfig, watcher: LibvirtWatcher, guests: Mapping[str, Guest],
                  engine: Callable[[], PoolEngine], host_available: Callable[[], int],
-                 tasks: asyncio.TaskGroup) -> None:
+                 tasks: asyncio.TaskGroup,
+                 swapdev_refused: Callable[[str], int | None] | None = None) -> None:
         self.config = config
         self.tasks = tasks  # the agent's: it owns the driver's side tasks
+        self.swapdev_refused = swapdev_refused
         self.watcher = watcher
         self.guests = guests
         self.engine = engine
@@ -111,6 +113,7 @@ class BalloonDriver:
                 refault_rate=sum(rates.get(k, 0.0) for k in REFAULT_KEYS),
                 preswap_refused=None if report is None else report.get("preswap_puts_refused"),
                 persistent_pages=g.client.pers.pages,
+                swapdev_refused=None if self.swapdev_refused is None else self.swapdev_refused(name),
             )
         return obs
 

@@ -123,6 +123,17 @@ class BalloonConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SwapConfig:
+    """[swap]: each guest's swap device, served to QEMU's NBD client (docs/preswap-device.md)."""
+
+    enabled: bool = False
+    socket: str = "/run/tmem/swap.sock"
+    spill_dir: str = "/var/lib/tmem/swap"
+    size_mib: int = 1024
+    socket_group: str = ""  # a group QEMU runs in ("" = root only)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     pool: PoolConfig = PoolConfig()
     control: ControlConfig = ControlConfig()
@@ -133,6 +144,7 @@ class Config:
     shared_pools: tuple[SharedPoolConfig, ...] = ()
     balloon: BalloonConfig = BalloonConfig()
     metrics: MetricsConfig = MetricsConfig()
+    swap: SwapConfig = SwapConfig()
 
     def guest(self, name: str) -> GuestConfig | None:
         for g in self.guests:
@@ -158,7 +170,7 @@ def load(path: str | Path) -> Config:
 def parse(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Config:  # noqa: C901 (one section check after another)
     """Validate an already-decoded TOML document (a dict) into a `Config`."""
     _no_unknown(data, {"pool", "control", "channels", "libvirt", "defaults", "guest", "shared_pool",
-                       "balloon", "metrics"}, "")
+                       "balloon", "metrics", "swap"}, "")
 
     def path(value: str) -> str:
         return str(base_dir / value) if base_dir is not None else value
@@ -269,9 +281,22 @@ def parse(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Config:  
                 raise ConfigError(f"{where}.guests: {m!r} is not a configured guest")
         shared.append(SharedPoolConfig(uuid=u, guests=tuple(members)))
 
+    dswap = SwapConfig()
+    t = _Table(_table(data, "swap"), "swap")
+    swap = SwapConfig(
+        enabled=t.get_bool("enabled", dswap.enabled),
+        socket=_socket_path(path(t.get_str("socket", dswap.socket)), "swap.socket"),
+        spill_dir=path(t.get_str("spill_dir", dswap.spill_dir)),
+        size_mib=t.get_int("size_mib", dswap.size_mib, minimum=1, maximum=1 << 24),
+        socket_group=t.get_str("socket_group", dswap.socket_group),
+    )
+    t.done()
+    if swap.enabled and swap.socket in {control.socket, *(g.socket for g in guests)}:
+        raise ConfigError(f"swap.socket: {swap.socket} is also another socket of the agent")
+
     return Config(pool=pool, control=control, channels=channels, libvirt=libvirt, defaults=defaults,
                   guests=tuple(guests), shared_pools=tuple(shared), balloon=_balloon(data),
-                  metrics=metrics)
+                  metrics=metrics, swap=swap)
 
 
 def _balloon(data: Mapping[str, Any]) -> BalloonConfig:

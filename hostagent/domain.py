@@ -11,6 +11,7 @@ overlay on the shared base image, and has the devices tmem needs and nothing els
   the host agent connects to it (see `hostagent.virt`);
 - a virtio balloon with a 2 s stats period (stats are empty until a period is set);
 - a virtio RNG, so early-boot ``getrandom()`` does not wait for entropy; no network, no USB;
+- optionally the swap device (`swap_blockdev`): a virtio disk served by the host agent over NBD;
 - under TCG, a bounded translation cache (``<tcg><tb-cache>``; QEMU's default is 1 GiB a guest).
 
 ``<memory>`` is the ceiling the balloon may give back (``max_memory_mib``), ``<currentMemory>``
@@ -20,6 +21,7 @@ virtualization works and ``qemu`` (the TCG emulator) elsewhere: see `detect_virt
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -40,6 +42,17 @@ VIRT_TYPE_ENV = "TMEM_VIRT_TYPE"
 # QEMU's TCG translation cache defaults to 1 GiB per guest, and a booted guest already has ~370 MiB
 # of it resident: bounded, so that emulated guests leave the host's memory to tmem.
 TCG_TB_CACHE_MIB = 256
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"  # <qemu:commandline>
+SWAP_NODE = "tmemswap"
+SWAP_SERIAL = "tmem-swap"  # the guest sees /dev/disk/by-id/virtio-tmem-swap
+# An integrated endpoint on q35's root bus, in a slot libvirt does not use: QEMU creates command-line
+# devices before libvirt's own, so one left to pick a slot takes the one libvirt gave a root port.
+SWAP_PCI_SLOT = "0x10"
+# With a swap disk, the root disk is an integrated endpoint too, in a lower slot: the guest kernel
+# probes bus 0 in slot order before the buses behind root ports, so the root disk stays vda.
+ROOT_DISK_PCI_SLOT = "0x0e"
+
+ET.register_namespace("qemu", QEMU_NS)
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
@@ -88,6 +101,11 @@ class Guest:
     # 'none' (O_DIRECT: the host page cache stays out); 'writeback' lets it cache the disk, as a
     # KVM user might pick instead of tmem (scripts/bench seed's host_cache configuration)
     disk_cache: DiskCache = "none"
+    uuid: str | None = None  # the domain's UUID (libvirt makes one up if None)
+    # The host agent's swap-device socket: a virtio disk (serial SWAP_SERIAL) served over NBD with
+    # the domain UUID as export name (docs/preswap-device.md); needs `uuid`.
+    swap_socket: Path | None = None
+    swap_reconnect_delay: int = 60  # seconds QEMU's NBD client waits for a restarted host agent
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
@@ -107,6 +125,8 @@ class Guest:
         if self.disk_cache not in ("none", "writeback"):
             raise ValueError(f"guest {self.name}: disk_cache must be 'none' or 'writeback', "
                              f"not {self.disk_cache!r}")
+        if self.swap_socket is not None and self.uuid is None:
+            raise ValueError(f"guest {self.name}: a swap device needs the domain's uuid")
         if self.iotune is not None:
             for key, value in self.iotune.limits().items():
                 if value <= 0:
@@ -153,6 +173,8 @@ def domain_xml(guest: Guest, virt_type: VirtType, *, machine: str = "q35") -> st
     """The libvirt domain XML (a string for ``virsh define`` / ``defineXML``)."""
     domain = ET.Element("domain", type=virt_type)
     _sub(domain, "name", guest.name)
+    if guest.uuid is not None:
+        _sub(domain, "uuid", guest.uuid)
     _sub(domain, "memory", str(guest.max_memory_mib * 1024), unit="KiB")
     _sub(domain, "currentMemory", str(guest.memory_mib * 1024), unit="KiB")
     _sub(domain, "vcpu", str(guest.vcpus), placement="static")
@@ -189,6 +211,9 @@ def domain_xml(guest: Guest, virt_type: VirtType, *, machine: str = "q35") -> st
         _sub(disk, "driver", name="qemu", type="qcow2", cache=guest.disk_cache, io="threads")
     _sub(disk, "source", file=str(guest.disk))
     _sub(disk, "target", dev="vda", bus="virtio")
+    if guest.swap_socket is not None:  # probed before the swap disk (slot 0x10): it stays vda
+        _sub(disk, "address", type="pci", domain="0x0000", bus="0x00", slot=ROOT_DISK_PCI_SLOT,
+             function="0x0")
     if guest.iotune is not None and guest.iotune.limits():
         iotune = _sub(disk, "iotune")
         for key, value in guest.iotune.limits().items():
@@ -212,5 +237,29 @@ def domain_xml(guest: Guest, virt_type: VirtType, *, machine: str = "q35") -> st
     rng = _sub(devices, "rng", model="virtio")
     _sub(rng, "backend", "/dev/urandom", model="random")
 
+    if guest.swap_socket is not None:
+        _swap_device(domain, guest)
     ET.indent(domain)
     return ET.tostring(domain, encoding="unicode") + "\n"
+
+
+def swap_blockdev(socket: Path, export: str, reconnect_delay: int) -> dict[str, object]:
+    """QEMU's -blockdev for the swap device: NBD over the host agent's unix socket. Given on QEMU's
+    command line because libvirt 9.0's <disk type='network'> cannot set reconnect-delay (9.2 can)
+    nor open-timeout: with both, a restarted host agent makes the guest's swap I/O wait, not fail."""
+    return {
+        "driver": "nbd", "node-name": SWAP_NODE, "export": export,
+        "server": {"type": "unix", "path": str(socket)},
+        "reconnect-delay": reconnect_delay, "open-timeout": reconnect_delay,
+        "discard": "unmap", "cache": {"direct": False, "no-flush": False},
+    }
+
+
+def _swap_device(domain: ET.Element, guest: Guest) -> None:
+    assert guest.swap_socket is not None and guest.uuid is not None
+    blockdev = swap_blockdev(guest.swap_socket, guest.uuid, guest.swap_reconnect_delay)
+    cmdline = ET.SubElement(domain, f"{{{QEMU_NS}}}commandline")
+    for arg in ("-blockdev", json.dumps(blockdev, separators=(",", ":")), "-device",
+                f"virtio-blk-pci,drive={SWAP_NODE},id=tmemswap0,serial={SWAP_SERIAL},"
+                f"bus=pcie.0,addr={SWAP_PCI_SLOT}"):
+        ET.SubElement(cmdline, f"{{{QEMU_NS}}}arg", value=arg)

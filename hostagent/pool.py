@@ -251,8 +251,14 @@ class PoolEngine:
 
     # -- pools ------------------------------------------------------------------------------------
 
-    def new_pool(self, client: Client, flags: int, uuid: bytes = NO_UUID) -> int:
+    def new_pool(self, client: Client, flags: int, uuid: bytes = NO_UUID,
+                 pool_id: int | None = None) -> int:
+        """A new pool's id. A private pool may be given `pool_id` outside the wire's u32 range (the
+        host's own pools, such as the swap device's): the guest's channel can then never name it."""
         flags &= _POOL_FLAGS
+        if pool_id is not None and (flags & PoolFlag.SHARED or pool_id in client.pools
+                                    or 0 <= pool_id < 1 << 32):
+            raise ValueError(f"pool id {pool_id} is taken, or in the guest's range")
         if len(client.pools) >= MAX_POOLS_PER_CLIENT:
             raise OutOfSpace(f"{client.name} has {MAX_POOLS_PER_CLIENT} pools")
         if flags & PoolFlag.SHARED:
@@ -266,8 +272,9 @@ class PoolEngine:
                 return pool.members[client.name]
         else:
             uuid, pool = NO_UUID, None
-        pool_id = client.next_pool_id
-        client.next_pool_id += 1
+        if pool_id is None:
+            pool_id = client.next_pool_id
+            client.next_pool_id += 1
         if pool is None:
             pool = Pool(self._next_handle, flags, uuid, client)
             self._next_handle += 1

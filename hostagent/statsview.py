@@ -71,6 +71,7 @@ def format_stats(stats: Mapping[str, Any]) -> str:
     lines.extend(_balloon_table(stats.get("balloon") or {}, guests, name_w))
     lines.extend(_precache_table(guests, name_w))
     lines.extend(_preswap_table(guests, name_w))
+    lines.extend(_swapdev_table(guests, name_w))
     return "\n".join(lines)
 
 
@@ -148,6 +149,26 @@ def _preswap_table(guests: Mapping[str, Mapping[str, Any]], name_w: int) -> list
     head = f"{'GUEST':<{name_w}} " + " ".join(f"{h:>{_NUM}}" for h in _PS_HEAD)
     return ["", "preswap (regions' pages: tmem, else the swapper's swap file), from the guests' reports:",
             head, *rows]
+
+
+_SD_KEYS = ("puts", "refusals", "gets", "spill_reads", "trims", "shrunk", "pool_pages",
+            "storage_pages")
+_SD_HEAD = ("PUTS", "REFUSED", "GETS", "DISK-RD", "TRIMS", "SHRUNK", "IN-POOL", "ON-DISK")
+
+
+def _swapdev_table(guests: Mapping[str, Mapping[str, Any]], name_w: int) -> list[str]:
+    """Per guest with a swap device (the host agent's own counters)."""
+    rows = []
+    for name, g in sorted(guests.items()):
+        dev = g.get("swapdev")
+        if not dev:
+            continue
+        cells = [count(dev.get(key)) for key in _SD_KEYS]
+        rows.append(f"{name:<{name_w}} " + " ".join(f"{c:>{_NUM}}" for c in cells))
+    if not rows:
+        return []
+    head = f"{'GUEST':<{name_w}} " + " ".join(f"{h:>{_NUM}}" for h in _SD_HEAD)
+    return ["", "swap devices (pages: the pool, else the host's spill file):", head, *rows]
 
 
 _MEM_HEAD = ("ACTUAL", "MAX", "COMMIT", "AVAIL", "pgpgin/s", "pgpgout/s", "pswpin/s", "pswpout/s",

@@ -296,6 +296,7 @@ def _stop_reason(libvirt: Any, detail: int) -> str:
         libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED: "destroyed",
         libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED: "crashed",
         libvirt.VIR_DOMAIN_EVENT_STOPPED_MIGRATED: "migrated away",
+        libvirt.VIR_DOMAIN_EVENT_STOPPED_SAVED: "saved",
         libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED: "failed",
     }
     return f"stopped ({names.get(detail, f'detail {detail}')})"

@@ -93,9 +93,11 @@ def config_lab(base: lab.Lab, config: str, lean_mib: Mapping[str, int] | None) -
             memory = lean_mib[g.name]
         guests.append(dataclasses.replace(g, memory_mib=memory,
                                           disk_cache="writeback" if config == "host_cache" else "none"))
-    host = {k: v for k, v in base.host.items() if k != "balloon"}
+    host = {k: v for k, v in base.host.items() if k not in ("balloon", "swap_mib")}
     if config == "tmem":
         host["balloon"] = {"enabled": True}  # every setting at its default, the 64 MiB reserve too
+    else:
+        host["swap_mib"] = 0  # no pool-backed swap device (lab guests get one by default)
     return lab.Lab(tuple(guests), host)
 
 
@@ -110,8 +112,10 @@ def prepare_guest(guest: Guest, config: str) -> str:
         guest.run("sh", "-c", "echo 1 > /sys/module/zswap/parameters/enabled")
         if guest.run("cat", "/sys/module/zswap/parameters/enabled").strip() != "Y":
             raise lab.LabError(f"{guest.name}: zswap did not turn on")
-    swaps = guest.run("cat", "/proc/swaps")
-    return "preswap" if config == "tmem" and "/dev/nbd" not in swaps else "anonymous"
+    pool_swap = probe(guest).get("pool_swap")
+    if config != "tmem" and pool_swap:
+        raise lab.LabError(f"{guest.name}: {config} must have no pool-backed swap, yet swaps to {pool_swap}")
+    return "preswap" if config == "tmem" and not pool_swap else "anonymous"
 
 
 def start_workloads(guest: Guest, config: str, memory_user: str, args: argparse.Namespace) -> None:

@@ -168,6 +168,29 @@ RestartSec=1
 WantedBy=multi-user.target
 """
 
+# The host's swap device (docs/preswap-device.md), when the domain has one (hostagent.domain's
+# SWAP_SERIAL): made a swap area and the highest-priority swap as soon as the disk appears, before
+# the swap file (priority -2). Discarded slots are TRIMmed, which frees their pool pages.
+SWAPDEV = "/dev/disk/by-id/virtio-tmem-swap"
+SWAPDEV_DEVICE_UNIT = r"dev-disk-by\x2did-virtio\x2dtmem\x2dswap.device"
+SWAPDEV_UNIT_NAME = "tmem-swapdev.service"
+SWAPDEV_UNIT = f"""\
+[Unit]
+Description=tmem swap device (the host's pool, over NBD): the highest-priority swap
+BindsTo={SWAPDEV_DEVICE_UNIT}
+After={SWAPDEV_DEVICE_UNIT}
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/sbin/mkswap -L tmemswap {SWAPDEV}
+ExecStart=/sbin/swapon --discard=pages --priority=100 {SWAPDEV}
+ExecStop=/sbin/swapoff {SWAPDEV}
+
+[Install]
+WantedBy={SWAPDEV_DEVICE_UNIT}
+"""
+
 # Timers that would put background load on guests while they are measured.
 MASKED_UNITS = (
     "apt-daily.timer",
@@ -465,6 +488,8 @@ class Build:
         wrapper.chmod(0o755)
         (r / "etc/systemd/system" / UNIT_NAME).write_text(UNIT)
         self.chroot("systemctl", "enable", UNIT_NAME)
+        (r / "etc/systemd/system" / SWAPDEV_UNIT_NAME).write_text(SWAPDEV_UNIT)
+        self.chroot("systemctl", "enable", SWAPDEV_UNIT_NAME)
         # qemu-guest-agent is started by udev when its port (org.qemu.guest_agent.0) appears (its
         # unit is bound to the port's device); should a later package give the unit a WantedBy=,
         # enable it too.

@@ -87,6 +87,7 @@ def _records(path: str) -> list[dict[str, Any]]:
 
 
 AGENT_CGROUP = "/sys/fs/cgroup/system.slice/tmem-guestagent.service"
+POOL_SWAP = "/dev/disk/by-id/virtio-tmem-swap"
 
 
 def probe(directory: str) -> dict[str, Any]:
@@ -99,6 +100,8 @@ def probe(directory: str) -> dict[str, Any]:
             blocks[dev] = {"reads": int(fields[0]), "read_sectors": int(fields[2]),
                            "writes": int(fields[4]), "write_sectors": int(fields[6])}
     swaps = [line.split()[0] for line in _read("/proc/swaps").splitlines()[1:] if line.split()]
+    # the host agent's swap device (issue 17): a virtio disk whose pages live in the pool
+    pool_dev = os.path.realpath(POOL_SWAP) if os.path.exists(POOL_SWAP) else ""
     cpu = {k: int(v) for k, v in (line.split() for line in _read(f"{AGENT_CGROUP}/cpu.stat").splitlines())}
     rss_kib = 0
     for pid in _read(f"{AGENT_CGROUP}/cgroup.procs").split():
@@ -110,7 +113,7 @@ def probe(directory: str) -> dict[str, Any]:
              if os.path.exists(f"/sys/kernel/debug/zswap/{name}")}
     return {"vmstat": {k: vmstat.get(k, 0) for k in ("pgpgin", "pgpgout", "pswpin", "pswpout",
                                                       "pgmajfault")},
-            "blocks": blocks, "swaps": swaps,
+            "blocks": blocks, "swaps": swaps, "pool_swap": pool_dev if pool_dev in swaps else "",
             "agent": {"running": bool(cpu), "cpu_seconds": cpu.get("usage_usec", 0) / 1e6,
                       "rss_kib": rss_kib},
             "zswap": zswap, "zswap_enabled": _read("/sys/module/zswap/parameters/enabled").strip(),

@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid as uuidlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -41,6 +42,10 @@ URI = "qemu:///system"
 STATE = Path(os.environ.get("TMEM_LAB_DIR", "/var/lib/tmem/lab"))
 CONTROL = "/run/tmem/control.sock"
 ARENA_DIR = "/dev/shm/tmem"
+# Each guest's swap device (docs/preswap-device.md): QEMU (user libvirt-qemu, group kvm) connects.
+SWAP_SOCKET = "/run/tmem/swap.sock"
+SWAP_GROUP = "kvm"
+SWAP_MIB = 1024
 LIBVIRT_SOCK = "/run/libvirt/libvirt-sock"
 HANDSHAKE_TIMEOUT = float(os.environ.get("TMEM_LAB_BOOT_TIMEOUT", "300"))
 
@@ -108,8 +113,9 @@ def load_lab(path: Path) -> Lab:
     if not guests:
         raise LabError(f"{path}: no [[guest]] tables")
     host = dict(data.get("host", {}))
-    if set(host) - {"limit_mib", "host_reserve_mib", "balloon"}:
-        raise LabError(f"{path}: [host] knows limit_mib, host_reserve_mib and [host.balloon] only")
+    if set(host) - {"limit_mib", "host_reserve_mib", "swap_mib", "balloon"}:
+        raise LabError(f"{path}: [host] knows limit_mib, host_reserve_mib, swap_mib (0: no swap "
+                       "device) and [host.balloon] only")
     if not isinstance(host.get("balloon", {}), dict):
         raise LabError(f"{path}: [host.balloon] must be a table (the host agent's [balloon] settings)")
     return Lab(tuple(guests), host)
@@ -206,10 +212,17 @@ def hostagent_config(lab: Lab) -> Path:
         f"host_reserve_mib = {int(host['host_reserve_mib'])}\n"
         f'arena_dir = "{ARENA_DIR}"\n[control]\nsocket = "{CONTROL}"\n'
         f'[libvirt]\nenabled = true\nuri = "{URI}"\nretry_interval = 1.0\n'
+        + (f'[swap]\nenabled = true\nsocket = "{SWAP_SOCKET}"\nspill_dir = "{STATE / "spill"}"\n'
+           f'size_mib = {swap_mib(lab)}\nsocket_group = "{SWAP_GROUP}"\n' if swap_mib(lab) else "")
         + (f"[balloon]\n{balloon}" if balloon else "")
         + lab.host_toml
     )
     return cfg
+
+
+def swap_mib(lab: Lab) -> int:
+    """The size of each guest's swap device (0: lab guests get none)."""
+    return int(lab.host.get("swap_mib", SWAP_MIB))
 
 
 def _toml_value(v: Any) -> str:
@@ -288,7 +301,8 @@ def create_guests(conn: Any, lab: Lab, image: build_image.Image) -> dict[str, fl
         guest = Guest(name=g.name, memory_mib=g.memory_mib, max_memory_mib=g.max_memory_mib,
                       vcpus=g.vcpus, disk=overlay, tmem_socket=STATE / "sockets" / f"{g.name}.tmem",
                       console_log=STATE / "console" / f"{g.name}.log", kernel=image.kernel,
-                      initrd=image.initrd, iotune=g.iotune(),
+                      initrd=image.initrd, iotune=g.iotune(), uuid=str(uuidlib.uuid4()),
+                      swap_socket=Path(SWAP_SOCKET) if swap_mib(lab) else None,
                       disk_cache=cast(DiskCache, g.disk_cache))  # Guest refuses others
         xml = domain_xml(guest, virt_type)
         (STATE / "xml" / f"{g.name}.xml").write_text(xml)
@@ -373,7 +387,7 @@ def down() -> None:
     stop_hostagent()
     # The lab's domains are transient: persistent pages of destroyed domains are nobody's.
     shutil.rmtree(ARENA_DIR, ignore_errors=True)
-    for sub in ("disks", "xml", "sockets", "domains.json"):
+    for sub in ("disks", "xml", "sockets", "spill", "domains.json"):
         path = STATE / sub
         if path.is_dir():
             shutil.rmtree(path)

@@ -40,8 +40,10 @@ def _d(a: Mapping[str, Any], b: Mapping[str, Any], key: str) -> float:
 
 
 def pool_swap_devices(probe: Mapping[str, Any]) -> list[str]:
-    """Block devices the guest swaps to that the pool backs (an NBD device served by the host agent)."""
-    return [s.rsplit("/", 1)[-1] for s in probe.get("swaps", []) if s.startswith("/dev/nbd")]
+    """Block devices the guest swaps to that the pool backs: the host agent's swap device (a virtio
+    disk served over NBD, /dev/disk/by-id/virtio-tmem-swap in the guest), by kernel name."""
+    dev = str(probe.get("pool_swap") or "")
+    return [dev.rsplit("/", 1)[-1]] if dev and dev in probe.get("swaps", []) else []
 
 
 def _window_records(a: Sequence[Mapping[str, Any]],

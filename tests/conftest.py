@@ -26,12 +26,14 @@ TIERS: dict[str, str] = {
     "test_wire": "unit",
     "test_seed_figures": "unit",
     "test_demo_summary": "unit",
+    "test_seed_labs": "unit",
     "test_attach": "unit",
     "test_guest_sched": "unit",
     "test_pressure": "unit",
     "test_protocol_session": "unit",
     "test_regionbook": "unit",
-    "test_pooltable": "unit",  # real files in a temp dir, no processes
+    "test_pooltable": "unit",
+    "test_nbd": "unit",  # the NBD protocol object, bytes in and out  # real files in a temp dir, no processes
     "test_domain": "process",  # runs detect_virt_type in a subprocess
     "test_guest_channel": "process",
     "test_guest_channel_chaos": "process",
@@ -45,6 +47,8 @@ TIERS: dict[str, str] = {
     "test_precache_writes": "process",
     "test_hostile_guest": "process",
     "test_cli_pipes": "process",
+    "test_swapdev": "process",  # a real arena, and a real process for the peer check
+    "test_swapdev_nbd": "process",  # a real host agent and QEMU's NBD client
     "test_preswap": "process",
     "test_preswap_daemon": "process",
     "test_restart": "process",
@@ -58,6 +62,7 @@ TIERS: dict[str, str] = {
     "test_lab_precache": "lab",
     "test_lab_preswap": "lab",
     "test_lab_deploy": "lab",
+    "test_lab_swapdev": "lab",
 }
 
 

@@ -41,13 +41,14 @@ class Guest:
         self.swapin = 0.0
         self.refault = 0.0
         self.refused: int | None = 0
+        self.swapdev_refused: int | None = 0
         self.persistent = 0
 
     def obs(self) -> Observation:
         return Observation(actual_kib=self.actual, max_kib=self.max, committed_kib=self.committed,
                            report_age=self.report_age, swapin_rate=self.swapin,
                            refault_rate=self.refault, preswap_refused=self.refused,
-                           persistent_pages=self.persistent)
+                           persistent_pages=self.persistent, swapdev_refused=self.swapdev_refused)
 
 
 class Run:
@@ -169,7 +170,7 @@ def test_balloon_off_stops_the_controller_for_that_guest() -> None:
     assert a.actual < 1024 * MIB
 
 
-@pytest.mark.parametrize("storm", ["swapin", "refault", "refused"])
+@pytest.mark.parametrize("storm", ["swapin", "refault", "refused", "swapdev_refused"])
 def test_distress_gets_memory_back_at_once_and_holds(storm: str) -> None:
     g = Guest(actual_mib=1024, committed_mib=200)
     run = Run({"g": g}, Params(distress_hold=30, distress_window=60))
@@ -180,8 +181,10 @@ def test_distress_gets_memory_back_at_once_and_holds(storm: str) -> None:
         g.swapin = 1000.0
     elif storm == "refault":
         g.refault = 5000.0
-    else:
+    elif storm == "refused":
         g.refused = 12
+    else:
+        g.swapdev_refused = 7  # its swap device's pages went to storage: the guest is too small
     run.step()
     st_ = run.ctl.guests["g"]
     assert st_.last is not None and st_.last.action == "distress"

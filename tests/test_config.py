@@ -141,6 +141,11 @@ BAD: list[tuple[dict[str, Any], str]] = [
      "shared_pool[0].guests"),
     ({"shared_pool": [{"uuid": "6f1c2a94-3b5e-4c1d-9a8f-0e2d4b6c8a10", "guests": [1]}]},
      "shared_pool[0].guests"),
+    ({"swap": {"size_mib": 0}}, "swap.size_mib"),
+    ({"swap": {"enabled": "yes"}}, "swap.enabled"),
+    ({"swap": {"sock": "/x"}}, "swap.sock"),
+    ({"swap": {"socket": ""}}, "swap.socket"),
+    ({"swap": {"enabled": True, "socket": "/s"}, "control": {"socket": "/s"}}, "swap.socket"),
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -134,6 +135,28 @@ def test_channels_guest_agent_and_tmem() -> None:
     assert by_name["org.qemu.guest_agent.0"].find("source") is None  # libvirt picks that socket
     source = one(by_name["org.tmem.0"], "source")
     assert (source.get("mode"), source.get("path")) == ("bind", "/run/tmem/guests/g1.sock")
+
+
+def test_swap_device_is_an_nbd_blockdev_with_reconnect_on_the_qemu_command_line() -> None:
+    uuid = "2b7c3e0a-1111-4222-8333-444455556666"
+    root = parse(guest(uuid=uuid, swap_socket=Path("/run/tmem/swap.sock"), swap_reconnect_delay=45))
+    assert one(root, "uuid").text == uuid
+    args = [a.get("value") for a in root.findall(f"{{{domain.QEMU_NS}}}commandline/"
+                                                  f"{{{domain.QEMU_NS}}}arg")]
+    assert args[0] == "-blockdev" and args[2] == "-device"
+    blockdev = json.loads(args[1] or "")
+    assert blockdev == domain.swap_blockdev(Path("/run/tmem/swap.sock"), uuid, 45)
+    assert blockdev["export"] == uuid and blockdev["server"] == {"type": "unix",
+                                                                 "path": "/run/tmem/swap.sock"}
+    assert blockdev["reconnect-delay"] == 45 and blockdev["discard"] == "unmap"
+    assert args[3] == (f"virtio-blk-pci,drive={domain.SWAP_NODE},id=tmemswap0,serial=tmem-swap,"
+                       "bus=pcie.0,addr=0x10")
+    address = one(root, "devices/disk/address")  # the root disk is probed first: it stays vda
+    assert (address.get("bus"), address.get("slot")) == ("0x00", "0x0e")
+    assert not parse(guest()).findall(f"{{{domain.QEMU_NS}}}commandline")
+    assert not parse(guest()).findall("devices/disk/address")
+    with pytest.raises(ValueError, match="uuid"):
+        guest(swap_socket=Path("/run/tmem/swap.sock"))
 
 
 def test_host_agent_finds_the_tmem_socket_in_the_xml() -> None:

@@ -72,16 +72,18 @@ def test_host_page_cache_reads_count_only_the_bytes_that_reached_storage() -> No
 
 def test_pool_page_ins_count_precache_hits_preswap_gets_and_pool_swap_device_reads() -> None:
     before = guest_snap(report={"precache_hits": 100, "preswap_gets": 10, "preswap_puts": 0},
-                        swaps=["/dev/nbd0", "/swapfile"],
-                        blocks={"nbd0": {"read_sectors": 0, "write_sectors": 0}})
+                        swaps=["/dev/vdb", "/swapfile"],
+                        blocks={"vdb": {"read_sectors": 0, "write_sectors": 0}})
     after = guest_snap(report={"precache_hits": 400, "preswap_gets": 110, "preswap_puts": 50},
-                       swaps=["/dev/nbd0", "/swapfile"],
-                       blocks={"nbd0": {"read_sectors": 800, "write_sectors": 1600}},
-                       # the nbd device's reads are in pgpgin, its writes in pswpout
+                       swaps=["/dev/vdb", "/swapfile"],
+                       blocks={"vdb": {"read_sectors": 800, "write_sectors": 1600},
+                               "vdc": {"read_sectors": 8000, "write_sectors": 8000}},
+                       # the swap device's reads are in pgpgin, its writes in pswpout
                        pgpgin=4 * (100 + 600), pswpout=200 + 20)
+    before["probe"]["pool_swap"] = after["probe"]["pool_swap"] = "/dev/vdb"
     f = sf.config_figures(snap({"g": before}), snap({"g": after}, pool_bytes=8 * MIB), 60.0)
     assert f["page_ins_from_pool"] == 300 + 100 + 100
-    assert f["page_ins_from_disk"] == 600  # pgpgin less the nbd device's reads
+    assert f["page_ins_from_disk"] == 600  # pgpgin less the pool swap device's reads
     assert f["swap_pages_to_disk"] == 20 and f["swap_pages_to_pool"] == 200 + 50
     assert f["pool_share_of_page_ins"] == pytest.approx(500 / 1100, abs=1e-3)
 
