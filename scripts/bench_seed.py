@@ -188,7 +188,10 @@ def disk_files_cached_kib() -> int:
 
 def host_counters(names: Sequence[str]) -> tuple[dict[str, Any], dict[str, dict[str, int]]]:
     st = lab.stats()
-    reports = {g.get("name"): ((g.get("report") or {}).get("values") or {}) for g in st["guests"].values()}
+    reports = {g.get("name"): {**((g.get("report") or {}).get("values") or {}),
+                               **{f"swapdev_{k}": v for k, v in (g.get("swapdev") or {}).items()
+                                  if isinstance(v, int)}}
+               for g in st["guests"].values()}
     host = {"agent_cpu_seconds": st["agent"]["cpu_seconds"], "pool_bytes": st["pool"]["resident_bytes"],
             "cached_kib": meminfo_kib("Cached"), "disk_cache_kib": disk_files_cached_kib()}
     return host, {n: dict(reports.get(n, {})) for n in names}
@@ -208,7 +211,10 @@ def snapshot(guests: Mapping[str, Guest]) -> dict[str, Any]:
     with concurrent.futures.ThreadPoolExecutor(len(guests)) as pool:
         probes = dict(zip(guests, pool.map(probe, guests.values()), strict=True))
     host, reports = host_counters(list(guests))
-    return {"guests": {n: {"probe": probes[n], "report": reports[n], **domain_counters(n)} for n in guests},
+    return {"guests": {n: {"probe": probes[n], "report": reports[n], **domain_counters(n),
+                           "swapdev": {k[len("swapdev_"):]: v for k, v in reports[n].items()
+                                       if k.startswith("swapdev_")}}
+                       for n in guests},
             "host": host, "t": time.monotonic()}
 
 

@@ -62,11 +62,15 @@ def guest_figures(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, float
                   for d in pool_dev) / SECTORS_PER_PAGE
     pool_out = sum(_d(dev_a.get(d, {}), dev_b.get(d, {}), "write_sectors")
                    for d in pool_dev) / SECTORS_PER_PAGE
+    # what the host agent's swap device read from and wrote to its spill file (host storage, not
+    # the pool) when the pool refused pages
+    sa, sb = a.get("swapdev") or {}, b.get("swapdev") or {}
+    spill_in, spill_out = _d(sa, sb, "spill_reads"), _d(sa, sb, "spill_writes")
     ra, rb = a.get("report") or {}, b.get("report") or {}
     precache_hits = _d(ra, rb, "precache_hits")
     preswap_gets = _d(ra, rb, "preswap_gets")
     # pgpgin is KiB read from every block device (swap and the pool's NBD device included)
-    disk_page_ins = max(0.0, _d(va, vb, "pgpgin") / PAGE_KIB - pool_in)
+    disk_page_ins = max(0.0, _d(va, vb, "pgpgin") / PAGE_KIB - pool_in) + min(spill_in, pool_in)
     ba, bb = a["block"], b["block"]
     rd_req, rd_bytes = _d(ba, bb, "rd_req"), _d(ba, bb, "rd_bytes")
     qemu_read = _d(a["qemu"], b["qemu"], "read_bytes")
@@ -87,9 +91,10 @@ def guest_figures(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, float
         "disk_read_mib": rd_bytes / MIB,
         "storage_reads": storage_reads,
         "swap_pages_to_disk": max(0.0, _d(va, vb, "pswpout") - pool_out) + _d(ra, rb, "preswap_disk_writes"),
-        "swap_pages_to_pool": pool_out + _d(ra, rb, "preswap_puts"),
+        "swap_pages_to_pool": max(0.0, pool_out - spill_out) + _d(ra, rb, "preswap_puts"),
+        "swap_pages_to_host_spill": spill_out,
         "page_ins_disk": disk_page_ins,
-        "page_ins_pool": precache_hits + preswap_gets + pool_in,
+        "page_ins_pool": precache_hits + preswap_gets + max(0.0, pool_in - spill_in),
         "precache_hits": precache_hits,
         "preswap_gets": preswap_gets,
         "guest_memory_mib_end": float(b.get("memory_kib", 0)) / 1024,
@@ -135,6 +140,7 @@ def config_figures(a: Mapping[str, Any], b: Mapping[str, Any], seconds: float) -
                                          / seconds, 1) if seconds else None),
         "swap_pages_to_disk": int(total.get("swap_pages_to_disk", 0)),
         "swap_pages_to_pool": int(total.get("swap_pages_to_pool", 0)),
+        "swap_pages_to_host_spill": int(total.get("swap_pages_to_host_spill", 0)),
         "page_ins": round(page_ins),
         "page_ins_from_pool": round(total.get("page_ins_pool", 0.0)),
         "page_ins_from_disk": round(total.get("page_ins_disk", 0.0)),

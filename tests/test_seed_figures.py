@@ -81,11 +81,18 @@ def test_pool_page_ins_count_precache_hits_preswap_gets_and_pool_swap_device_rea
                        # the swap device's reads are in pgpgin, its writes in pswpout
                        pgpgin=4 * (100 + 600), pswpout=200 + 20)
     before["probe"]["pool_swap"] = after["probe"]["pool_swap"] = "/dev/vdb"
+    before["swapdev"], after["swapdev"] = {"spill_reads": 5, "spill_writes": 0}, {"spill_reads": 5,
+                                                                                  "spill_writes": 0}
     f = sf.config_figures(snap({"g": before}), snap({"g": after}, pool_bytes=8 * MIB), 60.0)
     assert f["page_ins_from_pool"] == 300 + 100 + 100
     assert f["page_ins_from_disk"] == 600  # pgpgin less the pool swap device's reads
     assert f["swap_pages_to_disk"] == 20 and f["swap_pages_to_pool"] == 200 + 50
-    assert f["pool_share_of_page_ins"] == pytest.approx(500 / 1100, abs=1e-3)
+    # pages the device read from and wrote to its spill file on host storage are not the pool's
+    after["swapdev"] = {"spill_reads": 45, "spill_writes": 30}
+    f = sf.config_figures(snap({"g": before}), snap({"g": after}, pool_bytes=8 * MIB), 60.0)
+    assert f["page_ins_from_pool"] == 300 + 100 + 100 - 40 and f["page_ins_from_disk"] == 640
+    assert f["swap_pages_to_pool"] == 170 + 50 and f["swap_pages_to_host_spill"] == 30
+    assert f["pool_share_of_page_ins"] == pytest.approx(460 / 1100, abs=1e-3)
 
 
 def test_a_counter_that_went_back_counts_nothing() -> None:
