@@ -33,6 +33,7 @@ from guestagent.protocol.wire import PORT_NAME
 
 VirtType = Literal["kvm", "qemu"]
 Boot = Literal["kernel", "disk"]
+DiskCache = Literal["none", "writeback"]
 
 TMEM_CHANNEL = PORT_NAME
 QEMU_GA_CHANNEL = "org.qemu.guest_agent.0"
@@ -97,6 +98,9 @@ class Guest:
     cmdline: str = DEFAULT_CMDLINE
     iotune: IOTune | None = None
     tcg_tb_cache_mib: int | None = TCG_TB_CACHE_MIB
+    # 'none' (O_DIRECT: the host page cache stays out); 'writeback' lets it cache the disk, as a
+    # KVM user might pick instead of tmem (scripts/bench seed's host_cache configuration)
+    disk_cache: DiskCache = "none"
     uuid: str | None = None  # the domain's UUID (libvirt makes one up if None)
     # The host agent's swap-device socket: a virtio disk (serial SWAP_SERIAL) served over NBD with
     # the domain UUID as export name (docs/preswap-device.md); needs `uuid`.
@@ -118,6 +122,9 @@ class Guest:
             raise ValueError(f"guest {self.name}: boot='kernel' needs a kernel")
         if self.tcg_tb_cache_mib is not None and self.tcg_tb_cache_mib <= 0:
             raise ValueError(f"guest {self.name}: tcg_tb_cache_mib must be positive")
+        if self.disk_cache not in ("none", "writeback"):
+            raise ValueError(f"guest {self.name}: disk_cache must be 'none' or 'writeback', "
+                             f"not {self.disk_cache!r}")
         if self.swap_socket is not None and self.uuid is None:
             raise ValueError(f"guest {self.name}: a swap device needs the domain's uuid")
         if self.iotune is not None:
@@ -198,7 +205,10 @@ def domain_xml(guest: Guest, virt_type: VirtType, *, machine: str = "q35") -> st
 
     devices = _sub(domain, "devices")
     disk = _sub(devices, "disk", type="file", device="disk")
-    _sub(disk, "driver", name="qemu", type="qcow2", cache="none", io="native")
+    if guest.disk_cache == "none":
+        _sub(disk, "driver", name="qemu", type="qcow2", cache="none", io="native")
+    else:  # io='native' needs O_DIRECT: through the host page cache, QEMU's thread pool does the IO
+        _sub(disk, "driver", name="qemu", type="qcow2", cache=guest.disk_cache, io="threads")
     _sub(disk, "source", file=str(guest.disk))
     _sub(disk, "target", dev="vda", bus="virtio")
     if guest.swap_socket is not None:  # probed before the swap disk (slot 0x10): it stays vda

@@ -118,10 +118,48 @@ def report(g: Mapping[str, Any]) -> dict[str, int]:
     return values
 
 
+def disk_ops(names: Sequence[str]) -> dict[str, dict[str, int]]:
+    """libvirt's count of the requests each guest's disk served (blockStats of vda)."""
+    conn = lab.connect()
+    out = {}
+    for name in names:
+        rd_req, _, wr_req, _, _ = conn.lookupByName(name).blockStats("vda")
+        out[name] = {"reads": rd_req, "writes": wr_req}
+    return out
+
+
+def _per_second_ratio(ours: float, seconds: float, theirs: float, their_seconds: float) -> float | None:
+    return round((ours / seconds) / (theirs / their_seconds), 2) if theirs and seconds else None
+
+
+def vs_baseline(builds: int, reads: int, writes: int, seconds: float,
+                baseline: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Builds and disk operations per second against `scripts/bench seed`'s no-tmem configurations
+    (its JSON): the only benefits the demo states. None without a baseline."""
+    if baseline is None:
+        return None
+    out: dict[str, Any] = {}
+    for name in ("plain", "plain_lean"):
+        c = (baseline.get("configs") or {}).get(name)
+        if not c or not c.get("seconds"):
+            continue
+        base_s = float(c["seconds"])
+        out[name] = {"builds": _per_second_ratio(builds, seconds, c["builds"], base_s),
+                     "disk_ops": _per_second_ratio(reads + writes, seconds,
+                                                   c["disk_reads"] + c["disk_writes"], base_s),
+                     "disk_reads": _per_second_ratio(reads, seconds, c["disk_reads"], base_s),
+                     "disk_writes": _per_second_ratio(writes, seconds, c["disk_writes"], base_s)}
+    return out
+
+
 def summary(before: Mapping[str, Any], after: Mapping[str, Any], seconds: float,
-            boot_kib: Mapping[str, int], work: Mapping[str, Any]) -> dict[str, Any]:
+            boot_kib: Mapping[str, int], work: Mapping[str, Any],
+            disks: Mapping[str, Mapping[str, int]] | None = None,
+            baseline: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The demo's figures, every one a difference of counters over the measured window (or, for
-    ballooning, the controller's cumulative counters and libvirt's balloon sizes)."""
+    ballooning, the controller's cumulative counters and libvirt's balloon sizes). tmem's traffic
+    is reported as counts; benefits only against `baseline` (a `scripts/bench seed` JSON), from
+    the disks' operations (`disks`: libvirt's per-guest counts over the window) and builds."""
     b, a = by_name(before), by_name(after)
     guests: dict[str, Any] = {}
     total: dict[str, float] = {}
@@ -164,8 +202,12 @@ def summary(before: Mapping[str, Any], after: Mapping[str, Any], seconds: float,
     disk_in_pages = total.get("pgpgin", 0) / PAGE_KIB  # pgpgin is KiB read from block devices
     kept = total.get("preswap_puts", 0)
     to_disk = total.get("preswap_disk_writes", 0) + total.get("pswpout", 0)
-    reads_avoided = hits + total.get("preswap_gets", 0)
-    writes_avoided = kept
+    tmem_reads = hits + total.get("preswap_gets", 0)
+    tmem_writes = kept
+    disk_reads = sum(d["reads"] for d in (disks or {}).values())
+    disk_writes = sum(d["writes"] for d in (disks or {}).values())
+    builds = sum(b.get("rounds", 0) - b.get("failed", 0)
+                 for b in (((w or {}).get("build") or {}) for w in work.values()))
     agent_cpu = after["agent"]["cpu_seconds"] - before["agent"]["cpu_seconds"]
     guest_cpu = after["agent"]["guest_cpu_seconds"] - before["agent"]["guest_cpu_seconds"]
     return {
@@ -184,11 +226,17 @@ def summary(before: Mapping[str, Any], after: Mapping[str, Any], seconds: float,
             "kernel_pswpout": total.get("pswpout", 0), "kernel_pswpin": total.get("pswpin", 0),
             "kept_off_disk_pct": pct(kept, kept + to_disk),
         },
-        "disk_ios_avoided_per_second": {
-            "reads": round(reads_avoided / seconds, 1),
-            "writes": round(writes_avoided / seconds, 1),
-            "total": round((reads_avoided + writes_avoided) / seconds, 1),
+        # tmem's own traffic: pages it served and took, counts (not disk IOs avoided: a guest
+        # without tmem may have needed none of them)
+        "tmem_pages_per_second": {
+            "gets_served": round(tmem_reads / seconds, 1),
+            "puts": round(tmem_writes / seconds, 1),
         },
+        "disk": None if disks is None else {"reads": disk_reads, "writes": disk_writes,
+                                            "ops_per_second": round((disk_reads + disk_writes) / seconds, 1)},
+        "builds": builds,
+        "vs_baseline": None if disks is None else vs_baseline(builds, disk_reads, disk_writes, seconds,
+                                                               baseline),
         "cpu": {
             "agent_seconds": round(agent_cpu, 2), "guest_seconds": round(guest_cpu, 1),
             "agent_share_of_guest_pct": pct(agent_cpu, guest_cpu),
@@ -221,20 +269,33 @@ def _fmt(v: Any, unit: str = "") -> str:
     return "n/a" if v is None else f"{v}{unit}"
 
 
+def _baseline_text(vs: Mapping[str, Any] | None) -> str:
+    if not vs:
+        return ("none: the figures above are counts, not benefits (`scripts/bench seed` measures the "
+                "same guests without tmem; --baseline takes its JSON)")
+    return "; ".join(f"vs {name}: builds/s x{r['builds']}, disk ops/s x{r['disk_ops']} "
+                     f"(reads x{r['disk_reads']}, writes x{r['disk_writes']})" for name, r in vs.items())
+
+
 def format_summary(s: Mapping[str, Any]) -> str:
-    p, w, io, c, bal = s["precache"], s["swap"], s["disk_ios_avoided_per_second"], s["cpu"], s["balloon"]
+    p, w, io, c, bal = s["precache"], s["swap"], s["tmem_pages_per_second"], s["cpu"], s["balloon"]
     lines = [
         f"tmem demo: {s['guests']} guests, {s['seconds']:.0f} s measured "
         "(figures from counters over that window)",
-        f"  page-ins served by precache:  {_fmt(p['served_pct_of_gets'], '%')} of the shim's gets "
+        f"  precache hit rate:            {_fmt(p['served_pct_of_gets'], '%')} of the shim's gets "
         f"({p['hits']} hits, {p['misses']} misses); {_fmt(p['served_pct_of_page_ins'], '%')} of all "
         f"page-ins (with {p['disk_page_ins']} pages read from disk)",
-        f"  swap pages kept off disk:     {_fmt(w['kept_off_disk_pct'], '%')} ({w['preswap_puts']} preswap "
+        f"  preswap pages put in tmem:    {_fmt(w['kept_off_disk_pct'], '%')} of swap-outs "
+        f"({w['preswap_puts']} preswap "
         f"puts into tmem, {w['preswap_refused_to_swap_file']} refused to the swap file, "
         f"{w['kernel_pswpout']} kernel swap-outs; {w['preswap_gets']} pages back from tmem, "
         f"{w['preswap_lost']} lost)",
-        f"  disk IOs avoided per second:  {io['total']} ({io['reads']} reads, {io['writes']} writes; "
-        "4 KiB pages)",
+        f"  tmem traffic (counts, not savings): {io['gets_served']} pages/s got back, "
+        f"{io['puts']} pages/s put",
+        "  disk operations (libvirt):    " + ("n/a" if s["disk"] is None else
+                                              f"{s['disk']['reads']} reads, {s['disk']['writes']} writes "
+                                              f"({s['disk']['ops_per_second']}/s); {s['builds']} builds"),
+        "  against a baseline:           " + _baseline_text(s["vs_baseline"]),
         f"  host-agent CPU / guest CPU:   {_fmt(c['agent_share_of_guest_pct'], '%')} ({c['agent_seconds']} s "
         f"of {c['guest_seconds']} s; since the agent started: {_fmt(c['agent_share_since_start_pct'], '%')})",
         f"  memory given back by ballooning: {_fmt(bal['given_back_mib'], ' MiB')} (targets lowered; "
@@ -298,6 +359,7 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
         say(f"{name}: build loop in {PROJECT} and preswap user started")
     names = [g.name for g in spec.guests]
     before = ours(lab.stats(), names)
+    disks_before = disk_ops(names)
     start = time.monotonic()
     say(f"lab ready and loaded after {start - t0:.0f} s; showing hostagent stats every "
         f"{args.interval:g} s for {args.minutes:g} min")
@@ -307,13 +369,16 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
         show(ours(lab.stats(), names), elapsed, seconds, work_line(work), clear)
         time.sleep(max(0.0, min(args.interval, seconds - (time.monotonic() - start))))
     after = ours(lab.stats(), names)
+    disks_after = disk_ops(names)
     measured = time.monotonic() - start
     for guest in doms.values():
         stop_workloads(guest)
     work = {n: rounds(d) for n, d in doms.items()}
     show(after, measured, seconds, work_line(work), clear)
     boot_kib = {g.name: g.memory_mib * 1024 for g in spec.guests}
-    result = summary(before, after, measured, boot_kib, work)
+    disks = {n: {k: disks_after[n][k] - disks_before[n][k] for k in ("reads", "writes")} for n in names}
+    baseline = json.loads(args.baseline.read_text()) if args.baseline else None
+    result = summary(before, after, measured, boot_kib, work, disks, baseline)
     result["total_seconds"] = round(time.monotonic() - t0, 1)
     failed = {n: w for n, w in work.items() if w["build"]["failed"] or w["preswap"]["failed"]}
     if failed:
@@ -328,13 +393,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--interval", type=float, default=5.0, help="seconds between stats screens")
     ap.add_argument("--keep", action="store_true", help="leave the lab running afterwards")
     ap.add_argument("--config", type=Path, default=DEFAULT_LAB, help="the lab description")
-    ap.add_argument("--cache-pages", type=int, default=256,
-                    help="the guests' precache shim cache in pages (default 256: less than one build "
-                         "reads, as a memory-constrained guest's page cache is); 0 keeps the image's")
+    ap.add_argument("--cache-pages", type=int, default=0,
+                    help="the guests' precache shim cache in pages (default 0: the image's own)")
     ap.add_argument("--preswap-pages", type=int, default=4096, help="the preswap user's region (pages)")
-    ap.add_argument("--preswap-budget", type=int, default=512, help="... of which resident, at most")
+    ap.add_argument("--preswap-budget", type=int, default=1024,
+                    help="... of which resident, at most (default: the guest agent's default, 4 MiB)")
     ap.add_argument("--preswap-ops", type=int, default=3000, help="operations per preswap run")
     ap.add_argument("--preswap-pause", type=float, default=15.0, help="seconds between preswap runs")
+    ap.add_argument("--baseline", type=Path, help="a `scripts/bench seed` JSON (its seed.json): the "
+                    "summary states builds and disk operations against its plain configurations")
     ap.add_argument("--preswap-socket", default="/run/tmem/preswap.sock",
                     help="the guest daemon's [preswap] socket (the image's default)")
     args = ap.parse_args(argv)

@@ -27,12 +27,12 @@ import time
 import uuid as uuidlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from guestagent.protocol import tomlfile
 from guestagent.protocol.jsonline import is_listening
 from hostagent import control, statsview
-from hostagent.domain import Guest, IOTune, detect_virt_type, domain_xml
+from hostagent.domain import DiskCache, Guest, IOTune, detect_virt_type, domain_xml
 from scripts import build_image
 from scripts.wait import wait_until
 
@@ -74,6 +74,7 @@ class GuestSpec:
     write_iops_sec: int | None = None
     read_bytes_sec: int | None = None
     write_bytes_sec: int | None = None
+    disk_cache: str = "none"  # or "writeback": the host page cache caches the disk
 
     def iotune(self) -> IOTune | None:
         tune = IOTune(self.read_iops_sec, self.write_iops_sec, self.read_bytes_sec,
@@ -301,7 +302,8 @@ def create_guests(conn: Any, lab: Lab, image: build_image.Image) -> dict[str, fl
                       vcpus=g.vcpus, disk=overlay, tmem_socket=STATE / "sockets" / f"{g.name}.tmem",
                       console_log=STATE / "console" / f"{g.name}.log", kernel=image.kernel,
                       initrd=image.initrd, iotune=g.iotune(), uuid=str(uuidlib.uuid4()),
-                      swap_socket=Path(SWAP_SOCKET) if swap_mib(lab) else None)
+                      swap_socket=Path(SWAP_SOCKET) if swap_mib(lab) else None,
+                      disk_cache=cast(DiskCache, g.disk_cache))  # Guest refuses others
         xml = domain_xml(guest, virt_type)
         (STATE / "xml" / f"{g.name}.xml").write_text(xml)
         conn.createXML(xml, 0)

@@ -95,6 +95,15 @@ def test_disk_is_the_overlay_virtio_uncached_without_iotune_by_default() -> None
     assert disk.find("iotune") is None
 
 
+def test_writeback_disk_goes_through_the_host_page_cache_with_threads() -> None:
+    """cache='writeback' with io='native' would make QEMU refuse to start (native AIO needs O_DIRECT)."""
+    disk = one(parse(guest(disk_cache="writeback", iotune=IOTune(read_iops_sec=200))), "devices/disk")
+    driver = one(disk, "driver")
+    assert (driver.get("cache"), driver.get("io")) == ("writeback", "threads")
+    assert one(disk, "iotune/read_iops_sec").text == "200"
+    assert one(one(parse(guest()), "devices/disk"), "driver").get("io") == "native"
+
+
 def test_iotune_has_exactly_the_limits_given() -> None:
     limits = IOTune(read_iops_sec=200, write_iops_sec=100, read_bytes_sec=50 << 20)
     iotune = one(parse(guest(iotune=limits)), "devices/disk/iotune")
@@ -175,6 +184,7 @@ def test_balloon_with_stats_period_rng_and_no_network() -> None:
         ({"kernel": None}, "needs a kernel"),
         ({"iotune": IOTune(read_iops_sec=0)}, "read_iops_sec"),
         ({"tcg_tb_cache_mib": 0}, "tcg_tb_cache_mib"),
+        ({"disk_cache": "unsafe"}, "disk_cache"),
     ],
 )
 def test_bad_descriptions_are_refused(overrides: dict[str, Any], message: str) -> None:
