@@ -20,8 +20,7 @@ DOMAIN = """<domain type='kvm'><name>web1</name><devices>
 
 
 def names(xml: str) -> list[str]:
-    return [c.find("target").get("name", "") for c in  # type: ignore[union-attr]
-            ET.fromstring(xml).iterfind("./devices/channel")]
+    return [t.get("name", "") for t in ET.fromstring(xml).iterfind("./devices/channel/target")]
 
 
 def test_with_devices_adds_the_channel_once() -> None:
