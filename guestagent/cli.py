@@ -80,67 +80,109 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the daemon in the foreground (logs to stderr)")
-    run.add_argument("--config", metavar="FILE",
-                     help=f"TOML configuration (default: {configmod.DEFAULT_CONFIG} if it exists)")
-    run.add_argument("--channel", metavar="PATH",
-                     help="use this channel instead of looking up the virtio-serial port: " + CHANNEL_HELP)
-    run.add_argument("--log-level", default="INFO", type=str.upper,
-                     choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: INFO")
+    run.add_argument(
+        "--config",
+        metavar="FILE",
+        help=f"TOML configuration (default: {configmod.DEFAULT_CONFIG} if it exists)",
+    )
+    run.add_argument(
+        "--channel",
+        metavar="PATH",
+        help="use this channel instead of looking up the virtio-serial port: " + CHANNEL_HELP,
+    )
+    run.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="default: INFO",
+    )
 
     client = argparse.ArgumentParser(add_help=False)
-    client.add_argument("--control", metavar="PATH",
-                        help=f"the daemon's control socket (default: from --config, else "
-                             f"{configmod.DEFAULT_CONTROL_SOCKET})")
+    client.add_argument(
+        "--control",
+        metavar="PATH",
+        help=f"the daemon's control socket (default: from --config, else {configmod.DEFAULT_CONTROL_SOCKET})",
+    )
     client.add_argument("--config", metavar="FILE", help="read the control socket path from here")
 
-    sub.add_parser("status", parents=[client], help="is the daemon connected; its channel and last report",
-                   description="Exit status 0 if the daemon is connected to the host agent, else 1.")
+    sub.add_parser(
+        "status",
+        parents=[client],
+        help="is the daemon connected; its channel and last report",
+        description="Exit status 0 if the daemon is connected to the host agent, else 1.",
+    )
     sub.add_parser("stats", parents=[client], help="the daemon's counters")
 
     chk = sub.add_parser(
-        "check", parents=[client],
+        "check",
+        parents=[client],
         help="self-test the channel to the host agent",
         description="put/get/flush one page in an ephemeral and in a persistent pool and print "
         "the result as JSON; exit status 1 on any failure.  Without CHANNEL the running daemon "
         "does it through its own channel; with CHANNEL this command opens that channel itself.",
-    )  # fmt: skip
+    )
     chk.add_argument("channel", metavar="CHANNEL", nargs="?", help=CHANNEL_HELP)
-    chk.add_argument("--name", default=default_name(),
-                     help="display name sent in HELLO, with CHANNEL (default: hostname)")
-    chk.add_argument("--timeout", type=float, default=CHECK_TIMEOUT,
-                     help=f"seconds before giving up (default: {CHECK_TIMEOUT:g})")
+    chk.add_argument(
+        "--name", default=default_name(), help="display name sent in HELLO, with CHANNEL (default: hostname)"
+    )
+    chk.add_argument(
+        "--timeout",
+        type=float,
+        default=CHECK_TIMEOUT,
+        help=f"seconds before giving up (default: {CHECK_TIMEOUT:g})",
+    )
     pc = sub.add_parser("precache", help="the FUSE victim cache for clean file pages")
     pc_sub = pc.add_subparsers(dest="precache_command", required=True, metavar="COMMAND")
     mnt = pc_sub.add_parser(
-        "mount", help="serve a precache mount in the foreground over a channel of its own",
+        "mount",
+        help="serve a precache mount in the foreground over a channel of its own",
         description="Mount BACKING at MOUNTPOINT (pyfuse3 passthrough, one private ephemeral tmem pool) "
         "and serve it until SIGTERM/SIGINT or an unmount.  It opens its own channel, so in a guest it "
         "needs a port no daemon holds (or configure the mount in the daemon: [[precache]]).",
-    )  # fmt: skip
+    )
     mnt.add_argument("backing", metavar="BACKING", help="the directory whose files the mount serves")
     mnt.add_argument("mountpoint", metavar="MOUNTPOINT")
-    mnt.add_argument("--cache-pages", type=int, default=configmod.DEFAULT_CACHE_PAGES,
-                     help=f"the shim's own cache at most, in 4 KiB pages (default: "
-                          f"{configmod.DEFAULT_CACHE_PAGES}); it shrinks with MemAvailable")
-    mnt.add_argument("--kernel-cache", action="store_true",
-                     help="no direct_io: the kernel page cache serves hot reads (the shim sees fewer)")
-    mnt.add_argument("--allow-other", action="store_true",
-                     help="every user may use the mount, the kernel checking each access against the "
-                          "backing files' modes (default_permissions); default: root only")
-    mnt.add_argument("--channel", metavar="SPEC",
-                     help=CHANNEL_HELP + " (default: the virtio-serial port from --config, else "
-                          f"{wire.PORT_NAME})")
+    mnt.add_argument(
+        "--cache-pages",
+        type=int,
+        default=configmod.DEFAULT_CACHE_PAGES,
+        help=f"the shim's own cache at most, in 4 KiB pages (default: "
+        f"{configmod.DEFAULT_CACHE_PAGES}); it shrinks with MemAvailable",
+    )
+    mnt.add_argument(
+        "--kernel-cache",
+        action="store_true",
+        help="no direct_io: the kernel page cache serves hot reads (the shim sees fewer)",
+    )
+    mnt.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="every user may use the mount, the kernel checking each access against the "
+        "backing files' modes (default_permissions); default: root only",
+    )
+    mnt.add_argument(
+        "--channel",
+        metavar="SPEC",
+        help=CHANNEL_HELP + f" (default: the virtio-serial port from --config, else {wire.PORT_NAME})",
+    )
     mnt.add_argument("--config", metavar="FILE", help="read the port name from here")
-    mnt.add_argument("--log-level", default="WARNING", type=str.upper,
-                     choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: WARNING")
+    mnt.add_argument(
+        "--log-level",
+        default="WARNING",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="default: WARNING",
+    )
     return parser
 
 
 def _precache_mount(args: argparse.Namespace) -> int:
     from guestagent import precache  # pyfuse3 only for this command
 
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if not 1 <= args.cache_pages <= configmod.MAX_CACHE_PAGES:
         print(f"{PROG}: --cache-pages must be in 1..{configmod.MAX_CACHE_PAGES}", file=sys.stderr)
         return 2
@@ -149,8 +191,14 @@ def _precache_mount(args: argparse.Namespace) -> int:
         cfg = _load_config(args.config)
         spec = cfg.channel or cfg.port
     try:
-        precache.mount(args.backing, args.mountpoint, spec, args.cache_pages, direct_io=not args.kernel_cache,
-                       allow_other=args.allow_other)
+        precache.mount(
+            args.backing,
+            args.mountpoint,
+            spec,
+            args.cache_pages,
+            direct_io=not args.kernel_cache,
+            allow_other=args.allow_other,
+        )
     except SystemExit as exc:  # precache.mount's refusals carry their message
         if isinstance(exc.code, str):
             return _fail(exc.code.removeprefix("precache: "))
@@ -205,8 +253,9 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.command == "check":
             if not 0 < args.timeout <= 600:
                 return _fail("--timeout must be in (0, 600] seconds")
-            result = control.request(path, {"cmd": "check", "timeout": args.timeout},
-                                     timeout=args.timeout + 5)
+            result = control.request(
+                path, {"cmd": "check", "timeout": args.timeout}, timeout=args.timeout + 5
+            )
             _print(result)
             return 0 if result.get("ok") else 1
         result = control.request(path, {"cmd": args.command})
@@ -221,8 +270,9 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     cfg = _load_config(args.config)
     agent = GuestAgent(cfg, channel=args.channel)
     log.info("guest agent starting (pid %d, name %r)", os.getpid(), agent.name)

@@ -17,8 +17,15 @@ from typing import Any, Final
 
 from guestagent.protocol import tomlfile, wire
 
-__all__ = ["DEFAULT_CONFIG", "DEFAULT_CONTROL_SOCKET", "Config", "ConfigError", "PrecacheMount", "load",
-           "parse"]
+__all__ = [
+    "DEFAULT_CONFIG",
+    "DEFAULT_CONTROL_SOCKET",
+    "Config",
+    "ConfigError",
+    "PrecacheMount",
+    "load",
+    "parse",
+]
 
 DEFAULT_CONFIG: Final = "/etc/tmem/guestagent.toml"
 DEFAULT_CONTROL_SOCKET: Final = "/run/tmem/guestagent.sock"
@@ -74,9 +81,13 @@ _LAYOUT: Final[Mapping[str, Mapping[str, str]]] = {
     "channel": {"port": "port", "path": "channel", "name": "name", "retry_interval": "retry_interval"},
     "report": {"interval": "report_interval"},
     "control": {"socket": "control_socket"},
-    "preswap": {"enabled": "preswap", "socket": "preswap_socket", "swap_file": "preswap_swap_file",
-                "default_budget_mib": "preswap_default_budget_mib",
-                "guest_budget_mib": "preswap_guest_budget_mib"},
+    "preswap": {
+        "enabled": "preswap",
+        "socket": "preswap_socket",
+        "swap_file": "preswap_swap_file",
+        "default_budget_mib": "preswap_default_budget_mib",
+        "guest_budget_mib": "preswap_guest_budget_mib",
+    },
 }
 
 
@@ -114,8 +125,9 @@ def parse(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Config:
     cfg = Config(**values)
     for key, path in (("control.socket", cfg.control_socket), ("preswap.socket", cfg.preswap_socket)):
         if len(path.encode()) > _MAX_SOCKET_PATH:
-            raise ConfigError(f"{key}: {path} is longer than a unix socket path may be "
-                              f"({_MAX_SOCKET_PATH} bytes)")
+            raise ConfigError(
+                f"{key}: {path} is longer than a unix socket path may be ({_MAX_SOCKET_PATH} bytes)"
+            )
     return cfg
 
 
@@ -155,8 +167,10 @@ def _precache(tables: Any, base_dir: Path | None) -> tuple[PrecacheMount, ...]:
     if not isinstance(tables, list) or not all(isinstance(t, Mapping) for t in tables):
         raise ConfigError("precache: must be an array of tables ([[precache]])")
     if len(tables) > 1:
-        raise ConfigError(f"precache: {len(tables)} mounts, but the daemon serves at most one (pyfuse3 "
-                          "serves one mount per process); run others with `guestagent precache mount`")
+        raise ConfigError(
+            f"precache: {len(tables)} mounts, but the daemon serves at most one (pyfuse3 "
+            "serves one mount per process); run others with `guestagent precache mount`"
+        )
     mounts = []
     for n, table in enumerate(tables):
         where = f"precache[{n}]"
@@ -175,8 +189,9 @@ def _precache(tables: Any, base_dir: Path | None) -> tuple[PrecacheMount, ...]:
             raise ConfigError(f"{where}: backing and mountpoint are the same directory {paths['backing']}")
         pages = table.get("cache_pages", DEFAULT_CACHE_PAGES)
         if isinstance(pages, bool) or not isinstance(pages, int) or not 1 <= pages <= MAX_CACHE_PAGES:
-            raise ConfigError(f"{where}.cache_pages: expected a number of pages in 1..{MAX_CACHE_PAGES}, "
-                              f"got {pages!r}")
+            raise ConfigError(
+                f"{where}.cache_pages: expected a number of pages in 1..{MAX_CACHE_PAGES}, got {pages!r}"
+            )
         kernel_cache = table.get("kernel_cache", False)
         if not isinstance(kernel_cache, bool):
             raise ConfigError(f"{where}.kernel_cache: expected true or false, got {kernel_cache!r}")

@@ -38,8 +38,9 @@ class DaemonNotRunning(jsonline.NotRunning):
     """Nothing answers on the control socket."""
 
 
-async def serve(path: str, handler: Handler, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                ) -> None:  # fmt: skip
+async def serve(
+    path: str, handler: Handler, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
     """Listen on `path` (mode 0600) and answer each request line with `handler`'s result.
 
     A stale socket file from a killed daemon is replaced, a live one is not: two daemons
@@ -109,8 +110,7 @@ async def _dispatch(line: bytes, handler: Handler) -> dict[str, Any]:
 
 def request(path: str, req: Mapping[str, Any], timeout: float = 30.0) -> Any:
     """Send one request to the daemon at `path`; its result, or ControlError with the reason."""
-    return jsonline.request(path, req, peer="guest agent", timeout=timeout,
-                            not_running=DaemonNotRunning)
+    return jsonline.request(path, req, peer="guest agent", timeout=timeout, not_running=DaemonNotRunning)
 
 
 _line = jsonline.encode_line

@@ -168,8 +168,9 @@ class GuestAgent:
     async def _serve_channel(self, spec: str) -> None:
         self.state, self.error = "connecting", None
         log.info("opening channel %s as %r", spec, self.name)
-        async with open_channel(spec, name=self.name, reconnect=True,
-                                retry_interval=self.cfg.retry_interval) as ch:  # fmt: skip
+        async with open_channel(
+            spec, name=self.name, reconnect=True, retry_interval=self.cfg.retry_interval
+        ) as ch:
             self.channel = ch
             self._channel_open.set()
             failed: list[ChannelError] = []
@@ -242,9 +243,13 @@ class GuestAgent:
         cfg = self.cfg
         guest_budget = cfg.preswap_guest_budget_mib * MIB_PAGES or None
         try:
-            sw = swappermod.Swapper(ch, cfg.preswap_socket, cfg.preswap_swap_file,
-                                    default_budget=cfg.preswap_default_budget_mib * MIB_PAGES,
-                                    guest_budget=guest_budget)  # fmt: skip
+            sw = swappermod.Swapper(
+                ch,
+                cfg.preswap_socket,
+                cfg.preswap_swap_file,
+                default_budget=cfg.preswap_default_budget_mib * MIB_PAGES,
+                guest_budget=guest_budget,
+            )
         except OSError as exc:
             raise StartupError(f"preswap: cannot open the swap file {cfg.preswap_swap_file}: {exc}") from None
         self.swapper = sw
@@ -256,8 +261,11 @@ class GuestAgent:
                         await nursery.start(sw.run)
                     except OSError as exc:
                         raise StartupError(f"preswap: cannot serve {cfg.preswap_socket}: {exc}") from None
-                    log.info("preswap: serving regions on %s (swap file %s)", cfg.preswap_socket,
-                             cfg.preswap_swap_file)
+                    log.info(
+                        "preswap: serving regions on %s (swap file %s)",
+                        cfg.preswap_socket,
+                        cfg.preswap_swap_file,
+                    )
                     if guest_budget is None:
                         nursery.start_soon(partial(swappermod.follow_pressure, sw, proc_dir=self.proc_dir))
         finally:
@@ -277,16 +285,20 @@ class GuestAgent:
         if not self.cfg.preswap:
             return None
         sw = self.swapper
-        out: dict[str, Any] = {"socket": self.cfg.preswap_socket, "swap_file": self.cfg.preswap_swap_file,
-                               "running": sw is not None}
+        out: dict[str, Any] = {
+            "socket": self.cfg.preswap_socket,
+            "swap_file": self.cfg.preswap_swap_file,
+            "running": sw is not None,
+        }
         if sw is not None:
             out.update(sw.stats())
         return out
 
     # ----------------------------------------------------------------- precache
 
-    async def _serve_precache(self, mount: PrecacheMount,
-                              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _serve_precache(
+        self, mount: PrecacheMount, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Mount (a mount failure stops the daemon: its config asked for it) and serve until cancelled;
         the mount's pool lives on whichever channel the daemon has open (`_attach_precache`).
         This is `precache.serve` with a channel that may be reopened under the mount."""
@@ -303,8 +315,13 @@ class GuestAgent:
             pyfuse3.init(fs, mount.mountpoint, precache.mount_options(mount.allow_other))
         except RuntimeError as exc:  # pyfuse3 says "fuse_session_mount failed" and libfuse logs why
             raise StartupError(f"precache: cannot mount {mount.mountpoint}: {exc}") from None
-        log.info("precache: %s mounted at %s (cache %d pages%s)", mount.backing, mount.mountpoint,
-                 mount.cache_pages, ", kernel cache" if mount.kernel_cache else "")
+        log.info(
+            "precache: %s mounted at %s (cache %d pages%s)",
+            mount.backing,
+            mount.mountpoint,
+            mount.cache_pages,
+            ", kernel cache" if mount.kernel_cache else "",
+        )
         self.precache = fs
         try:
             async with trio.open_nursery() as nursery:
@@ -350,8 +367,11 @@ class GuestAgent:
             return None
         mount = self.cfg.precache[0]
         fs = self.precache
-        out: dict[str, Any] = {"backing": mount.backing, "mountpoint": mount.mountpoint,
-                               "mounted": fs is not None}
+        out: dict[str, Any] = {
+            "backing": mount.backing,
+            "mountpoint": mount.mountpoint,
+            "mounted": fs is not None,
+        }
         if fs is not None:
             fs.counters.cached_pages = len(fs.cache)
             ch = self.channel
@@ -396,7 +416,8 @@ class GuestAgent:
             "welcome": dataclasses.asdict(ch.welcome) if ch is not None else None,
             "last_report": (
                 {"age": round(now - self.last_report_time, 3), "values": self.last_report}
-                if self.last_report is not None else None
+                if self.last_report is not None
+                else None
             ),
             "last_notice": self.last_notice,
             "precache": self.precache_stats(),

@@ -280,9 +280,33 @@ def _lstat_or_none(path: str) -> os.stat_result | None:
 
 
 _OPERATIONS: Final = (
-    "lookup", "forget", "getattr", "setattr", "readlink", "mkdir", "mknod", "symlink", "link", "unlink",
-    "rmdir", "rename", "open", "create", "read", "write", "flush", "fsync", "release", "opendir",
-    "readdir", "releasedir", "statfs", "getxattr", "setxattr", "listxattr", "removexattr",
+    "lookup",
+    "forget",
+    "getattr",
+    "setattr",
+    "readlink",
+    "mkdir",
+    "mknod",
+    "symlink",
+    "link",
+    "unlink",
+    "rmdir",
+    "rename",
+    "open",
+    "create",
+    "read",
+    "write",
+    "flush",
+    "fsync",
+    "release",
+    "opendir",
+    "readdir",
+    "releasedir",
+    "statfs",
+    "getxattr",
+    "setxattr",
+    "listxattr",
+    "removexattr",
 )
 
 
@@ -432,8 +456,17 @@ class PrecacheFS(pyfuse3.Operations):
 
     def _entry(self, ino: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
         entry = pyfuse3.EntryAttributes()
-        for attr in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size",
-                     "st_atime_ns", "st_mtime_ns", "st_ctime_ns"):  # fmt: skip
+        for attr in (
+            "st_mode",
+            "st_nlink",
+            "st_uid",
+            "st_gid",
+            "st_rdev",
+            "st_size",
+            "st_atime_ns",
+            "st_mtime_ns",
+            "st_ctime_ns",
+        ):
             setattr(entry, attr, getattr(st, attr))
         entry.st_blksize = PAGE
         entry.st_blocks = st.st_blocks
@@ -456,8 +489,9 @@ class PrecacheFS(pyfuse3.Operations):
         prefix = old + "/"
         for node in self._nodes.values():
             if old in node.paths or any(p.startswith(prefix) for p in node.paths):
-                node.paths = {new + p[len(old):] if p == old or p.startswith(prefix) else p
-                              for p in node.paths}  # fmt: skip
+                node.paths = {
+                    new + p[len(old) :] if p == old or p.startswith(prefix) else p for p in node.paths
+                }
 
     def _drop_path(self, path: str) -> None:
         for node in self._nodes.values():
@@ -501,9 +535,13 @@ class PrecacheFS(pyfuse3.Operations):
         return self._entry(inode, st)
 
     async def setattr(
-        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
-        fh: int | None, ctx: Any,
-    ) -> pyfuse3.EntryAttributes:  # fmt: skip
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: Any,
+    ) -> pyfuse3.EntryAttributes:
         path = self._path(inode)
         target: int | str = self._files[fh][0] if fh is not None and fh in self._files else path
 
@@ -514,13 +552,22 @@ class PrecacheFS(pyfuse3.Operations):
             if fields.update_mode:
                 os.chmod(path, stat.S_IMODE(attr.st_mode), follow_symlinks=False)
             if fields.update_uid or fields.update_gid:
-                os.chown(path, attr.st_uid if fields.update_uid else -1,
-                         attr.st_gid if fields.update_gid else -1, follow_symlinks=False)  # fmt: skip
+                os.chown(
+                    path,
+                    attr.st_uid if fields.update_uid else -1,
+                    attr.st_gid if fields.update_gid else -1,
+                    follow_symlinks=False,
+                )
             if fields.update_atime or fields.update_mtime:
                 cur = os.lstat(path)
-                os.utime(path, ns=(attr.st_atime_ns if fields.update_atime else cur.st_atime_ns,
-                                   attr.st_mtime_ns if fields.update_mtime else cur.st_mtime_ns),
-                         follow_symlinks=False)  # fmt: skip
+                os.utime(
+                    path,
+                    ns=(
+                        attr.st_atime_ns if fields.update_atime else cur.st_atime_ns,
+                        attr.st_mtime_ns if fields.update_mtime else cur.st_mtime_ns,
+                    ),
+                    follow_symlinks=False,
+                )
             return before, os.lstat(path)
 
         before, st = await _io(apply)
@@ -610,9 +657,14 @@ class PrecacheFS(pyfuse3.Operations):
         self._drop_path(path)
 
     async def rename(
-        self, parent_inode_old: int, name_old: bytes | str, parent_inode_new: int, name_new: bytes | str,
-        flags: int, ctx: Any,
-    ) -> None:  # fmt: skip
+        self,
+        parent_inode_old: int,
+        name_old: bytes | str,
+        parent_inode_new: int,
+        name_new: bytes | str,
+        flags: int,
+        ctx: Any,
+    ) -> None:
         old = self._child(parent_inode_old, name_old)
         new = self._child(parent_inode_new, name_new)
         if flags & _RENAME_EXCHANGE:
@@ -711,8 +763,11 @@ class PrecacheFS(pyfuse3.Operations):
             # read for all of them instead of a round trip each (never more than a quarter of
             # the cache, so the pages asked for now are not pushed out by their successors)
             window = min(READ_AHEAD_PAGES, self.cache.capacity // 4)
-            ahead = [i for i in range(last + 1, min(last + window, (known - 1) // PAGE) + 1)
-                     if self.cache.get(oid, i) is None]  # fmt: skip
+            ahead = [
+                i
+                for i in range(last + 1, min(last + window, (known - 1) // PAGE) + 1)
+                if self.cache.get(oid, i) is None
+            ]
             c.read_ahead += len(ahead)
             missing.extend(ahead)
         fetched: dict[int, bytes] = {}
@@ -826,8 +881,17 @@ class PrecacheFS(pyfuse3.Operations):
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
         sv = await _io(os.statvfs, self.backing)
         out = pyfuse3.StatvfsData()
-        for attr in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree",
-                     "f_favail", "f_namemax"):  # fmt: skip
+        for attr in (
+            "f_bsize",
+            "f_frsize",
+            "f_blocks",
+            "f_bfree",
+            "f_bavail",
+            "f_files",
+            "f_ffree",
+            "f_favail",
+            "f_namemax",
+        ):
             setattr(out, attr, getattr(sv, attr))
         return out
 
@@ -841,7 +905,8 @@ class PrecacheFS(pyfuse3.Operations):
             return json.dumps(asdict(self.counters)).encode()
         try:
             return await trio.to_thread.run_sync(
-                lambda: os.getxattr(self._path(inode), os.fsdecode(name), follow_symlinks=False))
+                lambda: os.getxattr(self._path(inode), os.fsdecode(name), follow_symlinks=False)
+            )
         except OSError as exc:
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
 
@@ -875,7 +940,6 @@ class PrecacheFS(pyfuse3.Operations):
             return before, os.lstat(path)
 
         self._sync(*await _io(apply))
-
 
     def report_values(self) -> dict[str, int]:
         """The counters as STATS names (`precache_*`), for a report to the host."""
@@ -920,7 +984,6 @@ def mount_options(allow_other: bool = False) -> set[str]:
     if allow_other:
         options |= {"allow_other", "default_permissions"}
     return options
-
 
 
 async def _use_channel(fs: PrecacheFS, channel: Channel) -> None:
@@ -970,10 +1033,18 @@ async def _stop_on_signals() -> None:
 
 
 async def serve(
-    backing: str, mountpoint: str, channel_spec: str | None, cache_pages: int, *, direct_io: bool = True,
-    allow_other: bool = False, channel: Channel | None = None, proc_dir: str = "/proc", signals: bool = True,
+    backing: str,
+    mountpoint: str,
+    channel_spec: str | None,
+    cache_pages: int,
+    *,
+    direct_io: bool = True,
+    allow_other: bool = False,
+    channel: Channel | None = None,
+    proc_dir: str = "/proc",
+    signals: bool = True,
     task_status: trio.TaskStatus[PrecacheFS] = trio.TASK_STATUS_IGNORED,
-) -> None:  # fmt: skip
+) -> None:
     """Mount and serve until unmounted (or SIGTERM/SIGINT/SIGHUP with `signals`).
 
     The pool lives on `channel` if given (a daemon that owns the guest's only port passes its own),
@@ -1002,8 +1073,14 @@ async def serve(
 
 
 def mount(
-    backing: str, mountpoint: str, channel_spec: str, cache_pages: int, *, direct_io: bool = True,
-    allow_other: bool = False, proc_dir: str = "/proc",
+    backing: str,
+    mountpoint: str,
+    channel_spec: str,
+    cache_pages: int,
+    *,
+    direct_io: bool = True,
+    allow_other: bool = False,
+    proc_dir: str = "/proc",
 ) -> None:
     """Blocking entry point for `guestagent precache mount BACKING MOUNTPOINT`."""
     for what, path in (("backing directory", backing), ("mount point", mountpoint)):
@@ -1011,8 +1088,18 @@ def mount(
             raise SystemExit(f"precache: {what} {path} is not a directory")
     if cache_pages < 1:
         raise SystemExit("precache: the cache needs at least one page")
-    trio.run(functools.partial(serve, backing, mountpoint, channel_spec, cache_pages, direct_io=direct_io,
-                               allow_other=allow_other, proc_dir=proc_dir))
+    trio.run(
+        functools.partial(
+            serve,
+            backing,
+            mountpoint,
+            channel_spec,
+            cache_pages,
+            direct_io=direct_io,
+            allow_other=allow_other,
+            proc_dir=proc_dir,
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1021,17 +1108,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("mountpoint")
     parser.add_argument("--channel", required=True, help="virtio port name or unix socket path")
     parser.add_argument("--cache-pages", type=int, default=16384)
-    parser.add_argument("--kernel-cache", action="store_true",
-                        help="no direct_io: the kernel page cache serves hot reads (the shim sees fewer)")
-    parser.add_argument("--allow-other", action="store_true",
-                        help="let every user use the mount, the kernel checking permissions")
+    parser.add_argument(
+        "--kernel-cache",
+        action="store_true",
+        help="no direct_io: the kernel page cache serves hot reads (the shim sees fewer)",
+    )
+    parser.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="let every user use the mount, the kernel checking permissions",
+    )
     parser.add_argument("--proc-dir", default="/proc", help="where meminfo is read (tests use a fake one)")
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
-    mount(args.backing, args.mountpoint, args.channel, args.cache_pages, direct_io=not args.kernel_cache,
-          allow_other=args.allow_other, proc_dir=args.proc_dir)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    mount(
+        args.backing,
+        args.mountpoint,
+        args.channel,
+        args.cache_pages,
+        direct_io=not args.kernel_cache,
+        allow_other=args.allow_other,
+        proc_dir=args.proc_dir,
+    )
     return 0
 
 

@@ -28,8 +28,9 @@ def read_meminfo(proc_dir: str = "/proc") -> dict[str, int]:
         return parse_meminfo(f.read())
 
 
-async def follow_meminfo(apply: Apply, *, proc_dir: str = "/proc", interval: float = 1.0,
-                         stop_on_error: bool = False) -> None:  # fmt: skip
+async def follow_meminfo(
+    apply: Apply, *, proc_dir: str = "/proc", interval: float = 1.0, stop_on_error: bool = False
+) -> None:
     """Call `apply(meminfo)` now and then every `interval` seconds, forever.
 
     A read that fails (or an `apply` that finds a field missing: KeyError) is logged; the

@@ -44,8 +44,14 @@ class Region:
     `budget_pages` is how many of its pages may stay resident (the agent's default if None).
     """
 
-    def __init__(self, size: int, socket_path: str = DEFAULT_SOCKET, *,
-                 budget_pages: int | None = None, timeout: float = 30.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        size: int,
+        socket_path: str = DEFAULT_SOCKET,
+        *,
+        budget_pages: int | None = None,
+        timeout: float = 30.0,
+    ) -> None:
         if size <= 0:
             raise ValueError("a region needs at least one byte")
         self.size = -(-size // PAGE) * PAGE
@@ -106,8 +112,9 @@ class Region:
     def __enter__(self) -> Region:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:  # fmt: skip
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
 

@@ -21,9 +21,15 @@ from typing import Any, Final
 import trio
 
 __all__ = [
-    "DEFAULT_SOCKET", "PREFIX_MAX", "PreswapError", "privileged", "read_reply", "read_request", "reply",
+    "DEFAULT_SOCKET",
+    "PREFIX_MAX",
+    "PreswapError",
+    "privileged",
+    "read_reply",
+    "read_request",
+    "reply",
     "send_request",
-]  # fmt: skip
+]
 
 DEFAULT_SOCKET: Final = "/run/tmem/preswap.sock"
 PREFIX_MAX: Final = 65536  # longest request line

@@ -71,9 +71,20 @@ def _anonymous(nbytes: int) -> Iterator[memoryview]:
         mm.close()
 
 
-def run(socket_path: str, pages: int, budget: int, ops: int, *, seed: int = 1,
-        write_ratio: float = 0.5, hot_pages: float = 0.0, hot_ops: float = 0.0,
-        progress: bool = False, fill: bool = False, anonymous: bool = False) -> dict[str, Any]:  # fmt: skip
+def run(
+    socket_path: str,
+    pages: int,
+    budget: int,
+    ops: int,
+    *,
+    seed: int = 1,
+    write_ratio: float = 0.5,
+    hot_pages: float = 0.0,
+    hot_ops: float = 0.0,
+    progress: bool = False,
+    fill: bool = False,
+    anonymous: bool = False,
+) -> dict[str, Any]:
     """`hot_ops` of the operations go to the first `hot_pages` (a fraction) of the region."""
     pattern = Pattern(seed)
     versions = [0] * pages
@@ -81,16 +92,34 @@ def run(socket_path: str, pages: int, budget: int, ops: int, *, seed: int = 1,
     started = time.perf_counter()
     if anonymous:
         with _anonymous(pages * PAGE) as buf:
-            out = _exercise(buf, pattern, versions, ops, seed=seed, write_ratio=write_ratio,
-                            hot_pages=hot_pages, hot_ops=hot_ops, fill=fill)  # fmt: skip
+            out = _exercise(
+                buf,
+                pattern,
+                versions,
+                ops,
+                seed=seed,
+                write_ratio=write_ratio,
+                hot_pages=hot_pages,
+                hot_ops=hot_ops,
+                fill=fill,
+            )
             out["seconds"] = round(time.perf_counter() - started, 3)
             out["agent"] = None
     else:
         with preswap.Region(pages * PAGE, socket_path, budget_pages=budget) as region:
             if progress:
                 print(json.dumps({"region": region.id}), flush=True)
-            out = _exercise(region.buf, pattern, versions, ops, seed=seed, write_ratio=write_ratio,
-                            hot_pages=hot_pages, hot_ops=hot_ops, fill=fill)  # fmt: skip
+            out = _exercise(
+                region.buf,
+                pattern,
+                versions,
+                ops,
+                seed=seed,
+                write_ratio=write_ratio,
+                hot_pages=hot_pages,
+                hot_ops=hot_ops,
+                fill=fill,
+            )
             out["seconds"] = round(time.perf_counter() - started, 3)
             out["agent"] = preswap.stats(socket_path)["regions"][str(region.id)]
     swap1 = swap_counters()
@@ -99,9 +128,18 @@ def run(socket_path: str, pages: int, budget: int, ops: int, *, seed: int = 1,
     return out
 
 
-def _exercise(buf: memoryview, pattern: Pattern, versions: list[int], ops: int, *, seed: int,
-              write_ratio: float, hot_pages: float, hot_ops: float,
-              fill: bool) -> dict[str, Any]:  # fmt: skip
+def _exercise(
+    buf: memoryview,
+    pattern: Pattern,
+    versions: list[int],
+    ops: int,
+    *,
+    seed: int,
+    write_ratio: float,
+    hot_pages: float,
+    hot_ops: float,
+    fill: bool,
+) -> dict[str, Any]:
     """The fill (if asked), the random operations, the final check of every page."""
     rng = random.Random(seed + 1)
     pages = len(versions)
@@ -125,8 +163,11 @@ def _exercise(buf: memoryview, pattern: Pattern, versions: list[int], ops: int, 
         at = p * PAGE
         if buf[at : at + PAGE] != pattern.page(p, versions[p]):
             mismatches += 1
-    return {"ops": ops + pages * (2 if fill else 1), "mismatches": mismatches,
-            "fill_seconds": round(fill_seconds, 3)}
+    return {
+        "ops": ops + pages * (2 if fill else 1),
+        "mismatches": mismatches,
+        "fill_seconds": round(fill_seconds, 3),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -141,12 +182,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--hot-ops", type=float, default=0.0, help="fraction of operations on them")
     parser.add_argument("--progress", action="store_true", help="print the region id once created")
     parser.add_argument("--fill", action="store_true", help="write every page once first")
-    parser.add_argument("--anonymous", action="store_true",
-                        help="plain anonymous memory instead of a region (the kernel's swap)")
+    parser.add_argument(
+        "--anonymous",
+        action="store_true",
+        help="plain anonymous memory instead of a region (the kernel's swap)",
+    )
     args = parser.parse_args(argv)
-    result = run(args.socket, args.pages, args.budget, args.ops, seed=args.seed,
-                 write_ratio=args.write_ratio, hot_pages=args.hot_pages, hot_ops=args.hot_ops,
-                 progress=args.progress, fill=args.fill, anonymous=args.anonymous)  # fmt: skip
+    result = run(
+        args.socket,
+        args.pages,
+        args.budget,
+        args.ops,
+        seed=args.seed,
+        write_ratio=args.write_ratio,
+        hot_pages=args.hot_pages,
+        hot_ops=args.hot_ops,
+        progress=args.progress,
+        fill=args.fill,
+        anonymous=args.anonymous,
+    )
     print(json.dumps(result), flush=True)
     sys.exit(1 if result["mismatches"] else 0)
 

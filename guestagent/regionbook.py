@@ -14,9 +14,18 @@ from typing import Final
 from guestagent.uffd import PAGE_SIZE
 
 __all__ = [
-    "DISK", "EVICTING", "LOADING", "REGION_COUNTERS", "RESIDENT", "TMEM", "ZERO", "RegionBook",
-    "pressure_budget", "runs", "shares",
-]  # fmt: skip
+    "DISK",
+    "EVICTING",
+    "LOADING",
+    "REGION_COUNTERS",
+    "RESIDENT",
+    "TMEM",
+    "ZERO",
+    "RegionBook",
+    "pressure_budget",
+    "runs",
+    "shares",
+]
 
 # A page's state: ZERO never written (or found all-zero when evicted); RESIDENT in the memfd;
 # EVICTING write-protected while its put is in flight; TMEM / DISK held by the host or in the
@@ -69,9 +78,13 @@ class RegionBook:
 
     def stats(self) -> dict[str, int]:
         return {
-            **self.counters, "pages": self.pages, "budget": self.budget, "limit": self.limit,
+            **self.counters,
+            "pages": self.pages,
+            "budget": self.budget,
+            "limit": self.limit,
             "resident": self.resident,
-            "evicted": self.held_tmem + self.held_disk, "in_tmem": self.held_tmem,
+            "evicted": self.held_tmem + self.held_disk,
+            "in_tmem": self.held_tmem,
             "on_disk": self.held_disk,
         }
 
@@ -155,8 +168,14 @@ def shares(budgets: Mapping[int, int], cap: int | None) -> dict[int, int]:
     return {rid: max(1, cap * budget // total) for rid, budget in budgets.items()}
 
 
-def pressure_budget(resident: int, mem_available_kib: int, mem_total_kib: int, *,
-                    reserve_kib: int | None = None, floor: int = 256) -> int:  # fmt: skip
+def pressure_budget(
+    resident: int,
+    mem_available_kib: int,
+    mem_total_kib: int,
+    *,
+    reserve_kib: int | None = None,
+    floor: int = 256,
+) -> int:
     """The guest budget for all regions together: the pages they hold now, plus what the guest
     can spare above a reserve of available memory (minus what it lacks below it).
 

@@ -134,10 +134,18 @@ class Region(RegionBook):
 class Swapper:
     """Serves preswap regions over a local unix socket, backed by one persistent tmem pool."""
 
-    def __init__(self, channel: Channel, socket_path: str, swap_path: str, *,
-                 default_budget: int = 1024, guest_budget: int | None = None,
-                 policy: str = "clock", readahead: int = READAHEAD,
-                 state_path: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        channel: Channel,
+        socket_path: str,
+        swap_path: str,
+        *,
+        default_budget: int = 1024,
+        guest_budget: int | None = None,
+        policy: str = "clock",
+        readahead: int = READAHEAD,
+        state_path: str | None = None,
+    ) -> None:
         self.readahead = max(1, readahead)
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}")
@@ -253,8 +261,7 @@ class Swapper:
                 for fd in fds:
                     os.close(fd)
 
-    async def _serve_region(self, conn: trio.socket.SocketType, req: dict[str, Any],
-                            fds: list[int]) -> None:  # fmt: skip
+    async def _serve_region(self, conn: trio.socket.SocketType, req: dict[str, Any], fds: list[int]) -> None:
         if len(fds) != 2:
             for fd in fds:
                 os.close(fd)
@@ -627,8 +634,7 @@ class Swapper:
                     counters["puts_refused"] += len(refused)
                     if refused:
                         slots = [self.swap.alloc() for _ in refused]
-                        await trio.to_thread.run_sync(write_all, self.swap, slots,
-                                                      [d for _, d in refused])  # fmt: skip
+                        await trio.to_thread.run_sync(write_all, self.swap, slots, [d for _, d in refused])
                         counters["disk_writes"] += len(refused)
                         for (p, _), slot in zip(refused, slots, strict=True):
                             region.slots[p] = slot
@@ -673,13 +679,22 @@ def _write_state(path: str, pool_id: int) -> None:
     os.replace(tmp, path)
 
 
-async def follow_pressure(swapper: Swapper, *, proc_dir: str = "/proc", interval: float = 1.0,
-                          reserve_kib: int | None = None, floor: int = 256) -> None:  # fmt: skip
+async def follow_pressure(
+    swapper: Swapper,
+    *,
+    proc_dir: str = "/proc",
+    interval: float = 1.0,
+    reserve_kib: int | None = None,
+    floor: int = 256,
+) -> None:
     """Set the swapper's guest budget from /proc/meminfo every interval (see `pressure_budget`)."""
 
     async def apply(info: Mapping[str, int]) -> None:
         resident = sum(r.resident for r in swapper.regions.values())
-        swapper.set_guest_budget(pressure_budget(
-            resident, info["MemAvailable"], info["MemTotal"], reserve_kib=reserve_kib, floor=floor))
+        swapper.set_guest_budget(
+            pressure_budget(
+                resident, info["MemAvailable"], info["MemTotal"], reserve_kib=reserve_kib, floor=floor
+            )
+        )
 
     await follow_meminfo(apply, proc_dir=proc_dir, interval=interval)

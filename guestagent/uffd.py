@@ -197,8 +197,9 @@ def wake(fd: int, start: int, length: int = PAGE_SIZE) -> None:
 
 def parse_events(data: bytes) -> list[Fault]:
     """Page-fault events from a read of the uffd (other event kinds are not enabled)."""
-    return [Fault(address, flags) for event, flags, address in iter_messages(data)
-            if event == EVENT_PAGEFAULT]
+    return [
+        Fault(address, flags) for event, flags, address in iter_messages(data) if event == EVENT_PAGEFAULT
+    ]
 
 
 def iter_messages(data: bytes) -> Iterator[tuple[int, int, int]]:

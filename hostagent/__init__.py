@@ -15,7 +15,8 @@ from pathlib import Path
 
 # compiled.txt is the one list of compiled modules (setup.py and scripts/setup read it too)
 _COMPILED = tuple(
-    line.strip() for line in (Path(__file__).parent / "compiled.txt").read_text().splitlines()
+    line.strip()
+    for line in (Path(__file__).parent / "compiled.txt").read_text().splitlines()
     if line.strip() and not line.startswith("#")
 )  # in import order
 
@@ -26,14 +27,16 @@ def _load_stale_from_source() -> None:
     for name in _COMPILED:
         source = here / f"{name}.py"
         binaries = list(here.glob(f"{name}.cpython-*.so"))
-        if binaries and source.exists() and source.stat().st_mtime > max(
-                b.stat().st_mtime for b in binaries):
+        if binaries and source.exists() and source.stat().st_mtime > max(b.stat().st_mtime for b in binaries):
             stale.append(source.name)
     if not stale:
         return
     # All or nothing: compiled and source classes of the same name do not mix.
-    warnings.warn(f"{', '.join(stale)} newer than the compiled build; using the sources "
-                  "(run scripts/setup to recompile)", stacklevel=2)
+    warnings.warn(
+        f"{', '.join(stale)} newer than the compiled build; using the sources "
+        "(run scripts/setup to recompile)",
+        stacklevel=2,
+    )
     for name in _COMPILED:
         fullname = f"{__name__}.{name}"
         spec = importlib.util.spec_from_file_location(fullname, here / f"{name}.py")

@@ -48,8 +48,9 @@ class StartupError(Exception):
 
 
 def client_settings(weight: int, cap_mib: int, quota_mib: int, compress: bool) -> ClientSettings:
-    return ClientSettings(weight=weight, cap_bytes=cap_mib * MIB, quota_bytes=quota_mib * MIB,
-                          compress=compress)
+    return ClientSettings(
+        weight=weight, cap_bytes=cap_mib * MIB, quota_bytes=quota_mib * MIB, compress=compress
+    )
 
 
 def host_available() -> int:
@@ -120,9 +121,12 @@ class HostAgent:
             reason = err.strerror or err
             raise StartupError(f"cannot open the arena {arena_path}: {reason}") from None
         try:
-            engine = PoolEngine(arena, limit_bytes=cfg.pool.limit_mib * MIB,
-                                host_reserve_bytes=cfg.pool.host_reserve_mib * MIB,
-                                shared_acl=cfg.shared_acl())
+            engine = PoolEngine(
+                arena,
+                limit_bytes=cfg.pool.limit_mib * MIB,
+                host_reserve_bytes=cfg.pool.host_reserve_mib * MIB,
+                shared_acl=cfg.shared_acl(),
+            )
         except TableError as err:
             arena.close()
             raise StartupError(str(err)) from None
@@ -132,16 +136,21 @@ class HostAgent:
             client = engine.client(g.name, settings)
             # The engine may already have this client, rebuilt from the arena's persistent pools,
             # and client() need not apply settings to an existing one: the config file wins.
-            engine.configure(g.name, weight=g.weight, cap_bytes=settings.cap_bytes,
-                             quota_bytes=settings.quota_bytes, compress=g.compress)
+            engine.configure(
+                g.name,
+                weight=g.weight,
+                cap_bytes=settings.cap_bytes,
+                quota_bytes=settings.quota_bytes,
+                compress=g.compress,
+            )
             self.guests[g.name] = Guest(g.name, g.socket, client)
         if not cfg.guests and not cfg.libvirt.enabled:
-            log.warning("no guests configured and libvirt disabled: nothing will connect "
-                        "(see hostagent.example.toml)")
+            log.warning(
+                "no guests configured and libvirt disabled: nothing will connect (see hostagent.example.toml)"
+            )
         for c in engine.clients():
             if c.name not in self.guests:
-                log.info("guest %s has persistent pools from a previous run; they wait for it",
-                         c.name)
+                log.info("guest %s has persistent pools from a previous run; they wait for it", c.name)
         self.engine = engine
         return engine
 
@@ -153,8 +162,12 @@ class HostAgent:
                 _prepare_socket_path(guest.socket_path)
 
                 def factory(guest: Guest = guest) -> GuestChannel:
-                    return GuestChannel(guest, engine, max_payload=cfg.channels.max_payload,
-                                        max_vector=cfg.channels.max_vector)
+                    return GuestChannel(
+                        guest,
+                        engine,
+                        max_payload=cfg.channels.max_payload,
+                        max_vector=cfg.channels.max_vector,
+                    )
 
                 self._servers.append(await loop.create_unix_server(factory, guest.socket_path))
                 os.chmod(guest.socket_path, 0o600)
@@ -169,8 +182,13 @@ class HostAgent:
         except OSError as err:
             await self._close_servers()
             raise StartupError(str(err)) from None
-        log.info("host agent ready: pid %d, %d guest(s), pool limit %d MiB, control %s",
-                 os.getpid(), len(self.guests), cfg.pool.limit_mib, cfg.control.socket)
+        log.info(
+            "host agent ready: pid %d, %d guest(s), pool limit %d MiB, control %s",
+            os.getpid(),
+            len(self.guests),
+            cfg.pool.limit_mib,
+            cfg.control.socket,
+        )
         sdnotify.notify(READY=1, MAINPID=os.getpid(), STATUS=self._status())
         try:
             # Every task of the agent belongs to this group (the domains' links too), so none
@@ -179,16 +197,26 @@ class HostAgent:
                 self._tasks = tasks
                 tasks.create_task(self._sample(engine))
                 if cfg.libvirt.enabled:
-                    self.watcher = LibvirtWatcher(cfg.libvirt.uri, cfg.libvirt.channel, self._domain_up,
-                                                  self._domain_down,
-                                                  retry_interval=cfg.libvirt.retry_interval,
-                                                  on_discovered=self._forget_orphans)
+                    self.watcher = LibvirtWatcher(
+                        cfg.libvirt.uri,
+                        cfg.libvirt.channel,
+                        self._domain_up,
+                        self._domain_down,
+                        retry_interval=cfg.libvirt.retry_interval,
+                        on_discovered=self._forget_orphans,
+                    )
                     tasks.create_task(self.watcher.run())
                     if cfg.balloon.enabled:
                         swap = self.swap
-                        self.balloon = BalloonDriver(cfg.balloon, self.watcher, self.guests,
-                                                     self._engine, host_available, tasks,
-                                                     None if swap is None else swap.refusals)
+                        self.balloon = BalloonDriver(
+                            cfg.balloon,
+                            self.watcher,
+                            self.guests,
+                            self._engine,
+                            host_available,
+                            tasks,
+                            None if swap is None else swap.refusals,
+                        )
                         tasks.create_task(self.balloon.run())
                 elif cfg.balloon.enabled:
                     log.warning("[balloon] is enabled but [libvirt] is not: there is nothing to balloon")
@@ -205,8 +233,10 @@ class HostAgent:
         """The one line `systemctl status` shows."""
         connected = sum(1 for g in self.guests.values() if g.connected)
         extra = f"; metrics on {self.metrics.url_host()}" if self.metrics is not None else ""
-        return (f"serving {len(self.guests)} guest(s), {connected} connected; pool limit "
-                f"{self.config.pool.limit_mib} MiB{extra}")
+        return (
+            f"serving {len(self.guests)} guest(s), {connected} connected; pool limit "
+            f"{self.config.pool.limit_mib} MiB{extra}"
+        )
 
     async def _until_stopped(self) -> None:
         """Wait for a stop request, then end the task group (and so every task in it)."""
@@ -221,8 +251,11 @@ class HostAgent:
         self.swap.open_existing()
         _prepare_socket_path(cfg.socket)
         swap = self.swap
-        self._servers.append(await asyncio.get_running_loop().create_unix_server(
-            lambda: NbdConnection(swap, self._authorize_swap), cfg.socket))
+        self._servers.append(
+            await asyncio.get_running_loop().create_unix_server(
+                lambda: NbdConnection(swap, self._authorize_swap), cfg.socket
+            )
+        )
         if cfg.socket_group:
             gid = grp.getgrnam(cfg.socket_group).gr_gid
             parent = os.path.dirname(cfg.socket)
@@ -232,8 +265,7 @@ class HostAgent:
             os.chmod(cfg.socket, 0o660)
         else:
             os.chmod(cfg.socket, 0o600)
-        log.info("swap devices: %s (%d MiB each, spill files in %s)", cfg.socket, cfg.size_mib,
-                 cfg.spill_dir)
+        log.info("swap devices: %s (%d MiB each, spill files in %s)", cfg.socket, cfg.size_mib, cfg.spill_dir)
 
     def _authorize_swap(self, name: str, pid: int) -> Client | str:
         """The guest a swap-device connection may have: the export names it, the peer must be it.
@@ -255,8 +287,7 @@ class HostAgent:
         if any(c.name == name for c in engine.clients()):  # saved and restored, or rebuilt
             return engine.client(name)
         dflt = self.config.defaults
-        return engine.client(name, client_settings(dflt.weight, dflt.cap_mib, dflt.quota_mib,
-                                                   dflt.compress))
+        return engine.client(name, client_settings(dflt.weight, dflt.cap_mib, dflt.quota_mib, dflt.compress))
 
     async def _close_servers(self) -> None:
         if self._control is not None:
@@ -300,8 +331,9 @@ class HostAgent:
             if task is not None:
                 task.cancel()
         dflt = self.config.defaults
-        client = engine.client(d.uuid, client_settings(dflt.weight, dflt.cap_mib, dflt.quota_mib,
-                                                       dflt.compress))
+        client = engine.client(
+            d.uuid, client_settings(dflt.weight, dflt.cap_mib, dflt.quota_mib, dflt.compress)
+        )
         guest = Guest(d.uuid, d.socket, client, display=d.name, domain=d.uuid)
         self.guests[d.uuid] = guest
         self._links[d.uuid] = tasks.create_task(self._link(guest))
@@ -324,8 +356,13 @@ class HostAgent:
         pages = guest.client.eph.pages + guest.client.pers.pages
         if reason == SAVED:  # its memory image lives on: so must its persistent pages (swap device)
             self.engine.disconnect(guest.client)
-            log.info("domain %s (%s) %s: detached, %d persistent pages kept for its restore",
-                     guest.display, uuid, reason, guest.client.pers.pages)
+            log.info(
+                "domain %s (%s) %s: detached, %d persistent pages kept for its restore",
+                guest.display,
+                uuid,
+                reason,
+                guest.client.pers.pages,
+            )
             return
         self.engine.remove(guest.client)
         if self.swap is not None:
@@ -346,8 +383,11 @@ class HostAgent:
                 engine.remove(client)
                 if self.swap is not None:
                     pages += self.swap.release(client.name)
-                log.info("%s is not a running domain: its %d pages from a previous run are freed",
-                         client.name, pages)
+                log.info(
+                    "%s is not a running domain: its %d pages from a previous run are freed",
+                    client.name,
+                    pages,
+                )
 
     async def _link(self, guest: Guest) -> None:
         """Keep a connection to the domain's channel socket, reconnecting after each close."""
@@ -359,12 +399,19 @@ class HostAgent:
         while True:
             try:
                 _, channel = await loop.create_unix_connection(
-                    lambda: GuestChannel(guest, engine, max_payload=cfg.max_payload,
-                                         max_vector=cfg.max_vector), guest.socket_path)
+                    lambda: GuestChannel(
+                        guest, engine, max_payload=cfg.max_payload, max_vector=cfg.max_vector
+                    ),
+                    guest.socket_path,
+                )
             except OSError as err:
                 if not warned and delay >= 1.0:
-                    log.warning("domain %s: cannot connect to %s yet: %s", guest.display,
-                                guest.socket_path, err.strerror or err)
+                    log.warning(
+                        "domain %s: cannot connect to %s yet: %s",
+                        guest.display,
+                        guest.socket_path,
+                        err.strerror or err,
+                    )
                     warned = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
@@ -427,7 +474,8 @@ class HostAgent:
             g["name_in_hello"] = guest.hello_name if guest is not None else ""
             g["report"] = (
                 {"values": guest.report, "age": round(now - guest.report_time, 3)}
-                if guest is not None and guest.report is not None else None
+                if guest is not None and guest.report is not None
+                else None
             )
             g["swapdev"] = None if self.swap is None else self.swap.figures(name)
             g["balloon"] = None if self.balloon is None else self.balloon.guest_figures(name)
@@ -443,11 +491,16 @@ class HostAgent:
             "guest_cpu_seconds": round(guest_cpu, 3),
             # host-agent CPU as a share of the guests' (libvirt's figures), since the agent started
             "cpu_ratio": round(agent_cpu / guest_cpu, 5) if guest_cpu else None,
-            "libvirt": None if self.watcher is None else {
-                "uri": self.watcher.uri, "connected": self.watcher.connected},
-            "metrics": None if self.metrics is None else {
-                "address": self.metrics.address, "port": self.metrics.port,
-                "scrapes": self.metrics.scrapes},
+            "libvirt": None
+            if self.watcher is None
+            else {"uri": self.watcher.uri, "connected": self.watcher.connected},
+            "metrics": None
+            if self.metrics is None
+            else {
+                "address": self.metrics.address,
+                "port": self.metrics.port,
+                "scrapes": self.metrics.scrapes,
+            },
         }
         result["balloon"] = {"enabled": False} if self.balloon is None else self.balloon.figures()
         return result
@@ -465,8 +518,9 @@ class HostAgent:
         allowed = {"cmd", "guest", "weight", "cap_mib", "quota_mib", "compress", "balloon"}
         for key in req:
             if key not in allowed:
-                raise ControlError(f"unknown setting {key!r} (known: weight, cap_mib, quota_mib, "
-                                   "compress, balloon)")
+                raise ControlError(
+                    f"unknown setting {key!r} (known: weight, cap_mib, quota_mib, compress, balloon)"
+                )
         result: dict[str, Any] = {"guest": name}
         if "balloon" in req:
             result["balloon"] = self._set_balloon(name, req["balloon"])
@@ -487,10 +541,10 @@ class HostAgent:
             raise ControlError("nothing to set (weight, cap_mib, quota_mib, compress)")
         client = self._engine().configure(name, **changes)
         s = client.settings
-        log.info("guest %s: settings changed: %s", name,
-                 ", ".join(f"{k}={v}" for k, v in changes.items()))
-        result.update(weight=s.weight, cap_mib=s.cap_bytes / MIB, quota_mib=s.quota_bytes / MIB,
-                      compress=s.compress)
+        log.info("guest %s: settings changed: %s", name, ", ".join(f"{k}={v}" for k, v in changes.items()))
+        result.update(
+            weight=s.weight, cap_mib=s.cap_bytes / MIB, quota_mib=s.quota_bytes / MIB, compress=s.compress
+        )
         return result
 
     def _set_balloon(self, name: str, value: Any) -> str:
@@ -516,8 +570,11 @@ class HostAgent:
         before = host_available()
         engine.set_host_available(before)  # decide on a fresh figure
         freed = engine.reserve(mib * MIB)
-        result: dict[str, Any] = {"requested_bytes": mib * MIB, "freed_bytes": freed,
-                                  "host_available_before_bytes": before}
+        result: dict[str, Any] = {
+            "requested_bytes": mib * MIB,
+            "freed_bytes": freed,
+            "host_available_before_bytes": before,
+        }
         missing = mib * MIB - host_available()
         if self.balloon is not None and missing > 0:
             ballooned = await self.balloon.reserve(missing // 1024, float(wait))
@@ -541,10 +598,19 @@ class HostAgent:
             if not moved:
                 raise ControlError(f"guest {name} is not connected")
             rest = 0
-        log.info("guest %s: %d swap-device pages moved to storage, asked to move %d persistent "
-                 "pages out of tmem", name, moved, rest)
-        return {"guest": name, "pages": pages, "swapdev_moved": moved, "notice_pages": rest,
-                "persistent_pages": guest.client.pers.pages}
+        log.info(
+            "guest %s: %d swap-device pages moved to storage, asked to move %d persistent pages out of tmem",
+            name,
+            moved,
+            rest,
+        )
+        return {
+            "guest": name,
+            "pages": pages,
+            "swapdev_moved": moved,
+            "notice_pages": rest,
+            "persistent_pages": guest.client.pers.pages,
+        }
 
 
 def qemu_uuid(pid: int) -> str | None:

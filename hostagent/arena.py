@@ -60,19 +60,32 @@ FLAG_XXH3: Final = 2  # xxh3-64 (`checksum`), what puts write now: ~5x cheaper p
 # Slot sizes including the header. The smallest holds a same-filled page (8-byte word); the largest a
 # raw page. In between, steps fine enough that lz4 pages (typically 1.3-3 KiB) pack densely.
 SLOT_SIZES: Final[tuple[int, ...]] = (
-    64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048, 2304, 2560, 2816, 3072, 3328, 3584, 3840,
+    64,
+    128,
+    256,
+    512,
+    768,
+    1024,
+    1280,
+    1536,
+    1792,
+    2048,
+    2304,
+    2560,
+    2816,
+    3072,
+    3328,
+    3584,
+    3840,
     SLOT_HEADER_SIZE + PAGE_SIZE,
 )
 RAW_CLASS: Final = len(SLOT_SIZES) - 1
 # The longest compressed page worth keeping: anything longer lands in the raw class anyway.
 MAX_COMPRESSED: Final = SLOT_SIZES[RAW_CLASS - 1] - SLOT_HEADER_SIZE
-SLOTS_PER_SLAB: Final[tuple[int, ...]] = tuple(
-    (SLAB_SIZE - SLAB_HEADER_SIZE) // size for size in SLOT_SIZES
-)
+SLOTS_PER_SLAB: Final[tuple[int, ...]] = tuple((SLAB_SIZE - SLAB_HEADER_SIZE) // size for size in SLOT_SIZES)
 # CLASS_FOR_LENGTH[n] = the smallest class whose slot holds n data bytes.
 CLASS_FOR_LENGTH: Final[tuple[int, ...]] = tuple(
-    next(c for c, size in enumerate(SLOT_SIZES) if size - SLOT_HEADER_SIZE >= n)
-    for n in range(PAGE_SIZE + 1)
+    next(c for c, size in enumerate(SLOT_SIZES) if size - SLOT_HEADER_SIZE >= n) for n in range(PAGE_SIZE + 1)
 )
 
 _NO_SLAB: Final = -1
@@ -82,6 +95,8 @@ def slab_check(size_class: int) -> int:
     """The slab header's check word: a damaged size class must not make a slab's slots be read at
     the wrong stride (and old slot headers inside look live). 0 marks a slab of an older version."""
     return (size_class + 1) * 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
+
+
 _xxh3: Final = xxhash.xxh3_64_intdigest
 _xxh32: Final = xxhash.xxh32_intdigest
 
@@ -116,19 +131,24 @@ def checksum(handle: int, generation: int, oid: bytes, index: int, encoding: int
     """
     # Written so the compiled code stays on small ints: one mask of xxh3's 64-bit result, the
     # 24-byte oid through xxh32 (a 32-bit result), the other fields shifted into 32 bits.
-    return ((_xxh3(data, generation) & 0xFFFFFFFF) ^ _xxh32(oid, index) ^ handle << 20
-            ^ encoding << 16 ^ len(data)) & 0xFFFFFFFF
+    return (
+        (_xxh3(data, generation) & 0xFFFFFFFF)
+        ^ _xxh32(oid, index)
+        ^ handle << 20
+        ^ encoding << 16
+        ^ len(data)
+    ) & 0xFFFFFFFF
 
 
-def crc32_checksum(handle: int, generation: int, oid: bytes, index: int, encoding: int,
-                   data: bytes) -> int:
+def crc32_checksum(handle: int, generation: int, oid: bytes, index: int, encoding: int, data: bytes) -> int:
     """The CRC-32 checksum of slots written before FLAG_XXH3 (an arena from an older version)."""
     seed = (handle * 0x9E3779B1 ^ generation ^ (index << 7) ^ (encoding << 29) ^ len(data)) & 0xFFFFFFFF
     return zlib.crc32(data, zlib.crc32(oid, seed))
 
 
-def verify(flags: int, crc: int, handle: int, generation: int, oid: bytes, index: int,
-           encoding: int, data: bytes) -> bool:
+def verify(
+    flags: int, crc: int, handle: int, generation: int, oid: bytes, index: int, encoding: int, data: bytes
+) -> bool:
     """True if the slot carries a checksum and it matches."""
     if flags & FLAG_XXH3:
         return crc == checksum(handle, generation, oid, index, encoding, data)
@@ -235,8 +255,18 @@ class Arena:
         self.used_bytes += SLOT_SIZES[size_class]
         return offset
 
-    def store(self, size_class: int, handle: int, generation: int, oid: bytes, index: int,
-              encoding: int, data: bytes, crc: int, flags: int) -> int:
+    def store(
+        self,
+        size_class: int,
+        handle: int,
+        generation: int,
+        oid: bytes,
+        index: int,
+        encoding: int,
+        data: bytes,
+        crc: int,
+        flags: int,
+    ) -> int:
         """Allocate a slot and fill it (the put hot path: one call); returns its reference.
 
         A reused slot (the common case in a pool that fills and drains) is taken here without
@@ -259,8 +289,16 @@ class Arena:
         length = len(data)
         start = offset + SLOT_HEADER_SIZE
         self._mm[start : start + length] = data
-        self._pack_header(self._mm, offset, SLOT_LIVE | handle << 32, generation, oid, index, crc,
-                          length | encoding << 16 | flags << 24)
+        self._pack_header(
+            self._mm,
+            offset,
+            SLOT_LIVE | handle << 32,
+            generation,
+            oid,
+            index,
+            crc,
+            length | encoding << 16 | flags << 24,
+        )
         return offset << REF_SHIFT | length << 2 | encoding
 
     def _new_slab(self, size_class: int) -> int:
@@ -352,8 +390,11 @@ class Arena:
         size_class = self._slab_class[slab]
         size = SLOT_SIZES[size_class]
         first = (slab << SLAB_SHIFT) + SLAB_HEADER_SIZE
-        return [offset for offset in range(first, first + SLOTS_PER_SLAB[size_class] * size, size)
-                if _STATE_GEN.unpack_from(self._mm, offset)[0] == SLOT_LIVE]
+        return [
+            offset
+            for offset in range(first, first + SLOTS_PER_SLAB[size_class] * size, size)
+            if _STATE_GEN.unpack_from(self._mm, offset)[0] == SLOT_LIVE
+        ]
 
     def move(self, offset: int, target: int) -> None:
         """Copy a live slot into a free one of the same class (from `compaction_plan`), then free
@@ -414,13 +455,24 @@ class Arena:
 
     # -- slot contents ----------------------------------------------------------------------------
 
-    def write(self, offset: int, handle: int, generation: int, oid: bytes, index: int,
-              encoding: int, data: bytes, crc: int, flags: int) -> None:
+    def write(
+        self,
+        offset: int,
+        handle: int,
+        generation: int,
+        oid: bytes,
+        index: int,
+        encoding: int,
+        data: bytes,
+        crc: int,
+        flags: int,
+    ) -> None:
         """Fill a slot: data first, then the header that makes it live."""
         start = offset + SLOT_HEADER_SIZE
         self._mm[start : start + len(data)] = data
-        SLOT_HEADER.pack_into(self._mm, offset, SLOT_LIVE, handle, generation, oid, index, crc,
-                              len(data), encoding, flags)
+        SLOT_HEADER.pack_into(
+            self._mm, offset, SLOT_LIVE, handle, generation, oid, index, crc, len(data), encoding, flags
+        )
 
     def read(self, ref: int) -> tuple[int, bytes]:
         """(encoding, stored bytes) of a live slot."""
@@ -475,8 +527,11 @@ class Arena:
             raw = os.pread(self._fd, SLAB_SIZE, base)
             offset = base + SLAB_SIZE
             magic, size_class, check = SLAB_HEADER.unpack_from(raw, 0)
-            if (magic != SLAB_MAGIC or not 0 <= size_class < len(SLOT_SIZES)
-                    or check not in (0, slab_check(size_class))):
+            if (
+                magic != SLAB_MAGIC
+                or not 0 <= size_class < len(SLOT_SIZES)
+                or check not in (0, slab_check(size_class))
+            ):
                 # A damaged slab header: nothing in the slab can be trusted. Punch it, so old
                 # slot headers cannot come back to life when the slab is handed out again.
                 self.damaged_slabs += 1
@@ -500,8 +555,17 @@ class Arena:
                 self.used_bytes += size
                 if verified:  # a torn header's generation must not become the engine's counter
                     self.max_generation = max(self.max_generation, gen)
-                yield SlotRecord(base + pos, make_ref(base + pos, length, h.encoding), size_class, h.handle,
-                                 gen, h.oid, h.index, h.encoding, verified)
+                yield SlotRecord(
+                    base + pos,
+                    make_ref(base + pos, length, h.encoding),
+                    size_class,
+                    h.handle,
+                    gen,
+                    h.oid,
+                    h.index,
+                    h.encoding,
+                    verified,
+                )
         self._free_slabs = [s for s in range(self._nslabs) if s not in in_use]
         heapq.heapify(self._free_slabs)
 

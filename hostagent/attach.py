@@ -155,9 +155,16 @@ class Change:
         return bool(self.config or self.live)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"domain": self.domain, "uuid": self.uuid, "running": self.running,
-                "persistent": self.persistent, "config": self.config, "live": self.live,
-                "not_live": self.not_live, "changed": self.changed}
+        return {
+            "domain": self.domain,
+            "uuid": self.uuid,
+            "running": self.running,
+            "persistent": self.persistent,
+            "config": self.config,
+            "live": self.live,
+            "not_live": self.not_live,
+            "changed": self.changed,
+        }
 
 
 def _lookup(libvirt: Any, conn: Any, name: str) -> Any:
@@ -186,8 +193,7 @@ def attach(conn: Any, name: str, wanted: Sequence[TmemDevice]) -> Change:
         running = bool(dom.isActive())
         persistent = bool(dom.isPersistent())
         change = Change(dom.name(), dom.UUIDString(), running, persistent)
-        cfg_missing = ([] if not persistent else
-                       missing(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), wanted))
+        cfg_missing = [] if not persistent else missing(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), wanted)
         live_missing = missing(dom.XMLDesc(0), wanted) if running else []
         for d in list(live_missing):
             if not d.live:

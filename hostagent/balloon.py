@@ -172,20 +172,25 @@ def not_ballooned(p: Params, o: Observation) -> str | None:
     return None
 
 
-def in_distress(p: Params, obs: Observation, last_refused: int | None,
-                last_swapdev_refused: int | None = None) -> str | None:
+def in_distress(
+    p: Params, obs: Observation, last_refused: int | None, last_swapdev_refused: int | None = None
+) -> str | None:
     """Why the guest is in distress, or None."""
     if obs.swapin_rate >= p.distress_swapin:
         return f"swap-in storm ({obs.swapin_rate:.0f} pages/s)"
     if obs.refault_rate >= p.distress_refault:
         return f"refault storm ({obs.refault_rate:.0f} pages/s)"
-    if obs.preswap_refused is not None and last_refused is not None \
-            and obs.preswap_refused > last_refused:
+    if obs.preswap_refused is not None and last_refused is not None and obs.preswap_refused > last_refused:
         return f"preswap puts refused ({obs.preswap_refused - last_refused} since the last look)"
-    if obs.swapdev_refused is not None and last_swapdev_refused is not None \
-            and obs.swapdev_refused > last_swapdev_refused:
-        return (f"swap-device pages refused by the pool "
-                f"({obs.swapdev_refused - last_swapdev_refused} since the last look)")
+    if (
+        obs.swapdev_refused is not None
+        and last_swapdev_refused is not None
+        and obs.swapdev_refused > last_swapdev_refused
+    ):
+        return (
+            f"swap-device pages refused by the pool "
+            f"({obs.swapdev_refused - last_swapdev_refused} since the last look)"
+        )
     return None
 
 
@@ -239,8 +244,14 @@ class Controller:
         st.params = replace(st.params, enabled=enabled)
         st.state = "on" if enabled else "off"
 
-    def step(self, now: float, obs: dict[str, Observation], host_available_kib: int,  # noqa: C901 (one interval's decision, rule by rule)
-             ephemeral_kib: int = 0, persistent_excess_pages: int = 0) -> Plan:
+    def step(  # noqa: C901 (one interval's decision, rule by rule)
+        self,
+        now: float,
+        obs: dict[str, Observation],
+        host_available_kib: int,
+        ephemeral_kib: int = 0,
+        persistent_excess_pages: int = 0,
+    ) -> Plan:
         """Decide this interval's targets. `ephemeral_kib`: tmem ephemeral memory that can be
         dropped; `persistent_excess_pages`: persistent pages the pool can no longer hold."""
         wanted: dict[str, int] = {}  # guest -> target before host pressure
@@ -293,8 +304,10 @@ class Controller:
                 if name in held:
                     new = max(new, cur)
                 action = "shrink" if new < cur else "grow"
-                reason = (f"goal {st.goal_kib // KIB_PER_MIB} MiB = Committed_AS "
-                          f"{o.committed_kib // KIB_PER_MIB} MiB + reserve {p.reserve_mib} MiB")
+                reason = (
+                    f"goal {st.goal_kib // KIB_PER_MIB} MiB = Committed_AS "
+                    f"{o.committed_kib // KIB_PER_MIB} MiB + reserve {p.reserve_mib} MiB"
+                )
                 if st.goal_kib == st.floor_kib and goal_kib(p, o.committed_kib) < st.floor_kib:
                     reason += f", held at the floor {st.floor_kib // KIB_PER_MIB} MiB"
             else:
@@ -304,11 +317,17 @@ class Controller:
                 action, reason = "grow", "back to its own size after host pressure"
             wanted[name] = new
             why[name] = (action, reason)
-            st.state = "hold after distress" if name in held else "self-ballooning" \
-                if p.self_balloon else "fixed size"
+            st.state = (
+                "hold after distress"
+                if name in held
+                else "self-ballooning"
+                if p.self_balloon
+                else "fixed size"
+            )
 
-        plan_drop, plan_shrink = self._pressure(now, obs, host_available_kib, ephemeral_kib,
-                                                persistent_excess_pages, wanted, why, current, held)
+        plan_drop, plan_shrink = self._pressure(
+            now, obs, host_available_kib, ephemeral_kib, persistent_excess_pages, wanted, why, current, held
+        )
         targets: dict[str, int] = {}
         for name, new in wanted.items():
             st = self.guests[name]
@@ -316,8 +335,7 @@ class Controller:
             if st.pressure_cap_kib is not None:
                 new = min(new, st.pressure_cap_kib)
             action, reason = why[name]
-            if new == cur or (abs(new - cur) < st.params.min_step_mib * KIB_PER_MIB
-                              and action != "distress"):
+            if new == cur or (abs(new - cur) < st.params.min_step_mib * KIB_PER_MIB and action != "distress"):
                 continue
             if new < cur:
                 st.given_back_kib += cur - new
@@ -329,9 +347,18 @@ class Controller:
             targets[name] = new
         return Plan(targets, plan_drop, plan_shrink, self.pressure, self.deficit_kib)
 
-    def _pressure(self, now: float, obs: dict[str, Observation], available: int, ephemeral: int,
-                  persistent_excess: int, wanted: dict[str, int], why: dict[str, tuple[str, str]],
-                  current: dict[str, int], held: set[str]) -> tuple[int, dict[str, int]]:
+    def _pressure(
+        self,
+        now: float,
+        obs: dict[str, Observation],
+        available: int,
+        ephemeral: int,
+        persistent_excess: int,
+        wanted: dict[str, int],
+        why: dict[str, tuple[str, str]],
+        current: dict[str, int],
+        held: set[str],
+    ) -> tuple[int, dict[str, int]]:
         """Host pressure: drop ephemeral pages, then take memory from guests by shares; afterwards
         give it back a step at a time. Adjusts `wanted` in place; returns (drop KiB, shrinks)."""
         threshold = self.host.min_available_mib * KIB_PER_MIB
@@ -376,8 +403,10 @@ class Controller:
             new = min(wanted[name], current[name]) - take
             st.pressure_cap_kib = new
             wanted[name] = new
-            why[name] = ("pressure", f"host available {available // KIB_PER_MIB} MiB is below "
-                         f"{self.host.min_available_mib} MiB")
+            why[name] = (
+                "pressure",
+                f"host available {available // KIB_PER_MIB} MiB is below {self.host.min_available_mib} MiB",
+            )
             st.state = "host pressure"
         self.deficit_kib = deficit - sum(takes.values())
         return drop, shrink
@@ -411,7 +440,12 @@ class Controller:
             if not st.params.self_balloon:
                 st.fixed_kib = new
             st.history.append((now, new))
-            st.last = Action(now, "reserve", cur, new, f"hostagent reserve: {need_kib // KIB_PER_MIB} "
-                             "MiB for an incoming guest")
+            st.last = Action(
+                now,
+                "reserve",
+                cur,
+                new,
+                f"hostagent reserve: {need_kib // KIB_PER_MIB} MiB for an incoming guest",
+            )
             targets[name] = new
         return targets

@@ -32,10 +32,16 @@ REFAULT_KEYS = ("workingset_refault_file", "workingset_refault_anon", "workingse
 class BalloonDriver:
     """Runs the controller every `interval` over the agent's libvirt guests."""
 
-    def __init__(self, config: BalloonConfig, watcher: LibvirtWatcher, guests: Mapping[str, Guest],
-                 engine: Callable[[], PoolEngine], host_available: Callable[[], int],
-                 tasks: asyncio.TaskGroup,
-                 swapdev_refused: Callable[[str], int | None] | None = None) -> None:
+    def __init__(
+        self,
+        config: BalloonConfig,
+        watcher: LibvirtWatcher,
+        guests: Mapping[str, Guest],
+        engine: Callable[[], PoolEngine],
+        host_available: Callable[[], int],
+        tasks: asyncio.TaskGroup,
+        swapdev_refused: Callable[[str], int | None] | None = None,
+    ) -> None:
         self.config = config
         self.tasks = tasks  # the agent's: it owns the driver's side tasks
         self.swapdev_refused = swapdev_refused
@@ -66,16 +72,18 @@ class BalloonDriver:
     async def _set_stats_period(self, guest: Guest) -> None:
         assert guest.domain is not None
         try:
-            await asyncio.to_thread(self.watcher.set_stats_period, guest.domain,
-                                    self.config.stats_period)
+            await asyncio.to_thread(self.watcher.set_stats_period, guest.domain, self.config.stats_period)
         except Exception as err:  # the domain may be going away already
             log.warning("domain %s: cannot set the balloon stats period: %s", guest.display, err)
 
     # -- the loop ---------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        log.info("balloon controller on: every %.1f s, host pressure below %d MiB available",
-                 self.config.interval, self.config.host.min_available_mib)
+        log.info(
+            "balloon controller on: every %.1f s, host pressure below %d MiB available",
+            self.config.interval,
+            self.config.host.min_available_mib,
+        )
         while True:
             await asyncio.sleep(self.config.interval)
             try:
@@ -88,12 +96,16 @@ class BalloonDriver:
         """(actual, max) KiB per guest from libvirt, the blocking calls in one worker thread."""
         domains = {n: self.guests[n].domain for n in names if n in self.guests}
         return await asyncio.to_thread(
-            lambda: {n: self.watcher.memory(d) for n, d in domains.items() if d is not None})
+            lambda: {n: self.watcher.memory(d) for n, d in domains.items() if d is not None}
+        )
 
     async def observe(self) -> dict[str, Observation]:
         """One observation per ballooned guest."""
-        domains = {g.name: g for g in self.guests.values()
-                   if g.domain is not None and g.name in self.controller.guests}
+        domains = {
+            g.name: g
+            for g in self.guests.values()
+            if g.domain is not None and g.name in self.controller.guests
+        }
         figures = await self.memories(domains)
         now = time.monotonic()
         obs: dict[str, Observation] = {}
@@ -106,7 +118,8 @@ class BalloonDriver:
             report = g.report
             rates = g.rates
             obs[name] = Observation(
-                actual_kib=actual, max_kib=max_kib,
+                actual_kib=actual,
+                max_kib=max_kib,
                 committed_kib=None if report is None else report.get("committed_as_kib"),
                 report_age=None if report is None else now - g.report_time,
                 swapin_rate=rates.get("pswpin", 0.0),
@@ -125,9 +138,13 @@ class BalloonDriver:
         # over it once the ephemeral pages are gone is persistent.
         over = engine.arena.used_bytes - engine.budget_bytes
         excess = max(0, over) if engine.eph_bytes == 0 else 0
-        plan = self.controller.step(time.monotonic(), obs, available // 1024,
-                                    ephemeral_kib=engine.eph_bytes // 1024,
-                                    persistent_excess_pages=-(-excess // PAGE_SIZE))
+        plan = self.controller.step(
+            time.monotonic(),
+            obs,
+            available // 1024,
+            ephemeral_kib=engine.eph_bytes // 1024,
+            persistent_excess_pages=-(-excess // PAGE_SIZE),
+        )
         self.last_plan = plan
         if plan.drop_ephemeral_kib:
             freed = engine.reserve(available + plan.drop_ephemeral_kib * 1024)
@@ -137,8 +154,7 @@ class BalloonDriver:
             guest = self.guests.get(name)
             if guest is not None and guest.send_notice(wire.Notice.SHRINK_PERSISTENT, pages):
                 self.shrink_notices_pages += pages
-                log.info("guest %s: asked to move %d persistent pages out of tmem", guest.display,
-                         pages)
+                log.info("guest %s: asked to move %d persistent pages out of tmem", guest.display, pages)
         await self.apply(plan.targets)
         return plan
 
@@ -153,13 +169,23 @@ class BalloonDriver:
                 await asyncio.to_thread(self.watcher.set_memory, guest.domain, kib)
             except Exception as err:
                 self.errors += 1
-                log.warning("domain %s: setting the balloon to %d MiB failed: %s", guest.display,
-                            kib // KIB_PER_MIB, err)
+                log.warning(
+                    "domain %s: setting the balloon to %d MiB failed: %s",
+                    guest.display,
+                    kib // KIB_PER_MIB,
+                    err,
+                )
                 continue
             guest.send_notice(wire.Notice.BALLOON_TARGET, kib)
             if st is not None and st.last is not None:
-                log.info("domain %s: balloon %s %d -> %d MiB (%s)", guest.display, st.last.action,
-                         st.last.from_kib // KIB_PER_MIB, kib // KIB_PER_MIB, st.last.reason)
+                log.info(
+                    "domain %s: balloon %s %d -> %d MiB (%s)",
+                    guest.display,
+                    st.last.action,
+                    st.last.from_kib // KIB_PER_MIB,
+                    kib // KIB_PER_MIB,
+                    st.last.reason,
+                )
 
     async def reserve(self, need_kib: int, wait: float) -> dict[str, Any]:
         """`hostagent reserve`: lower the targets of guests above their goal, then watch each one's
@@ -172,7 +198,8 @@ class BalloonDriver:
         while True:
             now = await self.memories(targets)
             if time.monotonic() >= deadline or all(
-                    m is not None and m[0] <= targets[n] + 1024 for n, m in now.items()):
+                m is not None and m[0] <= targets[n] + 1024 for n, m in now.items()
+            ):
                 break
             await asyncio.sleep(0.5)
         out: dict[str, Any] = {}
@@ -191,8 +218,9 @@ class BalloonDriver:
         st = self.controller.guests.get(name)
         if st is None:
             return None
-        actual = self.watcher.balloon_actual.get(self.guests[name].domain or "") \
-            if name in self.guests else None
+        actual = (
+            self.watcher.balloon_actual.get(self.guests[name].domain or "") if name in self.guests else None
+        )
         return _guest_figures(st, actual)
 
     def figures(self) -> dict[str, Any]:
@@ -225,9 +253,13 @@ def _guest_figures(st: GuestState, event_actual: int | None) -> dict[str, Any]:
         "given_back_kib": st.given_back_kib,
         "returned_kib": st.returned_kib,
         "pressure_cap_kib": st.pressure_cap_kib,
-        "last": None if last is None else {
+        "last": None
+        if last is None
+        else {
             "time": round(time.time() - (time.monotonic() - last.time), 3),
-            "action": last.action, "from_kib": last.from_kib, "to_kib": last.to_kib,
+            "action": last.action,
+            "from_kib": last.from_kib,
+            "to_kib": last.to_kib,
             "reason": last.reason,
         },
     }

@@ -60,8 +60,16 @@ class ChannelError(Exception):
 
 
 # Counters in guest reports that `hostagent stats` shows per second.
-RATE_KEYS = ("pgpgin", "pgpgout", "pswpin", "pswpout", "pgmajfault", "workingset_refault_file",
-             "workingset_refault_anon", "workingset_refault")
+RATE_KEYS = (
+    "pgpgin",
+    "pgpgout",
+    "pswpin",
+    "pswpout",
+    "pgmajfault",
+    "workingset_refault_file",
+    "workingset_refault_anon",
+    "workingset_refault",
+)
 
 
 class Guest:
@@ -71,8 +79,9 @@ class Guest:
     the domain UUID for a libvirt domain (whose name is then only `display`).
     """
 
-    def __init__(self, name: str, socket_path: str, client: Client, *, display: str = "",
-                 domain: str | None = None) -> None:
+    def __init__(
+        self, name: str, socket_path: str, client: Client, *, display: str = "", domain: str | None = None
+    ) -> None:
         self.name = name
         self.display = display or name
         self.domain = domain  # libvirt domain UUID, if the guest is a domain
@@ -89,8 +98,11 @@ class Guest:
     def record_report(self, values: dict[str, int], now: float) -> None:
         old, then = self.report, self.report_time
         if old is not None and now > then:
-            self.rates = {k: round((values[k] - old[k]) / (now - then), 2)
-                          for k in RATE_KEYS if k in values and k in old and values[k] >= old[k]}
+            self.rates = {
+                k: round((values[k] - old[k]) / (now - then), 2)
+                for k in RATE_KEYS
+                if k in values and k in old and values[k] >= old[k]
+            }
         self.report, self.report_time = values, now
 
     @property
@@ -110,8 +122,7 @@ class Guest:
 class GuestChannel(asyncio.Protocol):
     """One connection of one guest. A newer connection on the same socket replaces it."""
 
-    def __init__(self, guest: Guest, engine: PoolEngine, *, max_payload: int,
-                 max_vector: int) -> None:
+    def __init__(self, guest: Guest, engine: PoolEngine, *, max_payload: int, max_vector: int) -> None:
         self.guest = guest
         self.engine = engine
         self.session = HostSession(max_payload, max_vector)  # HELLO first, the limits announced
@@ -180,8 +191,7 @@ class GuestChannel(asyncio.Protocol):
                     self._handle(frame, out)
                 except UnknownPool:
                     raise ChannelError(
-                        f"{_op_name(frame.opcode)} on pool {frame.pool}, "
-                        "which this guest does not own"
+                        f"{_op_name(frame.opcode)} on pool {frame.pool}, which this guest does not own"
                     ) from None
                 if i % CHECK_EVERY == 0 and sum(map(len, out)) > HIGH_WATER:
                     self._write(out)
@@ -219,8 +229,12 @@ class GuestChannel(asyncio.Protocol):
         nothing was delivered (connection_lost then restores the pages).
         """
         transport = self.transport
-        if (self.held and transport is not None and not transport.is_closing()
-                and transport.get_write_buffer_size() == 0):
+        if (
+            self.held
+            and transport is not None
+            and not transport.is_closing()
+            and transport.get_write_buffer_size() == 0
+        ):
             self.engine.release_held(self.held)
 
     def abort(self, reason: str) -> None:
@@ -289,8 +303,7 @@ class GuestChannel(asyncio.Protocol):
     def send_notice(self, kind: wire.Notice, value: int) -> bool:
         if not (self.attached and self.session.welcomed) or self.transport is None:
             return False
-        self.transport.write(wire.encode(wire.Frame(Op.NOTICE,
-                                                    payload=wire.notice_payload(kind, value))))
+        self.transport.write(wire.encode(wire.Frame(Op.NOTICE, payload=wire.notice_payload(kind, value))))
         return True
 
     def close(self, reason: str, status: Status = Status.INVALID) -> None:
@@ -300,8 +313,7 @@ class GuestChannel(asyncio.Protocol):
 
     # -- internals --------------------------------------------------------------------------------
 
-    def _fail(self, reason: str, status: Status, out: list[bytes],
-              level: int = logging.WARNING) -> None:
+    def _fail(self, reason: str, status: Status, out: list[bytes], level: int = logging.WARNING) -> None:
         """Send what was answered so far, then ERROR; close; drop the guest's ephemeral pools."""
         log.log(level, "guest %s: closing channel: %s", self.guest.name, reason)
         text = wire.error_payload(reason)[:_MAX_REASON]
@@ -314,7 +326,8 @@ class GuestChannel(asyncio.Protocol):
         if transport.get_write_buffer_size() > 0:
             self.guest.lingering.add(self)
             self.linger = asyncio.get_running_loop().call_later(
-                LINGER_SECONDS, self.abort, "its guest did not read the last replies")
+                LINGER_SECONDS, self.abort, "its guest did not read the last replies"
+            )
         self._detach()
 
     def _detach(self) -> None:
@@ -337,36 +350,41 @@ class GuestChannel(asyncio.Protocol):
         if op == PUT:
             ok = engine.put(client, f.pool, f.oid, f.index, f.payload)
             if not f.flags & NOREPLY:
-                out.append(pack_reply(PUT, OK if ok else NO_SPACE,
-                                        f.request_id, f.pool, f.oid, f.index, 0))
+                out.append(pack_reply(PUT, OK if ok else NO_SPACE, f.request_id, f.pool, f.oid, f.index, 0))
         elif op == GET:
             page = engine.get(client, f.pool, f.oid, f.index, self.held)
             if page is None:
-                out.append(pack_reply(GET, NOT_FOUND,
-                                        f.request_id, f.pool, f.oid, f.index, 0))
+                out.append(pack_reply(GET, NOT_FOUND, f.request_id, f.pool, f.oid, f.index, 0))
             else:
-                out.append(pack_reply(GET, OK,
-                                        f.request_id, f.pool, f.oid, f.index, len(page)))
+                out.append(pack_reply(GET, OK, f.request_id, f.pool, f.oid, f.index, len(page)))
                 out.append(page)
         elif op == FLUSH_PAGE:
             engine.flush_page(client, f.pool, f.oid, f.index)
             if not f.flags & NOREPLY:
-                out.append(pack_reply(op, OK,
-                                        f.request_id, f.pool, f.oid, f.index, 0))
+                out.append(pack_reply(op, OK, f.request_id, f.pool, f.oid, f.index, 0))
         elif op == PUT_VEC:
             keys, pages = wire.parse_put_vec(f.payload, f.index)
             pool = f.pool
-            statuses = bytes([OK if engine.put(client, pool, oid, index, page) else NO_SPACE
-                              for (oid, index), page in zip(keys, pages, strict=True)])
+            statuses = bytes(
+                [
+                    OK if engine.put(client, pool, oid, index, page) else NO_SPACE
+                    for (oid, index), page in zip(keys, pages, strict=True)
+                ]
+            )
             if not f.flags & NOREPLY:
                 self._reply(out, f, payload=statuses)
         elif op == GET_VEC:
             pool = f.pool
-            found = [engine.get(client, pool, oid, index, self.held)
-                     for oid, index in wire.parse_keys(f.payload, f.index)]
+            found = [
+                engine.get(client, pool, oid, index, self.held)
+                for oid, index in wire.parse_keys(f.payload, f.index)
+            ]
             statuses = bytes([NOT_FOUND if p is None else OK for p in found])
-            self._reply(out, f, payload=wire.get_vec_reply_payload(
-                list(statuses), [p for p in found if p is not None]))
+            self._reply(
+                out,
+                f,
+                payload=wire.get_vec_reply_payload(list(statuses), [p for p in found if p is not None]),
+            )
         elif op == FLUSH_VEC:
             pool = f.pool
             for oid, index in wire.parse_keys(f.payload, f.index):
@@ -394,8 +412,7 @@ class GuestChannel(asyncio.Protocol):
             # A virtio-serial port does not tell the host when the guest's agent closes and reopens
             # it: a new HELLO is how a restarted guest agent says so. Its ephemeral pools are gone
             # (as after a disconnect); persistent ones wait for it, as always.
-            log.info("guest %s: new session on the open channel (guest agent restarted)",
-                     self.guest.name)
+            log.info("guest %s: new session on the open channel (guest agent restarted)", self.guest.name)
             self.engine.disconnect(client)
             self.session.restart()
             self._hello(f, out)
@@ -433,14 +450,12 @@ class GuestChannel(asyncio.Protocol):
             log.warning("guest %s: pool refused: %s", self.guest.name, err)
             self._reply(out, f, Status.INVALID)
         else:
-            out.append(pack_reply(f.opcode, OK,
-                                    f.request_id, pool_id, f.oid, f.index, 0))
+            out.append(pack_reply(f.opcode, OK, f.request_id, pool_id, f.oid, f.index, 0))
 
     @staticmethod
     def _reply(out: list[bytes], f: wire.Frame, status: int = OK, payload: bytes = b"") -> None:
         """Append a reply echoing the request's pool, oid and index (vector replies need n back)."""
-        out.append(pack_reply(f.opcode, status,
-                                f.request_id, f.pool, f.oid, f.index, len(payload)))
+        out.append(pack_reply(f.opcode, status, f.request_id, f.pool, f.oid, f.index, len(payload)))
         if payload:
             out.append(payload)
 

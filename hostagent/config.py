@@ -169,8 +169,22 @@ def load(path: str | Path) -> Config:
 
 def parse(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Config:  # noqa: C901 (one section check after another)
     """Validate an already-decoded TOML document (a dict) into a `Config`."""
-    _no_unknown(data, {"pool", "control", "channels", "libvirt", "defaults", "guest", "shared_pool",
-                       "balloon", "metrics", "swap"}, "")
+    _no_unknown(
+        data,
+        {
+            "pool",
+            "control",
+            "channels",
+            "libvirt",
+            "defaults",
+            "guest",
+            "shared_pool",
+            "balloon",
+            "metrics",
+            "swap",
+        },
+        "",
+    )
 
     def path(value: str) -> str:
         return str(base_dir / value) if base_dir is not None else value
@@ -186,15 +200,15 @@ def parse(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Config:  
     t.done()
 
     t = _Table(_table(data, "control"), "control")
-    control = ControlConfig(socket=_socket_path(path(t.get_str("socket", dcontrol.socket)),
-                                                "control.socket"))
+    control = ControlConfig(socket=_socket_path(path(t.get_str("socket", dcontrol.socket)), "control.socket"))
     t.done()
 
     t = _Table(_table(data, "channels"), "channels")
     channels = ChannelsConfig(
         dir=path(t.get_str("dir", dchannels.dir)),
-        max_payload=t.get_int("max_payload", dchannels.max_payload, minimum=PAGE_SIZE,
-                              maximum=(1 << 32) - 1 - HEADER_SIZE),
+        max_payload=t.get_int(
+            "max_payload", dchannels.max_payload, minimum=PAGE_SIZE, maximum=(1 << 32) - 1 - HEADER_SIZE
+        ),
         max_vector=t.get_int("max_vector", dchannels.max_vector, minimum=1, maximum=(1 << 16)),
     )
     t.done()
@@ -255,8 +269,16 @@ def parse(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Config:  
         for g in guests:
             if g.socket == sock:
                 raise ConfigError(f"{where}.socket: {sock} is also guest {g.name!r}'s socket")
-        guests.append(GuestConfig(name=name, socket=sock, weight=s.weight, cap_mib=s.cap_mib,
-                                  quota_mib=s.quota_mib, compress=s.compress))
+        guests.append(
+            GuestConfig(
+                name=name,
+                socket=sock,
+                weight=s.weight,
+                cap_mib=s.cap_mib,
+                quota_mib=s.quota_mib,
+                compress=s.compress,
+            )
+        )
     if any(g.socket == control.socket for g in guests):
         raise ConfigError(f"control.socket: {control.socket} is also a guest socket")
 
@@ -294,9 +316,18 @@ def parse(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Config:  
     if swap.enabled and swap.socket in {control.socket, *(g.socket for g in guests)}:
         raise ConfigError(f"swap.socket: {swap.socket} is also another socket of the agent")
 
-    return Config(pool=pool, control=control, channels=channels, libvirt=libvirt, defaults=defaults,
-                  guests=tuple(guests), shared_pools=tuple(shared), balloon=_balloon(data),
-                  metrics=metrics, swap=swap)
+    return Config(
+        pool=pool,
+        control=control,
+        channels=channels,
+        libvirt=libvirt,
+        defaults=defaults,
+        guests=tuple(guests),
+        shared_pools=tuple(shared),
+        balloon=_balloon(data),
+        metrics=metrics,
+        swap=swap,
+    )
 
 
 def _balloon(data: Mapping[str, Any]) -> BalloonConfig:
@@ -323,8 +354,14 @@ def _balloon(data: Mapping[str, Any]) -> BalloonConfig:
         t.where = f"balloon.guest {name!r}"
         guests.append((name, _balloon_params(t, defaults, per_guest=True)))
         t.done()
-    return BalloonConfig(enabled=enabled, interval=interval, stats_period=stats_period, host=host,
-                         defaults=defaults, guests=tuple(guests))
+    return BalloonConfig(
+        enabled=enabled,
+        interval=interval,
+        stats_period=stats_period,
+        host=host,
+        defaults=defaults,
+        guests=tuple(guests),
+    )
 
 
 def _balloon_params(t: _Table, base: Params, *, per_guest: bool) -> Params:
@@ -365,8 +402,7 @@ def _socket_path(p: str, key: str) -> str:
     if not p:
         raise ConfigError(f"{key}: must not be empty")
     if len(p.encode()) > _MAX_SOCKET_PATH:
-        raise ConfigError(f"{key}: {p} is longer than a unix socket path may be "
-                          f"({_MAX_SOCKET_PATH} bytes)")
+        raise ConfigError(f"{key}: {p} is longer than a unix socket path may be ({_MAX_SOCKET_PATH} bytes)")
     return p
 
 
@@ -411,8 +447,9 @@ class _Table:
             raise ConfigError(f"{self.where}.{key}: expected {what}, got {value!r}")
         return value  # type: ignore[return-value]
 
-    def get_int(self, key: str, default: int, *, minimum: int | None = None,
-            maximum: int | None = None) -> int:
+    def get_int(
+        self, key: str, default: int, *, minimum: int | None = None, maximum: int | None = None
+    ) -> int:
         v = self._get(key, default, int, "an integer")
         self._range(key, v, minimum, maximum)
         return v

@@ -45,8 +45,9 @@ class ControlServer:
 
     async def start(self) -> None:
         """Listen; the path must be free (the agent removes a stale socket file first)."""
-        self._server = await asyncio.start_unix_server(streams.cancellable(self._serve), path=self.path,
-                                                       limit=MAX_LINE)
+        self._server = await asyncio.start_unix_server(
+            streams.cancellable(self._serve), path=self.path, limit=MAX_LINE
+        )
         os.chmod(self.path, 0o600)
 
     async def close(self) -> None:
@@ -99,8 +100,7 @@ class ControlServer:
 
 def request(path: str, req: Mapping[str, Any], timeout: float = 10.0) -> Any:
     """Send one request to the agent at `path`; return its result or raise ControlError."""
-    return jsonline.request(path, req, peer="host agent", timeout=timeout,
-                            not_running=AgentNotRunning)
+    return jsonline.request(path, req, peer="host agent", timeout=timeout, not_running=AgentNotRunning)
 
 
 _line = jsonline.encode_line

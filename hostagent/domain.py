@@ -123,8 +123,9 @@ class Guest:
         if self.tcg_tb_cache_mib is not None and self.tcg_tb_cache_mib <= 0:
             raise ValueError(f"guest {self.name}: tcg_tb_cache_mib must be positive")
         if self.disk_cache not in ("none", "writeback"):
-            raise ValueError(f"guest {self.name}: disk_cache must be 'none' or 'writeback', "
-                             f"not {self.disk_cache!r}")
+            raise ValueError(
+                f"guest {self.name}: disk_cache must be 'none' or 'writeback', not {self.disk_cache!r}"
+            )
         if self.swap_socket is not None and self.uuid is None:
             raise ValueError(f"guest {self.name}: a swap device needs the domain's uuid")
         if self.iotune is not None:
@@ -212,8 +213,9 @@ def domain_xml(guest: Guest, virt_type: VirtType, *, machine: str = "q35") -> st
     _sub(disk, "source", file=str(guest.disk))
     _sub(disk, "target", dev="vda", bus="virtio")
     if guest.swap_socket is not None:  # probed before the swap disk (slot 0x10): it stays vda
-        _sub(disk, "address", type="pci", domain="0x0000", bus="0x00", slot=ROOT_DISK_PCI_SLOT,
-             function="0x0")
+        _sub(
+            disk, "address", type="pci", domain="0x0000", bus="0x00", slot=ROOT_DISK_PCI_SLOT, function="0x0"
+        )
     if guest.iotune is not None and guest.iotune.limits():
         iotune = _sub(disk, "iotune")
         for key, value in guest.iotune.limits().items():
@@ -248,10 +250,14 @@ def swap_blockdev(socket: Path, export: str, reconnect_delay: int) -> dict[str, 
     command line because libvirt 9.0's <disk type='network'> cannot set reconnect-delay (9.2 can)
     nor open-timeout: with both, a restarted host agent makes the guest's swap I/O wait, not fail."""
     return {
-        "driver": "nbd", "node-name": SWAP_NODE, "export": export,
+        "driver": "nbd",
+        "node-name": SWAP_NODE,
+        "export": export,
         "server": {"type": "unix", "path": str(socket)},
-        "reconnect-delay": reconnect_delay, "open-timeout": reconnect_delay,
-        "discard": "unmap", "cache": {"direct": False, "no-flush": False},
+        "reconnect-delay": reconnect_delay,
+        "open-timeout": reconnect_delay,
+        "discard": "unmap",
+        "cache": {"direct": False, "no-flush": False},
     }
 
 
@@ -259,7 +265,10 @@ def _swap_device(domain: ET.Element, guest: Guest) -> None:
     assert guest.swap_socket is not None and guest.uuid is not None
     blockdev = swap_blockdev(guest.swap_socket, guest.uuid, guest.swap_reconnect_delay)
     cmdline = ET.SubElement(domain, f"{{{QEMU_NS}}}commandline")
-    for arg in ("-blockdev", json.dumps(blockdev, separators=(",", ":")), "-device",
-                f"virtio-blk-pci,drive={SWAP_NODE},id=tmemswap0,serial={SWAP_SERIAL},"
-                f"bus=pcie.0,addr={SWAP_PCI_SLOT}"):
+    for arg in (
+        "-blockdev",
+        json.dumps(blockdev, separators=(",", ":")),
+        "-device",
+        f"virtio-blk-pci,drive={SWAP_NODE},id=tmemswap0,serial={SWAP_SERIAL},bus=pcie.0,addr={SWAP_PCI_SLOT}",
+    ):
         ET.SubElement(cmdline, f"{{{QEMU_NS}}}arg", value=arg)

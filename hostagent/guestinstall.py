@@ -123,15 +123,17 @@ def version(files: dict[str, bytes]) -> str:
 
 
 def control(ver: str, installed_kib: int) -> str:
-    return (f"Package: {PACKAGE}\nVersion: {ver}\nArchitecture: all\n"
-            "Maintainer: tmem-kvm developers <root@localhost>\n"
-            f"Installed-Size: {installed_kib}\nSection: admin\nPriority: optional\n"
-            "Depends: python3 (>= 3.11), python3-trio\n"
-            "Recommends: python3-pyfuse3, fuse3\n"
-            "Description: tmem guest agent for QEMU/KVM guests\n"
-            " Talks to the host's tmem agent over the virtio-serial port org.tmem.0: reports\n"
-            " memory figures for ballooning, and serves precache (a FUSE victim cache) and\n"
-            " preswap (userfaultfd regions) from the host's page pool.\n")
+    return (
+        f"Package: {PACKAGE}\nVersion: {ver}\nArchitecture: all\n"
+        "Maintainer: tmem-kvm developers <root@localhost>\n"
+        f"Installed-Size: {installed_kib}\nSection: admin\nPriority: optional\n"
+        "Depends: python3 (>= 3.11), python3-trio\n"
+        "Recommends: python3-pyfuse3, fuse3\n"
+        "Description: tmem guest agent for QEMU/KVM guests\n"
+        " Talks to the host's tmem agent over the virtio-serial port org.tmem.0: reports\n"
+        " memory figures for ballooning, and serves precache (a FUSE victim cache) and\n"
+        " preswap (userfaultfd regions) from the host's page pool.\n"
+    )
 
 
 def build_deb(output: Path) -> Path:
@@ -151,16 +153,22 @@ def build_deb(output: Path) -> Path:
         _write(root / "usr/bin/guestagent", WRAPPER, 0o755)
         _write(root / "lib/systemd/system" / UNIT_NAME, UNIT)
         _write(root / "etc/tmem/guestagent.toml", files["guestagent.example.toml"].decode())
-        _write(root / f"usr/share/doc/{PACKAGE}/README",
-               "The tmem guest agent, built by `hostagent guest-deb` from the tmem-kvm tree.\n"
-               "Configuration: /etc/tmem/guestagent.toml; service: tmem-guestagent.service.\n")
+        _write(
+            root / f"usr/share/doc/{PACKAGE}/README",
+            "The tmem guest agent, built by `hostagent guest-deb` from the tmem-kvm tree.\n"
+            "Configuration: /etc/tmem/guestagent.toml; service: tmem-guestagent.service.\n",
+        )
         size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
         _write(root / "DEBIAN/control", control(ver, (size + 1023) // 1024))
         _write(root / "DEBIAN/conffiles", "/etc/tmem/guestagent.toml\n")
         for name, text in (("postinst", POSTINST), ("prerm", PRERM), ("postrm", POSTRM)):
             _write(root / "DEBIAN" / name, text, 0o755)
-        proc = subprocess.run(["dpkg-deb", "--root-owner-group", "-Zxz", "--build", str(root),
-                               str(deb)], capture_output=True, text=True, check=False)
+        proc = subprocess.run(
+            ["dpkg-deb", "--root-owner-group", "-Zxz", "--build", str(root), str(deb)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if proc.returncode != 0:
             raise GuestInstallError(f"dpkg-deb failed: {proc.stderr.strip()}")
     return deb
@@ -190,7 +198,7 @@ def copy_in(dom: Any, data: bytes, path: str) -> None:
     handle = _agent(dom, "guest-file-open", path=path, mode="wb")
     try:
         for off in range(0, len(data), CHUNK):
-            chunk = data[off:off + CHUNK]
+            chunk = data[off : off + CHUNK]
             args: dict[str, Any] = {"handle": handle, "buf-b64": base64.b64encode(chunk).decode()}
             r = _agent(dom, "guest-file-write", **args)
             if r.get("count") != len(chunk):
@@ -211,8 +219,7 @@ def run(dom: Any, argv: list[str], timeout: float) -> tuple[int, str, str]:
             err = base64.b64decode(st.get("err-data", "")).decode(errors="replace")
             return int(st.get("exitcode", -1)), out, err
         if time.monotonic() > deadline:
-            raise GuestInstallError(f"{' '.join(argv)} did not finish in the guest within "
-                                    f"{timeout:.0f} s")
+            raise GuestInstallError(f"{' '.join(argv)} did not finish in the guest within {timeout:.0f} s")
         time.sleep(0.3)
 
 
@@ -228,8 +235,9 @@ rm -f {GUEST_DEB}
 """
 
 
-def install_into(domain: str, *, uri: str = "qemu:///system", deb: Path | None = None,
-                 timeout: float = 300.0) -> dict[str, Any]:
+def install_into(
+    domain: str, *, uri: str = "qemu:///system", deb: Path | None = None, timeout: float = 300.0
+) -> dict[str, Any]:
     """Install the guest agent into the running `domain`; returns what the guest reports."""
     import libvirt
 
@@ -249,8 +257,10 @@ def install_into(domain: str, *, uri: str = "qemu:///system", deb: Path | None =
         try:
             _agent(dom, "guest-ping", 10)
         except libvirt.libvirtError as err:
-            raise GuestInstallError(f"{domain}: the QEMU guest agent does not answer "
-                                    f"(org.qemu.guest_agent.0): {err.get_error_message()}") from None
+            raise GuestInstallError(
+                f"{domain}: the QEMU guest agent does not answer "
+                f"(org.qemu.guest_agent.0): {err.get_error_message()}"
+            ) from None
         with tempfile.TemporaryDirectory(prefix="tmem-deb-") as tmp:
             path = deb if deb is not None else build_deb(Path(tmp))
             data = path.read_bytes()
@@ -258,15 +268,22 @@ def install_into(domain: str, *, uri: str = "qemu:///system", deb: Path | None =
                 copy_in(dom, data, GUEST_DEB)
                 rc, out, errout = run(dom, ["/bin/sh", "-c", INSTALL_SCRIPT], timeout)
                 if rc != 0:
-                    raise GuestInstallError(f"{domain}: installing {path.name} failed ({rc}): "
-                                            f"{(errout or out).strip()[-800:]}")
+                    raise GuestInstallError(
+                        f"{domain}: installing {path.name} failed ({rc}): {(errout or out).strip()[-800:]}"
+                    )
                 state = _wait_active(dom)
                 _, ver, _ = run(dom, ["dpkg-query", "-W", "-f=${Version}", PACKAGE], 30)
             except libvirt.libvirtError as err:
-                raise GuestInstallError(f"{domain}: guest agent command failed: "
-                                        f"{err.get_error_message()}") from None
-        return {"domain": dom.name(), "package": path.name, "bytes": len(data),
-                "version": ver.strip(), "service": state}
+                raise GuestInstallError(
+                    f"{domain}: guest agent command failed: {err.get_error_message()}"
+                ) from None
+        return {
+            "domain": dom.name(),
+            "package": path.name,
+            "bytes": len(data),
+            "version": ver.strip(),
+            "service": state,
+        }
     finally:
         conn.close()
 
@@ -281,5 +298,7 @@ def _wait_active(dom: Any, timeout: float = 60.0) -> str:
         if state == "active":
             return state
         time.sleep(1)
-    raise GuestInstallError(f"{UNIT_NAME} is {state or 'unknown'} in the guest after "
-                            f"{timeout:.0f} s (see journalctl -u {UNIT_NAME} there)")
+    raise GuestInstallError(
+        f"{UNIT_NAME} is {state or 'unknown'} in the guest after "
+        f"{timeout:.0f} s (see journalctl -u {UNIT_NAME} there)"
+    )

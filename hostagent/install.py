@@ -200,8 +200,9 @@ class _Recorder:
         os.replace(tmp, real)
 
 
-def install(root: str = "/", *, config_file: str | None = None, python: str | None = None,
-            start: bool = True) -> dict[str, Any]:
+def install(
+    root: str = "/", *, config_file: str | None = None, python: str | None = None, start: bool = True
+) -> dict[str, Any]:
     """Install (idempotently); returns what changed and how the agent runs."""
     host = Host(Path(root))
     if not host.root.is_dir():
@@ -226,12 +227,21 @@ def install(root: str = "/", *, config_file: str | None = None, python: str | No
     if not systemd:  # enabled as `systemctl enable` would, for when this root boots with systemd
         rec.link(WANTS, f"../{UNIT_NAME}")
     if not host.staging:  # run-time directories (tmpfs at boot: not staged)
-        for d in (str(Path(PIDFILE).parent), str(Path(LOG).parent),
-                  str(Path(cfg.control.socket).parent), cfg.pool.arena_dir):
+        for d in (
+            str(Path(PIDFILE).parent),
+            str(Path(LOG).parent),
+            str(Path(cfg.control.socket).parent),
+            cfg.pool.arena_dir,
+        ):
             rec.mkdir(d)
     rec.save()
-    result: dict[str, Any] = {"root": str(host.root), "changed": rec.changed, "config": CONFIG,
-                              "unit": UNIT, "systemd": systemd}
+    result: dict[str, Any] = {
+        "root": str(host.root),
+        "changed": rec.changed,
+        "config": CONFIG,
+        "unit": UNIT,
+        "systemd": systemd,
+    }
     if not start or host.staging:
         result["running"] = None
         return result
@@ -317,15 +327,30 @@ def _daemon_pid(host: Host) -> int | None:
 
 def _start_daemon(host: Host, python: str, cfg: configmod.Config) -> int:
     if is_listening(cfg.control.socket):
-        raise InstallError(f"another host agent already serves {cfg.control.socket} (not ours: "
-                           f"no live pid in {PIDFILE}); stop it first")
+        raise InstallError(
+            f"another host agent already serves {cfg.control.socket} (not ours: "
+            f"no live pid in {PIDFILE}); stop it first"
+        )
     log = host.path(LOG)
     with open(log, "ab") as out:
         os.chmod(log, 0o600)
         proc = subprocess.Popen(
-            [python, "-m", "hostagent", "run", "--config", str(host.path(CONFIG)),
-             "--pid-file", str(host.path(PIDFILE))],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, cwd="/")
+            [
+                python,
+                "-m",
+                "hostagent",
+                "run",
+                "--config",
+                str(host.path(CONFIG)),
+                "--pid-file",
+                str(host.path(PIDFILE)),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+            cwd="/",
+        )
     deadline = time.monotonic() + START_TIMEOUT
     while not is_listening(cfg.control.socket):
         if proc.poll() is not None or time.monotonic() > deadline:

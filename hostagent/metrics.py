@@ -42,19 +42,38 @@ _REPORT = (
     ("tmem_guest_precache_gets", "precache_gets", 1, "Precache shim page-ins tried from tmem.", True),
     ("tmem_guest_precache_hits", "precache_hits", 1, "Precache page-ins served by tmem.", True),
     ("tmem_guest_precache_puts", "precache_puts", 1, "Clean pages the precache shim put.", True),
-    ("tmem_guest_precache_read_from_tmem_bytes", "precache_bytes_from_tmem", 1,
-     "Bytes the precache shim read from tmem.", True),
-    ("tmem_guest_precache_read_from_disk_bytes", "precache_bytes_from_disk", 1,
-     "Bytes the precache shim read from its backing disk.", True),
+    (
+        "tmem_guest_precache_read_from_tmem_bytes",
+        "precache_bytes_from_tmem",
+        1,
+        "Bytes the precache shim read from tmem.",
+        True,
+    ),
+    (
+        "tmem_guest_precache_read_from_disk_bytes",
+        "precache_bytes_from_disk",
+        1,
+        "Bytes the precache shim read from its backing disk.",
+        True,
+    ),
     ("tmem_guest_preswap_puts", "preswap_puts", 1, "Preswap pages put into tmem.", True),
-    ("tmem_guest_preswap_puts_refused", "preswap_puts_refused", 1,
-     "Preswap puts the host refused (they went to the swap file).", True),
+    (
+        "tmem_guest_preswap_puts_refused",
+        "preswap_puts_refused",
+        1,
+        "Preswap puts the host refused (they went to the swap file).",
+        True,
+    ),
     ("tmem_guest_preswap_gets", "preswap_gets", 1, "Preswap faults served from tmem.", True),
-    ("tmem_guest_preswap_disk_writes", "preswap_disk_writes", 1,
-     "Preswap pages written to the guest's swap file.", True),
+    (
+        "tmem_guest_preswap_disk_writes",
+        "preswap_disk_writes",
+        1,
+        "Preswap pages written to the guest's swap file.",
+        True,
+    ),
     ("tmem_guest_preswap_in_tmem_pages", "preswap_in_tmem", 1, "Preswap pages now in tmem.", False),
-    ("tmem_guest_preswap_on_disk_pages", "preswap_on_disk", 1,
-     "Preswap pages now in the swap file.", False),
+    ("tmem_guest_preswap_on_disk_pages", "preswap_on_disk", 1, "Preswap pages now in the swap file.", False),
 )
 
 
@@ -65,8 +84,7 @@ def _guest_labels(key: str, g: Mapping[str, Any]) -> tuple[str, str]:
 
 def families(stats: Mapping[str, Any]) -> list[Metric]:
     """Every metric family for one `stats` result."""
-    return [*_pool_families(stats), *_guest_families(stats.get("guests", {})),
-            *_shared_families(stats)]
+    return [*_pool_families(stats), *_guest_families(stats.get("guests", {})), *_shared_families(stats)]
 
 
 def _pool_families(stats: Mapping[str, Any]) -> list[Metric]:
@@ -82,14 +100,19 @@ def _pool_families(stats: Mapping[str, Any]) -> list[Metric]:
         if isinstance(value, int | float):
             out.append(CounterMetricFamily(name, doc, value=value))
 
-    gauge("tmem_pool_limit_bytes", "Hard ceiling of pool memory ([pool] limit_mib).",
-          pool.get("limit_bytes"))
-    gauge("tmem_pool_budget_bytes", "What the pool may use now (limit, less the host reserve).",
-          pool.get("budget_bytes"))
+    gauge("tmem_pool_limit_bytes", "Hard ceiling of pool memory ([pool] limit_mib).", pool.get("limit_bytes"))
+    gauge(
+        "tmem_pool_budget_bytes",
+        "What the pool may use now (limit, less the host reserve).",
+        pool.get("budget_bytes"),
+    )
     gauge("tmem_pool_used_bytes", "Arena bytes holding pages.", pool.get("used_bytes"))
     gauge("tmem_pool_resident_bytes", "Arena bytes resident in tmpfs.", pool.get("resident_bytes"))
-    gauge("tmem_host_available_bytes", "Host's available memory, as the pool last sampled it.",
-          pool.get("host_available_bytes"))
+    gauge(
+        "tmem_host_available_bytes",
+        "Host's available memory, as the pool last sampled it.",
+        pool.get("host_available_bytes"),
+    )
     gauge("tmem_pools", "Pools open (private and shared).", pool.get("pools"))
     counter("tmem_pool_evictions", "Ephemeral pages evicted by the host.", pool.get("evictions"))
     counter("tmem_pool_compactions", "Size classes compacted to free a slab.", pool.get("compactions"))
@@ -99,32 +122,34 @@ def _pool_families(stats: Mapping[str, Any]) -> list[Metric]:
             pages.add_metric([kind], pool[f"{kind}_pages"])
     out.append(pages)
     agent = stats.get("agent") or {}
-    counter("tmem_agent_cpu_seconds", "Host agent's CPU time (user + system).",
-            agent.get("cpu_seconds"))
+    counter("tmem_agent_cpu_seconds", "Host agent's CPU time (user + system).", agent.get("cpu_seconds"))
     gauge("tmem_agent_uptime_seconds", "Seconds since the host agent started.", agent.get("uptime"))
     return out
 
 
 def _guest_families(guests: Mapping[str, Any]) -> list[Metric]:
     """Per-guest figures, labelled with the domain's name and UUID (and the pool kind)."""
-    connected = GaugeMetricFamily("tmem_guest_connected",
-                                  "1 while the guest's channel is connected.", labels=GUEST_LABELS)
+    connected = GaugeMetricFamily(
+        "tmem_guest_connected", "1 while the guest's channel is connected.", labels=GUEST_LABELS
+    )
     counters = {m: CounterMetricFamily(m, doc, labels=KIND_LABELS) for m, _, doc in _GUEST_COUNTERS}
     gauges = {m: GaugeMetricFamily(m, doc, labels=KIND_LABELS) for m, _, _, doc in _GUEST_GAUGES}
-    quota = GaugeMetricFamily("tmem_guest_quota_bytes", "Guest's persistent quota.",
-                              labels=GUEST_LABELS)
-    cap = GaugeMetricFamily("tmem_guest_cap_bytes", "Guest's ephemeral cap (0: none).",
-                            labels=GUEST_LABELS)
+    quota = GaugeMetricFamily("tmem_guest_quota_bytes", "Guest's persistent quota.", labels=GUEST_LABELS)
+    cap = GaugeMetricFamily("tmem_guest_cap_bytes", "Guest's ephemeral cap (0: none).", labels=GUEST_LABELS)
     report: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
     for m, _, _, doc, is_counter in _REPORT:
-        report[m] = (CounterMetricFamily(m, doc, labels=GUEST_LABELS) if is_counter
-                     else GaugeMetricFamily(m, doc, labels=GUEST_LABELS))
-    mem_actual = GaugeMetricFamily("tmem_domain_memory_actual_bytes",
-                                   "Domain's balloon size (libvirt).", labels=GUEST_LABELS)
-    mem_max = GaugeMetricFamily("tmem_domain_memory_max_bytes", "Domain's maximum memory (libvirt).",
-                                labels=GUEST_LABELS)
-    cpu = CounterMetricFamily("tmem_domain_cpu_seconds", "Domain's CPU time (libvirt).",
-                              labels=GUEST_LABELS)
+        report[m] = (
+            CounterMetricFamily(m, doc, labels=GUEST_LABELS)
+            if is_counter
+            else GaugeMetricFamily(m, doc, labels=GUEST_LABELS)
+        )
+    mem_actual = GaugeMetricFamily(
+        "tmem_domain_memory_actual_bytes", "Domain's balloon size (libvirt).", labels=GUEST_LABELS
+    )
+    mem_max = GaugeMetricFamily(
+        "tmem_domain_memory_max_bytes", "Domain's maximum memory (libvirt).", labels=GUEST_LABELS
+    )
+    cpu = CounterMetricFamily("tmem_domain_cpu_seconds", "Domain's CPU time (libvirt).", labels=GUEST_LABELS)
     for key, g in sorted(guests.items()):
         labels = list(_guest_labels(key, g))
         connected.add_metric(labels, 1 if g.get("connected") else 0)
@@ -152,17 +177,29 @@ def _guest_families(guests: Mapping[str, Any]) -> list[Metric]:
             mem_max.add_metric(labels, dom["max_kib"] * 1024)
         if isinstance(dom.get("cpu_seconds"), int | float):
             cpu.add_metric(labels, dom["cpu_seconds"])
-    return [connected, *counters.values(), *gauges.values(), quota, cap, *report.values(),
-            mem_actual, mem_max, cpu]
+    return [
+        connected,
+        *counters.values(),
+        *gauges.values(),
+        quota,
+        cap,
+        *report.values(),
+        mem_actual,
+        mem_max,
+        cpu,
+    ]
 
 
 def _shared_families(stats: Mapping[str, Any]) -> list[Metric]:
     """Shared pools, labelled by UUID: their pages are nobody's."""
-    shared_pages = GaugeMetricFamily("tmem_shared_pool_pages", "Pages in a shared pool.",
-                                     labels=["pool_uuid", "kind"])
-    shared_bytes = GaugeMetricFamily("tmem_shared_pool_stored_bytes",
-                                     "Arena bytes holding a shared pool's pages.",
-                                     labels=["pool_uuid", "kind"])
+    shared_pages = GaugeMetricFamily(
+        "tmem_shared_pool_pages", "Pages in a shared pool.", labels=["pool_uuid", "kind"]
+    )
+    shared_bytes = GaugeMetricFamily(
+        "tmem_shared_pool_stored_bytes",
+        "Arena bytes holding a shared pool's pages.",
+        labels=["pool_uuid", "kind"],
+    )
     for uuid, sp in sorted((stats.get("shared") or {}).items()):
         if isinstance(sp.get("pages"), int):
             shared_pages.add_metric([uuid, str(sp.get("kind", ""))], sp["pages"])

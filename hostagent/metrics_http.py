@@ -42,8 +42,9 @@ class MetricsServer:
         self.scrapes = 0
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(streams.cancellable(self._serve), self.address, self.port,
-                                                  limit=MAX_REQUEST, reuse_address=True)
+        self._server = await asyncio.start_server(
+            streams.cancellable(self._serve), self.address, self.port, limit=MAX_REQUEST, reuse_address=True
+        )
         sock = self._server.sockets[0]
         self.port = int(sock.getsockname()[1])
         log.info("metrics: serving http://%s/metrics", self.url_host())
@@ -61,12 +62,19 @@ class MetricsServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             status, ctype, body = await asyncio.wait_for(self._answer(reader), REQUEST_TIMEOUT)
-        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError,
-                asyncio.LimitOverrunError, ValueError):
+        except (
+            TimeoutError,
+            ConnectionError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ValueError,
+        ):
             status, ctype, body = "400 Bad Request", "text/plain", b"bad request\n"
         try:
-            head = (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                    "Connection: close\r\n\r\n").encode()
+            head = (
+                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n"
+            ).encode()
             writer.write(head + body)
             await writer.drain()
         except ConnectionError:

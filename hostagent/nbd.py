@@ -47,8 +47,7 @@ TF_SEND_FLUSH: Final = 4
 TF_SEND_FUA: Final = 8
 TF_SEND_TRIM: Final = 32
 TF_SEND_WRITE_ZEROES: Final = 64
-TRANSMISSION_FLAGS: Final = (TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_TRIM
-                             | TF_SEND_WRITE_ZEROES)
+TRANSMISSION_FLAGS: Final = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES
 
 CMD_READ: Final = 0
 CMD_WRITE: Final = 1
@@ -116,8 +115,7 @@ class NbdServer:
         self.close_reason = ""
         self.requests = 0
         self.errors = 0
-        self._out.append(struct.pack(">QQH", NBDMAGIC, IHAVEOPT,
-                                     FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
+        self._out.append(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
 
     # -- I/O edge -----------------------------------------------------------------------------
 
@@ -177,8 +175,8 @@ class NbdServer:
             return True
         if len(self._buf) < _OPT_HEADER.size + length:
             return False
-        data = bytes(self._buf[_OPT_HEADER.size:_OPT_HEADER.size + length])
-        del self._buf[:_OPT_HEADER.size + length]
+        data = bytes(self._buf[_OPT_HEADER.size : _OPT_HEADER.size + length])
+        del self._buf[: _OPT_HEADER.size + length]
         if option == OPT_EXPORT_NAME:
             self._export_name(data.decode("utf-8", "replace"))
         elif option == OPT_ABORT:
@@ -215,7 +213,7 @@ class NbdServer:
         if 4 + nlen + 2 > len(data):
             self._reply(option, REP_ERR_INVALID, b"bad name length")
             return
-        name = data[4:4 + nlen].decode("utf-8", "replace")
+        name = data[4 : 4 + nlen].decode("utf-8", "replace")
         (count,) = struct.unpack_from(">H", data, 4 + nlen)
         if len(data) != 4 + nlen + 2 + 2 * count:
             self._reply(option, REP_ERR_INVALID, b"bad information request count")
@@ -224,10 +222,10 @@ class NbdServer:
         if backend is None:
             self._reply(option, REP_ERR_UNKNOWN, f"no export {name!r}".encode())
             return
-        self._reply(option, REP_INFO, struct.pack(">HQH", INFO_EXPORT, backend.size,
-                                                  TRANSMISSION_FLAGS))
-        self._reply(option, REP_INFO, struct.pack(">HIII", INFO_BLOCK_SIZE, MIN_BLOCK,
-                                                  PREFERRED_BLOCK, MAX_REQUEST))
+        self._reply(option, REP_INFO, struct.pack(">HQH", INFO_EXPORT, backend.size, TRANSMISSION_FLAGS))
+        self._reply(
+            option, REP_INFO, struct.pack(">HIII", INFO_BLOCK_SIZE, MIN_BLOCK, PREFERRED_BLOCK, MAX_REQUEST)
+        )
         self._reply(option, REP_ACK)
         if option == OPT_GO:
             self._start(name, backend)
@@ -260,17 +258,16 @@ class NbdServer:
                 return True
             if len(buf) < _REQUEST.size + length:
                 return False
-            data = bytes(buf[_REQUEST.size:_REQUEST.size + length])
-            del buf[:_REQUEST.size + length]
+            data = bytes(buf[_REQUEST.size : _REQUEST.size + length])
+            del buf[: _REQUEST.size + length]
         else:
             data = b""
-            del buf[:_REQUEST.size]
+            del buf[: _REQUEST.size]
         self.requests += 1
         self._apply(cmd, flags, cookie, offset, length, data)
         return True
 
-    def _apply(self, cmd: int, flags: int, cookie: int, offset: int, length: int,
-               data: bytes) -> None:
+    def _apply(self, cmd: int, flags: int, cookie: int, offset: int, length: int, data: bytes) -> None:
         """One framed request: checked against the export, then run by the backend."""
         backend = self.backend
         assert backend is not None

@@ -49,7 +49,6 @@ _FRESH_BATCH: Final = 256
 _POOL_FLAGS: Final = int(PoolFlag.PERSISTENT | PoolFlag.SHARED | PoolFlag.EXCLUSIVE_GETS)
 
 
-
 log = logging.getLogger("hostagent.pool")
 
 MAX_POOLS_PER_CLIENT: Final = 1024
@@ -98,9 +97,15 @@ class Counters:
 
     def as_dict(self) -> CounterStats:
         return {
-            "puts": self.puts, "puts_refused": self.puts_refused, "gets": self.gets,
-            "hits": self.hits, "flushes": self.flushes, "evicted": self.evicted,
-            "pages": self.pages, "bytes": self.stored, "raw_bytes": self.pages * PAGE_SIZE,
+            "puts": self.puts,
+            "puts_refused": self.puts_refused,
+            "gets": self.gets,
+            "hits": self.hits,
+            "flushes": self.flushes,
+            "evicted": self.evicted,
+            "pages": self.pages,
+            "bytes": self.stored,
+            "raw_bytes": self.pages * PAGE_SIZE,
         }
 
 
@@ -125,8 +130,21 @@ class Pool:
     """
 
     __slots__ = (
-        "charged", "exclusive", "flags", "fresh", "handle", "held", "log", "log_head", "members",
-        "objects", "owner", "persistent", "shared", "storage", "uuid",
+        "charged",
+        "exclusive",
+        "flags",
+        "fresh",
+        "handle",
+        "held",
+        "log",
+        "log_head",
+        "members",
+        "objects",
+        "owner",
+        "persistent",
+        "shared",
+        "storage",
+        "uuid",
     )
 
     def __init__(self, handle: int, flags: int, uuid: bytes, owner: Client) -> None:
@@ -135,8 +153,7 @@ class Pool:
         self.persistent = bool(flags & PoolFlag.PERSISTENT)
         self.shared = bool(flags & PoolFlag.SHARED)
         # Private ephemeral gets are always exclusive (a victim cache); persistent ones on request.
-        self.exclusive = (not self.persistent and not self.shared) or bool(
-            flags & PoolFlag.EXCLUSIVE_GETS)
+        self.exclusive = (not self.persistent and not self.shared) or bool(flags & PoolFlag.EXCLUSIVE_GETS)
         self.uuid = uuid
         self.owner = owner  # creator, or the longest remaining member: its compress switch applies
         self.charged: Client | None = None if self.shared else owner
@@ -167,8 +184,7 @@ class Pool:
 
     @property
     def kind(self) -> str:
-        return ("shared-" if self.shared else "private-") + (
-            "persistent" if self.persistent else "ephemeral")
+        return ("shared-" if self.shared else "private-") + ("persistent" if self.persistent else "ephemeral")
 
 
 class Held(NamedTuple):
@@ -188,15 +204,22 @@ class Held(NamedTuple):
 class PoolEngine:
     """All pools of all guests over one arena."""
 
-    def __init__(self, arena: Arena, *, limit_bytes: int, host_reserve_bytes: int = 0,
-                 shared_acl: Mapping[bytes, Collection[str]] | None = None,
-                 shared_quota_bytes: int = 256 << 20) -> None:
+    def __init__(
+        self,
+        arena: Arena,
+        *,
+        limit_bytes: int,
+        host_reserve_bytes: int = 0,
+        shared_acl: Mapping[bytes, Collection[str]] | None = None,
+        shared_quota_bytes: int = 256 << 20,
+    ) -> None:
         self.arena = arena
         self.shared_quota_bytes = shared_quota_bytes
         self.limit_bytes = limit_bytes
         self.host_reserve_bytes = host_reserve_bytes
         self.shared_acl: dict[bytes, frozenset[str]] = {
-            bytes(k): frozenset(v) for k, v in (shared_acl or {}).items()}
+            bytes(k): frozenset(v) for k, v in (shared_acl or {}).items()
+        }
         self.host_available: int | None = None
         self._host_budget: int | None = None
         self._budget = limit_bytes
@@ -225,8 +248,15 @@ class PoolEngine:
             c.settings = settings
         return c
 
-    def configure(self, name: str, *, weight: int | None = None, cap_bytes: int | None = None,
-                  quota_bytes: int | None = None, compress: bool | None = None) -> Client:
+    def configure(
+        self,
+        name: str,
+        *,
+        weight: int | None = None,
+        cap_bytes: int | None = None,
+        quota_bytes: int | None = None,
+        compress: bool | None = None,
+    ) -> Client:
         c = self.client(name)
         s = c.settings
         if weight is not None:
@@ -251,13 +281,13 @@ class PoolEngine:
 
     # -- pools ------------------------------------------------------------------------------------
 
-    def new_pool(self, client: Client, flags: int, uuid: bytes = NO_UUID,
-                 pool_id: int | None = None) -> int:
+    def new_pool(self, client: Client, flags: int, uuid: bytes = NO_UUID, pool_id: int | None = None) -> int:
         """A new pool's id. A private pool may be given `pool_id` outside the wire's u32 range (the
         host's own pools, such as the swap device's): the guest's channel can then never name it."""
         flags &= _POOL_FLAGS
-        if pool_id is not None and (flags & PoolFlag.SHARED or pool_id in client.pools
-                                    or 0 <= pool_id < 1 << 32):
+        if pool_id is not None and (
+            flags & PoolFlag.SHARED or pool_id in client.pools or 0 <= pool_id < 1 << 32
+        ):
             raise ValueError(f"pool id {pool_id} is taken, or in the guest's range")
         if len(client.pools) >= MAX_POOLS_PER_CLIENT:
             raise OutOfSpace(f"{client.name} has {MAX_POOLS_PER_CLIENT} pools")
@@ -340,8 +370,14 @@ class PoolEngine:
 
     # -- pages ------------------------------------------------------------------------------------
 
-    def put(self, client: Client, pool_id: int, oid: bytes, index: int,  # noqa: C901 (the hot path (mypyc): split only with bench pool)
-            page: bytes | bytearray | memoryview) -> bool:
+    def put(  # noqa: C901 (the hot path (mypyc): split only with bench pool)
+        self,
+        client: Client,
+        pool_id: int,
+        oid: bytes,
+        index: int,
+        page: bytes | bytearray | memoryview,
+    ) -> bool:
         """Store a page (True) or refuse it (False, and no older copy stays readable)."""
         pool = client.pools.get(pool_id)
         if pool is None:
@@ -403,8 +439,7 @@ class PoolEngine:
         try:
             if persistent:
                 crc = checksum(handle, generation, oid, index, encoding, data)
-                ref = arena.store(size_class, handle, generation, oid, index, encoding, data,
-                                  crc, FLAG_XXH3)
+                ref = arena.store(size_class, handle, generation, oid, index, encoding, data, crc, FLAG_XXH3)
             else:
                 ref = arena.store(size_class, handle, generation, oid, index, encoding, data, 0, 0)
         except ArenaFull:
@@ -419,8 +454,7 @@ class PoolEngine:
         storage.stored += size
         return True
 
-    def _store_fragmented(self, client: Client, pool: Pool, oid: bytes, index: int,
-                          page: bytes) -> bool:
+    def _store_fragmented(self, client: Client, pool: Pool, oid: bytes, index: int, page: bytes) -> bool:
         """Slow path: no slab left for the slot's class; make one free, then put again.
 
         Compaction comes first: without it, a guest keeping one persistent page per slab could pin
@@ -483,8 +517,9 @@ class PoolEngine:
         if not pool.persistent:
             self.eph_bytes -= size
 
-    def get(self, client: Client, pool_id: int, oid: bytes, index: int,
-            held: list[Held] | None = None) -> bytes | None:
+    def get(
+        self, client: Client, pool_id: int, oid: bytes, index: int, held: list[Held] | None = None
+    ) -> bytes | None:
         """The page, or None. With `held`, an exclusive get on a PERSISTENT pool only unlinks the page:
         its slot stays live (charged, and rebuilt by a restart) until `release_held` says the reply
         reached the guest, or `restore_held` puts it back because it may not have. A host agent
@@ -757,8 +792,11 @@ class PoolEngine:
                 allowed = self.shared_acl.get(uuid, frozenset())
                 revoked = sorted(set(members) - allowed)
                 if revoked:  # the config no longer authorises them: their membership ends here
-                    log.warning("shared pool %s: %s no longer authorised, membership dropped",
-                                uuid.hex(), ", ".join(revoked))
+                    log.warning(
+                        "shared pool %s: %s no longer authorised, membership dropped",
+                        uuid.hex(),
+                        ", ".join(revoked),
+                    )
                     members = {n: i for n, i in members.items() if n in allowed}
                 if not members:
                     continue  # nobody may use it any more: its pages are freed below
@@ -785,7 +823,8 @@ class PoolEngine:
             if rec.verified and not have_table:
                 raise TableError(
                     f"the arena holds persistent pages but the pool table {self._table.snapshot} is "
-                    "missing: restore it, or move the arena aside to start empty")
+                    "missing: restore it, or move the arena aside to start empty"
+                )
             found = self._pools.get(rec.handle)
             if found is None or not found.persistent or not rec.verified:
                 if found is not None and found.persistent:
@@ -811,8 +850,11 @@ class PoolEngine:
         self.rebuilt_pages = len(best)
         self._generation = self.arena.max_generation
         if self._pools or have_table:
-            self._table.rewrite([self._record(p) for p in self._pools.values() if p.persistent],
-                                self._next_handle, {c.name: c.next_pool_id for c in self._clients.values()})
+            self._table.rewrite(
+                [self._record(p) for p in self._pools.values() if p.persistent],
+                self._next_handle,
+                {c.name: c.next_pool_id for c in self._clients.values()},
+            )
 
     def close(self) -> None:
         self._table.close()
@@ -866,27 +908,53 @@ class PoolEngine:
 
     def _shared_stats(self, pool: Pool) -> SharedPoolStats:
         c = pool.storage.as_dict()
-        return {"kind": pool.kind, "members": sorted(pool.members), "quota_bytes": self.shared_quota_bytes,
-                "puts": c["puts"], "puts_refused": c["puts_refused"], "gets": c["gets"], "hits": c["hits"],
-                "flushes": c["flushes"], "evicted": c["evicted"], "pages": c["pages"], "bytes": c["bytes"],
-                "raw_bytes": c["raw_bytes"]}
+        return {
+            "kind": pool.kind,
+            "members": sorted(pool.members),
+            "quota_bytes": self.shared_quota_bytes,
+            "puts": c["puts"],
+            "puts_refused": c["puts_refused"],
+            "gets": c["gets"],
+            "hits": c["hits"],
+            "flushes": c["flushes"],
+            "evicted": c["evicted"],
+            "pages": c["pages"],
+            "bytes": c["bytes"],
+            "raw_bytes": c["raw_bytes"],
+        }
 
     def pools_info(self) -> list[PoolInfo]:
         out: list[PoolInfo] = []
         for pool in self._pools.values():
             pages = sum(len(p) for p in pool.objects.values())
             stored = sum(self.arena.size_of(r) for p in pool.objects.values() for r in p.values())
-            out.append({
-                "handle": pool.handle, "kind": pool.kind, "flags": pool.flags,
-                "uuid": pool.uuid.hex() if pool.shared else None, "owner": pool.owner.name,
-                "members": dict(pool.members), "objects": len(pool.objects), "pages": pages,
-                "bytes": stored, "raw_bytes": pages * PAGE_SIZE,
-                "exclusive_gets": pool.exclusive,
-            })
+            out.append(
+                {
+                    "handle": pool.handle,
+                    "kind": pool.kind,
+                    "flags": pool.flags,
+                    "uuid": pool.uuid.hex() if pool.shared else None,
+                    "owner": pool.owner.name,
+                    "members": dict(pool.members),
+                    "objects": len(pool.objects),
+                    "pages": pages,
+                    "bytes": stored,
+                    "raw_bytes": pages * PAGE_SIZE,
+                    "exclusive_gets": pool.exclusive,
+                }
+            )
         return out
 
 
 __all__ = [
-    "Client", "ClientSettings", "Counters", "EngineError", "OutOfSpace", "Pool", "PoolDenied",
-    "PoolEngine", "TableError", "UnknownPool",
+    "Client",
+    "ClientSettings",
+    "Counters",
+    "EngineError",
+    "OutOfSpace",
+    "Pool",
+    "PoolDenied",
+    "PoolEngine",
+    "TableError",
+    "UnknownPool",
 ]

@@ -56,19 +56,31 @@ class PoolRecord:
     members: dict[str, int]
 
     def as_json(self) -> dict[str, Any]:
-        return {"handle": self.handle, "flags": self.flags, "uuid": self.uuid.hex(), "owner": self.owner,
-                "members": self.members}  # fmt: skip
+        return {
+            "handle": self.handle,
+            "flags": self.flags,
+            "uuid": self.uuid.hex(),
+            "owner": self.owner,
+            "members": self.members,
+        }
 
     def text(self) -> str:
         """`as_json` as JSON text, formatted directly: this runs on the loop for every change."""
         members = ", ".join(f"{_quote(n)}: {int(i)}" for n, i in self.members.items())
-        return (f'{{"handle": {int(self.handle)}, "flags": {int(self.flags)}, "uuid": "{self.uuid.hex()}", '
-                f'"owner": {_quote(self.owner)}, "members": {{{members}}}}}')
+        return (
+            f'{{"handle": {int(self.handle)}, "flags": {int(self.flags)}, "uuid": "{self.uuid.hex()}", '
+            f'"owner": {_quote(self.owner)}, "members": {{{members}}}}}'
+        )
 
     @staticmethod
     def from_json(e: Any) -> PoolRecord:
-        return PoolRecord(int(e["handle"]), int(e["flags"]), bytes.fromhex(e["uuid"]), str(e["owner"]),
-                          {str(n): int(i) for n, i in e["members"].items()})  # fmt: skip
+        return PoolRecord(
+            int(e["handle"]),
+            int(e["flags"]),
+            bytes.fromhex(e["uuid"]),
+            str(e["owner"]),
+            {str(n): int(i) for n, i in e["members"].items()},
+        )
 
 
 @dataclass
@@ -136,9 +148,11 @@ class PoolTable:
             state.next_ids[str(name)] = max(state.next_ids.get(str(name), 0), int(n))
 
     def _unreadable(self, path: Path, err: Exception, where: str = "") -> str:
-        return (f"the pool table {path}{where} cannot be read ({type(err).__name__}: {err}); it names "
-                "the owners of the persistent pages in the arena. Restore it, or move the pool table "
-                f"({self.snapshot.name}, {self.journal.name}) and the arena aside to start empty")
+        return (
+            f"the pool table {path}{where} cannot be read ({type(err).__name__}: {err}); it names "
+            "the owners of the persistent pages in the arena. Restore it, or move the pool table "
+            f"({self.snapshot.name}, {self.journal.name}) and the arena aside to start empty"
+        )
 
     # -- writing -----------------------------------------------------------------------------------
 
@@ -172,7 +186,7 @@ class PoolTable:
         data = line.encode()
         self.bytes_written += len(data)
         while data:  # one write in practice; a short write is finished, never left torn
-            data = data[os.write(self._fd, data):]
+            data = data[os.write(self._fd, data) :]
         self._lines += 1
 
     def _compact(self) -> None:

@@ -64,8 +64,7 @@ def format_stats(stats: Mapping[str, Any]) -> str:
         f"({count(p.get('ephemeral_pages'))} ephemeral, {count(p.get('persistent_pages'))} "
         f"persistent, {mib(p.get('raw_bytes'))} MiB raw); {count(p.get('evictions'))} evictions; "
         f"host available {mib(p.get('host_available_bytes'), 0)} MiB; "
-        f"agent CPU {a.get('cpu_seconds', 0):.2f} s (up {_duration(a.get('uptime', 0))})"
-        + _cpu_ratio(a)
+        f"agent CPU {a.get('cpu_seconds', 0):.2f} s (up {_duration(a.get('uptime', 0))})" + _cpu_ratio(a)
     )
     lines.extend(_memory_table(guests, name_w))
     lines.extend(_balloon_table(stats.get("balloon") or {}, guests, name_w))
@@ -78,8 +77,7 @@ def format_stats(stats: Mapping[str, Any]) -> str:
 _BAL_HEAD = ("GOAL", "TARGET", "ACTUAL", "FLOOR", "MAX", "GIVEN")
 
 
-def _balloon_table(ctl: Mapping[str, Any], guests: Mapping[str, Mapping[str, Any]],
-                   name_w: int) -> list[str]:
+def _balloon_table(ctl: Mapping[str, Any], guests: Mapping[str, Mapping[str, Any]], name_w: int) -> list[str]:
     """Per ballooned guest: goal, target, actual, floor, max (MiB), memory given back, and the last
     action with its reason."""
     if not ctl.get("enabled"):
@@ -90,18 +88,24 @@ def _balloon_table(ctl: Mapping[str, Any], guests: Mapping[str, Mapping[str, Any
         if not b:
             continue
         given = b.get("given_back_kib", 0) - b.get("returned_kib", 0)
-        cells = (*(_kib_mib(b.get(k)) for k in ("goal_kib", "target_kib", "actual_kib", "floor_kib",
-                                                "max_kib")), _kib_mib(given))
+        cells = (
+            *(_kib_mib(b.get(k)) for k in ("goal_kib", "target_kib", "actual_kib", "floor_kib", "max_kib")),
+            _kib_mib(given),
+        )
         last = b.get("last")
         what = b.get("state", "")
         if last:
-            what += (f"; last {last['action']} {last['from_kib'] // 1024}->{last['to_kib'] // 1024}"
-                     f" MiB: {last['reason']}")
+            what += (
+                f"; last {last['action']} {last['from_kib'] // 1024}->{last['to_kib'] // 1024}"
+                f" MiB: {last['reason']}"
+            )
         rows.append(f"{name:<{name_w}} " + " ".join(f"{c:>7}" for c in cells) + f"  {what}")
-    pressure = ("host under pressure" if ctl.get("pressure") else "no host pressure")
-    title = (f"balloon (MiB), every {ctl.get('interval', 0):g} s; {pressure} (available "
-             f"{_kib_mib(ctl.get('host_available_kib'))}, threshold "
-             f"{_kib_mib(ctl.get('host_min_available_kib'))}):")
+    pressure = "host under pressure" if ctl.get("pressure") else "no host pressure"
+    title = (
+        f"balloon (MiB), every {ctl.get('interval', 0):g} s; {pressure} (available "
+        f"{_kib_mib(ctl.get('host_available_kib'))}, threshold "
+        f"{_kib_mib(ctl.get('host_min_available_kib'))}):"
+    )
     head = f"{'GUEST':<{name_w}} " + " ".join(f"{h:>7}" for h in _BAL_HEAD) + "  STATE / LAST ACTION"
     return ["", title, head, *(rows or ["(no ballooned guests)"])]
 
@@ -118,10 +122,14 @@ def _precache_table(guests: Mapping[str, Mapping[str, Any]], name_w: int) -> lis
             continue
         gets, hits = values.get("precache_gets", 0), values.get("precache_hits", 0)
         cells = (
-            count(gets), count(hits), count(values.get("precache_misses")),
+            count(gets),
+            count(hits),
+            count(values.get("precache_misses")),
             f"{100 * hits / gets:.0f}" if gets else "-",
-            count(values.get("precache_puts")), count(values.get("precache_flushes")),
-            mib(values.get("precache_bytes_from_tmem")), mib(values.get("precache_bytes_from_disk")),
+            count(values.get("precache_puts")),
+            count(values.get("precache_flushes")),
+            mib(values.get("precache_bytes_from_tmem")),
+            mib(values.get("precache_bytes_from_disk")),
         )
         rows.append(f"{name:<{name_w}} " + " ".join(f"{c:>{_NUM}}" for c in cells))
     if not rows:
@@ -131,8 +139,17 @@ def _precache_table(guests: Mapping[str, Mapping[str, Any]], name_w: int) -> lis
 
 
 _PS_HEAD = ("puts", "refused", "gets", "faults", "diskW", "diskR", "inTmem", "onDisk", "inMem")
-_PS_KEYS = ("puts", "puts_refused", "gets", "faults", "disk_writes", "disk_reads", "in_tmem", "on_disk",
-            "resident")
+_PS_KEYS = (
+    "puts",
+    "puts_refused",
+    "gets",
+    "faults",
+    "disk_writes",
+    "disk_reads",
+    "in_tmem",
+    "on_disk",
+    "resident",
+)
 
 
 def _preswap_table(guests: Mapping[str, Mapping[str, Any]], name_w: int) -> list[str]:
@@ -147,12 +164,15 @@ def _preswap_table(guests: Mapping[str, Mapping[str, Any]], name_w: int) -> list
     if not rows:
         return []
     head = f"{'GUEST':<{name_w}} " + " ".join(f"{h:>{_NUM}}" for h in _PS_HEAD)
-    return ["", "preswap (regions' pages: tmem, else the swapper's swap file), from the guests' reports:",
-            head, *rows]
+    return [
+        "",
+        "preswap (regions' pages: tmem, else the swapper's swap file), from the guests' reports:",
+        head,
+        *rows,
+    ]
 
 
-_SD_KEYS = ("puts", "refusals", "gets", "spill_reads", "trims", "shrunk", "pool_pages",
-            "storage_pages")
+_SD_KEYS = ("puts", "refusals", "gets", "spill_reads", "trims", "shrunk", "pool_pages", "storage_pages")
 _SD_HEAD = ("PUTS", "REFUSED", "GETS", "DISK-RD", "TRIMS", "SHRUNK", "IN-POOL", "ON-DISK")
 
 
@@ -171,8 +191,18 @@ def _swapdev_table(guests: Mapping[str, Mapping[str, Any]], name_w: int) -> list
     return ["", "swap devices (pages: the pool, else the host's spill file):", head, *rows]
 
 
-_MEM_HEAD = ("ACTUAL", "MAX", "COMMIT", "AVAIL", "pgpgin/s", "pgpgout/s", "pswpin/s", "pswpout/s",
-             "CPU s", "REPORT")
+_MEM_HEAD = (
+    "ACTUAL",
+    "MAX",
+    "COMMIT",
+    "AVAIL",
+    "pgpgin/s",
+    "pgpgout/s",
+    "pswpin/s",
+    "pswpout/s",
+    "CPU s",
+    "REPORT",
+)
 
 
 def _memory_table(guests: Mapping[str, Mapping[str, Any]], name_w: int) -> list[str]:
@@ -186,8 +216,10 @@ def _memory_table(guests: Mapping[str, Mapping[str, Any]], name_w: int) -> list[
         if not dom and not values:
             continue
         cells = (
-            _kib_mib(dom.get("actual_kib")), _kib_mib(dom.get("max_kib")),
-            _kib_mib(values.get("committed_as_kib")), _kib_mib(values.get("memavailable_kib")),
+            _kib_mib(dom.get("actual_kib")),
+            _kib_mib(dom.get("max_kib")),
+            _kib_mib(values.get("committed_as_kib")),
+            _kib_mib(values.get("memavailable_kib")),
             *(_rate(rates.get(k)) for k in ("pgpgin", "pgpgout", "pswpin", "pswpout")),
             "-" if dom.get("cpu_seconds") is None else f"{dom['cpu_seconds']:.1f}",
             f"{report['age']:.0f}s ago" if report else "none",
@@ -221,16 +253,22 @@ def format_pools(pools: Sequence[Mapping[str, Any]]) -> str:
         members = pool.get("members") or {pool.get("owner", "?"): pool.get("handle", "?")}
         for guest, pool_id in sorted(members.items()):
             stored = pool.get("bytes")  # NEEDS(engine): per-pool stored bytes in pools_info()
-            rows.append((str(guest), str(pool_id), str(pool.get("kind", "?")),
-                         count(pool.get("pages")), "-" if stored is None else mib(stored, 2)))
+            rows.append(
+                (
+                    str(guest),
+                    str(pool_id),
+                    str(pool.get("kind", "?")),
+                    count(pool.get("pages")),
+                    "-" if stored is None else mib(stored, 2),
+                )
+            )
     rows.sort()
     head = ("GUEST", "ID", "TYPE", "PAGES", "MiB")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     left = (True, False, True, False, False)
     out = []
     for r in [head, *rows]:
-        cells = [c.ljust(w) if lft else c.rjust(w)
-                 for c, w, lft in zip(r, widths, left, strict=True)]
+        cells = [c.ljust(w) if lft else c.rjust(w) for c, w, lft in zip(r, widths, left, strict=True)]
         out.append("  ".join(cells).rstrip())
     if not rows:
         out.append("(no pools)")
@@ -246,8 +284,9 @@ def _duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def format_compact(stats: Mapping[str, Any], stamp: str,
-                   since: tuple[float, Mapping[str, Any]] | None = None) -> str:
+def format_compact(
+    stats: Mapping[str, Any], stamp: str, since: tuple[float, Mapping[str, Any]] | None = None
+) -> str:
     """One line for the pool and one per guest, each starting with `stamp`: for a log or a
     terminal over SSH (nothing is redrawn). With `since` (seconds, the previous sample), puts and
     gets per second over that interval are shown."""
@@ -263,16 +302,17 @@ def format_compact(stats: Mapping[str, Any], stamp: str,
     name_w = max([1, *(len(str(g.get("name", k))) for k, g in guests.items())])
     for key, g in sorted(guests.items(), key=lambda kv: str(kv[1].get("name", kv[0]))):
         e, s = g.get("ephemeral", {}), g.get("persistent", {})
-        line = (f"{stamp} {g.get('name', key):<{name_w}} {'up' if g.get('connected') else 'down':<4} "
-                f"eph {count(e.get('pages'))}p {mib(e.get('bytes'))}M hit {count(e.get('hits'))}/"
-                f"{count(e.get('gets'))} pers {count(s.get('pages'))}p {mib(s.get('bytes'))}M "
-                f"refused {count(s.get('puts_refused'))}")
+        line = (
+            f"{stamp} {g.get('name', key):<{name_w}} {'up' if g.get('connected') else 'down':<4} "
+            f"eph {count(e.get('pages'))}p {mib(e.get('bytes'))}M hit {count(e.get('hits'))}/"
+            f"{count(e.get('gets'))} pers {count(s.get('pages'))}p {mib(s.get('bytes'))}M "
+            f"refused {count(s.get('puts_refused'))}"
+        )
         if since is not None and key in old and since[0] > 0:
             o = old[key]
 
             def delta(op: str, g: Mapping[str, Any] = g, o: Mapping[str, Any] = o) -> float:
-                return float(sum(g.get(k, {}).get(op, 0) - o.get(k, {}).get(op, 0)
-                                 for k, _ in _KINDS))
+                return float(sum(g.get(k, {}).get(op, 0) - o.get(k, {}).get(op, 0) for k, _ in _KINDS))
 
             line += f" put/s {delta('puts') / since[0]:.0f} get/s {delta('gets') / since[0]:.0f}"
         dom = g.get("domain") or {}

@@ -176,7 +176,7 @@ class SwapDevice:
             return b""
         data = b"".join(self.read_page(p) for p in range(first, last + 1))
         start = offset - first * PAGE_SIZE
-        return data[start:start + length]
+        return data[start : start + length]
 
     def write(self, offset: int, data: bytes, fua: bool) -> None:
         pos, end = offset, offset + len(data)
@@ -184,12 +184,12 @@ class SwapDevice:
         while pos < end:
             page, skip = divmod(pos, PAGE_SIZE)
             n = min(PAGE_SIZE - skip, end - pos)
-            chunk = view[pos - offset:pos - offset + n]
+            chunk = view[pos - offset : pos - offset + n]
             if n == PAGE_SIZE:
                 self.write_page(page, bytes(chunk))
             else:  # a sub-page write: read, modify, write
                 old = bytearray(self.read_page(page))
-                old[skip:skip + n] = chunk
+                old[skip : skip + n] = chunk
                 self.write_page(page, bytes(old))
             pos += n
         if fua:
@@ -233,7 +233,7 @@ class SwapDevice:
         victims: list[int] = []
         for oid, idx in pool.objects.items():
             high = int.from_bytes(oid, "little") << _INDEX_BITS
-            victims.extend(high | i for i in list(idx)[:pages - len(victims)])
+            victims.extend(high | i for i in list(idx)[: pages - len(victims)])
             if len(victims) >= pages:
                 break
         for page in victims:
@@ -250,9 +250,16 @@ class SwapDevice:
     def figures(self) -> dict[str, Any]:
         c = self.counters
         return {
-            "size_bytes": self.size, "puts": c.puts, "refusals": c.refusals, "gets": c.gets,
-            "spill_reads": c.spill_reads, "spill_writes": c.spill_writes, "trims": c.trims,
-            "shrunk": c.shrunk, "pool_pages": self.pool_pages, "storage_pages": len(self.spilled),
+            "size_bytes": self.size,
+            "puts": c.puts,
+            "refusals": c.refusals,
+            "gets": c.gets,
+            "spill_reads": c.spill_reads,
+            "spill_writes": c.spill_writes,
+            "trims": c.trims,
+            "shrunk": c.shrunk,
+            "pool_pages": self.pool_pages,
+            "storage_pages": len(self.spilled),
             "spill_file": str(self.spill_path),
         }
 

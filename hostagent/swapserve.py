@@ -43,8 +43,7 @@ class SwapDevices:
         if dev is None or dev.client is not client:
             if dev is not None:
                 dev.close()
-            dev = self.devices[name] = SwapDevice(self.engine, client, self.spill_path(name),
-                                                  self.size)
+            dev = self.devices[name] = SwapDevice(self.engine, client, self.spill_path(name), self.size)
         return dev
 
     def open_existing(self) -> None:
@@ -101,8 +100,9 @@ class NbdConnection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=64 << 20)
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            pid, _, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                         _PEERCRED.size))
+            pid, _, _ = _PEERCRED.unpack(
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+            )
             self.peer_pid = pid
         self._flush()
 
@@ -112,8 +112,7 @@ class NbdConnection(asyncio.Protocol):
             log.warning("swap device %r refused to pid %d: %s", name, self.peer_pid, who)
             return None
         dev = self.devices.open(name, who)
-        log.info("swap device %r: served to pid %d (%d MiB)", name, self.peer_pid,
-                 dev.size >> 20)
+        log.info("swap device %r: served to pid %d (%d MiB)", name, self.peer_pid, dev.size >> 20)
         return dev
 
     def _list(self) -> list[str]:
@@ -123,8 +122,7 @@ class NbdConnection(asyncio.Protocol):
         try:
             self.server.feed(data)
         except Exception:  # a bug of ours, never the client's: this connection only
-            log.exception("swap device %r: request failed; closing the connection",
-                          self.server.export)
+            log.exception("swap device %r: request failed; closing the connection", self.server.export)
             self.server.closed = True
             self.server.close_reason = "internal error"
         self._flush()
@@ -136,10 +134,18 @@ class NbdConnection(asyncio.Protocol):
             self.transport.write(out)
         if self.server.closed and not self.transport.is_closing():
             reason = self.server.close_reason
-            level = logging.INFO if reason in ("client disconnected",
-                                               "client aborted the handshake") else logging.WARNING
-            log.log(level, "swap device %r (pid %d): connection closed: %s", self.server.export,
-                    self.peer_pid, reason)
+            level = (
+                logging.INFO
+                if reason in ("client disconnected", "client aborted the handshake")
+                else logging.WARNING
+            )
+            log.log(
+                level,
+                "swap device %r (pid %d): connection closed: %s",
+                self.server.export,
+                self.peer_pid,
+                reason,
+            )
             self.transport.close()
 
     def pause_writing(self) -> None:

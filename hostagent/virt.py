@@ -47,9 +47,15 @@ def tmem_socket(domain_xml: str, channel: str = DEFAULT_CHANNEL) -> str | None:
     for ch in root.iterfind("./devices/channel"):
         target = ch.find("target")
         source = ch.find("source")
-        if (ch.get("type") == "unix" and target is not None and target.get("type") == "virtio"
-                and target.get("name") == channel and source is not None
-                and source.get("mode", "bind") == "bind" and source.get("path")):
+        if (
+            ch.get("type") == "unix"
+            and target is not None
+            and target.get("type") == "virtio"
+            and target.get("name") == channel
+            and source is not None
+            and source.get("mode", "bind") == "bind"
+            and source.get("path")
+        ):
             return source.get("path")
     return None
 
@@ -57,9 +63,16 @@ def tmem_socket(domain_xml: str, channel: str = DEFAULT_CHANNEL) -> str | None:
 class LibvirtWatcher:
     """Keeps `on_up`/`on_down` informed of running domains that have the tmem channel."""
 
-    def __init__(self, uri: str, channel: str, on_up: Callable[[Domain], None],
-                 on_down: Callable[[str, str], None], *, retry_interval: float = 2.0,
-                 on_discovered: Callable[[set[str]], None] | None = None) -> None:
+    def __init__(
+        self,
+        uri: str,
+        channel: str,
+        on_up: Callable[[Domain], None],
+        on_down: Callable[[str, str], None],
+        *,
+        retry_interval: float = 2.0,
+        on_discovered: Callable[[set[str]], None] | None = None,
+    ) -> None:
         self.uri = uri
         self.on_discovered = on_discovered  # after each discovery: the running domains' UUIDs
         self.channel = channel
@@ -89,8 +102,12 @@ class LibvirtWatcher:
                 conn = libvirt.open(self.uri)
             except libvirt.libvirtError as err:
                 if not warned:
-                    log.warning("cannot reach libvirt at %s (%s); retrying every %.0f s", self.uri,
-                                _msg(err), self.retry_interval)
+                    log.warning(
+                        "cannot reach libvirt at %s (%s); retrying every %.0f s",
+                        self.uri,
+                        _msg(err),
+                        self.retry_interval,
+                    )
                     warned = True
                 await asyncio.sleep(self.retry_interval)
                 continue
@@ -118,21 +135,24 @@ class LibvirtWatcher:
 
         conn.registerCloseCallback(closed, None)
         conn.setKeepAlive(5, 3)
+
         def balloon(_conn: Any, dom: Any, actual: int, _opaque: Any) -> None:
             loop.call_soon(self._balloon_changed, libvirt, dom, actual)
 
         def device(_conn: Any, dom: Any, _alias: str, _opaque: Any) -> None:
             loop.call_soon(self._device_changed, libvirt, dom)
 
-        callback_id = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
-                                                  lifecycle, None)
-        balloon_id = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_BALLOON_CHANGE,
-                                                 balloon, None)
+        callback_id = conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle, None
+        )
+        balloon_id = conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_BALLOON_CHANGE, balloon, None
+        )
         # `hostagent attach` hot-plugs the channel into a running domain, `detach` unplugs it.
-        added_id = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED,
-                                               device, None)
-        removed_id = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED,
-                                                 device, None)
+        added_id = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, device, None)
+        removed_id = conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, device, None
+        )
         self.conn = conn
         self.connected = True
         log.info("watching libvirt domains at %s (channel %s)", self.uri, self.channel)
@@ -180,8 +200,7 @@ class LibvirtWatcher:
             if found is not None:
                 self._up(found)
         elif event in (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_CRASHED):
-            reason = "crashed" if event == libvirt.VIR_DOMAIN_EVENT_CRASHED else _stop_reason(
-                libvirt, detail)
+            reason = "crashed" if event == libvirt.VIR_DOMAIN_EVENT_CRASHED else _stop_reason(libvirt, detail)
             self._down(uuid, reason)
 
     def _device_changed(self, libvirt: Any, dom: Any) -> None:
@@ -240,7 +259,6 @@ class LibvirtWatcher:
             "actual_kib": memory.get("actual"),
             "balloon": {k: v for k, v in memory.items() if isinstance(v, int)},
         }
-
 
     # -- ballooning (blocking libvirt calls: the balloon driver runs them in a worker thread) -------
 

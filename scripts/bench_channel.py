@@ -36,7 +36,7 @@ from scripts.guest import Guest
 GUEST = Guest("tmem-1")
 MESSAGE = 48 + 4096
 
-GUEST_ECHO = r'''
+GUEST_ECHO = r"""
 import json, os, statistics, sys, threading, time
 from guestagent.ports import find_port
 samples, window, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
@@ -74,9 +74,9 @@ while True:
 elapsed = time.perf_counter() - t0
 print(json.dumps({"rtt_us": statistics.median(rtts) * 1e6, "messages": done,
                   "throughput_mbs": done * 4096 / elapsed / 1e6}))
-'''.replace("MSG_SIZE", str(MESSAGE))
+""".replace("MSG_SIZE", str(MESSAGE))
 
-GUEST_TMEM = r'''
+GUEST_TMEM = r"""
 import json, os, statistics, sys, time
 import trio
 from guestagent.protocol import wire
@@ -112,10 +112,10 @@ async def main():
         print(json.dumps({"rtt_us": statistics.median(rtts) * 1e6, "ops": moved[0],
                           "throughput_mbs": moved[0] * 4096 / elapsed / 1e6}))
 trio.run(main)
-'''
+"""
 
 
-GUEST_BLOCKING = r'''
+GUEST_BLOCKING = r"""
 import json, os, select, statistics, sys, time
 from guestagent.protocol import wire
 from guestagent.ports import find_port
@@ -143,7 +143,7 @@ for i in range(samples):
     assert got.payload == page
 call(wire.Frame(wire.Op.DESTROY_POOL, request_id=5, pool=pool))
 print(json.dumps({"rtt_us": statistics.median(rtts) * 1e6}))
-'''
+"""
 
 
 def run_echo_server(socket_path: str, stop: threading.Event, ready: threading.Event) -> None:
@@ -216,11 +216,17 @@ def main() -> int:
         "get_rtt_blocking_client_us": round(blocking["rtt_us"], 1),
         "get_rtt_blocking_client_ratio": round(blocking["rtt_us"] / echo["rtt_us"], 3),
         "throughput_ratio": round(ours["throughput_mbs"] / echo["throughput_mbs"], 3),
-        "params": {"samples": args.samples, "window": args.window, "seconds": args.seconds,
-                   "message_bytes": MESSAGE},
+        "params": {
+            "samples": args.samples,
+            "window": args.window,
+            "seconds": args.seconds,
+            "message_bytes": MESSAGE,
+        },
     }
-    result["targets_met"] = {"get_rtt_le_2x_echo": result["get_rtt_ratio"] <= 2.0,
-                             "throughput_ge_half_echo": result["throughput_ratio"] >= 0.5}
+    result["targets_met"] = {
+        "get_rtt_le_2x_echo": result["get_rtt_ratio"] <= 2.0,
+        "throughput_ge_half_echo": result["throughput_ratio"] >= 0.5,
+    }
     print(json.dumps(result))
     return 0
 

@@ -29,8 +29,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def percentiles(xs: list[float]) -> dict[str, float]:
     xs = sorted(xs)
-    return {"p50_ms": round(xs[len(xs) // 2] * 1e3, 2), "p99_ms": round(xs[int(len(xs) * .99)] * 1e3, 2),
-            "max_ms": round(xs[-1] * 1e3, 1)}
+    return {
+        "p50_ms": round(xs[len(xs) // 2] * 1e3, 2),
+        "p99_ms": round(xs[int(len(xs) * 0.99)] * 1e3, 2),
+        "max_ms": round(xs[-1] * 1e3, 1),
+    }
 
 
 def main() -> int:
@@ -41,12 +44,18 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="tmem-bm", dir="/tmp"))
     arena = Path(tempfile.mkdtemp(prefix="tmem-bm", dir="/dev/shm"))
     cfg = work / "h.toml"
-    cfg.write_text(f'[pool]\nlimit_mib = 64\nhost_reserve_mib = 0\narena_dir = "{arena}"\n'
-                   f'[control]\nsocket = "{work}/c.sock"\n[channels]\ndir = "{work}/g"\n'
-                   "[libvirt]\nenabled = false\n[metrics]\nenabled = true\nport = 0\n"
-                   + "".join(f'[[guest]]\nname = "g{i}"\n' for i in range(args.guests)))
-    agent = subprocess.Popen([sys.executable, "-m", "hostagent", "run", "--config", str(cfg)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    cfg.write_text(
+        f'[pool]\nlimit_mib = 64\nhost_reserve_mib = 0\narena_dir = "{arena}"\n'
+        f'[control]\nsocket = "{work}/c.sock"\n[channels]\ndir = "{work}/g"\n'
+        "[libvirt]\nenabled = false\n[metrics]\nenabled = true\nport = 0\n"
+        + "".join(f'[[guest]]\nname = "g{i}"\n' for i in range(args.guests))
+    )
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "hostagent", "run", "--config", str(cfg)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
     try:
         while not control.is_listening(f"{work}/c.sock"):
             if agent.poll() is not None:
@@ -86,10 +95,19 @@ def main() -> int:
         stop.set()
         th.join()
         samples = sum(1 for ln in body.splitlines() if ln and not ln.startswith(b"#"))
-        print(json.dumps({"guests": args.guests, "scrape_bytes": len(body), "scrape_samples": samples,
-                          "scrapes": len(scrape_times),
-                          "scrape_ms_p50": percentiles(scrape_times)["p50_ms"],
-                          "get_idle": idle, "get_while_scraping": busy}))
+        print(
+            json.dumps(
+                {
+                    "guests": args.guests,
+                    "scrape_bytes": len(body),
+                    "scrape_samples": samples,
+                    "scrapes": len(scrape_times),
+                    "scrape_ms_p50": percentiles(scrape_times)["p50_ms"],
+                    "get_idle": idle,
+                    "get_while_scraping": busy,
+                }
+            )
+        )
     finally:
         agent.send_signal(signal.SIGTERM)
         agent.wait(10)

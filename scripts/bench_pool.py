@@ -68,15 +68,15 @@ class DictStore:
 
 
 def make_keys(n: int) -> list[Key]:
-    return [((i // PAGES_PER_OBJECT).to_bytes(24, "little"), i % PAGES_PER_OBJECT)
-            for i in range(n)]
+    return [((i // PAGES_PER_OBJECT).to_bytes(24, "little"), i % PAGES_PER_OBJECT) for i in range(n)]
 
 
 def text_pages(n: int) -> list[bytes]:
     """Realistic text-like pages: English (licence texts, Python's docs) and Python source."""
     stdlib = sysconfig.get_paths()["stdlib"]
-    english = b"".join(Path(f).read_bytes() for f in sorted(glob.glob("/usr/share/common-licenses/*"))
-                       if os.path.isfile(f))
+    english = b"".join(
+        Path(f).read_bytes() for f in sorted(glob.glob("/usr/share/common-licenses/*")) if os.path.isfile(f)
+    )
     english += Path(stdlib, "pydoc_data", "topics.py").read_bytes()
     source = b"".join(Path(f).read_bytes() for f in sorted(glob.glob(stdlib + "/*.py")))
     pools = [english, source]
@@ -91,9 +91,13 @@ def text_pages(n: int) -> list[bytes]:
     return out
 
 
-def time_pairs(put: Callable[[int, bytes, int, Page], object],
-               get: Callable[[int, bytes, int], object], pool: int,
-               keys: Sequence[Key], pages: Sequence[Page]) -> float:
+def time_pairs(
+    put: Callable[[int, bytes, int, Page], object],
+    get: Callable[[int, bytes, int], object],
+    pool: int,
+    keys: Sequence[Key],
+    pages: Sequence[Page],
+) -> float:
     """Microseconds per put+get pair: put every page (the pool fills), then get every page back.
 
     This is the realistic pattern (a page stays in the pool a while): the working set is megabytes,
@@ -108,9 +112,13 @@ def time_pairs(put: Callable[[int, bytes, int, Page], object],
     return (time.perf_counter_ns() - t0) / len(keys) / 1000
 
 
-def time_hot_pairs(put: Callable[[int, bytes, int, Page], object],
-                   get: Callable[[int, bytes, int], object], pool: int,
-                   keys: Sequence[Key], pages: Sequence[Page]) -> float:
+def time_hot_pairs(
+    put: Callable[[int, bytes, int, Page], object],
+    get: Callable[[int, bytes, int], object],
+    pool: int,
+    keys: Sequence[Key],
+    pages: Sequence[Page],
+) -> float:
     """Microseconds per put immediately followed by its get: one slot reused, all in cache.
 
     The engine's CPU cost with memory effects removed; context for the figure above.
@@ -191,10 +199,13 @@ def bench_speed(root: Path) -> dict[str, Any]:
         random_pages = [rnd.randbytes(PAGE_SIZE) for _ in range(N_PAGES)]
         texts = text_pages(N_PAGES)
         zeros = [bytes(PAGE_SIZE) for _ in range(N_PAGES)]  # distinct objects, as off the wire
-        text_ratio = PAGE_SIZE * len(texts) / sum(
-            len(lz4.block.compress(p, store_size=False)) for p in texts)
-        for target, pages in ((eph_raw, random_pages), (pers_raw, random_pages),
-                              (eph_lz4, texts), (eph_lz4, zeros)):
+        text_ratio = PAGE_SIZE * len(texts) / sum(len(lz4.block.compress(p, store_size=False)) for p in texts)
+        for target, pages in (
+            (eph_raw, random_pages),
+            (pers_raw, random_pages),
+            (eph_lz4, texts),
+            (eph_lz4, zeros),
+        ):
             check_round_trip(target, keys, pages)  # also warms the arena's slabs
         dict_store = DictStore()
         time_copy_floor(floor, random_pages)  # fault its pages in, as the round trips did the arena's
@@ -204,20 +215,17 @@ def bench_speed(root: Path) -> dict[str, Any]:
 
         plan: dict[str, Callable[[], float]] = {
             "dict": lambda: time_pairs(dict_store.put, dict_store.get, 1, keys, random_pages),
-            "eph_raw": lambda: time_pairs(eph_raw.put, eph_raw.get, eph_raw.pool, keys,
-                                          random_pages),
-            "pers_raw": lambda: time_pairs(pers_raw.put, pers_raw.get, pers_raw.pool, keys,
-                                           random_pages),
+            "eph_raw": lambda: time_pairs(eph_raw.put, eph_raw.get, eph_raw.pool, keys, random_pages),
+            "pers_raw": lambda: time_pairs(pers_raw.put, pers_raw.get, pers_raw.pool, keys, random_pages),
             "copy_floor": lambda: time_copy_floor(floor, random_pages),
             "lz4_alone": lambda: time_lz4(texts),
             "eph_lz4": lambda: time_pairs(eph_lz4.put, eph_lz4.get, eph_lz4.pool, keys, texts),
             "eph_zero": lambda: time_pairs(eph_lz4.put, eph_lz4.get, eph_lz4.pool, keys, zeros),
-            "dict_hot": lambda: time_hot_pairs(dict_store.put, dict_store.get, 1, keys,
-                                               random_pages),
-            "eph_raw_hot": lambda: time_hot_pairs(eph_raw.put, eph_raw.get, eph_raw.pool, keys,
-                                                  random_pages),
-            "pers_raw_hot": lambda: time_hot_pairs(pers_raw.put, pers_raw.get, pers_raw.pool,
-                                                   keys, random_pages),
+            "dict_hot": lambda: time_hot_pairs(dict_store.put, dict_store.get, 1, keys, random_pages),
+            "eph_raw_hot": lambda: time_hot_pairs(eph_raw.put, eph_raw.get, eph_raw.pool, keys, random_pages),
+            "pers_raw_hot": lambda: time_hot_pairs(
+                pers_raw.put, pers_raw.get, pers_raw.pool, keys, random_pages
+            ),
             "dict_buf": lambda: time_pairs(dict_store.put, dict_store.get, 1, keys, views),
             "eph_raw_buf": lambda: time_pairs(eph_raw.put, eph_raw.get, eph_raw.pool, keys, views),
         }
@@ -272,8 +280,7 @@ def bench_speed(root: Path) -> dict[str, Any]:
         "lz4_ratio": ratio("eph_lz4", "lz4_alone"),
         "zero_pair_us": round(med["eph_zero"], 3),
         "lz4_vs_zero_ratio": ratio("eph_lz4", "eph_zero"),
-        "spread_pct": {k: round(100 * (max(v) - min(v)) / statistics.median(v), 1)
-                       for k, v in runs.items()},
+        "spread_pct": {k: round(100 * (max(v) - min(v)) / statistics.median(v), 1) for k, v in runs.items()},
     }
 
 

@@ -45,8 +45,6 @@ from scripts.processes import stop, wait_started
 PAGE = 4096
 
 
-
-
 def _stats(mnt: Path) -> dict[str, int]:
     result: dict[str, int] = json.loads(os.getxattr(mnt, "user.tmem.precache.stats"))
     return result
@@ -142,15 +140,31 @@ def main() -> int:
     mnt.mkdir()
     (backing / "f").write_bytes(random.Random(2).randbytes(args.pages * PAGE))
     os.sync()
-    agent = subprocess.Popen([sys.executable, "-m", "hostagent", "run", "--config", str(config)],
-                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "hostagent", "run", "--config", str(config)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     shim: subprocess.Popen[bytes] | None = None
     try:
         wait_started(agent, lambda: is_listening(f"{tmp}/control.sock"), "hostagent")
         shim = subprocess.Popen(
-            [sys.executable, "-m", "guestagent.precache", str(backing), str(mnt),
-             "--channel", f"{tmp}/guests/bench.sock", "--cache-pages", str(args.pages + 256)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "guestagent.precache",
+                str(backing),
+                str(mnt),
+                "--channel",
+                f"{tmp}/guests/bench.sock",
+                "--cache-pages",
+                str(args.pages + 256),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_started(shim, lambda: os.path.ismount(mnt) and bool(_stats(mnt)["connected"]), "precache")
         print(json.dumps(measure(args, tmp, mnt, backing), indent=1))
     finally:

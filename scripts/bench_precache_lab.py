@@ -67,8 +67,19 @@ def precache_counters() -> dict[str, Any]:
 
 def read_case(root: str, cache_mib: int, passes: int) -> dict[str, Any]:
     GUEST.drop_caches()
-    out = GUEST.run("systemd-run", "--scope", "--quiet", "-p", f"MemoryMax={cache_mib}M", "python3", "-",
-                    root, str(passes), stdin=READER, timeout=3600)
+    out = GUEST.run(
+        "systemd-run",
+        "--scope",
+        "--quiet",
+        "-p",
+        f"MemoryMax={cache_mib}M",
+        "python3",
+        "-",
+        root,
+        str(passes),
+        stdin=READER,
+        timeout=3600,
+    )
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return result
 
@@ -86,37 +97,55 @@ def main() -> int:
     try:
         lab.up(spec)
         files = max(1, set_mib // 4)
-        GUEST.run("sh", "-c", f"mkdir -p {BACKING} {MOUNT} && for i in $(seq {files}); do "
-            f"head -c {4 << 20} /dev/urandom > {BACKING}/f$i; done; sync", timeout=1800)
+        GUEST.run(
+            "sh",
+            "-c",
+            f"mkdir -p {BACKING} {MOUNT} && for i in $(seq {files}); do "
+            f"head -c {4 << 20} /dev/urandom > {BACKING}/f$i; done; sync",
+            timeout=1800,
+        )
         without = read_case(BACKING, args.cache_mib, args.passes)
         print(f"[bench] without precache: {without}", file=sys.stderr)
-        config = (f'[[precache]]\nbacking = "{BACKING}"\nmountpoint = "{MOUNT}"\n'
-                  f"cache_pages = {args.cache_mib * 256}\n")
+        config = (
+            f'[[precache]]\nbacking = "{BACKING}"\nmountpoint = "{MOUNT}"\n'
+            f"cache_pages = {args.cache_mib * 256}\n"
+        )
         GUEST.write_agent_config(config)
         GUEST.wait_until(lambda: precache_counters().get("connected"), 120, "the precache mount")
         before = precache_counters()
         GUEST.drop_caches()
         # the cold pass here, so that the counters from `mid` on cover re-reads only (read_case's own
         # "cold" pass is then a re-read too; its disk figures cover the measured passes alone)
-        GUEST.run("python3", "-c", f"import os\nfor n in sorted(os.listdir('{MOUNT}')):\n"
-            f"    open(os.path.join('{MOUNT}', n), 'rb').read()\n", timeout=3600)
+        GUEST.run(
+            "python3",
+            "-c",
+            f"import os\nfor n in sorted(os.listdir('{MOUNT}')):\n"
+            f"    open(os.path.join('{MOUNT}', n), 'rb').read()\n",
+            timeout=3600,
+        )
         mid = precache_counters()
         with_pc = read_case(MOUNT, args.cache_mib, args.passes)
         after = precache_counters()
         print(f"[bench] with precache: {with_pc}", file=sys.stderr)
     finally:
         lab.down()
-    delta = {k: after[k] - mid[k] for k in ("gets", "hits", "misses", "puts", "bytes_from_tmem",
-                                            "bytes_from_disk")}  # fmt: skip
+    delta = {
+        k: after[k] - mid[k] for k in ("gets", "hits", "misses", "puts", "bytes_from_tmem", "bytes_from_disk")
+    }
     share = delta["hits"] / delta["gets"] if delta["gets"] else 0.0
     result = {
-        "guest": {"read_iops_sec": args.read_iops, "cache_mib": args.cache_mib, "set_mib": files * 4,
-                  "passes": args.passes},
+        "guest": {
+            "read_iops_sec": args.read_iops,
+            "cache_mib": args.cache_mib,
+            "set_mib": files * 4,
+            "passes": args.passes,
+        },
         "without": without,
         "with": {**with_pc, "precache": delta, "cold_pass": {k: mid[k] - before[k] for k in delta}},
         "precache_share": round(share, 3),
-        "disk_reads_avoided_per_s": round((without["disk_reads"] - with_pc["disk_reads"])
-                                          / max(with_pc["seconds"], 1e-9), 1),
+        "disk_reads_avoided_per_s": round(
+            (without["disk_reads"] - with_pc["disk_reads"]) / max(with_pc["seconds"], 1e-9), 1
+        ),
         "speedup": round(without["seconds"] / max(with_pc["seconds"], 1e-9), 2),
         "targets_met": {"precache_share_at_least_half": share >= 0.5},
     }

@@ -71,8 +71,11 @@ def _pass(sock: str, pages: int, budget: int, write_first: bool, reads: int) -> 
         after = preswap.stats(sock)["regions"][str(region.id)]
     faults = after["faults"] - before["faults"]
     return {
-        "accesses": pages * reads, "faults": faults, "seconds": round(elapsed, 3),
-        "faults_per_s": round(faults / elapsed), "us_per_fault": round(elapsed / faults * 1e6, 1),
+        "accesses": pages * reads,
+        "faults": faults,
+        "seconds": round(elapsed, 3),
+        "faults_per_s": round(faults / elapsed),
+        "us_per_fault": round(elapsed / faults * 1e6, 1),
         "mismatches": bad,
         "kinds": {k: after[k] - before[k] for k in ("zero_faults", "tmem_faults", "disk_faults")},
     }
@@ -95,8 +98,19 @@ def main() -> int:
         log = open(tmp / "log", "wb")  # noqa: SIM115 - closed below
         procs: list[subprocess.Popen[bytes]] = []
         try:
-            host = subprocess.Popen([sys.executable, "-m", "hostagent", "run", "--config",
-                                     str(_config(tmp, shm)), "--log-level", "WARNING"], stderr=log)
+            host = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "hostagent",
+                    "run",
+                    "--config",
+                    str(_config(tmp, shm)),
+                    "--log-level",
+                    "WARNING",
+                ],
+                stderr=log,
+            )
             procs.append(host)
             wait_started(host, lambda: is_listening(str(tmp / "guests" / "bench.sock")), "hostagent run")
 
@@ -104,22 +118,55 @@ def main() -> int:
                 if os.path.exists(sock):
                     os.unlink(sock)
                 swapper = subprocess.Popen(
-                    [sys.executable, str(Path(__file__).resolve().parent / "preswap_swapper.py"), "--channel",
-                     str(tmp / "guests" / "bench.sock"), "--socket", sock, "--swap-file",
-                     os.path.join(diskdir, "swap"), "--policy", policy, "--readahead", str(readahead)],
-                    stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
+                    [
+                        sys.executable,
+                        str(Path(__file__).resolve().parent / "preswap_swapper.py"),
+                        "--channel",
+                        str(tmp / "guests" / "bench.sock"),
+                        "--socket",
+                        sock,
+                        "--swap-file",
+                        os.path.join(diskdir, "swap"),
+                        "--policy",
+                        policy,
+                        "--readahead",
+                        str(readahead),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=log,
+                )
                 procs.append(swapper)
                 wait_started(swapper, lambda: is_listening(sock), "swapper")
                 return swapper
 
             def skewed() -> dict[str, Any]:
                 run = subprocess.run(
-                    [sys.executable, "-m", "guestagent.preswap_workload", "--socket", sock,
-                     "--pages", "4096", "--budget", "1024", "--ops", "30000", "--hot-pages", "0.2",
-                     "--hot-ops", "0.8"], capture_output=True, check=True)  # fmt: skip
+                    [
+                        sys.executable,
+                        "-m",
+                        "guestagent.preswap_workload",
+                        "--socket",
+                        sock,
+                        "--pages",
+                        "4096",
+                        "--budget",
+                        "1024",
+                        "--ops",
+                        "30000",
+                        "--hot-pages",
+                        "0.2",
+                        "--hot-ops",
+                        "0.8",
+                    ],
+                    capture_output=True,
+                    check=True,
+                )
                 out: dict[str, Any] = json.loads(run.stdout)
-                return {"refaults": out["agent"]["tmem_faults"], "mismatches": out["mismatches"],
-                        "seconds": out["seconds"]}  # fmt: skip
+                return {
+                    "refaults": out["agent"]["tmem_faults"],
+                    "mismatches": out["mismatches"],
+                    "seconds": out["seconds"],
+                }
 
             result: dict[str, Any] = {"pages": args.pages, "loadavg": os.getloadavg()}
             policies = {}
@@ -137,8 +184,22 @@ def main() -> int:
             result["tmem"] = _pass(sock, args.pages, 64, True, 2)
 
             def quota(mib: int) -> None:
-                subprocess.run([sys.executable, "-W", "ignore", "-m", "hostagent", "set", "bench",
-                                f"quota={mib}", "--control", control], check=True, capture_output=True)
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-W",
+                        "ignore",
+                        "-m",
+                        "hostagent",
+                        "set",
+                        "bench",
+                        f"quota={mib}",
+                        "--control",
+                        control,
+                    ],
+                    check=True,
+                    capture_output=True,
+                )
 
             quota(0)
             result["disk"] = _pass(sock, args.pages, 64, True, 2)
@@ -146,19 +207,34 @@ def main() -> int:
             tmem, disk, zero = (result[k]["us_per_fault"] for k in ("tmem", "disk", "zero"))
             ra = result["tmem_readahead"]
             ra["us_per_page"] = round(ra["seconds"] / ra["accesses"] * 1e6, 1)
-            result["ratios"] = {"disk_over_tmem": round(disk / tmem, 2),
-                                "tmem_over_tmem_readahead_per_page": round(tmem / ra["us_per_page"], 2),
-                                "tmem_over_zero": round(tmem / zero, 2)}  # fmt: skip
+            result["ratios"] = {
+                "disk_over_tmem": round(disk / tmem, 2),
+                "tmem_over_tmem_readahead_per_page": round(tmem / ra["us_per_page"], 2),
+                "tmem_over_zero": round(tmem / zero, 2),
+            }
             result["policy_80_20"] = {
                 **policies,
-                "clock_refaults_over_fifo":
-                    round(policies["clock"]["refaults"] / policies["fifo"]["refaults"], 2),
+                "clock_refaults_over_fifo": round(
+                    policies["clock"]["refaults"] / policies["fifo"]["refaults"], 2
+                ),
             }
             if not args.no_soak:
                 soak = subprocess.run(
-                    [sys.executable, "-m", "guestagent.preswap_workload", "--socket", sock,
-                     "--pages", "4096", "--budget", "1024", "--ops", str(args.soak_ops)],
-                    capture_output=True, check=False,
+                    [
+                        sys.executable,
+                        "-m",
+                        "guestagent.preswap_workload",
+                        "--socket",
+                        sock,
+                        "--pages",
+                        "4096",
+                        "--budget",
+                        "1024",
+                        "--ops",
+                        str(args.soak_ops),
+                    ],
+                    capture_output=True,
+                    check=False,
                 )
                 result["soak"] = json.loads(soak.stdout)
             mismatches = sum(result[k]["mismatches"] for k in ("zero", "tmem", "disk", "tmem_readahead"))

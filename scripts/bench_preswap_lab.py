@@ -50,8 +50,18 @@ def case(limit_kib: int, argv: list[str]) -> dict[str, Any]:
     """One workload run in a memory-limited scope, with the disk requests it caused."""
     GUEST.drop_caches()
     disk0 = GUEST.disk_stat()
-    out = GUEST.run("systemd-run", "--scope", "--quiet", "-p", f"MemoryMax={limit_kib}K",
-              "-p", "MemorySwapMax=infinity", *WORKLOAD, *argv, timeout=7200)  # fmt: skip
+    out = GUEST.run(
+        "systemd-run",
+        "--scope",
+        "--quiet",
+        "-p",
+        f"MemoryMax={limit_kib}K",
+        "-p",
+        "MemorySwapMax=infinity",
+        *WORKLOAD,
+        *argv,
+        timeout=7200,
+    )
     disk1 = GUEST.disk_stat()
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     if result["mismatches"]:
@@ -71,9 +81,18 @@ def main() -> int:
     ap.add_argument("--write-iops", type=int, default=200, help="the guest disk's write_iops_sec (0: none)")
     args = ap.parse_args()
     budget = args.budget_mib * 256
-    spec = lab.Lab((lab.GuestSpec(name=GUEST.name, memory_mib=args.memory_mib, max_memory_mib=args.memory_mib,
-                                  read_iops_sec=args.read_iops or None,
-                                  write_iops_sec=args.write_iops or None),), {})  # fmt: skip
+    spec = lab.Lab(
+        (
+            lab.GuestSpec(
+                name=GUEST.name,
+                memory_mib=args.memory_mib,
+                max_memory_mib=args.memory_mib,
+                read_iops_sec=args.read_iops or None,
+                write_iops_sec=args.write_iops or None,
+            ),
+        ),
+        {},
+    )
     common = ["--pages", str(args.pages), "--budget", str(budget), "--ops", str(args.ops), "--fill"]
     lab.down()
     try:
@@ -94,15 +113,28 @@ def main() -> int:
     agent = preswap.pop("agent")
     kernel.pop("agent")
     result = {
-        "guest": {"memory_mib": args.memory_mib, "read_iops_sec": args.read_iops or None,
-                  "write_iops_sec": args.write_iops or None, "region_mib": args.pages * 4 >> 10,
-                  "budget_mib": args.budget_mib, "scope_memory_max_kib": limit_kib,
-                  "process_overhead_kib": overhead_kib, "ops": args.ops},
+        "guest": {
+            "memory_mib": args.memory_mib,
+            "read_iops_sec": args.read_iops or None,
+            "write_iops_sec": args.write_iops or None,
+            "region_mib": args.pages * 4 >> 10,
+            "budget_mib": args.budget_mib,
+            "scope_memory_max_kib": limit_kib,
+            "process_overhead_kib": overhead_kib,
+            "ops": args.ops,
+        },
         "kernel_swap": {**kernel, "faults": kernel["majflt"]},
-        "preswap": {**preswap, "faults": agent["tmem_faults"] + agent["disk_faults"],
-                    "zero_faults": agent["zero_faults"], "readahead_pages": agent["readahead"],
-                    "puts": agent["puts"], "gets": agent["gets"], "puts_refused": agent["puts_refused"],
-                    "host_persistent_puts": host["puts"], "host_persistent_gets": host["gets"]},
+        "preswap": {
+            **preswap,
+            "faults": agent["tmem_faults"] + agent["disk_faults"],
+            "zero_faults": agent["zero_faults"],
+            "readahead_pages": agent["readahead"],
+            "puts": agent["puts"],
+            "gets": agent["gets"],
+            "puts_refused": agent["puts_refused"],
+            "host_persistent_puts": host["puts"],
+            "host_persistent_gets": host["gets"],
+        },
         "host_agent_cpu_seconds": virt.get("cpu_seconds"),
         "speedup": round(kernel["seconds"] / max(preswap["seconds"], 1e-9), 2),
         "speedup_random_phase": round(kernel["random_seconds"] / max(preswap["random_seconds"], 1e-9), 2),

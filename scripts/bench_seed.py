@@ -88,11 +88,15 @@ def config_lab(base: lab.Lab, config: str, lean_mib: Mapping[str, int] | None) -
         memory = g.memory_mib
         if config in LEAN:
             if lean_mib is None or g.name not in lean_mib:
-                raise lab.LabError(f"{config} needs the memory tmem ends at ({g.name}): run tmem first "
-                                   "or give --lean-mib")
+                raise lab.LabError(
+                    f"{config} needs the memory tmem ends at ({g.name}): run tmem first or give --lean-mib"
+                )
             memory = lean_mib[g.name]
-        guests.append(dataclasses.replace(g, memory_mib=memory,
-                                          disk_cache="writeback" if config == "host_cache" else "none"))
+        guests.append(
+            dataclasses.replace(
+                g, memory_mib=memory, disk_cache="writeback" if config == "host_cache" else "none"
+            )
+        )
     host = {k: v for k, v in base.host.items() if k not in ("balloon", "swap_mib")}
     if config == "tmem":
         host["balloon"] = {"enabled": True}  # every setting at its default, the 64 MiB reserve too
@@ -122,20 +126,43 @@ def start_workloads(guest: Guest, config: str, memory_user: str, args: argparse.
     project = PROJECT_TMEM if config == "tmem" else PROJECT_PLAIN
     seconds = str(args.warmup + args.window + 600)  # stopped by us; the margin only bounds strays
     guest.run("sh", "-c", f"rm -rf {WORK} && mkdir -p {WORK} && sync")
-    guest.spawn("python3", "-", "build", project, f"{WORK}/build.log", "--seconds", seconds,
-                stdin=GUEST_SCRIPT)
-    mem = ["--pages", str(args.memory_mib * 256), "--peak-pages", str(args.peak_mib * 256),
-           "--peak-every", "3", "--ops", str(args.memory_ops), "--pause", str(args.memory_pause), "--fill",
-           "--budget", "1024"]  # 1024 pages: the guest agent's default region budget (4 MiB)
+    guest.spawn(
+        "python3", "-", "build", project, f"{WORK}/build.log", "--seconds", seconds, stdin=GUEST_SCRIPT
+    )
+    mem = [
+        "--pages",
+        str(args.memory_mib * 256),
+        "--peak-pages",
+        str(args.peak_mib * 256),
+        "--peak-every",
+        "3",
+        "--ops",
+        str(args.memory_ops),
+        "--pause",
+        str(args.memory_pause),
+        "--fill",
+        "--budget",
+        "1024",
+    ]  # 1024 pages: the guest agent's default region budget (4 MiB)
     if memory_user == "anonymous":
         mem.append("--anonymous")
-    guest.spawn("python3", "-", "preswap", "/run/tmem/preswap.sock", f"{WORK}/preswap.log",
-                "--seconds", seconds, *mem, stdin=GUEST_SCRIPT)
+    guest.spawn(
+        "python3",
+        "-",
+        "preswap",
+        "/run/tmem/preswap.sock",
+        f"{WORK}/preswap.log",
+        "--seconds",
+        seconds,
+        *mem,
+        stdin=GUEST_SCRIPT,
+    )
 
 
 def stop_workloads(guest: Guest) -> None:
-    guest.exec("sh", "-c", f"for p in {WORK}/*.pid; do kill -TERM -- -$(cat $p) 2>/dev/null; done; true",
-               timeout=60)
+    guest.exec(
+        "sh", "-c", f"for p in {WORK}/*.pid; do kill -TERM -- -$(cat $p) 2>/dev/null; done; true", timeout=60
+    )
 
 
 # -- counters -------------------------------------------------------------------------------------
@@ -150,8 +177,11 @@ def proc_io(pid: int) -> dict[str, float]:
     io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
     stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
-    return {"read_bytes": int(io["read_bytes"]), "write_bytes": int(io["write_bytes"]),
-            "cpu_seconds": (int(stat[11]) + int(stat[12])) / tick}
+    return {
+        "read_bytes": int(io["read_bytes"]),
+        "write_bytes": int(io["write_bytes"]),
+        "cpu_seconds": (int(stat[11]) + int(stat[12])) / tick,
+    }
 
 
 def domain_counters(name: str) -> dict[str, Any]:
@@ -159,8 +189,12 @@ def domain_counters(name: str) -> dict[str, Any]:
     dom = lab.connect().lookupByName(name)
     rd_req, rd_bytes, wr_req, wr_bytes, _ = dom.blockStats("vda")
     vcpu_ns = sum(v[2] for v in dom.vcpus()[0])
-    return {"block": {"rd_req": rd_req, "rd_bytes": rd_bytes, "wr_req": wr_req, "wr_bytes": wr_bytes},
-            "memory_kib": dom.info()[2], "vcpu_seconds": vcpu_ns / 1e9, "qemu": proc_io(qemu_pid(name))}
+    return {
+        "block": {"rd_req": rd_req, "rd_bytes": rd_bytes, "wr_req": wr_req, "wr_bytes": wr_bytes},
+        "memory_kib": dom.info()[2],
+        "vcpu_seconds": vcpu_ns / 1e9,
+        "qemu": proc_io(qemu_pid(name)),
+    }
 
 
 def meminfo_kib(key: str) -> int:
@@ -175,25 +209,37 @@ def disk_files_cached_kib() -> int:
     overlays = sorted((lab.STATE / "disks").glob("*.qcow2"))
     files = [str(p) for p in overlays]
     if overlays:
-        backing = subprocess.run(["qemu-img", "info", "--output=json", "-U", files[0]],
-                                 capture_output=True, text=True, check=False)
+        backing = subprocess.run(
+            ["qemu-img", "info", "--output=json", "-U", files[0]], capture_output=True, text=True, check=False
+        )
         if backing.returncode == 0 and (base := json.loads(backing.stdout).get("full-backing-filename")):
             files.append(base)
     if not files:
         return 0
-    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", *files],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", *files],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return sum(int(x) for x in out.split()) // 1024
 
 
 def host_counters(names: Sequence[str]) -> tuple[dict[str, Any], dict[str, dict[str, int]]]:
     st = lab.stats()
-    reports = {g.get("name"): {**((g.get("report") or {}).get("values") or {}),
-                               **{f"swapdev_{k}": v for k, v in (g.get("swapdev") or {}).items()
-                                  if isinstance(v, int)}}
-               for g in st["guests"].values()}
-    host = {"agent_cpu_seconds": st["agent"]["cpu_seconds"], "pool_bytes": st["pool"]["resident_bytes"],
-            "cached_kib": meminfo_kib("Cached"), "disk_cache_kib": disk_files_cached_kib()}
+    reports = {
+        g.get("name"): {
+            **((g.get("report") or {}).get("values") or {}),
+            **{f"swapdev_{k}": v for k, v in (g.get("swapdev") or {}).items() if isinstance(v, int)},
+        }
+        for g in st["guests"].values()
+    }
+    host = {
+        "agent_cpu_seconds": st["agent"]["cpu_seconds"],
+        "pool_bytes": st["pool"]["resident_bytes"],
+        "cached_kib": meminfo_kib("Cached"),
+        "disk_cache_kib": disk_files_cached_kib(),
+    }
     return host, {n: dict(reports.get(n, {})) for n in names}
 
 
@@ -211,11 +257,21 @@ def snapshot(guests: Mapping[str, Guest]) -> dict[str, Any]:
     with concurrent.futures.ThreadPoolExecutor(len(guests)) as pool:
         probes = dict(zip(guests, pool.map(probe, guests.values()), strict=True))
     host, reports = host_counters(list(guests))
-    return {"guests": {n: {"probe": probes[n], "report": reports[n], **domain_counters(n),
-                           "swapdev": {k[len("swapdev_"):]: v for k, v in reports[n].items()
-                                       if k.startswith("swapdev_")}}
-                       for n in guests},
-            "host": host, "t": time.monotonic()}
+    return {
+        "guests": {
+            n: {
+                "probe": probes[n],
+                "report": reports[n],
+                **domain_counters(n),
+                "swapdev": {
+                    k[len("swapdev_") :]: v for k, v in reports[n].items() if k.startswith("swapdev_")
+                },
+            }
+            for n in guests
+        },
+        "host": host,
+        "t": time.monotonic(),
+    }
 
 
 # -- one configuration ----------------------------------------------------------------------------
@@ -226,8 +282,15 @@ def drop_host_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def watch(seconds: float, names: Sequence[str], label: str, t0: float, samples: list[dict[str, float]],
-          progress: Progress, interval: float) -> None:
+def watch(
+    seconds: float,
+    names: Sequence[str],
+    label: str,
+    t0: float,
+    samples: list[dict[str, float]],
+    progress: Progress,
+    interval: float,
+) -> None:
     """Sample guest memory and the pool (host side only: no guest-exec) until `seconds` pass."""
     end = time.monotonic() + seconds
     while True:
@@ -235,18 +298,30 @@ def watch(seconds: float, names: Sequence[str], label: str, t0: float, samples: 
         pool = lab.stats()["pool"]["resident_bytes"] / seed_figures.MIB
         guest_mib = sum(c["memory_kib"] for c in counters.values()) / 1024
         ops = sum(c["block"]["rd_req"] + c["block"]["wr_req"] for c in counters.values())
-        samples.append({"t": round(time.monotonic() - t0, 1), "guest_mib": round(guest_mib, 1),
-                        "pool_mib": round(pool, 1)})
+        samples.append(
+            {
+                "t": round(time.monotonic() - t0, 1),
+                "guest_mib": round(guest_mib, 1),
+                "pool_mib": round(pool, 1),
+            }
+        )
         left = end - time.monotonic()
-        progress.show(f"{label}: {max(0.0, left):.0f} s left; guests {guest_mib:.0f} MiB, pool {pool:.1f} "
-                      f"MiB, disk ops since boot {ops}")
+        progress.show(
+            f"{label}: {max(0.0, left):.0f} s left; guests {guest_mib:.0f} MiB, pool {pool:.1f} "
+            f"MiB, disk ops since boot {ops}"
+        )
         if left <= 0:
             return
         time.sleep(min(interval, left))
 
 
-def run_config(base: lab.Lab, config: str, lean_mib: Mapping[str, int] | None, args: argparse.Namespace,
-               progress: Progress) -> tuple[dict[str, Any], list[dict[str, float]], dict[str, int]]:
+def run_config(
+    base: lab.Lab,
+    config: str,
+    lean_mib: Mapping[str, int] | None,
+    args: argparse.Namespace,
+    progress: Progress,
+) -> tuple[dict[str, Any], list[dict[str, float]], dict[str, int]]:
     """One configuration on a fresh lab: its figures, its timeline, and each guest's memory at the end."""
     spec = config_lab(base, config, lean_mib)
     say(f"{config}: starting the lab ({', '.join(f'{g.name} {g.memory_mib} MiB' for g in spec.guests)})")
@@ -255,18 +330,34 @@ def run_config(base: lab.Lab, config: str, lean_mib: Mapping[str, int] | None, a
     try:
         guests = {g.name: Guest(g.name) for g in spec.guests}
         kinds = {n: prepare_guest(g, config) for n, g in guests.items()}
-        say(f"{config}: lab ready in {time.monotonic() - t_up:.0f} s; memory user: "
-            f"{', '.join(sorted(set(kinds.values())))}")
+        say(
+            f"{config}: lab ready in {time.monotonic() - t_up:.0f} s; memory user: "
+            f"{', '.join(sorted(set(kinds.values())))}"
+        )
         drop_host_caches()
         samples: list[dict[str, float]] = []
         t0 = time.monotonic()
         for i, (n, g) in enumerate(guests.items()):  # staggered, as the seed's guests started
             if i:
-                watch(args.stagger, list(guests), f"{config} staggered start", t0, samples, progress,
-                      args.sample)
+                watch(
+                    args.stagger,
+                    list(guests),
+                    f"{config} staggered start",
+                    t0,
+                    samples,
+                    progress,
+                    args.sample,
+                )
             start_workloads(g, config, kinds[n], args)
-        watch(max(0.0, args.warmup - args.stagger * (len(guests) - 1)), list(guests), f"{config} warm-up",
-              t0, samples, progress, args.sample)
+        watch(
+            max(0.0, args.warmup - args.stagger * (len(guests) - 1)),
+            list(guests),
+            f"{config} warm-up",
+            t0,
+            samples,
+            progress,
+            args.sample,
+        )
         a = snapshot(guests)
         watch(args.window, list(guests), f"{config} window", t0, samples, progress, args.sample)
         b = snapshot(guests)
@@ -277,9 +368,12 @@ def run_config(base: lab.Lab, config: str, lean_mib: Mapping[str, int] | None, a
         figures["memory_user"] = sorted(set(kinds.values()))
         figures["lab_up_seconds"] = round(t0 - t_up, 1)
         end_mib = {n: math.ceil(g["memory_kib"] / 1024) for n, g in b["guests"].items()}
-        failures = {n: [r for r in b["guests"][n]["probe"][k] if not r.get("ok")][-1:]
-                    for n in guests for k in ("build", "preswap")
-                    if any(not r.get("ok") for r in b["guests"][n]["probe"][k])}
+        failures = {
+            n: [r for r in b["guests"][n]["probe"][k] if not r.get("ok")][-1:]
+            for n in guests
+            for k in ("build", "preswap")
+            if any(not r.get("ok") for r in b["guests"][n]["probe"][k])
+        }
         if failures:
             figures["workload_failures"] = failures
         return figures, samples, end_mib
@@ -290,8 +384,9 @@ def run_config(base: lab.Lab, config: str, lean_mib: Mapping[str, int] | None, a
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     base = lab.load_lab(args.config)
     guests = [base.guests[i % len(base.guests)] for i in range(args.guests)]
-    base = dataclasses.replace(base, guests=tuple(dataclasses.replace(g, name=f"tmem-{i + 1}")
-                                                  for i, g in enumerate(guests)))
+    base = dataclasses.replace(
+        base, guests=tuple(dataclasses.replace(g, name=f"tmem-{i + 1}") for i, g in enumerate(guests))
+    )
     if is_listening(lab.CONTROL):
         raise lab.LabError(f"a host agent is already running at {lab.CONTROL} (`scripts/lab down` first)")
     lean: dict[str, int] | None = dict(args.lean_mib) if args.lean_mib else None
@@ -305,16 +400,26 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         if config == "tmem" and not args.lean_mib:
             lean = end_mib
             figures["lean_mib"] = end_mib
-        say(f"{config}: {figures['builds']} builds, {figures['disk_ops']} disk ops, "
+        say(
+            f"{config}: {figures['builds']} builds, {figures['disk_ops']} disk ops, "
             f"{figures['swap_pages_to_disk']} swap pages to disk, "
             f"guests {figures['guest_memory_mib_end']} MiB "
-            f"(after {time.monotonic() - t0:.0f} s in all)")
+            f"(after {time.monotonic() - t0:.0f} s in all)"
+        )
     rat = seed_figures.ratios(configs)
     tgt = seed_figures.targets(configs, rat)
-    return {"guests": args.guests, "warmup_seconds": args.warmup, "window_seconds": args.window,
-            "quick": args.quick, "total_seconds": round(time.monotonic() - t0, 1),
-            "configs": configs, "ratios": rat,
-            "targets_met": {k: v["met"] for k, v in tgt.items()}, "targets": tgt, "timeline": timeline}
+    return {
+        "guests": args.guests,
+        "warmup_seconds": args.warmup,
+        "window_seconds": args.window,
+        "quick": args.quick,
+        "total_seconds": round(time.monotonic() - t0, 1),
+        "configs": configs,
+        "ratios": rat,
+        "targets_met": {k: v["met"] for k, v in tgt.items()},
+        "targets": tgt,
+        "timeline": timeline,
+    }
 
 
 def write_report(result: Mapping[str, Any], out: Path) -> dict[str, str]:
@@ -324,9 +429,12 @@ def write_report(result: Mapping[str, Any], out: Path) -> dict[str, str]:
     (out / "seed.json").write_text(json.dumps(result, indent=1) + "\n")
     table = seed_figures.markdown_table(result["configs"])
     (out / "seed.md").write_text(f"{table}\n\n{seed_figures.markdown_targets(result['targets'])}\n")
-    paths = {"json": out / "seed.json", "table": out / "seed.md",
-             "bars": seed_plots.bars(result["configs"], out / "seed-bars.png"),
-             "timeline": seed_plots.timeline(result["timeline"], out / "seed-timeline.png")}
+    paths = {
+        "json": out / "seed.json",
+        "table": out / "seed.md",
+        "bars": seed_plots.bars(result["configs"], out / "seed-bars.png"),
+        "timeline": seed_plots.timeline(result["timeline"], out / "seed-timeline.png"),
+    }
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -343,14 +451,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="scripts/bench seed", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="short windows (whole run under ~15 min)")
     ap.add_argument("--guests", type=int, default=3)
-    ap.add_argument("--warmup", type=float, help="seconds of load before the window, the stagger "
-                    "included (default 90; quick 30)")
+    ap.add_argument(
+        "--warmup",
+        type=float,
+        help="seconds of load before the window, the stagger included (default 90; quick 30)",
+    )
     ap.add_argument("--window", type=float, help="seconds measured (default 180; quick 45)")
     ap.add_argument("--stagger", type=float, default=10.0, help="seconds between the guests' starts")
     ap.add_argument("--sample", type=float, default=10.0, help="seconds between timeline samples")
     ap.add_argument("--configs", default=",".join(ORDER), help=f"a subset of {','.join(ORDER)}")
-    ap.add_argument("--lean-mib", type=_lean, help="the lean memory per guest (NAME=MIB,...), instead "
-                    "of the memory tmem ends at")
+    ap.add_argument(
+        "--lean-mib",
+        type=_lean,
+        help="the lean memory per guest (NAME=MIB,...), instead of the memory tmem ends at",
+    )
     ap.add_argument("--memory-mib", type=int, default=48, help="the memory user's buffer")
     ap.add_argument("--peak-mib", type=int, default=160, help="... in every third round")
     ap.add_argument("--memory-ops", type=int, default=3000, help="random reads and writes per round")

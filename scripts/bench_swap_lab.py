@@ -96,12 +96,16 @@ def case(name: str, mib: int, ops: int, seed: int) -> dict[str, Any]:
     spill_w = dev1.get("spill_writes", 0) - dev0.get("spill_writes", 0)
     spill_r = dev1.get("spill_reads", 0) - dev0.get("spill_reads", 0)
     return {
-        "seconds": hog["seconds"], "fill_seconds": hog["fill_seconds"],
-        "major_faults": hog["major_faults"], "bad_pages": hog["bad_pages"],
-        "pswpout": pswpout, "pswpin": pswpin,
+        "seconds": hog["seconds"],
+        "fill_seconds": hog["fill_seconds"],
+        "major_faults": hog["major_faults"],
+        "bad_pages": hog["bad_pages"],
+        "pswpout": pswpout,
+        "pswpin": pswpin,
         "swap_disk_writes": max(pswpout - dev_writes, 0) + spill_w,
         "swap_disk_reads": max(pswpin - dev_reads, 0) + spill_r,
-        "device_pages_written": dev_writes, "device_pages_read": dev_reads,
+        "device_pages_written": dev_writes,
+        "device_pages_read": dev_reads,
         "pool_puts": dev1.get("puts", 0) - dev0.get("puts", 0),
         "pool_refusals": dev1.get("refusals", 0) - dev0.get("refusals", 0),
         "pool_gets": dev1.get("gets", 0) - dev0.get("gets", 0),
@@ -117,30 +121,46 @@ def main() -> int:
     ap.add_argument("--memory-mib", type=int, default=256, help="the guest's memory")
     ap.add_argument("--hog-mib", type=int, default=0, help="the hog's memory (0: 2x the guest's)")
     ap.add_argument("--ops", type=int, default=20000, help="random page operations after the fill")
-    ap.add_argument("--swap-mib", type=int, default=768, help="the pool device's and the bench "
-                    "swap file's size")
+    ap.add_argument(
+        "--swap-mib", type=int, default=768, help="the pool device's and the bench swap file's size"
+    )
     ap.add_argument("--read-iops", type=int, default=200, help="read_iops_sec (0: none)")
     ap.add_argument("--write-iops", type=int, default=200, help="write_iops_sec (0: none)")
     args = ap.parse_args()
     mib = args.hog_mib or 2 * args.memory_mib
-    spec = lab.Lab((lab.GuestSpec(name=GUEST, memory_mib=args.memory_mib,
-                                  max_memory_mib=args.memory_mib,
-                                  read_iops_sec=args.read_iops or None,
-                                  write_iops_sec=args.write_iops or None),),
-                   {"swap_mib": args.swap_mib})
+    spec = lab.Lab(
+        (
+            lab.GuestSpec(
+                name=GUEST,
+                memory_mib=args.memory_mib,
+                max_memory_mib=args.memory_mib,
+                read_iops_sec=args.read_iops or None,
+                write_iops_sec=args.write_iops or None,
+            ),
+        ),
+        {"swap_mib": args.swap_mib},
+    )
     lab.down()
     cases: dict[str, Any] = {}
     try:
         lab.up(spec)
-        run("sh", "-c", f"gcc -O2 -o {HOG} -x c -",
-            stdin=(Path(__file__).resolve().parent / "swap_hog.c").read_bytes())
+        run(
+            "sh",
+            "-c",
+            f"gcc -O2 -o {HOG} -x c -",
+            stdin=(Path(__file__).resolve().parent / "swap_hog.c").read_bytes(),
+        )
         deadline = time.monotonic() + 120
         while DEVICE not in run("cat", "/proc/swaps"):
             if time.monotonic() > deadline:
                 raise SystemExit("bench swap_lab: the pool's swap device was not swapped on")
             time.sleep(1)
-        run("sh", "-c", f"fallocate -l {args.swap_mib}M {BENCH_SWAP} && chmod 600 {BENCH_SWAP} "
-            f"&& mkswap {BENCH_SWAP} >/dev/null && swapon {BENCH_SWAP}")
+        run(
+            "sh",
+            "-c",
+            f"fallocate -l {args.swap_mib}M {BENCH_SWAP} && chmod 600 {BENCH_SWAP} "
+            f"&& mkswap {BENCH_SWAP} >/dev/null && swapon {BENCH_SWAP}",
+        )
         run("sh", "-c", "mountpoint -q /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug")
         zswap = "/sys/module/zswap/parameters"
         run("swapoff", DEVICE)
@@ -148,8 +168,7 @@ def main() -> int:
         cases["kernel"] = case("kernel", mib, args.ops, 1)
         print(f"[bench] kernel: {json.dumps(cases['kernel'])}", file=sys.stderr)
         run("sh", "-c", f"echo 1 > {zswap}/enabled")
-        params = {p: run("cat", f"{zswap}/{p}").strip()
-                  for p in ("compressor", "zpool", "max_pool_percent")}
+        params = {p: run("cat", f"{zswap}/{p}").strip() for p in ("compressor", "zpool", "max_pool_percent")}
         cases["zswap"] = case("zswap", mib, args.ops, 1)
         cases["zswap"]["zswap_parameters"] = params
         print(f"[bench] zswap: {json.dumps(cases['zswap'])}", file=sys.stderr)
@@ -163,15 +182,22 @@ def main() -> int:
         lab.down()
     k, z, p = cases["kernel"], cases["zswap"], cases["pool"]
     result = {
-        "guest": {"memory_mib": args.memory_mib, "hog_mib": mib, "ops": args.ops,
-                  "read_iops_sec": args.read_iops or None, "write_iops_sec": args.write_iops or None,
-                  "swap_mib": args.swap_mib, "proc_swaps_at_end": swaps},
+        "guest": {
+            "memory_mib": args.memory_mib,
+            "hog_mib": mib,
+            "ops": args.ops,
+            "read_iops_sec": args.read_iops or None,
+            "write_iops_sec": args.write_iops or None,
+            "swap_mib": args.swap_mib,
+            "proc_swaps_at_end": swaps,
+        },
         "cases": cases,
         "host_agent_cpu_seconds_total": agent["cpu_seconds"],
         "targets_met": {
             "every_page_verified": all(c["bad_pages"] == 0 for c in cases.values()),
             "pool_no_disk_pages_while_room": p["pool_refusals"] == 0
-            and p["swap_disk_writes"] == 0 and p["swap_disk_reads"] == 0,
+            and p["swap_disk_writes"] == 0
+            and p["swap_disk_reads"] == 0,
             "pool_faster_than_kernel": p["seconds"] < k["seconds"],
             "pool_disk_pages_at_most_zswap": p["swap_disk_writes"] + p["swap_disk_reads"]
             <= z["swap_disk_writes"] + z["swap_disk_reads"],

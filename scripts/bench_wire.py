@@ -254,8 +254,9 @@ async def pipelined_throughput(pool: PoolHandle, window: int, seconds: float) ->
     return ops * wire.PAGE_SIZE / elapsed / 1e6, ops
 
 
-async def vector_throughput(pool: PoolHandle, window: int, seconds: float,
-                            batch: int = 16) -> tuple[float, int]:
+async def vector_throughput(
+    pool: PoolHandle, window: int, seconds: float, batch: int = 16
+) -> tuple[float, int]:
     """(MB/s of page bytes moved, pages moved) with PUT_VEC/GET_VEC of `batch` pages.
 
     The same page bytes as `channel_throughput`, moved by the protocol's vectored requests (what a
@@ -320,8 +321,18 @@ compress = true
 async def measure(args: argparse.Namespace, echo_path: str, guests: dict[str, str]) -> dict[str, object]:
     host = psutil.Process(args.host_pid)
     rounds: dict[str, list[float]] = {
-        k: [] for k in ("echo_rtt", "get_rtt", "echo_tp", "tp", "tp_lz4", "tp_vec", "tp_tasks",
-                        "client_cpu", "host_cpu")
+        k: []
+        for k in (
+            "echo_rtt",
+            "get_rtt",
+            "echo_tp",
+            "tp",
+            "tp_lz4",
+            "tp_vec",
+            "tp_tasks",
+            "client_cpu",
+            "host_cpu",
+        )
     }
     async with (
         open_channel(guests["bench"], name="bench", reconnect=False) as channel,

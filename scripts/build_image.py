@@ -218,9 +218,10 @@ def guest_code() -> dict[str, bytes]:
     edited while the image builds.
     """
     files = sorted(
-        p for p in GUESTAGENT_DIR.rglob("*")
+        p
+        for p in GUESTAGENT_DIR.rglob("*")
         if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
-    )  # fmt: skip
+    )
     return {str(p.relative_to(ROOT)): p.read_bytes() for p in files}
 
 
@@ -455,9 +456,17 @@ class Build:
         """The Debian root from the tarball a build with the same packages left."""
         self.rootfs.mkdir()
         self.run(
-            ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-C", str(self.rootfs), "-xpf",
-             str(self.root_tarball)]
-        )  # fmt: skip
+            [
+                "tar",
+                "--numeric-owner",
+                "--xattrs",
+                "--xattrs-include=*",
+                "-C",
+                str(self.rootfs),
+                "-xpf",
+                str(self.root_tarball),
+            ]
+        )
 
     def configure(self) -> None:
         """Files, the guest agent, units, swap file: everything the packages do not do."""
@@ -508,8 +517,13 @@ class Build:
         config = r / GUEST_CONFIG_PATH.lstrip("/")
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(GUEST_CONFIG)
-        self.chroot("env", f"PYTHONPATH={INSTALL_DIR}", "python3", "-c",
-                    f"from guestagent import config; print(config.load({GUEST_CONFIG_PATH!r}))")
+        self.chroot(
+            "env",
+            f"PYTHONPATH={INSTALL_DIR}",
+            "python3",
+            "-c",
+            f"from guestagent import config; print(config.load({GUEST_CONFIG_PATH!r}))",
+        )
         self.demo_project()
 
         # The swap file: mkswap'd here; mke2fs -d stores its zero blocks as holes, which swapon
@@ -530,14 +544,17 @@ class Build:
         r = self.rootfs
         tarballs = sorted((r / SOURCE_DIR.lstrip("/")).glob(f"{DEMO_SOURCE_PACKAGE}_*.orig.tar.*"))
         if len(tarballs) != 1:
-            raise RuntimeError(f"expected one upstream tarball of {DEMO_SOURCE_PACKAGE} in {SOURCE_DIR}, "
-                               f"found {[t.name for t in tarballs]}")
+            raise RuntimeError(
+                f"expected one upstream tarball of {DEMO_SOURCE_PACKAGE} in {SOURCE_DIR}, "
+                f"found {[t.name for t in tarballs]}"
+            )
         project = r / DEMO_PROJECT_DIR.lstrip("/")
         if project.exists():
             shutil.rmtree(project)
         project.mkdir(parents=True)
-        self.run(["tar", "-C", str(project), "--strip-components=1", "--no-same-owner", "-xf",
-                  str(tarballs[0])])
+        self.run(
+            ["tar", "-C", str(project), "--strip-components=1", "--no-same-owner", "-xf", str(tarballs[0])]
+        )
         self.chroot("sh", "-c", f"cd {DEMO_PROJECT_DIR} && CFLAGS={DEMO_CFLAGS} ./configure --static")
         self.note(f"{DEMO_PROJECT_DIR}: {tarballs[0].name}, configured")
 
@@ -581,10 +598,23 @@ class Build:
         raw.unlink(missing_ok=True)
         self.run(
             [
-                "mke2fs", "-q", "-F", "-t", "ext4", "-b", str(BLOCK_SIZE), "-L", "tmem-root",
-                "-E", "root_owner=0:0", "-d", str(self.rootfs), str(raw), f"{self.size_mib}M",
+                "mke2fs",
+                "-q",
+                "-F",
+                "-t",
+                "ext4",
+                "-b",
+                str(BLOCK_SIZE),
+                "-L",
+                "tmem-root",
+                "-E",
+                "root_owner=0:0",
+                "-d",
+                str(self.rootfs),
+                str(raw),
+                f"{self.size_mib}M",
             ]
-        )  # fmt: skip
+        )
         last_block = (SWAP_MIB << 20) // BLOCK_SIZE - 1
         self.run(["debugfs", "-w", "-R", f"fallocate /swapfile 0 {last_block}", str(raw)])
         extents = self.run(["debugfs", "-R", "ex /swapfile", str(raw)])
@@ -622,12 +652,20 @@ class Build:
             "base_virtual_size_mib": info["virtual-size"] >> 20,
             "base_file_bytes": (self.out / "base.qcow2").stat().st_size,
             "swap_mib": SWAP_MIB,
-            "guest_config": {"path": GUEST_CONFIG_PATH, "precache": PRECACHE_MOUNTPOINT,
-                             "backing": PRECACHE_BACKING, "cache_pages": PRECACHE_CACHE_PAGES,
-                             "preswap": True},
-            "demo_project": {"source_package": DEMO_SOURCE_PACKAGE, "dir": DEMO_PROJECT_DIR,
-                             "tarball": ", ".join(t.name for t in sorted(
-                                 (self.rootfs / SOURCE_DIR.lstrip("/")).glob("*.orig.tar.*")))},
+            "guest_config": {
+                "path": GUEST_CONFIG_PATH,
+                "precache": PRECACHE_MOUNTPOINT,
+                "backing": PRECACHE_BACKING,
+                "cache_pages": PRECACHE_CACHE_PAGES,
+                "preswap": True,
+            },
+            "demo_project": {
+                "source_package": DEMO_SOURCE_PACKAGE,
+                "dir": DEMO_PROJECT_DIR,
+                "tarball": ", ".join(
+                    t.name for t in sorted((self.rootfs / SOURCE_DIR.lstrip("/")).glob("*.orig.tar.*"))
+                ),
+            },
             "guestagent": {
                 "install_dir": INSTALL_DIR,
                 "wrapper": "/usr/local/bin/guestagent",
@@ -671,8 +709,10 @@ def build(
             first = (f"unpack the cached Debian root ({b.root_tarball.name})", b.unpack_root)
         steps: list[tuple[str, Callable[[], None]]] = [
             first,
-            ("configure the guest (guest agent and its config, units, fstab, swap file, demo project)",
-             b.configure),
+            (
+                "configure the guest (guest agent and its config, units, fstab, swap file, demo project)",
+                b.configure,
+            ),
             ("check the initramfs has the virtio drivers", b.check_initramfs),
             ("extract the kernel and initramfs", b.extract_kernel),
             ("make the ext4 file system (mke2fs -d)", b.make_filesystem),

@@ -56,8 +56,10 @@ def set_cache_pages(guest: Guest, cache_pages: int) -> None:
     mount's pages) and restart the guest agent with it."""
     guest.wait_qemu_agent()
     config = guest.read_agent_config()
-    lines = [f"cache_pages = {cache_pages}" if line.startswith("cache_pages") else line
-             for line in config.splitlines()]
+    lines = [
+        f"cache_pages = {cache_pages}" if line.startswith("cache_pages") else line
+        for line in config.splitlines()
+    ]
     if lines == config.splitlines():
         raise lab.LabError(f"{guest.name}: {AGENT_CONFIG} has no cache_pages to change:\n{config}")
     guest.write_agent_config("\n".join(lines) + "\n")
@@ -77,18 +79,34 @@ def wait_tmem_ready(guest: Guest) -> None:
 def start_workloads(guest: Guest, seconds: float, args: argparse.Namespace) -> None:
     """The build loop and the preswap user, in the background (each its own process group)."""
     guest.run("sh", "-c", f"rm -rf {WORK} && mkdir -p {WORK}")
-    guest.spawn("python3", "-", "build", PROJECT, f"{WORK}/build.log", "--seconds", str(seconds),
-                stdin=GUEST_SCRIPT)
-    guest.spawn("python3", "-", "preswap", args.preswap_socket, f"{WORK}/preswap.log",
-                "--seconds", str(seconds), "--pages", str(args.preswap_pages),
-                "--budget", str(args.preswap_budget), "--ops", str(args.preswap_ops),
-                "--pause", str(args.preswap_pause), stdin=GUEST_SCRIPT)
+    guest.spawn(
+        "python3", "-", "build", PROJECT, f"{WORK}/build.log", "--seconds", str(seconds), stdin=GUEST_SCRIPT
+    )
+    guest.spawn(
+        "python3",
+        "-",
+        "preswap",
+        args.preswap_socket,
+        f"{WORK}/preswap.log",
+        "--seconds",
+        str(seconds),
+        "--pages",
+        str(args.preswap_pages),
+        "--budget",
+        str(args.preswap_budget),
+        "--ops",
+        str(args.preswap_ops),
+        "--pause",
+        str(args.preswap_pause),
+        stdin=GUEST_SCRIPT,
+    )
 
 
 def stop_workloads(guest: Guest) -> None:
     """SIGTERM to both workloads' process groups (a build in progress with them)."""
-    guest.exec("sh", "-c", f"for p in {WORK}/*.pid; do kill -TERM -- -$(cat $p) 2>/dev/null; done; true",
-               timeout=60)
+    guest.exec(
+        "sh", "-c", f"for p in {WORK}/*.pid; do kill -TERM -- -$(cat $p) 2>/dev/null; done; true", timeout=60
+    )
 
 
 def rounds(guest: Guest) -> dict[str, dict[str, Any]]:
@@ -98,9 +116,11 @@ def rounds(guest: Guest) -> dict[str, dict[str, Any]]:
         rc, text, _ = guest.exec("cat", f"{WORK}/{kind}.log", timeout=60)
         records = [json.loads(line) for line in text.splitlines() if line.strip()] if rc == 0 else []
         failed = [r for r in records if not r.get("ok")]
-        out[kind] = {"rounds": len(records), "failed": len(failed),
-                     "mean_seconds": round(sum(r["seconds"] for r in records) / len(records), 1)
-                     if records else None}
+        out[kind] = {
+            "rounds": len(records),
+            "failed": len(failed),
+            "mean_seconds": round(sum(r["seconds"] for r in records) / len(records), 1) if records else None,
+        }
         if failed:
             out[kind]["last_failure"] = failed[-1]
     return out
@@ -132,8 +152,9 @@ def _per_second_ratio(ours: float, seconds: float, theirs: float, their_seconds:
     return round((ours / seconds) / (theirs / their_seconds), 2) if theirs and seconds else None
 
 
-def vs_baseline(builds: int, reads: int, writes: int, seconds: float,
-                baseline: Mapping[str, Any] | None) -> dict[str, Any] | None:
+def vs_baseline(
+    builds: int, reads: int, writes: int, seconds: float, baseline: Mapping[str, Any] | None
+) -> dict[str, Any] | None:
     """Builds and disk operations per second against `scripts/bench seed`'s no-tmem configurations
     (its JSON): the only benefits the demo states. None without a baseline."""
     if baseline is None:
@@ -144,18 +165,26 @@ def vs_baseline(builds: int, reads: int, writes: int, seconds: float,
         if not c or not c.get("seconds"):
             continue
         base_s = float(c["seconds"])
-        out[name] = {"builds": _per_second_ratio(builds, seconds, c["builds"], base_s),
-                     "disk_ops": _per_second_ratio(reads + writes, seconds,
-                                                   c["disk_reads"] + c["disk_writes"], base_s),
-                     "disk_reads": _per_second_ratio(reads, seconds, c["disk_reads"], base_s),
-                     "disk_writes": _per_second_ratio(writes, seconds, c["disk_writes"], base_s)}
+        out[name] = {
+            "builds": _per_second_ratio(builds, seconds, c["builds"], base_s),
+            "disk_ops": _per_second_ratio(
+                reads + writes, seconds, c["disk_reads"] + c["disk_writes"], base_s
+            ),
+            "disk_reads": _per_second_ratio(reads, seconds, c["disk_reads"], base_s),
+            "disk_writes": _per_second_ratio(writes, seconds, c["disk_writes"], base_s),
+        }
     return out
 
 
-def summary(before: Mapping[str, Any], after: Mapping[str, Any], seconds: float,
-            boot_kib: Mapping[str, int], work: Mapping[str, Any],
-            disks: Mapping[str, Mapping[str, int]] | None = None,
-            baseline: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def summary(
+    before: Mapping[str, Any],
+    after: Mapping[str, Any],
+    seconds: float,
+    boot_kib: Mapping[str, int],
+    work: Mapping[str, Any],
+    disks: Mapping[str, Mapping[str, int]] | None = None,
+    baseline: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """The demo's figures, every one a difference of counters over the measured window (or, for
     ballooning, the controller's cumulative counters and libvirt's balloon sizes). tmem's traffic
     is reported as counts; benefits only against `baseline` (a `scripts/bench seed` JSON), from
@@ -167,9 +196,21 @@ def summary(before: Mapping[str, Any], after: Mapping[str, Any], seconds: float,
     def delta(name: str, key: str) -> int:
         return max(0, report(a[name]).get(key, 0) - report(b.get(name, {})).get(key, 0))
 
-    keys = ("precache_hits", "precache_misses", "precache_gets", "precache_puts", "pgpgin", "pswpout",
-            "pswpin", "preswap_puts", "preswap_puts_refused", "preswap_gets", "preswap_disk_writes",
-            "preswap_disk_reads", "preswap_lost")
+    keys = (
+        "precache_hits",
+        "precache_misses",
+        "precache_gets",
+        "precache_puts",
+        "pgpgin",
+        "pswpout",
+        "pswpin",
+        "preswap_puts",
+        "preswap_puts_refused",
+        "preswap_gets",
+        "preswap_disk_writes",
+        "preswap_disk_reads",
+        "preswap_lost",
+    )
     for name in sorted(a):
         d = {k: delta(name, k) for k in keys}
         dom_a = a[name].get("domain") or {}
@@ -179,13 +220,21 @@ def summary(before: Mapping[str, Any], after: Mapping[str, Any], seconds: float,
         # boot size from the lab description: the controller's `boot_kib` is the first `actual` it
         # saw, which can be the maximum (before the guest's balloon driver has inflated)
         if "given_back_kib" in bal:
-            given = {"source": "balloon controller", "given_back_kib": bal["given_back_kib"],
-                     "returned_kib": bal.get("returned_kib", 0), "boot_kib": boot_kib.get(name),
-                     "actual_kib": bal.get("actual_kib"), "goal_kib": bal.get("goal_kib"),
-                     "last": bal.get("last")}
+            given = {
+                "source": "balloon controller",
+                "given_back_kib": bal["given_back_kib"],
+                "returned_kib": bal.get("returned_kib", 0),
+                "boot_kib": boot_kib.get(name),
+                "actual_kib": bal.get("actual_kib"),
+                "goal_kib": bal.get("goal_kib"),
+                "last": bal.get("last"),
+            }
         else:
-            given = {"source": "libvirt (boot memory minus actual)", "boot_kib": boot_kib.get(name),
-                     "actual_kib": dom_a.get("actual_kib")}
+            given = {
+                "source": "libvirt (boot memory minus actual)",
+                "boot_kib": boot_kib.get(name),
+                "actual_kib": dom_a.get("actual_kib"),
+            }
         boot, actual = given.get("boot_kib"), given.get("actual_kib")
         given["net_given_back_kib"] = boot - actual if boot is not None and actual is not None else None
         guests[name] = {**d, "balloon": given, "workloads": work.get(name)}
@@ -206,24 +255,30 @@ def summary(before: Mapping[str, Any], after: Mapping[str, Any], seconds: float,
     tmem_writes = kept
     disk_reads = sum(d["reads"] for d in (disks or {}).values())
     disk_writes = sum(d["writes"] for d in (disks or {}).values())
-    builds = sum(b.get("rounds", 0) - b.get("failed", 0)
-                 for b in (((w or {}).get("build") or {}) for w in work.values()))
+    builds = sum(
+        b.get("rounds", 0) - b.get("failed", 0)
+        for b in (((w or {}).get("build") or {}) for w in work.values())
+    )
     agent_cpu = after["agent"]["cpu_seconds"] - before["agent"]["cpu_seconds"]
     guest_cpu = after["agent"]["guest_cpu_seconds"] - before["agent"]["guest_cpu_seconds"]
     return {
         "seconds": round(seconds, 1),
         "guests": len(guests),
         "precache": {
-            "hits": hits, "misses": misses, "puts": total.get("precache_puts", 0),
+            "hits": hits,
+            "misses": misses,
+            "puts": total.get("precache_puts", 0),
             "served_pct_of_gets": pct(hits, hits + misses),
             "served_pct_of_page_ins": pct(hits, hits + disk_in_pages),
             "disk_page_ins": round(disk_in_pages),
         },
         "swap": {
-            "preswap_puts": kept, "preswap_gets": total.get("preswap_gets", 0),
+            "preswap_puts": kept,
+            "preswap_gets": total.get("preswap_gets", 0),
             "preswap_refused_to_swap_file": total.get("preswap_puts_refused", 0),
             "preswap_lost": total.get("preswap_lost", 0),
-            "kernel_pswpout": total.get("pswpout", 0), "kernel_pswpin": total.get("pswpin", 0),
+            "kernel_pswpout": total.get("pswpout", 0),
+            "kernel_pswpin": total.get("pswpin", 0),
             "kept_off_disk_pct": pct(kept, kept + to_disk),
         },
         # tmem's own traffic: pages it served and took, counts (not disk IOs avoided: a guest
@@ -232,16 +287,26 @@ def summary(before: Mapping[str, Any], after: Mapping[str, Any], seconds: float,
             "gets_served": round(tmem_reads / seconds, 1),
             "puts": round(tmem_writes / seconds, 1),
         },
-        "disk": None if disks is None else {"reads": disk_reads, "writes": disk_writes,
-                                            "ops_per_second": round((disk_reads + disk_writes) / seconds, 1)},
+        "disk": None
+        if disks is None
+        else {
+            "reads": disk_reads,
+            "writes": disk_writes,
+            "ops_per_second": round((disk_reads + disk_writes) / seconds, 1),
+        },
         "builds": builds,
-        "vs_baseline": None if disks is None else vs_baseline(builds, disk_reads, disk_writes, seconds,
-                                                               baseline),
+        "vs_baseline": None
+        if disks is None
+        else vs_baseline(builds, disk_reads, disk_writes, seconds, baseline),
         "cpu": {
-            "agent_seconds": round(agent_cpu, 2), "guest_seconds": round(guest_cpu, 1),
+            "agent_seconds": round(agent_cpu, 2),
+            "guest_seconds": round(guest_cpu, 1),
             "agent_share_of_guest_pct": pct(agent_cpu, guest_cpu),
-            "agent_share_since_start_pct": (None if after["agent"].get("cpu_ratio") is None
-                                            else round(100 * after["agent"]["cpu_ratio"], 2)),
+            "agent_share_since_start_pct": (
+                None
+                if after["agent"].get("cpu_ratio") is None
+                else round(100 * after["agent"]["cpu_ratio"], 2)
+            ),
         },
         "balloon": {
             "enabled": bool((after.get("balloon") or {}).get("enabled")),
@@ -249,8 +314,10 @@ def summary(before: Mapping[str, Any], after: Mapping[str, Any], seconds: float,
             "returned_mib": _mib(total.get("returned_kib")),
             "net_given_back_mib": _mib(total.get("net_given_back_kib")),
         },
-        "pool": {"pages": after["pool"].get("pages"), "evictions": after["pool"].get("evictions", 0)
-                 - before["pool"].get("evictions", 0)},
+        "pool": {
+            "pages": after["pool"].get("pages"),
+            "evictions": after["pool"].get("evictions", 0) - before["pool"].get("evictions", 0),
+        },
         "per_guest": guests,
     }
 
@@ -271,10 +338,15 @@ def _fmt(v: Any, unit: str = "") -> str:
 
 def _baseline_text(vs: Mapping[str, Any] | None) -> str:
     if not vs:
-        return ("none: the figures above are counts, not benefits (`scripts/bench seed` measures the "
-                "same guests without tmem; --baseline takes its JSON)")
-    return "; ".join(f"vs {name}: builds/s x{r['builds']}, disk ops/s x{r['disk_ops']} "
-                     f"(reads x{r['disk_reads']}, writes x{r['disk_writes']})" for name, r in vs.items())
+        return (
+            "none: the figures above are counts, not benefits (`scripts/bench seed` measures the "
+            "same guests without tmem; --baseline takes its JSON)"
+        )
+    return "; ".join(
+        f"vs {name}: builds/s x{r['builds']}, disk ops/s x{r['disk_ops']} "
+        f"(reads x{r['disk_reads']}, writes x{r['disk_writes']})"
+        for name, r in vs.items()
+    )
 
 
 def format_summary(s: Mapping[str, Any]) -> str:
@@ -292,9 +364,13 @@ def format_summary(s: Mapping[str, Any]) -> str:
         f"{w['preswap_lost']} lost)",
         f"  tmem traffic (counts, not savings): {io['gets_served']} pages/s got back, "
         f"{io['puts']} pages/s put",
-        "  disk operations (libvirt):    " + ("n/a" if s["disk"] is None else
-                                              f"{s['disk']['reads']} reads, {s['disk']['writes']} writes "
-                                              f"({s['disk']['ops_per_second']}/s); {s['builds']} builds"),
+        "  disk operations (libvirt):    "
+        + (
+            "n/a"
+            if s["disk"] is None
+            else f"{s['disk']['reads']} reads, {s['disk']['writes']} writes "
+            f"({s['disk']['ops_per_second']}/s); {s['builds']} builds"
+        ),
         "  against a baseline:           " + _baseline_text(s["vs_baseline"]),
         f"  host-agent CPU / guest CPU:   {_fmt(c['agent_share_of_guest_pct'], '%')} ({c['agent_seconds']} s "
         f"of {c['guest_seconds']} s; since the agent started: {_fmt(c['agent_share_since_start_pct'], '%')})",
@@ -321,8 +397,7 @@ def format_summary(s: Mapping[str, Any]) -> str:
 def ours(stats: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
     """The stats with the lab's guests only: a host agent's arena may still hold persistent pools
     of domains from earlier runs (they are in the pool line's totals, not in the guest rows)."""
-    return {**stats, "guests": {k: g for k, g in stats.get("guests", {}).items()
-                                if g.get("name") in names}}
+    return {**stats, "guests": {k: g for k, g in stats.get("guests", {}).items() if g.get("name") in names}}
 
 
 def show(stats: Mapping[str, Any], elapsed: float, total: float, work: str, clear: bool) -> None:
@@ -332,16 +407,18 @@ def show(stats: Mapping[str, Any], elapsed: float, total: float, work: str, clea
 
 
 def work_line(work: Mapping[str, Any]) -> str:
-    return "builds: " + ", ".join(f"{n} {w['build']['rounds']}" + (f" ({w['build']['failed']} FAILED)"
-                                                                  if w["build"]["failed"] else "")
-                                  for n, w in sorted(work.items()))
+    return "builds: " + ", ".join(
+        f"{n} {w['build']['rounds']}" + (f" ({w['build']['failed']} FAILED)" if w["build"]["failed"] else "")
+        for n, w in sorted(work.items())
+    )
 
 
 def demo(args: argparse.Namespace) -> dict[str, Any]:
     spec = lab.load_lab(args.config)
     if is_listening(lab.CONTROL):
-        raise lab.LabError(f"a host agent is already running at {lab.CONTROL} (a lab is up? "
-                           "`scripts/lab down` first)")
+        raise lab.LabError(
+            f"a host agent is already running at {lab.CONTROL} (a lab is up? `scripts/lab down` first)"
+        )
     t0 = time.monotonic()
     say(f"starting the lab ({args.config}: {len(spec.guests)} guests)")
     lab.up(spec)
@@ -361,8 +438,10 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
     before = ours(lab.stats(), names)
     disks_before = disk_ops(names)
     start = time.monotonic()
-    say(f"lab ready and loaded after {start - t0:.0f} s; showing hostagent stats every "
-        f"{args.interval:g} s for {args.minutes:g} min")
+    say(
+        f"lab ready and loaded after {start - t0:.0f} s; showing hostagent stats every "
+        f"{args.interval:g} s for {args.minutes:g} min"
+    )
     clear = sys.stdout.isatty()
     while (elapsed := time.monotonic() - start) < seconds:
         work = {n: rounds(d) for n, d in doms.items()}
@@ -382,8 +461,9 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
     result["total_seconds"] = round(time.monotonic() - t0, 1)
     failed = {n: w for n, w in work.items() if w["build"]["failed"] or w["preswap"]["failed"]}
     if failed:
-        result["workload_failures"] = {n: {k: v.get("last_failure") for k, v in w.items()}
-                                       for n, w in failed.items()}
+        result["workload_failures"] = {
+            n: {k: v.get("last_failure") for k, v in w.items()} for n, w in failed.items()
+        }
     return result
 
 
@@ -393,17 +473,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--interval", type=float, default=5.0, help="seconds between stats screens")
     ap.add_argument("--keep", action="store_true", help="leave the lab running afterwards")
     ap.add_argument("--config", type=Path, default=DEFAULT_LAB, help="the lab description")
-    ap.add_argument("--cache-pages", type=int, default=0,
-                    help="the guests' precache shim cache in pages (default 0: the image's own)")
+    ap.add_argument(
+        "--cache-pages",
+        type=int,
+        default=0,
+        help="the guests' precache shim cache in pages (default 0: the image's own)",
+    )
     ap.add_argument("--preswap-pages", type=int, default=4096, help="the preswap user's region (pages)")
-    ap.add_argument("--preswap-budget", type=int, default=1024,
-                    help="... of which resident, at most (default: the guest agent's default, 4 MiB)")
+    ap.add_argument(
+        "--preswap-budget",
+        type=int,
+        default=1024,
+        help="... of which resident, at most (default: the guest agent's default, 4 MiB)",
+    )
     ap.add_argument("--preswap-ops", type=int, default=3000, help="operations per preswap run")
     ap.add_argument("--preswap-pause", type=float, default=15.0, help="seconds between preswap runs")
-    ap.add_argument("--baseline", type=Path, help="a `scripts/bench seed` JSON (its seed.json): the "
-                    "summary states builds and disk operations against its plain configurations")
-    ap.add_argument("--preswap-socket", default="/run/tmem/preswap.sock",
-                    help="the guest daemon's [preswap] socket (the image's default)")
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        help="a `scripts/bench seed` JSON (its seed.json): the "
+        "summary states builds and disk operations against its plain configurations",
+    )
+    ap.add_argument(
+        "--preswap-socket",
+        default="/run/tmem/preswap.sock",
+        help="the guest daemon's [preswap] socket (the image's default)",
+    )
     args = ap.parse_args(argv)
     if args.minutes <= 0 or args.interval <= 0:
         ap.error("--minutes and --interval must be positive")

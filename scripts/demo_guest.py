@@ -47,25 +47,51 @@ def build_round(directory: str) -> dict[str, Any]:
         ["make", "-s", "clean"],
         ["make", "-s", "libz.a", "example", "minigzip"],
         ["./example"],
-        ["sh", "-c", "./minigzip < libz.a > libz.a.gz && ./minigzip -d < libz.a.gz | cmp - libz.a"
-                     " && rm -f libz.a.gz"],
+        [
+            "sh",
+            "-c",
+            "./minigzip < libz.a > libz.a.gz && ./minigzip -d < libz.a.gz | cmp - libz.a && rm -f libz.a.gz",
+        ],
     ]
     for argv in steps:
         proc = subprocess.run(argv, cwd=directory, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
-            return {"ok": False, "failed": " ".join(argv), "rc": proc.returncode,
-                    "output": (proc.stdout + proc.stderr)[-2000:]}
+            return {
+                "ok": False,
+                "failed": " ".join(argv),
+                "rc": proc.returncode,
+                "output": (proc.stdout + proc.stderr)[-2000:],
+            }
     return {"ok": True}
 
 
-def preswap_round(socket: str, pages: int, budget: int, ops: int, seed: int,
-                  extra: tuple[str, ...] = ()) -> dict[str, Any]:
+def preswap_round(
+    socket: str, pages: int, budget: int, ops: int, seed: int, extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """One preswap_workload run: its JSON line (mismatches must be 0)."""
     env = dict(os.environ, PYTHONPATH=GUESTAGENT_DIR)
-    proc = subprocess.run([sys.executable, "-m", "guestagent.preswap_workload", "--socket", socket,
-                           "--pages", str(pages), "--budget", str(budget), "--ops", str(ops),
-                           "--seed", str(seed), *extra], env=env, capture_output=True, text=True,
-                          check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "guestagent.preswap_workload",
+            "--socket",
+            socket,
+            "--pages",
+            str(pages),
+            "--budget",
+            str(budget),
+            "--ops",
+            str(ops),
+            "--seed",
+            str(seed),
+            *extra,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     try:
         result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     except (IndexError, ValueError):
@@ -97,8 +123,12 @@ def probe(directory: str) -> dict[str, Any]:
     for dev in os.listdir("/sys/block"):
         fields = _read(f"/sys/block/{dev}/stat").split()
         if len(fields) >= 7 and (int(fields[0]) or int(fields[4])):
-            blocks[dev] = {"reads": int(fields[0]), "read_sectors": int(fields[2]),
-                           "writes": int(fields[4]), "write_sectors": int(fields[6])}
+            blocks[dev] = {
+                "reads": int(fields[0]),
+                "read_sectors": int(fields[2]),
+                "writes": int(fields[4]),
+                "write_sectors": int(fields[6]),
+            }
     swaps = [line.split()[0] for line in _read("/proc/swaps").splitlines()[1:] if line.split()]
     # the host agent's swap device (issue 17): a virtio disk whose pages live in the pool
     pool_dev = os.path.realpath(POOL_SWAP) if os.path.exists(POOL_SWAP) else ""
@@ -108,16 +138,22 @@ def probe(directory: str) -> dict[str, Any]:
         for line in _read(f"/proc/{pid}/status").splitlines():
             if line.startswith("VmRSS:"):
                 rss_kib += int(line.split()[1])
-    zswap = {name: int(_read(f"/sys/kernel/debug/zswap/{name}").strip() or 0)
-             for name in ("stored_pages", "written_back_pages", "pool_total_size")
-             if os.path.exists(f"/sys/kernel/debug/zswap/{name}")}
-    return {"vmstat": {k: vmstat.get(k, 0) for k in ("pgpgin", "pgpgout", "pswpin", "pswpout",
-                                                      "pgmajfault")},
-            "blocks": blocks, "swaps": swaps, "pool_swap": pool_dev if pool_dev in swaps else "",
-            "agent": {"running": bool(cpu), "cpu_seconds": cpu.get("usage_usec", 0) / 1e6,
-                      "rss_kib": rss_kib},
-            "zswap": zswap, "zswap_enabled": _read("/sys/module/zswap/parameters/enabled").strip(),
-            "build": _records(f"{directory}/build.log"), "preswap": _records(f"{directory}/preswap.log")}
+    zswap = {
+        name: int(_read(f"/sys/kernel/debug/zswap/{name}").strip() or 0)
+        for name in ("stored_pages", "written_back_pages", "pool_total_size")
+        if os.path.exists(f"/sys/kernel/debug/zswap/{name}")
+    }
+    return {
+        "vmstat": {k: vmstat.get(k, 0) for k in ("pgpgin", "pgpgout", "pswpin", "pswpout", "pgmajfault")},
+        "blocks": blocks,
+        "swaps": swaps,
+        "pool_swap": pool_dev if pool_dev in swaps else "",
+        "agent": {"running": bool(cpu), "cpu_seconds": cpu.get("usage_usec", 0) / 1e6, "rss_kib": rss_kib},
+        "zswap": zswap,
+        "zswap_enabled": _read("/sys/module/zswap/parameters/enabled").strip(),
+        "build": _records(f"{directory}/build.log"),
+        "preswap": _records(f"{directory}/preswap.log"),
+    }
 
 
 def main() -> int:
@@ -159,8 +195,14 @@ def main() -> int:
         else:
             peak = args.peak_every > 0 and args.peak_pages > 0 and (rounds + 1) % args.peak_every == 0
             extra = (("--anonymous",) if args.anonymous else ()) + (("--fill",) if args.fill else ())
-            record = preswap_round(args.socket, args.peak_pages if peak else args.pages, args.budget,
-                                   args.ops, seed=rounds + 1, extra=extra)
+            record = preswap_round(
+                args.socket,
+                args.peak_pages if peak else args.pages,
+                args.budget,
+                args.ops,
+                seed=rounds + 1,
+                extra=extra,
+            )
         rounds += 1
         failed += not record["ok"]
         record.update(round=rounds, seconds=round(time.monotonic() - t0, 1))

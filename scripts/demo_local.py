@@ -47,8 +47,16 @@ async def guest_main(name: str, sock: str, seconds: float, cache_pages: int, out
     rng = random.Random(name)
     files = 3 * cache_pages
     seed = name.encode()
-    counters = {"reads": 0, "cache_hits": 0, "precache_hits": 0, "disk_reads": 0,
-                "swap_outs": 0, "swap_ins": 0, "swap_refused": 0, "verified": 0}
+    counters = {
+        "reads": 0,
+        "cache_hits": 0,
+        "precache_hits": 0,
+        "disk_reads": 0,
+        "swap_outs": 0,
+        "swap_ins": 0,
+        "swap_refused": 0,
+        "verified": 0,
+    }
     async with open_channel(sock, name=name) as ch:
         pre = await ch.new_pool(0)
         swap = await ch.new_pool(int(wire.PoolFlag.PERSISTENT | wire.PoolFlag.EXCLUSIVE_GETS))
@@ -105,8 +113,12 @@ async def guest_main(name: str, sock: str, seconds: float, cache_pages: int, out
 
 
 def cli(config: Path, *args: str) -> str:
-    return subprocess.run([sys.executable, "-W", "ignore", "-m", "hostagent", *args, "--config",
-                           str(config)], check=True, capture_output=True, text=True).stdout
+    return subprocess.run(
+        [sys.executable, "-W", "ignore", "-m", "hostagent", *args, "--config", str(config)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
 
 
 def main() -> int:
@@ -128,11 +140,14 @@ def main() -> int:
     config.write_text(
         f'[pool]\nlimit_mib = {args.pool_mib}\nhost_reserve_mib = 512\narena_dir = "{arena}"\n\n'
         f'[control]\nsocket = "{work}/control.sock"\n\n[channels]\ndir = "{work}/guests"\n\n'
-        f"[defaults]\nquota_mib = 8\n\n{guests}")
+        f"[defaults]\nquota_mib = 8\n\n{guests}"
+    )
     print(f"[demo] host agent: {config}", flush=True)
     with open(work / "hostagent.log", "w") as agent_log:
-        agent = subprocess.Popen([sys.executable, "-W", "ignore", "-m", "hostagent", "run", "--config",
-                                  str(config)], stderr=agent_log)
+        agent = subprocess.Popen(
+            [sys.executable, "-W", "ignore", "-m", "hostagent", "run", "--config", str(config)],
+            stderr=agent_log,
+        )
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for _ in range(100):
@@ -143,12 +158,25 @@ def main() -> int:
                 return 1
             time.sleep(0.1)
         for name, _ in GUESTS:
-            procs.append(subprocess.Popen([
-                sys.executable, "-W", "ignore", __file__, "--seconds", str(args.seconds),
-                "--cache-pages", str(args.cache_pages), "--guest", name,
-                str(work / "guests" / f"{name}.sock"), str(work / f"{name}.json")]))
-        print(f"[demo] {len(GUESTS)} guests running for {args.seconds:.0f} s; hostagent stats:",
-              flush=True)
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-W",
+                        "ignore",
+                        __file__,
+                        "--seconds",
+                        str(args.seconds),
+                        "--cache-pages",
+                        str(args.cache_pages),
+                        "--guest",
+                        name,
+                        str(work / "guests" / f"{name}.sock"),
+                        str(work / f"{name}.json"),
+                    ]
+                )
+            )
+        print(f"[demo] {len(GUESTS)} guests running for {args.seconds:.0f} s; hostagent stats:", flush=True)
         start = time.monotonic()
         live: dict[str, Any] = {}  # the last stats taken while every guest was still connected
         while any(p.poll() is None for p in procs):
@@ -187,14 +215,19 @@ def summary(stats: dict[str, Any], guests: dict[str, dict[str, int]]) -> str:
             f"  {name:6} weight {host['weight']}: cache misses {misses}, served by precache "
             f"{100 * c['precache_hits'] / max(1, misses):.0f}%, swap-outs {c['swap_outs']} "
             f"(refused {c['swap_refused']}), swap-ins {c['swap_ins']}, pages verified {c['verified']}, "
-            f"ephemeral pool share while running {host['ephemeral']['bytes'] / 2**20:.1f} MiB")
+            f"ephemeral pool share while running {host['ephemeral']['bytes'] / 2**20:.1f} MiB"
+        )
     pool = stats["pool"]
     agent = stats.get("agent", {})
-    lines.append(f"  page-ins served by precache: {100 * total_pre / max(1, total_misses):.0f}% "
-                 f"({total_pre} of {total_misses} misses kept off the disk)")
-    lines.append(f"  pool: {pool['used_bytes'] / 2**20:.1f} MiB of {pool['limit_bytes'] / 2**20:.0f} "
-                 f"MiB holding {pool['raw_bytes'] / 2**20:.1f} MiB of pages, "
-                 f"{pool['evictions']} evictions; host agent CPU {agent.get('cpu_seconds', 0):.1f} s")
+    lines.append(
+        f"  page-ins served by precache: {100 * total_pre / max(1, total_misses):.0f}% "
+        f"({total_pre} of {total_misses} misses kept off the disk)"
+    )
+    lines.append(
+        f"  pool: {pool['used_bytes'] / 2**20:.1f} MiB of {pool['limit_bytes'] / 2**20:.0f} "
+        f"MiB holding {pool['raw_bytes'] / 2**20:.1f} MiB of pages, "
+        f"{pool['evictions']} evictions; host agent CPU {agent.get('cpu_seconds', 0):.1f} s"
+    )
     return "\n".join(lines)
 
 

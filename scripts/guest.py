@@ -53,8 +53,9 @@ class Guest:
         data = stdin.encode() if isinstance(stdin, str) else stdin
         rc, out, err = self.exec(*argv, timeout=timeout, stdin=data)
         if rc != 0:
-            raise GuestCommandFailed(f"{self.name}: {' '.join(argv)} exited {rc}: "
-                                     f"{(out + err).strip()[-2000:]}")
+            raise GuestCommandFailed(
+                f"{self.name}: {' '.join(argv)} exited {rc}: {(out + err).strip()[-2000:]}"
+            )
         return out
 
     def python(self, program: bytes | str, *args: str, timeout: float = 120) -> str:

@@ -77,8 +77,7 @@ class GuestSpec:
     disk_cache: str = "none"  # or "writeback": the host page cache caches the disk
 
     def iotune(self) -> IOTune | None:
-        tune = IOTune(self.read_iops_sec, self.write_iops_sec, self.read_bytes_sec,
-                      self.write_bytes_sec)
+        tune = IOTune(self.read_iops_sec, self.write_iops_sec, self.read_bytes_sec, self.write_bytes_sec)
         return tune if tune.limits() else None
 
 
@@ -95,8 +94,9 @@ class Lab:
 
 def default_lab(n: int, balloon: dict[str, Any] | None = None) -> Lab:
     """N guests of the default size; `balloon` is the host agent's [balloon] table (off if None)."""
-    return Lab(tuple(GuestSpec(name=f"tmem-{i}") for i in range(1, n + 1)),
-               {"balloon": balloon} if balloon else {})
+    return Lab(
+        tuple(GuestSpec(name=f"tmem-{i}") for i in range(1, n + 1)), {"balloon": balloon} if balloon else {}
+    )
 
 
 def load_lab(path: Path) -> Lab:
@@ -114,16 +114,16 @@ def load_lab(path: Path) -> Lab:
         raise LabError(f"{path}: no [[guest]] tables")
     host = dict(data.get("host", {}))
     if set(host) - {"limit_mib", "host_reserve_mib", "swap_mib", "balloon"}:
-        raise LabError(f"{path}: [host] knows limit_mib, host_reserve_mib, swap_mib (0: no swap "
-                       "device) and [host.balloon] only")
+        raise LabError(
+            f"{path}: [host] knows limit_mib, host_reserve_mib, swap_mib (0: no swap "
+            "device) and [host.balloon] only"
+        )
     if not isinstance(host.get("balloon", {}), dict):
         raise LabError(f"{path}: [host.balloon] must be a table (the host agent's [balloon] settings)")
     return Lab(tuple(guests), host)
 
 
 # -- libvirt daemons ----------------------------------------------------------------------------
-
-
 
 
 def fix_kvm_device(path: str = "/dev/kvm") -> None:
@@ -212,8 +212,12 @@ def hostagent_config(lab: Lab) -> Path:
         f"host_reserve_mib = {int(host['host_reserve_mib'])}\n"
         f'arena_dir = "{ARENA_DIR}"\n[control]\nsocket = "{CONTROL}"\n'
         f'[libvirt]\nenabled = true\nuri = "{URI}"\nretry_interval = 1.0\n'
-        + (f'[swap]\nenabled = true\nsocket = "{SWAP_SOCKET}"\nspill_dir = "{STATE / "spill"}"\n'
-           f'size_mib = {swap_mib(lab)}\nsocket_group = "{SWAP_GROUP}"\n' if swap_mib(lab) else "")
+        + (
+            f'[swap]\nenabled = true\nsocket = "{SWAP_SOCKET}"\nspill_dir = "{STATE / "spill"}"\n'
+            f'size_mib = {swap_mib(lab)}\nsocket_group = "{SWAP_GROUP}"\n'
+            if swap_mib(lab)
+            else ""
+        )
         + (f"[balloon]\n{balloon}" if balloon else "")
         + lab.host_toml
     )
@@ -242,8 +246,13 @@ def start_hostagent(lab: Lab) -> None:
         return
     cfg = hostagent_config(lab)
     log = open(STATE / "hostagent.log", "ab")  # noqa: SIM115 (the agent keeps it)
-    proc = subprocess.Popen([sys.executable, "-m", "hostagent", "run", "--config", str(cfg)],
-                            stdout=log, stderr=log, start_new_session=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hostagent", "run", "--config", str(cfg)],
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+        cwd=ROOT,
+    )
     (STATE / "hostagent.pid").write_text(str(proc.pid))
 
     def serving() -> bool:
@@ -298,25 +307,34 @@ def create_guests(conn: Any, lab: Lab, image: build_image.Image) -> dict[str, fl
         (STATE / sub).mkdir(exist_ok=True)
     for g in lab.guests:
         overlay = build_image.create_overlay(image.base, STATE / "disks" / f"{g.name}.qcow2", force=True)
-        guest = Guest(name=g.name, memory_mib=g.memory_mib, max_memory_mib=g.max_memory_mib,
-                      vcpus=g.vcpus, disk=overlay, tmem_socket=STATE / "sockets" / f"{g.name}.tmem",
-                      console_log=STATE / "console" / f"{g.name}.log", kernel=image.kernel,
-                      initrd=image.initrd, iotune=g.iotune(), uuid=str(uuidlib.uuid4()),
-                      swap_socket=Path(SWAP_SOCKET) if swap_mib(lab) else None,
-                      disk_cache=cast(DiskCache, g.disk_cache))  # Guest refuses others
+        guest = Guest(
+            name=g.name,
+            memory_mib=g.memory_mib,
+            max_memory_mib=g.max_memory_mib,
+            vcpus=g.vcpus,
+            disk=overlay,
+            tmem_socket=STATE / "sockets" / f"{g.name}.tmem",
+            console_log=STATE / "console" / f"{g.name}.log",
+            kernel=image.kernel,
+            initrd=image.initrd,
+            iotune=g.iotune(),
+            uuid=str(uuidlib.uuid4()),
+            swap_socket=Path(SWAP_SOCKET) if swap_mib(lab) else None,
+            disk_cache=cast(DiskCache, g.disk_cache),
+        )  # Guest refuses others
         xml = domain_xml(guest, virt_type)
         (STATE / "xml" / f"{g.name}.xml").write_text(xml)
         conn.createXML(xml, 0)
         started[g.name] = time.monotonic()
         names.append(g.name)
         (STATE / "domains.json").write_text(json.dumps(sorted(set(names))))
-        say(f"started {g.name} ({virt_type}): {g.memory_mib} MiB (max {g.max_memory_mib}), "
-            f"{g.vcpus} vCPU")
+        say(f"started {g.name} ({virt_type}): {g.memory_mib} MiB (max {g.max_memory_mib}), {g.vcpus} vCPU")
     return started
 
 
-def wait_handshakes(names: Sequence[str], started: dict[str, float],
-                    timeout: float = HANDSHAKE_TIMEOUT) -> dict[str, float]:
+def wait_handshakes(
+    names: Sequence[str], started: dict[str, float], timeout: float = HANDSHAKE_TIMEOUT
+) -> dict[str, float]:
     """Seconds from domain creation until its guest agent shook hands and reported."""
     done: dict[str, float] = {}
 
@@ -332,15 +350,17 @@ def wait_handshakes(names: Sequence[str], started: dict[str, float],
         wait_until(all_reported, timeout, "every guest agent's handshake", 0.5)
     except TimeoutError:
         missing = sorted(set(names) - set(done))
-        raise LabError(f"no handshake from {', '.join(missing)} within {timeout:.0f} s "
-                       f"(consoles: {STATE / 'console'})") from None
+        raise LabError(
+            f"no handshake from {', '.join(missing)} within {timeout:.0f} s (consoles: {STATE / 'console'})"
+        ) from None
     return done
 
 
 def lab_domains(conn: Any) -> list[Any]:
     """The lab's domains: recorded by `up`, or any whose disk lives in the lab's state dir."""
-    known = set(json.loads((STATE / "domains.json").read_text())) if (STATE / "domains.json").exists() \
-        else set()
+    known = (
+        set(json.loads((STATE / "domains.json").read_text())) if (STATE / "domains.json").exists() else set()
+    )
     found = []
     for dom in conn.listAllDomains(0):
         try:
@@ -366,9 +386,12 @@ def up(lab: Lab) -> dict[str, Any]:
     start_hostagent(lab)
     started = create_guests(conn, lab, image)
     handshakes = wait_handshakes([g.name for g in lab.guests], started)
-    result = {"guests": len(lab.guests), "image_seconds": round(t_image, 1),
-              "handshake_seconds": {k: round(v, 1) for k, v in handshakes.items()},
-              "total_seconds": round(time.monotonic() - t0, 1)}
+    result = {
+        "guests": len(lab.guests),
+        "image_seconds": round(t_image, 1),
+        "handshake_seconds": {k: round(v, 1) for k, v in handshakes.items()},
+        "total_seconds": round(time.monotonic() - t0, 1),
+    }
     say(f"lab up: {json.dumps(result)}")
     return result
 
@@ -444,8 +467,9 @@ def guest_spawn(dom: Any, argv: Sequence[str], stdin: bytes | None = None) -> in
     return pid
 
 
-def guest_exec(dom: Any, argv: Sequence[str], timeout: float = 120,
-               stdin: bytes | None = None) -> tuple[int, str, str]:
+def guest_exec(
+    dom: Any, argv: Sequence[str], timeout: float = 120, stdin: bytes | None = None
+) -> tuple[int, str, str]:
     """Run a command in the guest; (exit code, stdout, stderr)."""
     return guest_wait(dom, guest_spawn(dom, argv, stdin), timeout, " ".join(argv))
 

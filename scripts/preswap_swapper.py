@@ -45,9 +45,15 @@ async def _report(ch: Channel, swapper: Swapper, interval: float) -> None:
 
 async def _main_async(args: argparse.Namespace) -> None:
     async with open_channel(args.channel, name=args.name, reconnect=True) as ch:
-        swapper = Swapper(ch, args.socket, args.swap_file, default_budget=args.budget,
-                          guest_budget=args.guest_budget, policy=args.policy,
-                          readahead=args.readahead)
+        swapper = Swapper(
+            ch,
+            args.socket,
+            args.swap_file,
+            default_budget=args.budget,
+            guest_budget=args.guest_budget,
+            policy=args.policy,
+            readahead=args.readahead,
+        )
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(swapper.run)
@@ -55,8 +61,15 @@ async def _main_async(args: argparse.Namespace) -> None:
                 nursery.start_soon(_follow_notices, ch, swapper)
                 nursery.start_soon(_report, ch, swapper, args.report_interval)
                 if args.follow_meminfo:
-                    nursery.start_soon(partial(follow_pressure, swapper, proc_dir=args.proc_dir,
-                                               interval=args.interval, reserve_kib=args.reserve_kib))
+                    nursery.start_soon(
+                        partial(
+                            follow_pressure,
+                            swapper,
+                            proc_dir=args.proc_dir,
+                            interval=args.interval,
+                            reserve_kib=args.reserve_kib,
+                        )
+                    )
                 async for signum in signals:
                     log.info("signal %d: stopping", signum)
                     swapper.stop()
@@ -73,10 +86,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--budget", type=int, default=1024, help="default resident pages per region")
     parser.add_argument("--guest-budget", type=int, help="resident pages for all regions together")
     parser.add_argument("--policy", choices=POLICIES, default="clock", help="eviction policy")
-    parser.add_argument("--readahead", type=int, default=READAHEAD,
-                        help="most pages per sequential fault (1: off)")
-    parser.add_argument("--follow-meminfo", action="store_true",
-                        help="set the guest budget from MemAvailable (overrides --guest-budget)")
+    parser.add_argument(
+        "--readahead", type=int, default=READAHEAD, help="most pages per sequential fault (1: off)"
+    )
+    parser.add_argument(
+        "--follow-meminfo",
+        action="store_true",
+        help="set the guest budget from MemAvailable (overrides --guest-budget)",
+    )
     parser.add_argument("--proc-dir", default="/proc")
     parser.add_argument("--report-interval", type=float, default=2.0)
     parser.add_argument("--interval", type=float, default=1.0)

@@ -11,8 +11,9 @@ from scripts.wait import wait_until
 START_TIMEOUT = 15.0
 
 
-def wait_started(proc: subprocess.Popen[bytes], ready: Callable[[], bool], what: str,
-                 timeout: float = START_TIMEOUT) -> None:
+def wait_started(
+    proc: subprocess.Popen[bytes], ready: Callable[[], bool], what: str, timeout: float = START_TIMEOUT
+) -> None:
     """Until `ready()`; RuntimeError (and the process killed) if it exits or times out first."""
 
     def up() -> bool:

@@ -46,10 +46,11 @@ def pool_swap_devices(probe: Mapping[str, Any]) -> list[str]:
     return [dev.rsplit("/", 1)[-1]] if dev and dev in probe.get("swaps", []) else []
 
 
-def _window_records(a: Sequence[Mapping[str, Any]],
-                    b: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+def _window_records(
+    a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]]
+) -> list[Mapping[str, Any]]:
     """The rounds that finished inside the window: the log's records past the start's count."""
-    return list(b[len(a):])
+    return list(b[len(a) :])
 
 
 def guest_figures(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, float]:
@@ -58,10 +59,10 @@ def guest_figures(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, float
     va, vb = pa["vmstat"], pb["vmstat"]
     pool_dev = pool_swap_devices(pb)
     dev_a, dev_b = pa.get("blocks", {}), pb.get("blocks", {})
-    pool_in = sum(_d(dev_a.get(d, {}), dev_b.get(d, {}), "read_sectors")
-                  for d in pool_dev) / SECTORS_PER_PAGE
-    pool_out = sum(_d(dev_a.get(d, {}), dev_b.get(d, {}), "write_sectors")
-                   for d in pool_dev) / SECTORS_PER_PAGE
+    pool_in = sum(_d(dev_a.get(d, {}), dev_b.get(d, {}), "read_sectors") for d in pool_dev) / SECTORS_PER_PAGE
+    pool_out = (
+        sum(_d(dev_a.get(d, {}), dev_b.get(d, {}), "write_sectors") for d in pool_dev) / SECTORS_PER_PAGE
+    )
     # what the host agent's swap device read from and wrote to its spill file (host storage, not
     # the pool) when the pool refused pages
     sa, sb = a.get("swapdev") or {}, b.get("swapdev") or {}
@@ -136,8 +137,11 @@ def config_figures(a: Mapping[str, Any], b: Mapping[str, Any], seconds: float) -
         "disk_read_mib": round(total.get("disk_read_mib", 0.0), 1),
         "storage_reads": round(total.get("storage_reads", 0.0)),
         "storage_ops": round(total.get("storage_reads", 0.0) + total.get("disk_writes", 0.0)),
-        "storage_ops_per_second": (round((total.get("storage_reads", 0.0) + total.get("disk_writes", 0.0))
-                                         / seconds, 1) if seconds else None),
+        "storage_ops_per_second": (
+            round((total.get("storage_reads", 0.0) + total.get("disk_writes", 0.0)) / seconds, 1)
+            if seconds
+            else None
+        ),
         "swap_pages_to_disk": int(total.get("swap_pages_to_disk", 0)),
         "swap_pages_to_pool": int(total.get("swap_pages_to_pool", 0)),
         "swap_pages_to_host_spill": int(total.get("swap_pages_to_host_spill", 0)),
@@ -148,16 +152,18 @@ def config_figures(a: Mapping[str, Any], b: Mapping[str, Any], seconds: float) -
         "guest_memory_mib_end": round(total.get("guest_memory_mib_end", 0.0), 1),
         "pool_mib_end": round(pool_mib, 1),
         "host_disk_cache_mib_end": round(disk_cache_mib, 1),
-        "host_cached_growth_mib": round((float(hb.get("cached_kib", 0))
-                                         - float(ha.get("cached_kib", 0))) / 1024, 1),
+        "host_cached_growth_mib": round(
+            (float(hb.get("cached_kib", 0)) - float(ha.get("cached_kib", 0))) / 1024, 1
+        ),
         "host_memory_mib": round(pool_mib + disk_cache_mib, 1),
         "host_agent_cpu_seconds": round(agent_cpu, 2),
         "qemu_cpu_seconds": round(total.get("qemu_cpu_seconds", 0.0), 1),
         "guest_cpu_seconds": round(guest_cpu, 1),
         "host_agent_cpu_pct_of_guest": round(100 * agent_cpu / guest_cpu, 3) if guest_cpu else None,
         "guest_agent_cpu_seconds": round(total.get("guest_agent_cpu_seconds", 0.0), 1),
-        "guest_agent_cpu_pct_of_guest": (round(100 * total.get("guest_agent_cpu_seconds", 0.0) / guest_cpu, 1)
-                                         if guest_cpu else None),
+        "guest_agent_cpu_pct_of_guest": (
+            round(100 * total.get("guest_agent_cpu_seconds", 0.0) / guest_cpu, 1) if guest_cpu else None
+        ),
         "guest_agent_rss_mib": round(total.get("guest_agent_rss_mib", 0.0), 1),
         "zswap_stored_pages_end": int(total.get("zswap_stored_pages", 0)),
         "zswap_pool_mib_end": round(total.get("zswap_pool_mib", 0.0), 1),
@@ -195,14 +201,22 @@ def ratios(configs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
                 continue
             out[f"{name}_vs_{base_name}"] = {
                 key: _ratio(_rate(c, key), _rate(base, key))
-                for key in ("builds", "disk_ops", "storage_ops", "disk_reads", "disk_writes",
-                            "swap_pages_to_disk", "page_ins_from_disk")
+                for key in (
+                    "builds",
+                    "disk_ops",
+                    "storage_ops",
+                    "disk_reads",
+                    "disk_writes",
+                    "swap_pages_to_disk",
+                    "page_ins_from_disk",
+                )
             }
     if "plain_lean" in configs:
         for name in ("tmem", "host_cache"):
             if name in configs:
-                out[f"{name}_storage_ops_avoided_per_host_mib"] = avoided_per_mib(configs[name],
-                                                                                  configs["plain_lean"])
+                out[f"{name}_storage_ops_avoided_per_host_mib"] = avoided_per_mib(
+                    configs[name], configs["plain_lean"]
+                )
     return out
 
 
@@ -218,36 +232,61 @@ def targets(configs: Mapping[str, Mapping[str, Any]], rat: Mapping[str, Any]) ->
     if t is None:
         return {}
     share = t["pool_share_of_page_ins"]
-    put("pool_serves_a_third_of_page_ins", None if share is None else share >= POOL_SHARE_MIN, share,
-        ">= 0.333", f"the pool served {t['page_ins_from_pool']} of {t['page_ins']} page-ins; "
-        f"{t['page_ins_from_disk']} came from the disk")
-    put("no_swap_pages_to_disk", t["swap_pages_to_disk"] == 0, t["swap_pages_to_disk"], "0",
+    put(
+        "pool_serves_a_third_of_page_ins",
+        None if share is None else share >= POOL_SHARE_MIN,
+        share,
+        ">= 0.333",
+        f"the pool served {t['page_ins_from_pool']} of {t['page_ins']} page-ins; "
+        f"{t['page_ins_from_disk']} came from the disk",
+    )
+    put(
+        "no_swap_pages_to_disk",
+        t["swap_pages_to_disk"] == 0,
+        t["swap_pages_to_disk"],
+        "0",
         f"{t['swap_pages_to_disk']} swap pages reached the guest disks ({t['swap_pages_to_pool']} went "
-        f"to the pool, which held {t['pool_mib_end']} MiB at the end)")
+        f"to the pool, which held {t['pool_mib_end']} MiB at the end)",
+    )
     lean, plain = configs.get("plain_lean"), configs.get("plain")
     if lean is not None and plain is not None:
         rate, lean_rate, plain_rate = (_rate(c, "storage_ops") for c in (t, lean, plain))
         met = rate <= DISK_OPS_VS_LEAN_MAX * lean_rate and rate < plain_rate
-        put("disk_ops_half_of_plain_lean_and_below_plain", met,
+        put(
+            "disk_ops_half_of_plain_lean_and_below_plain",
+            met,
             {"vs_plain_lean": _ratio(rate, lean_rate), "vs_plain": _ratio(rate, plain_rate)},
             "<= 0.5 of plain_lean, < 1 of plain",
             f"tmem {t['storage_ops']} ops in {t['seconds']} s against plain_lean's {lean['storage_ops']} "
-            f"in {lean['seconds']} s and plain's {plain['storage_ops']} in {plain['seconds']} s")
+            f"in {lean['seconds']} s and plain's {plain['storage_ops']} in {plain['seconds']} s",
+        )
     a_t = rat.get("tmem_storage_ops_avoided_per_host_mib")
     a_h = rat.get("host_cache_storage_ops_avoided_per_host_mib")
     if "host_cache" in configs and lean is not None:
         # tmem must avoid something; against a host cache that avoided nothing, that is enough
-        met = a_t is not None and a_t > 0 and (a_h is None or a_h <= 0
-                                               or a_t >= AVOIDED_PER_MIB_VS_HOST_CACHE_MIN * a_h)
+        met = (
+            a_t is not None
+            and a_t > 0
+            and (a_h is None or a_h <= 0 or a_t >= AVOIDED_PER_MIB_VS_HOST_CACHE_MIN * a_h)
+        )
         value = _ratio(a_t, a_h) if a_t is not None and a_h is not None and a_h > 0 else None
-        put("avoided_per_mib_1_5x_host_cache", met, {"tmem": a_t, "host_cache": a_h, "ratio": value},
-            ">= 1.5x host_cache's", f"tmem avoided {a_t} storage ops per MiB of host memory "
+        put(
+            "avoided_per_mib_1_5x_host_cache",
+            met,
+            {"tmem": a_t, "host_cache": a_h, "ratio": value},
+            ">= 1.5x host_cache's",
+            f"tmem avoided {a_t} storage ops per MiB of host memory "
             f"({t['host_memory_mib']} MiB), host_cache {a_h} "
-            f"({configs['host_cache']['host_memory_mib']} MiB)")
+            f"({configs['host_cache']['host_memory_mib']} MiB)",
+        )
     cpu = t["host_agent_cpu_pct_of_guest"]
-    put("host_agent_cpu_at_most_0_2pct_of_guest", None if cpu is None else cpu <= HOST_AGENT_CPU_PCT_MAX,
-        {"host_agent_pct": cpu, "guest_agent_pct": t["guest_agent_cpu_pct_of_guest"]}, "<= 0.2%",
-        f"host agent {t['host_agent_cpu_seconds']} s of {t['guest_cpu_seconds']} guest CPU s")
+    put(
+        "host_agent_cpu_at_most_0_2pct_of_guest",
+        None if cpu is None else cpu <= HOST_AGENT_CPU_PCT_MAX,
+        {"host_agent_pct": cpu, "guest_agent_pct": t["guest_agent_cpu_pct_of_guest"]},
+        "<= 0.2%",
+        f"host agent {t['host_agent_cpu_seconds']} s of {t['guest_cpu_seconds']} guest CPU s",
+    )
     return out
 
 
@@ -287,8 +326,11 @@ def markdown_table(configs: Mapping[str, Mapping[str, Any]]) -> str:
     """One row per configuration, in the benchmark's order."""
     head = "| configuration | " + " | ".join(title for title, _ in COLUMNS) + " |"
     rule = "|---" * (len(COLUMNS) + 1) + "|"
-    rows = [f"| {name} | " + " | ".join(_cell(configs[name], key) for _, key in COLUMNS) + " |"
-            for name in CONFIGS if name in configs]
+    rows = [
+        f"| {name} | " + " | ".join(_cell(configs[name], key) for _, key in COLUMNS) + " |"
+        for name in CONFIGS
+        if name in configs
+    ]
     return "\n".join([head, rule, *rows])
 
 
@@ -296,6 +338,8 @@ def markdown_targets(tgt: Mapping[str, Mapping[str, Any]]) -> str:
     lines = []
     for name, t in tgt.items():
         mark = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
-        lines.append(f"- `{name}`: {mark} (value {t['value']}, target {t['target']})"
-                     + (f": {t['why']}" if "why" in t else ""))
+        lines.append(
+            f"- `{name}`: {mark} (value {t['value']}, target {t['target']})"
+            + (f": {t['why']}" if "why" in t else "")
+        )
     return "\n".join(lines)

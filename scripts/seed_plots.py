@@ -35,8 +35,12 @@ def bars(configs: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
     ax_builds.bar(xs, [configs[n]["builds"] for n in names], color="tab:green")
     ax_builds.set_title("builds completed")
     ax_mem.bar(xs, [configs[n]["pool_mib_end"] for n in names], label="tmem pool")
-    ax_mem.bar(xs, [configs[n]["host_disk_cache_mib_end"] for n in names],
-               bottom=[configs[n]["pool_mib_end"] for n in names], label="host page cache (disks)")
+    ax_mem.bar(
+        xs,
+        [configs[n]["host_disk_cache_mib_end"] for n in names],
+        bottom=[configs[n]["pool_mib_end"] for n in names],
+        label="host page cache (disks)",
+    )
     ax_mem.set_title("host memory for the guests (MiB)")
     ax_mem.legend(fontsize="small")
     for ax in (ax_io, ax_builds, ax_mem):

@@ -6,8 +6,9 @@ import time
 from collections.abc import Callable
 
 
-def wait_until(cond: Callable[[], object], timeout: float = 5.0, what: str = "the condition",
-               interval: float = 0.02) -> float:
+def wait_until(
+    cond: Callable[[], object], timeout: float = 5.0, what: str = "the condition", interval: float = 0.02
+) -> float:
     """Poll `cond` every `interval` s until it is true; returns the seconds it took.
 
     Raises TimeoutError naming `what` after `timeout` s, so a failure says what never happened.

@@ -78,8 +78,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             continue
         item.add_marker(getattr(pytest.mark, tier))
     if missing:
-        raise pytest.UsageError(f"tests/conftest.py: no tier for {', '.join(sorted(missing))} "
-                                "(add each module to TIERS)")
+        raise pytest.UsageError(
+            f"tests/conftest.py: no tier for {', '.join(sorted(missing))} (add each module to TIERS)"
+        )
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -30,12 +30,14 @@ async def _until(cond: Callable[[], bool], what: str) -> None:
 
 def test_domain_links_belong_to_the_agent_and_end_with_it(tmp_path: Path) -> None:
     shm = Path(tempfile.mkdtemp(prefix="tmem-t", dir="/dev/shm"))
-    cfg = config.parse({
-        "pool": {"limit_mib": 16, "host_reserve_mib": 0, "arena_dir": str(shm)},
-        "control": {"socket": str(tmp_path / "control.sock")},
-        "channels": {"dir": str(tmp_path / "guests")},
-        "libvirt": {"enabled": False},
-    })
+    cfg = config.parse(
+        {
+            "pool": {"limit_mib": 16, "host_reserve_mib": 0, "arena_dir": str(shm)},
+            "control": {"socket": str(tmp_path / "control.sock")},
+            "channels": {"dir": str(tmp_path / "guests")},
+            "libvirt": {"enabled": False},
+        }
+    )
     agent = HostAgent(cfg)
     qemu = str(tmp_path / "qemu.sock")
     accepted: list[asyncio.StreamWriter] = []

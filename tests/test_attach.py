@@ -48,9 +48,10 @@ def test_without_devices_removes_only_tmem() -> None:
 def test_the_live_form_is_what_the_watcher_looks_for() -> None:
     """Once libvirt has filled in the path, virt.tmem_socket finds the channel attach added."""
     live = attach.with_devices(DOMAIN, attach.devices()).replace(
-        "<source mode=\"bind\" /><target type=\"virtio\" name=\"org.tmem.0\"",
-        "<source mode=\"bind\" path=\"/var/lib/libvirt/qemu/channel/target/d/org.tmem.0\" />"
-        "<target type=\"virtio\" name=\"org.tmem.0\"")
+        '<source mode="bind" /><target type="virtio" name="org.tmem.0"',
+        '<source mode="bind" path="/var/lib/libvirt/qemu/channel/target/d/org.tmem.0" />'
+        '<target type="virtio" name="org.tmem.0"',
+    )
     assert tmem_socket(live) == "/var/lib/libvirt/qemu/channel/target/d/org.tmem.0"
 
 
@@ -153,7 +154,7 @@ def test_a_boot_only_device_goes_into_the_definition_validated() -> None:
     change = attach.attach(conn, "web1", [*attach.devices(), BootOnly()])
     assert change.not_live == ["disk tmemswap"]
     assert change.config == ["channel org.tmem.0", "disk tmemswap"]
-    (xml, flags), = conn.defined
+    ((xml, flags),) = conn.defined
     assert flags == libvirt.VIR_DOMAIN_DEFINE_VALIDATE and "swap-test" in xml
     detached = attach.detach(conn, "web1", [*attach.devices(), BootOnly()])
     # the disk never reached the running domain: nothing to unplug, only the definition changes

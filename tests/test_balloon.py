@@ -45,17 +45,25 @@ class Guest:
         self.persistent = 0
 
     def obs(self) -> Observation:
-        return Observation(actual_kib=self.actual, max_kib=self.max, committed_kib=self.committed,
-                           report_age=self.report_age, swapin_rate=self.swapin,
-                           refault_rate=self.refault, preswap_refused=self.refused,
-                           persistent_pages=self.persistent, swapdev_refused=self.swapdev_refused)
+        return Observation(
+            actual_kib=self.actual,
+            max_kib=self.max,
+            committed_kib=self.committed,
+            report_age=self.report_age,
+            swapin_rate=self.swapin,
+            refault_rate=self.refault,
+            preswap_refused=self.refused,
+            persistent_pages=self.persistent,
+            swapdev_refused=self.swapdev_refused,
+        )
 
 
 class Run:
     """The controller and a fake clock; `step()` applies the plan's targets to the fake guests."""
 
-    def __init__(self, guests: dict[str, Guest], params: Params | None = None,
-                 host: HostParams | None = None) -> None:
+    def __init__(
+        self, guests: dict[str, Guest], params: Params | None = None, host: HostParams | None = None
+    ) -> None:
         self.ctl = Controller(host or HostParams(min_available_mib=1024, pressure_step_mib=64))
         self.guests = guests
         self.now = 1000.0
@@ -66,8 +74,13 @@ class Run:
 
     def step(self, persistent_excess: int = 0):  # type: ignore[no-untyped-def]
         self.now += INTERVAL
-        plan = self.ctl.step(self.now, {n: g.obs() for n, g in self.guests.items()},
-                             self.available, self.ephemeral, persistent_excess)
+        plan = self.ctl.step(
+            self.now,
+            {n: g.obs() for n, g in self.guests.items()},
+            self.available,
+            self.ephemeral,
+            persistent_excess,
+        )
         for name, target in plan.targets.items():
             g = self.guests[name]
             self.available += g.actual - target  # memory the balloon takes is the host's again
@@ -273,22 +286,28 @@ def test_reserve_takes_from_guests_above_goal_most_excess_first() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.integers(0, 10_000), st.dictionaries(st.sampled_from("abcdef"), st.integers(0, 5000),
-                                               min_size=1),
-       st.dictionaries(st.sampled_from("abcdef"), st.integers(1, 8000)))
-def test_share_out_never_exceeds_room_and_sums(amount: int, room: dict[str, int],
-                                               shares: dict[str, int]) -> None:
+@given(
+    st.integers(0, 10_000),
+    st.dictionaries(st.sampled_from("abcdef"), st.integers(0, 5000), min_size=1),
+    st.dictionaries(st.sampled_from("abcdef"), st.integers(1, 8000)),
+)
+def test_share_out_never_exceeds_room_and_sums(
+    amount: int, room: dict[str, int], shares: dict[str, int]
+) -> None:
     out = share_out(amount, room, shares)
     assert all(0 <= out[g] <= room[g] for g in room)
     assert sum(out.values()) == min(amount, sum(room.values()))
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 4000), st.booleans()), min_size=1,
-                max_size=40),
-       st.integers(256, 4096), st.integers(64, 4096))
-def test_any_trace_keeps_floor_and_max(trace: list[tuple[int, int, bool]], max_mib: int,
-                                       start_mib: int) -> None:
+@given(
+    st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 4000), st.booleans()), min_size=1, max_size=40),
+    st.integers(256, 4096),
+    st.integers(64, 4096),
+)
+def test_any_trace_keeps_floor_and_max(
+    trace: list[tuple[int, int, bool]], max_mib: int, start_mib: int
+) -> None:
     g = Guest(actual_mib=min(start_mib, max_mib), max_mib=max_mib)
     run = Run({"g": g})
     floor = auto_floor_kib(g.max)
@@ -302,9 +321,17 @@ def test_any_trace_keeps_floor_and_max(trace: list[tuple[int, int, bool]], max_m
 
 
 def test_config_balloon_table() -> None:
-    cfg = configmod.parse({"balloon": {
-        "enabled": True, "interval": 2, "reserve_mib": 32, "host_min_available_mib": 512,
-        "guest": [{"name": "tmem-1", "shares": 3000, "enabled": False, "floor_mib": 300}]}})
+    cfg = configmod.parse(
+        {
+            "balloon": {
+                "enabled": True,
+                "interval": 2,
+                "reserve_mib": 32,
+                "host_min_available_mib": 512,
+                "guest": [{"name": "tmem-1", "shares": 3000, "enabled": False, "floor_mib": 300}],
+            }
+        }
+    )
     b = cfg.balloon
     assert b.enabled and b.interval == 2.0 and b.host.min_available_mib == 512
     assert b.params("tmem-2") == replace(Params(), reserve_mib=32)
@@ -344,19 +371,36 @@ def test_stats_table_shows_goal_target_actual_floor_and_last_action() -> None:
     run.steps(3)
     st_ = run.ctl.guests["g"]
     figures = {
-        "enabled": True, "state": st_.state, "goal_kib": st_.goal_kib, "target_kib": st_.target_kib,
-        "actual_kib": g.actual, "floor_kib": st_.floor_kib, "max_kib": g.max,
-        "given_back_kib": st_.given_back_kib, "returned_kib": 0,
-        "last": {"action": "shrink", "from_kib": 900 * MIB, "to_kib": g.actual,
-                 "reason": st_.last.reason if st_.last else ""},
+        "enabled": True,
+        "state": st_.state,
+        "goal_kib": st_.goal_kib,
+        "target_kib": st_.target_kib,
+        "actual_kib": g.actual,
+        "floor_kib": st_.floor_kib,
+        "max_kib": g.max,
+        "given_back_kib": st_.given_back_kib,
+        "returned_kib": 0,
+        "last": {
+            "action": "shrink",
+            "from_kib": 900 * MIB,
+            "to_kib": g.actual,
+            "reason": st_.last.reason if st_.last else "",
+        },
     }
-    text = statsview.format_stats({
-        "guests": {"u": {"name": "tmem-1", "balloon": figures}},
-        "balloon": {"enabled": True, "interval": 5, "pressure": False,
-                    "host_available_kib": 8 << 20, "host_min_available_kib": 1 << 20},
-    })
+    text = statsview.format_stats(
+        {
+            "guests": {"u": {"name": "tmem-1", "balloon": figures}},
+            "balloon": {
+                "enabled": True,
+                "interval": 5,
+                "pressure": False,
+                "host_available_kib": 8 << 20,
+                "host_min_available_kib": 1 << 20,
+            },
+        }
+    )
     lines = text.splitlines()
-    table = lines[next(i for i, x in enumerate(lines) if x.startswith("balloon (MiB)")):]
+    table = lines[next(i for i, x in enumerate(lines) if x.startswith("balloon (MiB)")) :]
     row = next(line for line in table if line.startswith("tmem-1"))
     mib = [f"{kib / MIB:.0f}" for kib in (g.actual, g.actual, st_.given_back_kib)]
     assert row.split()[1:7] == ["364", mib[0], mib[1], "232", "1024", mib[2]]

@@ -19,8 +19,9 @@ from tests.support.wire_guest import connected
 
 def run_into_closed_pipe(*argv: str) -> tuple[int, str]:
     """Run argv with stdout a pipe whose read end is already closed; its exit status and stderr."""
-    proc = subprocess.Popen([sys.executable, "-W", "ignore::UserWarning", *argv],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-W", "ignore::UserWarning", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     assert proc.stdout is not None and proc.stderr is not None
     proc.stdout.close()
     err = proc.stderr.read().decode()
@@ -30,17 +31,35 @@ def run_into_closed_pipe(*argv: str) -> tuple[int, str]:
 def run_into_head(*argv: str) -> tuple[int, str, str]:
     """`argv | head -1`, through a real shell pipeline."""
     cmd = " ".join([sys.executable, "-W", "ignore::UserWarning", *argv])
-    res = subprocess.run(["bash", "-c", f"set -o pipefail; {cmd} 2>/tmp/tmem-pipe-err.$$ | head -1; rc=$?; "
-                          "cat /tmp/tmem-pipe-err.$$ >&2; rm -f /tmp/tmem-pipe-err.$$; exit $rc"],
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f"set -o pipefail; {cmd} 2>/tmp/tmem-pipe-err.$$ | head -1; rc=$?; "
+            "cat /tmp/tmem-pipe-err.$$ >&2; rm -f /tmp/tmem-pipe-err.$$; exit $rc",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     return res.returncode, res.stdout, res.stderr
 
 
-@pytest.mark.parametrize("args", [["pools"], ["pools", "--json"], ["stats"], ["stats", "--json"],
-                                  ["reserve", "1"], ["reserve", "1", "--json"]],
-                         ids=lambda a: " ".join(a))
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["pools"],
+        ["pools", "--json"],
+        ["stats"],
+        ["stats", "--json"],
+        ["reserve", "1"],
+        ["reserve", "1", "--json"],
+    ],
+    ids=lambda a: " ".join(a),
+)
 def test_hostagent_client_commands_end_quietly_when_the_reader_is_gone(
-        host_agent: HostAgentProcess, args: list[str]) -> None:
+    host_agent: HostAgentProcess, args: list[str]
+) -> None:
     with connected(host_agent, "g1") as g:
         for _ in range(300):  # output far larger than a pipe's buffer
             g.new_pool(int(PoolFlag.PERSISTENT))

@@ -27,7 +27,10 @@ def test_empty_document_is_all_defaults() -> None:
     assert c.pool.arena_dir == "/dev/shm/tmem" and c.pool.sample_interval == 1.0
     assert c.control.socket == "/run/tmem/control.sock"
     assert (c.channels.dir, c.channels.max_payload, c.channels.max_vector) == (
-        "/run/tmem/guests", 1 << 20, 64)
+        "/run/tmem/guests",
+        1 << 20,
+        64,
+    )
     assert c.defaults == config.GuestDefaults(weight=1, cap_mib=0, quota_mib=256, compress=True)
     assert c.guests == () and c.shared_pools == ()
 
@@ -49,7 +52,10 @@ def test_example_file_commented_guests_are_valid(tmp_path: Path) -> None:
 
 
 def test_guests_inherit_defaults_and_get_a_socket_in_the_channel_dir(tmp_path: Path) -> None:
-    c = config.load(write(tmp_path, """
+    c = config.load(
+        write(
+            tmp_path,
+            """
 [channels]
 dir = "/run/x"
 [defaults]
@@ -64,17 +70,24 @@ socket = "/srv/g2.sock"
 weight = 5
 cap_mib = 100
 compress = true
-"""))
+""",
+        )
+    )
     g1, g2 = c.guests
-    assert g1 == config.GuestConfig(name="g1", socket="/run/x/g1.sock", weight=2, cap_mib=0,
-                                    quota_mib=64, compress=False)
-    assert g2 == config.GuestConfig(name="g2", socket="/srv/g2.sock", weight=5, cap_mib=100,
-                                    quota_mib=64, compress=True)
+    assert g1 == config.GuestConfig(
+        name="g1", socket="/run/x/g1.sock", weight=2, cap_mib=0, quota_mib=64, compress=False
+    )
+    assert g2 == config.GuestConfig(
+        name="g2", socket="/srv/g2.sock", weight=5, cap_mib=100, quota_mib=64, compress=True
+    )
     assert c.guest("g2") == g2 and c.guest("nope") is None
 
 
 def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
-    c = config.load(write(tmp_path, """
+    c = config.load(
+        write(
+            tmp_path,
+            """
 [pool]
 arena_dir = "arena"
 [control]
@@ -86,7 +99,9 @@ name = "a"
 [[guest]]
 name = "b"
 socket = "b/b.sock"
-"""))
+""",
+        )
+    )
     base = tmp_path.resolve()
     assert c.pool.arena_dir == str(base / "arena")
     assert c.control.socket == str(base / "ctl.sock")
@@ -94,10 +109,12 @@ socket = "b/b.sock"
 
 
 def test_shared_pool_acl() -> None:
-    c = config.parse({
-        "guest": [{"name": "g1"}, {"name": "g2"}, {"name": "g3"}],
-        "shared_pool": [{"uuid": "6f1c2a94-3b5e-4c1d-9a8f-0e2d4b6c8a10", "guests": ["g1", "g2"]}],
-    })
+    c = config.parse(
+        {
+            "guest": [{"name": "g1"}, {"name": "g2"}, {"name": "g3"}],
+            "shared_pool": [{"uuid": "6f1c2a94-3b5e-4c1d-9a8f-0e2d4b6c8a10", "guests": ["g1", "g2"]}],
+        }
+    )
     u = bytes.fromhex("6f1c2a943b5e4c1d9a8f0e2d4b6c8a10")
     assert c.shared_pools == (config.SharedPoolConfig(uuid=u, guests=("g1", "g2")),)
     assert c.shared_acl() == {u: frozenset({"g1", "g2"})}
@@ -130,17 +147,22 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"guest": [{"name": "g1", "weigth": 2}]}, "guest 'g1'.weigth"),
     ({"guest": [{"name": "g1", "quota_mib": -5}]}, "guest 'g1'.quota_mib"),
     ({"guest": [{"name": "g1"}, {"name": "g1"}]}, "guest 'g1'"),
-    ({"guest": [{"name": "g1", "socket": "/s"}, {"name": "g2", "socket": "/s"}]},
-     "guest 'g2'.socket"),
+    ({"guest": [{"name": "g1", "socket": "/s"}, {"name": "g2", "socket": "/s"}]}, "guest 'g2'.socket"),
     ({"control": {"socket": "/s"}, "guest": [{"name": "g1", "socket": "/s"}]}, "control.socket"),
     ({"shared_pool": [{"uuid": "nope", "guests": []}]}, "shared_pool[0].uuid"),
-    ({"shared_pool": [{"uuid": "00000000-0000-0000-0000-000000000000", "guests": []}]},
-     "shared_pool[0].uuid"),
+    (
+        {"shared_pool": [{"uuid": "00000000-0000-0000-0000-000000000000", "guests": []}]},
+        "shared_pool[0].uuid",
+    ),
     ({"shared_pool": [{"uuid": "6f1c2a94-3b5e-4c1d-9a8f-0e2d4b6c8a10"}]}, "shared_pool[0].guests"),
-    ({"shared_pool": [{"uuid": "6f1c2a94-3b5e-4c1d-9a8f-0e2d4b6c8a10", "guests": ["zz"]}]},
-     "shared_pool[0].guests"),
-    ({"shared_pool": [{"uuid": "6f1c2a94-3b5e-4c1d-9a8f-0e2d4b6c8a10", "guests": [1]}]},
-     "shared_pool[0].guests"),
+    (
+        {"shared_pool": [{"uuid": "6f1c2a94-3b5e-4c1d-9a8f-0e2d4b6c8a10", "guests": ["zz"]}]},
+        "shared_pool[0].guests",
+    ),
+    (
+        {"shared_pool": [{"uuid": "6f1c2a94-3b5e-4c1d-9a8f-0e2d4b6c8a10", "guests": [1]}]},
+        "shared_pool[0].guests",
+    ),
     ({"swap": {"size_mib": 0}}, "swap.size_mib"),
     ({"swap": {"enabled": "yes"}}, "swap.enabled"),
     ({"swap": {"sock": "/x"}}, "swap.sock"),
@@ -153,8 +175,7 @@ BAD: list[tuple[dict[str, Any], str]] = [
 def test_bad_settings_are_refused_naming_the_key(doc: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError) as info:
         config.parse(doc)
-    assert str(info.value).startswith(key + ":") or str(info.value).startswith(key + " "), \
-        str(info.value)
+    assert str(info.value).startswith(key + ":") or str(info.value).startswith(key + " "), str(info.value)
 
 
 def test_load_errors_name_the_file(tmp_path: Path) -> None:

@@ -8,11 +8,13 @@ import pytest
 
 from scripts import demo
 
-BASELINE = {"configs": {
-    "plain": {"seconds": 120.0, "builds": 30, "disk_reads": 200, "disk_writes": 1000},
-    "plain_lean": {"seconds": 60.0, "builds": 10, "disk_reads": 6000, "disk_writes": 3000},
-    "tmem": {"seconds": 60.0, "builds": 1, "disk_reads": 1, "disk_writes": 1},
-}}
+BASELINE = {
+    "configs": {
+        "plain": {"seconds": 120.0, "builds": 30, "disk_reads": 200, "disk_writes": 1000},
+        "plain_lean": {"seconds": 60.0, "builds": 10, "disk_reads": 6000, "disk_writes": 3000},
+        "tmem": {"seconds": 60.0, "builds": 1, "disk_reads": 1, "disk_writes": 1},
+    }
+}
 
 
 def test_ratios_are_per_second_against_each_plain_configuration() -> None:
@@ -31,15 +33,25 @@ def test_without_a_baseline_no_benefit_is_stated() -> None:
 
 def stats(puts: int, hits: int, agent_cpu: float) -> dict[str, Any]:
     report = {"values": {"precache_hits": hits, "precache_gets": hits, "preswap_puts": puts}}
-    return {"guests": {"u": {"name": "g", "report": report, "domain": {"cpu_seconds": 0}, "balloon": None}},
-            "agent": {"cpu_seconds": agent_cpu, "guest_cpu_seconds": 100.0, "cpu_ratio": None},
-            "pool": {"pages": 0, "evictions": 0}, "balloon": {"enabled": False}}
+    return {
+        "guests": {"u": {"name": "g", "report": report, "domain": {"cpu_seconds": 0}, "balloon": None}},
+        "agent": {"cpu_seconds": agent_cpu, "guest_cpu_seconds": 100.0, "cpu_ratio": None},
+        "pool": {"pages": 0, "evictions": 0},
+        "balloon": {"enabled": False},
+    }
 
 
 def test_the_summary_labels_tmem_traffic_as_counts_and_compares_disk_ops() -> None:
     work = {"g": {"build": {"rounds": 4, "failed": 1}, "preswap": {"rounds": 2, "failed": 0}}}
-    s = demo.summary(stats(0, 0, 1.0), stats(600, 1200, 1.1), 60.0, {"g": 400 * 1024}, work,
-                     {"g": {"reads": 600, "writes": 300}}, BASELINE)
+    s = demo.summary(
+        stats(0, 0, 1.0),
+        stats(600, 1200, 1.1),
+        60.0,
+        {"g": 400 * 1024},
+        work,
+        {"g": {"reads": 600, "writes": 300}},
+        BASELINE,
+    )
     assert s["tmem_pages_per_second"] == {"gets_served": 20.0, "puts": 10.0}
     assert "disk_ios_avoided_per_second" not in s
     assert s["builds"] == 3 and s["disk"] == {"reads": 600, "writes": 300, "ops_per_second": 15.0}

@@ -141,16 +141,18 @@ def test_swap_device_is_an_nbd_blockdev_with_reconnect_on_the_qemu_command_line(
     uuid = "2b7c3e0a-1111-4222-8333-444455556666"
     root = parse(guest(uuid=uuid, swap_socket=Path("/run/tmem/swap.sock"), swap_reconnect_delay=45))
     assert one(root, "uuid").text == uuid
-    args = [a.get("value") for a in root.findall(f"{{{domain.QEMU_NS}}}commandline/"
-                                                  f"{{{domain.QEMU_NS}}}arg")]
+    args = [a.get("value") for a in root.findall(f"{{{domain.QEMU_NS}}}commandline/{{{domain.QEMU_NS}}}arg")]
     assert args[0] == "-blockdev" and args[2] == "-device"
     blockdev = json.loads(args[1] or "")
     assert blockdev == domain.swap_blockdev(Path("/run/tmem/swap.sock"), uuid, 45)
-    assert blockdev["export"] == uuid and blockdev["server"] == {"type": "unix",
-                                                                 "path": "/run/tmem/swap.sock"}
+    assert blockdev["export"] == uuid and blockdev["server"] == {
+        "type": "unix",
+        "path": "/run/tmem/swap.sock",
+    }
     assert blockdev["reconnect-delay"] == 45 and blockdev["discard"] == "unmap"
-    assert args[3] == (f"virtio-blk-pci,drive={domain.SWAP_NODE},id=tmemswap0,serial=tmem-swap,"
-                       "bus=pcie.0,addr=0x10")
+    assert args[3] == (
+        f"virtio-blk-pci,drive={domain.SWAP_NODE},id=tmemswap0,serial=tmem-swap,bus=pcie.0,addr=0x10"
+    )
     address = one(root, "devices/disk/address")  # the root disk is probed first: it stays vda
     assert (address.get("bus"), address.get("slot")) == ("0x00", "0x0e")
     assert not parse(guest()).findall(f"{{{domain.QEMU_NS}}}commandline")
@@ -237,8 +239,13 @@ def test_unusable_kvm_device_means_tcg(tmp_path: Path, kvm_device: Path) -> None
         "if os.geteuid() == 0:\n    os.setgid(65534); os.setuid(65534)\n"
         f"print(detect_virt_type(kvm_device={str(kvm_device)!r}, cpuinfo={str(info)!r}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parent.parent)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert out.stdout.strip() == "qemu", out.stderr
 
 

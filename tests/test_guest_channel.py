@@ -245,8 +245,9 @@ def test_a_pipelining_task_reads_its_own_replies(
     monkeypatch.setattr(channel_mod, "_SYNC_SLICE", 0.005)
     if join:
         init = channel_mod.Connection.__init__
-        monkeypatch.setattr(channel_mod.Connection, "__init__",
-                            lambda self, fd, join, *rest: init(self, fd, True, *rest))  # fmt: skip
+        monkeypatch.setattr(
+            channel_mod.Connection, "__init__", lambda self, fd, join, *rest: init(self, fd, True, *rest)
+        )
 
     async def main() -> None:
         wakeups = _Wakeups()
@@ -864,8 +865,11 @@ def test_character_device_transport() -> None:
 def guestagent_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "guestagent", *args],
-        capture_output=True, text=True, timeout=30, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
 
 
 def test_check_cli(host_agent: HostAgentProcess) -> None:
@@ -877,8 +881,13 @@ def test_check_cli(host_agent: HostAgentProcess) -> None:
     assert result["welcome"]["page_size"] == wire.PAGE_SIZE
     for kind in ("ephemeral", "persistent"):
         assert result[kind] | {"pool": 0, "get_rtt_us": 0} == {
-            "ok": True, "put": True, "get": True, "flush": True, "pool": 0, "get_rtt_us": 0,
-        }  # fmt: skip
+            "ok": True,
+            "put": True,
+            "get": True,
+            "flush": True,
+            "pool": 0,
+            "get_rtt_us": 0,
+        }
     assert [p for p in host_agent.request("pools") if p["owner"] == "g2"] == []  # cleaned up
 
     res = guestagent_cli("check", host_agent.sockets["g2"] + ".missing", "--timeout", "5")

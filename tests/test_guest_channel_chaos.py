@@ -66,8 +66,9 @@ class ChoppingProxy:
             host.connect(self.upstream)
             done = threading.Event()
 
-            def kill(guest: socket.socket = guest, host: socket.socket = host,
-                     done: threading.Event = done) -> None:  # fmt: skip
+            def kill(
+                guest: socket.socket = guest, host: socket.socket = host, done: threading.Event = done
+            ) -> None:
                 if not done.is_set():
                     done.set()
                     for s in (guest, host):
@@ -75,9 +76,17 @@ class ChoppingProxy:
                             s.shutdown(socket.SHUT_RDWR)
 
             threading.Thread(target=self._up, args=(guest, host, kill), daemon=True).start()
-            threading.Thread(target=self._down, daemon=True, args=(
-                guest, host, kill, random.Random(self.rng.random()),
-                self.rng.randrange(100_000, 3_000_000))).start()  # fmt: skip
+            threading.Thread(
+                target=self._down,
+                daemon=True,
+                args=(
+                    guest,
+                    host,
+                    kill,
+                    random.Random(self.rng.random()),
+                    self.rng.randrange(100_000, 3_000_000),
+                ),
+            ).start()
 
     @staticmethod
     def _up(guest: socket.socket, host: socket.socket, kill: Callable[[], None]) -> None:
@@ -88,8 +97,14 @@ class ChoppingProxy:
             pass
         kill()
 
-    def _down(self, guest: socket.socket, host: socket.socket,
-              kill: Callable[[], None], rng: random.Random, budget: int) -> None:  # fmt: skip
+    def _down(
+        self,
+        guest: socket.socket,
+        host: socket.socket,
+        kill: Callable[[], None],
+        rng: random.Random,
+        budget: int,
+    ) -> None:
         try:
             while data := host.recv(1 << 16):
                 at = 0
@@ -110,9 +125,7 @@ class ChoppingProxy:
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_pipelining_tasks_through_a_chopping_cutting_proxy(
-    host_agent: HostAgentProcess, seed: int
-) -> None:
+def test_pipelining_tasks_through_a_chopping_cutting_proxy(host_agent: HostAgentProcess, seed: int) -> None:
     proxy = ChoppingProxy(host_agent.sockets["g1"], seed)
     rounds: collections.Counter[str] = collections.Counter()
 
@@ -121,8 +134,7 @@ def test_pipelining_tasks_through_a_chopping_cutting_proxy(
         i = 0
         while time.monotonic() < end or inflight:
             if time.monotonic() < end:
-                inflight.append((i, pool.start_put(oid(o), i % 64, page(i)),
-                                 pool.start_get(oid(o), i % 64)))  # fmt: skip
+                inflight.append((i, pool.start_put(oid(o), i % 64, page(i)), pool.start_get(oid(o), i % 64)))
                 i += 1
             while len(inflight) >= most or (inflight and time.monotonic() >= end):
                 n, put, get = inflight.popleft()

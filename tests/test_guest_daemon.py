@@ -47,8 +47,9 @@ def host_guest(agent: HostAgentProcess, guest: str = "g1") -> dict[str, Any]:
 def host_has_fresh_report(agent: HostAgentProcess, guest: str = "g1") -> bool:
     g = host_guest(agent, guest)
     report = g.get("report")
-    return bool(g["connected"] and report and report["values"].get("committed_as_kib", 0) > 0
-                and report["age"] < 1.0)  # fmt: skip
+    return bool(
+        g["connected"] and report and report["values"].get("committed_as_kib", 0) > 0 and report["age"] < 1.0
+    )
 
 
 # -- connected ------------------------------------------------------------------------------------
@@ -226,9 +227,13 @@ class NoticeHost:
 
 def test_host_notices_are_logged_and_counted(daemons: list[GuestDaemon]) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="tmem-ga", dir="/tmp"))
-    host = NoticeHost(str(workdir / "host.sock"), [
-        (wire.Notice.BALLOON_TARGET, 262144), (wire.Notice.SHRINK_PERSISTENT, 17),
-    ])  # fmt: skip
+    host = NoticeHost(
+        str(workdir / "host.sock"),
+        [
+            (wire.Notice.BALLOON_TARGET, 262144),
+            (wire.Notice.SHRINK_PERSISTENT, 17),
+        ],
+    )
     try:
         d = new_daemon(daemons, workdir, host.path)
         d.start()
@@ -269,31 +274,44 @@ def test_a_host_that_refuses_us_is_reported_and_retried_not_fatal(daemons: list[
 
 def test_config_defaults_and_full_file(tmp_path: Path) -> None:
     assert configmod.parse({}) == configmod.Config(
-        port="org.tmem.0", channel="", name="", retry_interval=0.25, report_interval=2.0,
+        port="org.tmem.0",
+        channel="",
+        name="",
+        retry_interval=0.25,
+        report_interval=2.0,
         control_socket="/run/tmem/guestagent.sock",
-    )  # fmt: skip
+    )
     example = Path(configmod.__file__).with_name("guestagent.example.toml")
     assert configmod.load(example) == configmod.Config()  # the reference shows the defaults
     path = tmp_path / "ga.toml"
-    path.write_text('[channel]\nport = "org.tmem.1"\npath = "/dev/vport1p2"\nname = "g"\n'
-                    'retry_interval = 1\n[report]\ninterval = 5\n[control]\nsocket = "ga.sock"\n')
+    path.write_text(
+        '[channel]\nport = "org.tmem.1"\npath = "/dev/vport1p2"\nname = "g"\n'
+        'retry_interval = 1\n[report]\ninterval = 5\n[control]\nsocket = "ga.sock"\n'
+    )
     assert configmod.load(path) == configmod.Config(
-        port="org.tmem.1", channel="/dev/vport1p2", name="g", retry_interval=1.0, report_interval=5.0,
+        port="org.tmem.1",
+        channel="/dev/vport1p2",
+        name="g",
+        retry_interval=1.0,
+        report_interval=5.0,
         control_socket=str(tmp_path / "ga.sock"),
-    )  # fmt: skip
+    )
 
 
-@pytest.mark.parametrize(("doc", "key"), [
-    ({"report": {"interval": 0}}, "report.interval"),
-    ({"report": {"interval": True}}, "report.interval"),
-    ({"report": {"period": 1}}, "report.period"),
-    ({"channel": {"port": ""}}, "channel.port"),
-    ({"channel": {"name": "x" * 65}}, "channel.name"),
-    ({"channel": {"retry_interval": "1"}}, "channel.retry_interval"),
-    ({"control": {"socket": "/" + "s" * 120}}, "control.socket"),
-    ({"control": "x"}, "control"),
-    ({"daemon": {}}, "daemon"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("doc", "key"),
+    [
+        ({"report": {"interval": 0}}, "report.interval"),
+        ({"report": {"interval": True}}, "report.interval"),
+        ({"report": {"period": 1}}, "report.period"),
+        ({"channel": {"port": ""}}, "channel.port"),
+        ({"channel": {"name": "x" * 65}}, "channel.name"),
+        ({"channel": {"retry_interval": "1"}}, "channel.retry_interval"),
+        ({"control": {"socket": "/" + "s" * 120}}, "control.socket"),
+        ({"control": "x"}, "control"),
+        ({"daemon": {}}, "daemon"),
+    ],
+)
 def test_config_errors_name_the_key(doc: dict[str, Any], key: str) -> None:
     with pytest.raises(configmod.ConfigError, match=f"^{key}:"):
         configmod.parse(doc)

@@ -37,7 +37,8 @@ def closed_since(agent: HostAgentProcess, closes: int) -> bool:
 
 
 def test_a_vector_get_larger_than_the_socket_buffer_is_released_once_it_drains(
-        host_agent_stopped: HostAgentProcess) -> None:
+    host_agent_stopped: HostAgentProcess,
+) -> None:
     """64 raw pages in one GET_VEC: the reply (256 KiB) outgrows the kernel's socket buffer, so
     it is still partly queued when the request is done. Once the guest has read it all, the pages
     must be freed, and a SIGKILLed agent must not rebuild them."""
@@ -48,8 +49,7 @@ def test_a_vector_get_larger_than_the_socket_buffer_is_released_once_it_drains(
     for k in range(64):
         assert g.put(pool, 0, k, page(k)) == Status.OK
     keys = [(oid(0), k) for k in range(64)]
-    g.send(Frame(Op.GET_VEC, request_id=g.rid(), pool=pool, index=64,
-                 payload=wire.keys_payload(keys)))
+    g.send(Frame(Op.GET_VEC, request_id=g.rid(), pool=pool, index=64, payload=wire.keys_payload(keys)))
     time.sleep(0.3)  # not reading yet: the kernel's buffer fills, the rest waits in the agent
     reply = g.recv()
     assert wire.parse_get_vec_reply(reply.payload, 64) == [page(k) for k in range(64)]
@@ -85,15 +85,16 @@ def test_a_get_whose_reply_never_left_keeps_the_page(host_agent_stopped: HostAge
     assert persistent_pages(agent) == 0
 
 
-def test_a_get_answered_before_a_protocol_error_is_not_put_back(
-        host_agent: HostAgentProcess) -> None:
+def test_a_get_answered_before_a_protocol_error_is_not_put_back(host_agent: HostAgentProcess) -> None:
     """GET then a bad frame in one read: the agent writes the GET's reply and the ERROR, then
     closes. The guest got the page, so the page must not return to the pool."""
     g = host_agent.connect("g1")
     pool = g.new_pool(PERS_X)
     assert g.put(pool, 0, 7, page(7)) == Status.OK
-    g.send(Frame(Op.GET, request_id=g.rid(), pool=pool, oid=oid(0), index=7),
-           Frame(Op.GET, request_id=g.rid(), pool=999, oid=oid(0), index=7))
+    g.send(
+        Frame(Op.GET, request_id=g.rid(), pool=pool, oid=oid(0), index=7),
+        Frame(Op.GET, request_id=g.rid(), pool=999, oid=oid(0), index=7),
+    )
     reply = g.recv()
     assert (reply.opcode, reply.status, reply.payload) == (Op.GET, Status.OK, page(7))
     assert b"does not own" in g.expect_error().payload
@@ -115,8 +116,7 @@ def flood_unread(g: socket.socket, request: bytes, seconds: float = 1.0) -> None
             time.sleep(0.02)
 
 
-def test_a_guest_that_stops_reading_cannot_pile_up_closed_connections(
-        host_agent: HostAgentProcess) -> None:
+def test_a_guest_that_stops_reading_cannot_pile_up_closed_connections(host_agent: HostAgentProcess) -> None:
     """Each new connection replaces the last, whose replies the guest never reads: the replaced
     one is dropped when the guest connects again, so the agent holds at most one of them."""
     proc = psutil.Process(host_agent.pid)
@@ -127,8 +127,15 @@ def test_a_guest_that_stops_reading_cannot_pile_up_closed_connections(
     pool = first.new_pool(int(PoolFlag.PERSISTENT))
     for k in range(64):
         assert first.put(pool, 1, k, page(k)) == Status.OK
-    request = wire.encode(Frame(Op.GET_VEC, request_id=9, pool=pool, index=64,
-                                payload=wire.keys_payload([(oid(1), k) for k in range(64)])))
+    request = wire.encode(
+        Frame(
+            Op.GET_VEC,
+            request_id=9,
+            pool=pool,
+            index=64,
+            payload=wire.keys_payload([(oid(1), k) for k in range(64)]),
+        )
+    )
     flood_unread(first.sock, request)
     open_guests = [first]
     fds = proc.num_fds()
@@ -146,7 +153,8 @@ def test_a_guest_that_stops_reading_cannot_pile_up_closed_connections(
 
 
 def test_a_protocol_error_waiting_behind_unread_replies_closes_the_channel_cleanly(
-        host_agent: HostAgentProcess) -> None:
+    host_agent: HostAgentProcess,
+) -> None:
     """16 vector gets (4 MiB of replies) and a bad frame in one send: the agent stops reading at
     1 MiB queued, so the bad frame waits until the guest has read; applying it then closes the
     channel with an ERROR, and nothing goes wrong in the agent (the fixture checks its log)."""
@@ -155,9 +163,10 @@ def test_a_protocol_error_waiting_behind_unread_replies_closes_the_channel_clean
     for k in range(64):
         assert g.put(pool, 1, k, page(k)) == Status.OK
     keys = wire.keys_payload([(oid(1), k) for k in range(64)])
-    g.send(*[Frame(Op.GET_VEC, request_id=g.rid(), pool=pool, index=64, payload=keys)
-             for _ in range(16)],
-           Frame(Op.GET, request_id=g.rid(), pool=999, oid=oid(1), index=0))
+    g.send(
+        *[Frame(Op.GET_VEC, request_id=g.rid(), pool=pool, index=64, payload=keys) for _ in range(16)],
+        Frame(Op.GET, request_id=g.rid(), pool=999, oid=oid(1), index=0),
+    )
     time.sleep(0.3)
     for _ in range(16):
         assert g.recv().opcode == Op.GET_VEC

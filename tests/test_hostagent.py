@@ -21,11 +21,19 @@ from tests.support.wire_guest import WireGuest, connected, oid, page
 PERSISTENT = int(PoolFlag.PERSISTENT)
 
 
-def raw_header(op: int, *, flags: int = 0, status: int = 0, rid: int = 1, pool: int = 0,
-               index: int = 0, length: int = 0, magic: int = wire.MAGIC) -> bytes:
+def raw_header(
+    op: int,
+    *,
+    flags: int = 0,
+    status: int = 0,
+    rid: int = 1,
+    pool: int = 0,
+    index: int = 0,
+    length: int = 0,
+    magic: int = wire.MAGIC,
+) -> bytes:
     """A header encode() would refuse to build: the bad-input tests need those."""
-    return wire.HEADER.pack(magic, wire.VERSION, op, flags, status, 0, rid, pool, wire.NO_OID,
-                            index, length)
+    return wire.HEADER.pack(magic, wire.VERSION, op, flags, status, 0, rid, pool, wire.NO_OID, index, length)
 
 
 # -- handshake ------------------------------------------------------------------------------------
@@ -34,9 +42,12 @@ def raw_header(op: int, *, flags: int = 0, status: int = 0, rid: int = 1, pool: 
 def test_handshake_reports_limits_and_marks_guest_connected(host_agent: HostAgentProcess) -> None:
     with connected(host_agent, "g1") as g:
         w = g.welcome
-        assert w == wire.Welcome(version=wire.VERSION, page_size=wire.PAGE_SIZE,
-                                 max_payload=host_agent.max_payload,
-                                 max_vector=host_agent.max_vector)
+        assert w == wire.Welcome(
+            version=wire.VERSION,
+            page_size=wire.PAGE_SIZE,
+            max_payload=host_agent.max_payload,
+            max_vector=host_agent.max_vector,
+        )
         guests = host_agent.stats()["guests"]
         assert guests["g1"]["connected"] is True
         assert guests["g1"]["connected_since"] is not None
@@ -49,8 +60,15 @@ def test_hello_without_common_version_is_refused(host_agent: HostAgentProcess) -
         g0.new_pool()
     g = WireGuest(host_agent.sockets["g2"])
     rid = g.rid()
-    g.send(Frame(Op.HELLO, request_id=rid, payload=wire.hello_payload(
-        wire.Hello(wire.VERSION + 1, wire.VERSION + 5, wire.PAGE_SIZE, "future"))))
+    g.send(
+        Frame(
+            Op.HELLO,
+            request_id=rid,
+            payload=wire.hello_payload(
+                wire.Hello(wire.VERSION + 1, wire.VERSION + 5, wire.PAGE_SIZE, "future")
+            ),
+        )
+    )
     reply = g.recv()
     assert (reply.opcode, reply.request_id, reply.status) == (Op.HELLO, rid, Status.INVALID)
     err = g.expect_error()
@@ -120,8 +138,9 @@ def test_pipelined_frames_in_one_write_are_answered_in_order(host_agent: HostAge
     n = 300
     with connected(host_agent) as g:
         pool = g.new_pool(PERSISTENT)
-        frames = [Frame(Op.PUT, request_id=1000 + i, pool=pool, oid=oid(i), payload=page(i))
-                  for i in range(n)]
+        frames = [
+            Frame(Op.PUT, request_id=1000 + i, pool=pool, oid=oid(i), payload=page(i)) for i in range(n)
+        ]
         frames += [Frame(Op.GET, request_id=2000 + i, pool=pool, oid=oid(i)) for i in range(n)]
         frames.append(Frame(Op.GET, request_id=3000, pool=pool, oid=oid(n)))  # a miss
         g.send(*frames)  # one sendall
@@ -140,8 +159,12 @@ def test_noreply_puts_get_no_reply_but_are_applied(host_agent: HostAgentProcess)
     n = 100
     with connected(host_agent) as g:
         pool = g.new_pool(0)
-        g.send(*[Frame(Op.PUT, flags=Flag.NOREPLY, request_id=10 + i, pool=pool, oid=oid(i),
-                       payload=page(i)) for i in range(n)])
+        g.send(
+            *[
+                Frame(Op.PUT, flags=Flag.NOREPLY, request_id=10 + i, pool=pool, oid=oid(i), payload=page(i))
+                for i in range(n)
+            ]
+        )
         # The next frame received must answer the GET: nothing was sent back for the puts.
         rid = g.rid()
         g.send(Frame(Op.GET, request_id=rid, pool=pool, oid=oid(n - 1)))
@@ -158,8 +181,11 @@ def test_query_unknown_pool_is_no_pool_not_an_error(host_agent: HostAgentProcess
 
 
 def test_shared_pool_needs_authorisation(host_agent: HostAgentProcess) -> None:
-    with connected(host_agent, "g1") as g1, connected(host_agent, "g2") as g2, \
-            connected(host_agent, "g3") as g3:
+    with (
+        connected(host_agent, "g1") as g1,
+        connected(host_agent, "g2") as g2,
+        connected(host_agent, "g3") as g3,
+    ):
         spec = wire.pool_spec_payload(PoolFlag.SHARED | PoolFlag.PERSISTENT, SHARED_UUID)
         denied = g3.call(Op.NEW_POOL, payload=spec)
         assert denied.status == Status.DENIED
@@ -183,8 +209,11 @@ def test_guest_stats_report_is_kept_with_its_age(host_agent: HostAgentProcess) -
         assert g.query_pool(1) is None
         rates = stats_json(host_agent)["guests"]["g1"]["rates"]
         assert 0 < rates["pswpin"] <= 100 / 0.2  # 100 pages in >= 0.2 s
-        row = next(line for line in host_agent.cli("stats").stdout.splitlines()
-                   if line.startswith("g1 ") and "ago" in line)
+        row = next(
+            line
+            for line in host_agent.cli("stats").stdout.splitlines()
+            if line.startswith("g1 ") and "ago" in line
+        )
         assert row.split()[3:5] == ["1024", "512"]  # committed and available, MiB
 
 
@@ -264,8 +293,11 @@ def test_a_new_hello_restarts_the_session(host_agent: HostAgentProcess) -> None:
         pers = g.new_pool(PERSISTENT)
         assert g.put(eph, 1, 0, page(1)) == Status.OK
         assert g.put(pers, 1, 0, page(2)) == Status.OK
-        g.send(Frame(Op.HELLO, request_id=77,
-                     payload=wire.hello_payload(wire.Hello(1, 1, wire.PAGE_SIZE, "again"))))
+        g.send(
+            Frame(
+                Op.HELLO, request_id=77, payload=wire.hello_payload(wire.Hello(1, 1, wire.PAGE_SIZE, "again"))
+            )
+        )
         reply = g.recv()
         assert (reply.opcode, reply.request_id, reply.status) == (Op.HELLO, 77, Status.OK)
         assert g.query_pool(eph) is None  # ephemeral pools went with the old session
@@ -277,8 +309,12 @@ def test_a_new_hello_restarts_the_session(host_agent: HostAgentProcess) -> None:
 def test_good_frames_before_a_bad_one_are_still_applied(host_agent: HostAgentProcess) -> None:
     with connected(host_agent) as g:
         pool = g.new_pool(PERSISTENT)
-        g.send_raw(wire.encode(Frame(Op.PUT, flags=Flag.NOREPLY, request_id=9, pool=pool,
-                                     oid=oid(1), payload=page(1))) + raw_header(99))
+        g.send_raw(
+            wire.encode(
+                Frame(Op.PUT, flags=Flag.NOREPLY, request_id=9, pool=pool, oid=oid(1), payload=page(1))
+            )
+            + raw_header(99)
+        )
         g.expect_error()
     with connected(host_agent) as g:
         assert g.get(pool, 1, 0) == page(1)
@@ -303,8 +339,7 @@ def test_second_connection_replaces_the_first(host_agent: HostAgentProcess) -> N
     assert "replaces the current one" in host_agent.log()
 
 
-def test_persistent_pages_survive_reconnect_ephemeral_pools_do_not(
-        host_agent: HostAgentProcess) -> None:
+def test_persistent_pages_survive_reconnect_ephemeral_pools_do_not(host_agent: HostAgentProcess) -> None:
     with connected(host_agent) as g:
         eph = g.new_pool(0)
         pers = g.new_pool(PERSISTENT | PoolFlag.EXCLUSIVE_GETS)
@@ -336,8 +371,7 @@ def test_persistent_pages_survive_an_agent_restart(host_agent: HostAgentProcess)
             assert g.get(pers, i, 0) == page(i, compressible=bool(i % 2))
 
 
-def test_an_unreadable_pool_table_stops_the_start_and_loses_nothing(
-        host_agent: HostAgentProcess) -> None:
+def test_an_unreadable_pool_table_stops_the_start_and_loses_nothing(host_agent: HostAgentProcess) -> None:
     """Starting without the table would drop every persistent page as unowned: the agent says why
     and exits instead; with the table restored, the pages are there."""
     with connected(host_agent) as g:
@@ -368,7 +402,7 @@ def test_a_guest_that_never_reads_cannot_grow_host_memory(host_agent: HostAgentP
         g.sock.setblocking(False)
         while sent < limit:
             try:
-                sent += g.sock.send(chunk[sent % len(chunk):])
+                sent += g.sock.send(chunk[sent % len(chunk) :])
             except BlockingIOError:
                 _, writable, _ = select.select([], [g.sock], [], 0.5)
                 if not writable:
@@ -381,7 +415,7 @@ def test_a_guest_that_never_reads_cannot_grow_host_memory(host_agent: HostAgentP
         done = threading.Event()
 
         def finish() -> None:  # completes the last partial frame while we drain
-            g.sock.sendall(get[len(get) - rest:] if rest else b"")
+            g.sock.sendall(get[len(get) - rest :] if rest else b"")
             done.set()
 
         t = threading.Thread(target=finish)
@@ -481,8 +515,7 @@ def test_cli_stats(host_agent: HostAgentProcess) -> None:
         assert any(line.startswith("pool:") and " 4 pages (4 ephemeral" in line for line in lines)
 
     # --config alone finds the control socket
-    res = host_agent.cli("stats", "--json", "--config", str(host_agent.config_path),
-                         control_flag=False)
+    res = host_agent.cli("stats", "--json", "--config", str(host_agent.config_path), control_flag=False)
     assert res.returncode == 0, res.stderr
     assert "g1" in json.loads(res.stdout)["guests"]
 
@@ -491,9 +524,21 @@ def test_cli_stats_watch_repeats(host_agent: HostAgentProcess) -> None:
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "hostagent", "stats", "--json", "--watch",
-                             "0.1", "--control", host_agent.control],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hostagent",
+            "stats",
+            "--json",
+            "--watch",
+            "0.1",
+            "--control",
+            host_agent.control,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         first = json.loads(proc.stdout.readline())
@@ -529,10 +574,18 @@ def test_cli_set_quota_is_enforced(host_agent: HostAgentProcess) -> None:
         assert g.put(pool, 1, 0, page(1)) == Status.OK
 
 
-@pytest.mark.parametrize("args", [
-    ["weight"], ["weight=x"], ["weight=0"], ["cap=-1"], ["compress=maybe"], ["speed=9"],
-    ["weight=2", "weight=3"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["weight"],
+        ["weight=x"],
+        ["weight=0"],
+        ["cap=-1"],
+        ["compress=maybe"],
+        ["speed=9"],
+        ["weight=2", "weight=3"],
+    ],
+)
 def test_cli_set_bad_syntax_exits_2(host_agent_stopped: HostAgentProcess, args: list[str]) -> None:
     # No agent needed: the syntax is checked before anything is sent.
     res = host_agent_stopped.cli("set", "g1", *args)
@@ -597,11 +650,14 @@ def test_control_socket_rejects_bad_requests(host_agent: HostAgentProcess) -> No
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(host_agent.control)
     f = s.makefile("rwb")
-    for line, error in [(b"not json", "not JSON"), (b"[1]", "JSON object"),
-                        (b'{"cmd": "explode"}', "unknown command"),
-                        (b'{"cmd": "set", "guest": "g1", "weight": true}', "weight"),
-                        (b'{"cmd": "set", "guest": "g1", "colour": 1}', "colour"),
-                        (b'{"cmd": "reserve"}', "mib")]:
+    for line, error in [
+        (b"not json", "not JSON"),
+        (b"[1]", "JSON object"),
+        (b'{"cmd": "explode"}', "unknown command"),
+        (b'{"cmd": "set", "guest": "g1", "weight": true}', "weight"),
+        (b'{"cmd": "set", "guest": "g1", "colour": 1}', "colour"),
+        (b'{"cmd": "reserve"}', "mib"),
+    ]:
         f.write(line + b"\n")
         f.flush()
         reply = json.loads(f.readline())

@@ -71,7 +71,8 @@ def victim_latencies(agent: HostAgentProcess, seconds: float) -> list[float]:
 
 
 def test_a_guest_churning_persistent_pools_does_not_stall_another(
-        host_agent_stopped: HostAgentProcess) -> None:
+    host_agent_stopped: HostAgentProcess,
+) -> None:
     agent = host_agent_stopped
     agent.start()
     with connected(agent, "g3") as g3:  # persistent pools of another guest make the table big
@@ -88,12 +89,15 @@ def test_a_guest_churning_persistent_pools_does_not_stall_another(
     proc.join(30)
     assert proc.exitcode == 0
     worst, p99 = max(loaded), statistics.quantiles(loaded, n=100)[98]
-    print(f"victim round trips: quiet worst {max(quiet) * 1e3:.1f} ms; under attack ({cycles} cycles of "
-          f"{BATCH} pools created and destroyed) n={len(loaded)} worst {worst * 1e3:.1f} ms, "
-          f"p99 {p99 * 1e3:.2f} ms")
+    print(
+        f"victim round trips: quiet worst {max(quiet) * 1e3:.1f} ms; under attack ({cycles} cycles of "
+        f"{BATCH} pools created and destroyed) n={len(loaded)} worst {worst * 1e3:.1f} ms, "
+        f"p99 {p99 * 1e3:.2f} ms"
+    )
     assert cycles >= 2, "the attack never got going"
     assert p99 < BOUND and worst < WORST, (
-        f"another guest stalled {worst * 1e3:.0f} ms (p99 {p99 * 1e3:.1f} ms)")
+        f"another guest stalled {worst * 1e3:.0f} ms (p99 {p99 * 1e3:.1f} ms)"
+    )
 
     agent.kill()  # SIGKILL: whatever the journal holds is all there is
     agent.start()
@@ -128,18 +132,31 @@ def hostile_round(agent: HostAgentProcess, rng: random.Random, frames: int, bad_
                 k, op = rng.randrange(1 << 40), rng.randrange(6)
                 pool = eph if k & 1 else pers
                 if op == 0:
-                    batch.append(Frame(Op.PUT, request_id=g.rid(), pool=pool, oid=oid(k),
-                                       index=rng.randrange(1 << 20), payload=data))
+                    batch.append(
+                        Frame(
+                            Op.PUT,
+                            request_id=g.rid(),
+                            pool=pool,
+                            oid=oid(k),
+                            index=rng.randrange(1 << 20),
+                            payload=data,
+                        )
+                    )
                 elif op == 1:
                     batch.append(Frame(Op.GET, request_id=g.rid(), pool=pool, oid=oid(k), index=k & 0xFFFF))
                 elif op == 2:
                     batch.append(Frame(Op.FLUSH_OBJECT, request_id=g.rid(), pool=pool, oid=oid(k)))
                 elif op == 3:
-                    batch.append(Frame(Op.FLUSH_PAGE, request_id=g.rid(), pool=pool, oid=oid(k),
-                                       index=k & 0xFFFF))
+                    batch.append(
+                        Frame(Op.FLUSH_PAGE, request_id=g.rid(), pool=pool, oid=oid(k), index=k & 0xFFFF)
+                    )
                 elif op == 4:
-                    batch.append(Frame(Op.STATS, payload=wire.stats_payload(
-                        {f"x{rng.randrange(1 << 40)}": 1 for _ in range(50)})))
+                    batch.append(
+                        Frame(
+                            Op.STATS,
+                            payload=wire.stats_payload({f"x{rng.randrange(1 << 40)}": 1 for _ in range(50)}),
+                        )
+                    )
                 else:
                     batch.append(Frame(Op.QUERY_POOL, request_id=g.rid(), pool=rng.randrange(1 << 30)))
             g.send(*batch)
@@ -166,6 +183,8 @@ def test_the_agents_memory_stays_bounded_under_hostile_frames(host_agent: HostAg
     for _ in range(5):
         hostile_round(host_agent, rng, 100_000, 500)
         sizes.append(rss_anon_kib(host_agent.pid))
-    print(f"agent RssAnon after each round of 100,000 frames and 500 garbage channels: "
-          f"{first / 1024:.1f} MiB, then {', '.join(f'{s / 1024:.1f}' for s in sizes)} MiB")
+    print(
+        f"agent RssAnon after each round of 100,000 frames and 500 garbage channels: "
+        f"{first / 1024:.1f} MiB, then {', '.join(f'{s / 1024:.1f}' for s in sizes)} MiB"
+    )
     assert max(sizes) - first < 2048, (first, sizes)

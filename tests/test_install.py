@@ -15,8 +15,13 @@ from hostagent import install
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-W", "ignore", "-m", "hostagent", *args],
-                          capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-W", "ignore", "-m", "hostagent", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def tree(root: Path) -> list[str]:
@@ -36,14 +41,17 @@ def test_install_twice_then_uninstall_leaves_nothing(tmp_path: Path) -> None:
     second = cli("install", "--root", str(root), "--json")
     assert second.returncode == 0, second.stderr
     assert json.loads(second.stdout)["changed"] == []
-    assert {p: (root / p).read_bytes() if (root / p).is_file() else None
-            for p in tree(root)} == before
+    assert {p: (root / p).read_bytes() if (root / p).is_file() else None for p in tree(root)} == before
 
     unit = (root / install.UNIT.lstrip("/")).read_text()
     assert "Type=notify" in unit and "Restart=on-failure" in unit
     assert f"ExecStart={sys.executable} -m hostagent run --config {install.CONFIG}" in unit
-    verify = subprocess.run(["systemd-analyze", "verify", str(root / install.UNIT.lstrip("/"))],
-                            capture_output=True, text=True, check=False)
+    verify = subprocess.run(
+        ["systemd-analyze", "verify", str(root / install.UNIT.lstrip("/"))],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert verify.returncode == 0, verify.stderr
     cfg_text = (root / install.CONFIG.lstrip("/")).read_text()
     assert cfg_text == install.default_config()
@@ -52,8 +60,7 @@ def test_install_twice_then_uninstall_leaves_nothing(tmp_path: Path) -> None:
     assert os.stat(root / install.CONFIG.lstrip("/")).st_mode & 0o077 == 0
     wants = root / install.WANTS.lstrip("/")
     assert os.readlink(wants) == "../tmem-hostagent.service" and wants.resolve().is_file()
-    assert os.readlink(root / install.LINK.lstrip("/")) == str(Path(sys.executable).parent /
-                                                               "hostagent")
+    assert os.readlink(root / install.LINK.lstrip("/")) == str(Path(sys.executable).parent / "hostagent")
 
     gone = cli("uninstall", "--root", str(root))
     assert gone.returncode == 0, gone.stderr

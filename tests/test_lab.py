@@ -70,12 +70,15 @@ def test_garbage_on_a_channel_closes_only_that_guest(running: dict[str, Any]) ->
     log = lab.STATE / "hostagent.log"
     mark = log.stat().st_size
     G1.stop_agent()
-    G1.run("python3", "-c",
+    G1.run(
+        "python3",
+        "-c",
         "import os; from pathlib import Path; import glob\n"
         "port = [p for p in glob.glob('/sys/class/virtio-ports/*') "
         "if Path(p, 'name').read_text().strip() == 'org.tmem.0'][0]\n"
         "fd = os.open('/dev/' + os.path.basename(port), os.O_WRONLY)\n"
-        "os.write(fd, b'this is not a tmem frame' * 8)\n")
+        "os.write(fd, b'this is not a tmem frame' * 8)\n",
+    )
     wait_until(lambda: "closing channel" in log.read_text()[mark:], 30, "the host to close tmem-1", 0.2)
     assert "bad magic" in log.read_text()[mark:] or "magic" in log.read_text()[mark:]
     G2.agent_check()  # the other guest keeps working throughout
@@ -117,16 +120,24 @@ def test_the_host_agent_survives_a_libvirtd_restart(running: dict[str, Any]) -> 
     pid = int(Path("/run/libvirtd.pid").read_text().split()[0])
     os.kill(pid, signal.SIGTERM)
     wait_until(lambda: lab.process_gone(pid), 60, "libvirtd to exit", 0.2)
-    wait_until(lambda: not lab.stats()["agent"]["libvirt"]["connected"], 30,
-               "the host agent to notice libvirtd is gone", 0.2)
+    wait_until(
+        lambda: not lab.stats()["agent"]["libvirt"]["connected"],
+        30,
+        "the host agent to notice libvirtd is gone",
+        0.2,
+    )
     # Channels are sockets to QEMU, not to libvirtd: the guests keep reporting meanwhile.
     time.sleep(5)
     for guest in (G1, G2):
         g = guest.host_stats()
         assert g["connected"] and g["report"]["age"] < 5, g
     lab.ensure_daemons()
-    wait_until(lambda: lab.stats()["agent"]["libvirt"]["connected"], 30,
-               "the host agent to reconnect to libvirtd", 0.2)
+    wait_until(
+        lambda: lab.stats()["agent"]["libvirt"]["connected"],
+        30,
+        "the host agent to reconnect to libvirtd",
+        0.2,
+    )
     assert both_connected()
     assert G1.host_stats()["domain"] is not None  # figures from libvirt again
     G1.agent_check()
@@ -139,8 +150,11 @@ def test_a_guest_destroyed_mid_request_frees_its_pools_within_2s(running: dict[s
     start = time.monotonic()
     dom.destroy()
     destroyed = time.monotonic() - start  # libvirt returns once QEMU is gone
-    wait_until(lambda: not any(g.get("name") == "tmem-2" for g in lab.stats()["guests"].values()),
-               2.0 - destroyed, "tmem-2's pools to be freed")
+    wait_until(
+        lambda: not any(g.get("name") == "tmem-2" for g in lab.stats()["guests"].values()),
+        2.0 - destroyed,
+        "tmem-2's pools to be freed",
+    )
     took = time.monotonic() - start
     pools = control.request(lab.CONTROL, {"cmd": "pools"})
     assert all(p["owner"] != dom.UUIDString() for p in pools)

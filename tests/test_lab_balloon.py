@@ -32,8 +32,10 @@ RESERVE_MIB = 64  # the balloon policy's default reserve: goal = Committed_AS + 
 # tmem-2 keeps its size unless asked: a lab description's [host] cannot carry [[balloon.guest]], so
 # it goes to the host agent's config as extra TOML.
 LAB = lab.Lab(
-    guests=(lab.GuestSpec("tmem-1", memory_mib=768, max_memory_mib=1024),
-            lab.GuestSpec("tmem-2", memory_mib=1024, max_memory_mib=1024)),
+    guests=(
+        lab.GuestSpec("tmem-1", memory_mib=768, max_memory_mib=1024),
+        lab.GuestSpec("tmem-2", memory_mib=1024, max_memory_mib=1024),
+    ),
     host={"balloon": {"enabled": True, "interval": INTERVAL}},
     host_toml='[[balloon.guest]]\nname = "tmem-2"\nself_balloon = false\n',
 )
@@ -75,15 +77,19 @@ def oom_kills(name: str) -> int:
 
 
 def test_idle_guest_is_shrunk_toward_its_goal(running: dict[str, Any]) -> None:
-    wait_until(lambda: balloon("tmem-1")["boot_kib"] is not None, 60, "the controller to see tmem-1",
-               interval=POLL)
+    wait_until(
+        lambda: balloon("tmem-1")["boot_kib"] is not None, 60, "the controller to see tmem-1", interval=POLL
+    )
     boot = balloon("tmem-1")["boot_kib"] // MIB
     assert boot == 768, "the first look with stats sees the domain's boot size"
 
     def near_goal() -> bool:
         b = balloon("tmem-1")
-        return b["goal_kib"] is not None and b["actual_kib"] is not None \
+        return (
+            b["goal_kib"] is not None
+            and b["actual_kib"] is not None
             and b["actual_kib"] - b["goal_kib"] < 64 * MIB
+        )
 
     took = wait_until(near_goal, 240, "tmem-1 to be ballooned down near its goal", interval=POLL)
     b = balloon("tmem-1")
@@ -93,8 +99,10 @@ def test_idle_guest_is_shrunk_toward_its_goal(running: dict[str, Any]) -> None:
     assert b["given_back_kib"] >= boot * MIB - b["actual_kib"] - 4 * MIB
     # a fixed-size guest is left alone
     assert actual_mib("tmem-2") == 1024 and balloon("tmem-2")["given_back_kib"] == 0
-    print(f"tmem-1: {boot} -> {b['actual_kib'] // MIB} MiB in {took:.0f} s (goal "
-          f"{b['goal_kib'] // MIB}, floor {b['floor_kib'] // MIB})")
+    print(
+        f"tmem-1: {boot} -> {b['actual_kib'] // MIB} MiB in {took:.0f} s (goal "
+        f"{b['goal_kib'] // MIB}, floor {b['floor_kib'] // MIB})"
+    )
 
 
 def committed_kib(name: str) -> int:
@@ -134,8 +142,9 @@ def test_balloon_off_freezes_the_guest(running: dict[str, Any]) -> None:
         assert rc == 0, (rc, out, err)
     out = run_host("set", "tmem-1", "balloon=off")
     assert "balloon=off" in out
-    wait_until(lambda: balloon("tmem-1")["state"] == "off", 30, "the controller to see balloon=off",
-               interval=POLL)
+    wait_until(
+        lambda: balloon("tmem-1")["state"] == "off", 30, "the controller to see balloon=off", interval=POLL
+    )
     frozen = actual_mib("tmem-1")
     assert frozen * MIB >= balloon("tmem-1")["floor_kib"] + 32 * MIB, "nothing left to shrink"
     time.sleep(6 * INTERVAL)  # the allocation above has ended: self-ballooning would shrink it
@@ -147,8 +156,11 @@ def test_balloon_off_freezes_the_guest(running: dict[str, Any]) -> None:
 def test_reserve_frees_what_it_reports(running: dict[str, Any]) -> None:
     # Make tmem-2's memory resident in QEMU (a guest that never touched a page gives nothing back
     # to the host when ballooned): fill its page cache, then drop it so the pages are free.
-    Guest("tmem-2").run("sh", "-c", "head -c 600M /dev/zero > /tmp/fill && rm /tmp/fill && "
-        "sync && echo 3 > /proc/sys/vm/drop_caches")
+    Guest("tmem-2").run(
+        "sh",
+        "-c",
+        "head -c 600M /dev/zero > /tmp/fill && rm /tmp/fill && sync && echo 3 > /proc/sys/vm/drop_caches",
+    )
     qemu = qemu_process("tmem-2")
     rss_before = qemu.memory_info().rss
     want_mib = 400
@@ -159,15 +171,21 @@ def test_reserve_frees_what_it_reports(running: dict[str, Any]) -> None:
     assert "tmem-2" in result["ballooned"], result
     assert ballooned >= 0.8 * want_mib * (1 << 20), result
     freed = rss_before - rss_after
-    assert freed >= 0.8 * ballooned, (f"reported {ballooned >> 20} MiB, QEMU's resident memory "
-                                      f"dropped by {freed >> 20} MiB")
+    assert freed >= 0.8 * ballooned, (
+        f"reported {ballooned >> 20} MiB, QEMU's resident memory dropped by {freed >> 20} MiB"
+    )
     assert balloon("tmem-2")["last"]["action"] == "reserve"
     print(f"reserve: reported {ballooned >> 20} MiB from balloons, QEMU RSS down {freed >> 20} MiB")
 
 
 def run_host(*argv: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "hostagent", *argv, "--control", lab.CONTROL],
-                          capture_output=True, text=True, timeout=120, cwd=lab.ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hostagent", *argv, "--control", lab.CONTROL],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=lab.ROOT,
+    )
     assert proc.returncode == 0, f"hostagent {' '.join(argv)}: {proc.stdout}{proc.stderr}"
     return proc.stdout
 

@@ -43,8 +43,17 @@ def test_the_demo_lab_has_the_balloon_controller_on(running: dict[str, Any]) -> 
 
 def test_a_build_round_in_the_precache_mount(running: dict[str, Any]) -> None:
     before = G.agent_stats()["precache"]
-    out = G.run("python3", "-", "build", demo.PROJECT, "/var/tmp/build.log", "--rounds", "1",
-              stdin=SCRIPT, timeout=900)  # fmt: skip
+    out = G.run(
+        "python3",
+        "-",
+        "build",
+        demo.PROJECT,
+        "/var/tmp/build.log",
+        "--rounds",
+        "1",
+        stdin=SCRIPT,
+        timeout=900,
+    )
     log = G.run("cat", "/var/tmp/build.log")
     print(f"build: {out.strip()}; log: {log.strip()}")
     assert json.loads(out) == {**json.loads(out), "rounds": 1, "failed": 0}, log
@@ -58,16 +67,33 @@ def test_a_build_round_in_the_precache_mount(running: dict[str, Any]) -> None:
 
 
 def test_the_preswap_user_verifies_its_pages(running: dict[str, Any]) -> None:
-    out = G.run("python3", "-", "preswap", "/run/tmem/preswap.sock", "/var/tmp/preswap.log",
-              "--rounds", "1", "--pages", "2048", "--budget", "256", "--ops", "3000",
-              stdin=SCRIPT, timeout=600)  # fmt: skip
+    out = G.run(
+        "python3",
+        "-",
+        "preswap",
+        "/run/tmem/preswap.sock",
+        "/var/tmp/preswap.log",
+        "--rounds",
+        "1",
+        "--pages",
+        "2048",
+        "--budget",
+        "256",
+        "--ops",
+        "3000",
+        stdin=SCRIPT,
+        timeout=600,
+    )
     record = json.loads(G.run("cat", "/var/tmp/preswap.log").splitlines()[-1])
     print(f"preswap: {out.strip()}; {record}")
     assert json.loads(out)["failed"] == 0 and record["ok"] is True, record
     assert record["mismatches"] == 0 and record["agent"]["lost"] == 0, record
     assert record["agent"]["puts"] > 0 and record["agent"]["tmem_faults"] > 0, record
-    G.wait_until(lambda: G.reported().get("preswap_puts", 0) >= record["agent"]["puts"], 30,
-             "a report with the preswap puts")
+    G.wait_until(
+        lambda: G.reported().get("preswap_puts", 0) >= record["agent"]["puts"],
+        30,
+        "a report with the preswap puts",
+    )
 
 
 def test_the_demo_summary_from_these_counters(running: dict[str, Any]) -> None:

@@ -34,13 +34,19 @@ ARENA = "/dev/shm/tmem/arena"
 
 
 def hostagent(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-W", "ignore", "-m", "hostagent", *args],
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-W", "ignore", "-m", "hostagent", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def virsh(*args: str) -> str:
-    res = subprocess.run(["virsh", "-c", lab.URI, *args], capture_output=True, text=True,
-                         timeout=120, check=False)
+    res = subprocess.run(
+        ["virsh", "-c", lab.URI, *args], capture_output=True, text=True, timeout=120, check=False
+    )
     assert res.returncode == 0, f"virsh {' '.join(args)}: {res.stderr}"
     return res.stdout
 
@@ -57,8 +63,11 @@ def ours(s: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def channels(xml: str) -> list[ET.Element]:
-    return [c for c in ET.fromstring(xml).iterfind("./devices/channel")
-            if (t := c.find("target")) is not None and t.get("name") == "org.tmem.0"]
+    return [
+        c
+        for c in ET.fromstring(xml).iterfind("./devices/channel")
+        if (t := c.find("target")) is not None and t.get("name") == "org.tmem.0"
+    ]
 
 
 def run(*argv: str, timeout: float = 120) -> str:
@@ -74,9 +83,11 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     lab.ensure_daemons()
     image = lab.ensure_image()
     cfg = tmp_path_factory.mktemp("deploy") / "hostagent.toml"
-    cfg.write_text("[pool]\nlimit_mib = 256\nhost_reserve_mib = 512\n"
-                   '[metrics]\nenabled = true\naddress = "127.0.0.1"\nport = 0\n'
-                   "[libvirt]\nretry_interval = 1.0\n")
+    cfg.write_text(
+        "[pool]\nlimit_mib = 256\nhost_reserve_mib = 512\n"
+        '[metrics]\nenabled = true\naddress = "127.0.0.1"\nport = 0\n'
+        "[libvirt]\nretry_interval = 1.0\n"
+    )
     res = hostagent("install", "--config", str(cfg), "--json")
     assert res.returncode == 0, res.stderr
     info = {"install": json.loads(res.stdout), "config": cfg, "image": image}
@@ -122,10 +133,17 @@ def test_a_domain_defined_with_virsh_is_attached_live(host: dict[str, Any]) -> N
     for sub in ("disks", "console"):
         (lab.STATE / sub).mkdir(exist_ok=True)
     disk = bi.create_overlay(image.base, lab.STATE / "disks" / f"{NAME}.qcow2", force=True)
-    guest = Guest(name=NAME, memory_mib=512, max_memory_mib=768, vcpus=1, disk=disk,
-                  tmem_socket=lab.STATE / "unused.sock",
-                  console_log=lab.STATE / "console" / f"{NAME}.log", kernel=image.kernel,
-                  initrd=image.initrd)
+    guest = Guest(
+        name=NAME,
+        memory_mib=512,
+        max_memory_mib=768,
+        vcpus=1,
+        disk=disk,
+        tmem_socket=lab.STATE / "unused.sock",
+        console_log=lab.STATE / "console" / f"{NAME}.log",
+        kernel=image.kernel,
+        initrd=image.initrd,
+    )
     # an operator's domain: the lab's devices, but no tmem channel
     xml = attach.without_devices(domain_xml(guest, detect_virt_type()), attach.devices())
     assert channels(xml) == []
@@ -162,11 +180,19 @@ def test_a_domain_defined_with_virsh_is_attached_live(host: dict[str, Any]) -> N
 def test_guest_agent_installed_through_the_qemu_guest_agent(host: dict[str, Any]) -> None:
     # the lab image has the guest agent baked in: remove it, so what runs is what we install
     run("systemctl", "disable", "--now", "tmem-guestagent")
-    run("rm", "-rf", "/opt/tmem", "/usr/local/bin/guestagent",
-        "/etc/systemd/system/tmem-guestagent.service", "/etc/tmem/guestagent.toml")
+    run(
+        "rm",
+        "-rf",
+        "/opt/tmem",
+        "/usr/local/bin/guestagent",
+        "/etc/systemd/system/tmem-guestagent.service",
+        "/etc/tmem/guestagent.toml",
+    )
     run("systemctl", "daemon-reload")
-    assert "inactive" in lab.guest_exec(lab.connect().lookupByName(NAME),
-                                        ["systemctl", "is-active", "tmem-guestagent"])[1]
+    assert (
+        "inactive"
+        in lab.guest_exec(lab.connect().lookupByName(NAME), ["systemctl", "is-active", "tmem-guestagent"])[1]
+    )
     res = hostagent("guest-install", NAME)
     assert res.returncode == 0, res.stderr
     r = json.loads(res.stdout)
@@ -181,8 +207,11 @@ def test_guest_agent_installed_through_the_qemu_guest_agent(host: dict[str, Any]
 
 
 def test_the_domain_shows_in_stats_and_on_metrics(host: dict[str, Any]) -> None:
-    wait_until(lambda: (g := ours(stats())) is not None and g["connected"] and g["report"], 120,
-             "the installed guest agent to connect and report")
+    wait_until(
+        lambda: (g := ours(stats())) is not None and g["connected"] and g["report"],
+        120,
+        "the installed guest agent to connect and report",
+    )
     out = run("guestagent", "check")
     assert json.loads(out)["ok"] is True
     text = hostagent("stats").stdout
@@ -195,8 +224,11 @@ def test_the_domain_shows_in_stats_and_on_metrics(host: dict[str, Any]) -> None:
     uuid = lab.connect().lookupByName(NAME).UUIDString()
     m = s["agent"]["metrics"]
     with urllib.request.urlopen(f"http://{m['address']}:{m['port']}/metrics", timeout=30) as resp:
-        samples = {(x.name, tuple(sorted(x.labels.items()))): x.value
-                   for f in text_string_to_metric_families(resp.read().decode()) for x in f.samples}
+        samples = {
+            (x.name, tuple(sorted(x.labels.items()))): x.value
+            for f in text_string_to_metric_families(resp.read().decode())
+            for x in f.samples
+        }
     after = ours(stats())
     assert after is not None
     labels = (("domain", NAME), ("uuid", uuid))
@@ -232,8 +264,17 @@ def test_uninstall_leaves_no_unit_file_or_socket(host: dict[str, Any]) -> None:
     res = hostagent("uninstall")
     assert res.returncode == 0, res.stderr
     assert lab.process_gone(pid)
-    for p in (install.CONFIG, install.UNIT, install.WANTS, install.LINK, install.MANIFEST,
-              install.PIDFILE, install.LOG, CONTROL, ARENA):
+    for p in (
+        install.CONFIG,
+        install.UNIT,
+        install.WANTS,
+        install.LINK,
+        install.MANIFEST,
+        install.PIDFILE,
+        install.LOG,
+        CONTROL,
+        ARENA,
+    ):
         assert not os.path.lexists(p), p
     for d in ("/etc/tmem", "/var/log/tmem", "/usr/local/sbin/hostagent"):
         assert not os.path.lexists(d) or (os.path.isdir(d) and os.listdir(d)), d

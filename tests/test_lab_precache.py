@@ -72,29 +72,36 @@ def test_default_mount_shows_precache_hits_growing_in_hostagent_stats(running: d
     assert st["precache"]["cache_limit"] == DEFAULT_CACHE_PAGES
     assert st["preswap"]["running"] is True  # the default's other half
     pages = DEFAULT_CACHE_PAGES * 5 // 2 // DEFAULT_FILES
-    made = json.loads(G.run("python3", "-", "make", "/srv/precache/reread", str(DEFAULT_FILES),
-                          str(pages), stdin=WORKLOAD))  # fmt: skip
+    made = json.loads(
+        G.run("python3", "-", "make", "/srv/precache/reread", str(DEFAULT_FILES), str(pages), stdin=WORKLOAD)
+    )
     sums = "/srv/precache/sums.json"  # `make` writes it beside the file set's directory
     hits = []
     for passes in (2, 1):  # cold + a re-read, then one more re-read
-        out = json.loads(G.run("python3", "-", "read", "/mnt/precache/reread", str(passes), sums,
-                             stdin=WORKLOAD, timeout=900))  # fmt: skip
+        out = json.loads(
+            G.run(
+                "python3", "-", "read", "/mnt/precache/reread", str(passes), sums, stdin=WORKLOAD, timeout=900
+            )
+        )
         assert out["bad"] == [], out
         hits_now = G.agent_stats()["precache"]["hits"]
         G.wait_until(partial(hits_reported, hits_now), 30, "a report with the hits")
         cells = precache_row(NAME)
         hits.append(G.reported()["precache_hits"])
         assert statsview.count(hits[-1]) == cells[2], cells  # GUEST gets HITS ...
-        print(f"after {passes} pass(es) over {made['bytes'] >> 20} MiB in {out['seconds']} s: "
-              f"{hits[-1]} hits in hostagent stats")
+        print(
+            f"after {passes} pass(es) over {made['bytes'] >> 20} MiB in {out['seconds']} s: "
+            f"{hits[-1]} hits in hostagent stats"
+        )
     assert hits[0] > 0, hits
     assert hits[1] - hits[0] >= 0.5 * made["bytes"] // 4096, hits  # most of a pass came from tmem
     G.run("rm", "-rf", "/srv/precache/reread", sums)
 
 
 def test_precache_mount_in_a_guest_serves_rereads_from_tmem(running: dict[str, Any]) -> None:
-    made = json.loads(G.run("python3", "-", "make", "/srv/precache", str(FILES), str(FILE_PAGES),
-                          stdin=WORKLOAD))  # fmt: skip
+    made = json.loads(
+        G.run("python3", "-", "make", "/srv/precache", str(FILES), str(FILE_PAGES), stdin=WORKLOAD)
+    )
     G.run("mkdir", "-p", "/mnt/precache")
     G.write_agent_config(CONFIG)
     G.wait_until(mounted, 120, "the daemon's precache mount and its pool")
@@ -102,15 +109,27 @@ def test_precache_mount_in_a_guest_serves_rereads_from_tmem(running: dict[str, A
     G.drop_caches()  # the first pass from the disk
     before = G.agent_stats()["precache"]
 
-    out = json.loads(G.run("python3", "-", "read", "/mnt/precache", str(PASSES), "/srv/sums.json",
-                         stdin=WORKLOAD, timeout=900))  # fmt: skip
+    out = json.loads(
+        G.run(
+            "python3",
+            "-",
+            "read",
+            "/mnt/precache",
+            str(PASSES),
+            "/srv/sums.json",
+            stdin=WORKLOAD,
+            timeout=900,
+        )
+    )
     print(f"guest re-read: {out}; file set {made['bytes'] >> 20} MiB, shim cache {CACHE_PAGES * 4 >> 10} MiB")
     assert out["bad"] == [], out  # every read of every pass matched its checksum
     per_pass = out["pages"] // PASSES
 
     after = G.agent_stats()["precache"]
-    delta = {k: after[k] - before[k] for k in ("gets", "hits", "misses", "puts", "bytes_from_tmem",
-                                               "bytes_from_disk")}  # fmt: skip
+    delta = {
+        k: after[k] - before[k]
+        for k in ("gets", "hits", "misses", "puts", "bytes_from_tmem", "bytes_from_disk")
+    }
     print(f"precache in the guest: {delta}")
     # the first pass reads the disk; the two re-reads find (nearly) every page in tmem, since the cache
     # holds 40% of the set and a sequential scan evicts each page before it is read again
@@ -129,8 +148,9 @@ def test_precache_mount_in_a_guest_serves_rereads_from_tmem(running: dict[str, A
     # a restart of the daemon unmounts cleanly and mounts again
     G.restart_agent()
     G.wait_until(mounted, 120, "the mount again")
-    again = json.loads(G.run("python3", "-", "read", "/mnt/precache", "1", "/srv/sums.json",
-                           stdin=WORKLOAD, timeout=600))  # fmt: skip
+    again = json.loads(
+        G.run("python3", "-", "read", "/mnt/precache", "1", "/srv/sums.json", stdin=WORKLOAD, timeout=600)
+    )
     assert again["bad"] == [], again
     assert G.run("grep", "-c", "^precache /mnt/precache fuse", "/proc/mounts").strip() == "1"
 
@@ -138,7 +158,10 @@ def test_precache_mount_in_a_guest_serves_rereads_from_tmem(running: dict[str, A
 def test_teardown_lab(running: dict[str, Any]) -> None:
     """Last: without a config file the daemon runs with no mount (every key has a default)."""
     G.write_agent_config(None)
-    G.wait_until(lambda: G.agent_stats().get("precache") is None and "uptime" in G.agent_stats(), 60,
-                 "the daemon without a mount")
+    G.wait_until(
+        lambda: G.agent_stats().get("precache") is None and "uptime" in G.agent_stats(),
+        60,
+        "the daemon without a mount",
+    )
     assert G.run("sh", "-c", "grep -c ' /mnt/precache ' /proc/mounts || true").strip() == "0"
     lab.down()

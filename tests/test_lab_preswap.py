@@ -56,13 +56,24 @@ def test_region_larger_than_free_memory_never_touches_the_swap_file(running: dic
     host_before = G.host_stats()["persistent"]
     vmstat_before = G.vmstat()
 
-    out = G.run(*WORKLOAD, "--pages", str(pages), "--budget", str(BUDGET_PAGES), "--ops", str(OPS),
-              "--fill", timeout=1200)  # fmt: skip
+    out = G.run(
+        *WORKLOAD,
+        "--pages",
+        str(pages),
+        "--budget",
+        str(BUDGET_PAGES),
+        "--ops",
+        str(OPS),
+        "--fill",
+        timeout=1200,
+    )
     result = json.loads(out.strip().splitlines()[-1])
     vmstat_after = G.vmstat()
     agent = result["agent"]
-    print(f"region {pages} pages ({pages * 4 >> 10} MiB) in a {MEMORY_MIB} MiB guest with MemAvailable "
-          f"{available >> 10} MiB, MemFree {free >> 10} MiB: {json.dumps(result)}")
+    print(
+        f"region {pages} pages ({pages * 4 >> 10} MiB) in a {MEMORY_MIB} MiB guest with MemAvailable "
+        f"{available >> 10} MiB, MemFree {free >> 10} MiB: {json.dumps(result)}"
+    )
 
     assert result["mismatches"] == 0, result  # every read of every page matched its checksum
     assert result["ops"] == 2 * pages + OPS
@@ -96,6 +107,7 @@ def test_region_larger_than_free_memory_never_touches_the_swap_file(running: dic
 def test_teardown_lab(running: dict[str, Any]) -> None:
     """Last: restore the default guest config (no preswap) before the lab goes down."""
     G.write_agent_config(None)
-    G.wait_until(lambda: guest_preswap() == {} and G.host_stats()["connected"], 60,
-                 "the daemon without preswap")
+    G.wait_until(
+        lambda: guest_preswap() == {} and G.host_stats()["connected"], 60, "the daemon without preswap"
+    )
     lab.down()

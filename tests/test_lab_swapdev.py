@@ -35,8 +35,9 @@ GUEST = Guest(NAME)
 MEMORY_MIB = 256
 SWAP_MIB = 512
 HOG = "/root/swap_hog"
-SPEC = lab.Lab((lab.GuestSpec(name=NAME, memory_mib=MEMORY_MIB, max_memory_mib=MEMORY_MIB),),
-               {"swap_mib": SWAP_MIB})
+SPEC = lab.Lab(
+    (lab.GuestSpec(name=NAME, memory_mib=MEMORY_MIB, max_memory_mib=MEMORY_MIB),), {"swap_mib": SWAP_MIB}
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +52,15 @@ def running() -> Iterator[dict[str, Any]]:
         lab.down()
         raise
     try:
-        GUEST.run("sh", "-c", f"gcc -O2 -o {HOG} -x c -",
-            stdin=(ROOT / "scripts" / "swap_hog.c").read_bytes())
-        wait_until(lambda: "/dev/vdb" in GUEST.run("cat", "/proc/swaps"), 120,
-                   "the swap device to be swapped on", 1.0)
+        GUEST.run(
+            "sh", "-c", f"gcc -O2 -o {HOG} -x c -", stdin=(ROOT / "scripts" / "swap_hog.c").read_bytes()
+        )
+        wait_until(
+            lambda: "/dev/vdb" in GUEST.run("cat", "/proc/swaps"),
+            120,
+            "the swap device to be swapped on",
+            1.0,
+        )
         yield info
     finally:
         lab.down()
@@ -139,8 +145,7 @@ def test_device_is_the_first_swap_and_the_swap_file_gets_nothing(running: dict[s
     print(f"\nhog {result}; pswpout {swapped}; device {after}; peak pool pages {peak}")
 
 
-def test_quota_smaller_than_the_working_set_spills_and_loses_nothing(
-        running: dict[str, Any]) -> None:
+def test_quota_smaller_than_the_working_set_spills_and_loses_nothing(running: dict[str, Any]) -> None:
     control.request(lab.CONTROL, {"cmd": "set", "guest": NAME, "quota_mib": 32})
     try:
         before = device()
@@ -206,8 +211,12 @@ def test_oom_does_not_deadlock_the_swap_path(running: dict[str, Any]) -> None:
 def test_destroyed_mid_swap_frees_its_pool_pages_within_2s(running: dict[str, Any]) -> None:
     start = device()["puts"]
     spawn_hog(2 * MEMORY_MIB, 40000, 7)
-    wait_until(lambda: device()["pool_pages"] > 10000 and device()["puts"] - start > 10000, 900,
-               "the hog to be swapping", 1.0)
+    wait_until(
+        lambda: device()["pool_pages"] > 10000 and device()["puts"] - start > 10000,
+        900,
+        "the hog to be swapping",
+        1.0,
+    )
     uuid = GUEST.domain().UUIDString()
     spill = lab.STATE / "spill" / f"{uuid}.swap"
     assert spill.exists()

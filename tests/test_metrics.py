@@ -29,8 +29,11 @@ PERSISTENT = int(PoolFlag.PERSISTENT)
 def agent(host_agent_stopped: HostAgentProcess) -> HostAgentProcess:
     """A host agent with the endpoint on (port 0: a free port, read back from stats)."""
     path = host_agent_stopped.config_path
-    path.write_text(path.read_text().replace(
-        "[libvirt]", '[metrics]\nenabled = true\naddress = "127.0.0.1"\nport = 0\n[libvirt]'))
+    path.write_text(
+        path.read_text().replace(
+            "[libvirt]", '[metrics]\nenabled = true\naddress = "127.0.0.1"\nport = 0\n[libvirt]'
+        )
+    )
     host_agent_stopped.start()
     return host_agent_stopped
 
@@ -81,13 +84,16 @@ def yield_point(agent: HostAgentProcess) -> None:
     compare(samples, stats)
 
 
-def compare(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float],
-            stats: dict[str, Any]) -> None:
+def compare(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], stats: dict[str, Any]) -> None:
     pool = stats["pool"]
-    for name, key in (("tmem_pool_limit_bytes", "limit_bytes"), ("tmem_pool_used_bytes", "used_bytes"),
-                      ("tmem_pool_budget_bytes", "budget_bytes"), ("tmem_pools", "pools"),
-                      ("tmem_pool_evictions_total", "evictions"),
-                      ("tmem_pool_compactions_total", "compactions")):
+    for name, key in (
+        ("tmem_pool_limit_bytes", "limit_bytes"),
+        ("tmem_pool_used_bytes", "used_bytes"),
+        ("tmem_pool_budget_bytes", "budget_bytes"),
+        ("tmem_pools", "pools"),
+        ("tmem_pool_evictions_total", "evictions"),
+        ("tmem_pool_compactions_total", "compactions"),
+    ):
         assert samples[(name, ())] == pool[key], name
     for kind in ("ephemeral", "persistent"):
         assert samples[("tmem_pool_pages", (("kind", kind),))] == pool[f"{kind}_pages"]
@@ -98,15 +104,19 @@ def compare(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float],
         assert samples[("tmem_guest_quota_bytes", labels)] == g["quota_bytes"]
         for kind in ("ephemeral", "persistent"):
             kl = (("domain", gname), ("kind", kind), ("uuid", ""))
-            for name, field in (("puts_total", "puts"), ("gets_total", "gets"),
-                                ("hits_total", "hits"), ("flushes_total", "flushes"),
-                                ("puts_refused_total", "puts_refused"),
-                                ("evicted_pages_total", "evicted"),
-                                ("pages", "pages"), ("stored_bytes", "bytes")):
+            for name, field in (
+                ("puts_total", "puts"),
+                ("gets_total", "gets"),
+                ("hits_total", "hits"),
+                ("flushes_total", "flushes"),
+                ("puts_refused_total", "puts_refused"),
+                ("evicted_pages_total", "evicted"),
+                ("pages", "pages"),
+                ("stored_bytes", "bytes"),
+            ):
                 assert samples[(f"tmem_guest_{name}", kl)] == g[kind][field], (gname, kind, name)
     assert samples[("tmem_guest_connected", (("domain", "g1"), ("uuid", "")))] == 1
-    assert samples[("tmem_guest_puts_total", (("domain", "g1"), ("kind", "ephemeral"),
-                                              ("uuid", "")))] == 20
+    assert samples[("tmem_guest_puts_total", (("domain", "g1"), ("kind", "ephemeral"), ("uuid", "")))] == 20
 
 
 def test_scrape_matches_stats_json(agent: HostAgentProcess) -> None:
@@ -135,8 +145,7 @@ def test_bad_requests_get_errors_and_the_agent_keeps_serving(agent: HostAgentPro
         urllib.request.urlopen(url(agent, "/nothing"), timeout=10)
     assert e.value.code == 404
     with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(urllib.request.Request(url(agent), data=b"x", method="POST"),
-                               timeout=10)
+        urllib.request.urlopen(urllib.request.Request(url(agent), data=b"x", method="POST"), timeout=10)
     assert e.value.code == 405
     m = agent.stats()["agent"]["metrics"]
     with socket.create_connection((m["address"], m["port"]), timeout=10) as s:
@@ -159,8 +168,12 @@ def test_metrics_config_is_checked() -> None:
 
     assert configmod.parse({}).metrics == configmod.MetricsConfig(False, "127.0.0.1", 9787)
     assert configmod.parse({"metrics": {"enabled": True, "port": 0}}).metrics.port == 0
-    for bad, key in (({"address": ""}, "metrics.address"), ({"port": 65536}, "metrics.port"),
-                     ({"enabled": "yes"}, "metrics.enabled"), ({"path": "/x"}, "metrics.path")):
+    for bad, key in (
+        ({"address": ""}, "metrics.address"),
+        ({"port": 65536}, "metrics.port"),
+        ({"enabled": "yes"}, "metrics.enabled"),
+        ({"path": "/x"}, "metrics.path"),
+    ):
         with pytest.raises(configmod.ConfigError, match=key):
             configmod.parse({"metrics": bad})
 
@@ -175,18 +188,28 @@ def test_families_label_domains_by_name_and_uuid() -> None:
     uuid = "0b7c3f5e-1111-2222-3333-444455556666"
     stats = {
         "pool": {"limit_bytes": 1, "ephemeral_pages": 2, "persistent_pages": 3},
-        "guests": {uuid: {"name": "web1", "uuid": uuid, "connected": True, "quota_bytes": 5,
-                          "ephemeral": {"puts": 9, "pages": 2}, "persistent": {"puts": 4},
-                          "report": {"values": {"committed_as_kib": 10, "precache_hits": 3}},
-                          "domain": {"actual_kib": 2, "max_kib": 4, "cpu_seconds": 1.5}}},
+        "guests": {
+            uuid: {
+                "name": "web1",
+                "uuid": uuid,
+                "connected": True,
+                "quota_bytes": 5,
+                "ephemeral": {"puts": 9, "pages": 2},
+                "persistent": {"puts": 4},
+                "report": {"values": {"committed_as_kib": 10, "precache_hits": 3}},
+                "domain": {"actual_kib": 2, "max_kib": 4, "cpu_seconds": 1.5},
+            }
+        },
         "agent": {"cpu_seconds": 0.5},
     }
     text = metrics.render(stats).decode()
-    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
-           for f in text_string_to_metric_families(text) for s in f.samples}
+    got = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
     lab = (("domain", "web1"), ("uuid", uuid))
-    assert got[("tmem_guest_puts_total", (("domain", "web1"), ("kind", "ephemeral"),
-                                          ("uuid", uuid)))] == 9
+    assert got[("tmem_guest_puts_total", (("domain", "web1"), ("kind", "ephemeral"), ("uuid", uuid)))] == 9
     assert got[("tmem_guest_committed_as_bytes", lab)] == 10 * 1024
     assert got[("tmem_guest_precache_hits_total", lab)] == 3
     assert got[("tmem_domain_memory_actual_bytes", lab)] == 2048
@@ -196,9 +219,24 @@ def test_families_label_domains_by_name_and_uuid() -> None:
 
 @pytest.fixture
 def watch(agent: HostAgentProcess) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen([sys.executable, "-W", "ignore", "-m", "hostagent", "stats", "--watch",
-                             "0.3", "--compact", "--control", agent.control],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-W",
+            "ignore",
+            "-m",
+            "hostagent",
+            "stats",
+            "--watch",
+            "0.3",
+            "--compact",
+            "--control",
+            agent.control,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     yield proc
     if proc.poll() is None:
         proc.terminate()
@@ -206,7 +244,8 @@ def watch(agent: HostAgentProcess) -> Iterator[subprocess.Popen[str]]:
 
 
 def test_stats_watch_compact_appends_lines_without_escape_codes(
-        agent: HostAgentProcess, watch: subprocess.Popen[str]) -> None:
+    agent: HostAgentProcess, watch: subprocess.Popen[str]
+) -> None:
     time.sleep(0.5)
     with connected(agent, "g1") as g:
         pool = g.new_pool(0)
@@ -226,9 +265,23 @@ def test_stats_watch_compact_appends_lines_without_escape_codes(
 
 
 def test_stats_json_watch_is_one_object_per_line(agent: HostAgentProcess) -> None:
-    proc = subprocess.Popen([sys.executable, "-W", "ignore", "-m", "hostagent", "stats", "--watch",
-                             "0.2", "--json", "--control", agent.control],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-W",
+            "ignore",
+            "-m",
+            "hostagent",
+            "stats",
+            "--watch",
+            "0.2",
+            "--json",
+            "--control",
+            agent.control,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(1.0)
     proc.terminate()
     out, _ = proc.communicate(timeout=10)
@@ -237,15 +290,28 @@ def test_stats_json_watch_is_one_object_per_line(agent: HostAgentProcess) -> Non
 
 
 @pytest.mark.parametrize("append", [False, True])
-def test_stats_watch_on_a_terminal_redraws_unless_append(agent: HostAgentProcess,
-                                                          append: bool) -> None:
+def test_stats_watch_on_a_terminal_redraws_unless_append(agent: HostAgentProcess, append: bool) -> None:
     """On a terminal the table is redrawn (clear screen); --append keeps every sample."""
     import pty
 
     main, sub = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-W", "ignore", "-m", "hostagent", "stats", "--watch",
-                             "0.2", "--control", agent.control, *(["--append"] if append else [])],
-                            stdout=sub, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-W",
+            "ignore",
+            "-m",
+            "hostagent",
+            "stats",
+            "--watch",
+            "0.2",
+            "--control",
+            agent.control,
+            *(["--append"] if append else []),
+        ],
+        stdout=sub,
+        stderr=subprocess.DEVNULL,
+    )
     os.close(sub)
     time.sleep(1.0)
     proc.terminate()

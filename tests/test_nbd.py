@@ -20,16 +20,16 @@ class MemBackend:
     def read(self, offset: int, length: int) -> bytes:
         if self.fail_reads:
             raise NbdError(nbd.EIO, "broken")
-        return bytes(self.data[offset:offset + length])
+        return bytes(self.data[offset : offset + length])
 
     def write(self, offset: int, data: bytes, fua: bool) -> None:
-        self.data[offset:offset + len(data)] = data
+        self.data[offset : offset + len(data)] = data
 
     def trim(self, offset: int, length: int) -> None:
-        self.data[offset:offset + length] = bytes(length)
+        self.data[offset : offset + length] = bytes(length)
 
     def write_zeroes(self, offset: int, length: int) -> None:
-        self.data[offset:offset + length] = bytes(length)
+        self.data[offset : offset + length] = bytes(length)
 
     def flush(self) -> None:
         self.flushes += 1
@@ -45,12 +45,23 @@ def option(opt: int, data: bytes = b"") -> bytes:
 
 def go_data(name: str, infos: tuple[int, ...] = ()) -> bytes:
     raw = name.encode()
-    return struct.pack(">I", len(raw)) + raw + struct.pack(">H", len(infos)) + b"".join(
-        struct.pack(">H", i) for i in infos)
+    return (
+        struct.pack(">I", len(raw))
+        + raw
+        + struct.pack(">H", len(infos))
+        + b"".join(struct.pack(">H", i) for i in infos)
+    )
 
 
-def request(cmd: int, cookie: int, offset: int, length: int, data: bytes = b"",
-            flags: int = 0, magic: int = nbd.REQUEST_MAGIC) -> bytes:
+def request(
+    cmd: int,
+    cookie: int,
+    offset: int,
+    length: int,
+    data: bytes = b"",
+    flags: int = 0,
+    magic: int = nbd.REQUEST_MAGIC,
+) -> bytes:
     return struct.pack(">IHHQQI", magic, flags, cmd, cookie, offset, length) + data
 
 
@@ -60,15 +71,15 @@ def replies(out: bytes) -> list[tuple[int, int, bytes]]:
     while out:
         magic, opt, kind, length = struct.unpack_from(">QIII", out)
         assert magic == nbd.REPLY_MAGIC
-        found.append((opt, kind, out[20:20 + length]))
-        out = out[20 + length:]
+        found.append((opt, kind, out[20 : 20 + length]))
+        out = out[20 + length :]
     return found
 
 
 def simple(out: bytes, data_len: int = 0) -> tuple[int, int, bytes, bytes]:
     magic, error, cookie = struct.unpack_from(">IIQ", out)
     assert magic == nbd.SIMPLE_REPLY_MAGIC
-    return error, cookie, out[16:16 + data_len], out[16 + data_len:]
+    return error, cookie, out[16 : 16 + data_len], out[16 + data_len :]
 
 
 def connected(backend: MemBackend) -> NbdServer:
@@ -97,7 +108,7 @@ def test_go_then_write_read_flush_trim_zeroes_disc() -> None:
     s.feed(request(nbd.CMD_TRIM, 10, 4096, 4096) + request(nbd.CMD_WRITE_ZEROES, 11, 8192, 100))
     out = s.take_output()
     assert simple(out)[:2] == (0, 10) and simple(out[16:])[:2] == (0, 11)
-    assert b.data[4096:8192 + 100] == bytes(4096 + 100) and b.data[8292] == 0xAB
+    assert b.data[4096 : 8192 + 100] == bytes(4096 + 100) and b.data[8292] == 0xAB
     s.feed(request(nbd.CMD_DISC, 12, 0, 0))
     assert s.closed and s.take_output() == b""
 
@@ -106,14 +117,18 @@ def test_bytes_one_at_a_time() -> None:
     b = MemBackend(65536)
     s = server(b)
     s.take_output()
-    stream = (struct.pack(">I", 1) + option(nbd.OPT_GO, go_data("vm1"))
-              + request(nbd.CMD_WRITE, 1, 0, 5, b"hello") + request(nbd.CMD_READ, 2, 0, 5))
+    stream = (
+        struct.pack(">I", 1)
+        + option(nbd.OPT_GO, go_data("vm1"))
+        + request(nbd.CMD_WRITE, 1, 0, 5, b"hello")
+        + request(nbd.CMD_READ, 2, 0, 5)
+    )
     for i in range(len(stream)):
-        s.feed(stream[i:i + 1])
+        s.feed(stream[i : i + 1])
     out = s.take_output()
-    got = replies(out[:out.index(struct.pack(">I", nbd.SIMPLE_REPLY_MAGIC))])
+    got = replies(out[: out.index(struct.pack(">I", nbd.SIMPLE_REPLY_MAGIC))])
     assert got[-1][1] == nbd.REP_ACK
-    tail = out[out.index(struct.pack(">I", nbd.SIMPLE_REPLY_MAGIC)):]
+    tail = out[out.index(struct.pack(">I", nbd.SIMPLE_REPLY_MAGIC)) :]
     assert simple(tail)[:2] == (0, 1)
     assert simple(tail[16:], 5)[:3] == (0, 2, b"hello")
 
@@ -142,28 +157,47 @@ def test_list_info_unknown_options_and_abort() -> None:
     b = MemBackend(4096)
     s = server(b)
     s.take_output()
-    s.feed(struct.pack(">I", 3) + option(nbd.OPT_LIST) + option(nbd.OPT_LIST, b"x")
-           + option(nbd.OPT_INFO, go_data("vm1")) + option(nbd.OPT_INFO, go_data("nope"))
-           + option(8) + option(5) + option(99, b"junk") + option(nbd.OPT_INFO, b"\0\0\0\xff\0\0"))
+    s.feed(
+        struct.pack(">I", 3)
+        + option(nbd.OPT_LIST)
+        + option(nbd.OPT_LIST, b"x")
+        + option(nbd.OPT_INFO, go_data("vm1"))
+        + option(nbd.OPT_INFO, go_data("nope"))
+        + option(8)
+        + option(5)
+        + option(99, b"junk")
+        + option(nbd.OPT_INFO, b"\0\0\0\xff\0\0")
+    )
     got = replies(s.take_output())
     kinds = [(o, k) for o, k, _ in got]
     assert kinds == [
-        (3, nbd.REP_SERVER), (3, nbd.REP_ACK), (3, nbd.REP_ERR_INVALID),
-        (6, nbd.REP_INFO), (6, nbd.REP_INFO), (6, nbd.REP_ACK), (6, nbd.REP_ERR_UNKNOWN),
-        (8, nbd.REP_ERR_UNSUP), (5, nbd.REP_ERR_UNSUP), (99, nbd.REP_ERR_UNSUP),
-        (6, nbd.REP_ERR_INVALID)]
+        (3, nbd.REP_SERVER),
+        (3, nbd.REP_ACK),
+        (3, nbd.REP_ERR_INVALID),
+        (6, nbd.REP_INFO),
+        (6, nbd.REP_INFO),
+        (6, nbd.REP_ACK),
+        (6, nbd.REP_ERR_UNKNOWN),
+        (8, nbd.REP_ERR_UNSUP),
+        (5, nbd.REP_ERR_UNSUP),
+        (99, nbd.REP_ERR_UNSUP),
+        (6, nbd.REP_ERR_INVALID),
+    ]
     assert got[0][2] == b"\0\0\0\x03vm1"
     assert s.backend is None and not s.closed  # INFO does not start transmission
     s.feed(option(nbd.OPT_ABORT))
     assert replies(s.take_output()) == [(2, nbd.REP_ACK, b"")] and s.closed
 
 
-@pytest.mark.parametrize("stream,reason", [
-    (struct.pack(">I", 0), "fixed newstyle"),
-    (struct.pack(">I", 0x10001), "client flags"),
-    (struct.pack(">I", 1) + struct.pack(">QII", 1234, 7, 0), "option magic"),
-    (struct.pack(">I", 1) + struct.pack(">QII", nbd.IHAVEOPT, 7, 1 << 30), "limit"),
-])
+@pytest.mark.parametrize(
+    "stream,reason",
+    [
+        (struct.pack(">I", 0), "fixed newstyle"),
+        (struct.pack(">I", 0x10001), "client flags"),
+        (struct.pack(">I", 1) + struct.pack(">QII", 1234, 7, 0), "option magic"),
+        (struct.pack(">I", 1) + struct.pack(">QII", nbd.IHAVEOPT, 7, 1 << 30), "limit"),
+    ],
+)
 def test_bad_handshake_closes(stream: bytes, reason: str) -> None:
     s = server(MemBackend(4096))
     s.take_output()
@@ -175,26 +209,32 @@ def test_bad_requests_get_errors_or_close() -> None:
     b = MemBackend(1 << 16)
     s = connected(b)
     b.data[:] = b"\x11" * len(b.data)
-    s.feed(request(nbd.CMD_READ, 1, (1 << 16) - 10, 20))       # past the end
-    s.feed(request(nbd.CMD_WRITE, 2, 1 << 16, 4, b"evil"))      # past the end: payload consumed
+    s.feed(request(nbd.CMD_READ, 1, (1 << 16) - 10, 20))  # past the end
+    s.feed(request(nbd.CMD_WRITE, 2, 1 << 16, 4, b"evil"))  # past the end: payload consumed
     s.feed(request(nbd.CMD_WRITE_ZEROES, 3, 1 << 64 - 1, 1))
     s.feed(request(nbd.CMD_TRIM, 4, 1 << 17, 1))
-    s.feed(request(42, 5, 0, 0))                                # unknown command
-    s.feed(request(nbd.CMD_READ, 6, 0, nbd.MAX_REQUEST + 1))    # too long a read
+    s.feed(request(42, 5, 0, 0))  # unknown command
+    s.feed(request(nbd.CMD_READ, 6, 0, nbd.MAX_REQUEST + 1))  # too long a read
     out = s.take_output()
     errs = []
     while out:
         e, c, _, out = simple(out)
         errs.append((c, e))
-    assert errs == [(1, nbd.EINVAL), (2, nbd.ENOSPC), (3, nbd.ENOSPC), (4, nbd.EINVAL),
-                    (5, nbd.EINVAL), (6, nbd.EINVAL)]
+    assert errs == [
+        (1, nbd.EINVAL),
+        (2, nbd.ENOSPC),
+        (3, nbd.ENOSPC),
+        (4, nbd.EINVAL),
+        (5, nbd.EINVAL),
+        (6, nbd.EINVAL),
+    ]
     assert b.data == b"\x11" * len(b.data) and not s.closed
     b.fail_reads = True
     s.feed(request(nbd.CMD_READ, 7, 0, 4096))
     assert simple(s.take_output()) == (nbd.EIO, 7, b"", b"")
     s.feed(request(nbd.CMD_WRITE, 8, 0, nbd.MAX_REQUEST + 1))
     assert s.closed and "limit" in s.close_reason
-    s.feed(request(nbd.CMD_READ, 9, 0, 4))                     # nothing after a close
+    s.feed(request(nbd.CMD_READ, 9, 0, 4))  # nothing after a close
     assert s.take_output() == b""
 
 

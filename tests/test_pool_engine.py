@@ -69,8 +69,29 @@ def same_page(word: int) -> bytes:
 def text_page(seed: int) -> bytes:
     """English-ish text: compresses with lz4, but not to nothing."""
     rnd = random.Random(seed)
-    words = ("memory", "page", "guest", "host", "the", "of", "a", "pool", "cache", "swap", "kernel",
-             "returns", "object", "index", "when", "is", "not", "evicted", "flush", "put", "get")
+    words = (
+        "memory",
+        "page",
+        "guest",
+        "host",
+        "the",
+        "of",
+        "a",
+        "pool",
+        "cache",
+        "swap",
+        "kernel",
+        "returns",
+        "object",
+        "index",
+        "when",
+        "is",
+        "not",
+        "evicted",
+        "flush",
+        "put",
+        "get",
+    )
     parts: list[str] = []
     while sum(map(len, parts)) < PAGE_SIZE:
         parts.append(rnd.choice(words) + rnd.choice((" ", " ", ", ", ".\n")) + str(rnd.randrange(99)))
@@ -85,11 +106,16 @@ class Harness:
         self.arenas: list[Arena] = []
         self.engines: list[PoolEngine] = []
 
-    def open(self, limit: int = 64 << 20, *, host_reserve: int = 0,
-             acl: Mapping[bytes, Collection[str]] = ACL, capacity: int | None = None) -> PoolEngine:
+    def open(
+        self,
+        limit: int = 64 << 20,
+        *,
+        host_reserve: int = 0,
+        acl: Mapping[bytes, Collection[str]] = ACL,
+        capacity: int | None = None,
+    ) -> PoolEngine:
         arena = Arena(self.root / "arena", capacity_bytes=capacity or limit + (8 << 20))
-        engine = PoolEngine(arena, limit_bytes=limit, host_reserve_bytes=host_reserve,
-                            shared_acl=acl)
+        engine = PoolEngine(arena, limit_bytes=limit, host_reserve_bytes=host_reserve, shared_acl=acl)
         self.arenas.append(arena)
         self.engines.append(engine)
         return engine
@@ -258,8 +284,11 @@ def test_unknown_pool_ids(harness: Harness) -> None:
             engine.get(b, pa, oid(1), 0)
     engine.destroy_pool(a, pa)
     ops: list[Callable[[], object]] = [
-        lambda: engine.get(a, pa, oid(1), 0), lambda: engine.flush_page(a, pa, oid(1), 0),
-        lambda: engine.flush_object(a, pa, oid(1)), lambda: engine.destroy_pool(a, pa)]
+        lambda: engine.get(a, pa, oid(1), 0),
+        lambda: engine.flush_page(a, pa, oid(1), 0),
+        lambda: engine.flush_object(a, pa, oid(1)),
+        lambda: engine.destroy_pool(a, pa),
+    ]
     for op in ops:
         with pytest.raises(UnknownPool):
             op()
@@ -622,11 +651,21 @@ def test_store_writes_the_documented_slot_header(harness: Harness) -> None:
     arena = Arena(harness.root / "layout", 1 << 20)
     harness.arenas.append(arena)
     data = random_page(3)[:1000]
-    ref = arena.store(CLASS_FOR_LENGTH[len(data)], 0x1234_5678, 2**40 + 7, oid(9), 0xFFFF_FFFE, 1, data,
-                      0xDEAD_BEEF, 3)
+    ref = arena.store(
+        CLASS_FOR_LENGTH[len(data)], 0x1234_5678, 2**40 + 7, oid(9), 0xFFFF_FFFE, 1, data, 0xDEAD_BEEF, 3
+    )
     offset = ref >> REF_SHIFT
-    assert arena.header(offset) == (SLOT_LIVE, 0x1234_5678, 2**40 + 7, oid(9), 0xFFFF_FFFE,
-                                    0xDEAD_BEEF, len(data), 1, 3)
+    assert arena.header(offset) == (
+        SLOT_LIVE,
+        0x1234_5678,
+        2**40 + 7,
+        oid(9),
+        0xFFFF_FFFE,
+        0xDEAD_BEEF,
+        len(data),
+        1,
+        3,
+    )
     assert arena.read(ref) == (1, data)
 
 
@@ -644,8 +683,17 @@ def test_crc32_slots_of_an_older_arena_are_still_verified(harness: Harness) -> N
         offset = ref >> REF_SHIFT
         _, handle, generation, key, index, _, _, encoding, _ = arena.header(offset)
         crc = crc32_checksum(handle, generation, key, index, encoding, pages[i])
-        arena.write(offset, handle, generation, key, index, encoding, pages[i],
-                    crc ^ (1 if i == 3 else 0), FLAG_CHECKSUM)  # slot 3: a bad checksum
+        arena.write(
+            offset,
+            handle,
+            generation,
+            key,
+            index,
+            encoding,
+            pages[i],
+            crc ^ (1 if i == 3 else 0),
+            FLAG_CHECKSUM,
+        )  # slot 3: a bad checksum
 
     engine2 = harness.open()
     a2 = engine2.client("g1")
@@ -756,14 +804,12 @@ def test_a_torn_slot_generation_does_not_become_the_counter(harness: Harness) ->
     a2 = again.client("g1")
     assert (again.rebuilt_pages, again.rejected_slots) == (3, 1)
     assert again.put(a2, pid, oid(1), 3, random_page(9))
-    assert again.put(again.client("g2"), again.new_pool(again.client("g2"), EPH), oid(1), 0,
-                     random_page(1))
+    assert again.put(again.client("g2"), again.new_pool(again.client("g2"), EPH), oid(1), 0, random_page(1))
     assert again.get(a2, pid, oid(1), 3) == random_page(9)
 
 
 @pytest.mark.parametrize("damage", ["magic", "size class"])
-def test_a_slab_with_a_damaged_header_never_brings_old_pages_back(harness: Harness,
-                                                                 damage: str) -> None:
+def test_a_slab_with_a_damaged_header_never_brings_old_pages_back(harness: Harness, damage: str) -> None:
     """Its pages are lost (nothing in it can be trusted), and the slab is punched: reused later, its
     old slot headers must not look live at the next restart (flushed pages back, old copies winning)."""
     engine = harness.open()
@@ -805,7 +851,8 @@ def test_a_shared_pool_member_the_config_no_longer_authorises_loses_it(harness: 
 
 @pytest.mark.parametrize("table", ["garbage", "missing"])
 def test_a_restart_without_a_usable_pool_table_refuses_and_keeps_the_pages(
-        harness: Harness, table: str) -> None:
+    harness: Harness, table: str
+) -> None:
     """The table names the owners of the persistent pages: without it they would all be dropped
     as unowned. Refuse to start instead, and lose nothing: with the table back, they are served."""
     engine = harness.open()
@@ -877,8 +924,9 @@ def test_a_guest_cannot_pin_the_arena_with_one_page_per_slab(harness: Harness) -
 
 
 @pytest.mark.parametrize("old_channel", ["released", "restored"])
-def test_a_hold_is_told_from_a_later_hold_of_the_key_in_the_same_slot(harness: Harness,
-                                                                      old_channel: str) -> None:
+def test_a_hold_is_told_from_a_later_hold_of_the_key_in_the_same_slot(
+    harness: Harness, old_channel: str
+) -> None:
     """GET K (hold A), PUT K (drops A, and takes A's freed slot back), GET K again on a new
     connection (hold B: the same slot ref). Whatever A's old channel does when it ends, B's
     page must neither be freed nor put back by it."""

@@ -266,8 +266,11 @@ class PoolModel(RuleBasedStateMachine):
     def set_compress(self, who: str, on: bool) -> None:
         self.engine.configure(who, compress=on)
 
-    @rule(who=st.sampled_from(NAMES), pid=st.integers(1, 12), op=st.sampled_from(
-        ("put", "get", "flush_page", "flush_object", "destroy")))
+    @rule(
+        who=st.sampled_from(NAMES),
+        pid=st.integers(1, 12),
+        op=st.sampled_from(("put", "get", "flush_page", "flush_object", "destroy")),
+    )
     def unknown_pool(self, who: str, pid: int, op: str) -> None:
         """A pool id this client does not own (never had, destroyed, or another client's)."""
         if pid in self.pools[who]:
@@ -309,31 +312,35 @@ class PoolModel(RuleBasedStateMachine):
         else:
             pool.pages.pop(key, None)
 
-    def check_refusal(self, before: dict[str, Any], who: str, pool: MPool,
-                      spec: tuple[str, int]) -> None:
+    def check_refusal(self, before: dict[str, Any], who: str, pool: MPool, spec: tuple[str, int]) -> None:
         """A refused put must have a reason: no room even with every ephemeral page evicted, or
         the quota. Judged with the largest slot (RAW), so only refusals that cannot be right fail."""
         st_pool = before["pool"]
         eph_bytes = sum(g["ephemeral"]["bytes"] for g in before["guests"].values()) + sum(
-            e["bytes"] for e in before.get("shared", {}).values() if not e["kind"].endswith("persistent"))
+            e["bytes"] for e in before.get("shared", {}).values() if not e["kind"].endswith("persistent")
+        )
         budget_full = st_pool["used_bytes"] - eph_bytes + RAW_SLOT > st_pool["budget_bytes"]
         if pool.persistent and pool.uuid is None:
-            quota_full = (before["guests"][who]["persistent"]["bytes"] + RAW_SLOT
-                          > self.settings[who].quota_bytes)
+            quota_full = (
+                before["guests"][who]["persistent"]["bytes"] + RAW_SLOT > self.settings[who].quota_bytes
+            )
             assert budget_full or quota_full, f"persistent put refused without reason: {spec}"
         else:
             assert budget_full, f"{kind_of(pool)} put refused though ephemeral pages could go: {spec}"
         event(f"put {kind_of(pool)} refused (justified)")
 
-    @rule(who=st.sampled_from(NAMES), choice=st.integers(0, MAX_POOLS - 1), key=keys,
-          spec=page_specs)
+    @rule(who=st.sampled_from(NAMES), choice=st.integers(0, MAX_POOLS - 1), key=keys, spec=page_specs)
     def put(self, who: str, choice: int, key: tuple[bytes, int], spec: tuple[str, int]) -> None:
         self.do_put(who, choice, key, spec)
 
-    @rule(who=st.sampled_from(NAMES), choice=st.integers(0, MAX_POOLS - 1),
-          items=st.lists(st.tuples(keys, page_specs), min_size=2, max_size=5))
-    def put_burst(self, who: str, choice: int,
-                  items: list[tuple[tuple[bytes, int], tuple[str, int]]]) -> None:
+    @rule(
+        who=st.sampled_from(NAMES),
+        choice=st.integers(0, MAX_POOLS - 1),
+        items=st.lists(st.tuples(keys, page_specs), min_size=2, max_size=5),
+    )
+    def put_burst(
+        self, who: str, choice: int, items: list[tuple[tuple[bytes, int], tuple[str, int]]]
+    ) -> None:
         """Several puts in a row to one pool: fills caps, quotas and the budget."""
         for key, spec in items:
             self.do_put(who, choice, key, spec)
@@ -364,11 +371,14 @@ class PoolModel(RuleBasedStateMachine):
                 f"{who} pool {pid} flags {pool.flags} key {key[1]}: "
                 f"{'None' if got is None else 'a page'} != "
                 f"{'None' if expected is None else 'expected page'}"
-                f"{' (wrong contents)' if got is not None and expected is not None else ''}")
+                f"{' (wrong contents)' if got is not None and expected is not None else ''}"
+            )
         else:
             assert got is None or got == expected, "ephemeral get returned a stale/other page"
-        event(f"get {kind_of(pool)} {'hit' if got is not None else 'miss'}"
-              f"{' (evicted)' if got is None and expected is not None else ''}")
+        event(
+            f"get {kind_of(pool)} {'hit' if got is not None else 'miss'}"
+            f"{' (evicted)' if got is None and expected is not None else ''}"
+        )
         if got is None:
             pool.pages.pop(key, None)  # once None, the page is gone for good
         elif pool.exclusive:
@@ -386,8 +396,7 @@ class PoolModel(RuleBasedStateMachine):
         self.engine.flush_page(self.engine.client(who), pid, key[0], key[1])
         pool.pages.pop(key, None)
 
-    @rule(who=st.sampled_from(NAMES), choice=st.integers(0, MAX_POOLS - 1),
-          oid=st.sampled_from(OIDS))
+    @rule(who=st.sampled_from(NAMES), choice=st.integers(0, MAX_POOLS - 1), oid=st.sampled_from(OIDS))
     def flush_object(self, who: str, choice: int, oid: bytes) -> None:
         picked = self.pick(who, choice)
         if picked is None:

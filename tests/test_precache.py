@@ -23,8 +23,9 @@ from tests.support.host_agent import HostAgentProcess
 from tests.support.precache_mount import PAGE, PrecacheMount, pool_pages, read
 
 
-def test_exclusive_get_serves_an_evicted_page_once(host_agent: HostAgentProcess,
-                                                    precache: Callable[..., PrecacheMount]) -> None:
+def test_exclusive_get_serves_an_evicted_page_once(
+    host_agent: HostAgentProcess, precache: Callable[..., PrecacheMount]
+) -> None:
     rng = random.Random(1)
     a, b = rng.randbytes(PAGE), rng.randbytes(8 * PAGE)
 
@@ -76,9 +77,21 @@ def test_model_random_operations_match_a_reference_directory(
             name = rng.choice(names)
             mp, rp, bp = m.mountpoint / name, ref / name, m.backing / name
             exists = rp.exists()
-            op = rng.choices(["write", "append", "truncate", "otrunc", "rename", "unlink", "read",
-                              "read_range", "evict", "behind"],
-                             [14, 4, 6, 4, 5, 3, 30, 20, 4, 3])[0]  # fmt: skip
+            op = rng.choices(
+                [
+                    "write",
+                    "append",
+                    "truncate",
+                    "otrunc",
+                    "rename",
+                    "unlink",
+                    "read",
+                    "read_range",
+                    "evict",
+                    "behind",
+                ],
+                [14, 4, 6, 4, 5, 3, 30, 20, 4, 3],
+            )[0]
             history.append(f"{step} {op} {name}")
             if step == ops // 2:  # the host drops every ephemeral page mid-run
                 before = pool_pages(host_agent)
@@ -145,8 +158,11 @@ def test_reads_stay_right_when_the_host_drops_everything_or_goes(
     """A file set 3x the shim's cache, re-read: hits from tmem; the host dropping every ephemeral
     page, then stopping, changes no byte and hangs no read."""
     rng = random.Random(7)
-    files = {f"d{i}/f{j}": rng.randbytes(rng.randint(1, 8) * PAGE - rng.randint(0, 100))
-             for i in range(3) for j in range(4)}  # fmt: skip
+    files = {
+        f"d{i}/f{j}": rng.randbytes(rng.randint(1, 8) * PAGE - rng.randint(0, 100))
+        for i in range(3)
+        for j in range(4)
+    }
     digests = {k: hashlib.sha256(v).digest() for k, v in files.items()}
     total_pages = sum((len(v) + PAGE - 1) // PAGE for v in files.values())
 
@@ -248,7 +264,7 @@ def test_tar_extract_and_read_back(precache: Callable[..., PrecacheMount]) -> No
 
 
 def test_concurrent_readers_never_see_a_page_older_than_the_last_finished_write(
-    precache: Callable[..., PrecacheMount]
+    precache: Callable[..., PrecacheMount],
 ) -> None:
     """A writer rewrites whole files with a new version stamp in every page while readers re-read
     them, and the shim's cache is a fraction of the files (pages go through tmem): a read begun
@@ -261,8 +277,10 @@ def test_concurrent_readers_never_see_a_page_older_than_the_last_finished_write(
     done = [0] * nfiles  # the last version whose write returned, per file
 
     def content(version: int, i: int) -> bytes:
-        return b"".join((version.to_bytes(8, "little") + bytes([i, p])) * (PAGE // 10) +
-                        bytes(PAGE % 10) for p in range(pages))  # fmt: skip
+        return b"".join(
+            (version.to_bytes(8, "little") + bytes([i, p])) * (PAGE // 10) + bytes(PAGE % 10)
+            for p in range(pages)
+        )
 
     for i, p in enumerate(paths):
         p.write_bytes(content(0, i))
@@ -290,8 +308,9 @@ def test_concurrent_readers_never_see_a_page_older_than_the_last_finished_write(
                 if v < floor or data[p * PAGE + 8 : p * PAGE + 10] != bytes([i, p]):
                     errors.append(f"file {i} page {p}: version {v} after {floor} was written")
 
-    threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader, args=(s,))
-                                                   for s in range(4)]  # fmt: skip
+    threads = [threading.Thread(target=writer)] + [
+        threading.Thread(target=reader, args=(s,)) for s in range(4)
+    ]
     for t in threads:
         t.start()
     time.sleep(4)
@@ -316,8 +335,9 @@ def test_make_git_and_mmap_in_the_mount(precache: Callable[..., PrecacheMount]) 
     for i in range(1, 4):
         (proj / f"f{i}.c").write_text(f"int f{i}(void) {{ return {i * 10}; }}\n")
     (proj / "main.c").write_text(
-        '#include <stdio.h>\nint f1(void); int f2(void); int f3(void);\n'
-        'int main(void) { printf("%d\\n", f1() + f2() + f3()); return 0; }\n')
+        "#include <stdio.h>\nint f1(void); int f2(void); int f3(void);\n"
+        'int main(void) { printf("%d\\n", f1() + f2() + f3()); return 0; }\n'
+    )
     (proj / "Makefile").write_text("prog: main.o f1.o f2.o f3.o\n\t$(CC) -o $@ $^\n")
     subprocess.run(["make", "-s", "-C", str(proj)], check=True, capture_output=True, timeout=60)
     out = subprocess.run([str(proj / "prog")], check=True, capture_output=True, text=True, timeout=10)
@@ -327,8 +347,17 @@ def test_make_git_and_mmap_in_the_mount(precache: Callable[..., PrecacheMount]) 
     subprocess.run(["make", "-s", "-C", str(proj)], check=True, capture_output=True, timeout=60)
     assert subprocess.run([str(proj / "prog")], capture_output=True, text=True).stdout == "47\n"
 
-    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t", "-c", "init.defaultBranch=main",
-           "-C", str(proj)]
+    git = [
+        "git",
+        "-c",
+        "user.email=t@t",
+        "-c",
+        "user.name=t",
+        "-c",
+        "init.defaultBranch=main",
+        "-C",
+        str(proj),
+    ]
     subprocess.run([*git, "init", "-q"], check=True, timeout=30)
     subprocess.run([*git, "add", "."], check=True, timeout=30)
     subprocess.run([*git, "commit", "-qm", "one"], check=True, timeout=30)
@@ -338,21 +367,34 @@ def test_make_git_and_mmap_in_the_mount(precache: Callable[..., PrecacheMount]) 
     assert (proj / "f1.c").read_text() == "int f1(void) { return 10; }\n"
     subprocess.run([*git, "checkout", "-q", "main"], check=True, timeout=30)
     assert (proj / "f1.c").read_text() == "int f1(void) { return 1; }\n"
-    assert subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                          text=True, check=True).stdout == ""  # fmt: skip
+    assert (
+        subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        == ""
+    )
 
     data = random.Random(9).randbytes(10 * PAGE + 123)
     (m.backing / "blob").write_bytes(data)
-    dd = subprocess.run(["dd", f"if={m.mountpoint / 'blob'}", "iflag=direct", "bs=4096", "status=none"],
-                        capture_output=True, check=True, timeout=30)  # an O_DIRECT reader  # fmt: skip
+    dd = subprocess.run(
+        ["dd", f"if={m.mountpoint / 'blob'}", "iflag=direct", "bs=4096", "status=none"],
+        capture_output=True,
+        check=True,
+        timeout=30,
+    )  # an O_DIRECT reader
     assert dd.stdout == data
-    with open(m.mountpoint / "blob", "rb") as f, mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE,
-                                                          prot=mmap.PROT_READ) as mm:  # fmt: skip
+    with (
+        open(m.mountpoint / "blob", "rb") as f,
+        mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ) as mm,
+    ):
         assert mm[:] == data
 
 
 def test_kernel_cached_mode_serves_shared_mmap_and_stays_right(
-    precache: Callable[..., PrecacheMount]
+    precache: Callable[..., PrecacheMount],
 ) -> None:
     """Without direct_io the kernel page cache serves hot reads (MAP_SHARED works); it is dropped at
     every open (keep_cache off), so writes and changes behind the mount are still seen."""
@@ -431,8 +473,9 @@ def test_mount_without_a_host_agent_reads_the_backing_file_then_uses_tmem_once_i
     (tmp_path / "b").mkdir()
     (tmp_path / "m").mkdir()
     (tmp_path / "b" / "f").write_bytes(data)
-    m = PrecacheMount(tmp_path / "b", tmp_path / "m", host_agent_stopped.sockets["g1"], 8,
-                      tmp_path / "precache.log")
+    m = PrecacheMount(
+        tmp_path / "b", tmp_path / "m", host_agent_stopped.sockets["g1"], 8, tmp_path / "precache.log"
+    )
     try:
         m.start(connected=False)
         for _ in range(2):

@@ -42,24 +42,28 @@ def test_precache_tables_parse_with_defaults_and_paths_relative_to_the_file(tmp_
     cfg.write_text('[[precache]]\nbacking = "data"\nmountpoint = "/mnt/data"\n')
     (mount,) = configmod.load(cfg).precache
     assert mount == configmod.PrecacheMount(str(tmp_path / "data"), "/mnt/data", 16384, False)
-    full = configmod.parse({"precache": [{"backing": "/srv", "mountpoint": "/mnt", "cache_pages": 100,
-                                          "kernel_cache": True}]})
+    full = configmod.parse(
+        {"precache": [{"backing": "/srv", "mountpoint": "/mnt", "cache_pages": 100, "kernel_cache": True}]}
+    )
     assert full.precache == (configmod.PrecacheMount("/srv", "/mnt", 100, True),)
     assert configmod.Config().precache == ()
 
 
-@pytest.mark.parametrize(("table", "message"), [
-    ({"mountpoint": "/mnt"}, "precache[0].backing: required"),
-    ({"backing": "/srv"}, "precache[0].mountpoint: required"),
-    ({"backing": "", "mountpoint": "/mnt"}, "precache[0].backing: expected a directory path"),
-    ({"backing": 3, "mountpoint": "/mnt"}, "precache[0].backing: expected a directory path"),
-    ({"backing": "/srv", "mountpoint": "/srv/"}, "precache[0]: backing and mountpoint are the same"),
-    ({"backing": "/srv", "mountpoint": "/mnt", "cache_pages": 0}, "precache[0].cache_pages"),
-    ({"backing": "/srv", "mountpoint": "/mnt", "cache_pages": True}, "precache[0].cache_pages"),
-    ({"backing": "/srv", "mountpoint": "/mnt", "cache_pages": "1"}, "precache[0].cache_pages"),
-    ({"backing": "/srv", "mountpoint": "/mnt", "kernel_cache": 1}, "precache[0].kernel_cache"),
-    ({"backing": "/srv", "mountpoint": "/mnt", "cache": 1}, "precache[0].cache: unknown setting"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"mountpoint": "/mnt"}, "precache[0].backing: required"),
+        ({"backing": "/srv"}, "precache[0].mountpoint: required"),
+        ({"backing": "", "mountpoint": "/mnt"}, "precache[0].backing: expected a directory path"),
+        ({"backing": 3, "mountpoint": "/mnt"}, "precache[0].backing: expected a directory path"),
+        ({"backing": "/srv", "mountpoint": "/srv/"}, "precache[0]: backing and mountpoint are the same"),
+        ({"backing": "/srv", "mountpoint": "/mnt", "cache_pages": 0}, "precache[0].cache_pages"),
+        ({"backing": "/srv", "mountpoint": "/mnt", "cache_pages": True}, "precache[0].cache_pages"),
+        ({"backing": "/srv", "mountpoint": "/mnt", "cache_pages": "1"}, "precache[0].cache_pages"),
+        ({"backing": "/srv", "mountpoint": "/mnt", "kernel_cache": 1}, "precache[0].kernel_cache"),
+        ({"backing": "/srv", "mountpoint": "/mnt", "cache": 1}, "precache[0].cache: unknown setting"),
+    ],
+)
 def test_bad_precache_tables_are_refused_naming_the_key(table: dict[str, Any], message: str) -> None:
     with pytest.raises(configmod.ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         configmod.parse({"precache": [table]})
@@ -228,13 +232,17 @@ def test_daemon_mount_survives_a_host_agent_restart_and_a_sigkill_of_the_daemon(
 
 def test_daemon_refuses_two_mounts_and_a_missing_mountpoint(work: Path) -> None:
     cfg = work / "ga.toml"
-    cfg.write_text(f'[control]\nsocket = "{work / "ga.sock"}"\n'
-                   '[[precache]]\nbacking = "backing"\nmountpoint = "mnt"\n'
-                   '[[precache]]\nbacking = "backing"\nmountpoint = "mnt2"\n')
+    cfg.write_text(
+        f'[control]\nsocket = "{work / "ga.sock"}"\n'
+        '[[precache]]\nbacking = "backing"\nmountpoint = "mnt"\n'
+        '[[precache]]\nbacking = "backing"\nmountpoint = "mnt2"\n'
+    )
     res = guestagent_cli("run", "--config", str(cfg), "--channel", str(work / "none.sock"))
     assert res.returncode == 1 and "at most one" in res.stderr, res.stderr
-    cfg.write_text(f'[control]\nsocket = "{work / "ga.sock"}"\n'
-                   '[[precache]]\nbacking = "backing"\nmountpoint = "nowhere"\n')
+    cfg.write_text(
+        f'[control]\nsocket = "{work / "ga.sock"}"\n'
+        '[[precache]]\nbacking = "backing"\nmountpoint = "nowhere"\n'
+    )
     res = guestagent_cli("run", "--config", str(cfg), "--channel", str(work / "none.sock"))
     assert res.returncode == 1 and "precache" in res.stderr and "nowhere" in res.stderr, res.stderr
 
@@ -247,13 +255,29 @@ def test_cli_precache_mount_in_the_foreground(host_agent: HostAgentProcess, work
     sums = populate(work / "backing", files=4, pages=40)
     log = (work / "mount.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "guestagent", "precache", "mount", str(work / "backing"), str(mnt),
-         "--cache-pages", str(CACHE_PAGES), "--channel", host_agent.sockets["g1"]],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "guestagent",
+            "precache",
+            "mount",
+            str(work / "backing"),
+            str(mnt),
+            "--cache-pages",
+            str(CACHE_PAGES),
+            "--channel",
+            host_agent.sockets["g1"],
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
+    )
     try:
-        wait_until(lambda: os.path.ismount(mnt) and json.loads(os.getxattr(mnt, STATS))["connected"],
-                 timeout=15, what="the mount")
+        wait_until(
+            lambda: os.path.ismount(mnt) and json.loads(os.getxattr(mnt, STATS))["connected"],
+            timeout=15,
+            what="the mount",
+        )
         read_all(mnt, sums)
         os.setxattr(mnt, "user.tmem.precache.evict", b"1")
         read_all(mnt, sums)
@@ -267,18 +291,42 @@ def test_cli_precache_mount_in_the_foreground(host_agent: HostAgentProcess, work
             proc.wait(10)
         log.close()
     assert "Traceback" not in (work / "mount.log").read_text()
-    bad = guestagent_cli("precache", "mount", str(work / "backing"), str(work / "nowhere"),
-                         "--channel", host_agent.sockets["g1"])  # fmt: skip
+    bad = guestagent_cli(
+        "precache",
+        "mount",
+        str(work / "backing"),
+        str(work / "nowhere"),
+        "--channel",
+        host_agent.sockets["g1"],
+    )
     assert bad.returncode != 0 and "nowhere" in bad.stderr
     usage = guestagent_cli("precache", "mount", str(work / "backing"))
     assert usage.returncode == 2
 
 
 def test_precache_line_in_the_stats_table() -> None:
-    stats = {"guests": {"g1": {"name": "g1", "connected": True, "report": {"age": 1.0, "values": {
-        "memavailable_kib": 1000, "precache_gets": 1500, "precache_hits": 1000, "precache_misses": 500,
-        "precache_puts": 2_500_000, "precache_flushes": 3, "precache_bytes_from_tmem": 1000 * PAGE,
-        "precache_bytes_from_disk": 3 << 20}}}, "g2": {"name": "g2", "connected": True}}}
+    stats = {
+        "guests": {
+            "g1": {
+                "name": "g1",
+                "connected": True,
+                "report": {
+                    "age": 1.0,
+                    "values": {
+                        "memavailable_kib": 1000,
+                        "precache_gets": 1500,
+                        "precache_hits": 1000,
+                        "precache_misses": 500,
+                        "precache_puts": 2_500_000,
+                        "precache_flushes": 3,
+                        "precache_bytes_from_tmem": 1000 * PAGE,
+                        "precache_bytes_from_disk": 3 << 20,
+                    },
+                },
+            },
+            "g2": {"name": "g2", "connected": True},
+        }
+    }
     text = statsview.format_stats(stats)
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("precache"))

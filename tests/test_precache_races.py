@@ -52,8 +52,9 @@ def guarded(fn: Callable[..., None], errors: list[str], stop: threading.Event) -
     return run
 
 
-def check(what: str, off: int, data: bytes, errors: list[str], *, at_least: int = 0,
-          zeros: list[str] | None = None) -> None:
+def check(
+    what: str, off: int, data: bytes, errors: list[str], *, at_least: int = 0, zeros: list[str] | None = None
+) -> None:
     """Every byte of `data` is the file's at its offset; with `zeros`, a zero is noted there instead
     (the kernel-cache mode, see the stress test)."""
     if data != pattern(off, len(data)):
@@ -61,16 +62,20 @@ def check(what: str, off: int, data: bytes, errors: list[str], *, at_least: int 
         if zeros is not None and all(data[i] in (0, _PATTERN[off + i]) for i in range(len(data))):
             zeros.append(f"{what}: byte {off + bad} is 0 (read of {len(data)} at {off})")
             return
-        errors.append(f"{what}: byte {off + bad} is {data[bad]}, the file only ever held "
-                      f"{_PATTERN[off + bad]} there (read of {len(data)} at {off})")  # fmt: skip
+        errors.append(
+            f"{what}: byte {off + bad} is {data[bad]}, the file only ever held "
+            f"{_PATTERN[off + bad]} there (read of {len(data)} at {off})"
+        )
     elif len(data) < at_least:
         errors.append(f"{what}: read at {off} returned {len(data)} bytes, {at_least} were written before")
 
 
 @pytest.mark.parametrize("kernel_cache", [False, True], ids=["direct_io", "kernel_cache"])
 def test_stress_appenders_truncaters_readers_on_one_file(
-    host_agent: HostAgentProcess, precache: Callable[..., PrecacheMount],
-    tmp_path: Path, kernel_cache: bool,
+    host_agent: HostAgentProcess,
+    precache: Callable[..., PrecacheMount],
+    tmp_path: Path,
+    kernel_cache: bool,
 ) -> None:
     """Two appenders, a truncater (ftruncate and O_TRUNC re-creation) and three readers on one file
     for a few seconds, through a cache far smaller than the file so pages also go through tmem: the
@@ -103,17 +108,20 @@ def test_stress_appenders_truncaters_readers_on_one_file(
         rng = random.Random(seed)
         with open(path, "r+b", buffering=0) as f:
             while not stop.is_set():
+
                 def append() -> None:
                     size = os.fstat(f.fileno()).st_size
                     if size < MAX_SIZE:
                         n = rng.choice([1, 100, PAGE - 1, PAGE, PAGE + 3, 3 * PAGE])
                         os.pwrite(f.fileno(), pattern(size, n), size)
                         counts["appends"] += 1
+
                 locked(append)
 
     def truncater(seed: int) -> None:
         rng = random.Random(seed)
         while not stop.is_set():
+
             def truncate() -> None:
                 if rng.random() < 0.5:
                     with open(path, "r+b", buffering=0) as f:
@@ -123,6 +131,7 @@ def test_stress_appenders_truncaters_readers_on_one_file(
                     with open(path, "wb", buffering=0) as f:
                         f.write(pattern(0, rng.randrange(0, 6 * PAGE)))
                 counts["truncates"] += 1
+
             locked(truncate)
             time.sleep(rng.random() * 0.01)
 
@@ -165,7 +174,8 @@ def test_stress_appenders_truncaters_readers_on_one_file(
 
 @pytest.mark.parametrize("kernel_cache", [False, True], ids=["direct_io", "kernel_cache"])
 def test_appended_bytes_read_back_whole_while_the_tail_is_read(
-    host_agent: HostAgentProcess, precache: Callable[..., PrecacheMount],
+    host_agent: HostAgentProcess,
+    precache: Callable[..., PrecacheMount],
     kernel_cache: bool,
 ) -> None:
     """One process appends, others read the tail: a byte whose append returned before a read began

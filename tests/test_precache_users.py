@@ -75,9 +75,20 @@ def populate(d: Path) -> None:
 
 def as_nobody(mountpoint: Path) -> dict[str, str]:
     res = subprocess.run(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOGROUP}", "--clear-groups",
-         "/usr/bin/python3", "-c", _SCRIPT, str(mountpoint)],
-        capture_output=True, text=True, timeout=60, cwd="/",
+        [
+            "setpriv",
+            f"--reuid={NOBODY}",
+            f"--regid={NOGROUP}",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            _SCRIPT,
+            str(mountpoint),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
     )
     assert res.returncode == 0, res.stderr
     result: dict[str, str] = json.loads(res.stdout)

@@ -24,7 +24,8 @@ from tests.support.precache_mount import PAGE, PrecacheMount, read
 
 
 def test_a_write_drops_only_the_pages_it_wrote(
-    host_agent: HostAgentProcess, precache: Callable[..., PrecacheMount],
+    host_agent: HostAgentProcess,
+    precache: Callable[..., PrecacheMount],
 ) -> None:
     """64 pages through a cache of 8: most pages live in tmem. Random one-page writes among
     random reads: the pages not written are still served by tmem, and every read is right."""
@@ -95,8 +96,11 @@ def test_the_shim_forgets_files_the_kernel_forgot_within_a_bound(
     took = time.monotonic() - t0
     # the kernel forgets unused inodes (dentries and inodes only; no page cache is dropped)
     subprocess.run(["sh", "-c", "echo 2 > /proc/sys/vm/drop_caches"], check=True)
-    wait_until(lambda: m.stats()["objects"] <= FORGOTTEN_OBJECTS + 1, timeout=20,
-             what="the shim to let forgotten files go")
+    wait_until(
+        lambda: m.stats()["objects"] <= FORGOTTEN_OBJECTS + 1,
+        timeout=20,
+        what="the shim to let forgotten files go",
+    )
     assert read(m.mountpoint / "f0") == b"file 0\n" * 10
     assert read(m.mountpoint / f"f{n - 1}") == f"file {n - 1}\n".encode() * 10
     print(f"{n} files read in {took:.1f} s; objects after the kernel forgot them: {m.stats()['objects']}")

@@ -43,10 +43,24 @@ class SwapperProcess:
         self.log_path = agent.workdir / f"swapper-{guest}.log"
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, str(SWAPPER), "--channel", agent.sockets[guest],
-                 "--socket", self.socket, "--swap-file", self.swap_file, "--log-level", "INFO",
-                 "--report-interval", "0.1", *extra],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
+                [
+                    sys.executable,
+                    str(SWAPPER),
+                    "--channel",
+                    agent.sockets[guest],
+                    "--socket",
+                    self.socket,
+                    "--swap-file",
+                    self.swap_file,
+                    "--log-level",
+                    "INFO",
+                    "--report-interval",
+                    "0.1",
+                    *extra,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=log,
             )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -76,9 +90,25 @@ def swapper(host_agent: HostAgentProcess, request: pytest.FixtureRequest) -> Ite
 
 def workload(sw: SwapperProcess, pages: int, budget: int, ops: int, seed: int = 1) -> dict[str, Any]:
     res = subprocess.run(
-        [sys.executable, "-m", "guestagent.preswap_workload", "--socket", sw.socket, "--pages",
-         str(pages), "--budget", str(budget), "--ops", str(ops), "--seed", str(seed)],
-        capture_output=True, text=True, timeout=120, check=False,
+        [
+            sys.executable,
+            "-m",
+            "guestagent.preswap_workload",
+            "--socket",
+            sw.socket,
+            "--pages",
+            str(pages),
+            "--budget",
+            str(budget),
+            "--ops",
+            str(ops),
+            "--seed",
+            str(seed),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert res.returncode == 0, f"{res.stdout}\n{res.stderr}\n{sw.log()}"
     result: dict[str, Any] = json.loads(res.stdout)
@@ -90,8 +120,9 @@ def host_persistent(agent: HostAgentProcess) -> int:
     return pages
 
 
-def test_region_4x_budget_random_reads_and_writes(host_agent: HostAgentProcess,
-                                                  swapper: SwapperProcess) -> None:
+def test_region_4x_budget_random_reads_and_writes(
+    host_agent: HostAgentProcess, swapper: SwapperProcess
+) -> None:
     result = workload(swapper, pages=2048, budget=512, ops=40_000)
     agent = result["agent"]
     print(json.dumps(result))
@@ -115,14 +146,18 @@ def test_region_4x_budget_random_reads_and_writes(host_agent: HostAgentProcess,
 
     def reported() -> bool:  # the swapper's counters reach `hostagent stats` in its reports
         report = (stats_json(host_agent)["guests"]["g1"].get("report") or {}).get("values", {})
-        return bool(report.get("preswap_puts") == totals["puts"]
-                    and report.get("preswap_disk_writes") == 0 and report.get("preswap_regions") == 0)
+        return bool(
+            report.get("preswap_puts") == totals["puts"]
+            and report.get("preswap_disk_writes") == 0
+            and report.get("preswap_regions") == 0
+        )
 
     wait_until(reported, what="preswap counters in the host's stats")
 
 
-def test_tiny_quota_falls_back_to_the_swap_file(host_agent: HostAgentProcess,
-                                                swapper: SwapperProcess) -> None:
+def test_tiny_quota_falls_back_to_the_swap_file(
+    host_agent: HostAgentProcess, swapper: SwapperProcess
+) -> None:
     assert host_agent.cli("set", "g1", "quota=1").returncode == 0  # 1 MiB: ~250 raw pages
     result = workload(swapper, pages=1024, budget=128, ops=12_000, seed=7)
     agent = result["agent"]
@@ -139,12 +174,26 @@ def test_tiny_quota_falls_back_to_the_swap_file(host_agent: HostAgentProcess,
     assert os.stat(swapper.swap_file).st_blocks == 0  # freed slots are punched out
 
 
-def test_killed_application_leaves_nothing_in_tmem(host_agent: HostAgentProcess,
-                                                   swapper: SwapperProcess) -> None:
+def test_killed_application_leaves_nothing_in_tmem(
+    host_agent: HostAgentProcess, swapper: SwapperProcess
+) -> None:
     app = subprocess.Popen(
-        [sys.executable, "-m", "guestagent.preswap_workload", "--socket", swapper.socket, "--pages",
-         "2048", "--budget", "256", "--ops", "10000000", "--progress"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "guestagent.preswap_workload",
+            "--socket",
+            swapper.socket,
+            "--pages",
+            "2048",
+            "--budget",
+            "256",
+            "--ops",
+            "10000000",
+            "--progress",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
         assert app.stdout is not None
@@ -169,8 +218,9 @@ def test_killed_application_leaves_nothing_in_tmem(host_agent: HostAgentProcess,
     assert json.loads(res.stdout)["guests"]["g1"]["persistent"]["pages"] == 0
 
 
-def test_region_in_this_process_is_a_plain_buffer(host_agent: HostAgentProcess,
-                                                  swapper: SwapperProcess) -> None:
+def test_region_in_this_process_is_a_plain_buffer(
+    host_agent: HostAgentProcess, swapper: SwapperProcess
+) -> None:
     # the faults of this (Python, GIL-holding) process are handled by the swapper process
     pages = 256
     with preswap.Region(pages * PAGE - 100, swapper.socket, budget_pages=16) as region:
@@ -208,12 +258,27 @@ def test_bad_requests_are_refused(swapper: SwapperProcess, tmp_path: Path) -> No
     assert swapper.stats()["regions"] == {}
 
 
-def test_host_agent_sigkill_and_restart_mid_run(host_agent: HostAgentProcess,
-                                                swapper: SwapperProcess) -> None:
+def test_host_agent_sigkill_and_restart_mid_run(
+    host_agent: HostAgentProcess, swapper: SwapperProcess
+) -> None:
     app = subprocess.Popen(
-        [sys.executable, "-m", "guestagent.preswap_workload", "--socket", swapper.socket, "--pages",
-         "2048", "--budget", "512", "--ops", "30000", "--progress"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "guestagent.preswap_workload",
+            "--socket",
+            swapper.socket,
+            "--pages",
+            "2048",
+            "--budget",
+            "512",
+            "--ops",
+            "30000",
+            "--progress",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert app.stdout is not None
@@ -281,11 +346,14 @@ def test_shrink_moves_pages_out_of_tmem(host_agent: HostAgentProcess, swapper: S
     wait_until(lambda: swapper.stats()["swap_slots_used"] == 0, what="swap slots freed")
 
 
-def test_guest_budget_caps_all_regions_together(host_agent: HostAgentProcess,
-                                                swapper: SwapperProcess) -> None:
+def test_guest_budget_caps_all_regions_together(
+    host_agent: HostAgentProcess, swapper: SwapperProcess
+) -> None:
     pages = 256
-    with (preswap.Region(pages * PAGE, swapper.socket, budget_pages=200) as a,
-          preswap.Region(pages * PAGE, swapper.socket, budget_pages=100) as b):
+    with (
+        preswap.Region(pages * PAGE, swapper.socket, budget_pages=200) as a,
+        preswap.Region(pages * PAGE, swapper.socket, budget_pages=100) as b,
+    ):
         for region in (a, b):
             for p in range(pages):
                 struct.pack_into("<QI", region.buf, p * PAGE, p, region.id)
@@ -324,8 +392,9 @@ def test_a_released_region_faults_loudly(host_agent: HostAgentProcess, swapper: 
         "r.buf[0]\n"
         "print('no SIGBUS', flush=True)\n"
     )
-    res = subprocess.run([sys.executable, "-c", child, swapper.socket], capture_output=True, text=True,
-                         timeout=30, check=False)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-c", child, swapper.socket], capture_output=True, text=True, timeout=30, check=False
+    )
     assert res.stdout == "released\n" and res.returncode == -signal.SIGBUS, res
     wait_until(lambda: host_persistent(host_agent) == 0, what="tmem pages flushed")
 
@@ -336,12 +405,22 @@ def test_guest_budget_follows_memavailable(host_agent: HostAgentProcess, tmp_pat
 
     def meminfo(available_mib: int) -> None:
         (proc / "meminfo.new").write_text(
-            f"MemTotal:  {1 << 20} kB\nMemAvailable:  {available_mib << 10} kB\n")
+            f"MemTotal:  {1 << 20} kB\nMemAvailable:  {available_mib << 10} kB\n"
+        )
         (proc / "meminfo.new").rename(proc / "meminfo")
 
     meminfo(200)  # 136 MiB above the 64 MiB reserve: 34816 pages
-    sw = SwapperProcess(host_agent, "g2", "--follow-meminfo", "--proc-dir", str(proc),
-                        "--interval", "0.05", "--reserve-kib", str(64 << 10))
+    sw = SwapperProcess(
+        host_agent,
+        "g2",
+        "--follow-meminfo",
+        "--proc-dir",
+        str(proc),
+        "--interval",
+        "0.05",
+        "--reserve-kib",
+        str(64 << 10),
+    )
     try:
         wait_until(lambda: sw.stats()["guest_budget"] == 136 * 256, what="budget from MemAvailable")
         with preswap.Region(512 * PAGE, sw.socket, budget_pages=400) as region:
@@ -357,8 +436,10 @@ def test_guest_budget_follows_memavailable(host_agent: HostAgentProcess, tmp_pat
             wait_until(standstill, what="a standstill")
             meminfo(32)  # below it: they give back what is missing, down to the floor
             wait_until(lambda: sw.stats()["guest_budget"] == 256, what="the floor")
-            wait_until(lambda: sw.stats()["regions"][str(region.id)]["resident"] <= 256,
-                     what="eviction to the budget")
+            wait_until(
+                lambda: sw.stats()["regions"][str(region.id)]["resident"] <= 256,
+                what="eviction to the budget",
+            )
             for p in range(512):
                 assert region.buf[p * PAGE + 7] == p % 256
     finally:
@@ -411,8 +492,9 @@ def test_threads_fault_concurrently(host_agent: HostAgentProcess, swapper: Swapp
     wait_until(lambda: host_persistent(host_agent) == 0, what="tmem pages flushed")
 
 
-def test_swapper_stops_while_the_host_agent_is_away(host_agent: HostAgentProcess,
-                                                    swapper: SwapperProcess) -> None:
+def test_swapper_stops_while_the_host_agent_is_away(
+    host_agent: HostAgentProcess, swapper: SwapperProcess
+) -> None:
     holder = (
         "import sys, time\n"
         "from guestagent import preswap\n"

@@ -49,20 +49,29 @@ def test_preswap_table_defaults_and_validation(tmp_path: Path) -> None:
     assert not cfg.preswap and cfg.preswap_socket == "/run/tmem/preswap.sock"
     assert cfg.preswap_swap_file == "/var/lib/tmem/preswap.swap"
     assert cfg.preswap_default_budget_mib == 4 and cfg.preswap_guest_budget_mib == 0
-    (tmp_path / "ga.toml").write_text('[preswap]\nenabled = true\nsocket = "p.sock"\nswap_file = "swap"\n'
-                                      "default_budget_mib = 2\nguest_budget_mib = 64\n")
+    (tmp_path / "ga.toml").write_text(
+        '[preswap]\nenabled = true\nsocket = "p.sock"\nswap_file = "swap"\n'
+        "default_budget_mib = 2\nguest_budget_mib = 64\n"
+    )
     got = configmod.load(tmp_path / "ga.toml")
     assert (got.preswap, got.preswap_socket, got.preswap_swap_file) == (
-        True, str(tmp_path / "p.sock"), str(tmp_path / "swap"))
+        True,
+        str(tmp_path / "p.sock"),
+        str(tmp_path / "swap"),
+    )
     assert (got.preswap_default_budget_mib, got.preswap_guest_budget_mib) == (2, 64)
     example = configmod.load(Path(configmod.__file__).with_name("guestagent.example.toml"))
     assert example == configmod.Config()  # the example shows the defaults
-    for table, message in [({"enabled": 1}, "preswap.enabled"), ({"socket": ""}, "preswap.socket"),
-                           ({"swap_file": 3}, "preswap.swap_file"), ({"socket": "/" + "x" * 120}, "longer"),
-                           ({"default_budget_mib": 0}, "preswap.default_budget_mib"),
-                           ({"guest_budget_mib": -1}, "preswap.guest_budget_mib"),
-                           ({"guest_budget_mib": True}, "preswap.guest_budget_mib"),
-                           ({"budget": 1}, "preswap.budget: unknown setting")]:  # fmt: skip
+    for table, message in [
+        ({"enabled": 1}, "preswap.enabled"),
+        ({"socket": ""}, "preswap.socket"),
+        ({"swap_file": 3}, "preswap.swap_file"),
+        ({"socket": "/" + "x" * 120}, "longer"),
+        ({"default_budget_mib": 0}, "preswap.default_budget_mib"),
+        ({"guest_budget_mib": -1}, "preswap.guest_budget_mib"),
+        ({"guest_budget_mib": True}, "preswap.guest_budget_mib"),
+        ({"budget": 1}, "preswap.budget: unknown setting"),
+    ]:
         with pytest.raises(configmod.ConfigError, match=message):
             configmod.parse({"preswap": table})
 
@@ -71,8 +80,10 @@ def test_preswap_table_defaults_and_validation(tmp_path: Path) -> None:
 def daemon(host_agent: HostAgentProcess, tmp_path: Path, daemons: list[GuestDaemon]) -> GuestDaemon:
     d = GuestDaemon(tmp_path, host_agent.sockets["g1"])
     with d.config.open("a") as f:
-        f.write(f'[preswap]\nenabled = true\nsocket = "{tmp_path / "preswap.sock"}"\n'
-                f'swap_file = "{tmp_path / "preswap.swap"}"\ndefault_budget_mib = 1\n')
+        f.write(
+            f'[preswap]\nenabled = true\nsocket = "{tmp_path / "preswap.sock"}"\n'
+            f'swap_file = "{tmp_path / "preswap.swap"}"\ndefault_budget_mib = 1\n'
+        )
     daemons.append(d)
     return d
 
@@ -82,8 +93,9 @@ def daemon_preswap(d: GuestDaemon) -> dict[str, Any]:
     return out
 
 
-def test_daemon_serves_preswap_regions_and_reports_them(host_agent: HostAgentProcess, daemon: GuestDaemon,
-                                                        tmp_path: Path) -> None:
+def test_daemon_serves_preswap_regions_and_reports_them(
+    host_agent: HostAgentProcess, daemon: GuestDaemon, tmp_path: Path
+) -> None:
     daemon.start()
     sock = tmp_path / "preswap.sock"
     wait_until(lambda: daemon_preswap(daemon)["running"] and sock.exists(), timeout=10, what="the swapper")
@@ -96,8 +108,12 @@ def test_daemon_serves_preswap_regions_and_reports_them(host_agent: HostAgentPro
         report = guest()["report"]
         return report["values"] if report else {}
 
-    app = subprocess.Popen([sys.executable, "-c", APP, str(sock), str(REGION_PAGES)], stdin=subprocess.PIPE,
-                           stdout=subprocess.PIPE, text=True)  # fmt: skip
+    app = subprocess.Popen(
+        [sys.executable, "-c", APP, str(sock), str(REGION_PAGES)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert app.stdout is not None and app.stdin is not None
         assert app.stdout.readline() == f"verified {REGION_PAGES} bad 0\n"
@@ -106,9 +122,11 @@ def test_daemon_serves_preswap_regions_and_reports_them(host_agent: HostAgentPro
         assert region["limit"] == BUDGET_PAGES and local["totals"]["puts"] >= REGION_PAGES - BUDGET_PAGES
         assert local["totals"]["gets"] > 0  # the read-back faulted pages in from tmem
         assert guest()["persistent"]["pages"] > 0
-        wait_until(lambda: reported().get("preswap_regions") == 1
-                   and reported().get("preswap_in_tmem", 0) > 0,
-                   timeout=10, what="preswap counters in the host's report")
+        wait_until(
+            lambda: reported().get("preswap_regions") == 1 and reported().get("preswap_in_tmem", 0) > 0,
+            timeout=10,
+            what="preswap counters in the host's report",
+        )
         values = reported()
         assert values["preswap_puts"] > 0 and "memavailable_kib" in values  # merged, not instead
         table = statsview.format_stats(stats_json(host_agent))  # `hostagent stats` has a preswap table
@@ -123,10 +141,14 @@ def test_daemon_serves_preswap_regions_and_reports_them(host_agent: HostAgentPro
         if app.poll() is None:
             app.kill()
             app.wait()
-    wait_until(lambda: guest()["persistent"]["pages"] == 0, timeout=10,
-               what="the region's tmem pages flushed")
-    wait_until(lambda: reported().get("preswap_regions") == 0 and reported().get("preswap_in_tmem") == 0,
-             timeout=10, what="a report without the region")
+    wait_until(
+        lambda: guest()["persistent"]["pages"] == 0, timeout=10, what="the region's tmem pages flushed"
+    )
+    wait_until(
+        lambda: reported().get("preswap_regions") == 0 and reported().get("preswap_in_tmem") == 0,
+        timeout=10,
+        what="a report without the region",
+    )
     local = daemon_preswap(daemon)
     assert local["released"] == 1 and local["regions"] == {} and local["swap_slots_used"] == 0
     assert daemon.stop() == 0
@@ -151,8 +173,12 @@ def preswap_request(sock: Path, req: dict[str, Any]) -> dict[str, Any]:
 
 def start_app(sock: Path) -> subprocess.Popen[str]:
     """APP on a region of REGION_PAGES, once it has written and verified every page."""
-    app = subprocess.Popen([sys.executable, "-c", APP, str(sock), str(REGION_PAGES)], stdin=subprocess.PIPE,
-                           stdout=subprocess.PIPE, text=True)  # fmt: skip
+    app = subprocess.Popen(
+        [sys.executable, "-c", APP, str(sock), str(REGION_PAGES)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert app.stdout is not None
     assert app.stdout.readline() == f"verified {REGION_PAGES} bad 0\n"
     return app
@@ -167,8 +193,9 @@ def g1_pools(agent: HostAgentProcess) -> list[dict[str, Any]]:
     return [p for p in agent.request("pools") if p["owner"] == "g1"]
 
 
-def test_host_shrink_notice_moves_pages_out_of_tmem(host_agent: HostAgentProcess, daemon: GuestDaemon,
-                                                    tmp_path: Path) -> None:
+def test_host_shrink_notice_moves_pages_out_of_tmem(
+    host_agent: HostAgentProcess, daemon: GuestDaemon, tmp_path: Path
+) -> None:
     """`hostagent shrink g1 N`: the daemon hands the notice to its swapper, which moves N pages out
     of tmem, into the region while its budget has room and to the swap file after that."""
     with daemon.config.open("a") as f:
@@ -191,12 +218,16 @@ def test_host_shrink_notice_moves_pages_out_of_tmem(host_agent: HostAgentProcess
         res = host_agent.cli("shrink", "g1", str(n))
         assert res.returncode == 0, res.stderr
         assert f"g1: asked to move {n} persistent pages out of tmem (it holds {before} now)" in res.stdout
-        wait_until(lambda: daemon.request("stats")["shrinks"] == 1, timeout=20,
-                   what="the daemon to act on it")
+        wait_until(
+            lambda: daemon.request("stats")["shrinks"] == 1, timeout=20, what="the daemon to act on it"
+        )
         stats = daemon.request("stats")
         assert stats["shrunk_pages"] == n and stats["notices"] == 1
-        wait_until(lambda: host_g1(host_agent)["persistent"]["pages"] == before - n, timeout=10,
-                 what=f"the host's persistent pages to drop by {n}")
+        wait_until(
+            lambda: host_g1(host_agent)["persistent"]["pages"] == before - n,
+            timeout=10,
+            what=f"the host's persistent pages to drop by {n}",
+        )
         (region,) = daemon_preswap(daemon)["regions"].values()
         assert region["shrunk_to_memory"] == room and region["shrunk_to_disk"] == 100, region
         assert region["on_disk"] == 100 and region["in_tmem"] == before - n and region["lost"] == 0
@@ -220,8 +251,9 @@ def test_host_shrink_notice_moves_pages_out_of_tmem(host_agent: HostAgentProcess
     assert daemon.stop() == 0
 
 
-def test_a_killed_daemons_pool_is_destroyed_by_the_next(host_agent: HostAgentProcess, daemon: GuestDaemon,
-                                                        tmp_path: Path) -> None:
+def test_a_killed_daemons_pool_is_destroyed_by_the_next(
+    host_agent: HostAgentProcess, daemon: GuestDaemon, tmp_path: Path
+) -> None:
     """Persistent pools outlive their session: a daemon SIGKILLed with pages in tmem leaves its pool on
     the host, and its restarted swapper destroys it (the state file beside the swap file names it)."""
     daemon.start()

@@ -9,8 +9,13 @@ from guestagent.protocol.session import GuestSession, HandshakeRefused, HostSess
 from guestagent.protocol.wire import Frame, Op, Status
 
 
-def _hello(name: str = "g", lo: int = wire.VERSION, hi: int = wire.VERSION,
-           page_size: int = wire.PAGE_SIZE, rid: int = 7) -> Frame:
+def _hello(
+    name: str = "g",
+    lo: int = wire.VERSION,
+    hi: int = wire.VERSION,
+    page_size: int = wire.PAGE_SIZE,
+    rid: int = 7,
+) -> Frame:
     return Frame(Op.HELLO, request_id=rid, payload=wire.hello_payload(wire.Hello(lo, hi, page_size, name)))
 
 

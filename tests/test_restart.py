@@ -137,8 +137,9 @@ def count_acks(path: Path) -> int:
     return data.count(b"\nA ") + data.startswith(b"A ")
 
 
-def run_writers_and_kill(agent: HostAgentProcess, tmp: Path, round_no: int,
-                         plans: dict[str, tuple[int, int, Held]]) -> dict[str, Expected]:
+def run_writers_and_kill(
+    agent: HostAgentProcess, tmp: Path, round_no: int, plans: dict[str, tuple[int, int, Held]]
+) -> dict[str, Expected]:
     """Start one writer per guest, SIGKILL the agent once each has MIN_ACKS acks, read the logs.
 
     plans: guest -> (existing pool id or 0 to create one, flags for a new pool, what the pool's
@@ -150,10 +151,12 @@ def run_writers_and_kill(agent: HostAgentProcess, tmp: Path, round_no: int,
     for n, (guest, (pool, flags, _)) in enumerate(plans.items()):
         logs[guest] = tmp / f"writer-{guest}-{round_no}.log"
         seed0 = (round_no * 10 + n) * 1_000_000
-        procs[guest] = ctx.Process(target=writer, args=(agent.sockets[guest], str(logs[guest]),
-                                                        pool, flags, seed0), daemon=True)
+        procs[guest] = ctx.Process(
+            target=writer, args=(agent.sockets[guest], str(logs[guest]), pool, flags, seed0), daemon=True
+        )
         procs[guest].start()
     try:
+
         def acknowledged() -> bool:
             assert all(p.is_alive() for p in procs.values()), "a writer died before the kill"
             return min(count_acks(p) for p in logs.values()) >= MIN_ACKS
@@ -174,8 +177,10 @@ def run_writers_and_kill(agent: HostAgentProcess, tmp: Path, round_no: int,
         assert exp.broken, f"writer {guest} was not interrupted by the kill"
         assert exp.acked >= MIN_ACKS
         in_flight = sum(len(v) > 1 for v in exp.allowed.values())
-        print(f"round {round_no} {guest}: {exp.acked} acknowledged puts, "
-              f"{len(exp.allowed)} keys, {in_flight} in flight at the kill")
+        print(
+            f"round {round_no} {guest}: {exp.acked} acknowledged puts, "
+            f"{len(exp.allowed)} keys, {in_flight} in flight at the kill"
+        )
     return result
 
 
@@ -194,8 +199,10 @@ def verify(agent: HostAgentProcess, guest: str, exp: Expected, flags: int) -> He
                     observed[(key, index)] = None
                     continue
                 seeds = [s for s in allowed if s is not None and make_page(s) == got]
-                assert seeds, (f"{guest}: page {key}/{index} has the wrong contents "
-                               f"(allowed seeds {sorted(s for s in allowed if s is not None)})")
+                assert seeds, (
+                    f"{guest}: page {key}/{index} has the wrong contents "
+                    f"(allowed seeds {sorted(s for s in allowed if s is not None)})"
+                )
                 observed[(key, index)] = seeds[0]
     return observed
 
@@ -204,8 +211,9 @@ def present(observed: Held) -> int:
     return sum(seed is not None for seed in observed.values())
 
 
-def test_sigkill_mid_load_loses_no_acknowledged_page(host_agent_stopped: HostAgentProcess,
-                                                     tmp_path: Path) -> None:
+def test_sigkill_mid_load_loses_no_acknowledged_page(
+    host_agent_stopped: HostAgentProcess, tmp_path: Path
+) -> None:
     agent = host_agent_stopped
     agent.start()
     # an ephemeral pool that must not survive, next to the persistent ones
@@ -236,6 +244,7 @@ def test_sigkill_mid_load_loses_no_acknowledged_page(host_agent_stopped: HostAge
     assert present(verify(agent, "g2", first["g2"], PERS_X)) > 0
     with WireGuest(agent.sockets["g2"]) as g2:
         g2.hello("g2")
-        assert all(g2.get(first["g2"].pool, k, i) is None
-                   for k in range(KEYS_OBJECTS) for i in range(KEYS_INDEXES))
+        assert all(
+            g2.get(first["g2"].pool, k, i) is None for k in range(KEYS_OBJECTS) for i in range(KEYS_INDEXES)
+        )
     assert agent.stats()["guests"]["g2"]["persistent"]["pages"] == 0

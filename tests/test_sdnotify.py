@@ -27,16 +27,19 @@ def messages(sock: socket.socket, until: str, timeout: float = 15.0) -> list[dic
             return out
 
 
-def test_ready_after_the_sockets_listen_and_stopping_on_sigterm(
-        host_agent_stopped: HostAgentProcess) -> None:
+def test_ready_after_the_sockets_listen_and_stopping_on_sigterm(host_agent_stopped: HostAgentProcess) -> None:
     agent = host_agent_stopped
     path = str(agent.workdir / "notify.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(path)
         env = {**os.environ, "NOTIFY_SOCKET": path}
         with agent.log_path.open("ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "hostagent", "run", "--config",
-                                     str(agent.config_path)], stdout=log, stderr=log, env=env)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "hostagent", "run", "--config", str(agent.config_path)],
+                stdout=log,
+                stderr=log,
+                env=env,
+            )
         try:
             ready = messages(sock, "READY")[-1]
             # READY=1 means serving: the control socket answers at once

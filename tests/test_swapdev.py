@@ -33,8 +33,9 @@ def engine(tmp_path: Path) -> Iterator[PoolEngine]:
     e.close()
 
 
-def device(engine: PoolEngine, root: Path, quota: int = 8 * MIB, size: int = 4 * MIB,
-           compress: bool = False) -> SwapDevice:
+def device(
+    engine: PoolEngine, root: Path, quota: int = 8 * MIB, size: int = 4 * MIB, compress: bool = False
+) -> SwapDevice:
     client = engine.client("vm1", ClientSettings(quota_bytes=quota, compress=compress))
     return SwapDevice(engine, client, root / "spill" / "vm1.swap", size)
 
@@ -45,8 +46,7 @@ def test_pages_go_to_the_pool_and_come_back(engine: PoolEngine, tmp_path: Path) 
         d.write(p * PAGE_SIZE, page(p), False)
     assert [d.read(p * PAGE_SIZE, PAGE_SIZE) for p in range(20)] == [page(p) for p in range(20)]
     f = d.figures()
-    assert (f["puts"], f["refusals"], f["gets"], f["pool_pages"], f["storage_pages"]) == (
-        20, 0, 20, 20, 0)
+    assert (f["puts"], f["refusals"], f["gets"], f["pool_pages"], f["storage_pages"]) == (20, 0, 20, 20, 0)
     assert os.stat(d.spill_path).st_blocks == 0  # nothing reached storage
     assert d.read(100 * PAGE_SIZE, PAGE_SIZE) == bytes(PAGE_SIZE)  # never written: zeros
 
@@ -59,8 +59,7 @@ def test_the_guest_channel_cannot_name_the_device_pool(engine: PoolEngine, tmp_p
     assert engine.new_pool(d.client, PoolFlag.PERSISTENT) == 1  # the guest's own ids unchanged
 
 
-def test_quota_smaller_than_the_data_spills_and_loses_nothing(engine: PoolEngine,
-                                                              tmp_path: Path) -> None:
+def test_quota_smaller_than_the_data_spills_and_loses_nothing(engine: PoolEngine, tmp_path: Path) -> None:
     d = device(engine, tmp_path, quota=64 * 1024)  # 16 raw pages
     n = 100
     for p in range(n):
@@ -97,7 +96,7 @@ def test_sub_page_writes_and_reads(engine: PoolEngine, tmp_path: Path) -> None:
     assert d.read(0, 3 * PAGE_SIZE) == bytes(want)
     assert d.read(4000, 200) == bytes(want[4000:4200])
     d.write_zeroes(50, 2 * PAGE_SIZE)  # partial, whole, partial
-    want[50:50 + 2 * PAGE_SIZE] = bytes(2 * PAGE_SIZE)
+    want[50 : 50 + 2 * PAGE_SIZE] = bytes(2 * PAGE_SIZE)
     assert d.read(0, 3 * PAGE_SIZE) == bytes(want)
 
 
@@ -167,8 +166,9 @@ def test_a_domain_peer_is_known_by_its_qemu_command_line() -> None:
     """The agent's check of a domain's swap-device connection: the peer's `-uuid`, read from /proc."""
     uuid = "2b7c3e0a-1111-4222-8333-444455556666"
     code = "import time; time.sleep(30)"
-    fake = subprocess.Popen(["qemu-system-x86_64", "-c", code, "-uuid", uuid.upper()],
-                            executable=sys.executable)
+    fake = subprocess.Popen(
+        ["qemu-system-x86_64", "-c", code, "-uuid", uuid.upper()], executable=sys.executable
+    )
     other = subprocess.Popen(["python3", "-c", code, "-uuid", uuid], executable=sys.executable)
     try:
         for proc, argv0 in ((fake, b"qemu-system-x86_64"), (other, b"python3")):

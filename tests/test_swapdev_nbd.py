@@ -27,8 +27,10 @@ MIB = 1 << 20
 
 
 def swap_toml(root: Path, size_mib: int = 64) -> str:
-    return (f'[swap]\nenabled = true\nsocket = "{root / "swap.sock"}"\n'
-            f'spill_dir = "{root / "spill"}"\nsize_mib = {size_mib}\n')
+    return (
+        f'[swap]\nenabled = true\nsocket = "{root / "swap.sock"}"\n'
+        f'spill_dir = "{root / "spill"}"\nsize_mib = {size_mib}\n'
+    )
 
 
 @pytest.fixture
@@ -73,8 +75,17 @@ def reads(n: int, size: str = "256k", step: int = 256 * 1024) -> list[str]:
 
 def test_qemu_writes_and_reads_pages_in_the_pool(agent: HostAgentProcess, tmp_path: Path) -> None:
     sock = tmp_path / "swap.sock"
-    out = qemu_io(sock, "g1", *writes(16), *reads(16), "read -P 0 8M 64k", "write -P 0x77 100 5000",
-                  "read -P 0x77 100 5000", "read -P 0x10 0 100", "read -P 0x10 5100 100")
+    out = qemu_io(
+        sock,
+        "g1",
+        *writes(16),
+        *reads(16),
+        "read -P 0 8M 64k",
+        "write -P 0x77 100 5000",
+        "read -P 0x77 100 5000",
+        "read -P 0x10 0 100",
+        "read -P 0x10 5100 100",
+    )
     assert verified(out), out
     dev = device_stats(agent, "g1")
     assert dev["pool_pages"] == 16 * 64 and dev["storage_pages"] == 0 and dev["refusals"] == 0
@@ -95,8 +106,12 @@ def qemu_img(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[st
 
 def test_quota_smaller_than_the_data_spills_and_loses_nothing(tmp_path: Path) -> None:
     """4 MiB of random pages (incompressible: raw slots) into a device with a 1 MiB quota."""
-    a = HostAgentProcess(tmp_path, tmp_path / "arena", guests=("g1",),
-                         extra_toml=swap_toml(tmp_path) + "[defaults]\nquota_mib = 1\n")
+    a = HostAgentProcess(
+        tmp_path,
+        tmp_path / "arena",
+        guests=("g1",),
+        extra_toml=swap_toml(tmp_path) + "[defaults]\nquota_mib = 1\n",
+    )
     a.start()
     try:
         url = f"nbd+unix:///g1?socket={tmp_path / 'swap.sock'}"
@@ -145,9 +160,16 @@ def test_qemu_reconnects_across_an_agent_restart(agent: HostAgentProcess, tmp_pa
     log = tmp_path / "qemu-io.out"
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [QEMU_IO, "--image-opts",
-             f"driver=nbd,server.type=unix,server.path={sock},export=g3,reconnect-delay=30"],
-            stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, text=True)
+            [
+                QEMU_IO,
+                "--image-opts",
+                f"driver=nbd,server.type=unix,server.path={sock},export=g3,reconnect-delay=30",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     assert proc.stdin is not None
     done = 0
 
@@ -228,22 +250,30 @@ def test_hostile_bytes_get_errors_or_a_close(agent: HostAgentProcess, tmp_path: 
     # an export that is no guest: refused, the handshake goes on
     s = raw_connect(sock)
     name = b"../g1"
-    s.sendall(struct.pack(">I", 3) + struct.pack(">QII", nbd.IHAVEOPT, nbd.OPT_GO, 4 + len(name) + 2)
-              + struct.pack(">I", len(name)) + name + b"\0\0")
+    s.sendall(
+        struct.pack(">I", 3)
+        + struct.pack(">QII", nbd.IHAVEOPT, nbd.OPT_GO, 4 + len(name) + 2)
+        + struct.pack(">I", len(name))
+        + name
+        + b"\0\0"
+    )
     magic, _, kind, length = struct.unpack(">QIII", recv_exactly(s, 20))
     assert magic == nbd.REPLY_MAGIC and kind == nbd.REP_ERR_UNKNOWN
     recv_exactly(s, length)
     # g2's own device: requests out of range and a write into it beyond its end
     name = b"g2"
-    s.sendall(struct.pack(">QII", nbd.IHAVEOPT, nbd.OPT_GO, 4 + len(name) + 2)
-              + struct.pack(">I", len(name)) + name + b"\0\0")
+    s.sendall(
+        struct.pack(">QII", nbd.IHAVEOPT, nbd.OPT_GO, 4 + len(name) + 2)
+        + struct.pack(">I", len(name))
+        + name
+        + b"\0\0"
+    )
     while True:
         _, _, kind, length = struct.unpack(">QIII", recv_exactly(s, 20))
         recv_exactly(s, length)
         if kind == nbd.REP_ACK:
             break
-    s.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_WRITE, 1, 64 * MIB, 4096)
-              + b"\xee" * 4096)
+    s.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_WRITE, 1, 64 * MIB, 4096) + b"\xee" * 4096)
     assert struct.unpack(">IIQ", recv_exactly(s, 16)) == (nbd.SIMPLE_REPLY_MAGIC, nbd.ENOSPC, 1)
     s.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, 77, 2, 0, 0))
     assert struct.unpack(">IIQ", recv_exactly(s, 16)) == (nbd.SIMPLE_REPLY_MAGIC, nbd.EINVAL, 2)

@@ -334,10 +334,14 @@ def test_feed_one_decodes_plain_frames_alone_or_declines(role: Role, frame: Fram
     data = bytearray(encode(frame))
     reader = FrameReader(role)
     one = reader.feed_one(memoryview(data))
-    plain = frame.opcode in (Op.NEW_POOL, Op.DESTROY_POOL, Op.PUT, Op.GET, Op.FLUSH_PAGE, Op.FLUSH_OBJECT,
-                             Op.FLUSH_VEC) and role is Role.GUEST  # fmt: skip
-    if plain or (role is Role.HOST and frame.opcode in (Op.DESTROY_POOL, Op.QUERY_POOL, Op.PUT,
-                                                         Op.GET, Op.FLUSH_PAGE)):  # fmt: skip
+    plain = (
+        frame.opcode
+        in (Op.NEW_POOL, Op.DESTROY_POOL, Op.PUT, Op.GET, Op.FLUSH_PAGE, Op.FLUSH_OBJECT, Op.FLUSH_VEC)
+        and role is Role.GUEST
+    )
+    if plain or (
+        role is Role.HOST and frame.opcode in (Op.DESTROY_POOL, Op.QUERY_POOL, Op.PUT, Op.GET, Op.FLUSH_PAGE)
+    ):
         assert one == frame
         data[:] = bytes(len(data))  # the caller reuses its buffer: the frame must not alias it
         assert one == frame
@@ -352,7 +356,7 @@ def test_feed_one_declines_partial_extra_or_buffered_input() -> None:
     reader = FrameReader(Role.GUEST)
     assert reader.feed_one(memoryview(get[:-1])) is None
     assert reader.feed_one(memoryview(get + get)) is None
-    assert reader.feed_one(memoryview(get[:HEADER_SIZE - 1])) is None
+    assert reader.feed_one(memoryview(get[: HEADER_SIZE - 1])) is None
     assert reader.feed(get[:100]) == []
     assert reader.feed_one(memoryview(get)) is None  # a partial frame is buffered: feed it all
     assert reader.feed(get[100:]) == [REPLIES[10]]

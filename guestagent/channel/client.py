@@ -177,18 +177,22 @@ class Channel:
         return pool
 
     def _submit(
-        self, conn: Connection, pool: PoolHandle | None, op: int, remote: int, oid: bytes, index: int,
+        self,
+        conn: Connection,
+        pool: PoolHandle | None,
+        op: int,
+        remote: int,
+        oid: bytes,
+        index: int,
         body: bytes,
-    ) -> Request:  # fmt: skip
+    ) -> Request:
         rid = self._protocol.next_rid()
         head = pack_request(op, 0, rid, remote, oid, index, len(body))
         req = self._pending[rid] = Request(rid, head, body, pool, self._pending)
         conn.send(head, body)
         return req
 
-    def _pipeline(
-        self, kind: type[_R], pool: PoolHandle, op: int, oid: bytes, index: int, body: bytes
-    ) -> _R:
+    def _pipeline(self, kind: type[_R], pool: PoolHandle, op: int, oid: bytes, index: int, body: bytes) -> _R:
         """Queue a request of `kind` for `PoolHandle.start_put`/`start_get`; never reads a reply.
 
         Unlike `_start` there is no lone-request shortcut (its caller would wait for this
@@ -350,7 +354,6 @@ class Channel:
         frame: wire.Frame | None = await self._wait(self._submit(conn, pool, op, remote, NO_OID, 0, body))
         return frame
 
-
     def _notice(self, frame: wire.Frame) -> None:
         """Queue a host notice; when nobody keeps up, the oldest goes (the newest matters)."""
         try:
@@ -418,15 +421,25 @@ class Channel:
             self._fatal = exc
             self._fail_all(lambda: ChannelError(reason))
             # without reconnect the caller gets the error itself; with it, this is an outage
-            log.log(logging.ERROR if self._reconnect else logging.DEBUG,
-                    "channel %s gave up: %s", self.spec, reason)  # fmt: skip
+            log.log(
+                logging.ERROR if self._reconnect else logging.DEBUG,
+                "channel %s gave up: %s",
+                self.spec,
+                reason,
+            )
             if not started:
                 task_status.started()
 
     async def _session(self, fd: int, on_ready: Callable[[], None]) -> BaseException:
         """Serve one connection until it breaks; returns why it ended."""
-        conn = Connection(fd, self.transport == "virtio", self._protocol.reader(), self._pending,
-                          self._notice, self._on_break)
+        conn = Connection(
+            fd,
+            self.transport == "virtio",
+            self._protocol.reader(),
+            self._pending,
+            self._notice,
+            self._on_break,
+        )
         self._conn = conn
         try:
             with conn.scope:
@@ -562,4 +575,3 @@ async def open_channel(
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None
         raise
-

@@ -47,14 +47,35 @@ class Connection:
     """
 
     __slots__ = (
-        "budget", "buf", "error", "fd", "frames_in", "join", "on_break", "on_notice", "outq",
-        "pending", "poller", "scope", "step", "view", "woken", "writer", "writer_task", "writing",
-    )  # fmt: skip
+        "budget",
+        "buf",
+        "error",
+        "fd",
+        "frames_in",
+        "join",
+        "on_break",
+        "on_notice",
+        "outq",
+        "pending",
+        "poller",
+        "scope",
+        "step",
+        "view",
+        "woken",
+        "writer",
+        "writer_task",
+        "writing",
+    )
 
     def __init__(
-        self, fd: int, join: bool, frames_in: wire.FrameReader, pending: dict[int, Request],
-        on_notice: Callable[[wire.Frame], None], on_break: Callable[[Connection], None],
-    ) -> None:  # fmt: skip
+        self,
+        fd: int,
+        join: bool,
+        frames_in: wire.FrameReader,
+        pending: dict[int, Request],
+        on_notice: Callable[[wire.Frame], None],
+        on_break: Callable[[Connection], None],
+    ) -> None:
         self.fd = fd
         self.join = join  # a virtio port: join a request's parts into one write (see PORT_WRITE)
         self.pending = pending
@@ -113,7 +134,6 @@ class Connection:
             self.send(head[n:], body)
         elif n < len(head) + len(body):
             self.send(memoryview(body)[n - len(head) :].tobytes(), b"")
-
 
     async def read_loop(self) -> None:
         """Decode replies and wake their callers; any failure breaks the connection.
@@ -230,8 +250,7 @@ class Connection:
                 if n > 0:
                     have += n
                     if not gather or (
-                        have >= HEADER_SIZE
-                        and not have < HEADER_SIZE + payload_length(buf) <= size
+                        have >= HEADER_SIZE and not have < HEADER_SIZE + payload_length(buf) <= size
                     ):  # not one partial frame that fits behind what we have: decode it now
                         end, have = have, 0
                         frame = frames_in.feed_one(view[:end]) if gather else None

@@ -27,4 +27,3 @@ class Broken(Exception):
 
 class Fatal(ChannelError):
     """Internal: reconnecting cannot help (e.g. the host rejects our protocol version)."""
-

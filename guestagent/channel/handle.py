@@ -74,8 +74,7 @@ class PoolHandle:
         ch = self._ch
         req = ch._start(self, PUT, oid, index, page)
         if req is not None:
-            frame: wire.Frame | None = (
-                req.unwrap() if req.done else await wait_task_rescheduled(req.abort))
+            frame: wire.Frame | None = req.unwrap() if req.done else await wait_task_rescheduled(req.abort)
         else:
             frame = await ch._call(self, PUT, oid, index, page)
         return put_answer(frame)
@@ -106,8 +105,7 @@ class PoolHandle:
         ch = self._ch
         req = ch._start(self, GET, oid, index, b"")
         if req is not None:  # the fast path, without a coroutine of its own
-            frame: wire.Frame | None = (
-                req.unwrap() if req.done else await wait_task_rescheduled(req.abort))
+            frame: wire.Frame | None = req.unwrap() if req.done else await wait_task_rescheduled(req.abort)
         else:
             frame = await ch._call(self, GET, oid, index, b"")
         return get_answer(frame)
@@ -214,4 +212,3 @@ class PoolHandle:
             part = keys[start : start + step]
             parts.append((len(part), wire.keys_payload(part)))
         return parts
-

@@ -20,9 +20,15 @@ if TYPE_CHECKING:
     from guestagent.channel.handle import PoolHandle
 
 __all__ = [
-    "PendingGet", "PendingPut", "Request", "complete", "failed", "get_answer", "put_answer",
+    "PendingGet",
+    "PendingPut",
+    "Request",
+    "complete",
+    "failed",
+    "get_answer",
+    "put_answer",
     "status_name",
-]  # fmt: skip
+]
 
 
 def status_name(status: int) -> str:
@@ -30,7 +36,6 @@ def status_name(status: int) -> str:
         return wire.Status(status).name
     except ValueError:
         return str(status)
-
 
 
 class Request:
@@ -42,8 +47,17 @@ class Request:
     """
 
     __slots__ = (
-        "body", "done", "error", "frame", "head", "pending", "pool", "rid", "strikes", "task",
-    )  # fmt: skip
+        "body",
+        "done",
+        "error",
+        "frame",
+        "head",
+        "pending",
+        "pool",
+        "rid",
+        "strikes",
+        "task",
+    )
 
     def __init__(
         self, rid: int, head: bytes, body: bytes, pool: PoolHandle | None, pending: dict[int, Request]
@@ -165,4 +179,3 @@ def complete(req: Request, frame: wire.Frame | None, error: ChannelError | None 
     if task is not None:
         req.task = None
         reschedule(task, cast(Any, req))  # see the class docstring
-

@@ -52,15 +52,24 @@ def hold_budget(most: float = DEFAULT_HOLD) -> Budget:
             stats = current_statistics()
             if stats.tasks_runnable or stats.run_sync_soon_queue_size:
                 return 0.0
-            return max(0.0, min(most, stats.seconds_to_next_deadline,
-                                trio.current_effective_deadline() - trio.current_time()))
+            return max(
+                0.0,
+                min(
+                    most,
+                    stats.seconds_to_next_deadline,
+                    trio.current_effective_deadline() - trio.current_time(),
+                ),
+            )
 
         return public
 
     def budget(spare: Task | None = None) -> float:
         runq = runner.runq
-        if ((runq and (len(runq) > 1 or runq[0] is not spare)) or entry_size()
-                or current_task()._cancel_status.effectively_cancelled):
+        if (
+            (runq and (len(runq) > 1 or runq[0] is not spare))
+            or entry_size()
+            or current_task()._cancel_status.effectively_cancelled
+        ):
             # (a cancelled scope's deadline has left the deadline heap: ask the task itself)
             return 0.0
         deadline = next_deadline()
@@ -69,14 +78,18 @@ def hold_budget(most: float = DEFAULT_HOLD) -> Budget:
     return budget
 
 
-
 def _runner() -> Any:
     """trio's runner, after checking it has the fields `hold_budget` reads (raises if not)."""
     from trio._core._run import GLOBAL_RUN_CONTEXT
 
     runner = GLOBAL_RUN_CONTEXT.runner
-    _ = (len(runner.runq), runner.entry_queue.size(), runner.deadlines.next_deadline(),  # the shape
-         runner.clock.current_time(), current_task()._cancel_status.effectively_cancelled)  # we rely on
+    _ = (
+        len(runner.runq),
+        runner.entry_queue.size(),
+        runner.deadlines.next_deadline(),  # the shape
+        runner.clock.current_time(),
+        current_task()._cancel_status.effectively_cancelled,
+    )  # we rely on
     return runner
 
 

@@ -11,9 +11,15 @@ from typing import Final
 import trio
 
 __all__ = [
-    "IOV_MAX", "PORT_WRITE", "VIRTIO_PORTS_DIR", "close_fd", "open_transport", "resolve_channel_path",
-    "take_batch", "unwritten",
-]  # fmt: skip
+    "IOV_MAX",
+    "PORT_WRITE",
+    "VIRTIO_PORTS_DIR",
+    "close_fd",
+    "open_transport",
+    "resolve_channel_path",
+    "take_batch",
+    "unwritten",
+]
 
 VIRTIO_PORTS_DIR: Final = "/dev/virtio-ports"
 IOV_MAX: Final = 1024  # buffers per writev (Linux UIO_MAXIOV)
@@ -67,7 +73,6 @@ async def open_transport(kind: str, path: str) -> int:
     return fd
 
 
-
 def close_fd(fd: int) -> None:
     trio.lowlevel.notify_closing(fd)
     os.close(fd)
@@ -99,4 +104,3 @@ def take_batch(q: list[bytes | memoryview], join: bool) -> list[bytes | memoryvi
     parts = q[:count]
     del q[:count]
     return [b"".join(parts)] if count > 1 else parts
-

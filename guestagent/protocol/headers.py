@@ -15,10 +15,27 @@ from typing import Final
 from guestagent.protocol.wire import HEADER, HEADER_SIZE, MAGIC, VERSION, Flag, Op, PoolFlag, Status
 
 __all__ = [
-    "FLUSH_OBJECT", "FLUSH_PAGE", "FLUSH_VEC", "GET", "GET_VEC", "HELLO", "LENGTH_AT", "NOREPLY",
-    "NOTICE", "NOT_FOUND", "NO_SPACE", "OK", "PERSISTENT", "PUT", "PUT_VEC", "REPLY", "STATS",
-    "pack_reply", "pack_request", "payload_length",
-]  # fmt: skip
+    "FLUSH_OBJECT",
+    "FLUSH_PAGE",
+    "FLUSH_VEC",
+    "GET",
+    "GET_VEC",
+    "HELLO",
+    "LENGTH_AT",
+    "NOREPLY",
+    "NOTICE",
+    "NOT_FOUND",
+    "NO_SPACE",
+    "OK",
+    "PERSISTENT",
+    "PUT",
+    "PUT_VEC",
+    "REPLY",
+    "STATS",
+    "pack_reply",
+    "pack_request",
+    "payload_length",
+]
 
 # opcodes
 HELLO: Final = int(Op.HELLO)

@@ -37,8 +37,14 @@ def encode_line(obj: Mapping[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
 
-def request(path: str, req: Mapping[str, Any], *, peer: str, timeout: float,
-            not_running: type[NotRunning] = NotRunning) -> Any:
+def request(
+    path: str,
+    req: Mapping[str, Any],
+    *,
+    peer: str,
+    timeout: float,
+    not_running: type[NotRunning] = NotRunning,
+) -> Any:
     """Send one request to the `peer` ("host agent", "guest agent") at `path`; return its result.
 
     Raises `not_running` when nothing listens there, ControlError with the reason otherwise.

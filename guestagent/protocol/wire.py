@@ -639,9 +639,14 @@ def _build_rules() -> dict[Role, tuple[_Rule | None, ...]]:
     for op, length in request_len.items():
         optional = int(Flag.NOREPLY) if op in NOREPLY_OPS else 0
         host[op] = _Rule(
-            _U8 & ~optional, 0, 0, length, length,
-            request_header.get(op), request_payload.get(op),
-        )  # fmt: skip
+            _U8 & ~optional,
+            0,
+            0,
+            length,
+            length,
+            request_header.get(op),
+            request_payload.get(op),
+        )
 
     reply_len_ok = {Op.HELLO: _WELCOME.size, Op.QUERY_POOL: 4, Op.GET: PAGE_SIZE}
     reply_payload: dict[Op, _PayloadCheck] = {
@@ -652,11 +657,11 @@ def _build_rules() -> dict[Role, tuple[_Rule | None, ...]]:
     }
     for op in REQUEST_OPS:
         if op in (Op.PUT_VEC, Op.GET_VEC):
-            guest[op] = _Rule(_U8, int(Flag.REPLY), _MAX_STATUS, _VAR, _VAR, _vector_reply,
-                              reply_payload[op])  # fmt: skip
+            guest[op] = _Rule(_U8, int(Flag.REPLY), _MAX_STATUS, _VAR, _VAR, _vector_reply, reply_payload[op])
         else:
-            guest[op] = _Rule(_U8, int(Flag.REPLY), _MAX_STATUS, reply_len_ok.get(op, 0), 0,
-                              None, reply_payload.get(op))  # fmt: skip
+            guest[op] = _Rule(
+                _U8, int(Flag.REPLY), _MAX_STATUS, reply_len_ok.get(op, 0), 0, None, reply_payload.get(op)
+            )
     guest[Op.NOTICE] = _Rule(_U8, 0, 0, _NOTICE.size, _NOTICE.size, _notice_header, _check_notice)
     guest[Op.ERROR] = _Rule(_U8, 0, _MAX_STATUS, _VAR, _VAR, None, None)
     return {Role.HOST: tuple(host), Role.GUEST: tuple(guest)}

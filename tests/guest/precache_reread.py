@@ -44,8 +44,11 @@ def read(mount: str, passes: int, sums_path: str) -> None:
                     pages += (len(chunk) + PAGE - 1) // PAGE
             if h.hexdigest() != digest:
                 bad.append([p, name])
-    print(json.dumps({"passes": passes, "pages": pages, "bad": bad,
-                      "seconds": round(time.monotonic() - start, 2)}))
+    print(
+        json.dumps(
+            {"passes": passes, "pages": pages, "bad": bad, "seconds": round(time.monotonic() - start, 2)}
+        )
+    )
 
 
 if __name__ == "__main__":

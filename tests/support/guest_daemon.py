@@ -36,8 +36,21 @@ class GuestDaemon:
         )
 
     def start(self) -> None:
-        self.proc = spawn([sys.executable, "-m", "guestagent", "run", "--config", str(self.config),
-                           "--channel", self.channel, "--log-level", "DEBUG"], self.log_path)
+        self.proc = spawn(
+            [
+                sys.executable,
+                "-m",
+                "guestagent",
+                "run",
+                "--config",
+                str(self.config),
+                "--channel",
+                self.channel,
+                "--log-level",
+                "DEBUG",
+            ],
+            self.log_path,
+        )
         wait_serving(self, self.control, START_TIMEOUT, "guestagent")
 
     def stop(self) -> int:
@@ -68,8 +81,9 @@ class GuestDaemon:
 
 
 def guestagent_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "guestagent", *args],
-                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "guestagent", *args], capture_output=True, text=True, timeout=60, check=False
+    )
 
 
 @pytest.fixture

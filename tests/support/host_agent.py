@@ -37,8 +37,9 @@ class HostAgentProcess:
     the persistent pages of the previous run.
     """
 
-    def __init__(self, workdir: Path, arena_dir: Path, guests: Sequence[str] = GUESTS,
-                 extra_toml: str = "") -> None:
+    def __init__(
+        self, workdir: Path, arena_dir: Path, guests: Sequence[str] = GUESTS, extra_toml: str = ""
+    ) -> None:
         self.workdir = workdir
         self.arena_dir = arena_dir
         self.config_path = workdir / "hostagent.toml"
@@ -52,8 +53,10 @@ class HostAgentProcess:
         shared = ""
         if {"g1", "g2"} <= set(guests):
             uuid = SHARED_UUID.hex()
-            shared = (f'[[shared_pool]]\nuuid = "{uuid[:8]}-{uuid[8:12]}-{uuid[12:16]}-'
-                      f'{uuid[16:20]}-{uuid[20:]}"\nguests = ["g1", "g2"]\n')
+            shared = (
+                f'[[shared_pool]]\nuuid = "{uuid[:8]}-{uuid[8:12]}-{uuid[12:16]}-'
+                f'{uuid[16:20]}-{uuid[20:]}"\nguests = ["g1", "g2"]\n'
+            )
         self.config_path.write_text(
             f'[pool]\nlimit_mib = 64\nhost_reserve_mib = 0\narena_dir = "{arena_dir}"\n'
             f"sample_interval = 0.2\n"
@@ -76,8 +79,9 @@ class HostAgentProcess:
     def start(self) -> None:
         """Start the agent and wait until its control socket answers (it is then fully serving)."""
         assert not self.alive
-        self.proc = spawn([sys.executable, "-m", "hostagent", "run", "--config", str(self.config_path)],
-                          self.log_path)
+        self.proc = spawn(
+            [sys.executable, "-m", "hostagent", "run", "--config", str(self.config_path)], self.log_path
+        )
         wait_serving(self, self.control, START_TIMEOUT, "hostagent")
 
     def stop(self) -> int:
@@ -110,9 +114,13 @@ class HostAgentProcess:
         its mypyc build, which is a development condition, not CLI output under test.
         """
         extra = ["--control", self.control] if control_flag else []
-        return subprocess.run([sys.executable, "-W", "ignore::UserWarning", "-m", "hostagent",
-                               *args, *extra],
-                              capture_output=True, text=True, timeout=30, check=False)
+        return subprocess.run(
+            [sys.executable, "-W", "ignore::UserWarning", "-m", "hostagent", *args, *extra],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
 
     def connect(self, guest: str = "g1", hello: bool = True) -> WireGuest:
         g = WireGuest(self.sockets[guest])

@@ -27,8 +27,17 @@ MOUNT_TIMEOUT = 15.0
 class PrecacheMount:
     """One `python -m guestagent.precache` process and its mount point."""
 
-    def __init__(self, backing: Path, mountpoint: Path, channel: str, cache_pages: int, log: Path,
-                 kernel_cache: bool = False, proc_dir: Path | None = None, allow_other: bool = False) -> None:
+    def __init__(
+        self,
+        backing: Path,
+        mountpoint: Path,
+        channel: str,
+        cache_pages: int,
+        log: Path,
+        kernel_cache: bool = False,
+        proc_dir: Path | None = None,
+        allow_other: bool = False,
+    ) -> None:
         self.allow_other = allow_other
         self.backing = backing
         self.mountpoint = mountpoint
@@ -42,12 +51,25 @@ class PrecacheMount:
     def start(self, *, connected: bool = True) -> None:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "guestagent.precache", str(self.backing), str(self.mountpoint),
-                 "--channel", self.channel, "--cache-pages", str(self.cache_pages), "--log-level", "INFO",
-                 *(["--kernel-cache"] if self.kernel_cache else []),
-                 *(["--allow-other"] if self.allow_other else []),
-                 *(["--proc-dir", str(self.proc_dir)] if self.proc_dir else [])],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                [
+                    sys.executable,
+                    "-m",
+                    "guestagent.precache",
+                    str(self.backing),
+                    str(self.mountpoint),
+                    "--channel",
+                    self.channel,
+                    "--cache-pages",
+                    str(self.cache_pages),
+                    "--log-level",
+                    "INFO",
+                    *(["--kernel-cache"] if self.kernel_cache else []),
+                    *(["--allow-other"] if self.allow_other else []),
+                    *(["--proc-dir", str(self.proc_dir)] if self.proc_dir else []),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
             )
 
         def mounted() -> bool:
@@ -92,23 +114,36 @@ class PrecacheMount:
 
 
 @pytest.fixture
-def precache(host_agent: HostAgentProcess, request: pytest.FixtureRequest
-             ) -> Iterator[Callable[..., PrecacheMount]]:  # fmt: skip
+def precache(
+    host_agent: HostAgentProcess, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., PrecacheMount]]:
     """A factory: precache(cache_pages, populate=None) mounts a fresh backing dir as guest g1."""
     work = Path(tempfile.mkdtemp(prefix="tmem-pc", dir="/tmp"))
     mounts: list[PrecacheMount] = []
 
-    def make(cache_pages: int, populate: Callable[[Path], None] | None = None,
-             kernel_cache: bool = False, proc_dir: Path | None = None,
-             allow_other: bool = False) -> PrecacheMount:
+    def make(
+        cache_pages: int,
+        populate: Callable[[Path], None] | None = None,
+        kernel_cache: bool = False,
+        proc_dir: Path | None = None,
+        allow_other: bool = False,
+    ) -> PrecacheMount:
         n = len(mounts)
         backing, mountpoint = work / f"backing{n}", work / f"mnt{n}"
         backing.mkdir()
         mountpoint.mkdir()
         if populate is not None:
             populate(backing)
-        m = PrecacheMount(backing, mountpoint, host_agent.sockets["g1"], cache_pages,
-                          work / f"precache{n}.log", kernel_cache, proc_dir, allow_other)
+        m = PrecacheMount(
+            backing,
+            mountpoint,
+            host_agent.sockets["g1"],
+            cache_pages,
+            work / f"precache{n}.log",
+            kernel_cache,
+            proc_dir,
+            allow_other,
+        )
         mounts.append(m)
         m.start()
         return m

@@ -41,8 +41,9 @@ def failed(request: pytest.FixtureRequest) -> bool:
     return call is None or bool(call.failed)
 
 
-def reap(request: pytest.FixtureRequest, process: LoggedProcess, name: str,
-         tracebacks_fail: bool = True) -> None:
+def reap(
+    request: pytest.FixtureRequest, process: LoggedProcess, name: str, tracebacks_fail: bool = True
+) -> None:
     """Kill `process` if it still runs, print its log if the test failed, check the log."""
     if process.proc is not None and process.proc.poll() is None:
         process.proc.kill()

@@ -93,10 +93,12 @@ class WireGuest:
         assert reply.opcode == op and reply.request_id == rid, reply
         return reply
 
-    def hello(self, name: str = "test", min_version: int = wire.VERSION,
-              max_version: int = wire.VERSION) -> wire.Welcome:
-        reply = self.call(Op.HELLO, payload=wire.hello_payload(
-            wire.Hello(min_version, max_version, wire.PAGE_SIZE, name)))
+    def hello(
+        self, name: str = "test", min_version: int = wire.VERSION, max_version: int = wire.VERSION
+    ) -> wire.Welcome:
+        reply = self.call(
+            Op.HELLO, payload=wire.hello_payload(wire.Hello(min_version, max_version, wire.PAGE_SIZE, name))
+        )
         assert reply.status == Status.OK, reply
         self.welcome = wire.parse_welcome(reply.payload)
         return self.welcome
