@@ -118,18 +118,15 @@ GUEST_CMDLINE = "root=/dev/vda rw console=ttyS0"
 INSTALL_DIR = "/opt/tmem"
 
 # The guest agent's default configuration: a `scripts/lab up` guest serves a precache mount and preswap
-# with no further steps. The shim's cache is the guest's own copy of the mount's pages (it also
-# shrinks with MemAvailable): 8 MiB keeps a 512 MiB guest lean and leaves the rest to tmem.
+# with no further steps. The guest's own page cache holds the mount's hot pages, tmem the ones it drops.
 GUEST_CONFIG_PATH = "/etc/tmem/guestagent.toml"
 PRECACHE_BACKING = "/srv/precache"
 PRECACHE_MOUNTPOINT = "/mnt/precache"
-PRECACHE_CACHE_PAGES = 2048
 GUEST_CONFIG = f"""\
 # The lab image's default (scripts/build_image.py); keys: /opt/tmem/guestagent/guestagent.example.toml
 [[precache]]
 backing = "{PRECACHE_BACKING}"
 mountpoint = "{PRECACHE_MOUNTPOINT}"
-cache_pages = {PRECACHE_CACHE_PAGES}
 
 [preswap]
 enabled = true
@@ -598,7 +595,7 @@ class Build:
             "base_file_bytes": (self.out / "base.qcow2").stat().st_size,
             "swap_mib": SWAP_MIB,
             "guest_config": {"path": GUEST_CONFIG_PATH, "precache": PRECACHE_MOUNTPOINT,
-                             "backing": PRECACHE_BACKING, "cache_pages": PRECACHE_CACHE_PAGES,
+                             "backing": PRECACHE_BACKING,
                              "preswap": True},
             "demo_project": {"source_package": DEMO_SOURCE_PACKAGE, "dir": DEMO_PROJECT_DIR,
                              "tarball": ", ".join(t.name for t in sorted(
