@@ -299,6 +299,7 @@ class GuestAgent:
             if not os.path.isdir(path):
                 raise StartupError(f"precache: {what} {path} is not a directory")
         fs = precache.PrecacheFS(mount.backing)  # opens the backing tree before the mount covers it
+        precache.stay_off(mount.mountpoint)
         try:
             pyfuse3.init(fs, mount.mountpoint, precache.mount_options(mount.allow_other, auto_unmount=True))
         except RuntimeError as exc:  # pyfuse3 says "fuse_session_mount failed" and libfuse logs why

@@ -897,6 +897,25 @@ async def _inval_attrs(inode: int) -> None:
 # ------------------------------------------------------------------------------- running it
 
 
+def stay_off(mountpoint: str) -> None:
+    """Keep this process from reading through `mountpoint` by itself: a traceback (an operation
+    that failed unexpectedly is logged with one) reads source lines, which for a mount over the
+    shim's own code (say /usr) would be a read of its own mount from the thread that serves it,
+    a deadlock.  Source lines of files under the mount are left out of tracebacks instead.  (The
+    backing tree itself is reached through the descriptor `PrecacheFS` opens before mounting.)"""
+    import linecache
+
+    prefix = os.path.realpath(mountpoint).rstrip("/") + "/"
+    previous = linecache.updatecache
+
+    def updatecache(filename: str, module_globals: Any = None) -> list[str]:
+        if os.path.abspath(filename).startswith(prefix):
+            return []
+        return previous(filename, module_globals)
+
+    linecache.updatecache = updatecache
+
+
 def mount_options(allow_other: bool = False, auto_unmount: bool = False) -> set[str]:
     """The FUSE mount options. With auto_unmount, fusermount3 unmounts when the shim dies (the
     tree underneath is usable again at once). Without allow_other only root may use the mount,
@@ -961,6 +980,7 @@ async def serve(
     if (channel is None) == (channel_spec is None):
         raise ValueError("give one of channel_spec and channel")
     fs = PrecacheFS(backing)
+    stay_off(mountpoint)
     pyfuse3.init(fs, mountpoint, mount_options(allow_other, auto_unmount))
     try:
         async with trio.open_nursery() as nursery:

@@ -478,3 +478,23 @@ def test_rename_noreplace_and_exchange(precache: Callable[..., PrecacheMount]) -
     assert renameat2(m.mountpoint / "z", my, 2) == 0  # RENAME_EXCHANGE
     assert read(my) == x and read(m.mountpoint / "z") == y
     assert (m.backing / "y").read_bytes() == x
+
+
+def test_stay_off_keeps_tracebacks_from_reading_source_under_the_mount(tmp_path: Path) -> None:
+    """A shim over its own code must not read source lines through its mount for a traceback."""
+    import linecache
+
+    from guestagent.precache import stay_off
+
+    (tmp_path / "covered").mkdir()
+    inside, outside = tmp_path / "covered" / "m.py", tmp_path / "o.py"
+    inside.write_text("x = 1\n")
+    outside.write_text("y = 2\n")
+    kept = linecache.updatecache
+    try:
+        stay_off(str(tmp_path / "covered"))
+        assert linecache.getline(str(inside), 1) == ""
+        assert linecache.getline(str(outside), 1) == "y = 2\n"
+    finally:
+        linecache.updatecache = kept
+        linecache.clearcache()
