@@ -186,6 +186,14 @@ def written_pages(off: int, buf: bytes, size: int) -> tuple[dict[int, bytes], se
     return known, partial
 
 
+def _pread_uncached(fd: int, size: int, offset: int) -> bytes:
+    """Read from the backing file and drop what its page cache kept of the range: the page is now
+    in the mount's page cache (and the pool), a second copy in the guest would only compete."""
+    data = _pread_all(fd, size, offset)
+    os.posix_fadvise(fd, offset, len(data), os.POSIX_FADV_DONTNEED)
+    return data
+
+
 def _pwrite_stat(fd: int, buf: bytes, offset: int) -> tuple[int, os.stat_result]:
     n = os.pwrite(fd, buf, offset)
     return n, os.fstat(fd)
@@ -723,7 +731,7 @@ class PrecacheFS(pyfuse3.Operations):
         disk: dict[int, bytes] = {}
         if missing:
             lo, hi = missing[0], missing[-1]
-            data = await _io(_pread_all, fd, min((hi - lo + 1) * PAGE, known - lo * PAGE), lo * PAGE)
+            data = await _io(_pread_uncached, fd, min((hi - lo + 1) * PAGE, known - lo * PAGE), lo * PAGE)
             c.bytes_from_disk += len(data)
             for index in missing:
                 disk[index] = data[(index - lo) * PAGE : (index - lo + 1) * PAGE]
