@@ -6,12 +6,13 @@ Prints ONE JSON object.  Runs its own one-guest lab (`scripts/lab down` first an
 the guest's disk has `read_iops_sec` (default 200).  A file set of `set_mib` (default 3x `cache_mib`)
 is written into /srv/precache, then, in one run and in the same guest:
 
-- without precache: the reader runs in a systemd scope with `MemoryMax=cache_mib` (its page cache
-  is charged to it, so the guest keeps `cache_mib` of these files), reading the backing directory;
-- with precache: the daemon serves /srv/precache at /mnt/precache (`[[precache]]`), the reader in
-  the same scope reads the mount: the kernel's page cache of the mount's files is charged to the
-  same scope, and the shim drops the backing files' own page cache after each read, so the guest
-  holds as much of the set as without; the pages the kernel drops come back from the pool.
+- without precache (a guest agent config without `[[precache]]`): the reader runs in a systemd
+  scope with `MemoryMax=cache_mib` (its page cache is charged to it, so the guest keeps `cache_mib`
+  of these files), reading the backing directory;
+- with precache: the daemon serves /srv/precache over itself (`[[precache]]`, as the image's default
+  config does), the reader in the same scope reads it: the kernel's page cache of the mount's files
+  is charged to the same scope, and the shim drops the backing files' own page cache after each
+  read, so the guest holds as much of the set as without; pages the kernel drops come from the pool.
 
 Each case drops the guest's caches, reads the set once (cold), then `passes` more times (measured).
 Figures for the measured passes: seconds, disk read requests that reached the rate-limited disk
@@ -32,7 +33,7 @@ from scripts import lab
 from scripts.guest import Guest
 
 GUEST = Guest("tmem-1")
-BACKING, MOUNT = "/srv/precache", "/mnt/precache"
+BACKING = MOUNT = "/srv/precache"  # the mount covers the tree it serves
 
 READER = r"""
 import json, os, sys, time
@@ -115,6 +116,7 @@ def main() -> int:
     try:
         lab.up(spec)
         files = max(1, set_mib // 4)
+        GUEST.write_agent_config("")  # no precache mount over the backing directory
         GUEST.run("sh", "-c", f"mkdir -p {BACKING} {MOUNT} && for i in $(seq {files}); do "
             f"head -c {4 << 20} /dev/urandom > {BACKING}/f$i; done; sync", timeout=1800)
         without = read_case(BACKING, args.cache_mib, args.passes)

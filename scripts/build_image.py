@@ -119,9 +119,13 @@ INSTALL_DIR = "/opt/tmem"
 
 # The guest agent's default configuration: a `scripts/lab up` guest serves a precache mount and preswap
 # with no further steps. The guest's own page cache holds the mount's hot pages, tmem the ones it drops.
+# The mount covers the build area itself (mountpoint = backing): if the daemon dies, fusermount3
+# unmounts it and the same paths reach the files underneath. /mnt/precache, where the mount used to
+# be, is a symlink to it.
 GUEST_CONFIG_PATH = "/etc/tmem/guestagent.toml"
 PRECACHE_BACKING = "/srv/precache"
-PRECACHE_MOUNTPOINT = "/mnt/precache"
+PRECACHE_MOUNTPOINT = PRECACHE_BACKING
+PRECACHE_ALIAS = "/mnt/precache"
 GUEST_CONFIG = f"""\
 # The lab image's default (scripts/build_image.py); keys: /opt/tmem/guestagent/guestagent.example.toml
 [[precache]]
@@ -477,6 +481,10 @@ class Build:
         # Its default configuration, checked by the guest agent's own parser, and what it needs.
         for d in (PRECACHE_BACKING, PRECACHE_MOUNTPOINT, PRESWAP_DIR):
             (r / d.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        alias = r / PRECACHE_ALIAS.lstrip("/")
+        alias.parent.mkdir(parents=True, exist_ok=True)
+        if not alias.is_symlink():
+            alias.symlink_to(PRECACHE_MOUNTPOINT)
         config = r / GUEST_CONFIG_PATH.lstrip("/")
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(GUEST_CONFIG)
