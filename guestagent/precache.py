@@ -328,13 +328,14 @@ class PrecacheFS(pyfuse3.Operations):
 
     # ----------------------------------------------------------------- tmem
 
-    def _put(self, obj: _Object, index: int, page: bytes) -> bool:
-        """Queue a fire-and-forget put of one page (padded to a page); False if there is no pool."""
+    def _put_many(self, obj: _Object, pages: Sequence[tuple[int, bytes]]) -> bool:
+        """Queue fire-and-forget puts of many pages of one object in PUT_VEC frames."""
         pool = self.pool
-        if pool is None:
+        if pool is None or not pages:
             return False
         try:
-            pool.put_nowait(obj.oid, index, page if len(page) == PAGE else page.ljust(PAGE, b"\0"))
+            pool.put_many_nowait([(obj.oid, index, page if len(page) == PAGE else page.ljust(PAGE, b"\0"))
+                                  for index, page in pages])  # fmt: skip
         except ChannelError:
             return False
         obj.in_tmem = True
@@ -736,12 +737,11 @@ class PrecacheFS(pyfuse3.Operations):
             for index in missing:
                 disk[index] = data[(index - lo) * PAGE : (index - lo + 1) * PAGE]
         if obj.epoch == epoch:  # no change since `known`: what was fetched is the file's
-            for index, page in (*pages.items(), *disk.items()):
-                if len(page) == _page_length(known, index) and self._put(obj, index, page):
-                    if index in disk:
-                        c.puts += 1
-                    else:
-                        c.put_backs += 1
+            whole = [(i, p) for i, p in (*pages.items(), *disk.items()) if len(p) == _page_length(known, i)]
+            if self._put_many(obj, whole):  # one PUT_VEC for a read-ahead's pages
+                backs = sum(1 for i, _ in whole if i in pages)
+                c.put_backs += backs
+                c.puts += len(whole) - backs
         pages.update(disk)
         parts = []
         for index in indexes:
@@ -774,9 +774,8 @@ class PrecacheFS(pyfuse3.Operations):
             if st.st_size != old and old % PAGE and old // PAGE not in known:
                 partial.add(old // PAGE)  # the old last page, cut to the old length, is longer now
             await self._invalidate(obj, partial)  # only the pages this write changed in part
-            for index, page in known.items():  # a put replaces any older copy in the pool
-                if self._put(obj, index, page):
-                    self.counters.written_puts += 1
+            if self._put_many(obj, sorted(known.items())):  # a put replaces any older copy
+                self.counters.written_puts += len(known)
             return n
 
     async def flush(self, fh: int) -> None:
