@@ -116,8 +116,10 @@ def test_a_build_in_the_covered_tree_survives_the_daemon_and_its_rereads_come_fr
     G.run("systemctl", "kill", "-s", "KILL", "--kill-whom=main", AGENT_UNIT)
     rc, out, err = G.wait(pid, 1800, "the interrupted build")
     print(f"the build the daemon died under: exit {rc} {(out + err)[-300:]!r}")
-    # the tree is usable: a build started now finishes (from the files underneath, or through the
-    # mount again if systemd brought the daemon back first)
+    # the tree is usable again at once (fusermount3 unmounted it, or the new daemon cleared a dead
+    # mount and mounted again): a build started now finishes, from the files underneath or through
+    # the mount again if systemd brought the daemon back first
+    G.wait_until(lambda: G.exec("test", "-e", f"{PROJECT}/Makefile")[0] == 0, 60, "the tree usable")
     G.run("sh", "-c", f"cd {PROJECT} && {BUILD}", timeout=1800)
     G.wait_until(mounted, 120, "the daemon and its mount back (systemd)")
     assert covered() == 1
