@@ -34,6 +34,7 @@ from scripts.guest import Guest
 
 GUEST = Guest("tmem-1")
 BACKING = MOUNT = "/srv/precache"  # the mount covers the tree it serves
+SET = "bench"  # the file set's directory in it (the image keeps its demo project beside it)
 
 READER = r"""
 import json, os, sys, time
@@ -85,9 +86,13 @@ def read_case(root: str, cache_mib: int, passes: int) -> dict[str, Any]:
     GUEST.run("rm", "-f", "/run/bench-precache.ready", "/run/bench-precache.go")
     GUEST.drop_caches()
     pid = GUEST.spawn("systemd-run", "--scope", "--quiet", "-p", f"MemoryMax={cache_mib}M", "python3", "-",
-                      root, str(passes), stdin=READER)
-    GUEST.wait_until(lambda: GUEST.exec("test", "-e", "/run/bench-precache.ready")[0] == 0, 3600,
-                     "the cold pass")  # fmt: skip
+                      f"{root}/{SET}", str(passes), stdin=READER)
+    # (a scope runs the command in place: the pid is the reader's)
+    ready_or_gone = f"test -e /run/bench-precache.ready || ! kill -0 {pid}"
+    GUEST.wait_until(lambda: GUEST.exec("sh", "-c", ready_or_gone)[0] == 0, 3600, "the cold pass")
+    if GUEST.exec("test", "-e", "/run/bench-precache.ready")[0] != 0:
+        rc, out, err = GUEST.wait(pid, 60, "the reader")
+        raise RuntimeError(f"the reader failed before its measured passes ({rc}): {(out + err)[-2000:]}")
     counters0 = precache_counters()
     before = disk_reads()
     GUEST.run("touch", "/run/bench-precache.go")
@@ -117,16 +122,16 @@ def main() -> int:
         lab.up(spec)
         files = max(1, set_mib // 4)
         GUEST.write_agent_config("")  # no precache mount over the backing directory
-        GUEST.run("sh", "-c", f"mkdir -p {BACKING} {MOUNT} && for i in $(seq {files}); do "
-            f"head -c {4 << 20} /dev/urandom > {BACKING}/f$i; done; sync", timeout=1800)
+        GUEST.run("sh", "-c", f"mkdir -p {BACKING}/{SET} && for i in $(seq {files}); do "
+            f"head -c {4 << 20} /dev/urandom > {BACKING}/{SET}/f$i; done; sync", timeout=1800)
         without = read_case(BACKING, args.cache_mib, args.passes)
         print(f"[bench] without precache: {without}", file=sys.stderr)
         config = f'[[precache]]\nbacking = "{BACKING}"\nmountpoint = "{MOUNT}"\n'
         GUEST.write_agent_config(config)
         GUEST.wait_until(lambda: precache_counters().get("connected"), 120, "the precache mount")
         GUEST.drop_caches()  # the cold read from the disk puts every page to the pool
-        GUEST.run("python3", "-c", f"import os\nfor n in sorted(os.listdir('{MOUNT}')):\n"
-            f"    open(os.path.join('{MOUNT}', n), 'rb').read()\n", timeout=3600)
+        GUEST.run("python3", "-c", f"import os\nd = '{MOUNT}/{SET}'\nfor n in sorted(os.listdir(d)):\n"
+            f"    open(os.path.join(d, n), 'rb').read()\n", timeout=3600)
         with_pc = read_case(MOUNT, args.cache_mib, args.passes)
         print(f"[bench] with precache: {with_pc}", file=sys.stderr)
     finally:
