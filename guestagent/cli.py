@@ -143,14 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mnt.add_argument("backing", metavar="BACKING", help="the directory whose files the mount serves")
     mnt.add_argument("mountpoint", metavar="MOUNTPOINT", help="may be BACKING itself (the mount covers it)")
-    mnt.add_argument("--no-auto-unmount", action="store_true",
-                     help="leave a dead mount behind if the shim dies (default: unmounted at once)")
-    mnt.add_argument("--allow-other", action="store_true",
-                     help="every user may use the mount, the kernel checking each access against the "
-                          "backing files' modes (default_permissions); default: root only")
-    mnt.add_argument("--channel", metavar="SPEC",
-                     help=CHANNEL_HELP + " (default: the virtio-serial port from --config, else "
-                          f"{wire.PORT_NAME})")
+    mnt.add_argument(
+        "--no-auto-unmount",
+        action="store_true",
+        help="leave a dead mount behind if the shim dies (default: unmounted at once)",
+    )
+    mnt.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="every user may use the mount, the kernel checking each access against the "
+        "backing files' modes (default_permissions); default: root only",
+    )
+    mnt.add_argument(
+        "--channel",
+        metavar="SPEC",
+        help=CHANNEL_HELP + f" (default: the virtio-serial port from --config, else {wire.PORT_NAME})",
+    )
     mnt.add_argument("--config", metavar="FILE", help="read the port name from here")
     mnt.add_argument(
         "--log-level",
@@ -165,15 +173,21 @@ def build_parser() -> argparse.ArgumentParser:
 def _precache_mount(args: argparse.Namespace) -> int:
     from guestagent import precache  # pyfuse3 only for this command
 
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     spec = args.channel
     if spec is None:
         cfg = _load_config(args.config)
         spec = cfg.channel or cfg.port
     try:
-        precache.mount(args.backing, args.mountpoint, spec, allow_other=args.allow_other,
-                       auto_unmount=not args.no_auto_unmount)
+        precache.mount(
+            args.backing,
+            args.mountpoint,
+            spec,
+            allow_other=args.allow_other,
+            auto_unmount=not args.no_auto_unmount,
+        )
     except SystemExit as exc:  # precache.mount's refusals carry their message
         if isinstance(exc.code, str):
             return _fail(exc.code.removeprefix("precache: "))

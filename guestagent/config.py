@@ -174,8 +174,10 @@ def _precache(tables: Any, base_dir: Path | None) -> tuple[PrecacheMount, ...]:
         where = f"precache[{n}]"
         for key in table:
             if key in _PRECACHE_GONE:
-                raise ConfigError(f"{where}.{key}: no longer a setting (the kernel's page cache is the "
-                                  "first level, the pool the second: remove it)")
+                raise ConfigError(
+                    f"{where}.{key}: no longer a setting (the kernel's page cache is the "
+                    "first level, the pool the second: remove it)"
+                )
             if key not in _PRECACHE_KEYS:
                 raise ConfigError(f"{where}.{key}: unknown setting (known: {', '.join(_PRECACHE_KEYS)})")
         paths: dict[str, str] = {}

@@ -358,8 +358,12 @@ class PrecacheFS(pyfuse3.Operations):
         if pool is None or not pages:
             return False
         try:
-            pool.put_many_nowait([(obj.oid, index, page if len(page) == PAGE else page.ljust(PAGE, b"\0"))
-                                  for index, page in pages])  # fmt: skip
+            pool.put_many_nowait(
+                [
+                    (obj.oid, index, page if len(page) == PAGE else page.ljust(PAGE, b"\0"))
+                    for index, page in pages
+                ]
+            )
         except ChannelError:
             return False
         obj.in_tmem = True
@@ -702,8 +706,9 @@ class PrecacheFS(pyfuse3.Operations):
 
     # ----------------------------------------------------------------- files
 
-    async def _opened(self, inode: int, fd: int, st: os.stat_result, generation: int,
-                      trunc: bool) -> pyfuse3.FileInfo:  # fmt: skip
+    async def _opened(
+        self, inode: int, fd: int, st: os.stat_result, generation: int, trunc: bool
+    ) -> pyfuse3.FileInfo:
         obj = self._object(st, generation)
         async with obj.lock:
             # known: the kernel's cached pages (if any) are the file's.  Not known (first sight
@@ -1034,8 +1039,14 @@ async def _stop_on_signals() -> None:
 
 
 async def serve(
-    backing: str, mountpoint: str, channel_spec: str | None, *, allow_other: bool = False,
-    auto_unmount: bool = True, channel: Channel | None = None, signals: bool = True,
+    backing: str,
+    mountpoint: str,
+    channel_spec: str | None,
+    *,
+    allow_other: bool = False,
+    auto_unmount: bool = True,
+    channel: Channel | None = None,
+    signals: bool = True,
     task_status: trio.TaskStatus[PrecacheFS] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Mount and serve until unmounted (or SIGTERM/SIGINT/SIGHUP with `signals`).
@@ -1066,14 +1077,18 @@ async def serve(
         fs.close()
 
 
-def mount(backing: str, mountpoint: str, channel_spec: str, *, allow_other: bool = False,
-          auto_unmount: bool = True) -> None:
+def mount(
+    backing: str, mountpoint: str, channel_spec: str, *, allow_other: bool = False, auto_unmount: bool = True
+) -> None:
     """Blocking entry point for `guestagent precache mount BACKING MOUNTPOINT`."""
     for what, path in (("backing directory", backing), ("mount point", mountpoint)):
         if not os.path.isdir(path):
             raise SystemExit(f"precache: {what} {path} is not a directory")
-    trio.run(functools.partial(serve, backing, mountpoint, channel_spec, allow_other=allow_other,
-                               auto_unmount=auto_unmount))
+    trio.run(
+        functools.partial(
+            serve, backing, mountpoint, channel_spec, allow_other=allow_other, auto_unmount=auto_unmount
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1081,16 +1096,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("backing")
     parser.add_argument("mountpoint", help="may be the backing directory itself: the mount covers it")
     parser.add_argument("--channel", required=True, help="virtio port name or unix socket path")
-    parser.add_argument("--allow-other", action="store_true",
-                        help="let every user use the mount, the kernel checking permissions")
-    parser.add_argument("--no-auto-unmount", action="store_true",
-                        help="leave a dead mount behind if the shim dies (default: fusermount3 unmounts it)")
+    parser.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="let every user use the mount, the kernel checking permissions",
+    )
+    parser.add_argument(
+        "--no-auto-unmount",
+        action="store_true",
+        help="leave a dead mount behind if the shim dies (default: fusermount3 unmounts it)",
+    )
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
-    mount(args.backing, args.mountpoint, args.channel, allow_other=args.allow_other,
-          auto_unmount=not args.no_auto_unmount)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    mount(
+        args.backing,
+        args.mountpoint,
+        args.channel,
+        allow_other=args.allow_other,
+        auto_unmount=not args.no_auto_unmount,
+    )
     return 0
 
 

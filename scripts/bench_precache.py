@@ -149,9 +149,19 @@ def main() -> int:
     try:
         wait_started(agent, lambda: is_listening(f"{tmp}/control.sock"), "hostagent")
         shim = subprocess.Popen(
-            [sys.executable, "-m", "guestagent.precache", str(backing), str(mnt),
-             "--channel", f"{tmp}/guests/bench.sock"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "guestagent.precache",
+                str(backing),
+                str(mnt),
+                "--channel",
+                f"{tmp}/guests/bench.sock",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_started(shim, lambda: os.path.ismount(mnt) and bool(_stats(mnt)["connected"]), "precache")
         print(json.dumps(measure(args, tmp, mnt, backing), indent=1))
     finally:

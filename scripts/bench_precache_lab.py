@@ -85,8 +85,18 @@ def read_case(root: str, cache_mib: int, passes: int) -> dict[str, Any]:
     """Drop the guest's caches, read the set cold, then measure `passes` re-reads, in one scope."""
     GUEST.run("rm", "-f", "/run/bench-precache.ready", "/run/bench-precache.go")
     GUEST.drop_caches()
-    pid = GUEST.spawn("systemd-run", "--scope", "--quiet", "-p", f"MemoryMax={cache_mib}M", "python3", "-",
-                      f"{root}/{SET}", str(passes), stdin=READER)
+    pid = GUEST.spawn(
+        "systemd-run",
+        "--scope",
+        "--quiet",
+        "-p",
+        f"MemoryMax={cache_mib}M",
+        "python3",
+        "-",
+        f"{root}/{SET}",
+        str(passes),
+        stdin=READER,
+    )
     # (a scope runs the command in place: the pid is the reader's)
     ready_or_gone = f"test -e /run/bench-precache.ready || ! kill -0 {pid}"
     GUEST.wait_until(lambda: GUEST.exec("sh", "-c", ready_or_gone)[0] == 0, 3600, "the cold pass")
@@ -122,16 +132,26 @@ def main() -> int:
         lab.up(spec)
         files = max(1, set_mib // 4)
         GUEST.write_agent_config("")  # no precache mount over the backing directory
-        GUEST.run("sh", "-c", f"mkdir -p {BACKING}/{SET} && for i in $(seq {files}); do "
-            f"head -c {4 << 20} /dev/urandom > {BACKING}/{SET}/f$i; done; sync", timeout=1800)
+        GUEST.run(
+            "sh",
+            "-c",
+            f"mkdir -p {BACKING}/{SET} && for i in $(seq {files}); do "
+            f"head -c {4 << 20} /dev/urandom > {BACKING}/{SET}/f$i; done; sync",
+            timeout=1800,
+        )
         without = read_case(BACKING, args.cache_mib, args.passes)
         print(f"[bench] without precache: {without}", file=sys.stderr)
         config = f'[[precache]]\nbacking = "{BACKING}"\nmountpoint = "{MOUNT}"\n'
         GUEST.write_agent_config(config)
         GUEST.wait_until(lambda: precache_counters().get("connected"), 120, "the precache mount")
         GUEST.drop_caches()  # the cold read from the disk puts every page to the pool
-        GUEST.run("python3", "-c", f"import os\nd = '{MOUNT}/{SET}'\nfor n in sorted(os.listdir(d)):\n"
-            f"    open(os.path.join(d, n), 'rb').read()\n", timeout=3600)
+        GUEST.run(
+            "python3",
+            "-c",
+            f"import os\nd = '{MOUNT}/{SET}'\nfor n in sorted(os.listdir(d)):\n"
+            f"    open(os.path.join(d, n), 'rb').read()\n",
+            timeout=3600,
+        )
         with_pc = read_case(MOUNT, args.cache_mib, args.passes)
         print(f"[bench] with precache: {with_pc}", file=sys.stderr)
     finally:
@@ -141,8 +161,13 @@ def main() -> int:
     all_ins = delta["hits"] + with_pc["page_ins"]
     share_all = delta["hits"] / all_ins if all_ins else 0.0
     result = {
-        "guest": {"read_iops_sec": args.read_iops, "cache_mib": args.cache_mib, "set_mib": files * 4,
-                  "passes": args.passes, "memory_mib": spec.guests[0].memory_mib},
+        "guest": {
+            "read_iops_sec": args.read_iops,
+            "cache_mib": args.cache_mib,
+            "set_mib": files * 4,
+            "passes": args.passes,
+            "memory_mib": spec.guests[0].memory_mib,
+        },
         "without": without,
         "with": with_pc,
         "share_of_all_page_ins": round(share_all, 3),
@@ -150,8 +175,10 @@ def main() -> int:
         "disk_reads_without": without["disk_reads"],
         "disk_reads_with": with_pc["disk_reads"],
         "speedup": round(without["seconds"] / max(with_pc["seconds"], 1e-9), 2),
-        "targets_met": {"share_of_all_page_ins_at_least_a_third": share_all >= 1 / 3,
-                        "fewer_disk_reads": with_pc["disk_reads"] < without["disk_reads"]},
+        "targets_met": {
+            "share_of_all_page_ins_at_least_a_third": share_all >= 1 / 3,
+            "fewer_disk_reads": with_pc["disk_reads"] < without["disk_reads"],
+        },
     }
     print(json.dumps(result, indent=2))
     return 0

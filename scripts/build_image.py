@@ -657,12 +657,19 @@ class Build:
             "base_virtual_size_mib": info["virtual-size"] >> 20,
             "base_file_bytes": (self.out / "base.qcow2").stat().st_size,
             "swap_mib": SWAP_MIB,
-            "guest_config": {"path": GUEST_CONFIG_PATH, "precache": PRECACHE_MOUNTPOINT,
-                             "backing": PRECACHE_BACKING,
-                             "preswap": True},
-            "demo_project": {"source_package": DEMO_SOURCE_PACKAGE, "dir": DEMO_PROJECT_DIR,
-                             "tarball": ", ".join(t.name for t in sorted(
-                                 (self.rootfs / SOURCE_DIR.lstrip("/")).glob("*.orig.tar.*")))},
+            "guest_config": {
+                "path": GUEST_CONFIG_PATH,
+                "precache": PRECACHE_MOUNTPOINT,
+                "backing": PRECACHE_BACKING,
+                "preswap": True,
+            },
+            "demo_project": {
+                "source_package": DEMO_SOURCE_PACKAGE,
+                "dir": DEMO_PROJECT_DIR,
+                "tarball": ", ".join(
+                    t.name for t in sorted((self.rootfs / SOURCE_DIR.lstrip("/")).glob("*.orig.tar.*"))
+                ),
+            },
             "guestagent": {
                 "install_dir": INSTALL_DIR,
                 "wrapper": "/usr/local/bin/guestagent",

@@ -81,14 +81,24 @@ def test_default_mount_shows_precache_hits_growing_in_hostagent_stats(running: d
     assert covered() == 1
     assert G.run("readlink", "/mnt/precache").strip() == COVERED  # the old path still leads there
     assert st["preswap"]["running"] is True  # the default's other half
-    made = json.loads(G.run("python3", "-", "make", f"{COVERED}/reread", str(DEFAULT_FILES),
-                          str(DEFAULT_PAGES), stdin=WORKLOAD))  # fmt: skip
+    made = json.loads(
+        G.run(
+            "python3",
+            "-",
+            "make",
+            f"{COVERED}/reread",
+            str(DEFAULT_FILES),
+            str(DEFAULT_PAGES),
+            stdin=WORKLOAD,
+        )
+    )
     sums = f"{COVERED}/sums.json"  # `make` writes it beside the file set's directory
     hits = []
     for _ in range(2):
         G.drop_caches()  # the guest's page cache lets the set go; the pool has it
-        out = json.loads(G.run("python3", "-", "read", f"{COVERED}/reread", "1", sums,
-                             stdin=WORKLOAD, timeout=900))  # fmt: skip
+        out = json.loads(
+            G.run("python3", "-", "read", f"{COVERED}/reread", "1", sums, stdin=WORKLOAD, timeout=900)
+        )
         assert out["bad"] == [], out
         hits_now = G.agent_stats()["precache"]["hits"]
         G.wait_until(partial(hits_reported, hits_now), 30, "a report with the hits")
@@ -103,7 +113,7 @@ def test_default_mount_shows_precache_hits_growing_in_hostagent_stats(running: d
 
 
 def test_a_build_in_the_covered_tree_survives_the_daemon_and_its_rereads_come_from_tmem(
-    running: dict[str, Any]
+    running: dict[str, Any],
 ) -> None:
     """zlib builds in the covered tree; the daemon is SIGKILLed mid-build: fusermount3 unmounts
     (auto_unmount), the tree underneath is usable at once, and the build, run again, finishes from
@@ -128,8 +138,10 @@ def test_a_build_in_the_covered_tree_survives_the_daemon_and_its_rereads_come_fr
     G.drop_caches()
     G.run("sh", "-c", f"cd {PROJECT} && {BUILD}", timeout=1800)
     after = G.agent_stats()["precache"]
-    delta = {k: after[k] - before[k] for k in ("gets", "hits", "bytes_from_tmem", "bytes_from_disk",
-                                               "written_puts")}  # fmt: skip
+    delta = {
+        k: after[k] - before[k]
+        for k in ("gets", "hits", "bytes_from_tmem", "bytes_from_disk", "written_puts")
+    }
     print(f"the re-build after a drop of the guest's page cache: {delta}")
     assert delta["hits"] > 0.5 * delta["gets"] > 0, delta  # sources and headers from the pool
     assert delta["bytes_from_tmem"] > delta["bytes_from_disk"], delta
@@ -138,8 +150,9 @@ def test_a_build_in_the_covered_tree_survives_the_daemon_and_its_rereads_come_fr
 
 def test_precache_mount_in_a_guest_serves_rereads_from_tmem(running: dict[str, Any]) -> None:
     G.write_agent_config(None)  # no mount over /srv/precache while the set is written
-    made = json.loads(G.run("python3", "-", "make", "/srv/precache", str(FILES), str(FILE_PAGES),
-                          stdin=WORKLOAD))  # fmt: skip
+    made = json.loads(
+        G.run("python3", "-", "make", "/srv/precache", str(FILES), str(FILE_PAGES), stdin=WORKLOAD)
+    )
     G.run("mkdir", "-p", "/mnt/pc")
     G.write_agent_config(CONFIG)
     G.wait_until(mounted, 120, "the daemon's precache mount and its pool")
@@ -150,8 +163,9 @@ def test_precache_mount_in_a_guest_serves_rereads_from_tmem(running: dict[str, A
     passes = []
     for _ in range(PASSES):
         G.drop_caches()  # the guest lets the set go between passes: each pass pages it in
-        out = json.loads(G.run("python3", "-", "read", "/mnt/pc", "1", "/srv/sums.json",
-                             stdin=WORKLOAD, timeout=900))  # fmt: skip
+        out = json.loads(
+            G.run("python3", "-", "read", "/mnt/pc", "1", "/srv/sums.json", stdin=WORKLOAD, timeout=900)
+        )
         assert out["bad"] == [], out  # every read of every pass matched its checksum
         passes.append(out)
     print(f"guest re-reads: {passes}; file set {made['bytes'] >> 20} MiB")
@@ -179,8 +193,9 @@ def test_precache_mount_in_a_guest_serves_rereads_from_tmem(running: dict[str, A
     # a restart of the daemon unmounts cleanly and mounts again
     G.restart_agent()
     G.wait_until(mounted, 120, "the mount again")
-    again = json.loads(G.run("python3", "-", "read", "/mnt/pc", "1", "/srv/sums.json",
-                           stdin=WORKLOAD, timeout=600))  # fmt: skip
+    again = json.loads(
+        G.run("python3", "-", "read", "/mnt/pc", "1", "/srv/sums.json", stdin=WORKLOAD, timeout=600)
+    )
     assert again["bad"] == [], again
     assert G.run("grep", "-c", "^precache /mnt/pc fuse", "/proc/mounts").strip() == "1"
 
@@ -188,7 +203,10 @@ def test_precache_mount_in_a_guest_serves_rereads_from_tmem(running: dict[str, A
 def test_teardown_lab(running: dict[str, Any]) -> None:
     """Last: without a config file the daemon runs with no mount (every key has a default)."""
     G.write_agent_config(None)
-    G.wait_until(lambda: G.agent_stats().get("precache") is None and "uptime" in G.agent_stats(), 60,
-                 "the daemon without a mount")
+    G.wait_until(
+        lambda: G.agent_stats().get("precache") is None and "uptime" in G.agent_stats(),
+        60,
+        "the daemon without a mount",
+    )
     assert G.run("sh", "-c", "grep -c '^precache ' /proc/mounts || true").strip() == "0"
     lab.down()

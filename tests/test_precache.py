@@ -23,8 +23,9 @@ from tests.support.host_agent import HostAgentProcess
 from tests.support.precache_mount import PAGE, PrecacheMount, pool_pages, read
 
 
-def test_page_ins_go_to_the_pool_and_a_hit_is_put_back(host_agent: HostAgentProcess,
-                                                       precache: Callable[..., PrecacheMount]) -> None:
+def test_page_ins_go_to_the_pool_and_a_hit_is_put_back(
+    host_agent: HostAgentProcess, precache: Callable[..., PrecacheMount]
+) -> None:
     """Inclusive second level: a page read from the disk is put; a hot re-read never reaches the
     shim; after the kernel dropped the pages they come from the pool, which keeps them (put back)."""
     rng = random.Random(1)
@@ -55,8 +56,9 @@ def test_page_ins_go_to_the_pool_and_a_hit_is_put_back(host_agent: HostAgentProc
     assert s2["hits"] == 18 and s2["bytes_from_disk"] == 2 * len(a), s2
 
 
-def test_written_pages_are_kept_clean_in_the_pool(host_agent: HostAgentProcess,
-                                                   precache: Callable[..., PrecacheMount]) -> None:
+def test_written_pages_are_kept_clean_in_the_pool(
+    host_agent: HostAgentProcess, precache: Callable[..., PrecacheMount]
+) -> None:
     """A build re-reads what it just wrote: pages a write fully determines are put after the
     backing write; a page it changed in part is flushed, never served old."""
     rng = random.Random(2)
@@ -114,9 +116,23 @@ def test_model_random_operations_match_a_reference_directory(  # noqa: C901 (one
             name = rng.choice(names)
             mp, rp, bp = m.mountpoint / name, ref / name, m.backing / name
             exists = rp.exists()
-            op = rng.choices(["write", "append", "truncate", "otrunc", "rename", "unlink", "read",
-                              "read_range", "evict", "behind", "mmap_read", "mmap_write"],
-                             [14, 4, 6, 4, 5, 3, 30, 20, 8, 3, 8, 8])[0]  # fmt: skip
+            op = rng.choices(
+                [
+                    "write",
+                    "append",
+                    "truncate",
+                    "otrunc",
+                    "rename",
+                    "unlink",
+                    "read",
+                    "read_range",
+                    "evict",
+                    "behind",
+                    "mmap_read",
+                    "mmap_write",
+                ],
+                [14, 4, 6, 4, 5, 3, 30, 20, 8, 3, 8, 8],
+            )[0]
             history.append(f"{step} {op} {name}")
             if step == ops // 2:  # the host drops every ephemeral page mid-run
                 before = pool_pages(host_agent)
@@ -262,7 +278,7 @@ def test_counters_reach_the_host_in_stats_reports(
 
 
 def test_change_behind_the_mount_is_seen_at_open_and_at_a_page_in(
-    precache: Callable[..., PrecacheMount]
+    precache: Callable[..., PrecacheMount],
 ) -> None:
     rng = random.Random(3)
     old, new = rng.randbytes(3 * PAGE), rng.randbytes(3 * PAGE)
@@ -368,7 +384,8 @@ def test_concurrent_readers_never_see_a_page_older_than_the_last_finished_write(
             time.sleep(0.01)
 
     threads = [threading.Thread(target=writer), threading.Thread(target=evictor)] + [
-        threading.Thread(target=reader, args=(s,)) for s in range(4)]  # fmt: skip
+        threading.Thread(target=reader, args=(s,)) for s in range(4)
+    ]
     for t in threads:
         t.start()
     time.sleep(4)
@@ -450,8 +467,10 @@ def test_make_git_and_mmap_in_the_mount(precache: Callable[..., PrecacheMount]) 
     ):
         assert mm[:] == data
     m.evict()
-    with open(m.mountpoint / "blob", "rb") as f, mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED,
-                                                          prot=mmap.PROT_READ) as mm:  # fmt: skip
+    with (
+        open(m.mountpoint / "blob", "rb") as f,
+        mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as mm,
+    ):
         assert mm[:] == data
 
 
@@ -462,8 +481,9 @@ def test_mount_without_a_host_agent_reads_the_backing_file_then_uses_tmem_once_i
     (tmp_path / "b").mkdir()
     (tmp_path / "m").mkdir()
     (tmp_path / "b" / "f").write_bytes(data)
-    m = PrecacheMount(tmp_path / "b", tmp_path / "m", host_agent_stopped.sockets["g1"],
-                      tmp_path / "precache.log")
+    m = PrecacheMount(
+        tmp_path / "b", tmp_path / "m", host_agent_stopped.sockets["g1"], tmp_path / "precache.log"
+    )
     try:
         m.start(connected=False)
         for _ in range(2):

@@ -48,15 +48,21 @@ def test_precache_tables_parse_with_defaults_and_paths_relative_to_the_file(tmp_
     assert configmod.Config().precache == ()
 
 
-@pytest.mark.parametrize(("table", "message"), [
-    ({"mountpoint": "/mnt"}, "precache[0].backing: required"),
-    ({"backing": "/srv"}, "precache[0].mountpoint: required"),
-    ({"backing": "", "mountpoint": "/mnt"}, "precache[0].backing: expected a directory path"),
-    ({"backing": 3, "mountpoint": "/mnt"}, "precache[0].backing: expected a directory path"),
-    ({"backing": "/srv", "mountpoint": "/mnt", "cache_pages": 64}, "precache[0].cache_pages: no longer"),
-    ({"backing": "/srv", "mountpoint": "/mnt", "kernel_cache": True}, "precache[0].kernel_cache: no longer"),
-    ({"backing": "/srv", "mountpoint": "/mnt", "cache": 1}, "precache[0].cache: unknown setting"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"mountpoint": "/mnt"}, "precache[0].backing: required"),
+        ({"backing": "/srv"}, "precache[0].mountpoint: required"),
+        ({"backing": "", "mountpoint": "/mnt"}, "precache[0].backing: expected a directory path"),
+        ({"backing": 3, "mountpoint": "/mnt"}, "precache[0].backing: expected a directory path"),
+        ({"backing": "/srv", "mountpoint": "/mnt", "cache_pages": 64}, "precache[0].cache_pages: no longer"),
+        (
+            {"backing": "/srv", "mountpoint": "/mnt", "kernel_cache": True},
+            "precache[0].kernel_cache: no longer",
+        ),
+        ({"backing": "/srv", "mountpoint": "/mnt", "cache": 1}, "precache[0].cache: unknown setting"),
+    ],
+)
 def test_bad_precache_tables_are_refused_naming_the_key(table: dict[str, Any], message: str) -> None:
     with pytest.raises(configmod.ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         configmod.parse({"precache": [table]})
@@ -215,8 +221,11 @@ def test_daemon_mount_survives_a_host_agent_restart_and_a_sigkill_of_the_daemon(
     assert daemon.proc is not None
     daemon.proc.kill()  # auto_unmount: fusermount3 unmounts it, the directory is usable at once
     daemon.proc.wait(10)
-    wait_until(lambda: str(mnt) not in Path("/proc/self/mounts").read_text().split(), timeout=10,
-               what="fusermount3 to unmount")  # (os.path.ismount says no for a dead mount too)
+    wait_until(
+        lambda: str(mnt) not in Path("/proc/self/mounts").read_text().split(),
+        timeout=10,
+        what="fusermount3 to unmount",
+    )  # (os.path.ismount says no for a dead mount too)
     assert os.listdir(mnt) == []
     daemon.start()  # mounts again
     wait_until(lambda: daemon.stats()["precache"]["connected"], timeout=10, what="the mount again")
@@ -250,10 +259,21 @@ def test_cli_precache_mount_in_the_foreground(host_agent: HostAgentProcess, work
     sums = populate(work / "backing", files=4, pages=40)
     log = (work / "mount.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "guestagent", "precache", "mount", str(work / "backing"), str(mnt),
-         "--channel", host_agent.sockets["g1"]],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "guestagent",
+            "precache",
+            "mount",
+            str(work / "backing"),
+            str(mnt),
+            "--channel",
+            host_agent.sockets["g1"],
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
+    )
     try:
         wait_until(
             lambda: os.path.ismount(mnt) and json.loads(os.getxattr(mnt, STATS))["connected"],

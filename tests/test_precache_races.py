@@ -81,7 +81,9 @@ def evictor(m: PrecacheMount, stop: threading.Event) -> Callable[[], None]:
 
 
 def test_stress_appenders_truncaters_readers_on_one_file(
-    host_agent: HostAgentProcess, precache: Callable[..., PrecacheMount], tmp_path: Path,
+    host_agent: HostAgentProcess,
+    precache: Callable[..., PrecacheMount],
+    tmp_path: Path,
 ) -> None:
     """Two appenders, a truncater (ftruncate and O_TRUNC re-creation) and three readers on one file
     for a few seconds, while the kernel keeps dropping its cached pages so pages also go through
@@ -179,7 +181,8 @@ def test_stress_appenders_truncaters_readers_on_one_file(
 
 
 def test_appended_bytes_read_back_whole_while_the_tail_is_read(
-    host_agent: HostAgentProcess, precache: Callable[..., PrecacheMount],
+    host_agent: HostAgentProcess,
+    precache: Callable[..., PrecacheMount],
 ) -> None:
     """One process appends, others read the tail while the kernel keeps dropping its cached pages:
     a byte whose append returned before a read began is read back, itself (no early EOF, no zero

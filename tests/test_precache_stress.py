@@ -1,8 +1,7 @@
-"""precache under real tools: fsx, fio with verification, a C build and git, on a real mount.
+"""precache under real tools: fio with verification, a C build and git, on a real mount.
 
 Each test mounts a fresh backing directory against a real host agent (tests/support) and runs a
-tool that checks its own data: fsx (xfstests' file system exerciser, built here from tests/fsx)
-with its mmap reads and writes on, fio with `verify=crc32c` over files larger than the guest's
+tool that checks its own data: fio with `verify=crc32c` over files larger than the guest's
 memory share, a C project built inside and outside the mount (objects compared byte for byte),
 git clone, checkout and fsck.  Pressure comes from the `evict` hook (the kernel drops its cached
 pages of the mount's files, so page-ins reach the shim and the pool) and from the host dropping
@@ -26,11 +25,6 @@ import pytest
 from tests.support.host_agent import HostAgentProcess
 from tests.support.precache_mount import PrecacheMount
 
-FSX_DIR = Path(__file__).resolve().parent / "fsx"
-FSX_OPS = 100_000
-FSX_SEEDS = (1, 20261207)
-FSX_TIMEOUT = 600
-
 
 def _mounted(path: Path) -> bool:
     """Whether a mount sits on `path` (from /proc/self/mounts: works for a dead mount too)."""
@@ -43,17 +37,6 @@ def _tool(name: str) -> str:
     if path is None:  # a missing tool fails loudly: scripts/setup installs it
         raise AssertionError(f"{name} is not installed (scripts/setup installs it)")
     return path
-
-
-@pytest.fixture(scope="module")
-def fsx(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """fsx, compiled from the copy under tests/fsx."""
-    out = tmp_path_factory.mktemp("fsx")
-    for name in ("fsx.c", "statx.h", "global.h"):
-        shutil.copy(FSX_DIR / name, out / name)
-    subprocess.run([_tool("gcc"), "-O1", "-w", "-o", "fsx", "fsx.c"], cwd=out, check=True,
-                   capture_output=True, timeout=120)  # fmt: skip
-    return out / "fsx"
 
 
 class Pressure:
@@ -90,26 +73,6 @@ class Pressure:
             raise AssertionError(f"the pressure thread failed: {self.error!r}")
 
 
-@pytest.mark.parametrize("seed", FSX_SEEDS)
-def test_fsx_with_mmap_operations(host_agent: HostAgentProcess, precache: Callable[..., PrecacheMount],
-                                  fsx: Path, seed: int) -> None:
-    """100,000 fsx operations (read, write, mapped read, mapped write, truncate; a close and
-    reopen one time in 50) with a fixed seed, while the kernel keeps dropping the file's pages and
-    the host its pool: fsx checks every byte it reads against its model of the file."""
-    m = precache()
-    logdir = Path(str(m.mountpoint) + "-fsxlog")
-    logdir.mkdir(exist_ok=True)
-    with Pressure(m, host_agent, interval=0.02) as pressure:
-        res = subprocess.run([str(fsx), "-q", "-N", str(FSX_OPS), "-S", str(seed), "-c", "50",
-                              "-l", str(1 << 20), "-P", str(logdir), str(m.mountpoint / "fsx.bin")],
-                             capture_output=True, text=True, timeout=FSX_TIMEOUT)  # fmt: skip
-    assert res.returncode == 0, f"fsx failed (seed {seed}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
-    assert "All 100000 operations completed" in res.stdout + res.stderr, res.stdout[-2000:]
-    s = m.stats()
-    assert pressure.drops > 0 and s["hits"] > 0 and s["written_puts"] > 0 and s["flushes"] > 0, s
-    shutil.rmtree(logdir, ignore_errors=True)
-
-
 def test_fio_verify_crc32c_while_the_host_drops_every_page(
     host_agent: HostAgentProcess, precache: Callable[..., PrecacheMount]
 ) -> None:
@@ -117,16 +80,29 @@ def test_fio_verify_crc32c_while_the_host_drops_every_page(
     crc32c checksums in every block, then reads them back and verifies, twice, while the kernel
     drops their pages and the host every ephemeral page: not one block may fail its checksum."""
     m = precache()
-    job = ["--name=pc", f"--directory={m.mountpoint}", "--nrfiles=4", "--size=192M", "--bs=16k",
-           "--verify=crc32c", "--verify_fatal=1", "--ioengine=psync", "--randrepeat=1",
-           "--do_verify=1", "--group_reporting", "--output-format=terse"]  # fmt: skip
+    job = [
+        "--name=pc",
+        f"--directory={m.mountpoint}",
+        "--nrfiles=4",
+        "--size=192M",
+        "--bs=16k",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--ioengine=psync",
+        "--randrepeat=1",
+        "--do_verify=1",
+        "--group_reporting",
+        "--output-format=terse",
+    ]
     fio = _tool("fio")
-    subprocess.run([fio, *job, "--rw=randwrite", "--verify_backlog=256"], check=True,
-                   capture_output=True, timeout=600)  # write, verifying as it goes  # fmt: skip
+    subprocess.run(
+        [fio, *job, "--rw=randwrite", "--verify_backlog=256"], check=True, capture_output=True, timeout=600
+    )  # write, verifying as it goes
     with Pressure(m, host_agent):
         for _ in range(2):
-            res = subprocess.run([fio, *job, "--rw=read", "--verify_only"], capture_output=True,
-                                 text=True, timeout=600)  # fmt: skip
+            res = subprocess.run(
+                [fio, *job, "--rw=read", "--verify_only"], capture_output=True, text=True, timeout=600
+            )
             assert res.returncode == 0, f"fio verify failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
     s = m.stats()
     assert s["hits"] > 1000 and s["bytes_from_disk"] > 0, s
@@ -134,20 +110,20 @@ def test_fio_verify_crc32c_while_the_host_drops_every_page(
 
 PROGRAM = {
     "Makefile": "CFLAGS = -O2 -g -ffile-prefix-map=$(CURDIR)=.\n"
-                "objs = main.o util.o table.o\n"
-                "prog: $(objs)\n\t$(CC) -o $@ $(objs)\n"
-                "$(objs): util.h\n"
-                "table.c: gen.sh\n\tsh gen.sh > $@\n",
+    "objs = main.o util.o table.o\n"
+    "prog: $(objs)\n\t$(CC) -o $@ $(objs)\n"
+    "$(objs): util.h\n"
+    "table.c: gen.sh\n\tsh gen.sh > $@\n",
     "util.h": "#include <stddef.h>\nunsigned long checksum(const unsigned char *p, size_t n);\n"
-              "extern const unsigned table[256];\n",
+    "extern const unsigned table[256];\n",
     "util.c": '#include "util.h"\nunsigned long checksum(const unsigned char *p, size_t n)\n'
-              "{ unsigned long h = 5381; while (n--) h = h * 33 + table[*p++]; return h; }\n",
+    "{ unsigned long h = 5381; while (n--) h = h * 33 + table[*p++]; return h; }\n",
     "main.c": '#include <stdio.h>\n#include <string.h>\n#include "util.h"\n'
-              'int main(int argc, char **argv) { const char *s = argc > 1 ? argv[1] : "tmem";\n'
-              '  printf("%lu\\n", checksum((const unsigned char *)s, strlen(s))); return 0; }\n',
+    'int main(int argc, char **argv) { const char *s = argc > 1 ? argv[1] : "tmem";\n'
+    '  printf("%lu\\n", checksum((const unsigned char *)s, strlen(s))); return 0; }\n',
     "gen.sh": "echo 'const unsigned table[256] = {'\n"
-              "i=0; while [ $i -lt 256 ]; do echo \"$(( (i * 2654435761) % 4294967291 ))u,\"; "
-              "i=$((i+1)); done\necho '};'\n",
+    'i=0; while [ $i -lt 256 ]; do echo "$(( (i * 2654435761) % 4294967291 ))u,"; '
+    "i=$((i+1)); done\necho '};'\n",
 }
 
 
@@ -173,14 +149,24 @@ def test_a_c_build_inside_the_mount_gives_the_objects_it_gives_outside(
     with Pressure(m, host_agent):
         inside = _build(m.mountpoint / "proj")
         m.evict()  # the objects as the pool has them: a build re-reads what it wrote
-        again = {name: hashlib.sha256((m.mountpoint / "proj" / name).read_bytes()).hexdigest()
-                 for name in inside}  # fmt: skip
+        again = {
+            name: hashlib.sha256((m.mountpoint / "proj" / name).read_bytes()).hexdigest() for name in inside
+        }
     assert set(inside) >= {"main.o", "util.o", "table.o", "prog"}, inside
     assert inside == outside and again == outside
-    out = subprocess.run([str(m.mountpoint / "proj" / "prog"), "precache"], capture_output=True,
-                         text=True, check=True, timeout=10)  # exec from the mount  # fmt: skip
-    assert out.stdout == subprocess.run([str(tmp_path / "proj" / "prog"), "precache"],
-                                        capture_output=True, text=True, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [str(m.mountpoint / "proj" / "prog"), "precache"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=10,
+    )  # exec from the mount
+    assert (
+        out.stdout
+        == subprocess.run(
+            [str(tmp_path / "proj" / "prog"), "precache"], capture_output=True, text=True, check=True
+        ).stdout
+    )
     assert m.stats()["written_puts"] > 0
 
 
@@ -196,18 +182,34 @@ def test_git_clone_checkout_and_fsck_in_the_mount(
     git = ["git", "-c", "safe.directory=*", "-c", "core.fsyncMethod=batch"]
     dest = m.mountpoint / "clone"
     with Pressure(m, host_agent):
-        subprocess.run([*git, "clone", "-q", "--no-local", str(src), str(dest)], check=True,
-                       capture_output=True, timeout=300)  # fmt: skip
-        revs = subprocess.run([*git, "-C", str(dest), "rev-list", "--max-count=20", "HEAD"], check=True,
-                              capture_output=True, text=True, timeout=60).stdout.split()  # fmt: skip
+        subprocess.run(
+            [*git, "clone", "-q", "--no-local", str(src), str(dest)],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+        revs = subprocess.run(
+            [*git, "-C", str(dest), "rev-list", "--max-count=20", "HEAD"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.split()
         for rev in (revs[-1], revs[len(revs) // 2], revs[0]):
-            subprocess.run([*git, "-C", str(dest), "checkout", "-q", rev], check=True,
-                           capture_output=True, timeout=120)  # fmt: skip
-            status = subprocess.run([*git, "-C", str(dest), "status", "--porcelain"], check=True,
-                                    capture_output=True, text=True, timeout=120).stdout  # fmt: skip
+            subprocess.run(
+                [*git, "-C", str(dest), "checkout", "-q", rev], check=True, capture_output=True, timeout=120
+            )
+            status = subprocess.run(
+                [*git, "-C", str(dest), "status", "--porcelain"],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            ).stdout
             assert status == "", status
-        fsck = subprocess.run([*git, "-C", str(dest), "fsck", "--full", "--strict"], capture_output=True,
-                              text=True, timeout=300)  # fmt: skip
+        fsck = subprocess.run(
+            [*git, "-C", str(dest), "fsck", "--full", "--strict"], capture_output=True, text=True, timeout=300
+        )
     assert fsck.returncode == 0, fsck.stderr
     assert m.stats()["hits"] > 0
 
@@ -220,14 +222,32 @@ def test_the_mount_may_cover_its_own_backing_tree_and_code(
     would read source lines) still answers, and when it is killed the tree underneath is usable at
     once (auto_unmount)."""
     tree = tmp_path / "tree"
-    shutil.copytree(Path(__file__).resolve().parent.parent / "guestagent", tree / "guestagent",
-                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    shutil.copytree(
+        Path(__file__).resolve().parent.parent / "guestagent",
+        tree / "guestagent",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
     (tree / "data").write_bytes(os.urandom(300_000))
     env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1"}
     log = (tmp_path / "shim.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "guestagent.precache", str(tree), str(tree),
-                             "--channel", host_agent.sockets["g1"], "--log-level", "INFO"],
-                            cwd="/", env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "guestagent.precache",
+            str(tree),
+            str(tree),
+            "--channel",
+            host_agent.sockets["g1"],
+            "--log-level",
+            "INFO",
+        ],
+        cwd="/",
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
+    )
     try:
         deadline = time.monotonic() + 15
         while not os.path.ismount(tree):

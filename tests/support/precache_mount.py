@@ -27,8 +27,9 @@ MOUNT_TIMEOUT = 15.0
 class PrecacheMount:
     """One `python -m guestagent.precache` process and its mount point."""
 
-    def __init__(self, backing: Path, mountpoint: Path, channel: str, log: Path,
-                 allow_other: bool = False) -> None:
+    def __init__(
+        self, backing: Path, mountpoint: Path, channel: str, log: Path, allow_other: bool = False
+    ) -> None:
         self.allow_other = allow_other
         self.backing = backing
         self.mountpoint = mountpoint
@@ -39,10 +40,21 @@ class PrecacheMount:
     def start(self, *, connected: bool = True) -> None:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "guestagent.precache", str(self.backing), str(self.mountpoint),
-                 "--channel", self.channel, "--log-level", "INFO",
-                 *(["--allow-other"] if self.allow_other else [])],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                [
+                    sys.executable,
+                    "-m",
+                    "guestagent.precache",
+                    str(self.backing),
+                    str(self.mountpoint),
+                    "--channel",
+                    self.channel,
+                    "--log-level",
+                    "INFO",
+                    *(["--allow-other"] if self.allow_other else []),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
             )
 
         def mounted() -> bool:
@@ -85,8 +97,9 @@ class PrecacheMount:
 
 
 @pytest.fixture
-def precache(host_agent: HostAgentProcess, request: pytest.FixtureRequest
-             ) -> Iterator[Callable[..., PrecacheMount]]:  # fmt: skip
+def precache(
+    host_agent: HostAgentProcess, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., PrecacheMount]]:
     """A factory: precache(populate=None) mounts a fresh backing dir as guest g1."""
     work = Path(tempfile.mkdtemp(prefix="tmem-pc", dir="/tmp"))
     mounts: list[PrecacheMount] = []
@@ -98,8 +111,9 @@ def precache(host_agent: HostAgentProcess, request: pytest.FixtureRequest
         mountpoint.mkdir()
         if populate is not None:
             populate(backing)
-        m = PrecacheMount(backing, mountpoint, host_agent.sockets["g1"], work / f"precache{n}.log",
-                          allow_other)
+        m = PrecacheMount(
+            backing, mountpoint, host_agent.sockets["g1"], work / f"precache{n}.log", allow_other
+        )
         mounts.append(m)
         m.start()
         return m
