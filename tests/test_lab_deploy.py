@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hostagent import attach, install
 from hostagent.domain import Guest, detect_virt_type, domain_xml
-from scripts import lab
+from scripts import build_image, lab
 from scripts.guest import Guest as LabGuest
 from scripts.wait import wait_until
 
@@ -129,10 +129,9 @@ def test_install_on_the_real_paths_is_idempotent(host: dict[str, Any]) -> None:
 
 def test_a_domain_defined_with_virsh_is_attached_live(host: dict[str, Any]) -> None:
     image = host["image"]
-    bi = sys.modules["build_image"]
     for sub in ("disks", "console"):
         (lab.STATE / sub).mkdir(exist_ok=True)
-    disk = bi.create_overlay(image.base, lab.STATE / "disks" / f"{NAME}.qcow2", force=True)
+    disk = build_image.create_overlay(image.base, lab.STATE / "disks" / f"{NAME}.qcow2", force=True)
     guest = Guest(
         name=NAME,
         memory_mib=512,
