@@ -33,7 +33,12 @@ WORKLOAD = [*PYTHON, "-m", "guestagent.preswap_workload"]
 @pytest.fixture(scope="module")
 def running() -> Iterator[dict[str, Any]]:
     lab.down()  # leftovers of an interrupted run (or of another lab test's lab)
-    spec = lab.Lab((lab.GuestSpec(name=NAME, memory_mib=MEMORY_MIB, max_memory_mib=MEMORY_MIB),), {})
+    # no pool-backed swap device: the guest's only swap is its file, so pswpin/pswpout are the file's
+    # traffic and the guest's persistent pages are the region's alone (tests/test_lab_swapdev.py
+    # covers the device)
+    spec = lab.Lab(
+        (lab.GuestSpec(name=NAME, memory_mib=MEMORY_MIB, max_memory_mib=MEMORY_MIB),), {"swap_mib": 0}
+    )
     with lab.lab_running(spec) as info:
         yield info
 
