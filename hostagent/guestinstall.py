@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 import time
 from importlib import metadata, resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -99,12 +100,19 @@ class GuestInstallError(Exception):
 
 
 def guest_files() -> dict[str, bytes]:
-    """The guestagent package's source files (no byte code, no build products), by name."""
-    root = resources.files("guestagent")
+    """The guestagent package's source files, subpackages included (no byte code, no build
+    products), by path relative to the package."""
     out: dict[str, bytes] = {}
-    for entry in sorted(root.iterdir(), key=lambda e: e.name):
-        if entry.is_file() and entry.name.endswith((".py", ".toml")):
-            out[entry.name] = entry.read_bytes()
+
+    def collect(folder: Traversable, prefix: str) -> None:
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+            if entry.is_dir() and entry.joinpath("__init__.py").is_file():
+                collect(entry, f"{prefix}{entry.name}/")
+            elif entry.is_file() and entry.name.endswith((".py", ".toml")):
+                out[prefix + entry.name] = entry.read_bytes()
+
+    root = resources.files("guestagent")
+    collect(root, "")
     if "__init__.py" not in out or "daemon.py" not in out:
         raise GuestInstallError(f"the guestagent package at {root} is incomplete")
     return out
@@ -149,6 +157,7 @@ def build_deb(output: Path) -> Path:
         pkg = root / SITE / "guestagent"
         pkg.mkdir(parents=True)
         for name, data in files.items():
+            (pkg / name).parent.mkdir(parents=True, exist_ok=True)
             (pkg / name).write_bytes(data)
         _write(root / "usr/bin/guestagent", WRAPPER, 0o755)
         _write(root / "lib/systemd/system" / UNIT_NAME, UNIT)

@@ -13,6 +13,8 @@ from pathlib import Path
 from hostagent import config as configmod
 from hostagent import install
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -100,3 +102,21 @@ def test_an_existing_configuration_is_not_ours_to_remove(tmp_path: Path) -> None
     assert mine.read_text().startswith("# the operator's")
     assert cli("uninstall", "--root", str(root)).returncode == 0
     assert tree(root) == ["etc", "etc/tmem", "etc/tmem/hostagent.toml"]
+
+
+def test_the_guest_deb_carries_every_guestagent_module(tmp_path: Path) -> None:
+    """The .deb holds the whole guestagent package, subpackages (protocol, channel) included: a
+    guest agent missing one cannot start."""
+    from hostagent import guestinstall
+
+    deb = guestinstall.build_deb(tmp_path)
+    listing = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True, check=True)
+    site = "./usr/lib/python3/dist-packages/guestagent/"
+    shipped = {line.split()[-1].removeprefix(site) for line in listing.stdout.splitlines()}
+    tree_files = {
+        str(p.relative_to(ROOT / "guestagent"))
+        for p in (ROOT / "guestagent").rglob("*")
+        if p.suffix in (".py", ".toml") and "__pycache__" not in p.parts
+    }
+    assert tree_files and tree_files <= shipped, sorted(tree_files - shipped)
+    assert {"protocol/wire.py", "channel/client.py"} <= shipped
