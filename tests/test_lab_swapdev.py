@@ -197,6 +197,9 @@ def test_save_and_restore_mid_swap_keeps_every_page(running: dict[str, Any]) -> 
 
 def test_oom_does_not_deadlock_the_swap_path(running: dict[str, Any]) -> None:
     GUEST.run("swapoff", "/swapfile")
+    # always overcommit: the kernel's heuristic refuses the hog's one allocation outright (larger
+    # than memory + swap) before any page is touched; the OOM killer must meet it mid-swap instead
+    GUEST.run("sysctl", "-q", "vm.overcommit_memory=1")
     try:
         pid = spawn_hog(MEMORY_MIB + SWAP_MIB + 128, 0, 5)
         rc, _, _ = lab.guest_wait(GUEST.domain(), pid, 1800, "swap_hog over memory + swap")
@@ -206,6 +209,7 @@ def test_oom_does_not_deadlock_the_swap_path(running: dict[str, Any]) -> None:
         result = hog(2 * MEMORY_MIB, 5000, 6)  # the swap path still completes
         assert result["bad_pages"] == 0
     finally:
+        GUEST.run("sysctl", "-q", "vm.overcommit_memory=0")
         GUEST.run("swapon", "/swapfile")
     print(f"\nswap device at OOM {used}; then hog {result}")
 
