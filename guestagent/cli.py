@@ -142,18 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
         "needs a port no daemon holds (or configure the mount in the daemon: [[precache]]).",
     )
     mnt.add_argument("backing", metavar="BACKING", help="the directory whose files the mount serves")
-    mnt.add_argument("mountpoint", metavar="MOUNTPOINT")
+    mnt.add_argument("mountpoint", metavar="MOUNTPOINT", help="may be BACKING itself (the mount covers it)")
     mnt.add_argument(
-        "--cache-pages",
-        type=int,
-        default=configmod.DEFAULT_CACHE_PAGES,
-        help=f"the shim's own cache at most, in 4 KiB pages (default: "
-        f"{configmod.DEFAULT_CACHE_PAGES}); it shrinks with MemAvailable",
-    )
-    mnt.add_argument(
-        "--kernel-cache",
+        "--no-auto-unmount",
         action="store_true",
-        help="no direct_io: the kernel page cache serves hot reads (the shim sees fewer)",
+        help="leave a dead mount behind if the shim dies (default: unmounted at once)",
     )
     mnt.add_argument(
         "--allow-other",
@@ -183,9 +176,6 @@ def _precache_mount(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if not 1 <= args.cache_pages <= configmod.MAX_CACHE_PAGES:
-        print(f"{PROG}: --cache-pages must be in 1..{configmod.MAX_CACHE_PAGES}", file=sys.stderr)
-        return 2
     spec = args.channel
     if spec is None:
         cfg = _load_config(args.config)
@@ -195,9 +185,8 @@ def _precache_mount(args: argparse.Namespace) -> int:
             args.backing,
             args.mountpoint,
             spec,
-            args.cache_pages,
-            direct_io=not args.kernel_cache,
             allow_other=args.allow_other,
+            auto_unmount=not args.no_auto_unmount,
         )
     except SystemExit as exc:  # precache.mount's refusals carry their message
         if isinstance(exc.code, str):

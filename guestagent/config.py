@@ -36,8 +36,6 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message names the offending key."""
 
 
-DEFAULT_CACHE_PAGES: Final = 16384  # 64 MiB: the shim's cache of the mount's file pages, at most
-MAX_CACHE_PAGES: Final = 1 << 28  # 1 TiB of pages: a bound that only catches typos
 DEFAULT_PRESWAP_SOCKET: Final = "/run/tmem/preswap.sock"
 DEFAULT_PRESWAP_SWAP_FILE: Final = "/var/lib/tmem/preswap.swap"
 DEFAULT_PRESWAP_BUDGET_MIB: Final = 4  # resident MiB per region that asks for no budget (1024 pages)
@@ -46,12 +44,10 @@ MAX_PRESWAP_MIB: Final = 1 << 30  # 1 PiB: a bound that only catches typos
 
 @dataclass(frozen=True, slots=True)
 class PrecacheMount:
-    """One `[[precache]]` table: a FUSE victim-cache mount the daemon serves (guestagent.precache)."""
+    """One `[[precache]]` table: a FUSE mount with tmem behind the page cache (guestagent.precache)."""
 
     backing: str  # the directory whose files the mount serves
-    mountpoint: str
-    cache_pages: int = DEFAULT_CACHE_PAGES  # the shim's own cache, at most (it also follows MemAvailable)
-    kernel_cache: bool = False  # no direct_io: the kernel page cache serves hot reads, the shim sees fewer
+    mountpoint: str  # may be `backing` itself: the mount covers the tree
     allow_other: bool = False  # every user may use the mount (with default_permissions); else root only
 
 
@@ -159,7 +155,9 @@ def _check(key: str, field: str, value: Any) -> Any:
     return value
 
 
-_PRECACHE_KEYS: Final = ("backing", "mountpoint", "cache_pages", "kernel_cache", "allow_other")
+_PRECACHE_KEYS: Final = ("backing", "mountpoint", "allow_other")
+# settings of the shim's own page cache, gone since the kernel's page cache is the first level
+_PRECACHE_GONE: Final = ("cache_pages", "kernel_cache")
 
 
 def _precache(tables: Any, base_dir: Path | None) -> tuple[PrecacheMount, ...]:
@@ -175,6 +173,11 @@ def _precache(tables: Any, base_dir: Path | None) -> tuple[PrecacheMount, ...]:
     for n, table in enumerate(tables):
         where = f"precache[{n}]"
         for key in table:
+            if key in _PRECACHE_GONE:
+                raise ConfigError(
+                    f"{where}.{key}: no longer a setting (the kernel's page cache is the "
+                    "first level, the pool the second: remove it)"
+                )
             if key not in _PRECACHE_KEYS:
                 raise ConfigError(f"{where}.{key}: unknown setting (known: {', '.join(_PRECACHE_KEYS)})")
         paths: dict[str, str] = {}
@@ -185,18 +188,8 @@ def _precache(tables: Any, base_dir: Path | None) -> tuple[PrecacheMount, ...]:
             if not isinstance(value, str) or not value:
                 raise ConfigError(f"{where}.{key}: expected a directory path, got {value!r}")
             paths[key] = os.path.normpath(base_dir / value if base_dir is not None else value)
-        if paths["backing"] == paths["mountpoint"]:
-            raise ConfigError(f"{where}: backing and mountpoint are the same directory {paths['backing']}")
-        pages = table.get("cache_pages", DEFAULT_CACHE_PAGES)
-        if isinstance(pages, bool) or not isinstance(pages, int) or not 1 <= pages <= MAX_CACHE_PAGES:
-            raise ConfigError(
-                f"{where}.cache_pages: expected a number of pages in 1..{MAX_CACHE_PAGES}, got {pages!r}"
-            )
-        kernel_cache = table.get("kernel_cache", False)
-        if not isinstance(kernel_cache, bool):
-            raise ConfigError(f"{where}.kernel_cache: expected true or false, got {kernel_cache!r}")
         allow_other = table.get("allow_other", False)
         if not isinstance(allow_other, bool):
             raise ConfigError(f"{where}.allow_other: expected true or false, got {allow_other!r}")
-        mounts.append(PrecacheMount(paths["backing"], paths["mountpoint"], pages, kernel_cache, allow_other))
+        mounts.append(PrecacheMount(paths["backing"], paths["mountpoint"], allow_other))
     return tuple(mounts)

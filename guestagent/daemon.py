@@ -310,23 +310,18 @@ class GuestAgent:
         for what, path in (("backing directory", mount.backing), ("mount point", mount.mountpoint)):
             if not os.path.isdir(path):
                 raise StartupError(f"precache: {what} {path} is not a directory")
-        fs = precache.PrecacheFS(mount.backing, mount.cache_pages, direct_io=not mount.kernel_cache)
+        fs = precache.PrecacheFS(mount.backing)  # opens the backing tree before the mount covers it
+        precache.stay_off(mount.mountpoint)
         try:
-            pyfuse3.init(fs, mount.mountpoint, precache.mount_options(mount.allow_other))
+            pyfuse3.init(fs, mount.mountpoint, precache.mount_options(mount.allow_other, auto_unmount=True))
         except RuntimeError as exc:  # pyfuse3 says "fuse_session_mount failed" and libfuse logs why
+            fs.close()
             raise StartupError(f"precache: cannot mount {mount.mountpoint}: {exc}") from None
-        log.info(
-            "precache: %s mounted at %s (cache %d pages%s)",
-            mount.backing,
-            mount.mountpoint,
-            mount.cache_pages,
-            ", kernel cache" if mount.kernel_cache else "",
-        )
+        log.info("precache: %s mounted at %s", mount.backing, mount.mountpoint)
         self.precache = fs
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._attach_precache, fs)
-                nursery.start_soon(precache._follow_memory, fs, self.proc_dir)
                 task_status.started()
                 await pyfuse3.main()  # returns when unmounted from outside (fusermount3 -u)
                 log.warning("precache: %s was unmounted", mount.mountpoint)
@@ -334,6 +329,7 @@ class GuestAgent:
         finally:
             self.precache = None
             pyfuse3.close(unmount=True)
+            fs.close()
             log.info("precache: %s unmounted", mount.mountpoint)
 
     async def _attach_precache(self, fs: PrecacheFS) -> None:
@@ -373,7 +369,6 @@ class GuestAgent:
             "mounted": fs is not None,
         }
         if fs is not None:
-            fs.counters.cached_pages = len(fs.cache)
             ch = self.channel
             fs.counters.connected = fs.pool is not None and ch is not None and ch.connected
             out.update(dataclasses.asdict(fs.counters))

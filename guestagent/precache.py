@@ -1,29 +1,38 @@
-"""precache: a FUSE passthrough file system whose clean file pages have tmem as a victim cache.
+"""precache: a FUSE passthrough file system behind the guest's own page cache, with tmem second.
 
-`mount(backing, mountpoint, channel_spec, cache_pages)` serves BACKING at MOUNTPOINT with pyfuse3.
-One private ephemeral tmem pool per mount; the object id of a file is its identity on the backing
-file system (st_dev, st_ino and the inode generation, 3 x 64 bits), the index is its page number.
+`mount(backing, mountpoint, channel_spec)` serves BACKING at MOUNTPOINT with pyfuse3 (MOUNTPOINT
+may be BACKING itself: the shim serves the tree it covers).  One private ephemeral tmem pool per
+mount; the object id of a file is its identity on the backing file system (st_dev, st_ino and the
+inode generation, 3 x 64 bits), the index is its page number.
 
-The contract (DESIGN.md section 6):
+The contract (docs/precache.md):
 
-- The shim owns the guest-side cache of the mount's file pages (`PageCache`, at most
-  `cache_pages`).  Files are opened with FUSE `direct_io`, so the kernel page cache does not hold
-  them and every read reaches the shim: reads are served from its cache; on a miss it tries an
-  exclusive get from tmem, then reads the backing file.  Every page it evicts (all its pages are
-  clean) is put to tmem, fire-and-forget.
-- write, truncate (setattr or O_TRUNC at open), unlink and rename-over drop the object's cached
-  pages and flush the object from tmem.  A file whose mtime, ctime or size differ at open from what
-  the shim last saw was changed behind the mount: its object is flushed as well.
-- Invalidation happens after the backing write completed, and a read only caches what it fetched
-  if no invalidation happened meanwhile (the object's epoch), so no stale page survives a write.
-  Puts and flushes travel on one channel in order, so a put queued before a flush is flushed.
+- The kernel's page cache is the first level: files are opened without direct_io, with `keep_cache`
+  when the file did not change since the shim last saw it, so hot reads, mmap (shared and private)
+  and exec never reach the shim, and the cache grows and shrinks with the guest's memory.
+- tmem is an inclusive second level.  FUSE says nothing when the kernel drops a page, so every
+  page the shim reads from the backing file is also put to the pool (fire-and-forget); a read that
+  reaches the shim (the kernel dropped the page, or never had it) tries the pool first, and a hit
+  (an exclusive get) is put back, so the pool keeps holding what the kernel may drop again.
+  Pages a write fully determines are put after the backing write (a build re-reads what it wrote).
+- write, truncate (setattr or O_TRUNC at open), unlink and rename-over drop the object's pages in
+  the pool before the operation is answered.  A file whose mtime, ctime or size differ from what
+  the shim last saw (at open, and at every read that reaches the shim) was changed behind the
+  mount: its pages in the pool are flushed, and at open the kernel is told to drop its own.
+- A read only puts what it fetched if no invalidation happened meanwhile (the object's epoch);
+  writes and truncates of one file are applied one at a time (the object's lock), so the pool
+  receives their pages in the order the file did.  Puts and flushes travel on one channel in
+  order, so a put queued before a flush is flushed.
+- The backing tree is reached through an O_PATH descriptor opened before mounting
+  (`/proc/self/fd/N/...`), so the shim never reads through its own mount, even when it covers it.
 - The trio thread never waits for the disk (every backing syscall runs in `trio.to_thread`) nor for
   long on the channel (a get has a deadline and counts as a miss).  Without a host agent (not yet
   connected, or gone) gets miss and puts are dropped: reads come from the backing file.
 
 Counters (`Counters`) are readable as JSON from the mount root's extended attribute
-`user.tmem.precache.stats`.  Writing the attribute `user.tmem.precache.evict` evicts the whole
-shim cache to tmem, `user.tmem.precache.discard` forgets it without puts (test and benchmark hooks).
+`user.tmem.precache.stats`.  Writing the attribute `user.tmem.precache.evict` tells the kernel to
+drop its cached pages of every file the shim knows (a test and benchmark hook: memory pressure on
+demand).
 
 Works with pyfuse3 3.2 (Debian bookworm) to 3.4 and trio 0.22 onwards.
 """
@@ -52,30 +61,21 @@ import pyfuse3
 import trio
 
 from guestagent.channel import Channel, ChannelError, PoolHandle, open_channel
-from guestagent.pagecache import PageCache
 from guestagent.protocol import wire
-from guestagent.reporter import parse_meminfo
 
-__all__ = ["Counters", "PrecacheFS", "cache_target", "main", "mount", "mount_options", "serve"]
+__all__ = ["Counters", "PrecacheFS", "main", "mount", "mount_options", "serve", "written_pages"]
 
 log = logging.getLogger(__name__)
 
 PAGE: Final = wire.PAGE_SIZE
 STATS_XATTR: Final = b"user.tmem.precache.stats"
 EVICT_XATTR: Final = b"user.tmem.precache.evict"
-DISCARD_XATTR: Final = b"user.tmem.precache.discard"
 GET_TIMEOUT: Final = 1.0  # a host that does not answer a get within this is a miss
 ATTR_TIMEOUT: Final = 1.0
 _FS_IOC_GETVERSION: Final = 0x80087601  # _IOR('v', 1, long)
 REPORT_INTERVAL: Final = 2.0  # seconds between STATS reports on a channel of the mount's own
-MEMORY_INTERVAL: Final = 1.0  # seconds between looks at MemAvailable
-MEMORY_RESERVE: Final = 64 << 20  # bytes the cache leaves to the rest of the guest
-MIN_CACHE_PAGES: Final = 64
-READ_AHEAD_PAGES: Final = 32
 FORGOTTEN_OBJECTS: Final = 4096  # files the kernel forgot whose pages the shim still tracks
 PARTIAL_FLUSH_PAGES: Final = 64  # a write over more pages than this flushes the whole object
-SHED_BATCH: Final = 512  # pages evicted at once when the cache shrinks (the channel queues 2048 puts)
-_BARRIER_OID: Final = b"\xff" * 24  # no file's identity: a flush of it only waits for the host
 _ROOT: Final = int(pyfuse3.ROOT_INODE)
 _RWF_NOWAIT: Final = getattr(os, "RWF_NOWAIT", 8)
 _RENAME_NOREPLACE: Final = 1
@@ -90,22 +90,21 @@ T = TypeVar("T")
 
 @dataclass
 class Counters:
-    """What the shim did; `gets` counts pages asked of tmem (each a hit or a miss)."""
+    """What the shim did; `gets` counts pages asked of tmem (each a hit or a miss).  Only reads the
+    kernel's page cache could not serve reach the shim, so `reads` counts the guest's page-ins."""
 
     reads: int = 0
-    cache_hits: int = 0  # pages served from the shim's own cache
-    read_ahead: int = 0  # pages fetched beyond a sequential read
     gets: int = 0
     hits: int = 0
     misses: int = 0
-    puts: int = 0
+    puts: int = 0  # pages read from the disk or written, put to the pool
+    put_backs: int = 0  # pool hits put back (exclusive gets: the pool keeps what it served)
+    written_puts: int = 0  # pages a write determined, put after the backing write
     flushes: int = 0
-    evictions: int = 0
     bytes_from_tmem: int = 0
     bytes_from_disk: int = 0
-    cached_pages: int = 0
-    cache_limit: int = 0  # pages: the configured maximum, lowered while memory is short
-    objects: int = 0  # files the shim keeps state for (open, looked up, or pages cached or in tmem)
+    changed_behind: int = 0  # files seen changed behind the mount (at open or read)
+    objects: int = 0  # files the shim keeps state for (open, looked up, or pages in tmem)
     connected: bool = False
 
 
@@ -119,6 +118,7 @@ class _Object:
     epoch: int = 0  # bumped by every invalidation: a read fetched under an older one is stale
     in_tmem: bool = False  # pages may have been put since the last flush
     opens: int = 0
+    lock: trio.Lock = field(default_factory=trio.Lock)  # writes and truncates, one at a time
 
 
 @dataclass
@@ -128,13 +128,6 @@ class _Node:
     key: tuple[int, int]
     paths: set[str] = field(default_factory=set)
     lookups: int = 0
-
-
-def cache_target(max_pages: int, cached_pages: int, mem_available: int, reserve: int = MEMORY_RESERVE) -> int:
-    """How many pages the shim's cache may hold: at most half of what the guest would have available
-    without the cache, beyond a reserve; never above the configured maximum, nor below a floor."""
-    without = mem_available + cached_pages * PAGE - reserve
-    return max(min(MIN_CACHE_PAGES, max_pages), min(max_pages, without // 2 // PAGE))
 
 
 def _page_length(size: int, index: int) -> int:
@@ -176,31 +169,28 @@ def _pread_all(fd: int, size: int, offset: int) -> bytes:
     return b"".join(chunks)
 
 
-def _pread_nowait(fd: int, size: int, offset: int) -> bytes:
-    """What the backing file's page cache holds of the range right now, without waiting for the
-    disk (RWF_NOWAIT): a cached page costs no thread hop.  May be short, or empty."""
-    buf = bytearray(size)
-    try:
-        n = os.preadv(fd, [buf], offset, _RWF_NOWAIT)
-    except OSError:  # EAGAIN: not cached; EOPNOTSUPP: the file system cannot tell
-        return b""
-    return bytes(memoryview(buf)[:n]) if n < size else bytes(buf)
+def written_pages(off: int, buf: bytes, size: int) -> tuple[dict[int, bytes], set[int]]:
+    """What a write of `buf` at `off` leaves the file of `size` bytes: the pages it fully
+    determines (their bytes, zero-padded past the end) and the pages it changed only in part."""
+    if not buf:
+        return {}, set()
+    end = off + len(buf)
+    known: dict[int, bytes] = {}
+    partial: set[int] = set()
+    for index in range(off // PAGE, (end - 1) // PAGE + 1):
+        lo, hi = index * PAGE, min((index + 1) * PAGE, size)
+        if off <= lo and end >= hi and hi > lo:
+            known[index] = buf[lo - off : hi - off].ljust(PAGE, b"\0")
+        else:
+            partial.add(index)
+    return known, partial
 
 
 def _pread_uncached(fd: int, size: int, offset: int) -> bytes:
-    """Read from the disk and drop what the kernel page cache kept of it: the shim's cache is the
-    guest's copy of these pages, a second one in the page cache would only compete with it."""
+    """Read from the backing file and drop what its page cache kept of the range: the page is now
+    in the mount's page cache (and the pool), a second copy in the guest would only compete."""
     data = _pread_all(fd, size, offset)
     os.posix_fadvise(fd, offset, len(data), os.POSIX_FADV_DONTNEED)
-    return data
-
-
-async def _pread(fd: int, size: int, offset: int) -> bytes:
-    """Read `size` bytes (fewer at EOF): from the page cache in place if it has them (a page just
-    written, or read by a process outside the mount), else from the disk in a worker thread."""
-    data = _pread_nowait(fd, size, offset)
-    if len(data) < size:
-        data += await _io(_pread_uncached, fd, size - len(data), offset + len(data))
     return data
 
 
@@ -328,21 +318,20 @@ def _answering_eio(op: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class PrecacheFS(pyfuse3.Operations):
-    """The passthrough operations with the victim cache; see the module docstring."""
+    """The passthrough operations with tmem behind the kernel's page cache; see the module docstring."""
 
     enable_writeback_cache = False
 
-    def __init__(self, backing: str, cache_pages: int, *, direct_io: bool = True) -> None:
+    def __init__(self, backing: str) -> None:
         super().__init__()
         for name in _OPERATIONS:  # pyfuse3 looks the operations up on the instance
             setattr(self, name, _answering_eio(getattr(self, name)))
-        self.backing = os.path.abspath(backing)
-        self.direct_io = direct_io
+        # The backing tree through a descriptor opened now, before the mount may cover it: every
+        # path below starts at /proc/self/fd/N, which resolves to the tree itself, not the mount.
+        self._root_fd = os.open(os.path.abspath(backing), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.backing = f"/proc/self/fd/{self._root_fd}/."  # "/.": the tree, not the magic link
         self.pool: PoolHandle | None = None
         self.counters = Counters()
-        self.cache = PageCache(cache_pages, self._evicted)
-        self.max_pages = cache_pages
-        self.counters.cache_limit = cache_pages
         root = os.lstat(self.backing)
         rkey = (root.st_dev, root.st_ino)
         self._nodes: dict[int, _Node] = {_ROOT: _Node(rkey, {self.backing}, 1)}
@@ -350,40 +339,44 @@ class PrecacheFS(pyfuse3.Operations):
         self._next_ino = _ROOT + 1
         self._objects: dict[tuple[int, int], _Object] = {}
         # objects of files the kernel forgot, oldest first: kept (bounded) so that their pages in
-        # the cache and tmem stay usable and a change behind the mount is still seen at open
+        # tmem stay usable and a change behind the mount is still seen at open
         self._forgotten: OrderedDict[tuple[int, int], None] = OrderedDict()
         self._files: dict[int, tuple[int, _Object]] = {}  # fh (= backing fd) -> (fd, object)
-        self._next_off: dict[int, int] = {}  # fh -> where a sequential reader reads next
         self._dirs: dict[int, tuple[int, list[tuple[bytes, os.stat_result]] | None]] = {}
         self._next_dh = 1
 
+    def close(self) -> None:
+        """Close the descriptor of the backing tree (after unmounting)."""
+        with contextlib.suppress(OSError):
+            os.close(self._root_fd)
+
     # ----------------------------------------------------------------- tmem
 
-    def _evicted(self, oid: bytes, index: int, page: bytes) -> None:
+    def _put_many(self, obj: _Object, pages: Sequence[tuple[int, bytes]]) -> bool:
+        """Queue fire-and-forget puts of many pages of one object in PUT_VEC frames."""
         pool = self.pool
-        self.counters.evictions += 1
-        if pool is None:
-            return
+        if pool is None or not pages:
+            return False
         try:
-            pool.put_nowait(oid, index, page if len(page) == PAGE else page.ljust(PAGE, b"\0"))
+            pool.put_many_nowait(
+                [
+                    (obj.oid, index, page if len(page) == PAGE else page.ljust(PAGE, b"\0"))
+                    for index, page in pages
+                ]
+            )
         except ChannelError:
-            return
-        self.counters.puts += 1
-        obj = self._objects.get((int.from_bytes(oid[:8], "little"), int.from_bytes(oid[8:16], "little")))
-        if obj is not None:
-            obj.in_tmem = True
+            return False
+        obj.in_tmem = True
+        return True
 
     async def _invalidate(self, obj: _Object, indexes: Collection[int] | None = None) -> None:
-        """Drop the object's pages (only `indexes`, if given) here and in tmem; reads in flight
-        will not cache theirs.  Everything up to the first await happens at once, so no read can
-        slip between the change and the drop."""
+        """Drop the object's pages (only `indexes`, if given) in tmem, and wait until the host did;
+        reads in flight will not put theirs.  The epoch is bumped before the first await, so no
+        read can slip between the change and the drop."""
         obj.epoch += 1
-        if indexes is None or len(indexes) > PARTIAL_FLUSH_PAGES:
-            self.cache.drop_object(obj.oid)
+        if indexes is not None and len(indexes) > PARTIAL_FLUSH_PAGES:
             indexes = None
-        elif indexes:
-            self.cache.drop_pages(obj.oid, indexes)
-        else:
+        if indexes is not None and not indexes:
             return
         if not obj.in_tmem:
             return
@@ -433,9 +426,7 @@ class PrecacheFS(pyfuse3.Operations):
         obj = self._objects.get(key)
         if obj is None or (generation is not None and obj.oid[16:] != generation.to_bytes(8, "little")):
             oid = struct.pack("<QQQ", st.st_dev, st.st_ino, generation or 0)
-            if obj is not None:  # same inode number, new file: nothing of the old one may be served
-                self.cache.drop_object(obj.oid)
-            obj = _Object(oid, None, st.st_size)
+            obj = _Object(oid, None, st.st_size)  # same inode number, new file: a new object
             self._objects[key] = obj
         self._forgotten.pop(key, None)  # known to the kernel again
         return obj
@@ -514,7 +505,7 @@ class PrecacheFS(pyfuse3.Operations):
                 obj = self._objects.get(node.key)
                 if obj is None or obj.opens:
                     continue
-                if not obj.in_tmem and not self.cache.holds(obj.oid):
+                if not obj.in_tmem:
                     del self._objects[node.key]
                     self._forgotten.pop(node.key, None)
                 else:
@@ -570,16 +561,24 @@ class PrecacheFS(pyfuse3.Operations):
                 )
             return before, os.lstat(path)
 
-        before, st = await _io(apply)
-        obj = self._objects.get((st.st_dev, st.st_ino))
-        if fields.update_size and obj is not None:
+        if not fields.update_size:
+            before, st = await _io(apply)
+            self._sync(before, st)
+            return self._entry(inode, st)
+        known = await _io(os.lstat, path)
+        obj = self._objects.get((known.st_dev, known.st_ino))
+        if obj is None:
+            before, st = await _io(apply)
+            obj = self._objects.get((st.st_dev, st.st_ino))
+            if obj is None:
+                return self._entry(inode, st)
+        async with obj.lock:  # ordered with the file's writes
+            before, st = await _io(apply)
             # the new size at once (reads cut their pages by it), then nothing of the old content
             # is kept: the file is known as it is now
             obj.size = st.st_size
             obj.seen = _seen(st)
             await self._invalidate(obj)
-            return self._entry(inode, st)
-        self._sync(before, st)
         return self._entry(inode, st)
 
     async def readlink(self, inode: int, ctx: Any = None) -> pyfuse3.FileNameT:
@@ -707,96 +706,102 @@ class PrecacheFS(pyfuse3.Operations):
 
     # ----------------------------------------------------------------- files
 
-    async def _opened(self, fd: int, st: os.stat_result, generation: int, trunc: bool) -> pyfuse3.FileInfo:
+    async def _opened(
+        self, inode: int, fd: int, st: os.stat_result, generation: int, trunc: bool
+    ) -> pyfuse3.FileInfo:
         obj = self._object(st, generation)
-        changed = obj.seen != _seen(st) if obj.seen is not None else self.cache.holds(obj.oid) or obj.in_tmem
-        obj.seen = _seen(st)
-        if trunc or changed or obj.size != st.st_size:
+        async with obj.lock:
+            # known: the kernel's cached pages (if any) are the file's.  Not known (first sight
+            # in this shim): the kernel may hold pages of an earlier life of the file; drop them.
+            unchanged = obj.seen is not None and obj.seen == _seen(st) and obj.size == st.st_size
+            changed_behind = not unchanged and obj.seen is not None
+            if changed_behind:
+                self.counters.changed_behind += 1
+            obj.seen = _seen(st)
             obj.size = st.st_size  # before any await: a read in between cuts pages by it
-            await self._invalidate(obj)
+            if trunc or not unchanged:
+                await self._invalidate(obj)
         obj.opens += 1
         self._files[fd] = (fd, obj)
+        if changed_behind and inode != _ROOT:
+            # its size and times too: the kernel keeps them for ATTR_TIMEOUT otherwise
+            await _inval_attrs(inode)
         fh = cast("pyfuse3.FileHandleT", fd)
-        return pyfuse3.FileInfo(fh=fh, direct_io=self.direct_io, keep_cache=False)
+        return pyfuse3.FileInfo(fh=fh, direct_io=False, keep_cache=unchanged and not trunc)
 
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         path = self._path(inode)
         fd, st, gen = await _io(_open_stat, path, flags & ~(os.O_CREAT | _BACKING_DROPS), 0)
-        return await self._opened(fd, st, gen, bool(flags & os.O_TRUNC))
+        return await self._opened(inode, fd, st, gen, bool(flags & os.O_TRUNC))
 
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         path = self._child(parent_inode, name)
         fd, st, gen = await _io(_create_stat, path, flags & ~_BACKING_DROPS, mode, ctx)
-        info = await self._opened(fd, st, gen, True)  # new, or truncated, or as we saw it
-        return info, self._remember(path, st)
+        entry = self._remember(path, st)
+        info = await self._opened(int(entry.st_ino), fd, st, gen, True)  # new, truncated, or as seen
+        return info, entry
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:  # noqa: C901 (cache, tmem, backing file, in order)
+    async def _check_behind(self, fd: int, obj: _Object) -> None:
+        """A file changed behind the mount while open (its stat differs from what the shim knows):
+        nothing of it in the pool may be served.  fstat of an open file needs no disk."""
+        st = os.fstat(fd)
+        if obj.seen is not None and obj.seen == _seen(st) and obj.size == st.st_size:
+            return
+        async with obj.lock:  # a write of the shim's own in flight explains it: wait for it
+            st = os.fstat(fd)
+            if obj.seen is not None and obj.seen == _seen(st) and obj.size == st.st_size:
+                return
+            self.counters.changed_behind += 1
+            obj.seen = _seen(st)
+            obj.size = st.st_size
+            await self._invalidate(obj)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        """A page-in: the kernel's cache did not have these pages.  The pool first (a hit is put
+        back), then the backing file (what it gave is put), all in one pass over the range."""
         fd, obj = self._files[fh]
         c = self.counters
         c.reads += 1
-        sequential = self._next_off.get(fh) == off
-        self._next_off[fh] = off + size
+        await self._check_behind(fd, obj)
         # The file's size as the shim knows it now: a write or truncate may change obj.size while
         # this read waits on tmem or the disk, so every length below comes from this one value.
         known = obj.size
         end = min(off + size, known)
-        if off >= end:  # past what the shim knows of the file: ask the file itself, uncached
+        if off >= end:  # past what the shim knows of the file: ask the file itself
             data = await _io(_pread_all, fd, size, off)
             c.bytes_from_disk += len(data)
             return data
-        oid = obj.oid
         epoch = obj.epoch
         first, last = off // PAGE, (end - 1) // PAGE
+        indexes = list(range(first, last + 1))
         pages: dict[int, bytes] = {}
-        missing: list[int] = []
-        for index in range(first, last + 1):
-            page = self.cache.get(oid, index)
-            if page is None:
-                missing.append(index)
+        for index, got in zip(indexes, await self._tmem_get(obj.oid, indexes), strict=True):
+            if got is None:
+                c.misses += 1
             else:
-                pages[index] = page
-        c.cache_hits += len(pages)
-        if missing and sequential and missing[-1] == last:
-            # read-ahead: a sequential reader will want the next pages; one get and one backing
-            # read for all of them instead of a round trip each (never more than a quarter of
-            # the cache, so the pages asked for now are not pushed out by their successors)
-            window = min(READ_AHEAD_PAGES, self.cache.capacity // 4)
-            ahead = [
-                i
-                for i in range(last + 1, min(last + window, (known - 1) // PAGE) + 1)
-                if self.cache.get(oid, i) is None
-            ]
-            c.read_ahead += len(ahead)
-            missing.extend(ahead)
-        fetched: dict[int, bytes] = {}
-        if missing:
-            for index, got in zip(missing, await self._tmem_get(oid, missing), strict=True):
-                if got is None:
-                    c.misses += 1
-                else:
-                    c.hits += 1
-                    got = got[: _page_length(known, index)]
-                    c.bytes_from_tmem += len(got)
-                    fetched[index] = got
-            missing = [i for i in missing if i not in fetched]
+                c.hits += 1
+                got = got[: _page_length(known, index)]
+                c.bytes_from_tmem += len(got)
+                pages[index] = got
+        missing = [i for i in indexes if i not in pages]
+        disk: dict[int, bytes] = {}
         if missing:
             lo, hi = missing[0], missing[-1]
-            data = await _pread(fd, min((hi - lo + 1) * PAGE, known - lo * PAGE), lo * PAGE)
+            data = await _io(_pread_uncached, fd, min((hi - lo + 1) * PAGE, known - lo * PAGE), lo * PAGE)
             c.bytes_from_disk += len(data)
             for index in missing:
-                fetched[index] = data[(index - lo) * PAGE : (index - lo + 1) * PAGE]
+                disk[index] = data[(index - lo) * PAGE : (index - lo + 1) * PAGE]
         if obj.epoch == epoch:  # no change since `known`: what was fetched is the file's
-            # read-ahead pages first: the pages asked for now are the most recently used
-            for index in sorted(fetched, key=lambda i: i <= last):
-                page = fetched[index]
-                if len(page) == _page_length(known, index):  # else it changed behind us
-                    self.cache.insert(oid, index, page)
-        pages.update(fetched)
-        c.cached_pages = len(self.cache)
+            whole = [(i, p) for i, p in (*pages.items(), *disk.items()) if len(p) == _page_length(known, i)]
+            if self._put_many(obj, whole):  # one PUT_VEC for a read-ahead's pages
+                backs = sum(1 for i, _ in whole if i in pages)
+                c.put_backs += backs
+                c.puts += len(whole) - backs
+        pages.update(disk)
         parts = []
-        for index in range(first, last + 1):
+        for index in indexes:
             page = pages[index]
             parts.append(page)
             if len(page) < _page_length(known, index):  # shrunk meanwhile: a short read, no gap
@@ -809,21 +814,26 @@ class PrecacheFS(pyfuse3.Operations):
         return out
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        """Write through to the backing file; then the pool: pages the write changed in part are
+        flushed (before the write is answered), pages it fully determines are put (clean now)."""
         fd, obj = self._files[fh]
-        n, st = await _io(_pwrite_stat, fd, buf, off)
-        # The new size first, then the drop, with no await between: a read that starts after this
-        # sees the new length (before, one could cache the old last page cut to the old length).
-        old = obj.size
-        obj.seen = _seen(st)
-        obj.size = st.st_size
-        if st.st_size < old:  # a shrink not seen here (or replies out of order): all goes
-            await self._invalidate(obj)
+        async with obj.lock:  # writes of one file reach the pool in the order they reached it
+            n, st = await _io(_pwrite_stat, fd, buf, off)
+            # The new size first, then the drop, with no await between: a read that starts after
+            # this sees the new length (before, one could put the old last page cut to the old one).
+            old = obj.size
+            obj.seen = _seen(st)
+            obj.size = st.st_size
+            if st.st_size < old:  # a shrink not seen here (or replies out of order): all goes
+                await self._invalidate(obj)
+                return n
+            known, partial = written_pages(off, buf[:n], st.st_size)
+            if st.st_size != old and old % PAGE and old // PAGE not in known:
+                partial.add(old // PAGE)  # the old last page, cut to the old length, is longer now
+            await self._invalidate(obj, partial)  # only the pages this write changed in part
+            if self._put_many(obj, sorted(known.items())):  # a put replaces any older copy
+                self.counters.written_puts += len(known)
             return n
-        written = set(range(off // PAGE, (off + n - 1) // PAGE + 1)) if n else set()
-        if st.st_size != old and old % PAGE:
-            written.add(old // PAGE)  # the old last page, cut to the old length, is longer now
-        await self._invalidate(obj, written)  # only the pages this write changed
-        return n
 
     async def flush(self, fh: int) -> None:
         return None
@@ -834,7 +844,6 @@ class PrecacheFS(pyfuse3.Operations):
 
     async def release(self, fh: int) -> None:
         fd, obj = self._files.pop(fh)
-        self._next_off.pop(fh, None)
         obj.opens -= 1
         await _io(os.close, fd)
 
@@ -899,7 +908,6 @@ class PrecacheFS(pyfuse3.Operations):
 
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
         if inode == _ROOT and name == STATS_XATTR:
-            self.counters.cached_pages = len(self.cache)
             self.counters.objects = len(self._objects)
             self.counters.connected = self.pool is not None and self.pool._ch.connected
             return json.dumps(asdict(self.counters)).encode()
@@ -912,10 +920,7 @@ class PrecacheFS(pyfuse3.Operations):
 
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
         if inode == _ROOT and name == EVICT_XATTR:
-            await self.shed(0)
-            return
-        if inode == _ROOT and name == DISCARD_XATTR:
-            self.cache.discard_all()
+            await self.drop_kernel_cache()
             return
         path = self._path(inode)
 
@@ -944,37 +949,49 @@ class PrecacheFS(pyfuse3.Operations):
     def report_values(self) -> dict[str, int]:
         """The counters as STATS names (`precache_*`), for a report to the host."""
         c = self.counters
-        c.cached_pages = len(self.cache)
         c.objects = len(self._objects)
         return {f"precache_{k}": int(v) for k, v in asdict(c).items() if k != "connected"}
 
-    async def follow_memory(self, mem_available: int) -> None:
-        """Bound the cache by the guest's MemAvailable (bytes); what it sheds goes to tmem."""
-        target = cache_target(self.max_pages, len(self.cache), mem_available)
-        self.cache.capacity = target
-        self.counters.cache_limit = target
-        await self.shed(target)
+    async def drop_kernel_cache(self) -> None:
+        """Tell the kernel to drop its cached pages of every file it knows here (memory pressure
+        on demand, for tests and benchmarks).  In a worker thread: the kernel may wait for a read
+        of a page it is dropping, which this thread must stay free to answer."""
+        for ino in [i for i in self._nodes if i != _ROOT]:
+            with contextlib.suppress(OSError):
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, cast("pyfuse3.InodeT", ino), False)
 
-    async def shed(self, target: int) -> None:
-        """Evict down to `target` pages, in batches: fire-and-forget puts queue up on the channel
-        (past its limit they degrade to flushes), so after each batch an acknowledged request,
-        ordered behind the puts, waits until the host has taken them."""
-        while len(self.cache) > target:
-            self.cache.shrink(max(target, len(self.cache) - SHED_BATCH))
-            self.counters.cached_pages = len(self.cache)
-            pool = self.pool
-            if pool is not None:
-                with trio.move_on_after(GET_TIMEOUT), contextlib.suppress(ChannelError):
-                    await pool.flush_page(_BARRIER_OID, 0)
-            else:
-                await trio.lowlevel.checkpoint()
+
+async def _inval_attrs(inode: int) -> None:
+    """Make the kernel fetch the inode's attributes again (its size, its times) at the next use."""
+    with contextlib.suppress(OSError):
+        await trio.to_thread.run_sync(pyfuse3.invalidate_inode, cast("pyfuse3.InodeT", inode), True)
 
 
 # ------------------------------------------------------------------------------- running it
 
 
-def mount_options(allow_other: bool = False) -> set[str]:
-    """The FUSE mount options. Without allow_other only root (the shim's user) may use the mount,
+def stay_off(mountpoint: str) -> None:
+    """Keep this process from reading through `mountpoint` by itself: a traceback (an operation
+    that failed unexpectedly is logged with one) reads source lines, which for a mount over the
+    shim's own code (say /usr) would be a read of its own mount from the thread that serves it,
+    a deadlock.  Source lines of files under the mount are left out of tracebacks instead.  (The
+    backing tree itself is reached through the descriptor `PrecacheFS` opens before mounting.)"""
+    import linecache
+
+    prefix = os.path.realpath(mountpoint).rstrip("/") + "/"
+    previous = linecache.updatecache
+
+    def updatecache(filename: str, module_globals: Any = None) -> list[str]:
+        if os.path.abspath(filename).startswith(prefix):
+            return []
+        return previous(filename, module_globals)
+
+    linecache.updatecache = updatecache
+
+
+def mount_options(allow_other: bool = False, auto_unmount: bool = False) -> set[str]:
+    """The FUSE mount options. With auto_unmount, fusermount3 unmounts when the shim dies (the
+    tree underneath is usable again at once). Without allow_other only root may use the mount,
     and the backing file system's own checks, made as root, are all there is. allow_other lets
     every user in, so it always comes with default_permissions: the kernel then checks each access
     against the mode and owner the shim reports (the backing file's), as on the backing itself."""
@@ -983,6 +1000,8 @@ def mount_options(allow_other: bool = False) -> set[str]:
     options.discard("default_permissions")
     if allow_other:
         options |= {"allow_other", "default_permissions"}
+    if auto_unmount:
+        options.add("auto_unmount")
     return options
 
 
@@ -1012,19 +1031,6 @@ async def _connect(fs: PrecacheFS, channel_spec: str) -> None:
                 await ch.report_stats(fs.report_values())
 
 
-async def _follow_memory(fs: PrecacheFS, proc_dir: str) -> None:
-    while True:
-        try:
-            with open(os.path.join(proc_dir, "meminfo")) as f:  # procfs: no disk behind it
-                info = parse_meminfo(f.read())
-        except OSError as exc:
-            log.warning("precache: cannot read meminfo: %s", exc)
-            return
-        if "MemAvailable" in info:
-            await fs.follow_memory(info["MemAvailable"] * 1024)
-        await trio.sleep(MEMORY_INTERVAL)
-
-
 async def _stop_on_signals() -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for _ in signals:
@@ -1036,12 +1042,10 @@ async def serve(
     backing: str,
     mountpoint: str,
     channel_spec: str | None,
-    cache_pages: int,
     *,
-    direct_io: bool = True,
     allow_other: bool = False,
+    auto_unmount: bool = True,
     channel: Channel | None = None,
-    proc_dir: str = "/proc",
     signals: bool = True,
     task_status: trio.TaskStatus[PrecacheFS] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -1053,8 +1057,9 @@ async def serve(
     """
     if (channel is None) == (channel_spec is None):
         raise ValueError("give one of channel_spec and channel")
-    fs = PrecacheFS(backing, cache_pages, direct_io=direct_io)
-    pyfuse3.init(fs, mountpoint, mount_options(allow_other))
+    fs = PrecacheFS(backing)
+    stay_off(mountpoint)
+    pyfuse3.init(fs, mountpoint, mount_options(allow_other, auto_unmount))
     try:
         async with trio.open_nursery() as nursery:
             if channel is not None:
@@ -1064,40 +1069,24 @@ async def serve(
                 nursery.start_soon(_connect, fs, channel_spec)
             if signals:
                 nursery.start_soon(_stop_on_signals)
-            nursery.start_soon(_follow_memory, fs, proc_dir)
             task_status.started(fs)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
     finally:
         pyfuse3.close(unmount=True)
+        fs.close()
 
 
 def mount(
-    backing: str,
-    mountpoint: str,
-    channel_spec: str,
-    cache_pages: int,
-    *,
-    direct_io: bool = True,
-    allow_other: bool = False,
-    proc_dir: str = "/proc",
+    backing: str, mountpoint: str, channel_spec: str, *, allow_other: bool = False, auto_unmount: bool = True
 ) -> None:
     """Blocking entry point for `guestagent precache mount BACKING MOUNTPOINT`."""
     for what, path in (("backing directory", backing), ("mount point", mountpoint)):
         if not os.path.isdir(path):
             raise SystemExit(f"precache: {what} {path} is not a directory")
-    if cache_pages < 1:
-        raise SystemExit("precache: the cache needs at least one page")
     trio.run(
         functools.partial(
-            serve,
-            backing,
-            mountpoint,
-            channel_spec,
-            cache_pages,
-            direct_io=direct_io,
-            allow_other=allow_other,
-            proc_dir=proc_dir,
+            serve, backing, mountpoint, channel_spec, allow_other=allow_other, auto_unmount=auto_unmount
         )
     )
 
@@ -1105,20 +1094,18 @@ def mount(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m guestagent.precache", description=__doc__.split("\n")[0])
     parser.add_argument("backing")
-    parser.add_argument("mountpoint")
+    parser.add_argument("mountpoint", help="may be the backing directory itself: the mount covers it")
     parser.add_argument("--channel", required=True, help="virtio port name or unix socket path")
-    parser.add_argument("--cache-pages", type=int, default=16384)
-    parser.add_argument(
-        "--kernel-cache",
-        action="store_true",
-        help="no direct_io: the kernel page cache serves hot reads (the shim sees fewer)",
-    )
     parser.add_argument(
         "--allow-other",
         action="store_true",
         help="let every user use the mount, the kernel checking permissions",
     )
-    parser.add_argument("--proc-dir", default="/proc", help="where meminfo is read (tests use a fake one)")
+    parser.add_argument(
+        "--no-auto-unmount",
+        action="store_true",
+        help="leave a dead mount behind if the shim dies (default: fusermount3 unmounts it)",
+    )
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -1130,10 +1117,8 @@ def main(argv: list[str] | None = None) -> int:
         args.backing,
         args.mountpoint,
         args.channel,
-        args.cache_pages,
-        direct_io=not args.kernel_cache,
         allow_other=args.allow_other,
-        proc_dir=args.proc_dir,
+        auto_unmount=not args.no_auto_unmount,
     )
     return 0
 

@@ -118,18 +118,19 @@ GUEST_CMDLINE = "root=/dev/vda rw console=ttyS0"
 INSTALL_DIR = "/opt/tmem"
 
 # The guest agent's default configuration: a `scripts/lab up` guest serves a precache mount and preswap
-# with no further steps. The shim's cache is the guest's own copy of the mount's pages (it also
-# shrinks with MemAvailable): 8 MiB keeps a 512 MiB guest lean and leaves the rest to tmem.
+# with no further steps. The guest's own page cache holds the mount's hot pages, tmem the ones it drops.
+# The mount covers the build area itself (mountpoint = backing): if the daemon dies, fusermount3
+# unmounts it and the same paths reach the files underneath. /mnt/precache, where the mount used to
+# be, is a symlink to it.
 GUEST_CONFIG_PATH = "/etc/tmem/guestagent.toml"
 PRECACHE_BACKING = "/srv/precache"
-PRECACHE_MOUNTPOINT = "/mnt/precache"
-PRECACHE_CACHE_PAGES = 2048
+PRECACHE_MOUNTPOINT = PRECACHE_BACKING
+PRECACHE_ALIAS = "/mnt/precache"
 GUEST_CONFIG = f"""\
 # The lab image's default (scripts/build_image.py); keys: /opt/tmem/guestagent/guestagent.example.toml
 [[precache]]
 backing = "{PRECACHE_BACKING}"
 mountpoint = "{PRECACHE_MOUNTPOINT}"
-cache_pages = {PRECACHE_CACHE_PAGES}
 
 [preswap]
 enabled = true
@@ -514,6 +515,10 @@ class Build:
         # Its default configuration, checked by the guest agent's own parser, and what it needs.
         for d in (PRECACHE_BACKING, PRECACHE_MOUNTPOINT, PRESWAP_DIR):
             (r / d.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        alias = r / PRECACHE_ALIAS.lstrip("/")
+        alias.parent.mkdir(parents=True, exist_ok=True)
+        if not alias.is_symlink():
+            alias.symlink_to(PRECACHE_MOUNTPOINT)
         config = r / GUEST_CONFIG_PATH.lstrip("/")
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(GUEST_CONFIG)
@@ -656,7 +661,6 @@ class Build:
                 "path": GUEST_CONFIG_PATH,
                 "precache": PRECACHE_MOUNTPOINT,
                 "backing": PRECACHE_BACKING,
-                "cache_pages": PRECACHE_CACHE_PAGES,
                 "preswap": True,
             },
             "demo_project": {

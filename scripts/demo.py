@@ -26,7 +26,7 @@ from typing import Any
 from guestagent.protocol.jsonline import is_listening
 from hostagent import statsview
 from scripts import lab
-from scripts.guest import AGENT_CONFIG, Guest
+from scripts.guest import Guest
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_LAB = ROOT / "vmconfigs" / "demo.toml"
@@ -49,20 +49,6 @@ def _interrupt(signum: int, _frame: FrameType | None) -> None:
 
 
 # -- the guests ---------------------------------------------------------------------------------
-
-
-def set_cache_pages(guest: Guest, cache_pages: int) -> None:
-    """Give the image's precache mount a shim cache of `cache_pages` (the guest's own copy of the
-    mount's pages) and restart the guest agent with it."""
-    guest.wait_qemu_agent()
-    config = guest.read_agent_config()
-    lines = [
-        f"cache_pages = {cache_pages}" if line.startswith("cache_pages") else line
-        for line in config.splitlines()
-    ]
-    if lines == config.splitlines():
-        raise lab.LabError(f"{guest.name}: {AGENT_CONFIG} has no cache_pages to change:\n{config}")
-    guest.write_agent_config("\n".join(lines) + "\n")
 
 
 def tmem_ready(guest: Guest) -> bool:
@@ -423,10 +409,6 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
     say(f"starting the lab ({args.config}: {len(spec.guests)} guests)")
     lab.up(spec)
     doms = {g.name: Guest(g.name) for g in spec.guests}
-    if args.cache_pages is not None:
-        for name, guest in doms.items():
-            set_cache_pages(guest, args.cache_pages)
-            say(f"{name}: precache shim cache set to {args.cache_pages} pages")
     for name, guest in doms.items():
         wait_tmem_ready(guest)
         say(f"{name}: precache mount and preswap agent up")
@@ -473,12 +455,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--interval", type=float, default=5.0, help="seconds between stats screens")
     ap.add_argument("--keep", action="store_true", help="leave the lab running afterwards")
     ap.add_argument("--config", type=Path, default=DEFAULT_LAB, help="the lab description")
-    ap.add_argument(
-        "--cache-pages",
-        type=int,
-        default=0,
-        help="the guests' precache shim cache in pages (default 0: the image's own)",
-    )
     ap.add_argument("--preswap-pages", type=int, default=4096, help="the preswap user's region (pages)")
     ap.add_argument(
         "--preswap-budget",
@@ -502,7 +478,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.minutes <= 0 or args.interval <= 0:
         ap.error("--minutes and --interval must be positive")
-    args.cache_pages = args.cache_pages or None
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
     ok = False

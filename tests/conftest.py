@@ -43,6 +43,7 @@ TIERS: dict[str, str] = {
     "test_precache": "process",
     "test_precache_daemon": "process",
     "test_precache_races": "process",
+    "test_precache_stress": "process",
     "test_precache_users": "process",
     "test_precache_writes": "process",
     "test_hostile_guest": "process",

@@ -1,8 +1,8 @@
-"""precache: the FUSE victim cache, mounted for real (/dev/fuse) against a real host agent process.
+"""precache: tmem behind the kernel's page cache, mounted for real (/dev/fuse) against a real host agent.
 
 The mount runs as `python -m guestagent.precache` in a subprocess; its counters are read from the
-mount root's `user.tmem.precache.stats` extended attribute, and the test hooks `evict` (push the
-shim's whole cache to tmem) and `discard` (forget it without puts) are written the same way.
+mount root's `user.tmem.precache.stats` extended attribute, and the test hook `evict` (the kernel
+drops its cached pages of the mount's files: memory pressure on demand) is written the same way.
 """
 
 from __future__ import annotations
@@ -23,49 +23,88 @@ from tests.support.host_agent import HostAgentProcess
 from tests.support.precache_mount import PAGE, PrecacheMount, pool_pages, read
 
 
-def test_exclusive_get_serves_an_evicted_page_once(
+def test_page_ins_go_to_the_pool_and_a_hit_is_put_back(
     host_agent: HostAgentProcess, precache: Callable[..., PrecacheMount]
 ) -> None:
+    """Inclusive second level: a page read from the disk is put; a hot re-read never reaches the
+    shim; after the kernel dropped the pages they come from the pool, which keeps them (put back)."""
     rng = random.Random(1)
-    a, b = rng.randbytes(PAGE), rng.randbytes(8 * PAGE)
-
-    def populate(d: Path) -> None:
-        (d / "a").write_bytes(a)
-        (d / "b").write_bytes(b)
-
-    m = precache(8, populate)
-    assert read(m.mountpoint / "a") == a  # from the disk, into the shim's cache
+    a = rng.randbytes(8 * PAGE + 100)
+    m = precache(lambda d: (d / "a").write_bytes(a))
+    assert read(m.mountpoint / "a") == a  # from the disk, and put
     s0 = m.stats()
-    assert (s0["misses"], s0["bytes_from_disk"], s0["puts"]) == (1, PAGE, 0)
-    assert read(m.mountpoint / "b") == b  # 8 pages push a's page out: put to tmem
-    s1 = m.stats()
-    assert s1["puts"] == 1 and s1["cached_pages"] == 8
-    wait_until(lambda: pool_pages(host_agent) == 1, what="the put to land")  # fire-and-forget
+    assert s0["bytes_from_disk"] == len(a) and s0["puts"] == 9 and s0["hits"] == 0, s0
+    wait_until(lambda: pool_pages(host_agent) == 9, what="the puts to land")  # fire-and-forget
+    assert read(m.mountpoint / "a") == a  # the kernel's page cache: the shim is not asked
+    assert m.stats()["reads"] == s0["reads"]
 
-    assert read(m.mountpoint / "a") == a  # served from tmem, which gives it up (exclusive get)
-    s2 = m.stats()
-    assert s2["hits"] - s1["hits"] == 1
-    assert s2["bytes_from_tmem"] - s1["bytes_from_tmem"] == PAGE
-    assert s2["bytes_from_disk"] == s1["bytes_from_disk"]
-    assert s2["puts"] - s1["puts"] == 1  # a page of b made room for it
-    wait_until(lambda: pool_pages(host_agent) == 1, what="b's put")  # that page of b; a's page left
-    time.sleep(0.1)
-    assert pool_pages(host_agent) == 1
-
-    m.discard()  # the shim forgets its cache without putting it: a must now come from the disk
+    m.evict()  # the kernel drops its pages: the next read is a page-in, served by the pool
     assert read(m.mountpoint / "a") == a
-    s3 = m.stats()
-    assert s3["hits"] == s2["hits"]
-    assert s3["misses"] - s2["misses"] == 1
-    assert s3["bytes_from_disk"] - s2["bytes_from_disk"] == PAGE
+    s1 = m.stats()
+    assert s1["hits"] == 9 and s1["bytes_from_disk"] == s0["bytes_from_disk"], s1
+    assert s1["bytes_from_tmem"] == len(a) and s1["put_backs"] == 9, s1
+    wait_until(lambda: pool_pages(host_agent) == 9, what="the put-backs")  # exclusive get, put back
+    m.evict()
+    assert read(m.mountpoint / "a") == a
+    assert m.stats()["hits"] == 18
+
+    host_agent.request("reserve", mib=1 << 30)  # the host drops every ephemeral page
+    assert pool_pages(host_agent) == 0
+    m.evict()
+    assert read(m.mountpoint / "a") == a
+    s2 = m.stats()
+    assert s2["hits"] == 18 and s2["bytes_from_disk"] == 2 * len(a), s2
 
 
-def test_model_random_operations_match_a_reference_directory(
+def test_written_pages_are_kept_clean_in_the_pool(
     host_agent: HostAgentProcess, precache: Callable[..., PrecacheMount]
 ) -> None:
-    """Random writes, truncates (also O_TRUNC), renames over, unlinks, changes behind the mount and
-    reads, through a mount whose cache is far smaller than the files, against a plain directory."""
-    m = precache(12)
+    """A build re-reads what it just wrote: pages a write fully determines are put after the
+    backing write; a page it changed in part is flushed, never served old."""
+    rng = random.Random(2)
+    m = precache()
+    data = rng.randbytes(10 * PAGE + 300)
+    (m.mountpoint / "o").write_bytes(data)
+    s0 = m.stats()
+    assert s0["written_puts"] == 11 and s0["bytes_from_disk"] == 0, s0
+    m.evict()
+    assert read(m.mountpoint / "o") == data
+    s1 = m.stats()
+    assert s1["hits"] == 11 and s1["bytes_from_disk"] == 0, s1
+    patch = rng.randbytes(100)
+    with open(m.mountpoint / "o", "r+b") as f:  # inside page 2: flushed, not put
+        f.seek(2 * PAGE + 50)
+        f.write(patch)
+    want = data[: 2 * PAGE + 50] + patch + data[2 * PAGE + 150 :]
+    m.evict()
+    assert read(m.mountpoint / "o") == want
+    s2 = m.stats()
+    assert s2["hits"] - s1["hits"] == 10 and s2["bytes_from_disk"] == PAGE, s2
+
+
+def test_written_pages_split_a_write_into_known_and_partial_pages() -> None:
+    from guestagent.precache import written_pages
+
+    buf = bytes(range(256)) * 48  # 3 pages
+    known, partial = written_pages(0, buf, len(buf))
+    assert sorted(known) == [0, 1, 2] and not partial and known[1] == buf[PAGE : 2 * PAGE]
+    known, partial = written_pages(100, buf, 100 + len(buf))  # unaligned, ending at EOF
+    assert sorted(known) == [1, 2, 3] and partial == {0}
+    assert known[3] == buf[4 * PAGE - 100 - PAGE :].ljust(PAGE, b"\0")
+    known, partial = written_pages(100, buf, 10 * PAGE)  # unaligned, the file goes on
+    assert sorted(known) == [1, 2] and partial == {0, 3}
+    assert written_pages(0, b"", 5) == ({}, set())
+
+
+def test_model_random_operations_match_a_reference_directory(  # noqa: C901 (one branch per operation)
+    host_agent: HostAgentProcess, precache: Callable[..., PrecacheMount]
+) -> None:
+    """Random writes, truncates (also O_TRUNC), renames over, unlinks, changes behind the mount,
+    mmap reads and writes (MAP_SHARED) and reads, with the kernel dropping its cached pages now and
+    then (reads then come from the pool), against a plain directory."""
+    import mmap
+
+    m = precache()
     ref = Path(tempfile.mkdtemp(prefix="tmem-ref", dir="/tmp"))
     rng = random.Random(20261126)
     names = [f"f{i}" for i in range(6)]
@@ -89,8 +128,10 @@ def test_model_random_operations_match_a_reference_directory(
                     "read_range",
                     "evict",
                     "behind",
+                    "mmap_read",
+                    "mmap_write",
                 ],
-                [14, 4, 6, 4, 5, 3, 30, 20, 4, 3],
+                [14, 4, 6, 4, 5, 3, 30, 20, 8, 3, 8, 8],
             )[0]
             history.append(f"{step} {op} {name}")
             if step == ops // 2:  # the host drops every ephemeral page mid-run
@@ -131,6 +172,22 @@ def test_model_random_operations_match_a_reference_directory(
             elif op == "read":
                 assert read(mp) == read(rp), f"step {step}: {name} differs; {history[-40:]}"
                 checked += 1
+            elif op == "mmap_read":
+                if rp.stat().st_size:
+                    with open(mp, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+                        assert mm[:] == read(rp), f"step {step}: mmap of {name} differs; {history[-40:]}"
+                    checked += 1
+            elif op == "mmap_write":
+                size = rp.stat().st_size
+                if size:
+                    off = rng.randrange(size)
+                    data = rng.randbytes(min(size - off, rng.randint(1, 2 * PAGE)))
+                    with open(mp, "r+b") as f, mmap.mmap(f.fileno(), 0) as mm:  # MAP_SHARED
+                        mm[off : off + len(data)] = data
+                        mm.flush()
+                    with open(rp, "r+b") as f:
+                        f.seek(off)
+                        f.write(data)
             else:
                 off, n = rng.randint(0, 14 * PAGE), rng.randint(1, 5 * PAGE)
                 with open(mp, "rb") as f, open(rp, "rb") as g:
@@ -149,14 +206,14 @@ def test_model_random_operations_match_a_reference_directory(
     s = m.stats()
     assert checked > 200
     assert s["hits"] > 20 and s["puts"] > 50 and s["flushes"] > 20 and s["misses"] > 0, s
-    assert s["gets"] == s["hits"] + s["misses"]
+    assert s["written_puts"] > 50 and s["gets"] == s["hits"] + s["misses"], s
 
 
 def test_reads_stay_right_when_the_host_drops_everything_or_goes(
     host_agent: HostAgentProcess, precache: Callable[..., PrecacheMount]
 ) -> None:
-    """A file set 3x the shim's cache, re-read: hits from tmem; the host dropping every ephemeral
-    page, then stopping, changes no byte and hangs no read."""
+    """A file set re-read after the kernel dropped it: hits from tmem; the host dropping every
+    ephemeral page, then stopping, changes no byte and hangs no read."""
     rng = random.Random(7)
     files = {
         f"d{i}/f{j}": rng.randbytes(rng.randint(1, 8) * PAGE - rng.randint(0, 100))
@@ -171,9 +228,10 @@ def test_reads_stay_right_when_the_host_drops_everything_or_goes(
             (d / k).parent.mkdir(exist_ok=True)
             (d / k).write_bytes(v)
 
-    m = precache(total_pages // 3, populate)
+    m = precache(populate)
 
     def read_all() -> None:
+        m.evict()
         for k in files:
             assert hashlib.sha256(read(m.mountpoint / k)).digest() == digests[k], k
 
@@ -182,7 +240,7 @@ def test_reads_stay_right_when_the_host_drops_everything_or_goes(
     assert s1["bytes_from_disk"] == sum(map(len, files.values())) and s1["hits"] == 0
     read_all()
     s2 = m.stats()
-    assert s2["hits"] - s1["hits"] > total_pages // 3, s2  # the evicted two thirds mostly come back
+    assert s2["hits"] - s1["hits"] == total_pages, s2  # all of it comes back from the pool
     host_agent.request("reserve", mib=1 << 30)
     assert pool_pages(host_agent) == 0
     read_all()
@@ -204,9 +262,10 @@ def test_counters_reach_the_host_in_stats_reports(
     host_agent: HostAgentProcess, precache: Callable[..., PrecacheMount]
 ) -> None:
     data = random.Random(8).randbytes(40 * PAGE)
-    m = precache(16, lambda d: (d / "f").write_bytes(data))
+    m = precache(lambda d: (d / "f").write_bytes(data))
     for _ in range(2):
         assert read(m.mountpoint / "f") == data
+        m.evict()
 
     def reported() -> dict[str, int]:
         report = host_agent.stats()["guests"]["g1"]["report"]
@@ -218,21 +277,31 @@ def test_counters_reach_the_host_in_stats_reports(
     assert values["precache_bytes_from_tmem"] >= PAGE
 
 
-def test_change_behind_the_mount_is_seen_at_open(precache: Callable[..., PrecacheMount]) -> None:
+def test_change_behind_the_mount_is_seen_at_open_and_at_a_page_in(
+    precache: Callable[..., PrecacheMount],
+) -> None:
     rng = random.Random(3)
     old, new = rng.randbytes(3 * PAGE), rng.randbytes(3 * PAGE)
-    m = precache(64, lambda d: (d / "f").write_bytes(old))
-    assert read(m.mountpoint / "f") == old  # in the shim's cache
+    m = precache(lambda d: (d / "f").write_bytes(old))
+    assert read(m.mountpoint / "f") == old  # in the kernel's cache and the pool
     st = (m.backing / "f").stat()
     (m.backing / "f").write_bytes(new)
     os.utime(m.backing / "f", ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime: ctime tells
-    assert read(m.mountpoint / "f") == new
-    m.evict()  # now in tmem
-    (m.backing / "f").write_bytes(old)
-    flushes = m.stats()["flushes"]
-    assert read(m.mountpoint / "f") == old
-    s = m.stats()
-    assert s["flushes"] == flushes + 1 and s["hits"] == 0
+    assert read(m.mountpoint / "f") == new  # at open: keep_cache off, the pool flushed
+    s0 = m.stats()
+    assert s0["changed_behind"] == 1 and s0["hits"] == 0, s0
+    # while the file is open: the kernel dropped its pages, the file changed behind the mount; the
+    # page-in sees the change (fstat) and flushes the pool rather than serve the old pages
+    with open(m.mountpoint / "f", "rb") as f:
+        assert f.read() == new
+        m.evict()
+        (m.backing / "f").write_bytes(old)
+        f.seek(0)
+        assert f.read() == old
+    s1 = m.stats()
+    assert s1["changed_behind"] == 2 and s1["hits"] == 0, s1
+    (m.backing / "f").write_bytes(new + new)  # a new size, behind: the kernel is told at open
+    assert read(m.mountpoint / "f") == new + new
 
 
 def test_tar_extract_and_read_back(precache: Callable[..., PrecacheMount]) -> None:
@@ -247,9 +316,10 @@ def test_tar_extract_and_read_back(precache: Callable[..., PrecacheMount]) -> No
             (tree / f"blob{i}.bin").write_bytes(rng.randbytes(rng.randint(1, 40) * 1000))
         with tarfile.open(work / "t.tar", "w") as t:
             t.add(tree, arcname="tree")
-        m = precache(32)
+        m = precache()
         subprocess.run(["tar", "-xf", str(work / "t.tar"), "-C", str(m.mountpoint)], check=True)
         for _ in range(2):
+            m.evict()
             for path in tree.rglob("*"):
                 there = m.mountpoint / "tree" / path.relative_to(tree)
                 if path.is_file():
@@ -267,12 +337,12 @@ def test_concurrent_readers_never_see_a_page_older_than_the_last_finished_write(
     precache: Callable[..., PrecacheMount],
 ) -> None:
     """A writer rewrites whole files with a new version stamp in every page while readers re-read
-    them, and the shim's cache is a fraction of the files (pages go through tmem): a read begun
+    them while the kernel keeps dropping its cached pages (pages go through tmem): a read begun
     after a write returned must see that write or a later one, never an older page."""
     import threading
 
     pages, nfiles = 6, 4
-    m = precache(8)
+    m = precache()
     paths = [m.mountpoint / f"v{i}" for i in range(nfiles)]
     done = [0] * nfiles  # the last version whose write returned, per file
 
@@ -308,7 +378,12 @@ def test_concurrent_readers_never_see_a_page_older_than_the_last_finished_write(
                 if v < floor or data[p * PAGE + 8 : p * PAGE + 10] != bytes([i, p]):
                     errors.append(f"file {i} page {p}: version {v} after {floor} was written")
 
-    threads = [threading.Thread(target=writer)] + [
+    def evictor() -> None:
+        while not stop.is_set():
+            m.evict()
+            time.sleep(0.01)
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=evictor)] + [
         threading.Thread(target=reader, args=(s,)) for s in range(4)
     ]
     for t in threads:
@@ -326,10 +401,10 @@ def test_concurrent_readers_never_see_a_page_older_than_the_last_finished_write(
 
 def test_make_git_and_mmap_in_the_mount(precache: Callable[..., PrecacheMount]) -> None:
     """Real work: build a C program with make (gcc, ld, exec of the result), git commit and checkout,
-    and mmap reads (MAP_PRIVATE; MAP_SHARED needs the kernel-cached mode, see the next test)."""
+    and mmap reads (MAP_PRIVATE and MAP_SHARED)."""
     import mmap
 
-    m = precache(16)
+    m = precache()
     proj = m.mountpoint / "proj"
     proj.mkdir()
     for i in range(1, 4):
@@ -391,79 +466,12 @@ def test_make_git_and_mmap_in_the_mount(precache: Callable[..., PrecacheMount]) 
         mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ) as mm,
     ):
         assert mm[:] == data
-
-
-def test_kernel_cached_mode_serves_shared_mmap_and_stays_right(
-    precache: Callable[..., PrecacheMount],
-) -> None:
-    """Without direct_io the kernel page cache serves hot reads (MAP_SHARED works); it is dropped at
-    every open (keep_cache off), so writes and changes behind the mount are still seen."""
-    import mmap
-
-    rng = random.Random(4)
-    data = rng.randbytes(6 * PAGE)
-    m = precache(4, lambda d: (d / "f").write_bytes(data), kernel_cache=True)
-    with open(m.mountpoint / "f", "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+    m.evict()
+    with (
+        open(m.mountpoint / "blob", "rb") as f,
+        mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as mm,
+    ):
         assert mm[:] == data
-    reads = m.stats()["reads"]
-    with open(m.mountpoint / "f", "rb") as f:
-        assert f.read() == data
-        f.seek(0)
-        assert f.read() == data  # the kernel's copy: the shim is not asked again
-    assert m.stats()["reads"] - reads <= 3
-    new = rng.randbytes(6 * PAGE)
-    with open(m.mountpoint / "f", "r+b") as w:
-        w.write(new[:PAGE])
-    assert read(m.mountpoint / "f") == new[:PAGE] + data[PAGE:]
-    (m.backing / "f").write_bytes(new)
-    assert read(m.mountpoint / "f") == new
-
-
-def test_page_cache_evicts_least_recently_used_and_cache_follows_memory() -> None:
-    from guestagent.pagecache import PageCache
-    from guestagent.precache import MEMORY_RESERVE, cache_target
-
-    out: list[tuple[bytes, int]] = []
-    c = PageCache(3, lambda oid, i, page: out.append((oid, i)))
-    for i in range(3):
-        c.insert(b"a", i, bytes([i]))
-    assert c.get(b"a", 0) == b"\0"  # 0 is now the most recent
-    c.insert(b"b", 0, b"x")
-    assert out == [(b"a", 1)]
-    assert c.drop_object(b"a") == 2 and out == [(b"a", 1)]  # dropped pages are not evicted
-    assert len(c) == 1 and c.holds(b"b") and not c.holds(b"a")
-    c.shrink(0)
-    assert out[-1] == (b"b", 0) and len(c) == 0
-
-    assert cache_target(1000, 0, 1 << 40) == 1000  # plenty of memory: the configured maximum
-    assert cache_target(1000, 0, MEMORY_RESERVE + 400 * PAGE) == 200  # half of what is spare
-    assert cache_target(1000, 300, MEMORY_RESERVE + 100 * PAGE) == 200  # its own pages count as spare
-    assert cache_target(1000, 0, 0) == 64 and cache_target(10, 0, 0) == 10  # a floor
-
-
-def test_cache_shrinks_with_mem_available_and_sheds_to_tmem(
-    host_agent: HostAgentProcess, precache: Callable[..., PrecacheMount], tmp_path: Path
-) -> None:
-    from guestagent.precache import MEMORY_RESERVE
-
-    (tmp_path / "meminfo").write_text(f"MemTotal: 8000000 kB\nMemAvailable: {4 << 20} kB\n")
-    data = random.Random(2).randbytes(200 * PAGE)
-    m = precache(256, lambda d: (d / "f").write_bytes(data), proc_dir=tmp_path)
-    assert read(m.mountpoint / "f") == data
-    s1 = m.stats()
-    assert s1["cached_pages"] == 200 and s1["cache_limit"] == 256 and s1["puts"] == 0
-    # memory gets short: with 100 pages spare beyond the reserve (its own 200 count as spare too)
-    # the cache may keep (100 + 200) / 2 pages, and what it sheds goes to tmem.  (This fake
-    # MemAvailable does not grow as the cache frees memory, so later samples shrink it further.)
-    (tmp_path / "meminfo").write_text(f"MemAvailable: {(MEMORY_RESERVE + 100 * PAGE) // 1024} kB\n")
-    wait_until(lambda: m.stats()["cache_limit"] <= 150, what="the cache to shrink")
-    (tmp_path / "meminfo").write_text(f"MemAvailable: {4 << 20} kB\n")
-    s2 = m.stats()
-    assert 100 <= s2["cached_pages"] <= 150 and s2["puts"] == 200 - s2["cached_pages"], s2
-    wait_until(lambda: m.stats()["cache_limit"] == 256, what="the cache to grow back")
-    assert read(m.mountpoint / "f") == data
-    s3 = m.stats()
-    assert s3["hits"] - s2["hits"] >= 50 and s3["cached_pages"] == 200
 
 
 def test_mount_without_a_host_agent_reads_the_backing_file_then_uses_tmem_once_it_comes(
@@ -474,18 +482,20 @@ def test_mount_without_a_host_agent_reads_the_backing_file_then_uses_tmem_once_i
     (tmp_path / "m").mkdir()
     (tmp_path / "b" / "f").write_bytes(data)
     m = PrecacheMount(
-        tmp_path / "b", tmp_path / "m", host_agent_stopped.sockets["g1"], 8, tmp_path / "precache.log"
+        tmp_path / "b", tmp_path / "m", host_agent_stopped.sockets["g1"], tmp_path / "precache.log"
     )
     try:
         m.start(connected=False)
         for _ in range(2):
+            m.evict()
             assert read(m.mountpoint / "f") == data
         s = m.stats()
         assert not s["connected"] and s["gets"] == 0 and s["bytes_from_tmem"] == 0
-        assert s["bytes_from_disk"] > len(data)  # the shim cache holds 8 of the 20 pages
+        assert s["bytes_from_disk"] == 2 * len(data)
         host_agent_stopped.start()
         wait_until(lambda: m.stats()["connected"], timeout=10, what="the mount to connect")
         for _ in range(2):
+            m.evict()
             assert read(m.mountpoint / "f") == data
         assert m.stats()["hits"] > 0
     finally:
@@ -507,7 +517,7 @@ def test_rename_noreplace_and_exchange(precache: Callable[..., PrecacheMount]) -
 
     rng = random.Random(12)
     x, y = rng.randbytes(3 * PAGE + 5), rng.randbytes(2 * PAGE)
-    m = precache(4, lambda d: ((d / "x").write_bytes(x), (d / "y").write_bytes(y)))
+    m = precache(lambda d: ((d / "x").write_bytes(x), (d / "y").write_bytes(y)))
     mx, my = m.mountpoint / "x", m.mountpoint / "y"
     assert read(mx) == x and read(my) == y
     assert renameat2(mx, my, 1) == errno.EEXIST  # RENAME_NOREPLACE onto an existing name
@@ -516,3 +526,23 @@ def test_rename_noreplace_and_exchange(precache: Callable[..., PrecacheMount]) -
     assert renameat2(m.mountpoint / "z", my, 2) == 0  # RENAME_EXCHANGE
     assert read(my) == x and read(m.mountpoint / "z") == y
     assert (m.backing / "y").read_bytes() == x
+
+
+def test_stay_off_keeps_tracebacks_from_reading_source_under_the_mount(tmp_path: Path) -> None:
+    """A shim over its own code must not read source lines through its mount for a traceback."""
+    import linecache
+
+    from guestagent.precache import stay_off
+
+    (tmp_path / "covered").mkdir()
+    inside, outside = tmp_path / "covered" / "m.py", tmp_path / "o.py"
+    inside.write_text("x = 1\n")
+    outside.write_text("y = 2\n")
+    kept = linecache.updatecache
+    try:
+        stay_off(str(tmp_path / "covered"))
+        assert linecache.getline(str(inside), 1) == ""
+        assert linecache.getline(str(outside), 1) == "y = 2\n"
+    finally:
+        linecache.updatecache = kept
+        linecache.clearcache()

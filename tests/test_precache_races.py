@@ -21,8 +21,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from tests.support.host_agent import HostAgentProcess
 from tests.support.precache_mount import PAGE, PrecacheMount, read
 
@@ -56,7 +54,7 @@ def check(
     what: str, off: int, data: bytes, errors: list[str], *, at_least: int = 0, zeros: list[str] | None = None
 ) -> None:
     """Every byte of `data` is the file's at its offset; with `zeros`, a zero is noted there instead
-    (the kernel-cache mode, see the stress test)."""
+    (the kernel's page cache under a truncate, see the stress test)."""
     if data != pattern(off, len(data)):
         bad = next(i for i in range(len(data)) if data[i] != _PATTERN[off + i])
         if zeros is not None and all(data[i] in (0, _PATTERN[off + i]) for i in range(len(data))):
@@ -70,30 +68,39 @@ def check(
         errors.append(f"{what}: read at {off} returned {len(data)} bytes, {at_least} were written before")
 
 
-@pytest.mark.parametrize("kernel_cache", [False, True], ids=["direct_io", "kernel_cache"])
+def evictor(m: PrecacheMount, stop: threading.Event) -> Callable[[], None]:
+    """A thread body: the kernel drops the mount's cached pages every few ms, so reads go through
+    the shim and the pool while the file changes."""
+
+    def run() -> None:
+        while not stop.is_set():
+            m.evict()
+            time.sleep(0.005)
+
+    return run
+
+
 def test_stress_appenders_truncaters_readers_on_one_file(
     host_agent: HostAgentProcess,
     precache: Callable[..., PrecacheMount],
     tmp_path: Path,
-    kernel_cache: bool,
 ) -> None:
     """Two appenders, a truncater (ftruncate and O_TRUNC re-creation) and three readers on one file
-    for a few seconds, through a cache far smaller than the file so pages also go through tmem: the
-    mount stays up and every byte read is one the file could have held at that offset.
+    for a few seconds, while the kernel keeps dropping its cached pages so pages also go through
+    tmem: the mount stays up and every byte read is one the file could have held at that offset.
 
-    In the kernel-cache mode the readers go through the kernel's page cache, which on this kernel
-    (6.18) shows an occasional zero-filled range after a read raced a truncate, while the shim
-    (instrumented) never returned a zero, and the same mount with read and write as bare
-    pread/pwrite (no cache, no tmem) shows more of them (7-19 a run): those zeros are counted
-    and printed, not failed on; any other wrong byte fails in both modes, and with direct_io (the
-    default) a zero fails too."""
-    m = precache(6, kernel_cache=kernel_cache)
+    The readers go through the kernel's page cache, which on this kernel (6.18) shows an occasional
+    zero-filled range after a read raced a truncate, while the shim (instrumented) never returned a
+    zero, and the same mount with read and write as bare pread/pwrite (no cache, no tmem) shows
+    more of them (7-19 a run): those zeros are counted and printed, not failed on; any other wrong
+    byte fails."""
+    m = precache()
     path = m.mountpoint / "f"
     path.write_bytes(pattern(0, 4 * PAGE))
     lock_fd = os.open(tmp_path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
     stop = threading.Event()
     errors: list[str] = []
-    zeros: list[str] | None = [] if kernel_cache else None
+    zeros: list[str] = []
     counts = {"appends": 0, "truncates": 0, "reads": 0, "bytes": 0}
 
     def locked(fn: Callable[[], None]) -> None:
@@ -149,6 +156,7 @@ def test_stress_appenders_truncaters_readers_on_one_file(
 
     threads = [threading.Thread(target=guarded(appender, errors, stop), args=(s,)) for s in (1, 2)]
     threads += [threading.Thread(target=guarded(truncater, errors, stop), args=(3,))]
+    threads += [threading.Thread(target=guarded(evictor(m, stop), errors, stop))]
     threads += [threading.Thread(target=guarded(reader, errors, stop), args=(s,)) for s in (4, 5, 6)]
     for t in threads:
         t.start()
@@ -172,23 +180,22 @@ def test_stress_appenders_truncaters_readers_on_one_file(
     assert s["puts"] > 0, s
 
 
-@pytest.mark.parametrize("kernel_cache", [False, True], ids=["direct_io", "kernel_cache"])
 def test_appended_bytes_read_back_whole_while_the_tail_is_read(
     host_agent: HostAgentProcess,
     precache: Callable[..., PrecacheMount],
-    kernel_cache: bool,
 ) -> None:
-    """One process appends, others read the tail: a byte whose append returned before a read began
-    is read back, itself (no early EOF, no zero from a page cut to the old length and padded).
-    Kernel-cache mode: zeros from the kernel's page cache are counted, as in the stress test."""
-    m = precache(4, kernel_cache=kernel_cache)
+    """One process appends, others read the tail while the kernel keeps dropping its cached pages:
+    a byte whose append returned before a read began is read back, itself (no early EOF, no zero
+    from a page cut to the old length and padded).  Zeros from the kernel's page cache are counted,
+    as in the stress test."""
+    m = precache()
     path = m.mountpoint / "log"
     path.write_bytes(b"")
     stop = threading.Event()
     errors: list[str] = []
     written = [0]
     reads = [0]
-    zeros: list[str] | None = [] if kernel_cache else None
+    zeros: list[str] = []
 
     def appender() -> None:
         rng = random.Random(7)
@@ -208,13 +215,14 @@ def test_appended_bytes_read_back_whole_while_the_tail_is_read(
                 data = os.pread(f.fileno(), 4 * PAGE, off)
                 reads[0] += 1
                 check("tail reader", off, data, errors, at_least=floor - off, zeros=zeros)
-                if rng.random() < 0.2:  # and the whole thing, through tmem (cache of 4 pages)
+                if rng.random() < 0.2:  # and the whole thing, through tmem (the evictor)
                     floor = written[0]
                     data = os.pread(f.fileno(), floor + PAGE, 0)
                     check("whole reader", 0, data, errors, at_least=floor, zeros=zeros)
 
     threads = [threading.Thread(target=guarded(appender, errors, stop))]
     threads += [threading.Thread(target=guarded(reader, errors, stop), args=(s,)) for s in (1, 2)]
+    threads += [threading.Thread(target=guarded(evictor(m, stop), errors, stop))]
     for t in threads:
         t.start()
     stop.wait(STRESS_SECONDS)

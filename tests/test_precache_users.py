@@ -103,7 +103,7 @@ def reachable(m: PrecacheMount) -> None:
 def test_allow_other_lets_users_in_as_far_as_the_modes_say(
     precache: Callable[..., PrecacheMount],
 ) -> None:
-    m = precache(64, populate, allow_other=True)
+    m = precache(populate, allow_other=True)
     reachable(m)
     got = as_nobody(m.mountpoint)
     assert got == {
@@ -144,7 +144,7 @@ def test_allow_other_lets_users_in_as_far_as_the_modes_say(
 def test_without_allow_other_the_mount_is_root_only(
     precache: Callable[..., PrecacheMount],
 ) -> None:
-    m = precache(64, populate)
+    m = precache(populate)
     reachable(m)
     got = as_nobody(m.mountpoint)
     assert set(got.values()) == {"EACCES"}, got  # every step: the kernel lets nobody but root in

@@ -27,12 +27,13 @@ def test_a_write_drops_only_the_pages_it_wrote(
     host_agent: HostAgentProcess,
     precache: Callable[..., PrecacheMount],
 ) -> None:
-    """64 pages through a cache of 8: most pages live in tmem. Random one-page writes among
-    random reads: the pages not written are still served by tmem, and every read is right."""
+    """64 pages, the kernel dropping its cached pages now and then, so most reads reach the pool.
+    Random one-page writes among random reads: the pages not written are still served by tmem,
+    the ones written come back as written, and every read is right."""
     pages = 64
     rng = random.Random(5)
     ref = bytearray(rng.randbytes(pages * PAGE))
-    m = precache(8, lambda d: (d / "f").write_bytes(bytes(ref)))
+    m = precache(lambda d: (d / "f").write_bytes(bytes(ref)))
     path = m.mountpoint / "f"
     assert read(path) == ref
     m.evict()
@@ -45,11 +46,13 @@ def test_a_write_drops_only_the_pages_it_wrote(
                 os.pwrite(f.fileno(), data, i * PAGE)
                 ref[i * PAGE : (i + 1) * PAGE] = data
             else:
+                if step % 3 == 0:
+                    m.evict()
                 assert os.pread(f.fileno(), PAGE, i * PAGE) == ref[i * PAGE : (i + 1) * PAGE], step
     assert read(path) == ref
     s1 = m.stats()
     gets, hits = s1["gets"] - s0["gets"], s1["hits"] - s0["hits"]
-    assert gets > 200 and hits > gets // 2, f"{hits} hits in {gets} gets"
+    assert gets > 100 and hits > gets // 2, f"{hits} hits in {gets} gets"
 
 
 def test_posix_fallocate_works_through_the_mount_and_reads_back_right(
@@ -59,9 +62,9 @@ def test_posix_fallocate_works_through_the_mount_and_reads_back_right(
     glibc's posix_fallocate then writes the range itself, through the shim's write path: the
     file grows, its old bytes stay, the new ones read as zeros (the old last page, cached cut to
     the old length, must not survive)."""
-    m = precache(16, lambda d: (d / "f").write_bytes(b"a" * 5000))
+    m = precache(lambda d: (d / "f").write_bytes(b"a" * 5000))
     path = m.mountpoint / "f"
-    assert read(path) == b"a" * 5000  # the last page is now cached, 904 bytes long
+    assert read(path) == b"a" * 5000  # the last page is now in the pool, 904 bytes long
     fd = os.open(path, os.O_RDWR)
     try:
         os.posix_fallocate(fd, 0, 3 * PAGE + 10)
@@ -78,7 +81,7 @@ def test_posix_fallocate_works_through_the_mount_and_reads_back_right(
 def test_the_shim_forgets_files_the_kernel_forgot_within_a_bound(
     precache: Callable[..., PrecacheMount],
 ) -> None:
-    """Read 6,000 small files (their pages go through a cache of 64 to tmem), then make the
+    """Read 6,000 small files (their pages are put to tmem), then make the
     kernel forget the inodes: the shim keeps state for at most FORGOTTEN_OBJECTS of them, and a
     file read again afterwards is still right."""
     from guestagent.precache import FORGOTTEN_OBJECTS
@@ -89,7 +92,7 @@ def test_the_shim_forgets_files_the_kernel_forgot_within_a_bound(
         for i in range(n):
             (d / f"f{i}").write_bytes(f"file {i}\n".encode() * 10)
 
-    m = precache(64, populate)
+    m = precache(populate)
     t0 = time.monotonic()
     for i in range(n):
         assert read(m.mountpoint / f"f{i}") == f"file {i}\n".encode() * 10
@@ -116,22 +119,25 @@ def test_an_unexpected_error_in_an_operation_is_answered_eio_not_fatal(tmp_path:
     from guestagent import precache as pc
 
     (tmp_path / "f").write_bytes(b"x" * 10)
-    fs = pc.PrecacheFS(str(tmp_path), 8)
+    fs = pc.PrecacheFS(str(tmp_path))
 
     async def go() -> None:
         entry = await fs.lookup(pyfuse3.ROOT_INODE, b"f", None)
         info = await fs.open(entry.st_ino, os.O_RDONLY, None)
         assert await fs.read(info.fh, 0, 10) == b"x" * 10
-        fs.cache = None  # type: ignore[assignment]  # the next read fails inside the shim
+        kept = fs._files[info.fh]
+        fs._files[info.fh] = (kept[0], None)  # type: ignore[assignment]  # the next read fails inside
         try:
             await fs.read(info.fh, 0, 10)
         except pyfuse3.FUSEError as exc:
             assert exc.errno == errno.EIO
         else:
             raise AssertionError("a broken read answered normally")
+        fs._files[info.fh] = kept
         with pytest.raises(pyfuse3.FUSEError) as missing:  # FUSEErrors pass through as they are
             await fs.lookup(pyfuse3.ROOT_INODE, b"nothing", None)
         assert missing.value.errno == errno.ENOENT
         await fs.release(info.fh)
 
     trio.run(go)
+    fs.close()

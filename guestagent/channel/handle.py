@@ -19,12 +19,14 @@ from guestagent.protocol import wire
 from guestagent.protocol.headers import (
     FLUSH_OBJECT,
     FLUSH_PAGE,
+    FLUSH_VEC,
     GET,
     NO_SPACE,
     NOREPLY,
     OK,
     PERSISTENT,
     PUT,
+    PUT_VEC,
     pack_request,
 )
 from guestagent.protocol.wire import NO_OID, PAGE_SIZE
@@ -99,6 +101,29 @@ class PoolHandle:
             conn.send(pack_request(PUT, NOREPLY, 0, self._remote, oid, index, PAGE_SIZE), page)
         else:
             conn.send(pack_request(FLUSH_PAGE, NOREPLY, 0, self._remote, oid, index, 0), b"")
+
+    def put_many_nowait(self, items: Sequence[tuple[bytes, int, bytes]]) -> None:
+        """`put_nowait` for many pages: NOREPLY PUT_VEC frames (split to the host's limit), one
+        frame instead of one per page.  Past the queue limit it degrades to NOREPLY flushes."""
+        if self.persistent:
+            raise ValueError("put_many_nowait is only for ephemeral pools (a lost put is data loss)")
+        for _, _, page in items:
+            if len(page) != PAGE_SIZE:
+                raise ValueError(f"page is {len(page)} bytes, want {PAGE_SIZE}")
+        ch = self._ch
+        ch._check_pool(self)
+        conn = ch._conn
+        if not ch._ready or conn is None or not items:
+            return
+        step = ch._protocol.chunk
+        for start in range(0, len(items), step):
+            part = items[start : start + step]
+            keys = [(oid, index) for oid, index, _ in part]
+            if len(conn.outq) < _NOWAIT_QUEUE_LIMIT:
+                op, body = PUT_VEC, wire.put_vec_payload(keys, [page for _, _, page in part])
+            else:
+                op, body = FLUSH_VEC, wire.keys_payload(keys)
+            conn.send(pack_request(op, NOREPLY, 0, self._remote, NO_OID, len(part), len(body)), body)
 
     async def get(self, oid: bytes, index: int) -> bytes | None:
         """The page stored under (oid, index), or None on a miss."""

@@ -28,24 +28,13 @@ class PrecacheMount:
     """One `python -m guestagent.precache` process and its mount point."""
 
     def __init__(
-        self,
-        backing: Path,
-        mountpoint: Path,
-        channel: str,
-        cache_pages: int,
-        log: Path,
-        kernel_cache: bool = False,
-        proc_dir: Path | None = None,
-        allow_other: bool = False,
+        self, backing: Path, mountpoint: Path, channel: str, log: Path, allow_other: bool = False
     ) -> None:
         self.allow_other = allow_other
         self.backing = backing
         self.mountpoint = mountpoint
         self.channel = channel
-        self.cache_pages = cache_pages
         self.log_path = log
-        self.kernel_cache = kernel_cache
-        self.proc_dir = proc_dir
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *, connected: bool = True) -> None:
@@ -59,13 +48,9 @@ class PrecacheMount:
                     str(self.mountpoint),
                     "--channel",
                     self.channel,
-                    "--cache-pages",
-                    str(self.cache_pages),
                     "--log-level",
                     "INFO",
-                    *(["--kernel-cache"] if self.kernel_cache else []),
                     *(["--allow-other"] if self.allow_other else []),
-                    *(["--proc-dir", str(self.proc_dir)] if self.proc_dir else []),
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -88,10 +73,8 @@ class PrecacheMount:
         return result
 
     def evict(self) -> None:
+        """Make the kernel drop its cached pages of the mount's files (memory pressure on demand)."""
         os.setxattr(self.mountpoint, "user.tmem.precache.evict", b"1")
-
-    def discard(self) -> None:
-        os.setxattr(self.mountpoint, "user.tmem.precache.discard", b"1")
 
     def log(self) -> str:
         return read_log(self.log_path)
@@ -117,17 +100,11 @@ class PrecacheMount:
 def precache(
     host_agent: HostAgentProcess, request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., PrecacheMount]]:
-    """A factory: precache(cache_pages, populate=None) mounts a fresh backing dir as guest g1."""
+    """A factory: precache(populate=None) mounts a fresh backing dir as guest g1."""
     work = Path(tempfile.mkdtemp(prefix="tmem-pc", dir="/tmp"))
     mounts: list[PrecacheMount] = []
 
-    def make(
-        cache_pages: int,
-        populate: Callable[[Path], None] | None = None,
-        kernel_cache: bool = False,
-        proc_dir: Path | None = None,
-        allow_other: bool = False,
-    ) -> PrecacheMount:
+    def make(populate: Callable[[Path], None] | None = None, allow_other: bool = False) -> PrecacheMount:
         n = len(mounts)
         backing, mountpoint = work / f"backing{n}", work / f"mnt{n}"
         backing.mkdir()
@@ -135,14 +112,7 @@ def precache(
         if populate is not None:
             populate(backing)
         m = PrecacheMount(
-            backing,
-            mountpoint,
-            host_agent.sockets["g1"],
-            cache_pages,
-            work / f"precache{n}.log",
-            kernel_cache,
-            proc_dir,
-            allow_other,
+            backing, mountpoint, host_agent.sockets["g1"], work / f"precache{n}.log", allow_other
         )
         mounts.append(m)
         m.start()
