@@ -93,6 +93,7 @@ def test_fio_verify_crc32c_while_the_host_drops_every_page(
         "--do_verify=1",
         "--group_reporting",
         "--output-format=terse",
+        "--verify_state_save=0",  # no state file left in the working directory
     ]
     fio = _tool("fio")
     subprocess.run(
