@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -29,6 +29,9 @@ from guestagent.daemon import CHECK_TIMEOUT, GuestAgent, StartupError, default_n
 from guestagent.protocol import wire
 from guestagent.selftest import exercise_all
 from guestagent.stdout import quiet_pipe
+
+if TYPE_CHECKING:
+    from guestagent.mountkeeper import Keeper
 
 PROG = "guestagent"
 CHANNEL_HELP = (
@@ -263,7 +266,11 @@ def _run(args: argparse.Namespace) -> int:
         level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     cfg = _load_config(args.config)
-    agent = GuestAgent(cfg, channel=args.channel)
+    try:
+        keeper = _mount_keeper(cfg)
+    except (OSError, RuntimeError) as exc:
+        return _fail(f"precache: cannot leave the initial mount namespace: {exc}")
+    agent = GuestAgent(cfg, channel=args.channel, keeper=keeper)
     log.info("guest agent starting (pid %d, name %r)", os.getpid(), agent.name)
     try:
         trio.run(run_daemon, agent)
@@ -276,8 +283,28 @@ def _run(args: argparse.Namespace) -> int:
         if isinstance(reason, OSError):
             return _fail(f"cannot serve the control socket {cfg.control_socket}: {reason}")
         raise
+    finally:
+        if keeper is not None:
+            keeper.close()  # it detaches whatever is still mounted
     log.info("guest agent stopped")
     return 0
+
+
+def _mount_keeper(cfg: configmod.Config) -> Keeper | None:
+    """With a precache mount, as root: fork the mount keeper and move this process into a mount
+    namespace of its own, so the daemon never reads through its own mount, even one over /usr
+    (guestagent.mountkeeper).  Here, before trio.run: both need a single-threaded process."""
+    if not cfg.precache or os.geteuid() != 0:
+        return None  # no mount, or libfuse's fusermount3 mounts it (a tree the daemon does not need)
+    from guestagent import mountkeeper
+
+    keeper = mountkeeper.Keeper.start()
+    try:
+        mountkeeper.leave_namespace()
+    except BaseException:
+        keeper.close()
+        raise
+    return keeper
 
 
 def _leaf(exc: BaseException) -> BaseException:

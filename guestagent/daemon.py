@@ -30,6 +30,7 @@ from guestagent.config import Config, PrecacheMount
 from guestagent.protocol import wire
 
 if TYPE_CHECKING:
+    from guestagent.mountkeeper import Keeper
     from guestagent.precache import PrecacheFS
     from guestagent.swapper import Swapper
 
@@ -84,8 +85,18 @@ async def _clear_dead_mount(mountpoint: str) -> None:
 class GuestAgent:
     """The daemon's state and tasks; `run` is the whole program, minus signal handling."""
 
-    def __init__(self, cfg: Config, *, channel: str | None = None, proc_dir: str = "/proc") -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        channel: str | None = None,
+        proc_dir: str = "/proc",
+        keeper: Keeper | None = None,
+    ) -> None:
         self.cfg = cfg
+        # the mount keeper (mountkeeper): the daemon then runs in a mount namespace of its own and
+        # the keeper mounts precache where the guest's processes see it; None: libfuse mounts here
+        self.keeper = keeper
         self.override = channel or cfg.channel or None
         self.name = cfg.name or default_name()
         self.proc_dir = proc_dir
@@ -313,8 +324,13 @@ class GuestAgent:
         fs = precache.PrecacheFS(mount.backing)  # opens the backing tree before the mount covers it
         precache.stay_off(mount.mountpoint)
         try:
-            pyfuse3.init(fs, mount.mountpoint, precache.mount_options(mount.allow_other, auto_unmount=True))
-        except RuntimeError as exc:  # pyfuse3 says "fuse_session_mount failed" and libfuse logs why
+            if self.keeper is not None:  # "/dev/fd/N": mounted already, by the keeper
+                fd = self.keeper.mount(mount.mountpoint, allow_other=mount.allow_other)
+                pyfuse3.init(fs, f"/dev/fd/{fd}", precache.mount_options(mount.allow_other))
+            else:
+                opts = precache.mount_options(mount.allow_other, auto_unmount=True)
+                pyfuse3.init(fs, mount.mountpoint, opts)
+        except (RuntimeError, OSError) as exc:  # pyfuse3 says "fuse_session_mount failed", libfuse why
             fs.close()
             raise StartupError(f"precache: cannot mount {mount.mountpoint}: {exc}") from None
         log.info("precache: %s mounted at %s", mount.backing, mount.mountpoint)
@@ -328,6 +344,9 @@ class GuestAgent:
                 nursery.cancel_scope.cancel()
         finally:
             self.precache = None
+            if self.keeper is not None:  # detached first: new lookups reach the tree underneath
+                with contextlib.suppress(OSError):
+                    self.keeper.unmount(mount.mountpoint)
             pyfuse3.close(unmount=True)
             fs.close()
             log.info("precache: %s unmounted", mount.mountpoint)

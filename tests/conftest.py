@@ -40,6 +40,7 @@ TIERS: dict[str, str] = {
     "test_guest_daemon": "process",
     "test_held_delivery": "process",
     "test_hostagent": "process",
+    "test_mountkeeper": "process",
     "test_precache": "process",
     "test_precache_daemon": "process",
     "test_precache_races": "process",
