@@ -9,10 +9,11 @@ is written into /srv/precache, then, in one run and in the same guest:
 - without precache (a guest agent config without `[[precache]]`): the reader runs in a systemd
   scope with `MemoryMax=cache_mib` (its page cache is charged to it, so the guest keeps `cache_mib`
   of these files), reading the backing directory;
-- with precache: the daemon serves /srv/precache over itself (`[[precache]]`, as the image's default
-  config does), the reader in the same scope reads it: the kernel's page cache of the mount's files
-  is charged to the same scope, and the shim drops the backing files' own page cache after each
-  read, so the guest holds as much of the set as without; pages the kernel drops come from the pool.
+- with precache: the daemon serves /srv/precache (the build area, a symlink into /usr) over itself
+  (`[[precache]]`; the image's default covers all of /usr), the reader in the same scope reads it:
+  the kernel's page cache of the mount's files is charged to the same scope, and the shim drops the
+  backing files' own page cache after each read, so the guest holds as much of the set as without;
+  pages the kernel drops come from the pool.
 
 Each case drops the guest's caches, reads the set once (cold), then `passes` more times (measured).
 Figures for the measured passes: seconds, disk read requests that reached the rate-limited disk

@@ -77,7 +77,7 @@ PACKAGES = (
 # `apt-get source --download-only` from deb.debian.org (no other network is needed), unpacked from
 # the upstream tarball into the precache mount's backing directory and configured at build time.
 DEMO_SOURCE_PACKAGE = "zlib"
-DEMO_PROJECT_DIR = "/srv/precache/zlib"
+DEMO_PROJECT_DIR = "/srv/precache/zlib"  # /srv/precache: a symlink to BUILD_AREA, under /usr
 # -O0, not zlib's -O3: under TCG, with three guests on two cores, a build of the library and its test
 # programs then takes a minute or two, not several.
 DEMO_CFLAGS = "-O0"
@@ -119,18 +119,23 @@ INSTALL_DIR = "/opt/tmem"
 
 # The guest agent's default configuration: a `scripts/lab up` guest serves a precache mount and preswap
 # with no further steps. The guest's own page cache holds the mount's hot pages, tmem the ones it drops.
-# The mount covers the build area itself (mountpoint = backing): if the daemon dies, fusermount3
-# unmounts it and the same paths reach the files underneath. /mnt/precache, where the mount used to
-# be, is a symlink to it.
+# The mount covers /usr itself (mountpoint = backing): the toolchain (compiler, headers, libraries)
+# and the build area, which lives under /usr for that (one mount per daemon: pyfuse3 serves one per
+# process). The daemon runs in a mount namespace of its own and a keeper process detaches the mount
+# when it dies (guestagent.mountkeeper): the same paths then reach the files underneath. Every user
+# must reach /usr: allow_other, the kernel checking the files' own modes. /srv/precache, the build
+# area's old path, and /mnt/precache, older still, are symlinks to it.
 GUEST_CONFIG_PATH = "/etc/tmem/guestagent.toml"
-PRECACHE_BACKING = "/srv/precache"
+PRECACHE_BACKING = "/usr"
 PRECACHE_MOUNTPOINT = PRECACHE_BACKING
-PRECACHE_ALIAS = "/mnt/precache"
+BUILD_AREA = "/usr/local/src/precache"  # under the mount
+BUILD_AREA_ALIASES = ("/srv/precache", "/mnt/precache")
 GUEST_CONFIG = f"""\
 # The lab image's default (scripts/build_image.py); keys: /opt/tmem/guestagent/guestagent.example.toml
 [[precache]]
 backing = "{PRECACHE_BACKING}"
 mountpoint = "{PRECACHE_MOUNTPOINT}"
+allow_other = true
 
 [preswap]
 enabled = true
@@ -160,7 +165,10 @@ After=local-fs.target
 StartLimitIntervalSec=0
 
 [Service]
-Type=simple
+# idle: started once boot's other jobs are dispatched (5 s at most), so long-lived services (qemu-ga,
+# journald, dbus) run from /usr as it is underneath, not through the precache mount: a program exec'd
+# through the mount cannot page its code in again once the daemon that served it is gone
+Type=idle
 ExecStart=/usr/local/bin/guestagent run
 Restart=always
 RestartSec=1
@@ -513,12 +521,13 @@ class Build:
         self.chroot("systemctl", "mask", *MASKED_UNITS)
 
         # Its default configuration, checked by the guest agent's own parser, and what it needs.
-        for d in (PRECACHE_BACKING, PRECACHE_MOUNTPOINT, PRESWAP_DIR):
+        for d in (BUILD_AREA, PRESWAP_DIR):
             (r / d.lstrip("/")).mkdir(parents=True, exist_ok=True)
-        alias = r / PRECACHE_ALIAS.lstrip("/")
-        alias.parent.mkdir(parents=True, exist_ok=True)
-        if not alias.is_symlink():
-            alias.symlink_to(PRECACHE_MOUNTPOINT)
+        for name in BUILD_AREA_ALIASES:  # relative: here they must not lead out of the root
+            alias = r / name.lstrip("/")
+            alias.parent.mkdir(parents=True, exist_ok=True)
+            if not alias.is_symlink():
+                alias.symlink_to(os.path.relpath(BUILD_AREA, os.path.dirname(name)))
         config = r / GUEST_CONFIG_PATH.lstrip("/")
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(GUEST_CONFIG)
@@ -661,6 +670,7 @@ class Build:
                 "path": GUEST_CONFIG_PATH,
                 "precache": PRECACHE_MOUNTPOINT,
                 "backing": PRECACHE_BACKING,
+                "build_area": BUILD_AREA,
                 "preswap": True,
             },
             "demo_project": {

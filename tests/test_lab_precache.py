@@ -4,11 +4,13 @@ pages the guest drops come back from tmem, every read verified by checksum, the 
 guest (`guestagent stats`) and on the host (the guest's STATS report, `hostagent stats`).
 
 First with the image's default configuration, as `scripts/lab up` leaves a guest: the mount covers
-the build area itself (/srv/precache); re-reads after the guest dropped its page cache make the
-guest's hits grow in `hostagent stats`.  Then a build in the covered tree (zlib, the image's demo
-project) with the daemon killed mid-build: the tree stays usable (auto_unmount), the build finishes
-from the backing files, the daemon comes back and the pool serves the next build's re-reads.  Then
-with a configuration of the test's own.  A lab of its own (one guest), torn down at the end; no skips.
+/usr itself, the toolchain and the build area under it (/srv/precache is a symlink there); the guest
+booted with it, and re-reads after the guest dropped its page cache make the guest's hits grow in
+`hostagent stats`.  Then a build (zlib, the image's demo project: gcc, cc1, as, ld and the headers
+all exec'd and read through the mount) with the daemon killed mid-build: /usr stays usable (the
+keeper detaches the mount, guestagent.mountkeeper), the build finishes from the backing files, the
+daemon comes back and the pool serves the next build's re-reads.  Then with a configuration of the
+test's own.  A lab of its own (one guest), torn down at the end; no skips.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ G = Guest(NAME)
 FILES, FILE_PAGES = 40, 64  # 10 MiB
 PASSES = 3
 DEFAULT_FILES, DEFAULT_PAGES = 40, 128  # 20 MiB
-COVERED = "/srv/precache"  # the image's default mount covers it (scripts/build_image.py)
-PROJECT = f"{COVERED}/zlib"  # the image's demo project, configured at image build time
+COVERED = "/usr"  # the image's default mount covers it (scripts/build_image.py)
+AREA = "/srv/precache"  # the build area: a symlink to a directory under /usr
+PROJECT = f"{AREA}/zlib"  # the image's demo project, configured at image build time
 BUILD = "make -s clean && make -s libz.a example minigzip && ./example >/dev/null"
 CONFIG = """\
 [[precache]]
@@ -67,37 +70,46 @@ def hits_reported(at_least: int) -> bool:
 
 
 def covered() -> int:
-    """How many precache mounts cover /srv/precache in the guest (0 or 1)."""
+    """How many precache mounts cover /usr in the guest (0 or 1)."""
     return int(G.run("sh", "-c", f"grep -c '^precache {COVERED} fuse' /proc/mounts || true").strip())
 
 
 def test_default_mount_shows_precache_hits_growing_in_hostagent_stats(running: dict[str, Any]) -> None:
-    """The image's own config: mount (over the build area itself) and pool up with no step of ours;
-    re-reads of a file set after the guest dropped its page cache make the hits grow in
-    `hostagent stats`, run after run."""
+    """The image's own config: mount (over /usr itself) and pool up with no step of ours, the guest
+    booted with it; re-reads of a file set after the guest dropped its page cache make the hits grow
+    in `hostagent stats`, run after run."""
     G.wait_until(mounted, 120, "the image's default precache mount and its pool")
     st = G.agent_stats()
     assert st["precache"]["mountpoint"] == COVERED and st["precache"]["backing"] == COVERED
     assert covered() == 1
-    assert G.run("readlink", "/mnt/precache").strip() == COVERED  # the old path still leads there
+    for old in (AREA, "/mnt/precache"):  # the old paths lead to the build area, under the mount
+        assert G.run("readlink", "-f", old).strip() == "/usr/local/src/precache"
+    assert G.run("stat", "-c", "%m", "/usr/local/src/precache/.").strip() == COVERED
     assert st["preswap"]["running"] is True  # the default's other half
+    # the guest came up with /usr served by the daemon: no unit failed, and the daemon itself runs
+    # where /usr is the tree underneath (its own mount namespace)
+    print("system state:", G.exec("systemctl", "is-system-running")[1].strip())
+    assert G.run("systemctl", "--failed", "--no-legend", "--plain").strip() == ""
+    pid = G.run("systemctl", "show", "-p", "MainPID", "--value", AGENT_UNIT).strip()
+    assert G.run("readlink", f"/proc/{pid}/ns/mnt") != G.run("readlink", "/proc/1/ns/mnt")
+    assert G.exec("grep", "-q", " /usr fuse", f"/proc/{pid}/mounts")[0] != 0
     made = json.loads(
         G.run(
             "python3",
             "-",
             "make",
-            f"{COVERED}/reread",
+            f"{AREA}/reread",
             str(DEFAULT_FILES),
             str(DEFAULT_PAGES),
             stdin=WORKLOAD,
         )
     )
-    sums = f"{COVERED}/sums.json"  # `make` writes it beside the file set's directory
+    sums = f"{AREA}/sums.json"  # `make` writes it beside the file set's directory
     hits = []
     for _ in range(2):
         G.drop_caches()  # the guest's page cache lets the set go; the pool has it
         out = json.loads(
-            G.run("python3", "-", "read", f"{COVERED}/reread", "1", sums, stdin=WORKLOAD, timeout=900)
+            G.run("python3", "-", "read", f"{AREA}/reread", "1", sums, stdin=WORKLOAD, timeout=900)
         )
         assert out["bad"] == [], out
         hits_now = G.agent_stats()["precache"]["hits"]
@@ -109,17 +121,20 @@ def test_default_mount_shows_precache_hits_growing_in_hostagent_stats(running: d
     # the set was written through the mount, so its pages were put as written: both passes after
     # the drop find (nearly) all of them in tmem
     assert hits[0] > 0 and hits[1] - hits[0] >= 0.9 * made["bytes"] // 4096, hits
-    G.run("rm", "-rf", f"{COVERED}/reread", sums)
+    G.run("rm", "-rf", f"{AREA}/reread", sums)
 
 
 def test_a_build_in_the_covered_tree_survives_the_daemon_and_its_rereads_come_from_tmem(
     running: dict[str, Any],
 ) -> None:
-    """zlib builds in the covered tree; the daemon is SIGKILLed mid-build: fusermount3 unmounts
-    (auto_unmount), the tree underneath is usable at once, and the build, run again, finishes from
-    the backing files; systemd brings the daemon back, the mount returns, and after the guest
-    dropped its page cache the next build's re-reads of sources and headers come from the pool."""
+    """zlib builds in the covered tree with the covered toolchain; the daemon is SIGKILLed mid-build:
+    the keeper detaches the mount, /usr underneath is usable at once, and the build, run again,
+    finishes from the backing files; systemd brings the daemon back, the mount returns, and after
+    the guest dropped its page cache the next build's re-reads of the compiler, its headers and
+    libraries, and the sources come from the pool."""
     G.wait_until(mounted, 120, "the precache mount")
+    cc1 = G.run("gcc", "-print-prog-name=cc1").strip()
+    assert G.run("stat", "-c", "%m", cc1).strip() == COVERED, cc1  # the compiler, through the mount
     G.run("sh", "-c", f"cd {PROJECT} && {BUILD}", timeout=1800)  # a whole build, through the mount
     pid = G.spawn("sh", "-c", f"cd {PROJECT} && {BUILD}")
     G.wait_until(lambda: G.exec("test", "-e", f"{PROJECT}/adler32.o")[0] == 0, 600, "the build under way")
@@ -146,6 +161,9 @@ def test_a_build_in_the_covered_tree_survives_the_daemon_and_its_rereads_come_fr
     assert delta["hits"] > 0.5 * delta["gets"] > 0, delta  # sources and headers from the pool
     assert delta["bytes_from_tmem"] > delta["bytes_from_disk"], delta
     assert delta["written_puts"] > 0, delta  # the objects it wrote, kept clean in the pool
+    # far more than the project's own files: the toolchain's pages came from the pool too
+    project_bytes = int(G.run("du", "-sb", f"{PROJECT}/.").split()[0])
+    assert delta["bytes_from_tmem"] > 2 * project_bytes, (delta, project_bytes)
 
 
 def test_precache_mount_in_a_guest_serves_rereads_from_tmem(running: dict[str, Any]) -> None:
