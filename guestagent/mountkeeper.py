@@ -18,11 +18,12 @@ these.  So the daemon and its mount live in two mount namespaces (docs/precache.
   dies (SIGKILL, OOM) the keeper reads EOF on its socket and detaches every mount it made: the
   tree underneath is usable again within milliseconds (auto_unmount, without fusermount3).
 
-The keeper ignores SIGTERM, SIGINT and SIGHUP (systemd sends SIGTERM to the whole unit when the
-daemon stops: the keeper must outlive the daemon to detach after it), and asks the OOM killer to
-spare it.  After the mount it opens no path but /proc/self/fd/N, so it never reads through it
-either.  It unmounts a mount by a descriptor of its root, not by path: the next daemon's mount,
-stacked on the same path while this one is being taken down, stays.
+At SIGTERM (systemd sends it to the whole unit when the daemon stops) the keeper detaches its mounts
+at once, then stays until the daemon is gone: systemd's SIGKILL after the stop timeout finds nothing
+left to take down.  It asks the OOM killer to spare it.  After the mount it opens no path but
+/proc/self/fd/N, so it never reads through it either.  It unmounts a mount by a descriptor of its
+root, not by path: the next daemon's mount, stacked on the same path while this one is being taken
+down, stays.
 """
 
 from __future__ import annotations
@@ -136,16 +137,66 @@ def leave_namespace() -> None:
 # ------------------------------------------------------------------------------- the keeper
 
 
+class _Mounts:
+    """The keeper's mounts: mountpoint -> an O_PATH descriptor of the mount's root."""
+
+    def __init__(self) -> None:
+        self.roots: dict[str, int] = {}
+        self.stopping = False  # told to stop (SIGTERM): what it mounts from now on goes at once
+
+    def stop(self, *_: object) -> None:
+        """Detach every mount (a signal handler: systemd's stop sends SIGTERM to the whole unit, and
+        its SIGKILL after the stop timeout must find nothing left to take down)."""
+        self.stopping = True
+        for mountpoint in list(self.roots):
+            with contextlib.suppress(OSError):
+                self.unmount(mountpoint)
+
+    def mount(self, mountpoint: str, fuse_fd: int, root_mode: int, allow_other: bool) -> None:
+        if mountpoint in self.roots:
+            raise OSError(errno.EBUSY, f"{mountpoint} is already mounted by this keeper")
+        # a mount whose server died with its keeper (SIGKILL of both): every access fails
+        for _ in range(8):
+            try:
+                os.stat(mountpoint)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
+                    raise
+                _umount_detach(mountpoint)
+        data = fuse_mount_data(fuse_fd, root_mode, os.getuid(), os.getgid(), allow_other=allow_other)
+        _mount(FSNAME, mountpoint, "fuse", MS_NODEV, data)  # suid kept: /usr holds su, mount, passwd
+        # the root of the mount just made (the path now ends there); O_PATH asks nothing of FUSE
+        try:
+            self.roots[mountpoint] = os.open(mountpoint, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            _umount_detach(mountpoint)
+            raise
+        if self.stopping:
+            self.unmount(mountpoint)
+            raise OSError(errno.ESHUTDOWN, "the mount keeper is stopping")
+
+    def unmount(self, mountpoint: str) -> None:
+        fd = self.roots.pop(mountpoint, None)
+        if fd is None:
+            raise OSError(errno.ENOENT, f"{mountpoint} is not mounted by this keeper")
+        try:
+            _umount_detach(f"/proc/self/fd/{fd}")  # this mount, whatever is stacked on its path now
+        finally:
+            os.close(fd)
+
+
 def _serve(sock: socket.socket) -> NoReturn:
-    """The keeper's whole life: mount and unmount on request, detach everything at EOF.  Everything
-    it needs is imported and loaded before the fork; it ends with os._exit (no atexit handlers)."""
+    """The keeper's whole life: mount and unmount on request, detach everything at EOF or SIGTERM.
+    Everything it needs is imported and loaded before the fork; it ends with os._exit (no atexit
+    handlers)."""
+    mounts = _Mounts()
     try:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
-            signal.signal(sig, signal.SIG_IGN)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, mounts.stop)  # detach, but stay: the daemon may still ask
         with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as f:
             f.write("-1000")
         _libc.prctl(PR_SET_NAME, b"tmem-keeper", 0, 0, 0)
-        roots: dict[str, int] = {}  # mountpoint -> O_PATH descriptor of the mount's root
         while True:
             try:
                 message, fds, _, _ = socket.recv_fds(sock, _MAX_MESSAGE, 1)
@@ -153,57 +204,25 @@ def _serve(sock: socket.socket) -> NoReturn:
                 break
             if not message:
                 break  # the daemon is gone: its mounts go with it
-            op, args = decode(message)
             try:
+                op, args = decode(message)
                 if op == "mount" and len(args) == 3 and len(fds) == 1:
-                    _keeper_mount(roots, args[0], fds[0], int(args[1], 8), args[2] == "1")
+                    mounts.mount(args[0], fds[0], int(args[1], 8), args[2] == "1")
                 elif op == "unmount" and len(args) == 1:
-                    _keeper_unmount(roots, args[0])
+                    mounts.unmount(args[0])
                 else:
                     raise OSError(errno.EINVAL, f"bad request {op!r}")
                 reply = encode("ok")
-            except OSError as exc:
-                reply = encode("error", str(exc.errno or errno.EIO), str(exc))
+            except (OSError, ValueError) as exc:
+                code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL
+                reply = encode("error", str(code), str(exc).replace("\0", " "))
             finally:
                 for fd in fds:
                     os.close(fd)  # the mount holds the connection; the daemon holds the descriptor
             sock.send(reply)
-        for mountpoint in list(roots):
-            with contextlib.suppress(OSError):
-                _keeper_unmount(roots, mountpoint)
     finally:
+        mounts.stop()
         os._exit(0)
-
-
-def _keeper_mount(
-    roots: dict[str, int], mountpoint: str, fuse_fd: int, root_mode: int, allow_other: bool
-) -> None:
-    if mountpoint in roots:
-        raise OSError(errno.EBUSY, f"{mountpoint} is already mounted by this keeper")
-    # a mount whose server died with its keeper (SIGKILL of both): every access fails ENOTCONN
-    for _ in range(8):
-        try:
-            os.stat(mountpoint)
-            break
-        except OSError as exc:
-            if exc.errno != errno.ENOTCONN:
-                raise
-            _umount_detach(mountpoint)
-    data = fuse_mount_data(fuse_fd, root_mode, os.getuid(), os.getgid(), allow_other=allow_other)
-    _mount(FSNAME, mountpoint, "fuse", MS_NODEV, data)  # suid kept: /usr holds su, mount, passwd
-    # the root of the mount just made (mount(2) returned, the path now ends there); O_PATH needs
-    # nothing of the FUSE server
-    roots[mountpoint] = os.open(mountpoint, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-
-
-def _keeper_unmount(roots: dict[str, int], mountpoint: str) -> None:
-    fd = roots.pop(mountpoint, None)
-    if fd is None:
-        raise OSError(errno.ENOENT, f"{mountpoint} is not mounted by this keeper")
-    try:
-        _umount_detach(f"/proc/self/fd/{fd}")  # this mount, whatever is stacked on its path now
-    finally:
-        os.close(fd)
 
 
 @dataclass

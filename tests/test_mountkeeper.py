@@ -145,3 +145,13 @@ def test_a_daemon_over_its_own_package_imports_late_and_stops_cleanly(
     check(result)
     assert result["preswap_running"], result
     assert result["daemon_rc"] == 0, result
+
+
+def test_systemds_stop_sigterm_to_daemon_and_keeper_leaves_usr_as_it_was(
+    host_agent: HostAgentProcess, work: Path
+) -> None:
+    """systemd stops the unit with SIGTERM to every process in it: the keeper detaches at once and
+    stays until the daemon, which stops cleanly, is gone."""
+    result = cover(host_agent, work, "/usr", "/usr/bin", "--stop", "TERM-ALL")
+    check(result)
+    assert result["daemon_rc"] == 0, result

@@ -87,7 +87,12 @@ def main() -> int:
     p.add_argument("--sample", required=True, help="a directory under the tree whose files are compared")
     p.add_argument("--exec", action="append", default=[], help="a command (JSON argv) run through the mount")
     p.add_argument("--preswap", action="store_true", help="also serve preswap (the daemon imports it late)")
-    p.add_argument("--stop", choices=("KILL", "TERM"), default="KILL")
+    p.add_argument(
+        "--stop",
+        choices=("KILL", "TERM", "TERM-ALL"),
+        default="KILL",
+        help="SIGKILL or SIGTERM to the daemon, or SIGTERM to the daemon and its keeper (systemd's stop)",
+    )
     args = p.parse_args()
     tree, work = os.path.realpath(args.tree), Path(args.workdir)
     commands = [json.loads(c) for c in args.exec]
@@ -144,6 +149,9 @@ def main() -> int:
         out["exec_rcs_again"] = runs(commands)
         stop = time.monotonic()
         daemon.send_signal(signal.SIGKILL if args.stop == "KILL" else signal.SIGTERM)
+        if args.stop == "TERM-ALL":
+            for keeper in keepers:
+                os.kill(int(keeper), signal.SIGTERM)
         dead: list[int] = []  # stats that met the dead mount before the detach (ENOTCONN, ECONNABORTED)
 
         def original() -> bool:
