@@ -93,11 +93,26 @@ class Guest:
             raise GuestCommandFailed(f"{self.name}: guestagent check: {result}")
         return result
 
+    def agent_systemctl(self, *args: str) -> str:
+        """systemctl ARGS, for a command that ends the running guest agent (stop, restart, kill):
+        run in the daemon's own mount namespace, where /usr is the tree underneath.  Exec'd through
+        the daemon's precache mount over /usr, systemctl could die of SIGBUS paging its code in
+        after the daemon it stopped is gone (docs/precache.md, limits).  nsenter execs systemctl in
+        place, so nothing of the mount stays mapped."""
+        pid = self.run("systemctl", "show", "-p", "MainPID", "--value", AGENT_UNIT).strip()
+        if pid not in ("", "0"):
+            rc, out, err = self.exec("nsenter", f"--mount=/proc/{pid}/ns/mnt", "systemctl", *args)
+            if rc == 0:
+                return out
+            if not err.startswith("nsenter:"):
+                raise GuestCommandFailed(f"{self.name}: systemctl {' '.join(args)} exited {rc}: {out}{err}")
+        return self.run("systemctl", *args)  # no daemon, or it went before nsenter could enter
+
     def restart_agent(self) -> None:
-        self.run("systemctl", "restart", AGENT_UNIT)
+        self.agent_systemctl("restart", AGENT_UNIT)
 
     def stop_agent(self) -> None:
-        self.run("systemctl", "stop", AGENT_UNIT)
+        self.agent_systemctl("stop", AGENT_UNIT)
 
     def start_agent(self) -> None:
         self.run("systemctl", "start", AGENT_UNIT)

@@ -138,7 +138,8 @@ def test_a_build_in_the_covered_tree_survives_the_daemon_and_its_rereads_come_fr
     G.run("sh", "-c", f"cd {PROJECT} && {BUILD}", timeout=1800)  # a whole build, through the mount
     pid = G.spawn("sh", "-c", f"cd {PROJECT} && {BUILD}")
     G.wait_until(lambda: G.exec("test", "-e", f"{PROJECT}/adler32.o")[0] == 0, 600, "the build under way")
-    G.run("systemctl", "kill", "-s", "KILL", "--kill-whom=main", AGENT_UNIT)
+    killed = G.run("systemctl", "show", "-p", "MainPID", "--value", AGENT_UNIT).strip()
+    G.agent_systemctl("kill", "-s", "KILL", "--kill-whom=main", AGENT_UNIT)
     rc, out, err = G.wait(pid, 1800, "the interrupted build")
     print(f"the build the daemon died under: exit {rc} {(out + err)[-300:]!r}")
     # the tree is usable again at once (fusermount3 unmounted it, or the new daemon cleared a dead
@@ -147,6 +148,7 @@ def test_a_build_in_the_covered_tree_survives_the_daemon_and_its_rereads_come_fr
     G.wait_until(lambda: G.exec("test", "-e", f"{PROJECT}/Makefile")[0] == 0, 60, "the tree usable")
     G.run("sh", "-c", f"cd {PROJECT} && {BUILD}", timeout=1800)
     G.wait_until(mounted, 120, "the daemon and its mount back (systemd)")
+    assert G.run("systemctl", "show", "-p", "MainPID", "--value", AGENT_UNIT).strip() != killed
     assert covered() == 1
     G.run("sh", "-c", f"cd {PROJECT} && {BUILD}", timeout=1800)  # through the new mount: puts
     before = G.agent_stats()["precache"]
