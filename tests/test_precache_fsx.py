@@ -32,9 +32,9 @@ from tests.support.host_agent import HostAgentProcess
 from tests.support.precache_mount import PrecacheMount
 
 SEEDS = (1, 2, 3, 4)
-# 25,000 a seed, 100,000 in all. Measured on this 2-core host: about 300 operations a second through
-# one mount (the shim's round trips; a tmpfs backing, 2.3 times faster than the ext4 /tmp), about 850
-# with two mounts at once, the load average at 7 from other work: about 2 minutes.
+# 25,000 a seed, 100,000 in all. Measured on this 2-core host, the load average at 8 to 11 from other
+# work: about 300 operations a second through one mount (the shim's round trips; a tmpfs backing, 2.3
+# times faster than the ext4 /tmp), 680 with two mounts at once: 150 s.
 OPS_PER_SEED = 25_000
 MOUNTS = 2  # two shims at once: one leaves the two cores half idle, waiting on round trips
 MAX_LEN = 32 << 10  # fsx's default is 64 KiB: 30% fewer operations a second here (560/s against 720/s)
