@@ -110,6 +110,8 @@ def probe_fallocate(fd: int, at: int) -> set[str]:
 
 @dataclass(frozen=True)
 class Op:
+    """One line of the operation log: what ran, on which range, and the size it left."""
+
     n: int
     name: str
     off: int
