@@ -46,6 +46,7 @@ TIERS: dict[str, str] = {
     "test_precache_stress": "process",
     "test_precache_users": "process",
     "test_precache_writes": "process",
+    "test_precache_fsx": "process",
     "test_hostile_guest": "process",
     "test_cli_pipes": "process",
     "test_swapdev": "process",  # a real arena, and a real process for the peer check
