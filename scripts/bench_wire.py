@@ -67,7 +67,7 @@ import trio
 from guestagent.channel import PendingGet, PendingPut, PoolHandle, open_channel
 from guestagent.protocol import wire
 from guestagent.protocol.jsonline import is_listening
-from scripts.processes import stop, wait_started
+from scripts.processes import hostagent, stop, wait_started
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -431,16 +431,7 @@ def main() -> int:
             )
             procs.append(
                 _start(
-                    [
-                        sys.executable,
-                        "-m",
-                        "hostagent",
-                        "run",
-                        "--config",
-                        str(_config(tmp, shm)),
-                        "--log-level",
-                        "WARNING",
-                    ],
+                    hostagent("run", "--config", str(_config(tmp, shm)), "--log-level", "WARNING"),
                     lambda: all(is_listening(path) for path in guests.values()),
                     "hostagent run",
                     stderr=log,

@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+import sys
 from collections.abc import Callable
 
 from scripts.wait import wait_until
 
 START_TIMEOUT = 15.0
+
+
+def hostagent(*args: str) -> list[str]:
+    """The argv of `hostagent ARGS` as this interpreter runs it (`python -m`: no install needed)."""
+    return [sys.executable, "-m", "hostagent", *args]
+
+
+def preswap_workload(socket: str, pages: int, budget: int, ops: int, *extra: str) -> list[str]:
+    """The argv of one checked preswap workload: `ops` random reads and writes on a region of
+    `pages` pages, `budget` of them resident, through the swapper listening on `socket`."""
+    sizes = ("--pages", str(pages), "--budget", str(budget), "--ops", str(ops))
+    return [sys.executable, "-m", "guestagent.preswap_workload", "--socket", socket, *sizes, *extra]
 
 
 def wait_started(

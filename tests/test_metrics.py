@@ -7,7 +7,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -220,19 +219,7 @@ def test_families_label_domains_by_name_and_uuid() -> None:
 @pytest.fixture
 def watch(agent: HostAgentProcess) -> Iterator[subprocess.Popen[str]]:
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-W",
-            "ignore",
-            "-m",
-            "hostagent",
-            "stats",
-            "--watch",
-            "0.3",
-            "--compact",
-            "--control",
-            agent.control,
-        ],
+        agent.cli_argv("stats", "--watch", "0.3", "--compact"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -266,19 +253,7 @@ def test_stats_watch_compact_appends_lines_without_escape_codes(
 
 def test_stats_json_watch_is_one_object_per_line(agent: HostAgentProcess) -> None:
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-W",
-            "ignore",
-            "-m",
-            "hostagent",
-            "stats",
-            "--watch",
-            "0.2",
-            "--json",
-            "--control",
-            agent.control,
-        ],
+        agent.cli_argv("stats", "--watch", "0.2", "--json"),
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -296,19 +271,7 @@ def test_stats_watch_on_a_terminal_redraws_unless_append(agent: HostAgentProcess
 
     main, sub = pty.openpty()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-W",
-            "ignore",
-            "-m",
-            "hostagent",
-            "stats",
-            "--watch",
-            "0.2",
-            "--control",
-            agent.control,
-            *(["--append"] if append else []),
-        ],
+        agent.cli_argv("stats", "--watch", "0.2", *(["--append"] if append else [])),
         stdout=sub,
         stderr=subprocess.DEVNULL,
     )
