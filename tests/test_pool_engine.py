@@ -679,19 +679,10 @@ def test_crc32_slots_of_an_older_arena_are_still_verified(harness: Harness) -> N
     pool = next(p for p in engine._pools.values() if p.persistent)
     for i, ref in pool.objects[oid(1)].items():  # rewrite each header as the old version did
         offset = ref >> REF_SHIFT
-        _, handle, generation, key, index, _, _, encoding, _ = arena.header(offset)
-        crc = crc32_checksum(handle, generation, key, index, encoding, pages[i])
-        arena.write(
-            offset,
-            handle,
-            generation,
-            key,
-            index,
-            encoding,
-            pages[i],
-            crc ^ (1 if i == 3 else 0),
-            FLAG_CHECKSUM,
-        )  # slot 3: a bad checksum
+        h = arena.header(offset)
+        crc = crc32_checksum(h.handle, h.generation, h.oid, h.index, h.encoding, pages[i])
+        bad = 1 if i == 3 else 0  # slot 3: a bad checksum
+        arena.write(offset, h._replace(crc=crc ^ bad, flags=FLAG_CHECKSUM), pages[i])
 
     engine2 = harness.open()
     a2 = engine2.client("g1")
