@@ -277,19 +277,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def _attach(args: argparse.Namespace) -> int:
     from hostagent import attach as attachmod
-    from hostagent import virt
+    from hostagent import libvirtconn
 
     cfg = configmod.load(args.config) if args.config else configmod.Config()
-    uri = args.uri or cfg.libvirt.uri
-    try:
-        import libvirt
-    except ImportError:
-        raise OpError("libvirt-python is not installed") from None
-    libvirt.registerErrorHandler(lambda _c, _e: None, None)
-    try:
-        conn = libvirt.open(uri)
-    except libvirt.libvirtError as err:
-        raise OpError(f"cannot connect to libvirt at {uri}: {virt._msg(err)}") from None
+    conn = libvirtconn.connect(args.uri or cfg.libvirt.uri, OpError)
     try:
         fn = attachmod.attach if args.command == "attach" else attachmod.detach
         change = fn(conn, args.domain, attachmod.devices(cfg.libvirt.channel))

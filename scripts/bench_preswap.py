@@ -39,19 +39,13 @@ from typing import Any
 
 from guestagent import preswap
 from guestagent.protocol.jsonline import is_listening
-from scripts.processes import hostagent, preswap_workload, stop, wait_started
+from scripts.processes import bench_config, hostagent, preswap_workload, stop, wait_started
 
 PAGE = preswap.PAGE
 
 
 def _config(tmp: Path, shm: Path) -> Path:
-    config = tmp / "hostagent.toml"
-    config.write_text(
-        f'[pool]\nlimit_mib = 512\nhost_reserve_mib = 0\narena_dir = "{shm}/arena"\n'
-        f'[control]\nsocket = "{tmp}/control.sock"\n[channels]\ndir = "{tmp}/guests"\n'
-        '[libvirt]\nenabled = false\n[[guest]]\nname = "bench"\ncompress = false\n'
-    )
-    return config
+    return bench_config(tmp, shm / "arena", 512, '[[guest]]\nname = "bench"\ncompress = false\n')
 
 
 def _pass(sock: str, pages: int, budget: int, write_first: bool, reads: int) -> dict[str, Any]:
