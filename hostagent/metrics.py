@@ -21,21 +21,6 @@ KINDS = ("ephemeral", "persistent")
 GUEST_LABELS = ("domain", "uuid")
 KIND_LABELS = ("domain", "uuid", "kind")
 
-# The pool's and the agent's own: (metric, "section.key" in stats, help), gauges then counters.
-_OWN_GAUGES = (
-    ("tmem_pool_limit_bytes", "pool.limit_bytes", "Hard ceiling of pool memory ([pool] limit_mib)."),
-    ("tmem_pool_budget_bytes", "pool.budget_bytes", "What the pool may use now (limit less reserve)."),
-    ("tmem_pool_used_bytes", "pool.used_bytes", "Arena bytes holding pages."),
-    ("tmem_pool_resident_bytes", "pool.resident_bytes", "Arena bytes resident in tmpfs."),
-    ("tmem_host_available_bytes", "pool.host_available_bytes", "Host's available memory, last sampled."),
-    ("tmem_pools", "pool.pools", "Pools open (private and shared)."),
-    ("tmem_agent_uptime_seconds", "agent.uptime", "Seconds since the host agent started."),
-)
-_OWN_COUNTERS = (
-    ("tmem_pool_evictions", "pool.evictions", "Ephemeral pages evicted by the host."),
-    ("tmem_pool_compactions", "pool.compactions", "Size classes compacted to free a slab."),
-    ("tmem_agent_cpu_seconds", "agent.cpu_seconds", "Host agent's CPU time (user + system)."),
-)
 # Per guest and pool kind: (metric name without _total, engine counter, help). Counters.
 _GUEST_COUNTERS = (
     ("tmem_guest_puts", "puts", "Pages the guest put."),
@@ -105,18 +90,40 @@ def families(stats: Mapping[str, Any]) -> list[Metric]:
 def _pool_families(stats: Mapping[str, Any]) -> list[Metric]:
     """The pool's and the agent's own figures."""
     out: list[Metric] = []
-    for family, table in ((GaugeMetricFamily, _OWN_GAUGES), (CounterMetricFamily, _OWN_COUNTERS)):
-        for metric, where, doc in table:
-            section, key = where.split(".")
-            value = (stats.get(section) or {}).get(key)
-            if isinstance(value, int | float):
-                out.append(family(metric, doc, value=value))
     pool = stats.get("pool", {})
+
+    def gauge(name: str, doc: str, value: Any) -> None:
+        if isinstance(value, int | float):
+            out.append(GaugeMetricFamily(name, doc, value=value))
+
+    def counter(name: str, doc: str, value: Any) -> None:
+        if isinstance(value, int | float):
+            out.append(CounterMetricFamily(name, doc, value=value))
+
+    gauge("tmem_pool_limit_bytes", "Hard ceiling of pool memory ([pool] limit_mib).", pool.get("limit_bytes"))
+    gauge(
+        "tmem_pool_budget_bytes",
+        "What the pool may use now (limit, less the host reserve).",
+        pool.get("budget_bytes"),
+    )
+    gauge("tmem_pool_used_bytes", "Arena bytes holding pages.", pool.get("used_bytes"))
+    gauge("tmem_pool_resident_bytes", "Arena bytes resident in tmpfs.", pool.get("resident_bytes"))
+    gauge(
+        "tmem_host_available_bytes",
+        "Host's available memory, as the pool last sampled it.",
+        pool.get("host_available_bytes"),
+    )
+    gauge("tmem_pools", "Pools open (private and shared).", pool.get("pools"))
+    counter("tmem_pool_evictions", "Ephemeral pages evicted by the host.", pool.get("evictions"))
+    counter("tmem_pool_compactions", "Size classes compacted to free a slab.", pool.get("compactions"))
     pages = GaugeMetricFamily("tmem_pool_pages", "Pages in the pool, by pool kind.", labels=["kind"])
     for kind in KINDS:
         if isinstance(pool.get(f"{kind}_pages"), int):
             pages.add_metric([kind], pool[f"{kind}_pages"])
     out.append(pages)
+    agent = stats.get("agent") or {}
+    counter("tmem_agent_cpu_seconds", "Host agent's CPU time (user + system).", agent.get("cpu_seconds"))
+    gauge("tmem_agent_uptime_seconds", "Seconds since the host agent started.", agent.get("uptime"))
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import subprocess
 import time
@@ -276,18 +277,13 @@ def test_stats_watch_on_a_terminal_redraws_unless_append(agent: HostAgentProcess
         stderr=subprocess.DEVNULL,
     )
     os.close(sub)
-    time.sleep(1.0)
+    out = b""
+    deadline = time.monotonic() + 30  # two samples, however slow a busy machine starts Python
+    while out.count(b"pool: ") < 2 and time.monotonic() < deadline:
+        if select.select([main], [], [], 1.0)[0]:
+            out += os.read(main, 65536)
     proc.terminate()
     proc.wait(10)
-    out = b""
-    while True:
-        try:
-            chunk = os.read(main, 65536)
-        except OSError:  # EIO: the writer is gone
-            break
-        if not chunk:
-            break
-        out += chunk
     os.close(main)
     assert out.count(b"pool: ") >= 2, out
     assert (b"\x1b[2J" in out) is not append
