@@ -16,7 +16,8 @@ from setuptools import setup
 # The list of compiled modules lives in hostagent/compiled.txt (scripts/setup and the stale-source
 # fallback in hostagent/__init__.py read it too).
 COMPILED = [
-    line.strip() for line in (Path(__file__).parent / "hostagent" / "compiled.txt").read_text().splitlines()
+    line.strip()
+    for line in (Path(__file__).parent / "hostagent" / "compiled.txt").read_text().splitlines()
     if line.strip() and not line.startswith("#")
 ]
 

@@ -93,19 +93,11 @@ MMDEBSTRAP_OPTIONS = (
     "--dpkgopt=path-exclude=/usr/share/locale/*",
     "--dpkgopt=path-exclude=/usr/share/info/*",
 )
-# Packages whose versions go into the manifest.
-MANIFEST_PACKAGES = (
-    "linux-image-amd64",
-    "systemd",
-    "python3",
-    "python3-pyfuse3",
-    "python3-trio",
-    "python3-lz4",
-    "python3-psutil",
-    "fuse3",
-    "qemu-guest-agent",
-    "gcc",
-    "make",
+# Packages whose versions go into the manifest: all but the plumbing.
+MANIFEST_PACKAGES = tuple(
+    p
+    for p in PACKAGES
+    if p not in {"initramfs-tools", "systemd-sysv", "udev", "dbus", "kmod", "procps", "libc6-dev"}
 )
 # Drivers the guest cannot boot without: built in (=y) or in the initramfs.
 BOOT_DRIVERS = ("virtio_pci", "virtio_blk", "ext4")
@@ -257,27 +249,25 @@ def sources(mirror: str, security_mirror: str) -> list[str]:
     ]
 
 
+class _File:
+    """An image's file: `image.base` is the path of base.qcow2 in that image's directory."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, image: Image, owner: type[Image] | None = None) -> Path:
+        return image.directory / self.name
+
+
 @dataclass(frozen=True)
 class Image:
     """A built (or to-be-built) image directory."""
 
     directory: Path
-
-    @property
-    def base(self) -> Path:
-        return self.directory / "base.qcow2"
-
-    @property
-    def kernel(self) -> Path:
-        return self.directory / "vmlinuz"
-
-    @property
-    def initrd(self) -> Path:
-        return self.directory / "initrd.img"
-
-    @property
-    def manifest_path(self) -> Path:
-        return self.directory / "manifest.json"
+    base = _File("base.qcow2")
+    kernel = _File("vmlinuz")
+    initrd = _File("initrd.img")
+    manifest_path = _File("manifest.json")
 
     def is_built(self) -> bool:
         return all(p.is_file() for p in (self.base, self.kernel, self.initrd, self.manifest_path))
@@ -371,8 +361,9 @@ class Build:
         return self.work / "rootfs"
 
     @property
-    def out(self) -> Path:
-        return self.work / "out"
+    def out(self) -> Image:
+        """The image as it is built; renamed into the cache when done."""
+        return Image(self.work / "out")
 
     def run(self, cmd: Sequence[str]) -> str:
         """Run a command, its output appended to the current step's log; raise on failure."""
@@ -592,11 +583,11 @@ class Build:
 
     def extract_kernel(self) -> None:
         version = self.kernel_version()
-        self.out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.rootfs / f"boot/vmlinuz-{version}", self.out / "vmlinuz")
-        shutil.copyfile(self.rootfs / f"boot/initrd.img-{version}", self.out / "initrd.img")
-        for name in ("vmlinuz", "initrd.img"):
-            (self.out / name).chmod(0o644)
+        self.out.directory.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.rootfs / f"boot/vmlinuz-{version}", self.out.kernel)
+        shutil.copyfile(self.rootfs / f"boot/initrd.img-{version}", self.out.initrd)
+        for path in (self.out.kernel, self.out.initrd):
+            path.chmod(0o644)
 
     def make_filesystem(self) -> None:
         raw = self.work / "root.raw"
@@ -627,18 +618,18 @@ class Build:
         self.run(["e2fsck", "-f", "-n", str(raw)])
 
     def convert(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.out.directory.mkdir(parents=True, exist_ok=True)
         raw = self.work / "root.raw"
-        self.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(self.out / "base.qcow2")])
-        (self.out / "base.qcow2").chmod(0o644)
+        self.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(self.out.base)])
+        self.out.base.chmod(0o644)
         raw.unlink()
 
     def manifest(self, recipe: str, started: float) -> dict[str, Any]:
         admin = str(self.rootfs / "var/lib/dpkg")
         listing = self.run(["dpkg-query", f"--admindir={admin}", "-W", "-f=${Package}\t${Version}\n"])
         versions = dict(line.split("\t", 1) for line in listing.splitlines() if "\t" in line)
-        (self.out / "packages.txt").write_text(listing)
-        info = json.loads(self.run(["qemu-img", "info", "--output=json", str(self.out / "base.qcow2")]))
+        (self.out.directory / "packages.txt").write_text(listing)
+        info = json.loads(self.run(["qemu-img", "info", "--output=json", str(self.out.base)]))
         python = self.chroot("python3", "-c", "import sys; print(sys.version.split()[0])").strip()
         return {
             "recipe": recipe,
@@ -653,9 +644,13 @@ class Build:
             "python": python,
             "packages": {name: versions.get(name) for name in MANIFEST_PACKAGES},
             "package_count": len(versions),
-            "files": {"base": "base.qcow2", "kernel": "vmlinuz", "initrd": "initrd.img"},
+            "files": {
+                "base": self.out.base.name,
+                "kernel": self.out.kernel.name,
+                "initrd": self.out.initrd.name,
+            },
             "base_virtual_size_mib": info["virtual-size"] >> 20,
-            "base_file_bytes": (self.out / "base.qcow2").stat().st_size,
+            "base_file_bytes": self.out.base.stat().st_size,
             "swap_mib": SWAP_MIB,
             "guest_config": {
                 "path": GUEST_CONFIG_PATH,
@@ -729,7 +724,7 @@ def build(
 
             def write_manifest() -> None:
                 data = b.manifest(recipe, started)
-                (b.out / "manifest.json").write_text(json.dumps(data, indent=2) + "\n")
+                b.out.manifest_path.write_text(json.dumps(data, indent=2) + "\n")
 
             b.step(total, total, "write the manifest", write_manifest)
         except StepFailed as failure:
@@ -746,7 +741,7 @@ def build(
             remove_tree(old)
             image.directory.rename(old)
             remove_tree(old)
-        b.out.rename(image.directory)
+        b.out.directory.rename(image.directory)
         if keep_work:
             say(f"work directory kept: {work}")
         else:
