@@ -169,7 +169,7 @@ RestartSec=1
 WantedBy=multi-user.target
 """
 
-# The host's swap device (docs/preswap-device.md), when the domain has one (hostagent.domain's
+# The host's swap device (docs/preswap-device.md), when the domain has one (scripts.domain's
 # SWAP_SERIAL): made a swap area and the highest-priority swap as soon as the disk appears, before
 # the swap file (priority -2). Discarded slots are TRIMmed, which frees their pool pages.
 SWAPDEV = "/dev/disk/by-id/virtio-tmem-swap"
