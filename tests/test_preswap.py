@@ -2,8 +2,8 @@
 
 The swapper (`scripts/preswap_swapper.py`: one without the daemon) holds its own channel to the
 host agent as guest g1; applications are separate processes (`python -m
-guestagent.preswap_workload`) or this test process itself: either way no fault is ever handled in
-the faulting process.  The 100,000+ fault soak of issue 5 is `python -m guestagent.preswap_workload
+scripts.preswap_workload`) or this test process itself: either way no fault is ever handled in
+the faulting process.  The 100,000+ fault soak of issue 5 is `python -m scripts.preswap_workload
 --ops 140000` against the same setup (`scripts/bench_preswap.py` runs it with the fault-service
 figures); the test here does ~30,000.
 """
@@ -93,7 +93,7 @@ def workload(sw: SwapperProcess, pages: int, budget: int, ops: int, seed: int = 
         [
             sys.executable,
             "-m",
-            "guestagent.preswap_workload",
+            "scripts.preswap_workload",
             "--socket",
             sw.socket,
             "--pages",
@@ -181,7 +181,7 @@ def test_killed_application_leaves_nothing_in_tmem(
         [
             sys.executable,
             "-m",
-            "guestagent.preswap_workload",
+            "scripts.preswap_workload",
             "--socket",
             swapper.socket,
             "--pages",
@@ -265,7 +265,7 @@ def test_host_agent_sigkill_and_restart_mid_run(
         [
             sys.executable,
             "-m",
-            "guestagent.preswap_workload",
+            "scripts.preswap_workload",
             "--socket",
             swapper.socket,
             "--pages",
