@@ -143,8 +143,7 @@ def main() -> int:
                 run = subprocess.run(
                     [
                         sys.executable,
-                        "-m",
-                        "scripts.preswap_workload",
+                        str(Path(__file__).resolve().parent / "preswap_workload.py"),
                         "--socket",
                         sock,
                         "--pages",
@@ -222,8 +221,7 @@ def main() -> int:
                 soak = subprocess.run(
                     [
                         sys.executable,
-                        "-m",
-                        "scripts.preswap_workload",
+                        str(Path(__file__).resolve().parent / "preswap_workload.py"),
                         "--socket",
                         sock,
                         "--pages",

@@ -33,6 +33,7 @@ from tests.support.host_agent import HostAgentProcess, stats_json
 from tests.support.process import read_log, reap
 
 PAGE = preswap.PAGE
+WORKLOAD = Path(__file__).resolve().parent.parent / "scripts" / "preswap_workload.py"
 SWAPPER = Path(__file__).resolve().parent.parent / "scripts" / "preswap_swapper.py"
 
 
@@ -92,8 +93,7 @@ def workload(sw: SwapperProcess, pages: int, budget: int, ops: int, seed: int = 
     res = subprocess.run(
         [
             sys.executable,
-            "-m",
-            "scripts.preswap_workload",
+            str(WORKLOAD),
             "--socket",
             sw.socket,
             "--pages",
@@ -180,8 +180,7 @@ def test_killed_application_leaves_nothing_in_tmem(
     app = subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "scripts.preswap_workload",
+            str(WORKLOAD),
             "--socket",
             swapper.socket,
             "--pages",
@@ -264,8 +263,7 @@ def test_host_agent_sigkill_and_restart_mid_run(
     app = subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "scripts.preswap_workload",
+            str(WORKLOAD),
             "--socket",
             swapper.socket,
             "--pages",
