@@ -168,12 +168,8 @@ def _precache_mount(args: argparse.Namespace) -> int:
             allow_other=args.allow_other,
             auto_unmount=not args.no_auto_unmount,
         )
-    except SystemExit as exc:  # precache.mount's refusals carry their message
-        if isinstance(exc.code, str):
-            return _fail(exc.code.removeprefix("precache: "))
-        raise
-    except RuntimeError as exc:  # pyfuse3: the mount itself failed (libfuse logged why)
-        return _fail(f"cannot mount {args.mountpoint}: {exc}")
+    except precache.MountError as exc:  # not a directory, or pyfuse3 could not mount (libfuse logged why)
+        return _fail(str(exc).removeprefix("precache: "))
     return 0
 
 

@@ -307,30 +307,22 @@ class GuestAgent:
         from guestagent import precache
 
         await _clear_dead_mount(mount.mountpoint)
-        for what, path in (("backing directory", mount.backing), ("mount point", mount.mountpoint)):
-            if not os.path.isdir(path):
-                raise StartupError(f"precache: {what} {path} is not a directory")
-        fs = precache.PrecacheFS(mount.backing)  # opens the backing tree before the mount covers it
-        precache.stay_off(mount.mountpoint)
         try:
-            pyfuse3.init(fs, mount.mountpoint, precache.mount_options(mount.allow_other, auto_unmount=True))
-        except RuntimeError as exc:  # pyfuse3 says "fuse_session_mount failed" and libfuse logs why
-            fs.close()
-            raise StartupError(f"precache: cannot mount {mount.mountpoint}: {exc}") from None
-        log.info("precache: %s mounted at %s", mount.backing, mount.mountpoint)
-        self.precache = fs
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._attach_precache, fs)
-                task_status.started()
-                await pyfuse3.main()  # returns when unmounted from outside (fusermount3 -u)
-                log.warning("precache: %s was unmounted", mount.mountpoint)
-                nursery.cancel_scope.cancel()
+            async with precache.mounted(mount.backing, mount.mountpoint, allow_other=mount.allow_other) as fs:
+                log.info("precache: %s mounted at %s", mount.backing, mount.mountpoint)
+                self.precache = fs
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._attach_precache, fs)
+                    task_status.started()
+                    await pyfuse3.main()  # returns when unmounted from outside (fusermount3 -u)
+                    log.warning("precache: %s was unmounted", mount.mountpoint)
+                    nursery.cancel_scope.cancel()
+        except precache.MountError as exc:
+            raise StartupError(str(exc)) from None
         finally:
-            self.precache = None
-            pyfuse3.close(unmount=True)
-            fs.close()
-            log.info("precache: %s unmounted", mount.mountpoint)
+            if self.precache is not None:
+                self.precache = None
+                log.info("precache: %s unmounted", mount.mountpoint)
 
     async def _attach_precache(self, fs: PrecacheFS) -> None:
         """The mount's pool on the current channel; again on the next one if the channel is reopened."""
@@ -345,7 +337,7 @@ class GuestAgent:
             closed = self._channel_open
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(precache._use_channel, fs, ch)
+                    nursery.start_soon(precache.use_channel, fs, ch)
                     nursery.start_soon(self._cancel_when_reopened, ch, nursery.cancel_scope)
             except* ChannelError as group:  # trio >= 0.25 wraps it in a group, 0.22 does not
                 log.warning("precache: no pool on this channel: %s", group.exceptions[0])

@@ -19,7 +19,7 @@ smaller than the budget) against a swapper with the clock policy and one with FI
 (tmem faults) compared, readahead off.
 
 Then (unless --no-soak) the soak: a region 4x its budget under random verified reads and writes
-with 100,000+ faults (`guestagent.preswap_workload`).  Prints one JSON object; the tmem path must
+with 100,000+ faults (`scripts/preswap_workload.py`).  Prints one JSON object; the tmem path must
 beat the disk path (`targets_met`).  The swap file sits in a temp dir under /var/tmp (a disk, not
 tmpfs, where /var/tmp is on one); the page cache still absorbs much of it on an idle host.
 """

@@ -45,6 +45,9 @@ from typing import Any, TextIO
 
 ROOT = Path(__file__).resolve().parent.parent
 GUESTAGENT_DIR = ROOT / "guestagent"
+# Not product, so not in the guestagent package: the checked preswap workload the lab tests, the
+# demo and the benchmarks run in guests (`python3 -m scripts.preswap_workload`, PYTHONPATH=/opt/tmem).
+GUEST_WORKLOADS = ("scripts/__init__.py", "scripts/preswap_workload.py")
 DEFAULT_CACHE = Path(os.environ.get("TMEM_IMAGE_CACHE", "/var/cache/tmem/images"))
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 DEFAULT_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
@@ -161,7 +164,7 @@ RestartSec=1
 WantedBy=multi-user.target
 """
 
-# The host's swap device (docs/preswap-device.md), when the domain has one (hostagent.domain's
+# The host's swap device (docs/preswap-device.md), when the domain has one (scripts.domain's
 # SWAP_SERIAL): made a swap area and the highest-priority swap as soon as the disk appears, before
 # the swap file (priority -2). Discarded slots are TRIMmed, which frees their pool pages.
 SWAPDEV = "/dev/disk/by-id/virtio-tmem-swap"
@@ -205,7 +208,8 @@ def say(message: str) -> None:
 
 
 def guest_code() -> dict[str, bytes]:
-    """The guestagent package as it is now (every file but byte code), by path below the repo.
+    """The guestagent package as it is now (every file but byte code), and the lab's workloads
+    that run in the guest (`GUEST_WORKLOADS`), by path below the repo.
 
     Read once per build: the same bytes are hashed and installed, even if the package is being
     edited while the image builds.
@@ -215,6 +219,7 @@ def guest_code() -> dict[str, bytes]:
         for p in GUESTAGENT_DIR.rglob("*")
         if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
     )
+    files += [ROOT / name for name in GUEST_WORKLOADS]
     return {str(p.relative_to(ROOT)): p.read_bytes() for p in files}
 
 

@@ -35,7 +35,8 @@ def preswap_workload(socket: str, pages: int, budget: int, ops: int, *extra: str
     """The argv of one checked preswap workload: `ops` random reads and writes on a region of
     `pages` pages, `budget` of them resident, through the swapper listening on `socket`."""
     sizes = ("--pages", str(pages), "--budget", str(budget), "--ops", str(ops))
-    return [sys.executable, "-m", "guestagent.preswap_workload", "--socket", socket, *sizes, *extra]
+    script = str(Path(__file__).resolve().parent / "preswap_workload.py")  # by path: runs from any cwd
+    return [sys.executable, script, "--socket", socket, *sizes, *extra]
 
 
 def wait_started(

@@ -32,6 +32,8 @@ TIERS: dict[str, str] = {
     "test_pressure": "unit",
     "test_protocol_session": "unit",
     "test_regionbook": "unit",
+    "test_precache_inodes": "unit",
+    "test_precache_victim": "unit",
     "test_pooltable": "unit",
     "test_nbd": "unit",  # the NBD protocol object, bytes in and out  # real files in a temp dir, no processes
     "test_domain": "process",  # runs detect_virt_type in a subprocess

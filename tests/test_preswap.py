@@ -1,11 +1,11 @@
 """Preswap on the host: real userfaultfd, a real swapper process, a real host agent process.
 
 The swapper (`scripts/preswap_swapper.py`: one without the daemon) holds its own channel to the
-host agent as guest g1; applications are separate processes (`python -m
-guestagent.preswap_workload`) or this test process itself: either way no fault is ever handled in
-the faulting process.  The 100,000+ fault soak of issue 5 is `python -m guestagent.preswap_workload
---ops 140000` against the same setup (`scripts/bench_preswap.py` runs it with the fault-service
-figures); the test here does ~30,000.
+host agent as guest g1; applications are separate processes (`scripts/preswap_workload.py`)
+or this test process itself: either way no fault is ever handled in the faulting process.  The
+100,000+ fault soak of issue 5 is `scripts/preswap_workload.py --ops 140000` against the same
+setup (`scripts/bench_preswap.py` runs it with the fault-service figures); the test here does
+~30,000.
 """
 
 from __future__ import annotations
