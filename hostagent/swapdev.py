@@ -8,10 +8,10 @@ the wire's u32 range, so the guest's own channel can never name it: only the hos
 (QEMU's client, a host process) reaches it. The engine's persistent pages survive a host-agent restart,
 the spill file is a plain file: both survive a SIGKILL, so every acknowledged write does.
 
-The engine is used on the agent's event loop; the spill file's I/O runs in a worker thread
-(`asyncio.to_thread`), so a slow disk stalls only this device's requests, never the loop that serves
-every guest. Each operation holds the device's lock across its awaits, so a host-side shrink and the
-guest's requests never interleave on a page.
+The engine is used on the agent's event loop; the spill file's I/O runs in a worker thread (the
+loop's default executor, where metrics renders too), so a slow disk stalls only this device's
+requests, never the loop that serves every guest. Each operation holds the device's lock across its
+awaits, so a host-side shrink and the guest's requests never interleave on a page.
 
 Order of writes, so that no crash leaves an older copy readable over a newer one: a page stored in the
 pool is then punched from the spill file (until then the pool copy, read first, wins); a page refused
@@ -91,19 +91,29 @@ class SwapDevice:
     # -- the worker thread ----------------------------------------------------------------------
 
     async def _io(self, fn: Callable[..., _T], *args: Any) -> _T:
-        """Run spill-file I/O off the loop. A device closed meanwhile closes its file once the
-        call is back (never under a running call: its fd number could be reused)."""
+        """Run spill-file I/O in a worker thread. The caller's lock is held until the thread's call
+        is back, even if the caller is cancelled (at shutdown): two calls on one page must never
+        overlap. A device closed meanwhile closes its file once no call runs (never under one: its
+        fd number could be reused)."""
         if self._closed:
             raise NbdError(EIO, "the device was released")
         self._io_running += 1
+        call = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        call.add_done_callback(self._io_done)
         try:
-            return await asyncio.to_thread(fn, *args)
+            return await asyncio.shield(call)
         except OSError as err:
             raise NbdError(EIO, f"spill file {self.spill.path}: {err.strerror}") from None
-        finally:
-            self._io_running -= 1
-            if self._closed and not self._io_running:
-                self.spill.close()
+        except asyncio.CancelledError:
+            await asyncio.wait([call])
+            raise
+
+    def _io_done(self, call: asyncio.Future[Any]) -> None:
+        if not call.cancelled():
+            call.exception()  # retrieved here too: a cancelled caller no longer reads it
+        self._io_running -= 1
+        if self._closed and not self._io_running:
+            self.spill.close()
 
     # -- pages (callers hold the lock) ----------------------------------------------------------
 

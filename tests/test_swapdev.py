@@ -18,6 +18,7 @@ import pytest
 from guestagent.protocol.wire import PAGE_SIZE, PoolFlag
 from hostagent.agent import qemu_uuid
 from hostagent.arena import Arena
+from hostagent.nbd import NbdError
 from hostagent.pool import ClientSettings, PoolEngine
 from hostagent.spillfile import SpillFile
 from hostagent.swapdev import DEVICE_POOL, SwapDevice, page_key
@@ -244,6 +245,34 @@ async def test_spill_io_runs_off_the_event_loop(engine: PoolEngine, tmp_path: Pa
     assert d.figures()["shrunk"] == 3 and d.figures()["pool_pages"] == 1
     assert threading.get_ident() not in spill.threads and len(gaps) > 100
     assert max(gaps) < SlowSpill.DELAY / 2, max(gaps)
+
+
+@on_a_loop
+async def test_release_or_cancel_mid_io_waits_for_the_workers_call(
+    engine: PoolEngine, tmp_path: Path
+) -> None:
+    """The file is not closed under a running call (its fd could be reused), and a cancelled
+    caller keeps the device's lock until the call is back (two calls never overlap on a page)."""
+    client = engine.client("vm1", ClientSettings(quota_bytes=PAGE_SIZE, compress=False))
+    spill = SlowSpill(tmp_path / "spill" / "vm1.swap", 4 * MIB)
+    d = SwapDevice(engine, client, spill, 4 * MIB)
+    write = asyncio.create_task(d.write(0, page(1) + page(2), False))  # refused: the slow call
+    await asyncio.sleep(0.1)
+    write.cancel()
+    await asyncio.sleep(0.1)
+    assert d.lock.locked() and not write.done()
+    with pytest.raises(asyncio.CancelledError):
+        await write
+    assert not d.lock.locked() and spill.calls == 1
+    write = asyncio.create_task(d.write(2 * PAGE_SIZE, page(3), False))
+    await asyncio.sleep(0.1)
+    d.destroy()  # the guest is gone while its file is being written
+    assert spill._fd >= 0 and not d.spill_path.exists()
+    await write
+    await asyncio.sleep(0)  # the call's done-callback
+    assert spill._fd == -1
+    with pytest.raises(NbdError):
+        await d.read(0, PAGE_SIZE)
 
 
 def test_page_key_is_unique_over_index_overflow() -> None:
