@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from guestagent import control, ports, reporter, selftest
+from guestagent import control, ports, reporter, selftest, swapview
 from guestagent.channel import Channel, ChannelError, open_channel, resolve_channel_path
 from guestagent.config import Config, PrecacheMount
 from guestagent.protocol import wire
@@ -41,6 +41,7 @@ PORT_RETRY: Final = 1.0  # seconds between looks for a missing virtio-serial por
 FATAL_RETRY: Final = 5.0  # seconds before reopening a channel that gave up (e.g. version refused)
 CHECK_TIMEOUT: Final = 10.0
 STOP_PRESWAP_TIMEOUT: Final = 6.0  # the swapper's own bound (swapper.STOP_TIMEOUT) and a little more
+DEVICE_STATS_TIMEOUT: Final = 2.0  # `guestagent stats` waits this long for the host's device counters
 MIB_PAGES: Final = (1 << 20) // 4096
 _COUNTERS: Final = (
     "reports_sent",  # STATS reports handed to a connected channel
@@ -84,11 +85,19 @@ async def _clear_dead_mount(mountpoint: str) -> None:
 class GuestAgent:
     """The daemon's state and tasks; `run` is the whole program, minus signal handling."""
 
-    def __init__(self, cfg: Config, *, channel: str | None = None, proc_dir: str = "/proc") -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        channel: str | None = None,
+        proc_dir: str = "/proc",
+        swap_device: str = swapview.DEVICE_LINK,
+    ) -> None:
         self.cfg = cfg
         self.override = channel or cfg.channel or None
         self.name = cfg.name or default_name()
         self.proc_dir = proc_dir
+        self.swap_device_link = swap_device
         self.spec: str | None = None  # the channel in use, once known
         self.channel: Channel | None = None  # set once the first handshake is done
         self.state = "starting"
@@ -376,8 +385,7 @@ class GuestAgent:
             await trio.lowlevel.checkpoint()
             return self.status()
         if cmd == "stats":
-            await trio.lowlevel.checkpoint()
-            return self.stats()
+            return {**self.stats(), "swap_device": await self.swap_device()}
         if cmd == "check":
             timeout = req.get("timeout", CHECK_TIMEOUT)
             if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 600:
@@ -425,6 +433,31 @@ class GuestAgent:
             "precache": self.precache_stats(),
             "preswap": self.preswap_stats(),
         }
+
+    async def swap_device(self) -> dict[str, Any]:
+        """The pool-backed swap disk: the host's counters for this guest, asked over the channel
+        (only the host sees the disk's traffic), beside the guest's own view of it."""
+        out: dict[str, Any] = {"host": None, "host_error": None}
+        try:
+            out["guest"] = swapview.read_view(self.swap_device_link, self.proc_dir)
+        except (OSError, ValueError) as exc:
+            out["guest"], out["guest_error"] = None, str(exc)
+        ch = self.channel
+        if ch is None or not ch.connected:
+            out["host_error"] = "not connected to the host agent"
+        elif not ch.granted(wire.Feature.DEVICE_STATS):
+            out["host_error"] = "the host agent does not serve device counters (an older version)"
+        else:
+            try:
+                with trio.move_on_after(DEVICE_STATS_TIMEOUT):
+                    out["host"] = await ch.device_stats()
+                    if out["host"] is None:
+                        out["host_error"] = "the host agent serves no swap device for this guest"
+                    return out
+                out["host_error"] = f"no answer within {DEVICE_STATS_TIMEOUT:g} s"
+            except ChannelError as exc:
+                out["host_error"] = str(exc)
+        return out
 
     async def check(self, timeout: float) -> dict[str, Any]:
         """The self-test through the daemon's own channel (see `selftest`)."""

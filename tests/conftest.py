@@ -31,6 +31,7 @@ TIERS: dict[str, str] = {
     "test_guest_sched": "unit",
     "test_pressure": "unit",
     "test_protocol_session": "unit",
+    "test_swapview": "unit",  # files in a temp dir
     "test_regionbook": "unit",
     "test_precache_inodes": "unit",
     "test_precache_victim": "unit",
@@ -53,6 +54,7 @@ TIERS: dict[str, str] = {
     "test_cli_pipes": "process",
     "test_swapdev": "process",  # a real arena, and a real process for the peer check
     "test_swapdev_nbd": "process",  # a real host agent and QEMU's NBD client
+    "test_device_stats": "process",  # real host agents (one from git), QEMU's NBD client, a guest agent
     "test_preswap": "process",
     "test_preswap_daemon": "process",
     "test_restart": "process",
