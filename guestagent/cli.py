@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from guestagent import cliargs, control
 from guestagent import config as configmod
-from guestagent import control
 from guestagent.channel import ChannelError, open_channel, resolve_channel_path
+from guestagent.cliargs import add_log_level, client_options, log_to_stderr
 from guestagent.daemon import CHECK_TIMEOUT, GuestAgent, StartupError, default_name
 from guestagent.protocol import wire
 from guestagent.selftest import exercise_all
-from guestagent.stdout import quiet_pipe
 
 if TYPE_CHECKING:
     from guestagent.mountkeeper import Keeper
@@ -93,21 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="use this channel instead of looking up the virtio-serial port: " + CHANNEL_HELP,
     )
-    run.add_argument(
-        "--log-level",
-        default="INFO",
-        type=str.upper,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="default: INFO",
-    )
+    add_log_level(run, "INFO")
 
-    client = argparse.ArgumentParser(add_help=False)
-    client.add_argument(
-        "--control",
-        metavar="PATH",
-        help=f"the daemon's control socket (default: from --config, else {configmod.DEFAULT_CONTROL_SOCKET})",
-    )
-    client.add_argument("--config", metavar="FILE", help="read the control socket path from here")
+    client = client_options("the daemon's control socket", configmod.DEFAULT_CONTROL_SOCKET)
 
     sub.add_parser(
         "status",
@@ -163,22 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=CHANNEL_HELP + f" (default: the virtio-serial port from --config, else {wire.PORT_NAME})",
     )
     mnt.add_argument("--config", metavar="FILE", help="read the port name from here")
-    mnt.add_argument(
-        "--log-level",
-        default="WARNING",
-        type=str.upper,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="default: WARNING",
-    )
+    add_log_level(mnt, "WARNING")
     return parser
 
 
 def _precache_mount(args: argparse.Namespace) -> int:
     from guestagent import precache  # pyfuse3 only for this command
 
-    logging.basicConfig(
-        level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    log_to_stderr(args.log_level)
     spec = args.channel
     if spec is None:
         cfg = _load_config(args.config)
@@ -191,12 +171,8 @@ def _precache_mount(args: argparse.Namespace) -> int:
             allow_other=args.allow_other,
             auto_unmount=not args.no_auto_unmount,
         )
-    except SystemExit as exc:  # precache.mount's refusals carry their message
-        if isinstance(exc.code, str):
-            return _fail(exc.code.removeprefix("precache: "))
-        raise
-    except RuntimeError as exc:  # pyfuse3: the mount itself failed (libfuse logged why)
-        return _fail(f"cannot mount {args.mountpoint}: {exc}")
+    except precache.MountError as exc:  # not a directory, or pyfuse3 could not mount (libfuse logged why)
+        return _fail(str(exc).removeprefix("precache: "))
     return 0
 
 
@@ -226,45 +202,36 @@ def _fail(message: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return quiet_pipe(lambda: _main(argv))  # `| head` ends it quietly
+    failures = {configmod.ConfigError: "configuration: ", control.ControlError: ""}
+    return cliargs.main(PROG, build_parser(), argv, _command, failures)
 
 
-def _main(argv: Sequence[str] | None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.command == "run":
-            return _run(args)
-        if args.command == "precache":
-            return _precache_mount(args)
-        if args.command == "check" and args.channel is not None:
-            name = args.name.encode("utf-8")[: wire.MAX_NAME].decode("utf-8", errors="ignore")
-            result = trio.run(check, args.channel, name, args.timeout)
-            _print(result)
-            return 0 if result["ok"] else 1
-        path = _control_path(args)
-        if args.command == "check":
-            if not 0 < args.timeout <= 600:
-                return _fail("--timeout must be in (0, 600] seconds")
-            result = control.request(
-                path, {"cmd": "check", "timeout": args.timeout}, timeout=args.timeout + 5
-            )
-            _print(result)
-            return 0 if result.get("ok") else 1
-        result = control.request(path, {"cmd": args.command})
+def _command(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        return _run(args)
+    if args.command == "precache":
+        return _precache_mount(args)
+    if args.command == "check" and args.channel is not None:
+        name = args.name.encode("utf-8")[: wire.MAX_NAME].decode("utf-8", errors="ignore")
+        result = trio.run(check, args.channel, name, args.timeout)
         _print(result)
-        if args.command == "status":
-            return 0 if result.get("connected") else 1
-        return 0
-    except configmod.ConfigError as exc:
-        return _fail(f"configuration: {exc}")
-    except control.ControlError as exc:
-        return _fail(str(exc))
+        return 0 if result["ok"] else 1
+    path = _control_path(args)
+    if args.command == "check":
+        if not 0 < args.timeout <= 600:
+            return _fail("--timeout must be in (0, 600] seconds")
+        result = control.request(path, {"cmd": "check", "timeout": args.timeout}, timeout=args.timeout + 5)
+        _print(result)
+        return 0 if result.get("ok") else 1
+    result = control.request(path, {"cmd": args.command})
+    _print(result)
+    if args.command == "status":
+        return 0 if result.get("connected") else 1
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    log_to_stderr(args.log_level)
     cfg = _load_config(args.config)
     try:
         keeper = _mount_keeper(cfg)

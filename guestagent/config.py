@@ -89,12 +89,7 @@ _LAYOUT: Final[Mapping[str, Mapping[str, str]]] = {
 
 def load(path: str | Path) -> Config:
     """Read and validate a TOML file; a relative control socket path is relative to it."""
-    p = Path(path)
-    data = tomlfile.read(p, ConfigError)
-    try:
-        return parse(data, base_dir=p.resolve().parent)
-    except ConfigError as e:
-        raise ConfigError(f"{p}: {e}") from None
+    return tomlfile.load(path, parse, ConfigError)
 
 
 def parse(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Config:

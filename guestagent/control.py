@@ -10,7 +10,6 @@ the CLI.  Replies are `{"ok": true, "result": ...}` or `{"ok": false, "error": "
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -87,25 +86,9 @@ async def _serve_connection(stream: trio.SocketStream, handler: Handler) -> None
                     buf += data
                 line, _, rest = bytes(buf).partition(b"\n")
                 buf = bytearray(rest)
-                await stream.send_all(_line(await _dispatch(line, handler)))
+                await stream.send_all(_line(await jsonline.answer(line, handler, log)))
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
-
-
-async def _dispatch(line: bytes, handler: Handler) -> dict[str, Any]:
-    try:
-        req = json.loads(line)
-    except ValueError:
-        return {"ok": False, "error": "request is not JSON"}
-    if not isinstance(req, dict):
-        return {"ok": False, "error": "request must be a JSON object"}
-    try:
-        return {"ok": True, "result": await handler(req)}
-    except ControlError as err:
-        return {"ok": False, "error": str(err)}
-    except Exception as err:
-        log.exception("control request %r failed", req.get("cmd"))
-        return {"ok": False, "error": f"internal error: {type(err).__name__}: {err}"}
 
 
 def request(path: str, req: Mapping[str, Any], timeout: float = 30.0) -> Any:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from guestagent import control, ports, reporter, selftest
+from guestagent import control, ports, reporter, selftest, swapview
 from guestagent.channel import Channel, ChannelError, open_channel, resolve_channel_path
 from guestagent.config import Config, PrecacheMount
 from guestagent.protocol import wire
@@ -42,6 +42,7 @@ PORT_RETRY: Final = 1.0  # seconds between looks for a missing virtio-serial por
 FATAL_RETRY: Final = 5.0  # seconds before reopening a channel that gave up (e.g. version refused)
 CHECK_TIMEOUT: Final = 10.0
 STOP_PRESWAP_TIMEOUT: Final = 6.0  # the swapper's own bound (swapper.STOP_TIMEOUT) and a little more
+DEVICE_STATS_TIMEOUT: Final = 2.0  # `guestagent stats` waits this long for the host's device counters
 MIB_PAGES: Final = (1 << 20) // 4096
 _COUNTERS: Final = (
     "reports_sent",  # STATS reports handed to a connected channel
@@ -91,6 +92,7 @@ class GuestAgent:
         *,
         channel: str | None = None,
         proc_dir: str = "/proc",
+        swap_device: str = swapview.DEVICE_LINK,
         keeper: Keeper | None = None,
     ) -> None:
         self.cfg = cfg
@@ -100,6 +102,7 @@ class GuestAgent:
         self.override = channel or cfg.channel or None
         self.name = cfg.name or default_name()
         self.proc_dir = proc_dir
+        self.swap_device_link = swap_device
         self.spec: str | None = None  # the channel in use, once known
         self.channel: Channel | None = None  # set once the first handshake is done
         self.state = "starting"
@@ -318,38 +321,24 @@ class GuestAgent:
         from guestagent import precache
 
         await _clear_dead_mount(mount.mountpoint)
-        for what, path in (("backing directory", mount.backing), ("mount point", mount.mountpoint)):
-            if not os.path.isdir(path):
-                raise StartupError(f"precache: {what} {path} is not a directory")
-        fs = precache.PrecacheFS(mount.backing)  # opens the backing tree before the mount covers it
-        precache.stay_off(mount.mountpoint)
         try:
-            if self.keeper is not None:  # "/dev/fd/N": mounted already, by the keeper
-                fd = self.keeper.mount(mount.mountpoint, allow_other=mount.allow_other)
-                pyfuse3.init(fs, f"/dev/fd/{fd}", precache.mount_options(mount.allow_other))
-            else:
-                opts = precache.mount_options(mount.allow_other, auto_unmount=True)
-                pyfuse3.init(fs, mount.mountpoint, opts)
-        except (RuntimeError, OSError) as exc:  # pyfuse3 says "fuse_session_mount failed", libfuse why
-            fs.close()
-            raise StartupError(f"precache: cannot mount {mount.mountpoint}: {exc}") from None
-        log.info("precache: %s mounted at %s", mount.backing, mount.mountpoint)
-        self.precache = fs
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._attach_precache, fs)
-                task_status.started()
-                await pyfuse3.main()  # returns when unmounted from outside (fusermount3 -u)
-                log.warning("precache: %s was unmounted", mount.mountpoint)
-                nursery.cancel_scope.cancel()
+            async with precache.mounted(
+                mount.backing, mount.mountpoint, allow_other=mount.allow_other, keeper=self.keeper
+            ) as fs:
+                log.info("precache: %s mounted at %s", mount.backing, mount.mountpoint)
+                self.precache = fs
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._attach_precache, fs)
+                    task_status.started()
+                    await pyfuse3.main()  # returns when unmounted from outside (fusermount3 -u)
+                    log.warning("precache: %s was unmounted", mount.mountpoint)
+                    nursery.cancel_scope.cancel()
+        except precache.MountError as exc:
+            raise StartupError(str(exc)) from None
         finally:
-            self.precache = None
-            if self.keeper is not None:  # detached first: new lookups reach the tree underneath
-                with contextlib.suppress(OSError):
-                    self.keeper.unmount(mount.mountpoint)
-            pyfuse3.close(unmount=True)
-            fs.close()
-            log.info("precache: %s unmounted", mount.mountpoint)
+            if self.precache is not None:
+                self.precache = None
+                log.info("precache: %s unmounted", mount.mountpoint)
 
     async def _attach_precache(self, fs: PrecacheFS) -> None:
         """The mount's pool on the current channel; again on the next one if the channel is reopened."""
@@ -364,7 +353,7 @@ class GuestAgent:
             closed = self._channel_open
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(precache._use_channel, fs, ch)
+                    nursery.start_soon(precache.use_channel, fs, ch)
                     nursery.start_soon(self._cancel_when_reopened, ch, nursery.cancel_scope)
             except* ChannelError as group:  # trio >= 0.25 wraps it in a group, 0.22 does not
                 log.warning("precache: no pool on this channel: %s", group.exceptions[0])
@@ -403,8 +392,7 @@ class GuestAgent:
             await trio.lowlevel.checkpoint()
             return self.status()
         if cmd == "stats":
-            await trio.lowlevel.checkpoint()
-            return self.stats()
+            return {**self.stats(), "swap_device": await self.swap_device()}
         if cmd == "check":
             timeout = req.get("timeout", CHECK_TIMEOUT)
             if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 600:
@@ -452,6 +440,31 @@ class GuestAgent:
             "precache": self.precache_stats(),
             "preswap": self.preswap_stats(),
         }
+
+    async def swap_device(self) -> dict[str, Any]:
+        """The pool-backed swap disk: the host's counters for this guest, asked over the channel
+        (only the host sees the disk's traffic), beside the guest's own view of it."""
+        out: dict[str, Any] = {"host": None, "host_error": None}
+        try:
+            out["guest"] = swapview.read_view(self.swap_device_link, self.proc_dir)
+        except (OSError, ValueError) as exc:
+            out["guest"], out["guest_error"] = None, str(exc)
+        ch = self.channel
+        if ch is None or not ch.connected:
+            out["host_error"] = "not connected to the host agent"
+        elif not ch.granted(wire.Feature.DEVICE_STATS):
+            out["host_error"] = "the host agent does not serve device counters (an older version)"
+        else:
+            try:
+                with trio.move_on_after(DEVICE_STATS_TIMEOUT):
+                    out["host"] = await ch.device_stats()
+                    if out["host"] is None:
+                        out["host_error"] = "the host agent serves no swap device for this guest"
+                    return out
+                out["host_error"] = f"no answer within {DEVICE_STATS_TIMEOUT:g} s"
+            except ChannelError as exc:
+                out["host_error"] = str(exc)
+        return out
 
     async def check(self, timeout: float) -> dict[str, Any]:
         """The self-test through the daemon's own channel (see `selftest`)."""

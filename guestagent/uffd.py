@@ -145,34 +145,34 @@ def copy(fd: int, dst: int, src: int, length: int = PAGE_SIZE, mode: int = 0) ->
     EAGAIN (the address space is changing under us) is retried.
     """
     buf = bytearray(struct.pack("=QQQQq", dst, src, length, mode, 0))
-    while True:
-        try:
-            fcntl.ioctl(fd, UFFDIO_COPY, buf, True)
-            return
-        except OSError as exc:
-            if exc.errno == errno.EEXIST:
-                wake(fd, dst, length)
-                return
-            if exc.errno != errno.EAGAIN:
-                raise _fail("UFFDIO_COPY", exc) from None
-            done = struct.unpack_from("=q", buf, 32)[0]
-            if done > 0:  # a partial copy: carry on from where it stopped
-                dst, src, length = dst + done, src + done, length - done
-            buf = bytearray(struct.pack("=QQQQq", dst, src, length, mode, 0))
+    while not _filled(fd, UFFDIO_COPY, buf, dst, length):
+        done = struct.unpack_from("=q", buf, 32)[0]
+        if done > 0:  # a partial copy: carry on from where it stopped
+            dst, src, length = dst + done, src + done, length - done
+        buf = bytearray(struct.pack("=QQQQq", dst, src, length, mode, 0))
 
 
 def zeropage(fd: int, start: int, length: int = PAGE_SIZE) -> None:
     """Fill missing pages with zeros and wake waiters (EEXIST: already there, just wake)."""
-    while True:
-        try:
-            fcntl.ioctl(fd, UFFDIO_ZEROPAGE, bytearray(struct.pack("=QQQq", start, length, 0, 0)), True)
-            return
-        except OSError as exc:
-            if exc.errno == errno.EEXIST:
-                wake(fd, start, length)
-                return
-            if exc.errno != errno.EAGAIN:
-                raise _fail("UFFDIO_ZEROPAGE", exc) from None
+    while not _filled(
+        fd, UFFDIO_ZEROPAGE, bytearray(struct.pack("=QQQq", start, length, 0, 0)), start, length
+    ):
+        pass  # EAGAIN: the address space was changing
+
+
+def _filled(fd: int, op: int, buf: bytearray, start: int, length: int) -> bool:
+    """One UFFDIO_COPY or UFFDIO_ZEROPAGE: True once the range is filled, or was already (EEXIST:
+    its waiters are woken); False on EAGAIN, to be retried (`buf` says how far it got)."""
+    try:
+        fcntl.ioctl(fd, op, buf, True)
+        return True
+    except OSError as exc:
+        if exc.errno == errno.EEXIST:
+            wake(fd, start, length)
+            return True
+        if exc.errno != errno.EAGAIN:
+            raise _fail("UFFDIO_COPY" if op == UFFDIO_COPY else "UFFDIO_ZEROPAGE", exc) from None
+        return False
 
 
 def writeprotect(fd: int, start: int, length: int, protect: bool) -> None:

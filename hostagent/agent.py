@@ -31,6 +31,7 @@ from hostagent.channel import Guest, GuestChannel
 from hostagent.config import Config
 from hostagent.control import ControlError, ControlServer, is_listening
 from hostagent.metrics_http import MetricsServer
+from hostagent.nbd import NbdError
 from hostagent.pool import Client, ClientSettings, PoolEngine, TableError
 from hostagent.swapserve import NbdConnection, SwapDevices
 from hostagent.virt import Domain, LibvirtWatcher
@@ -167,6 +168,7 @@ class HostAgent:
                         engine,
                         max_payload=cfg.channels.max_payload,
                         max_vector=cfg.channels.max_vector,
+                        device_counters=self._device_counters,
                     )
 
                 self._servers.append(await loop.create_unix_server(factory, guest.socket_path))
@@ -266,6 +268,10 @@ class HostAgent:
         else:
             os.chmod(cfg.socket, 0o600)
         log.info("swap devices: %s (%d MiB each, spill files in %s)", cfg.socket, cfg.size_mib, cfg.spill_dir)
+
+    def _device_counters(self, name: str) -> dict[str, int] | None:
+        """Guest `name`'s swap-device counters, for its DEVICE_STATS request on its channel."""
+        return None if self.swap is None else self.swap.counters(name)
 
     def _authorize_swap(self, name: str, pid: int) -> Client | str:
         """The guest a swap-device connection may have: the export names it, the peer must be it.
@@ -400,7 +406,11 @@ class HostAgent:
             try:
                 _, channel = await loop.create_unix_connection(
                     lambda: GuestChannel(
-                        guest, engine, max_payload=cfg.max_payload, max_vector=cfg.max_vector
+                        guest,
+                        engine,
+                        max_payload=cfg.max_payload,
+                        max_vector=cfg.max_vector,
+                        device_counters=self._device_counters,
                     ),
                     guest.socket_path,
                 )
@@ -584,15 +594,20 @@ class HostAgent:
         log.info("reserve %d MiB: %s", mib, result)
         return result
 
-    def shrink(self, req: Mapping[str, Any]) -> dict[str, Any]:
-        """Ask a guest to move `pages` persistent pages out of tmem (a SHRINK_PERSISTENT notice);
-        the guest does it in its own time, so the reply says only that the notice went out."""
+    async def shrink(self, req: Mapping[str, Any]) -> dict[str, Any]:
+        """Move up to `pages` of the guest's swap-device pages to storage (the host does it, the
+        file I/O in a worker thread), and ask the guest to move the rest of `pages` persistent
+        pages out of tmem (a SHRINK_PERSISTENT notice); the guest does that in its own time, so
+        the reply says only that the notice went out."""
         name = self._guest_named(req.get("guest"))
         pages = _int_arg(req, "pages", 0)
         if pages >= 1 << 64:
             raise ControlError(f"pages: at most {(1 << 64) - 1}, got {pages}")
         guest = self.guests[name]
-        moved = 0 if self.swap is None else self.swap.shrink(name, pages)
+        try:
+            moved = 0 if self.swap is None else await self.swap.shrink(name, pages)
+        except NbdError as err:
+            raise ControlError(f"guest {name}: swap device: {err}") from None
         rest = pages - moved
         if rest and not guest.send_notice(wire.Notice.SHRINK_PERSISTENT, rest):
             if not moved:

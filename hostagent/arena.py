@@ -236,23 +236,13 @@ class Arena:
 
     # -- allocation -------------------------------------------------------------------------------
 
-    def alloc(self, size_class: int) -> int:
-        """A free slot of `size_class`; raises ArenaFull when no slab is left."""
-        free = self._free[size_class]
-        if free:
-            offset = free.pop()
-        else:
-            offset = self._bump[size_class]
-            if offset == 0 or offset + SLOT_SIZES[size_class] > self._bump_end[size_class]:
-                offset = self._new_slab(size_class)
-            self._bump[size_class] = offset + SLOT_SIZES[size_class]
-        slab = offset >> SLAB_SHIFT
-        live = self._slab_live[slab]
-        if live == 0:
-            self._empty.discard(slab)
-        self._slab_live[slab] = live + 1
-        self.slots_in_use += 1
-        self.used_bytes += SLOT_SIZES[size_class]
+    def _bump_slot(self, size_class: int) -> int:
+        """A never-used slot of `size_class`, from its current slab or a new one; raises ArenaFull
+        when no slab is left. Not counted in use yet: `store` does that."""
+        offset = self._bump[size_class]
+        if offset == 0 or offset + SLOT_SIZES[size_class] > self._bump_end[size_class]:
+            offset = self._new_slab(size_class)
+        self._bump[size_class] = offset + SLOT_SIZES[size_class]
         return offset
 
     def store(
@@ -270,22 +260,19 @@ class Arena:
         """Allocate a slot and fill it (the put hot path: one call); returns its reference.
 
         A reused slot (the common case in a pool that fills and drains) is taken here without
-        the call to `alloc`; data first, then the header that makes the slot live. (Not one
-        struct pack of header and page: struct zeroes its whole target before packing, a
-        second pass over the page.)
+        a call; data first, then the header that makes the slot live. (Not one struct pack of
+        header and page: struct zeroes its whole target before packing, a second pass over the
+        page.) Raises ArenaFull when no slot is free and no slab is left.
         """
         free = self._free[size_class]
-        if free:
-            offset: int = free.pop()
-            slab = offset >> SLAB_SHIFT
-            live = self._slab_live[slab]
-            if live == 0:
-                self._empty.discard(slab)
-            self._slab_live[slab] = live + 1
-            self.slots_in_use += 1
-            self.used_bytes += SLOT_SIZES[size_class]
-        else:
-            offset = self.alloc(size_class)
+        offset: int = free.pop() if free else self._bump_slot(size_class)
+        slab = offset >> SLAB_SHIFT
+        live = self._slab_live[slab]
+        if live == 0:
+            self._empty.discard(slab)
+        self._slab_live[slab] = live + 1
+        self.slots_in_use += 1
+        self.used_bytes += SLOT_SIZES[size_class]
         length = len(data)
         start = offset + SLOT_HEADER_SIZE
         self._mm[start : start + length] = data
@@ -455,24 +442,12 @@ class Arena:
 
     # -- slot contents ----------------------------------------------------------------------------
 
-    def write(
-        self,
-        offset: int,
-        handle: int,
-        generation: int,
-        oid: bytes,
-        index: int,
-        encoding: int,
-        data: bytes,
-        crc: int,
-        flags: int,
-    ) -> None:
-        """Fill a slot: data first, then the header that makes it live."""
+    def write(self, offset: int, header: SlotHeader, data: bytes) -> None:
+        """Fill a slot: data first, then `header` (its length taken from `data`), which makes it
+        live if its state is SLOT_LIVE. For tools and tests that lay slots out themselves."""
         start = offset + SLOT_HEADER_SIZE
         self._mm[start : start + len(data)] = data
-        SLOT_HEADER.pack_into(
-            self._mm, offset, SLOT_LIVE, handle, generation, oid, index, crc, len(data), encoding, flags
-        )
+        SLOT_HEADER.pack_into(self._mm, offset, *header._replace(length=len(data)))
 
     def read(self, ref: int) -> tuple[int, bytes]:
         """(encoding, stored bytes) of a live slot."""

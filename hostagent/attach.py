@@ -20,12 +20,14 @@ wait for the next boot).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from hostagent.libvirtconn import lookup, message
 from hostagent.virt import DEFAULT_CHANNEL
 
 
@@ -150,6 +152,11 @@ class Change:
     live: list[str] = field(default_factory=list)
     not_live: list[str] = field(default_factory=list)  # needs a restart of the domain
 
+    @classmethod
+    def of(cls, dom: Any) -> Change:
+        """Nothing changed yet on the libvirt domain `dom`."""
+        return cls(dom.name(), dom.UUIDString(), bool(dom.isActive()), bool(dom.isPersistent()))
+
     @property
     def changed(self) -> bool:
         return bool(self.config or self.live)
@@ -167,34 +174,18 @@ class Change:
         }
 
 
-def _lookup(libvirt: Any, conn: Any, name: str) -> Any:
-    try:
-        return conn.lookupByName(name)
-    except libvirt.libvirtError:
-        pass
-    try:
-        return conn.lookupByUUIDString(name)
-    except libvirt.libvirtError:
-        raise AttachError(f"no libvirt domain named {name!r}") from None
-
-
-def _msg(err: Exception) -> str:
-    get = getattr(err, "get_error_message", None)
-    return str(get() if get is not None else err)
-
-
 def attach(conn: Any, name: str, wanted: Sequence[TmemDevice]) -> Change:
     """Add the missing devices: to the persistent definition (validated by libvirt) and, on a
     running domain, live. Nothing to add is no change."""
     import libvirt
 
-    dom = _lookup(libvirt, conn, name)
-    try:
-        running = bool(dom.isActive())
-        persistent = bool(dom.isPersistent())
-        change = Change(dom.name(), dom.UUIDString(), running, persistent)
-        cfg_missing = [] if not persistent else missing(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), wanted)
-        live_missing = missing(dom.XMLDesc(0), wanted) if running else []
+    dom = lookup(conn, name, AttachError)
+    with _refusals(name):
+        change = Change.of(dom)
+        cfg_missing = (
+            [] if not change.persistent else missing(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), wanted)
+        )
+        live_missing = missing(dom.XMLDesc(0), wanted) if change.running else []
         for d in list(live_missing):
             if not d.live:
                 change.not_live.append(d.label)
@@ -207,11 +198,7 @@ def attach(conn: Any, name: str, wanted: Sequence[TmemDevice]) -> Change:
                 change.config.append(d.label)
             dom.attachDeviceFlags(device_xml(d), flags)
             change.live.append(d.label)
-        if cfg_missing:
-            _redefine(libvirt, conn, dom, lambda xml: with_devices(xml, cfg_missing))
-            change.config += [d.label for d in cfg_missing]
-    except libvirt.libvirtError as err:
-        raise AttachError(f"domain {name}: libvirt refused: {_msg(err)}") from None
+        _redefine(conn, dom, change, cfg_missing, with_devices)
     return change
 
 
@@ -219,29 +206,46 @@ def detach(conn: Any, name: str, wanted: Sequence[TmemDevice]) -> Change:
     """Remove the devices: live where they can be unplugged, and from the persistent definition."""
     import libvirt
 
-    dom = _lookup(libvirt, conn, name)
-    try:
-        running = bool(dom.isActive())
-        persistent = bool(dom.isPersistent())
-        change = Change(dom.name(), dom.UUIDString(), running, persistent)
-        if running:
+    dom = lookup(conn, name, AttachError)
+    with _refusals(name):
+        change = Change.of(dom)
+        if change.running:
             for d, xml in present(dom.XMLDesc(0), wanted):
                 if not d.live:
                     change.not_live.append(d.label)
                     continue
                 dom.detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
                 change.live.append(d.label)
-        if persistent:
+        if change.persistent:
             there = [d for d, _ in present(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), wanted)]
-            if there:
-                _redefine(libvirt, conn, dom, lambda xml: without_devices(xml, there))
-                change.config += [d.label for d in there]
-    except libvirt.libvirtError as err:
-        raise AttachError(f"domain {name}: libvirt refused: {_msg(err)}") from None
+            _redefine(conn, dom, change, there, without_devices)
     return change
 
 
-def _redefine(libvirt: Any, conn: Any, dom: Any, edit: Any) -> None:
-    """Define the edited persistent XML (with secrets, so redefining keeps them), validated."""
+@contextlib.contextmanager
+def _refusals(name: str) -> Iterator[None]:
+    """libvirt's errors inside, as AttachError naming the domain."""
+    import libvirt
+
+    try:
+        yield
+    except libvirt.libvirtError as err:
+        raise AttachError(f"domain {name}: libvirt refused: {message(err)}") from None
+
+
+def _redefine(
+    conn: Any,
+    dom: Any,
+    change: Change,
+    devices: Sequence[TmemDevice],
+    edit: Callable[[str, Sequence[TmemDevice]], str],
+) -> None:
+    """Define the persistent XML with `devices` edited in or out (read with secrets, so that
+    redefining keeps them), validated by libvirt; nothing without devices."""
+    import libvirt
+
+    if not devices:
+        return
     xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
-    conn.defineXMLFlags(edit(xml), libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
+    conn.defineXMLFlags(edit(xml, devices), libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
+    change.config += [d.label for d in devices]

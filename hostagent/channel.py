@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Mapping
 
 from guestagent.protocol import wire
 from guestagent.protocol.headers import (
@@ -49,6 +50,9 @@ LINGER_SECONDS = 5.0
 _MAX_REASON = 512
 
 _KNOWN_POOL_FLAGS = int(PoolFlag.PERSISTENT | PoolFlag.SHARED | PoolFlag.EXCLUSIVE_GETS)
+
+# guest name -> its swap device's counters, or None if it has none (hostagent/swapserve.py)
+DeviceCounters = Callable[[str], "Mapping[str, int] | None"]
 
 
 class ChannelError(Exception):
@@ -122,9 +126,18 @@ class Guest:
 class GuestChannel(asyncio.Protocol):
     """One connection of one guest. A newer connection on the same socket replaces it."""
 
-    def __init__(self, guest: Guest, engine: PoolEngine, *, max_payload: int, max_vector: int) -> None:
+    def __init__(
+        self,
+        guest: Guest,
+        engine: PoolEngine,
+        *,
+        max_payload: int,
+        max_vector: int,
+        device_counters: DeviceCounters | None = None,
+    ) -> None:
         self.guest = guest
         self.engine = engine
+        self.device_counters = device_counters
         self.session = HostSession(max_payload, max_vector)  # HELLO first, the limits announced
         self.reader = self.session.reader()
         self.transport: asyncio.Transport | None = None
@@ -405,6 +418,14 @@ class GuestChannel(asyncio.Protocol):
                 self._reply(out, f, payload=wire.pool_flags_payload(flags))
         elif op == Op.NEW_POOL:
             self._new_pool(f, out)
+        elif op == Op.DEVICE_STATS:
+            # The device of the guest this socket belongs to; the frame names nothing.
+            lookup = self.device_counters
+            values = None if lookup is None else lookup(self.guest.name)
+            if values is None:
+                self._reply(out, f, Status.NOT_FOUND)
+            else:
+                self._reply(out, f, payload=wire.stats_payload(values))
         elif op == Op.DESTROY_POOL:
             engine.destroy_pool(client, f.pool)
             self._reply(out, f)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import sys
 import time
@@ -17,7 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from guestagent.stdout import quiet_pipe
+from guestagent import cliargs
+from guestagent.cliargs import add_log_level, client_options, log_to_stderr
 from hostagent import config as configmod
 from hostagent import control, statsview
 
@@ -66,13 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="TOML configuration (see hostagent/hostagent.example.toml); "
         "without it every setting has its default and no guest is configured",
     )
-    run.add_argument(
-        "--log-level",
-        default="INFO",
-        type=str.upper,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="default: INFO",
-    )
+    add_log_level(run, "INFO")
     run.add_argument(
         "--pid-file",
         metavar="FILE",
@@ -80,13 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         "systemd uses /run/tmem/hostagent.pid)",
     )
 
-    client = argparse.ArgumentParser(add_help=False)
-    client.add_argument(
-        "--control",
-        metavar="PATH",
-        help=f"control socket (default: from --config, else {configmod.DEFAULT_CONTROL_SOCKET})",
-    )
-    client.add_argument("--config", metavar="FILE", help="read the control socket path from here")
+    client = client_options("control socket", configmod.DEFAULT_CONTROL_SOCKET)
 
     stats = sub.add_parser("stats", parents=[client], help="per-guest and pool statistics")
     stats.add_argument("--json", action="store_true", help="print the raw JSON result")
@@ -231,11 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return quiet_pipe(lambda: _main(argv))  # `| head` ends it quietly
+    failures = {control.ControlError: "", configmod.ConfigError: "", OpError: ""}
+    return cliargs.main(PROG, build_parser(), argv, _command, failures)
 
 
-def _main(argv: Sequence[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+def _command(args: argparse.Namespace) -> int:
     try:
         if args.command == "run":
             return _run(args)
@@ -262,20 +250,13 @@ def _main(argv: Sequence[str] | None) -> int:
     except UsageError as err:
         print(f"{PROG} {args.command}: {err}", file=sys.stderr)
         return 2
-    except (control.ControlError, configmod.ConfigError, OpError) as err:
-        print(f"{PROG}: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
 
 
 def _run(args: argparse.Namespace) -> int:
     # Imported here so the client commands stay quick and need neither the engine nor the arena.
     from hostagent.agent import HostAgent, StartupError
 
-    logging.basicConfig(
-        level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    log_to_stderr(args.log_level)
     cfg = configmod.load(args.config) if args.config else configmod.Config()
     pid_file = Path(args.pid_file) if args.pid_file else None
     if pid_file is not None:
@@ -296,19 +277,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def _attach(args: argparse.Namespace) -> int:
     from hostagent import attach as attachmod
-    from hostagent import virt
+    from hostagent import libvirtconn
 
     cfg = configmod.load(args.config) if args.config else configmod.Config()
-    uri = args.uri or cfg.libvirt.uri
-    try:
-        import libvirt
-    except ImportError:
-        raise OpError("libvirt-python is not installed") from None
-    libvirt.registerErrorHandler(lambda _c, _e: None, None)
-    try:
-        conn = libvirt.open(uri)
-    except libvirt.libvirtError as err:
-        raise OpError(f"cannot connect to libvirt at {uri}: {virt._msg(err)}") from None
+    conn = libvirtconn.connect(args.uri or cfg.libvirt.uri, OpError)
     try:
         fn = attachmod.attach if args.command == "attach" else attachmod.detach
         change = fn(conn, args.domain, attachmod.devices(cfg.libvirt.channel))

@@ -159,12 +159,7 @@ class Config:
 
 def load(path: str | Path) -> Config:
     """Read and validate a TOML file; relative paths in it are relative to the file's directory."""
-    p = Path(path)
-    data = tomlfile.read(p, ConfigError)
-    try:
-        return parse(data, base_dir=p.resolve().parent)
-    except ConfigError as e:
-        raise ConfigError(f"{p}: {e}") from None
+    return tomlfile.load(path, parse, ConfigError)
 
 
 def parse(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Config:  # noqa: C901 (one section check after another)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -68,7 +66,8 @@ class ControlServer:
                     break
                 if not line:
                     break
-                writer.write(_line(await self.dispatch(line)))
+                # the handler may return an awaitable: `reserve` waits for balloons
+                writer.write(_line(await jsonline.answer(line, self.handler, log)))
                 await writer.drain()
         except ConnectionError:
             pass
@@ -76,26 +75,6 @@ class ControlServer:
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
-
-    async def dispatch(self, line: bytes) -> dict[str, Any]:
-        """Decode, run the handler (awaiting it if it returns an awaitable: `reserve` waits for
-        balloons), encode its result or error."""
-        try:
-            request = json.loads(line)
-        except ValueError:
-            return {"ok": False, "error": "request is not JSON"}
-        if not isinstance(request, dict):
-            return {"ok": False, "error": "request must be a JSON object"}
-        try:
-            result = self.handler(request)
-            if inspect.isawaitable(result):
-                result = await result
-            return {"ok": True, "result": result}
-        except ControlError as err:
-            return {"ok": False, "error": str(err)}
-        except Exception as err:
-            log.exception("control request %r failed", request.get("cmd"))
-            return {"ok": False, "error": f"internal error: {type(err).__name__}: {err}"}
 
 
 def request(path: str, req: Mapping[str, Any], timeout: float = 10.0) -> Any:

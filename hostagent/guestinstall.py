@@ -27,6 +27,8 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
+from hostagent import libvirtconn
+
 PACKAGE = "tmem-guestagent"
 UNIT_NAME = "tmem-guestagent.service"
 GUEST_DEB = "/tmp/tmem-guestagent.deb"
@@ -250,19 +252,9 @@ def install_into(
     """Install the guest agent into the running `domain`; returns what the guest reports."""
     import libvirt
 
-    libvirt.registerErrorHandler(lambda _c, _e: None, None)
+    conn = libvirtconn.connect(uri, GuestInstallError)
     try:
-        conn = libvirt.open(uri)
-    except libvirt.libvirtError as err:
-        raise GuestInstallError(f"cannot connect to libvirt at {uri}: {err}") from None
-    try:
-        try:
-            dom = conn.lookupByName(domain)
-        except libvirt.libvirtError:
-            try:
-                dom = conn.lookupByUUIDString(domain)
-            except libvirt.libvirtError:
-                raise GuestInstallError(f"no libvirt domain named {domain!r}") from None
+        dom = libvirtconn.lookup(conn, domain, GuestInstallError)
         try:
             _agent(dom, "guest-ping", 10)
         except libvirt.libvirtError as err:

@@ -8,13 +8,19 @@ doc/proto.md. Nothing here raises on bad input: a request that can be answered g
 that cannot (bad magic, a huge option, a write longer than the limit) closes the connection with a
 reason, which the caller logs. Backend errors (`NbdError`) become the errno they carry; any other
 exception from the backend is the caller's bug and propagates.
+
+`feed` parses and checks; the requests it frames wait in a queue until the caller runs them with
+`step` (or `run`), which awaits the backend: its I/O may take a worker thread's time, and the caller
+keeps serving other connections meanwhile. Requests run one at a time, in order, so replies go out in
+request order.
 """
 
 from __future__ import annotations
 
 import struct
+from collections import deque
 from collections.abc import Callable
-from typing import Final, Protocol
+from typing import Final, NamedTuple, Protocol
 
 NBDMAGIC: Final = 0x4E42444D41474943
 IHAVEOPT: Final = 0x49484156454F5054
@@ -87,11 +93,23 @@ class Backend(Protocol):
 
     size: int
 
-    def read(self, offset: int, length: int) -> bytes: ...
-    def write(self, offset: int, data: bytes, fua: bool) -> None: ...
-    def trim(self, offset: int, length: int) -> None: ...
-    def write_zeroes(self, offset: int, length: int) -> None: ...
-    def flush(self) -> None: ...
+    async def read(self, offset: int, length: int) -> bytes: ...
+    async def write(self, offset: int, data: bytes, fua: bool) -> None: ...
+    async def trim(self, offset: int, length: int) -> None: ...
+    async def write_zeroes(self, offset: int, length: int) -> None: ...
+    async def flush(self) -> None: ...
+
+
+class _Request(NamedTuple):
+    """A framed request waiting for `step`; `error` is its answer if the checks already failed."""
+
+    cmd: int
+    flags: int
+    cookie: int
+    offset: int
+    length: int
+    data: bytes
+    error: int
 
 
 # name -> the export's backend, or None if this connection may not have it
@@ -115,6 +133,8 @@ class NbdServer:
         self.close_reason = ""
         self.requests = 0
         self.errors = 0
+        self._queue: deque[_Request] = deque()
+        self.backlog = 0  # bytes of write data queued (the caller stops reading past its limit)
         self._out.append(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
 
     # -- I/O edge -----------------------------------------------------------------------------
@@ -134,6 +154,47 @@ class NbdServer:
             if not progressed:
                 break
 
+    @property
+    def has_requests(self) -> bool:
+        """Requests are queued for `step` (none once the connection is closed)."""
+        return bool(self._queue) and not self.closed
+
+    async def step(self) -> None:
+        """Run the oldest queued request; its reply is then in the output."""
+        req = self._queue.popleft()
+        self.backlog -= len(req.data)
+        if req.error:
+            self._answer(req.cookie, req.error)
+            return
+        backend = self.backend
+        assert backend is not None
+        cmd, cookie = req.cmd, req.cookie
+        if cmd == CMD_DISC:
+            self._close("client disconnected")
+            return
+        try:
+            if cmd == CMD_READ:
+                data = await backend.read(req.offset, req.length)
+                self._answer(cookie, 0, data)
+                return
+            if cmd == CMD_WRITE:
+                await backend.write(req.offset, req.data, bool(req.flags & CMD_FLAG_FUA))
+            elif cmd == CMD_FLUSH:
+                await backend.flush()
+            elif cmd == CMD_TRIM:
+                await backend.trim(req.offset, req.length)
+            else:
+                await backend.write_zeroes(req.offset, req.length)
+        except NbdError as err:
+            self._answer(cookie, err.errno)
+        else:
+            self._answer(cookie, 0)
+
+    async def run(self) -> None:
+        """Run every queued request."""
+        while self.has_requests:
+            await self.step()
+
     def take_output(self) -> bytes:
         out = b"".join(self._out)
         self._out.clear()
@@ -143,6 +204,8 @@ class NbdServer:
         self.closed = True
         self.close_reason = reason
         self._buf.clear()
+        self._queue.clear()
+        self.backlog = 0
 
     # -- handshake ----------------------------------------------------------------------------
 
@@ -264,49 +327,25 @@ class NbdServer:
             data = b""
             del buf[: _REQUEST.size]
         self.requests += 1
-        self._apply(cmd, flags, cookie, offset, length, data)
+        self._queue.append(
+            _Request(cmd, flags, cookie, offset, length, data, self._check(cmd, offset, length))
+        )
+        self.backlog += len(data)
         return True
 
-    def _apply(self, cmd: int, flags: int, cookie: int, offset: int, length: int, data: bytes) -> None:
-        """One framed request: checked against the export, then run by the backend."""
+    def _check(self, cmd: int, offset: int, length: int) -> int:
+        """The errno a framed request gets without reaching the backend, or 0."""
         backend = self.backend
         assert backend is not None
-        if cmd == CMD_DISC:
-            self._close("client disconnected")
-            return
-        if cmd == CMD_FLUSH:
-            self._run(cookie, backend.flush)
-            return
+        if cmd in (CMD_DISC, CMD_FLUSH):
+            return 0
         if cmd not in (CMD_READ, CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES):
-            self._answer(cookie, EINVAL)
-            return
+            return EINVAL
         if cmd == CMD_READ and length > MAX_REQUEST:
-            self._answer(cookie, EINVAL)
-            return
+            return EINVAL
         if offset + length > backend.size:
-            self._answer(cookie, ENOSPC if cmd in (CMD_WRITE, CMD_WRITE_ZEROES) else EINVAL)
-            return
-        if cmd == CMD_READ:
-            try:
-                page = backend.read(offset, length)
-            except NbdError as err:
-                self._answer(cookie, err.errno)
-            else:
-                self._answer(cookie, 0, page)
-        elif cmd == CMD_WRITE:
-            self._run(cookie, lambda: backend.write(offset, data, bool(flags & CMD_FLAG_FUA)))
-        elif cmd == CMD_TRIM:
-            self._run(cookie, lambda: backend.trim(offset, length))
-        else:
-            self._run(cookie, lambda: backend.write_zeroes(offset, length))
-
-    def _run(self, cookie: int, action: Callable[[], None]) -> None:
-        try:
-            action()
-        except NbdError as err:
-            self._answer(cookie, err.errno)
-        else:
-            self._answer(cookie, 0)
+            return ENOSPC if cmd in (CMD_WRITE, CMD_WRITE_ZEROES) else EINVAL
+        return 0
 
 
 __all__ = ["Backend", "NbdError", "NbdServer"]

@@ -110,32 +110,46 @@ def _balloon_table(ctl: Mapping[str, Any], guests: Mapping[str, Mapping[str, Any
     return ["", title, head, *(rows or ["(no ballooned guests)"])]
 
 
+def _per_guest(
+    title: str, heads: Sequence[str], name_w: int, rows: Sequence[tuple[str, Sequence[str]]]
+) -> list[str]:
+    """A section of the stats: `title`, a header and a line of right-aligned cells per guest in
+    `rows`; no lines at all without rows (no guest has that feature)."""
+    if not rows:
+        return []
+    head = f"{'GUEST':<{name_w}} " + " ".join(f"{h:>{_NUM}}" for h in heads)
+    lines = [f"{name:<{name_w}} " + " ".join(f"{c:>{_NUM}}" for c in cells) for name, cells in rows]
+    return ["", title, head, *lines]
+
+
 _PC_HEAD = ("gets", "hits", "misses", "hit%", "puts", "flush", "tmemMiB", "diskMiB")
+
+
+def _reports(guests: Mapping[str, Mapping[str, Any]], counter: str) -> list[tuple[str, Mapping[str, Any]]]:
+    """(name, report values) of each guest whose latest report has `counter`: the feature runs."""
+    found = ((name, (g.get("report") or {}).get("values", {})) for name, g in sorted(guests.items()))
+    return [(name, values) for name, values in found if counter in values]
+
+
+def _precache_cells(values: Mapping[str, Any]) -> tuple[str, ...]:
+    gets, hits = values.get("precache_gets", 0), values.get("precache_hits", 0)
+    return (
+        count(gets),
+        count(hits),
+        count(values.get("precache_misses")),
+        f"{100 * hits / gets:.0f}" if gets else "-",
+        count(values.get("precache_puts")),
+        count(values.get("precache_flushes")),
+        mib(values.get("precache_bytes_from_tmem")),
+        mib(values.get("precache_bytes_from_disk")),
+    )
 
 
 def _precache_table(guests: Mapping[str, Mapping[str, Any]], name_w: int) -> list[str]:
     """Per guest whose latest report has precache counters (guestagent's FUSE victim cache)."""
-    rows = []
-    for name, g in sorted(guests.items()):
-        values = (g.get("report") or {}).get("values", {})
-        if "precache_gets" not in values:
-            continue
-        gets, hits = values.get("precache_gets", 0), values.get("precache_hits", 0)
-        cells = (
-            count(gets),
-            count(hits),
-            count(values.get("precache_misses")),
-            f"{100 * hits / gets:.0f}" if gets else "-",
-            count(values.get("precache_puts")),
-            count(values.get("precache_flushes")),
-            mib(values.get("precache_bytes_from_tmem")),
-            mib(values.get("precache_bytes_from_disk")),
-        )
-        rows.append(f"{name:<{name_w}} " + " ".join(f"{c:>{_NUM}}" for c in cells))
-    if not rows:
-        return []
-    head = f"{'GUEST':<{name_w}} " + " ".join(f"{h:>{_NUM}}" for h in _PC_HEAD)
-    return ["", "precache (FUSE victim cache), from the guests' reports: pages, MiB read:", head, *rows]
+    rows = [(name, _precache_cells(values)) for name, values in _reports(guests, "precache_gets")]
+    title = "precache (FUSE victim cache), from the guests' reports: pages, MiB read:"
+    return _per_guest(title, _PC_HEAD, name_w, rows)
 
 
 _PS_HEAD = ("puts", "refused", "gets", "faults", "diskW", "diskR", "inTmem", "onDisk", "inMem")
@@ -154,22 +168,10 @@ _PS_KEYS = (
 
 def _preswap_table(guests: Mapping[str, Mapping[str, Any]], name_w: int) -> list[str]:
     """Per guest whose latest report has preswap counters (guestagent's userfaultfd regions)."""
-    rows = []
-    for name, g in sorted(guests.items()):
-        values = (g.get("report") or {}).get("values", {})
-        if "preswap_puts" not in values:
-            continue
-        cells = [count(values.get(f"preswap_{key}")) for key in _PS_KEYS]
-        rows.append(f"{name:<{name_w}} " + " ".join(f"{c:>{_NUM}}" for c in cells))
-    if not rows:
-        return []
-    head = f"{'GUEST':<{name_w}} " + " ".join(f"{h:>{_NUM}}" for h in _PS_HEAD)
-    return [
-        "",
-        "preswap (regions' pages: tmem, else the swapper's swap file), from the guests' reports:",
-        head,
-        *rows,
-    ]
+    reporting = _reports(guests, "preswap_puts")
+    rows = [(name, [count(values.get(f"preswap_{key}")) for key in _PS_KEYS]) for name, values in reporting]
+    title = "preswap (regions' pages: tmem, else the swapper's swap file), from the guests' reports:"
+    return _per_guest(title, _PS_HEAD, name_w, rows)
 
 
 _SD_KEYS = ("puts", "refusals", "gets", "spill_reads", "trims", "shrunk", "pool_pages", "storage_pages")
@@ -178,17 +180,12 @@ _SD_HEAD = ("PUTS", "REFUSED", "GETS", "DISK-RD", "TRIMS", "SHRUNK", "IN-POOL", 
 
 def _swapdev_table(guests: Mapping[str, Mapping[str, Any]], name_w: int) -> list[str]:
     """Per guest with a swap device (the host agent's own counters)."""
-    rows = []
-    for name, g in sorted(guests.items()):
-        dev = g.get("swapdev")
-        if not dev:
-            continue
-        cells = [count(dev.get(key)) for key in _SD_KEYS]
-        rows.append(f"{name:<{name_w}} " + " ".join(f"{c:>{_NUM}}" for c in cells))
-    if not rows:
-        return []
-    head = f"{'GUEST':<{name_w}} " + " ".join(f"{h:>{_NUM}}" for h in _SD_HEAD)
-    return ["", "swap devices (pages: the pool, else the host's spill file):", head, *rows]
+    rows = [
+        (name, [count(g["swapdev"].get(key)) for key in _SD_KEYS])
+        for name, g in sorted(guests.items())
+        if g.get("swapdev")
+    ]
+    return _per_guest("swap devices (pages: the pool, else the host's spill file):", _SD_HEAD, name_w, rows)
 
 
 _MEM_HEAD = (

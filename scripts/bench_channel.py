@@ -201,7 +201,7 @@ def main() -> int:
     finally:
         if own_lab:
             lab.down()
-    from hostagent.domain import detect_virt_type
+    from scripts.domain import detect_virt_type
 
     result = {
         "guest": GUEST.name,

@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 from hostagent import control
+from scripts.processes import bench_config, hostagent
 from tests.support.wire_guest import WireGuest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,27 +44,22 @@ def main() -> int:
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tmem-bm", dir="/tmp"))
     arena = Path(tempfile.mkdtemp(prefix="tmem-bm", dir="/dev/shm"))
-    cfg = work / "h.toml"
-    cfg.write_text(
-        f'[pool]\nlimit_mib = 64\nhost_reserve_mib = 0\narena_dir = "{arena}"\n'
-        f'[control]\nsocket = "{work}/c.sock"\n[channels]\ndir = "{work}/g"\n'
-        "[libvirt]\nenabled = false\n[metrics]\nenabled = true\nport = 0\n"
-        + "".join(f'[[guest]]\nname = "g{i}"\n' for i in range(args.guests))
-    )
+    guests = "".join(f'[[guest]]\nname = "g{i}"\n' for i in range(args.guests))
+    cfg = bench_config(work, arena, 64, "[metrics]\nenabled = true\nport = 0\n" + guests)
     agent = subprocess.Popen(
-        [sys.executable, "-m", "hostagent", "run", "--config", str(cfg)],
+        hostagent("run", "--config", str(cfg)),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         cwd=ROOT,
     )
     try:
-        while not control.is_listening(f"{work}/c.sock"):
+        while not control.is_listening(f"{work}/control.sock"):
             if agent.poll() is not None:
                 raise SystemExit("the host agent did not start")
             time.sleep(0.05)
-        m = control.request(f"{work}/c.sock", {"cmd": "stats"})["agent"]["metrics"]
+        m = control.request(f"{work}/control.sock", {"cmd": "stats"})["agent"]["metrics"]
         url = f"http://127.0.0.1:{m['port']}/metrics"
-        g = WireGuest(f"{work}/g/g0.sock")
+        g = WireGuest(f"{work}/guests/g0.sock")
         g.hello("bench")
         pool = g.new_pool(0)
 

@@ -97,37 +97,26 @@ def time_pairs(
     pool: int,
     keys: Sequence[Key],
     pages: Sequence[Page],
+    hot: bool = False,
 ) -> float:
     """Microseconds per put+get pair: put every page (the pool fills), then get every page back.
 
     This is the realistic pattern (a page stays in the pool a while): the working set is megabytes,
-    and arena slabs emptied by the gets may be punched and refaulted by the next fill.
+    and arena slabs emptied by the gets may be punched and refaulted by the next fill. `hot` gets
+    each page right after its put instead: one slot reused, all in cache, the engine's CPU cost
+    with memory effects removed (context for the realistic figure).
     """
     gc.collect()
     t0 = time.perf_counter_ns()
-    for (oid, index), page in zip(keys, pages, strict=True):
-        put(pool, oid, index, page)
-    for oid, index in keys:
-        get(pool, oid, index)
-    return (time.perf_counter_ns() - t0) / len(keys) / 1000
-
-
-def time_hot_pairs(
-    put: Callable[[int, bytes, int, Page], object],
-    get: Callable[[int, bytes, int], object],
-    pool: int,
-    keys: Sequence[Key],
-    pages: Sequence[Page],
-) -> float:
-    """Microseconds per put immediately followed by its get: one slot reused, all in cache.
-
-    The engine's CPU cost with memory effects removed; context for the figure above.
-    """
-    gc.collect()
-    t0 = time.perf_counter_ns()
-    for (oid, index), page in zip(keys, pages, strict=True):
-        put(pool, oid, index, page)
-        get(pool, oid, index)
+    if hot:
+        for (oid, index), page in zip(keys, pages, strict=True):
+            put(pool, oid, index, page)
+            get(pool, oid, index)
+    else:
+        for (oid, index), page in zip(keys, pages, strict=True):
+            put(pool, oid, index, page)
+        for oid, index in keys:
+            get(pool, oid, index)
     return (time.perf_counter_ns() - t0) / len(keys) / 1000
 
 
@@ -221,10 +210,12 @@ def bench_speed(root: Path) -> dict[str, Any]:
             "lz4_alone": lambda: time_lz4(texts),
             "eph_lz4": lambda: time_pairs(eph_lz4.put, eph_lz4.get, eph_lz4.pool, keys, texts),
             "eph_zero": lambda: time_pairs(eph_lz4.put, eph_lz4.get, eph_lz4.pool, keys, zeros),
-            "dict_hot": lambda: time_hot_pairs(dict_store.put, dict_store.get, 1, keys, random_pages),
-            "eph_raw_hot": lambda: time_hot_pairs(eph_raw.put, eph_raw.get, eph_raw.pool, keys, random_pages),
-            "pers_raw_hot": lambda: time_hot_pairs(
-                pers_raw.put, pers_raw.get, pers_raw.pool, keys, random_pages
+            "dict_hot": lambda: time_pairs(dict_store.put, dict_store.get, 1, keys, random_pages, hot=True),
+            "eph_raw_hot": lambda: time_pairs(
+                eph_raw.put, eph_raw.get, eph_raw.pool, keys, random_pages, hot=True
+            ),
+            "pers_raw_hot": lambda: time_pairs(
+                pers_raw.put, pers_raw.get, pers_raw.pool, keys, random_pages, hot=True
             ),
             "dict_buf": lambda: time_pairs(dict_store.put, dict_store.get, 1, keys, views),
             "eph_raw_buf": lambda: time_pairs(eph_raw.put, eph_raw.get, eph_raw.pool, keys, views),
@@ -251,34 +242,38 @@ def bench_speed(root: Path) -> dict[str, Any]:
         back, so a burst of noise (this is a shared 2-core machine) hits them alike."""
         return round(statistics.median(x / y for x, y in zip(runs[a], runs[b], strict=True)), 3)
 
+    def us(name: str) -> float:
+        return round(med[name], 3)
+
+    def raw_against_dict(tag: str) -> dict[str, float]:
+        """The dict store's and both raw pools' pair times (`tag` "_hot": put then get at once),
+        and each pool's ratio to the dict."""
+        figures = {f"dict{tag}_pair_us": us(f"dict{tag}")}
+        for pool, kind in (("eph", "ephemeral"), ("pers", "persistent")):
+            figures[f"{kind}_raw{tag}_pair_us"] = us(f"{pool}_raw{tag}")
+            figures[f"{kind}_raw{tag}_ratio"] = ratio(f"{pool}_raw{tag}", f"dict{tag}")
+        return figures
+
     return {
         "pages_per_rep": N_PAGES,
         "reps": REPS,
         # (a) pages as the channel hands them over (bytes), the pool filled then drained
-        "dict_pair_us": round(med["dict"], 3),
-        "ephemeral_raw_pair_us": round(med["eph_raw"], 3),
-        "persistent_raw_pair_us": round(med["pers_raw"], 3),
-        "ephemeral_raw_ratio": ratio("eph_raw", "dict"),
-        "persistent_raw_ratio": ratio("pers_raw", "dict"),
+        **raw_against_dict(""),
         # what two page copies through a tmpfs mapping cost alone, against the same dict
-        "copy_floor_pair_us": round(med["copy_floor"], 3),
+        "copy_floor_pair_us": us("copy_floor"),
         "copy_floor_ratio": ratio("copy_floor", "dict"),
         "ephemeral_raw_minor_faults_per_pair": round(faults / REPS / N_PAGES, 2),
         # (a) context: put then get at once (no memory effects), and pages as buffer views
-        "dict_hot_pair_us": round(med["dict_hot"], 3),
-        "ephemeral_raw_hot_pair_us": round(med["eph_raw_hot"], 3),
-        "persistent_raw_hot_pair_us": round(med["pers_raw_hot"], 3),
-        "ephemeral_raw_hot_ratio": ratio("eph_raw_hot", "dict_hot"),
-        "persistent_raw_hot_ratio": ratio("pers_raw_hot", "dict_hot"),
-        "dict_from_buffer_pair_us": round(med["dict_buf"], 3),
-        "ephemeral_raw_from_buffer_pair_us": round(med["eph_raw_buf"], 3),
+        **raw_against_dict("_hot"),
+        "dict_from_buffer_pair_us": us("dict_buf"),
+        "ephemeral_raw_from_buffer_pair_us": us("eph_raw_buf"),
         "ephemeral_raw_from_buffer_ratio": ratio("eph_raw_buf", "dict_buf"),
         # (b), (c)
         "text_lz4_compression_ratio": round(text_ratio, 3),
-        "lz4_alone_pair_us": round(med["lz4_alone"], 3),
-        "ephemeral_lz4_pair_us": round(med["eph_lz4"], 3),
+        "lz4_alone_pair_us": us("lz4_alone"),
+        "ephemeral_lz4_pair_us": us("eph_lz4"),
         "lz4_ratio": ratio("eph_lz4", "lz4_alone"),
-        "zero_pair_us": round(med["eph_zero"], 3),
+        "zero_pair_us": us("eph_zero"),
         "lz4_vs_zero_ratio": ratio("eph_lz4", "eph_zero"),
         "spread_pct": {k: round(100 * (max(v) - min(v)) / statistics.median(v), 1) for k, v in runs.items()},
     }

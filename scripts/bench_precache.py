@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 from guestagent.protocol.jsonline import is_listening
-from scripts.processes import stop, wait_started
+from scripts.processes import bench_config, hostagent, stop, wait_started
 
 PAGE = 4096
 
@@ -128,19 +128,14 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="tmem-bench-", dir="/tmp"))
     shm = Path(tempfile.mkdtemp(prefix="tmem-bench-", dir="/dev/shm"))
     disk = Path(tempfile.mkdtemp(prefix="tmem-bench-", dir="/var/tmp"))
-    config = tmp / "hostagent.toml"
-    config.write_text(
-        f'[pool]\nlimit_mib = 256\nhost_reserve_mib = 0\narena_dir = "{shm}/arena"\n'
-        f'[control]\nsocket = "{tmp}/control.sock"\n[channels]\ndir = "{tmp}/guests"\n'
-        '[libvirt]\nenabled = false\n[[guest]]\nname = "bench"\ncompress = false\n'
-    )
+    config = bench_config(tmp, shm / "arena", 256, '[[guest]]\nname = "bench"\ncompress = false\n')
     backing, mnt = disk / "backing", tmp / "mnt"
     backing.mkdir()
     mnt.mkdir()
     (backing / "f").write_bytes(random.Random(2).randbytes(args.pages * PAGE))
     os.sync()
     agent = subprocess.Popen(
-        [sys.executable, "-m", "hostagent", "run", "--config", str(config)],
+        hostagent("run", "--config", str(config)),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

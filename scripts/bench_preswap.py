@@ -19,7 +19,7 @@ smaller than the budget) against a swapper with the clock policy and one with FI
 (tmem faults) compared, readahead off.
 
 Then (unless --no-soak) the soak: a region 4x its budget under random verified reads and writes
-with 100,000+ faults (`guestagent.preswap_workload`).  Prints one JSON object; the tmem path must
+with 100,000+ faults (`scripts/preswap_workload.py`).  Prints one JSON object; the tmem path must
 beat the disk path (`targets_met`).  The swap file sits in a temp dir under /var/tmp (a disk, not
 tmpfs, where /var/tmp is on one); the page cache still absorbs much of it on an idle host.
 """
@@ -39,19 +39,13 @@ from typing import Any
 
 from guestagent import preswap
 from guestagent.protocol.jsonline import is_listening
-from scripts.processes import stop, wait_started
+from scripts.processes import bench_config, hostagent, preswap_workload, stop, wait_started
 
 PAGE = preswap.PAGE
 
 
 def _config(tmp: Path, shm: Path) -> Path:
-    config = tmp / "hostagent.toml"
-    config.write_text(
-        f'[pool]\nlimit_mib = 512\nhost_reserve_mib = 0\narena_dir = "{shm}/arena"\n'
-        f'[control]\nsocket = "{tmp}/control.sock"\n[channels]\ndir = "{tmp}/guests"\n'
-        '[libvirt]\nenabled = false\n[[guest]]\nname = "bench"\ncompress = false\n'
-    )
-    return config
+    return bench_config(tmp, shm / "arena", 512, '[[guest]]\nname = "bench"\ncompress = false\n')
 
 
 def _pass(sock: str, pages: int, budget: int, write_first: bool, reads: int) -> dict[str, Any]:
@@ -98,19 +92,8 @@ def main() -> int:
         log = open(tmp / "log", "wb")  # noqa: SIM115 - closed below
         procs: list[subprocess.Popen[bytes]] = []
         try:
-            host = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "hostagent",
-                    "run",
-                    "--config",
-                    str(_config(tmp, shm)),
-                    "--log-level",
-                    "WARNING",
-                ],
-                stderr=log,
-            )
+            run = hostagent("run", "--config", str(_config(tmp, shm)), "--log-level", "WARNING")
+            host = subprocess.Popen(run, stderr=log)
             procs.append(host)
             wait_started(host, lambda: is_listening(str(tmp / "guests" / "bench.sock")), "hostagent run")
 
@@ -140,26 +123,9 @@ def main() -> int:
                 return swapper
 
             def skewed() -> dict[str, Any]:
+                hot = ("--hot-pages", "0.2", "--hot-ops", "0.8")
                 run = subprocess.run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "guestagent.preswap_workload",
-                        "--socket",
-                        sock,
-                        "--pages",
-                        "4096",
-                        "--budget",
-                        "1024",
-                        "--ops",
-                        "30000",
-                        "--hot-pages",
-                        "0.2",
-                        "--hot-ops",
-                        "0.8",
-                    ],
-                    capture_output=True,
-                    check=True,
+                    preswap_workload(sock, 4096, 1024, 30000, *hot), capture_output=True, check=True
                 )
                 out: dict[str, Any] = json.loads(run.stdout)
                 return {
@@ -184,22 +150,8 @@ def main() -> int:
             result["tmem"] = _pass(sock, args.pages, 64, True, 2)
 
             def quota(mib: int) -> None:
-                subprocess.run(
-                    [
-                        sys.executable,
-                        "-W",
-                        "ignore",
-                        "-m",
-                        "hostagent",
-                        "set",
-                        "bench",
-                        f"quota={mib}",
-                        "--control",
-                        control,
-                    ],
-                    check=True,
-                    capture_output=True,
-                )
+                argv = hostagent("set", "bench", f"quota={mib}", "--control", control)
+                subprocess.run(argv, check=True, capture_output=True)
 
             quota(0)
             result["disk"] = _pass(sock, args.pages, 64, True, 2)
@@ -220,21 +172,7 @@ def main() -> int:
             }
             if not args.no_soak:
                 soak = subprocess.run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "guestagent.preswap_workload",
-                        "--socket",
-                        sock,
-                        "--pages",
-                        "4096",
-                        "--budget",
-                        "1024",
-                        "--ops",
-                        str(args.soak_ops),
-                    ],
-                    capture_output=True,
-                    check=False,
+                    preswap_workload(sock, 4096, 1024, args.soak_ops), capture_output=True, check=False
                 )
                 result["soak"] = json.loads(soak.stdout)
             mismatches = sum(result[k]["mismatches"] for k in ("zero", "tmem", "disk", "tmem_readahead"))

@@ -3,7 +3,7 @@ swap on the guest's disk, in one run.
 
 Prints ONE JSON object.  Runs its own one-guest lab (`scripts/lab down` first and at the end); the
 guest's disk may be `<iotune>`-limited (`--read-iops`, `--write-iops`; 0 = no limit).  The workload is
-`guestagent.preswap_workload --fill`: `--pages` pages written once, `--ops` random reads and writes
+`scripts.preswap_workload --fill`: `--pages` pages written once, `--ops` random reads and writes
 (half writes), then every page checked; the same seed, so the same accesses, in both cases:
 
 - kernel swap: the pattern on plain anonymous memory (`--anonymous`) in a systemd scope with
@@ -30,12 +30,12 @@ from scripts import lab
 from scripts.guest import PYTHON, Guest
 
 GUEST = Guest("tmem-1")
-WORKLOAD = [*PYTHON, "-m", "guestagent.preswap_workload"]
+WORKLOAD = [*PYTHON, "-m", "scripts.preswap_workload"]
 SLACK_MIB = 4  # above the process's own memory and the budget: page tables, the kernel's bits
 
 # the workload's own memory before its buffer: the interpreter, the pattern's noise, the versions list
 OVERHEAD = r"""
-from guestagent import preswap, preswap_workload as w
+from scripts import preswap_workload as w
 pattern, versions = w.Pattern(1), [0] * int(sys.argv[1])
 with open("/proc/self/status") as f:
     print(next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")))

@@ -12,7 +12,7 @@ One run, five configurations one after another, each on a fresh lab of the same 
 - zswap: as plain_lean, zswap on in each guest.
 
 In every guest, started staggered: zlib built in a loop (scripts/demo_guest.py build: every build
-checked) and a memory user (guestagent.preswap_workload, every page verified) whose every third
+checked) and a memory user (scripts.preswap_workload, every page verified) whose every third
 round needs more than a lean guest has. Without a pool-backed swap device in the guest, the tmem
 configuration's memory user runs on a preswap region (the guest agent's default budget); otherwise,
 as everywhere else, on plain anonymous memory.

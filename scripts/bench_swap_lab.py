@@ -67,7 +67,19 @@ def zswap_bytes() -> int:
         return 0
 
 
+def swap_areas(pool: bool) -> None:
+    """Every case starts from empty swap: all areas off (what earlier cases left there comes back in,
+    and the per-CPU swap-slot caches, which hold slots of the areas in use before, are emptied), then
+    the case's own areas on, the pool's device first when it is the case's."""
+    run("swapoff", "-a")
+    if pool:
+        run("swapon", "--discard=pages", "--priority=100", DEVICE)
+    run("swapon", "--priority=10", "/swapfile")
+    run("swapon", "--priority=5", BENCH_SWAP)
+
+
 def case(name: str, mib: int, ops: int, seed: int) -> dict[str, Any]:
+    swap_areas(pool=name == "pool")
     run("sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches")
     v0, vdb0, dev0 = vmstat(), written_pages("vdb"), device()
     cpu0 = lab.stats()["agent"]["cpu_seconds"]
@@ -159,11 +171,10 @@ def main() -> int:
             "sh",
             "-c",
             f"fallocate -l {args.swap_mib}M {BENCH_SWAP} && chmod 600 {BENCH_SWAP} "
-            f"&& mkswap {BENCH_SWAP} >/dev/null && swapon {BENCH_SWAP}",
+            f"&& mkswap {BENCH_SWAP} >/dev/null",
         )
         run("sh", "-c", "mountpoint -q /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug")
         zswap = "/sys/module/zswap/parameters"
-        run("swapoff", DEVICE)
         run("sh", "-c", f"echo 0 > {zswap}/enabled")
         cases["kernel"] = case("kernel", mib, args.ops, 1)
         print(f"[bench] kernel: {json.dumps(cases['kernel'])}", file=sys.stderr)
@@ -173,7 +184,6 @@ def main() -> int:
         cases["zswap"]["zswap_parameters"] = params
         print(f"[bench] zswap: {json.dumps(cases['zswap'])}", file=sys.stderr)
         run("sh", "-c", f"echo 0 > {zswap}/enabled")
-        run("swapon", "--discard=pages", "--priority=100", DEVICE)
         cases["pool"] = case("pool", mib, args.ops, 1)
         print(f"[bench] pool: {json.dumps(cases['pool'])}", file=sys.stderr)
         swaps = run("cat", "/proc/swaps")

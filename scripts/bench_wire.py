@@ -67,7 +67,7 @@ import trio
 from guestagent.channel import PendingGet, PendingPut, PoolHandle, open_channel
 from guestagent.protocol import wire
 from guestagent.protocol.jsonline import is_listening
-from scripts.processes import stop, wait_started
+from scripts.processes import bench_config, hostagent, stop, wait_started
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -296,26 +296,8 @@ def _start(argv: list[str], ready: Callable[[], bool], what: str, **kw: Any) -> 
 
 
 def _config(tmp: Path, shm: Path) -> Path:
-    config = tmp / "hostagent.toml"
-    config.write_text(
-        f"""
-[pool]
-limit_mib = 256
-host_reserve_mib = 0
-arena_dir = "{shm}/arena"
-[control]
-socket = "{tmp}/control.sock"
-[channels]
-dir = "{tmp}/guests"
-[[guest]]
-name = "bench"
-compress = false
-[[guest]]
-name = "bench_lz4"
-compress = true
-"""
-    )
-    return config
+    guests = '[[guest]]\nname = "bench"\ncompress = false\n[[guest]]\nname = "bench_lz4"\ncompress = true\n'
+    return bench_config(tmp, shm / "arena", 256, guests)
 
 
 async def measure(args: argparse.Namespace, echo_path: str, guests: dict[str, str]) -> dict[str, object]:
@@ -431,16 +413,7 @@ def main() -> int:
             )
             procs.append(
                 _start(
-                    [
-                        sys.executable,
-                        "-m",
-                        "hostagent",
-                        "run",
-                        "--config",
-                        str(_config(tmp, shm)),
-                        "--log-level",
-                        "WARNING",
-                    ],
+                    hostagent("run", "--config", str(_config(tmp, shm)), "--log-level", "WARNING"),
                     lambda: all(is_listening(path) for path in guests.values()),
                     "hostagent run",
                     stderr=log,

@@ -45,6 +45,9 @@ from typing import Any, TextIO
 
 ROOT = Path(__file__).resolve().parent.parent
 GUESTAGENT_DIR = ROOT / "guestagent"
+# Not product, so not in the guestagent package: the checked preswap workload the lab tests, the
+# demo and the benchmarks run in guests (`python3 -m scripts.preswap_workload`, PYTHONPATH=/opt/tmem).
+GUEST_WORKLOADS = ("scripts/__init__.py", "scripts/preswap_workload.py")
 DEFAULT_CACHE = Path(os.environ.get("TMEM_IMAGE_CACHE", "/var/cache/tmem/images"))
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 DEFAULT_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
@@ -93,19 +96,11 @@ MMDEBSTRAP_OPTIONS = (
     "--dpkgopt=path-exclude=/usr/share/locale/*",
     "--dpkgopt=path-exclude=/usr/share/info/*",
 )
-# Packages whose versions go into the manifest.
-MANIFEST_PACKAGES = (
-    "linux-image-amd64",
-    "systemd",
-    "python3",
-    "python3-pyfuse3",
-    "python3-trio",
-    "python3-lz4",
-    "python3-psutil",
-    "fuse3",
-    "qemu-guest-agent",
-    "gcc",
-    "make",
+# Packages whose versions go into the manifest: all but the plumbing.
+MANIFEST_PACKAGES = tuple(
+    p
+    for p in PACKAGES
+    if p not in {"initramfs-tools", "systemd-sysv", "udev", "dbus", "kmod", "procps", "libc6-dev"}
 )
 # Drivers the guest cannot boot without: built in (=y) or in the initramfs.
 BOOT_DRIVERS = ("virtio_pci", "virtio_blk", "ext4")
@@ -177,7 +172,7 @@ RestartSec=1
 WantedBy=multi-user.target
 """
 
-# The host's swap device (docs/preswap-device.md), when the domain has one (hostagent.domain's
+# The host's swap device (docs/preswap-device.md), when the domain has one (scripts.domain's
 # SWAP_SERIAL): made a swap area and the highest-priority swap as soon as the disk appears, before
 # the swap file (priority -2). Discarded slots are TRIMmed, which frees their pool pages.
 SWAPDEV = "/dev/disk/by-id/virtio-tmem-swap"
@@ -221,7 +216,8 @@ def say(message: str) -> None:
 
 
 def guest_code() -> dict[str, bytes]:
-    """The guestagent package as it is now (every file but byte code), by path below the repo.
+    """The guestagent package as it is now (every file but byte code), and the lab's workloads
+    that run in the guest (`GUEST_WORKLOADS`), by path below the repo.
 
     Read once per build: the same bytes are hashed and installed, even if the package is being
     edited while the image builds.
@@ -231,6 +227,7 @@ def guest_code() -> dict[str, bytes]:
         for p in GUESTAGENT_DIR.rglob("*")
         if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
     )
+    files += [ROOT / name for name in GUEST_WORKLOADS]
     return {str(p.relative_to(ROOT)): p.read_bytes() for p in files}
 
 
@@ -265,27 +262,25 @@ def sources(mirror: str, security_mirror: str) -> list[str]:
     ]
 
 
+class _File:
+    """An image's file: `image.base` is the path of base.qcow2 in that image's directory."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, image: Image, owner: type[Image] | None = None) -> Path:
+        return image.directory / self.name
+
+
 @dataclass(frozen=True)
 class Image:
     """A built (or to-be-built) image directory."""
 
     directory: Path
-
-    @property
-    def base(self) -> Path:
-        return self.directory / "base.qcow2"
-
-    @property
-    def kernel(self) -> Path:
-        return self.directory / "vmlinuz"
-
-    @property
-    def initrd(self) -> Path:
-        return self.directory / "initrd.img"
-
-    @property
-    def manifest_path(self) -> Path:
-        return self.directory / "manifest.json"
+    base = _File("base.qcow2")
+    kernel = _File("vmlinuz")
+    initrd = _File("initrd.img")
+    manifest_path = _File("manifest.json")
 
     def is_built(self) -> bool:
         return all(p.is_file() for p in (self.base, self.kernel, self.initrd, self.manifest_path))
@@ -379,8 +374,9 @@ class Build:
         return self.work / "rootfs"
 
     @property
-    def out(self) -> Path:
-        return self.work / "out"
+    def out(self) -> Image:
+        """The image as it is built; renamed into the cache when done."""
+        return Image(self.work / "out")
 
     def run(self, cmd: Sequence[str]) -> str:
         """Run a command, its output appended to the current step's log; raise on failure."""
@@ -601,11 +597,11 @@ class Build:
 
     def extract_kernel(self) -> None:
         version = self.kernel_version()
-        self.out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.rootfs / f"boot/vmlinuz-{version}", self.out / "vmlinuz")
-        shutil.copyfile(self.rootfs / f"boot/initrd.img-{version}", self.out / "initrd.img")
-        for name in ("vmlinuz", "initrd.img"):
-            (self.out / name).chmod(0o644)
+        self.out.directory.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.rootfs / f"boot/vmlinuz-{version}", self.out.kernel)
+        shutil.copyfile(self.rootfs / f"boot/initrd.img-{version}", self.out.initrd)
+        for path in (self.out.kernel, self.out.initrd):
+            path.chmod(0o644)
 
     def make_filesystem(self) -> None:
         raw = self.work / "root.raw"
@@ -636,18 +632,18 @@ class Build:
         self.run(["e2fsck", "-f", "-n", str(raw)])
 
     def convert(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.out.directory.mkdir(parents=True, exist_ok=True)
         raw = self.work / "root.raw"
-        self.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(self.out / "base.qcow2")])
-        (self.out / "base.qcow2").chmod(0o644)
+        self.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(self.out.base)])
+        self.out.base.chmod(0o644)
         raw.unlink()
 
     def manifest(self, recipe: str, started: float) -> dict[str, Any]:
         admin = str(self.rootfs / "var/lib/dpkg")
         listing = self.run(["dpkg-query", f"--admindir={admin}", "-W", "-f=${Package}\t${Version}\n"])
         versions = dict(line.split("\t", 1) for line in listing.splitlines() if "\t" in line)
-        (self.out / "packages.txt").write_text(listing)
-        info = json.loads(self.run(["qemu-img", "info", "--output=json", str(self.out / "base.qcow2")]))
+        (self.out.directory / "packages.txt").write_text(listing)
+        info = json.loads(self.run(["qemu-img", "info", "--output=json", str(self.out.base)]))
         python = self.chroot("python3", "-c", "import sys; print(sys.version.split()[0])").strip()
         return {
             "recipe": recipe,
@@ -662,9 +658,13 @@ class Build:
             "python": python,
             "packages": {name: versions.get(name) for name in MANIFEST_PACKAGES},
             "package_count": len(versions),
-            "files": {"base": "base.qcow2", "kernel": "vmlinuz", "initrd": "initrd.img"},
+            "files": {
+                "base": self.out.base.name,
+                "kernel": self.out.kernel.name,
+                "initrd": self.out.initrd.name,
+            },
             "base_virtual_size_mib": info["virtual-size"] >> 20,
-            "base_file_bytes": (self.out / "base.qcow2").stat().st_size,
+            "base_file_bytes": self.out.base.stat().st_size,
             "swap_mib": SWAP_MIB,
             "guest_config": {
                 "path": GUEST_CONFIG_PATH,
@@ -739,7 +739,7 @@ def build(
 
             def write_manifest() -> None:
                 data = b.manifest(recipe, started)
-                (b.out / "manifest.json").write_text(json.dumps(data, indent=2) + "\n")
+                b.out.manifest_path.write_text(json.dumps(data, indent=2) + "\n")
 
             b.step(total, total, "write the manifest", write_manifest)
         except StepFailed as failure:
@@ -756,7 +756,7 @@ def build(
             remove_tree(old)
             image.directory.rename(old)
             remove_tree(old)
-        b.out.rename(image.directory)
+        b.out.directory.rename(image.directory)
         if keep_work:
             say(f"work directory kept: {work}")
         else:

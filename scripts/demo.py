@@ -3,7 +3,7 @@
 `scripts/demo` starts the lab described by vmconfigs/demo.toml (three guests of 384-512 MiB on an
 IOPS-limited disk, the host agent's balloon controller on), and in every guest runs the seed talk's
 kind of load: a real C project (zlib) built in a loop inside the guest's precache mount, and a
-preswap memory user (guestagent.preswap_workload, every page verified). While they run it shows
+preswap memory user (scripts.preswap_workload, every page verified). While they run it shows
 `hostagent stats` every few seconds; then it prints a summary computed from the counters of the
 measured window (host agent, guest reports, libvirt, balloon controller), as text and as JSON, and
 tears the lab down (also on Ctrl-C or an error) unless --keep.

@@ -8,7 +8,7 @@
 `build` builds a real C project (zlib, configured in the image) in DIR, which is in the precache
 mount, in a loop: `make clean`, the static library and zlib's own test programs, then zlib's self
 test (`./example`) and a compress/decompress round trip of the library through `./minigzip`
-compared with the original. `preswap` runs guestagent.preswap_workload (random reads and writes on a
+compared with the original. `preswap` runs scripts.preswap_workload (random reads and writes on a
 preswap region, every page verified) in a loop, pausing between runs: a memory user, not a fault
 storm that would take the guest's one vCPU (and the daemon's) from the build; `--anonymous` runs it
 on plain anonymous memory (an unmodified memory user: the kernel's swap pages it out), and every
@@ -74,7 +74,7 @@ def preswap_round(
         [
             sys.executable,
             "-m",
-            "guestagent.preswap_workload",
+            "scripts.preswap_workload",
             "--socket",
             socket,
             "--pages",

@@ -32,8 +32,8 @@ from typing import Any, cast
 from guestagent.protocol import tomlfile
 from guestagent.protocol.jsonline import is_listening
 from hostagent import control, statsview
-from hostagent.domain import DiskCache, Guest, IOTune, detect_virt_type, domain_xml
 from scripts import build_image
+from scripts.domain import DiskCache, Guest, IOTune, detect_virt_type, domain_xml
 from scripts.wait import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -31,7 +31,10 @@ TIERS: dict[str, str] = {
     "test_guest_sched": "unit",
     "test_pressure": "unit",
     "test_protocol_session": "unit",
+    "test_swapview": "unit",  # files in a temp dir
     "test_regionbook": "unit",
+    "test_precache_inodes": "unit",
+    "test_precache_victim": "unit",
     "test_pooltable": "unit",
     "test_nbd": "unit",  # the NBD protocol object, bytes in and out  # real files in a temp dir, no processes
     "test_domain": "process",  # runs detect_virt_type in a subprocess
@@ -47,10 +50,12 @@ TIERS: dict[str, str] = {
     "test_precache_stress": "process",
     "test_precache_users": "process",
     "test_precache_writes": "process",
+    "test_precache_fsx": "process",
     "test_hostile_guest": "process",
     "test_cli_pipes": "process",
     "test_swapdev": "process",  # a real arena, and a real process for the peer check
     "test_swapdev_nbd": "process",  # a real host agent and QEMU's NBD client
+    "test_device_stats": "process",  # real host agents (one from git), QEMU's NBD client, a guest agent
     "test_preswap": "process",
     "test_preswap_daemon": "process",
     "test_restart": "process",

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from hostagent import domain, virt
-from hostagent.domain import Guest, IOTune, detect_virt_type, domain_xml
+from hostagent import virt
+from scripts import domain
+from scripts.domain import Guest, IOTune, detect_virt_type, domain_xml
 
 IMG = Path("/var/cache/tmem/images/abc")
 
@@ -235,7 +236,7 @@ def test_unusable_kvm_device_means_tcg(tmp_path: Path, kvm_device: Path) -> None
     info.chmod(0o644)
     code = (
         "import os\n"
-        "from hostagent.domain import detect_virt_type\n"  # before: python lives under /root
+        "from scripts.domain import detect_virt_type\n"  # before: python lives under /root
         "if os.geteuid() == 0:\n    os.setgid(65534); os.setuid(65534)\n"
         f"print(detect_virt_type(kvm_device={str(kvm_device)!r}, cpuinfo={str(info)!r}))\n"
     )

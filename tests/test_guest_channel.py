@@ -85,7 +85,11 @@ def test_every_op_round_trips(host_agent: HostAgentProcess) -> None:
         async with open_channel(host_agent.sockets["g1"], name="t-ops") as ch:
             assert ch.connected and ch.generation == 1
             assert ch.welcome == wire.Welcome(
-                wire.VERSION, wire.PAGE_SIZE, host_agent.max_payload, host_agent.max_vector
+                wire.VERSION,
+                wire.PAGE_SIZE,
+                host_agent.max_payload,
+                host_agent.max_vector,
+                wire.Feature.DEVICE_STATS,
             )
             eph = await ch.new_pool(0)
             per = await ch.new_pool(PERSISTENT)

@@ -522,22 +522,9 @@ def test_cli_stats(host_agent: HostAgentProcess) -> None:
 
 def test_cli_stats_watch_repeats(host_agent: HostAgentProcess) -> None:
     import subprocess
-    import sys
 
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "hostagent",
-            "stats",
-            "--json",
-            "--watch",
-            "0.1",
-            "--control",
-            host_agent.control,
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
+        host_agent.cli_argv("stats", "--json", "--watch", "0.1"), stdout=subprocess.PIPE, text=True
     )
     try:
         assert proc.stdout is not None

@@ -23,8 +23,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hostagent import attach, install
-from hostagent.domain import Guest, detect_virt_type, domain_xml
 from scripts import build_image, lab
+from scripts.domain import Guest, detect_virt_type, domain_xml
 from scripts.guest import Guest as LabGuest
 from scripts.wait import wait_until
 

@@ -1,7 +1,7 @@
 """Preswap in a real lab guest: the guest agent daemon serves preswap regions (`[preswap]` in
 /etc/tmem/guestagent.toml) over the guest's virtio-serial port, and a program whose region is larger
 than the guest's free memory runs to completion, every page's checksum verified
-(`guestagent.preswap_workload --fill`), while the guest's own swap file sees no traffic at all:
+(`scripts.preswap_workload --fill`), while the guest's own swap file sees no traffic at all:
 pswpin and pswpout do not move (the seed talk's screen).  The host agent's `hostagent stats` shows
 the guest's persistent puts and gets, and the preswap counters of its reports.
 
@@ -27,7 +27,7 @@ BUDGET_PAGES = 2048  # the region's resident budget: 8 MiB
 OVER_MIB = 32  # the region is this much larger than MemAvailable
 OPS = 4000  # random reads and writes between the fill and the final check of every page
 CONFIG = "[preswap]\nenabled = true\n"
-WORKLOAD = [*PYTHON, "-m", "guestagent.preswap_workload"]
+WORKLOAD = [*PYTHON, "-m", "scripts.preswap_workload"]
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,9 @@ compiled in the guest) over twice the guest's memory, every page checked: the sw
 page while the pool has room; with a quota smaller than the working set the excess goes to the
 host's spill file and nothing is lost; the host agent SIGKILLed and restarted mid-swap loses nothing
 (QEMU's NBD client waits and reconnects); virsh save / restore mid-swap keeps every page; a guest
-destroyed mid-swap frees its pool pages within 2 s. A guest driven to OOM is not covered yet (in the
-one try, its qemu-guest-agent stopped answering at OOM). A lab of its own, torn down at the end.
+a guest driven into OOM (an unmodified hog over memory + swap) has it killed by the OOM killer and
+comes out whole, its swap path working; a guest destroyed mid-swap frees its pool pages within 2 s.
+A lab of its own, torn down at the end.
 """
 
 from __future__ import annotations
@@ -118,6 +119,25 @@ def wait_hog(pid: int, timeout: float = 1800) -> dict[str, Any]:
     return result
 
 
+def test_guestagent_stats_shows_the_device_counters(running: dict[str, Any]) -> None:
+    """The guest agent asks the host over its channel (DEVICE_STATS) and shows the disk as the guest
+    sees it beside that."""
+    before = device()
+    stats = json.loads(GUEST.run("guestagent", "stats"))
+    after = device()
+    dev = stats["swap_device"]
+    assert dev["host_error"] is None, dev
+    host = dev["host"]
+    assert host["size_bytes"] == before["size_bytes"] == SWAP_MIB << 20
+    for key in ("puts", "gets", "refusals", "trims"):  # counters only grow: read between two reads
+        assert before[key] <= host[key] <= after[key], (key, before, host, after)
+    view = dev["guest"]
+    assert view["device"] == "/dev/vdb" and view["swap"]["priority"] == 100, view
+    assert view["swap"]["size_kib"] > (SWAP_MIB - 1) * 1024
+    assert view["block"]["read_ios"] + view["block"]["write_ios"] > 0
+    print(f"\nguestagent stats swap_device: {dev}")
+
+
 def test_device_is_the_first_swap_and_the_swap_file_gets_nothing(running: dict[str, Any]) -> None:
     s = swaps()
     assert s["/dev/vdb"]["priority"] > s["/swapfile"]["priority"], s
@@ -193,6 +213,81 @@ def test_save_and_restore_mid_swap_keeps_every_page(running: dict[str, Any]) -> 
     result = wait_hog(pid)
     assert result["bad_pages"] == 0
     print(f"\nhog {result}; device {device()}")
+
+
+def exec_status(pid: int, deadline: float) -> dict[str, Any]:
+    """guest-exec-status of `pid` once it exited. While the guest is out of memory qemu-guest-agent
+    may miss the 10 s a command gets: those misses are counted and retried, up to `deadline`."""
+    import libvirt
+
+    misses = 0
+    while True:
+        assert time.monotonic() < deadline, f"pid {pid} still running ({misses} agent timeouts)"
+        try:
+            st: dict[str, Any] = lab.agent_command(
+                GUEST.domain(), {"execute": "guest-exec-status", "arguments": {"pid": pid}}
+            )
+        except libvirt.libvirtError as err:
+            assert "Invalid parameter" not in str(err), f"qemu-guest-agent forgot pid {pid}: restarted?"
+            misses += 1
+        else:
+            if st.get("exited"):
+                st["agent_misses"] = misses
+                return st
+        time.sleep(2)
+
+
+def test_oom_does_not_deadlock_the_swap_path(running: dict[str, Any]) -> None:
+    """A guest out of memory with the pool's device as its only swap: the OOM killer must end an
+    unmodified hog larger than memory + swap, and the guest must come out of it whole.
+
+    Why an earlier try lost qemu-guest-agent at the OOM: a command it runs lives in its unit's
+    cgroup, and systemd stops a service one of whose processes the OOM killer took (OOMPolicy=stop,
+    its default), so the agent went with the hog. Here the hog runs in a scope of its own
+    (systemd-run --scope), is the OOM killer's first choice (oom_score_adj 1000) and the agent never
+    is (-1000); agent timeouts while memory is gone are counted, not fatal. The kernel's heuristic
+    would refuse the hog's one allocation outright, hence vm.overcommit_memory=1. The swap file is
+    off, so every swapped page goes through the device.
+    """
+    GUEST.run("swapoff", "/swapfile")
+    GUEST.run("sysctl", "-q", "vm.overcommit_memory=1")
+    GUEST.run("sh", "-c", "for p in $(pidof qemu-ga); do choom -p $p -n -1000; done")
+    try:
+        before, pswpout = device(), vmstat("pswpout")
+        GUEST.run("dmesg", "-C")
+        oversize = str(MEMORY_MIB + SWAP_MIB + 128)
+        first_to_go = f'echo 1000 > /proc/self/oom_score_adj && exec {HOG} "$@"'
+        scope = ["systemd-run", "--scope", "--quiet", "--unit=tmem-oom-hog"]
+        pid = lab.guest_spawn(GUEST.domain(), [*scope, "sh", "-c", first_to_go, "hog", oversize, "0", "5"])
+        t0 = time.monotonic()
+        st = exec_status(pid, t0 + 1500)
+        took = time.monotonic() - t0
+        assert st.get("signal") == signal.SIGKILL, f"the hog was not killed: {st}"
+        # responsive at once, with the ordinary timeouts: a fresh process, the device still swapped on
+        t1 = time.monotonic()
+        assert GUEST.run("echo", "alive", timeout=60).strip() == "alive"
+        answered = time.monotonic() - t1
+        dmesg = GUEST.run("dmesg")
+        assert f"Killed process {pid} (swap_hog)" in dmesg, dmesg[-3000:]
+        assert "Out of memory" in dmesg
+        assert "hung_task" not in dmesg and "blocked for more than" not in dmesg, dmesg[-3000:]
+        assert "/dev/vdb" in swaps()
+        swapped = vmstat("pswpout") - pswpout
+        at_oom = device()
+        assert swapped > SWAP_MIB * 256 // 2, f"only {swapped} pages swapped out before the OOM"
+        assert at_oom["puts"] + at_oom["refusals"] - before["puts"] - before["refusals"] >= swapped * 0.9
+        # the swap path still works: a hog that fits (1.5 times memory), every page checked
+        result = hog(MEMORY_MIB * 3 // 2, 2000, 6, timeout=1500)
+        assert result["bad_pages"] == 0 and result["pages"] == MEMORY_MIB * 3 // 2 * 256
+        assert result["major_faults"] > 0
+    finally:
+        GUEST.run("sysctl", "-q", "vm.overcommit_memory=0")
+        GUEST.run("swapon", "/swapfile")
+    print(
+        f"\nOOM kill after {took:.0f} s ({st['agent_misses']} agent timeouts meanwhile); pswpout "
+        f"{swapped} pages; device at the OOM {at_oom}; echo answered in {answered:.1f} s; "
+        f"then hog {result}"
+    )
 
 
 def test_destroyed_mid_swap_frees_its_pool_pages_within_2s(running: dict[str, Any]) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -220,19 +220,7 @@ def test_families_label_domains_by_name_and_uuid() -> None:
 @pytest.fixture
 def watch(agent: HostAgentProcess) -> Iterator[subprocess.Popen[str]]:
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-W",
-            "ignore",
-            "-m",
-            "hostagent",
-            "stats",
-            "--watch",
-            "0.3",
-            "--compact",
-            "--control",
-            agent.control,
-        ],
+        agent.cli_argv("stats", "--watch", "0.3", "--compact"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -266,19 +254,7 @@ def test_stats_watch_compact_appends_lines_without_escape_codes(
 
 def test_stats_json_watch_is_one_object_per_line(agent: HostAgentProcess) -> None:
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-W",
-            "ignore",
-            "-m",
-            "hostagent",
-            "stats",
-            "--watch",
-            "0.2",
-            "--json",
-            "--control",
-            agent.control,
-        ],
+        agent.cli_argv("stats", "--watch", "0.2", "--json"),
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -296,35 +272,18 @@ def test_stats_watch_on_a_terminal_redraws_unless_append(agent: HostAgentProcess
 
     main, sub = pty.openpty()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-W",
-            "ignore",
-            "-m",
-            "hostagent",
-            "stats",
-            "--watch",
-            "0.2",
-            "--control",
-            agent.control,
-            *(["--append"] if append else []),
-        ],
+        agent.cli_argv("stats", "--watch", "0.2", *(["--append"] if append else [])),
         stdout=sub,
         stderr=subprocess.DEVNULL,
     )
     os.close(sub)
-    time.sleep(1.0)
+    out = b""
+    deadline = time.monotonic() + 30  # two samples, however slow a busy machine starts Python
+    while out.count(b"pool: ") < 2 and time.monotonic() < deadline:
+        if select.select([main], [], [], 1.0)[0]:
+            out += os.read(main, 65536)
     proc.terminate()
     proc.wait(10)
-    out = b""
-    while True:
-        try:
-            chunk = os.read(main, 65536)
-        except OSError:  # EIO: the writer is gone
-            break
-        if not chunk:
-            break
-        out += chunk
     os.close(main)
     assert out.count(b"pool: ") >= 2, out
     assert (b"\x1b[2J" in out) is not append

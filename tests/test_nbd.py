@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import struct
 
 import pytest
@@ -17,22 +18,28 @@ class MemBackend:
         self.flushes = 0
         self.fail_reads = False
 
-    def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> bytes:
         if self.fail_reads:
             raise NbdError(nbd.EIO, "broken")
         return bytes(self.data[offset : offset + length])
 
-    def write(self, offset: int, data: bytes, fua: bool) -> None:
+    async def write(self, offset: int, data: bytes, fua: bool) -> None:
         self.data[offset : offset + len(data)] = data
 
-    def trim(self, offset: int, length: int) -> None:
+    async def trim(self, offset: int, length: int) -> None:
         self.data[offset : offset + length] = bytes(length)
 
-    def write_zeroes(self, offset: int, length: int) -> None:
+    async def write_zeroes(self, offset: int, length: int) -> None:
         self.data[offset : offset + length] = bytes(length)
 
-    def flush(self) -> None:
+    async def flush(self) -> None:
         self.flushes += 1
+
+
+def feed(s: NbdServer, data: bytes) -> None:
+    """Bytes in, then every request they framed run against the backend."""
+    s.feed(data)
+    asyncio.run(s.run())
 
 
 def server(backend: MemBackend, name: str = "vm1") -> NbdServer:
@@ -86,7 +93,7 @@ def connected(backend: MemBackend) -> NbdServer:
     s = server(backend)
     greeting = s.take_output()
     assert struct.unpack(">QQH", greeting) == (nbd.NBDMAGIC, nbd.IHAVEOPT, 3)
-    s.feed(struct.pack(">I", 3) + option(nbd.OPT_GO, go_data("vm1", (nbd.INFO_BLOCK_SIZE,))))
+    feed(s, struct.pack(">I", 3) + option(nbd.OPT_GO, go_data("vm1", (nbd.INFO_BLOCK_SIZE,))))
     got = replies(s.take_output())
     assert got[-1][:2] == (nbd.OPT_GO, nbd.REP_ACK)
     info = [d for _, k, d in got if k == nbd.REP_INFO]
@@ -98,18 +105,18 @@ def connected(backend: MemBackend) -> NbdServer:
 def test_go_then_write_read_flush_trim_zeroes_disc() -> None:
     b = MemBackend(1 << 20)
     s = connected(b)
-    s.feed(request(nbd.CMD_WRITE, 7, 4096, 8192, b"\xab" * 8192))
+    feed(s, request(nbd.CMD_WRITE, 7, 4096, 8192, b"\xab" * 8192))
     assert simple(s.take_output()) == (0, 7, b"", b"")
-    s.feed(request(nbd.CMD_READ, 8, 4096, 8192))
+    feed(s, request(nbd.CMD_READ, 8, 4096, 8192))
     err, cookie, data, rest = simple(s.take_output(), 8192)
     assert (err, cookie, data, rest) == (0, 8, b"\xab" * 8192, b"")
-    s.feed(request(nbd.CMD_FLUSH, 9, 0, 0))
+    feed(s, request(nbd.CMD_FLUSH, 9, 0, 0))
     assert simple(s.take_output())[:2] == (0, 9) and b.flushes == 1
-    s.feed(request(nbd.CMD_TRIM, 10, 4096, 4096) + request(nbd.CMD_WRITE_ZEROES, 11, 8192, 100))
+    feed(s, request(nbd.CMD_TRIM, 10, 4096, 4096) + request(nbd.CMD_WRITE_ZEROES, 11, 8192, 100))
     out = s.take_output()
     assert simple(out)[:2] == (0, 10) and simple(out[16:])[:2] == (0, 11)
     assert b.data[4096 : 8192 + 100] == bytes(4096 + 100) and b.data[8292] == 0xAB
-    s.feed(request(nbd.CMD_DISC, 12, 0, 0))
+    feed(s, request(nbd.CMD_DISC, 12, 0, 0))
     assert s.closed and s.take_output() == b""
 
 
@@ -124,7 +131,7 @@ def test_bytes_one_at_a_time() -> None:
         + request(nbd.CMD_READ, 2, 0, 5)
     )
     for i in range(len(stream)):
-        s.feed(stream[i : i + 1])
+        feed(s, stream[i : i + 1])
     out = s.take_output()
     got = replies(out[: out.index(struct.pack(">I", nbd.SIMPLE_REPLY_MAGIC))])
     assert got[-1][1] == nbd.REP_ACK
@@ -137,19 +144,19 @@ def test_export_name_old_style_and_zero_padding() -> None:
     b = MemBackend(8192)
     s = server(b)
     s.take_output()
-    s.feed(struct.pack(">I", 1) + option(nbd.OPT_EXPORT_NAME, b"vm1"))
+    feed(s, struct.pack(">I", 1) + option(nbd.OPT_EXPORT_NAME, b"vm1"))
     out = s.take_output()
     assert struct.unpack_from(">QH", out) == (8192, nbd.TRANSMISSION_FLAGS) and len(out) == 10 + 124
     s2 = server(b)
     s2.take_output()
-    s2.feed(struct.pack(">I", 3) + option(nbd.OPT_EXPORT_NAME, b"vm1"))
+    feed(s2, struct.pack(">I", 3) + option(nbd.OPT_EXPORT_NAME, b"vm1"))
     assert len(s2.take_output()) == 10
 
 
 def test_export_name_unknown_closes() -> None:
     s = server(MemBackend(4096))
     s.take_output()
-    s.feed(struct.pack(">I", 3) + option(nbd.OPT_EXPORT_NAME, b"other"))
+    feed(s, struct.pack(">I", 3) + option(nbd.OPT_EXPORT_NAME, b"other"))
     assert s.closed and "other" in s.close_reason and s.backend is None
 
 
@@ -157,7 +164,8 @@ def test_list_info_unknown_options_and_abort() -> None:
     b = MemBackend(4096)
     s = server(b)
     s.take_output()
-    s.feed(
+    feed(
+        s,
         struct.pack(">I", 3)
         + option(nbd.OPT_LIST)
         + option(nbd.OPT_LIST, b"x")
@@ -166,7 +174,7 @@ def test_list_info_unknown_options_and_abort() -> None:
         + option(8)
         + option(5)
         + option(99, b"junk")
-        + option(nbd.OPT_INFO, b"\0\0\0\xff\0\0")
+        + option(nbd.OPT_INFO, b"\0\0\0\xff\0\0"),
     )
     got = replies(s.take_output())
     kinds = [(o, k) for o, k, _ in got]
@@ -185,7 +193,7 @@ def test_list_info_unknown_options_and_abort() -> None:
     ]
     assert got[0][2] == b"\0\0\0\x03vm1"
     assert s.backend is None and not s.closed  # INFO does not start transmission
-    s.feed(option(nbd.OPT_ABORT))
+    feed(s, option(nbd.OPT_ABORT))
     assert replies(s.take_output()) == [(2, nbd.REP_ACK, b"")] and s.closed
 
 
@@ -201,7 +209,7 @@ def test_list_info_unknown_options_and_abort() -> None:
 def test_bad_handshake_closes(stream: bytes, reason: str) -> None:
     s = server(MemBackend(4096))
     s.take_output()
-    s.feed(stream)
+    feed(s, stream)
     assert s.closed and reason in s.close_reason and s.backend is None
 
 
@@ -209,12 +217,12 @@ def test_bad_requests_get_errors_or_close() -> None:
     b = MemBackend(1 << 16)
     s = connected(b)
     b.data[:] = b"\x11" * len(b.data)
-    s.feed(request(nbd.CMD_READ, 1, (1 << 16) - 10, 20))  # past the end
-    s.feed(request(nbd.CMD_WRITE, 2, 1 << 16, 4, b"evil"))  # past the end: payload consumed
-    s.feed(request(nbd.CMD_WRITE_ZEROES, 3, 1 << 64 - 1, 1))
-    s.feed(request(nbd.CMD_TRIM, 4, 1 << 17, 1))
-    s.feed(request(42, 5, 0, 0))  # unknown command
-    s.feed(request(nbd.CMD_READ, 6, 0, nbd.MAX_REQUEST + 1))  # too long a read
+    feed(s, request(nbd.CMD_READ, 1, (1 << 16) - 10, 20))  # past the end
+    feed(s, request(nbd.CMD_WRITE, 2, 1 << 16, 4, b"evil"))  # past the end: payload consumed
+    feed(s, request(nbd.CMD_WRITE_ZEROES, 3, 1 << 64 - 1, 1))
+    feed(s, request(nbd.CMD_TRIM, 4, 1 << 17, 1))
+    feed(s, request(42, 5, 0, 0))  # unknown command
+    feed(s, request(nbd.CMD_READ, 6, 0, nbd.MAX_REQUEST + 1))  # too long a read
     out = s.take_output()
     errs = []
     while out:
@@ -230,15 +238,36 @@ def test_bad_requests_get_errors_or_close() -> None:
     ]
     assert b.data == b"\x11" * len(b.data) and not s.closed
     b.fail_reads = True
-    s.feed(request(nbd.CMD_READ, 7, 0, 4096))
+    feed(s, request(nbd.CMD_READ, 7, 0, 4096))
     assert simple(s.take_output()) == (nbd.EIO, 7, b"", b"")
-    s.feed(request(nbd.CMD_WRITE, 8, 0, nbd.MAX_REQUEST + 1))
+    feed(s, request(nbd.CMD_WRITE, 8, 0, nbd.MAX_REQUEST + 1))
     assert s.closed and "limit" in s.close_reason
-    s.feed(request(nbd.CMD_READ, 9, 0, 4))  # nothing after a close
+    feed(s, request(nbd.CMD_READ, 9, 0, 4))  # nothing after a close
     assert s.take_output() == b""
 
 
 def test_bad_request_magic_closes() -> None:
     s = connected(MemBackend(4096))
-    s.feed(request(nbd.CMD_READ, 1, 0, 4, magic=0xDEADBEEF))
+    feed(s, request(nbd.CMD_READ, 1, 0, 4, magic=0xDEADBEEF))
     assert s.closed and "request magic" in s.close_reason and s.take_output() == b""
+
+
+def test_requests_wait_for_step_and_answer_in_order() -> None:
+    b = MemBackend(1 << 16)
+    s = connected(b)
+    s.feed(
+        request(nbd.CMD_WRITE, 1, 0, 4096, b"\x01" * 4096)
+        + request(nbd.CMD_READ, 2, 1 << 20, 4)  # out of range: answered in its turn, not before
+        + request(nbd.CMD_READ, 3, 0, 4)
+    )
+    assert s.has_requests and s.backlog == 4096 and s.take_output() == b""
+    assert b.data[0] == 0  # nothing ran yet
+    asyncio.run(s.step())
+    assert simple(s.take_output()) == (0, 1, b"", b"") and s.backlog == 0
+    asyncio.run(s.run())
+    out = s.take_output()
+    assert simple(out)[:2] == (nbd.EINVAL, 2)
+    assert simple(out[16:], 4)[:3] == (0, 3, b"\x01" * 4)
+    assert not s.has_requests
+    s.feed(request(nbd.CMD_READ, 4, 0, 4) + request(nbd.CMD_READ, 5, 0, 4, magic=0xBAD))
+    assert s.closed and not s.has_requests  # a broken stream drops what waited: nothing answered

@@ -153,56 +153,64 @@ def client(engine: PoolEngine, name: str, **kw: Any) -> Client:
     return engine.client(name, ClientSettings(**kw))
 
 
+def shared_members(engine: PoolEngine, kind: int, uuid: bytes) -> tuple[Client, int, Client, int]:
+    """g1 and g2 joined to the shared pool `uuid`: (g1, g1's pool id, g2, g2's pool id)."""
+    a, b = client(engine, "g1"), client(engine, "g2")
+    return a, engine.new_pool(a, kind, uuid), b, engine.new_pool(b, kind, uuid)
+
+
+def persistent_pages(engine: PoolEngine, count: int) -> tuple[Client, int, list[bytes]]:
+    """g1's persistent pool holding `count` raw (incompressible) pages of object 1: (g1, pool, pages)."""
+    a = client(engine, "g1", compress=False)
+    pid = engine.new_pool(a, PERS)
+    pages = [random_page(i) for i in range(count)]
+    for i, page in enumerate(pages):
+        assert engine.put(a, pid, oid(1), i, page)
+    return a, pid, pages
+
+
+def held_get(engine: PoolEngine, key: int, index: int, page: bytes) -> tuple[Client, int, list[Any]]:
+    """g1's exclusive persistent pool with `page` put and then got with a `held` list (the reply not
+    yet known delivered): (g1, pool id, held)."""
+    a = client(engine, "g1", compress=False)
+    pid = engine.new_pool(a, PERS_X)
+    assert engine.put(a, pid, oid(key), index, page)
+    held: list[Any] = []
+    assert engine.get(a, pid, oid(key), index, held) == page
+    return a, pid, held
+
+
 # -- gets ---------------------------------------------------------------------------------------
 
 
-def test_private_ephemeral_get_is_exclusive(harness: Harness) -> None:
+@pytest.mark.parametrize(
+    ("kind", "uuid", "exclusive"),
+    [
+        (EPH, None, True),
+        (SHARED, U1, False),
+        (PERS, None, False),
+        (PERS_X, None, True),
+        (SHARED_PERS_X, U2, True),
+    ],
+)
+def test_a_get_is_exclusive_exactly_where_the_contract_says(
+    harness: Harness, kind: int, uuid: bytes | None, exclusive: bool
+) -> None:
+    """Private ephemeral pools and EXCLUSIVE_GETS pools give a page up on a get, others keep it;
+    a shared pool's get (by g2 here) acts for every member (g1 then reads it, or finds it gone)."""
     engine = harness.open()
-    c = client(engine, "g1")
-    pid = engine.new_pool(c, EPH)
-    page = random_page(1)
-    assert engine.put(c, pid, oid(1), 5, page)
-    assert engine.get(c, pid, oid(1), 5) == page
-    assert engine.get(c, pid, oid(1), 5) is None
-    assert gstats(engine, "g1", "ephemeral")["pages"] == 0
-
-
-def test_shared_ephemeral_get_is_not_exclusive(harness: Harness) -> None:
-    engine = harness.open()
-    a, b = client(engine, "g1"), client(engine, "g2")
-    pa = engine.new_pool(a, SHARED, U1)
-    pb = engine.new_pool(b, SHARED, U1)
-    page = text_page(2)
-    assert engine.put(a, pa, oid(1), 0, page)
-    assert engine.get(b, pb, oid(1), 0) == page
-    assert engine.get(b, pb, oid(1), 0) == page
-    assert engine.get(a, pa, oid(1), 0) == page
-
-
-def test_persistent_gets_exclusive_only_with_flag(harness: Harness) -> None:
-    engine = harness.open()
-    c = client(engine, "g1")
-    plain = engine.new_pool(c, PERS)
-    excl = engine.new_pool(c, PERS_X)
-    page = random_page(3)
-    for pid in (plain, excl):
-        assert engine.put(c, pid, oid(9), 1, page)
-    assert engine.get(c, plain, oid(9), 1) == page
-    assert engine.get(c, plain, oid(9), 1) == page
-    assert engine.get(c, excl, oid(9), 1) == page
-    assert engine.get(c, excl, oid(9), 1) is None
-    assert gstats(engine, "g1", "persistent")["pages"] == 1
-
-
-def test_shared_persistent_exclusive_get_consumes_for_every_member(harness: Harness) -> None:
-    engine = harness.open()
-    a, b = client(engine, "g1"), client(engine, "g2")
-    pa = engine.new_pool(a, SHARED_PERS_X, U2)
-    pb = engine.new_pool(b, SHARED_PERS_X, U2)
-    page = random_page(4)
+    if uuid is None:
+        a = b = client(engine, "g1")
+        pa = pb = engine.new_pool(a, kind)
+    else:
+        a, pa, b, pb = shared_members(engine, kind, uuid)
+    page = random_page(kind) if kind & PERS else text_page(kind)
     assert engine.put(a, pa, oid(1), 3, page)
     assert engine.get(b, pb, oid(1), 3) == page
-    assert engine.get(a, pa, oid(1), 3) is None
+    assert engine.get(a, pa, oid(1), 3) == (None if exclusive else page)
+    if uuid is None:  # a private pool's pages are charged to its guest
+        charged = gstats(engine, "g1", "persistent" if kind & PERS else "ephemeral")["pages"]
+        assert charged == (0 if exclusive else 1)
 
 
 # -- refused puts -------------------------------------------------------------------------------
@@ -296,9 +304,7 @@ def test_unknown_pool_ids(harness: Harness) -> None:
 
 def test_destroying_shared_pool_only_leaves_it(harness: Harness) -> None:
     engine = harness.open()
-    a, b = client(engine, "g1"), client(engine, "g2")
-    pa = engine.new_pool(a, SHARED, U1)
-    pb = engine.new_pool(b, SHARED, U1)
+    a, pa, b, pb = shared_members(engine, SHARED, U1)
     assert engine.put(a, pa, oid(1), 1, text_page(1))
     engine.destroy_pool(a, pa)
     assert engine.get(b, pb, oid(1), 1) == text_page(1)
@@ -622,11 +628,7 @@ def test_restart_after_clean_close(harness: Harness) -> None:
 
 def test_corrupted_slot_is_not_served_after_restart(harness: Harness) -> None:
     engine = harness.open()
-    a = client(engine, "g1", compress=False)
-    pid = engine.new_pool(a, PERS)
-    pages = [random_page(i) for i in range(5)]
-    for i, page in enumerate(pages):
-        assert engine.put(a, pid, oid(1), i, page)
+    _, pid, pages = persistent_pages(engine, 5)
     path = harness.arenas[-1].path
     data = path.read_bytes()
     victim = data.find(pages[2])
@@ -672,28 +674,15 @@ def test_store_writes_the_documented_slot_header(harness: Harness) -> None:
 def test_crc32_slots_of_an_older_arena_are_still_verified(harness: Harness) -> None:
     """Arenas written before xxh3 carry CRC-32 slots (FLAG_CHECKSUM): an upgrade keeps them."""
     engine = harness.open()
-    a = client(engine, "g1", compress=False)
-    pid = engine.new_pool(a, PERS)
-    pages = [random_page(i) for i in range(4)]
-    for i, page in enumerate(pages):
-        assert engine.put(a, pid, oid(1), i, page)
+    _, pid, pages = persistent_pages(engine, 4)
     arena = harness.arenas[-1]
     pool = next(p for p in engine._pools.values() if p.persistent)
     for i, ref in pool.objects[oid(1)].items():  # rewrite each header as the old version did
         offset = ref >> REF_SHIFT
-        _, handle, generation, key, index, _, _, encoding, _ = arena.header(offset)
-        crc = crc32_checksum(handle, generation, key, index, encoding, pages[i])
-        arena.write(
-            offset,
-            handle,
-            generation,
-            key,
-            index,
-            encoding,
-            pages[i],
-            crc ^ (1 if i == 3 else 0),
-            FLAG_CHECKSUM,
-        )  # slot 3: a bad checksum
+        h = arena.header(offset)
+        crc = crc32_checksum(h.handle, h.generation, h.oid, h.index, h.encoding, pages[i])
+        bad = 1 if i == 3 else 0  # slot 3: a bad checksum
+        arena.write(offset, h._replace(crc=crc ^ bad, flags=FLAG_CHECKSUM), pages[i])
 
     engine2 = harness.open()
     a2 = engine2.client("g1")
@@ -726,11 +715,7 @@ def test_held_exclusive_get_is_freed_only_when_delivered(harness: Harness) -> No
 
 def test_held_page_survives_a_crash_before_release(harness: Harness) -> None:
     engine = harness.open()
-    a = client(engine, "g1", compress=False)
-    pid = engine.new_pool(a, PERS_X)
-    assert engine.put(a, pid, oid(2), 5, random_page(5))
-    held: list[Any] = []
-    assert engine.get(a, pid, oid(2), 5, held) == random_page(5)
+    _, pid, _ = held_get(engine, 2, 5, random_page(5))
     # the host agent dies here, before the reply was known delivered: a restart rebuilds the page
     again = harness.open()
     assert again.get(again.client("g1"), pid, oid(2), 5) == random_page(5)
@@ -738,11 +723,7 @@ def test_held_page_survives_a_crash_before_release(harness: Harness) -> None:
 
 def test_restore_after_the_key_was_put_again_keeps_the_new_page(harness: Harness) -> None:
     engine = harness.open()
-    a = client(engine, "g1", compress=False)
-    pid = engine.new_pool(a, PERS_X)
-    assert engine.put(a, pid, oid(3), 0, random_page(0))
-    held: list[Any] = []
-    assert engine.get(a, pid, oid(3), 0, held) == random_page(0)
+    a, pid, held = held_get(engine, 3, 0, random_page(0))
     assert engine.put(a, pid, oid(3), 0, random_page(9))
     engine.restore_held(held)
     assert engine.get(a, pid, oid(3), 0) == random_page(9)
@@ -754,11 +735,7 @@ def test_a_held_page_the_guest_flushed_never_comes_back(harness: Harness, later:
     """GET, then PUT/FLUSH of the same key before the GET's reply is known delivered: neither a
     restore (channel lost) nor a restart may resurrect the old page, and it stops being charged."""
     engine = harness.open()
-    a = client(engine, "g1", compress=False)
-    pid = engine.new_pool(a, PERS_X)
-    assert engine.put(a, pid, oid(4), 0, random_page(1))
-    held: list[Any] = []
-    assert engine.get(a, pid, oid(4), 0, held) == random_page(1)
+    a, pid, held = held_get(engine, 4, 0, random_page(1))
     if later == "flush_page":
         engine.flush_page(a, pid, oid(4), 0)
     elif later == "put_flush":
@@ -835,9 +812,7 @@ def test_a_slab_with_a_damaged_header_never_brings_old_pages_back(harness: Harne
 
 def test_a_shared_pool_member_the_config_no_longer_authorises_loses_it(harness: Harness) -> None:
     engine = harness.open()
-    a, b = client(engine, "g1"), client(engine, "g2")
-    pa = engine.new_pool(a, SHARED_PERS, U1)
-    pb = engine.new_pool(b, SHARED_PERS, U1)
+    a, pa, _, pb = shared_members(engine, SHARED_PERS, U1)
     assert engine.put(a, pa, oid(1), 0, random_page(1))
     narrowed = harness.open(acl={U1: ("g1",)})  # restarted with g2 taken off the pool's list
     with pytest.raises(UnknownPool):

@@ -258,7 +258,7 @@ def test_the_mount_may_cover_its_own_backing_tree_and_code(
         (tree / "new").write_bytes(data[:5000])
         os.setxattr(tree, "user.tmem.precache.evict", b"1")
         assert (tree / "data").read_bytes() == data
-        assert (tree / "guestagent" / "precache.py").read_bytes().startswith(b'"""precache')
+        assert (tree / "guestagent" / "precache" / "__init__.py").read_bytes().startswith(b'"""precache')
         with pytest.raises(OSError):  # a failing operation: answered, the shim still serves
             os.getxattr(tree / "data", "user.nothing")
         assert (tree / "new").read_bytes() == data[:5000]

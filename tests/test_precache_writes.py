@@ -122,8 +122,8 @@ def test_an_unexpected_error_in_an_operation_is_answered_eio_not_fatal(tmp_path:
     fs = pc.PrecacheFS(str(tmp_path))
 
     async def go() -> None:
-        entry = await fs.lookup(pyfuse3.ROOT_INODE, b"f", None)
-        info = await fs.open(entry.st_ino, os.O_RDONLY, None)
+        entry = await fs.lookup(pyfuse3.ROOT_INODE, pyfuse3.FileNameT(b"f"), None)
+        info = await fs.open(entry.st_ino, pyfuse3.FlagT(os.O_RDONLY), None)
         assert await fs.read(info.fh, 0, 10) == b"x" * 10
         kept = fs._files[info.fh]
         fs._files[info.fh] = (kept[0], None)  # type: ignore[assignment]  # the next read fails inside
@@ -135,7 +135,7 @@ def test_an_unexpected_error_in_an_operation_is_answered_eio_not_fatal(tmp_path:
             raise AssertionError("a broken read answered normally")
         fs._files[info.fh] = kept
         with pytest.raises(pyfuse3.FUSEError) as missing:  # FUSEErrors pass through as they are
-            await fs.lookup(pyfuse3.ROOT_INODE, b"nothing", None)
+            await fs.lookup(pyfuse3.ROOT_INODE, pyfuse3.FileNameT(b"nothing"), None)
         assert missing.value.errno == errno.ENOENT
         await fs.release(info.fh)
 

@@ -1,15 +1,16 @@
 """Preswap on the host: real userfaultfd, a real swapper process, a real host agent process.
 
 The swapper (`scripts/preswap_swapper.py`: one without the daemon) holds its own channel to the
-host agent as guest g1; applications are separate processes (`python -m
-guestagent.preswap_workload`) or this test process itself: either way no fault is ever handled in
-the faulting process.  The 100,000+ fault soak of issue 5 is `python -m guestagent.preswap_workload
---ops 140000` against the same setup (`scripts/bench_preswap.py` runs it with the fault-service
-figures); the test here does ~30,000.
+host agent as guest g1; applications are separate processes (`scripts/preswap_workload.py`)
+or this test process itself: either way no fault is ever handled in the faulting process.  The
+100,000+ fault soak of issue 5 is `scripts/preswap_workload.py --ops 140000` against the same
+setup (`scripts/bench_preswap.py` runs it with the fault-service figures); the test here does
+~30,000.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -21,13 +22,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from guestagent import preswap
+from scripts.processes import preswap_workload
 from scripts.wait import wait_until
 from tests.support.host_agent import HostAgentProcess, stats_json
 from tests.support.process import read_log, reap
@@ -90,21 +92,7 @@ def swapper(host_agent: HostAgentProcess, request: pytest.FixtureRequest) -> Ite
 
 def workload(sw: SwapperProcess, pages: int, budget: int, ops: int, seed: int = 1) -> dict[str, Any]:
     res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "guestagent.preswap_workload",
-            "--socket",
-            sw.socket,
-            "--pages",
-            str(pages),
-            "--budget",
-            str(budget),
-            "--ops",
-            str(ops),
-            "--seed",
-            str(seed),
-        ],
+        preswap_workload(sw.socket, pages, budget, ops, "--seed", str(seed)),
         capture_output=True,
         text=True,
         timeout=120,
@@ -113,6 +101,32 @@ def workload(sw: SwapperProcess, pages: int, budget: int, ops: int, seed: int = 
     assert res.returncode == 0, f"{res.stdout}\n{res.stderr}\n{sw.log()}"
     result: dict[str, Any] = json.loads(res.stdout)
     return result
+
+
+@contextlib.contextmanager
+def running_workload(
+    sw: SwapperProcess, budget: int, ops: int
+) -> Iterator[tuple[subprocess.Popen[str], Callable[[str], int]]]:
+    """A workload on 2048 pages, started and left running: yields the process and a function that
+    reads one of its region's counters from the swapper (0 once released). Killed if still running."""
+    app = subprocess.Popen(
+        preswap_workload(sw.socket, 2048, budget, ops, "--progress"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert app.stdout is not None
+        region = str(json.loads(app.stdout.readline())["region"])
+
+        def figure(name: str) -> int:
+            return int(sw.stats()["regions"].get(region, {}).get(name, 0))
+
+        yield app, figure
+    finally:
+        if app.poll() is None:
+            app.kill()
+            app.wait()
 
 
 def host_persistent(agent: HostAgentProcess) -> int:
@@ -177,40 +191,15 @@ def test_tiny_quota_falls_back_to_the_swap_file(
 def test_killed_application_leaves_nothing_in_tmem(
     host_agent: HostAgentProcess, swapper: SwapperProcess
 ) -> None:
-    app = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "guestagent.preswap_workload",
-            "--socket",
-            swapper.socket,
-            "--pages",
-            "2048",
-            "--budget",
-            "256",
-            "--ops",
-            "10000000",
-            "--progress",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        assert app.stdout is not None
-        region = json.loads(app.stdout.readline())["region"]
+    with running_workload(swapper, budget=256, ops=10_000_000) as (app, figure):
 
         def busy() -> bool:
-            r = swapper.stats()["regions"].get(str(region))
-            return r is not None and r["in_tmem"] > 1000 and r["tmem_faults"] > 1000
+            return figure("in_tmem") > 1000 and figure("tmem_faults") > 1000
 
         wait_until(busy, timeout=30, what="the region to be swapping through tmem")
         assert host_persistent(host_agent) > 1000
         app.send_signal(signal.SIGKILL)
         app.wait(10)
-    finally:
-        if app.poll() is None:
-            app.kill()
-            app.wait()
     wait_until(lambda: host_persistent(host_agent) == 0, what="tmem pages flushed after SIGKILL")
     wait_until(lambda: swapper.stats()["regions"] == {}, what="the region released")
     assert swapper.stats()["totals"]["lost"] == 0
@@ -261,32 +250,10 @@ def test_bad_requests_are_refused(swapper: SwapperProcess, tmp_path: Path) -> No
 def test_host_agent_sigkill_and_restart_mid_run(
     host_agent: HostAgentProcess, swapper: SwapperProcess
 ) -> None:
-    app = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "guestagent.preswap_workload",
-            "--socket",
-            swapper.socket,
-            "--pages",
-            "2048",
-            "--budget",
-            "512",
-            "--ops",
-            "30000",
-            "--progress",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert app.stdout is not None
-        region = json.loads(app.stdout.readline())["region"]
+    with running_workload(swapper, budget=512, ops=30000) as (app, figure):
 
         def faults() -> int:
-            r = swapper.stats()["regions"].get(str(region))
-            return 0 if r is None else int(r["tmem_faults"])
+            return figure("tmem_faults")
 
         wait_until(lambda: faults() > 3000, timeout=30, what="the region swapping through tmem")
         host_agent.kill()
@@ -295,10 +262,6 @@ def test_host_agent_sigkill_and_restart_mid_run(
         stalled = faults()
         host_agent.start()
         out, err = app.communicate(timeout=120)
-    finally:
-        if app.poll() is None:
-            app.kill()
-            app.wait()
     assert app.returncode == 0, f"{out}\n{err}\n{swapper.log()}"
     result = json.loads(out.splitlines()[-1])
     assert result["mismatches"] == 0 and result["agent"]["lost"] == 0

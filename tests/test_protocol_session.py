@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from guestagent.protocol import wire
@@ -94,3 +96,43 @@ def test_guest_matches_replies_to_pending_requests_once() -> None:
 def test_guest_name_is_bounded() -> None:
     with pytest.raises(ValueError, match="longer than 64"):
         GuestSession("x" * 65)
+
+
+def test_features_are_granted_only_when_offered_and_served() -> None:
+    """The guest offers features in its HELLO header's index; the host grants what it serves too."""
+    guest: GuestSession[object] = GuestSession("vm1")
+    assert guest.offered == wire.Feature.DEVICE_STATS
+    request = Frame(Op.HELLO, request_id=1, index=guest.offered, payload=guest.hello())
+    (reply,) = _decode_one(HostSession(1 << 20, 64).receive_hello(request), wire.Role.GUEST)
+    assert guest.welcomed_by(reply).features == wire.Feature.DEVICE_STATS
+    assert guest.granted(wire.Feature.DEVICE_STATS)
+    # a host that serves nothing beyond version 1 grants nothing
+    no_features = HostSession(1 << 20, 64, features=0)
+    (reply,) = _decode_one(no_features.receive_hello(request), wire.Role.GUEST)
+    assert guest.welcomed_by(reply).features == 0 and not guest.granted(wire.Feature.DEVICE_STATS)
+    # a guest that offers nothing (one from before features) gets 0 where it requires 0
+    host = HostSession(1 << 20, 64)
+    raw = host.receive_hello(_hello())
+    assert host.features == 0
+    assert struct.unpack_from("<H", raw, wire.HEADER_SIZE + 2) == (0,)
+
+
+def test_an_old_hosts_welcome_grants_nothing() -> None:
+    """A version-1 host's reply, as it packed it (the field was reserved, always 0)."""
+    old = struct.pack("<HHIII", wire.VERSION, 0, wire.PAGE_SIZE, 1 << 20, 64)
+    reply = Frame(Op.HELLO, wire.Flag.REPLY, Status.OK, 1, payload=old)
+    (reply,) = _decode_one(wire.encode(reply), wire.Role.GUEST)
+    guest: GuestSession[object] = GuestSession("vm1")
+    assert not guest.granted(wire.Feature.DEVICE_STATS)  # nor before any welcome
+    guest.welcomed_by(reply)
+    assert guest.welcomed and not guest.granted(wire.Feature.DEVICE_STATS)
+
+
+def test_a_host_granting_what_was_not_offered_breaks_the_protocol() -> None:
+    guest: GuestSession[object] = GuestSession("vm1", features=0)
+    grant = wire.welcome_payload(wire.Welcome(wire.VERSION, wire.PAGE_SIZE, 1 << 20, 64, 1))
+    (reply,) = _decode_one(
+        wire.encode(Frame(Op.HELLO, wire.Flag.REPLY, Status.OK, 1, payload=grant)), wire.Role.GUEST
+    )
+    with pytest.raises(wire.ProtocolError, match="granted features 0x1, we offered 0x0"):
+        guest.welcomed_by(reply)

@@ -19,6 +19,7 @@ from guestagent.protocol.wire import (
     NO_OID,
     PAGE_SIZE,
     VERSION,
+    Feature,
     Flag,
     Frame,
     FrameReader,
@@ -108,6 +109,7 @@ REQUESTS: list[Frame] = [
     Frame(Op.FLUSH_VEC, NR, pool=3, index=1, payload=wire.keys_payload(KEYS3[:1])),
     Frame(Op.STATS, payload=wire.stats_payload({"puts": 5, "gets_missed": -(2**63)})),
     Frame(Op.STATS),
+    Frame(Op.DEVICE_STATS, request_id=15),
 ]
 
 
@@ -144,6 +146,9 @@ REPLIES: list[Frame] = [
     Frame(Op.NOTICE, payload=wire.notice_payload(Notice.BALLOON_TARGET, 2**64 - 1)),
     Frame(Op.ERROR, status=Status.PROTOCOL, payload=wire.error_payload("bad magic")),
     Frame(Op.ERROR, status=Status.INVALID, request_id=9),
+    _reply(Op.HELLO, payload=wire.welcome_payload(Welcome(1, PAGE_SIZE, 1 << 20, 64, Feature.DEVICE_STATS))),
+    _reply(Op.DEVICE_STATS, payload=wire.stats_payload({"puts": 3, "pool_pages": 2})),
+    _reply(Op.DEVICE_STATS, Status.NOT_FOUND),
 ]
 
 SAMPLES = [(Role.HOST, f) for f in REQUESTS] + [(Role.GUEST, f) for f in REPLIES]
@@ -264,20 +269,17 @@ def replies(draw: st.DrawFn) -> Frame:
     return Frame(op, R, status, rid, pool, oid, index, payload)
 
 
+@pytest.mark.parametrize(("frames", "role"), [(requests(), Role.HOST), (replies(), Role.GUEST)])
 @QUICK
-@given(st.lists(requests(), max_size=6), st.data())
-def test_random_requests_round_trip_in_random_chunks(frames: list[Frame], data: st.DataObject) -> None:
-    stream = b"".join(encode(f) for f in frames)
+@given(data=st.data())
+def test_random_frames_round_trip_in_random_chunks(
+    frames: st.SearchStrategy[Frame], role: Role, data: st.DataObject
+) -> None:
+    """Requests as the host reads them, replies as the guest does, cut anywhere."""
+    drawn = data.draw(st.lists(frames, max_size=6))
+    stream = b"".join(encode(f) for f in drawn)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
-    assert feed_chunks(Role.HOST, stream, cuts) == frames
-
-
-@QUICK
-@given(st.lists(replies(), max_size=6), st.data())
-def test_random_replies_round_trip_in_random_chunks(frames: list[Frame], data: st.DataObject) -> None:
-    stream = b"".join(encode(f) for f in frames)
-    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
-    assert feed_chunks(Role.GUEST, stream, cuts) == frames
+    assert feed_chunks(role, stream, cuts) == drawn
 
 
 def feed_chunks(role: Role, stream: bytes, cuts: list[int]) -> list[Frame]:
@@ -340,7 +342,8 @@ def test_feed_one_decodes_plain_frames_alone_or_declines(role: Role, frame: Fram
         and role is Role.GUEST
     )
     if plain or (
-        role is Role.HOST and frame.opcode in (Op.DESTROY_POOL, Op.QUERY_POOL, Op.PUT, Op.GET, Op.FLUSH_PAGE)
+        role is Role.HOST
+        and frame.opcode in (Op.DESTROY_POOL, Op.QUERY_POOL, Op.PUT, Op.GET, Op.FLUSH_PAGE, Op.DEVICE_STATS)
     ):
         assert one == frame
         data[:] = bytes(len(data))  # the caller reuses its buffer: the frame must not alias it
@@ -541,7 +544,7 @@ RULES: list[tuple[str, Role, Fields, Fields, str]] = [
     ("version-0", G, GET_R, {"version": 0}, "version"),
     ("reserved", H, PUT_, {"reserved": 1}, "reserved"),
     ("opcode-0", H, PUT_, {"op": 0}, "unknown opcode 0"),
-    ("opcode-15", G, GET_R, {"op": 15}, "unknown opcode 15"),
+    ("opcode-16", G, GET_R, {"op": 16}, "unknown opcode 16"),
     ("opcode-255", H, PUT_, {"op": 255}, "unknown opcode 255"),
     ("host-gets-notice", H, {"op": Op.STATS}, {"op": Op.NOTICE}, "not valid guest->host"),
     ("host-gets-error", H, {"op": Op.STATS}, {"op": Op.ERROR}, "not valid guest->host"),
@@ -599,7 +602,10 @@ RULES: list[tuple[str, Role, Fields, Fields, str]] = [
     ("put-refused-payload", G, {"op": Op.PUT, "flags": R, "status": 2}, pl(b"x"), "want 0"),
     ("flush-vec-reply-payload", G, {"op": Op.FLUSH_VEC, "flags": R, "index": 2}, pl(b"\0\0"), "want 0"),
     ("hello-reply-size", G, HELLO_R, pl(bytes(15)), "want 16"),
-    ("hello-reply-reserved", G, HELLO_R, pl(struct.pack("<HHIII", 1, 1, 4096, 1, 1)), "reserved"),
+    ("hello-reply-features", G, HELLO_R, pl(struct.pack("<HHIII", 1, 2, 4096, 1, 1)), "unknown features 0x2"),
+    ("device-stats-reply", G, {"op": Op.DEVICE_STATS, "flags": R}, pl(b"\x05ab"), "overruns"),
+    ("device-stats-miss", G, {"op": Op.DEVICE_STATS, "flags": R, "status": 1}, pl(b"x"), "want 0"),
+    ("device-stats-payload", H, {"op": Op.DEVICE_STATS}, pl(b"x"), "want 0"),
     ("query-reply-size", G, QUERY_R, pl(bytes(5)), "want 4"),
     ("query-reply-flags", G, QUERY_R, pl(b"\x10\0\0\0"), "unknown pool flags"),
     ("get-vec-missing-page", G, GET_VEC_R, pl(bytes([0, 0]) + PAGE_A), "does not match"),
@@ -691,7 +697,7 @@ def test_eof() -> None:
         Frame(Op.GET, oid=bytes(23)),
         Frame(Op.GET, oid=bytes(25)),
         Frame(0),
-        Frame(15),
+        Frame(16),
         Frame(Op.GET, flags=4),
         Frame(Op.GET, flags=-1),
         Frame(Op.GET, status=7),
@@ -736,9 +742,11 @@ def test_hello_round_trip(lo: int, hi: int, page_size: int, name: str) -> None:
 
 
 @QUICK
-@given(st.integers(0, 0xFFFF), u32, u32, u32)
-def test_welcome_round_trip(version: int, page_size: int, max_payload: int, max_vector: int) -> None:
-    w = Welcome(version, page_size, max_payload, max_vector)
+@given(st.integers(0, 0xFFFF), u32, u32, u32, st.sampled_from([0, *Feature]))
+def test_welcome_round_trip(
+    version: int, page_size: int, max_payload: int, max_vector: int, features: int
+) -> None:
+    w = Welcome(version, page_size, max_payload, max_vector, features)
     assert wire.parse_welcome(wire.welcome_payload(w)) == w
 
 

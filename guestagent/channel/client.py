@@ -139,6 +139,26 @@ class Channel:
                 return None
             return self._adopt(PoolHandle(self, flags, bytes(16)), remote)
 
+    def granted(self, feature: wire.Feature) -> bool:
+        """The host of the current session serves `feature` (it said so in its HELLO reply)."""
+        return self._ready and self._protocol.granted(feature)
+
+    async def device_stats(self) -> dict[str, int] | None:
+        """The host's counters of this guest's swap device (the host answers for the guest its
+        channel belongs to, nothing else); None if it has no device for us, or if it does not serve
+        the request at all (`granted`): then nothing is sent, since an older host would take the
+        unknown opcode for a broken guest and close the channel."""
+        while True:
+            await self.wait_connected()
+            generation, conn = self.generation, self._conn
+            assert conn is not None
+            if not self._protocol.granted(wire.Feature.DEVICE_STATS):
+                return None
+            frame = await self._request(conn, None, wire.Op.DEVICE_STATS, 0, b"")
+            if frame is None or not self._fresh(generation):
+                continue  # the connection broke meanwhile: ask the next one
+            return wire.parse_stats(frame.payload) if frame.status == OK else None
+
     async def report_stats(self, values: Mapping[str, int]) -> None:
         """Send a STATS report (no reply); dropped while disconnected, it is only advisory."""
         payload = wire.stats_payload(values)
@@ -469,7 +489,8 @@ class Channel:
         """HELLO, then bring every pool back: re-create ephemeral ones, re-check persistent."""
         session = self._protocol
         session.restart()
-        frame = await self._request(conn, None, wire.Op.HELLO, 0, session.hello())
+        hello = self._submit(conn, None, wire.Op.HELLO, 0, NO_OID, session.offered, session.hello())
+        frame = await self._wait(hello)
         if frame is None:
             raise Broken("channel broke during the handshake")
         try:

@@ -69,6 +69,11 @@ class PoolHandle:
         """The host's id for this pool on the current connection (changes on reconnect)."""
         return self._remote
 
+    @property
+    def connected(self) -> bool:
+        """Whether its channel has a live session with the host (else gets miss, puts drop)."""
+        return self._ch.connected
+
     async def put(self, oid: bytes, index: int, page: bytes) -> bool:
         """Store one page; True if stored, False if the host refused (or it was dropped)."""
         if len(page) != PAGE_SIZE:

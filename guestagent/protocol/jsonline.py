@@ -1,15 +1,18 @@
-"""The client side of the agents' control sockets: one JSON object per line over a unix socket.
+"""The agents' control sockets: one JSON object per line over a unix socket.
 
 Both agents answer `{"ok": true, "result": ...}` or `{"ok": false, "error": "..."}` to each request
-line; their CLIs ask with `request`. Stdlib only, so the host agent shares it without trio.
+line (`answer`); their CLIs ask with `request`. Stdlib only, so the host agent shares it without
+trio.
 """
 
 from __future__ import annotations
 
 import errno
+import inspect
 import json
+import logging
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 MAX_REPLY: Final = 64 << 20  # stats of many guests stay far below it
@@ -31,6 +34,30 @@ def is_listening(path: str) -> bool:
         except OSError:
             return False
         return True
+
+
+async def answer(
+    line: bytes, handler: Callable[[Mapping[str, Any]], Any], log: logging.Logger
+) -> dict[str, Any]:
+    """The reply to one request line: `handler`'s result (awaited if it is awaitable: the guest's
+    handlers are trio coroutines, some of the host's asyncio ones), or the error. ControlError's
+    message is for the user; any other exception is logged with its traceback and reported."""
+    try:
+        req = json.loads(line)
+    except ValueError:
+        return {"ok": False, "error": "request is not JSON"}
+    if not isinstance(req, dict):
+        return {"ok": False, "error": "request must be a JSON object"}
+    try:
+        result = handler(req)
+        if inspect.isawaitable(result):
+            result = await result
+        return {"ok": True, "result": result}
+    except ControlError as err:
+        return {"ok": False, "error": str(err)}
+    except Exception as err:
+        log.exception("control request %r failed", req.get("cmd"))
+        return {"ok": False, "error": f"internal error: {type(err).__name__}: {err}"}
 
 
 def encode_line(obj: Mapping[str, Any]) -> bytes:

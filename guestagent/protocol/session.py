@@ -14,16 +14,19 @@ from typing import Generic, TypeVar
 
 from guestagent.protocol.headers import REPLY, pack_reply
 from guestagent.protocol.wire import (
+    ALL_FEATURES,
     DEFAULT_MAX_PAYLOAD,
     DEFAULT_MAX_VECTOR,
     KEY_SIZE,
     MAX_NAME,
     PAGE_SIZE,
     VERSION,
+    Feature,
     Frame,
     FrameReader,
     Hello,
     Op,
+    ProtocolError,
     Role,
     Status,
     Welcome,
@@ -72,10 +75,11 @@ class GuestSession(Generic[_R]):
     begins a new connection: the host's limits are unknown again until its WELCOME.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, features: int = ALL_FEATURES) -> None:
         if len(name.encode("utf-8")) > MAX_NAME:
             raise ValueError(f"channel name is longer than {MAX_NAME} utf-8 bytes")
         self.name = name
+        self.offered = features  # the HELLO header's `index`: what we can use if the host grants it
         self.welcome = Welcome(VERSION, PAGE_SIZE, DEFAULT_MAX_PAYLOAD, DEFAULT_MAX_VECTOR)
         self.chunk = DEFAULT_MAX_VECTOR  # keys per vectored request, within the host's limits
         self.welcomed = False
@@ -97,8 +101,12 @@ class GuestSession(Generic[_R]):
         self.welcomed = False
 
     def hello(self) -> bytes:
-        """The HELLO request's payload."""
+        """The HELLO request's payload (send it with `offered` as the header's index)."""
         return hello_payload(Hello(VERSION, VERSION, PAGE_SIZE, self.name))
+
+    def granted(self, feature: Feature) -> bool:
+        """The host of this session serves `feature` (a host without it says 0: never ask it)."""
+        return self.welcomed and bool(self.welcome.features & feature)
 
     def welcomed_by(self, frame: Frame) -> Welcome:
         """Take the host's reply to HELLO: its limits now bound what we send.
@@ -111,6 +119,8 @@ class GuestSession(Generic[_R]):
         welcome = parse_welcome(frame.payload)
         if welcome.version != VERSION or welcome.page_size != PAGE_SIZE:
             raise HandshakeRefused(f"host agent speaks {welcome}, we need version {VERSION}")
+        if welcome.features & ~self.offered:
+            raise ProtocolError(f"host granted features {welcome.features:#x}, we offered {self.offered:#x}")
         self.welcome = welcome
         per_key = KEY_SIZE + PAGE_SIZE
         self.chunk = max(1, min(welcome.max_vector, GUEST_READ_MAX_VECTOR, welcome.max_payload // per_key))
@@ -133,9 +143,11 @@ class HostSession:
     which never closes): the caller drops what the old session had, then answers it.
     """
 
-    def __init__(self, max_payload: int, max_vector: int) -> None:
+    def __init__(self, max_payload: int, max_vector: int, features: int = ALL_FEATURES) -> None:
         self.max_payload = max_payload
         self.max_vector = max_vector
+        self.supported = features  # what this host serves
+        self.features = 0  # what it granted this session: the guest's offer (HELLO's index) and ours
         self.welcomed = False
         self.hello_name = ""  # what the guest calls itself
 
@@ -160,7 +172,11 @@ class HostSession:
                 Status.INVALID,
                 pack_reply(f.opcode, Status.INVALID, f.request_id, f.pool, f.oid, f.index, 0),
             )
-        payload = welcome_payload(Welcome(VERSION, PAGE_SIZE, self.max_payload, self.max_vector))
+        # A guest that offers nothing (one from before features) gets 0 there, as it requires.
+        self.features = f.index & self.supported
+        payload = welcome_payload(
+            Welcome(VERSION, PAGE_SIZE, self.max_payload, self.max_vector, self.features)
+        )
         self.welcomed = True
         self.hello_name = hello.name
         return pack_reply(f.opcode, Status.OK, f.request_id, f.pool, f.oid, f.index, len(payload)) + payload

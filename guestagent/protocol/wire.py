@@ -24,6 +24,7 @@ from enum import Enum, IntEnum, IntFlag
 from typing import NamedTuple
 
 __all__ = [
+    "ALL_FEATURES",
     "DEFAULT_MAX_PAYLOAD",
     "DEFAULT_MAX_VECTOR",
     "HEADER",
@@ -39,6 +40,7 @@ __all__ = [
     "REQUEST_OPS",
     "VECTOR_OPS",
     "VERSION",
+    "Feature",
     "Flag",
     "Frame",
     "FrameReader",
@@ -109,7 +111,7 @@ if HEADER.size != HEADER_SIZE or KEY.size != KEY_SIZE:  # pragma: no cover - lay
 
 
 class Op(IntEnum):
-    """Opcodes; 1..11 are guest requests, the rest are one-way messages."""
+    """Opcodes; 1..11 and 15 are guest requests, 12..14 are one-way messages."""
 
     HELLO = 1
     NEW_POOL = 2
@@ -125,6 +127,9 @@ class Op(IntEnum):
     STATS = 12  # guest -> host report, never answered
     NOTICE = 13  # host -> guest, unsolicited, request_id 0
     ERROR = 14  # host -> guest just before the host closes the channel; payload = utf-8 reason
+    # guest request, no payload: its swap device's counters (reply: STATS encoding, or NOT_FOUND);
+    # sent only to a host that granted Feature.DEVICE_STATS (an older one closes on an unknown op)
+    DEVICE_STATS = 15
 
 
 class Status(IntEnum):
@@ -148,12 +153,19 @@ class PoolFlag(IntFlag):
     EXCLUSIVE_GETS = 4
 
 
+class Feature(IntFlag):
+    """What a guest may use beyond version 1's ops: offered in its HELLO's header `index`, granted in
+    the host's reply (the Welcome's `features`, a field hosts without features send as 0)."""
+
+    DEVICE_STATS = 1  # the DEVICE_STATS request
+
+
 class Notice(IntEnum):
     SHRINK_PERSISTENT = 1  # value = persistent pages the guest should move out of tmem
     BALLOON_TARGET = 2  # value = new balloon target in KiB
 
 
-REQUEST_OPS: frozenset[Op] = frozenset(Op(i) for i in range(Op.HELLO, Op.FLUSH_VEC + 1))
+REQUEST_OPS: frozenset[Op] = frozenset({*(Op(i) for i in range(Op.HELLO, Op.FLUSH_VEC + 1)), Op.DEVICE_STATS})
 NOREPLY_OPS: frozenset[Op] = frozenset({Op.PUT, Op.PUT_VEC, Op.FLUSH_PAGE, Op.FLUSH_OBJECT, Op.FLUSH_VEC})
 VECTOR_OPS: frozenset[Op] = frozenset({Op.PUT_VEC, Op.GET_VEC, Op.FLUSH_VEC})
 
@@ -161,6 +173,7 @@ _MAX_OP = max(Op)
 _MAX_STATUS = max(Status)
 _ALL_FLAGS = int(Flag.REPLY | Flag.NOREPLY)
 _ALL_POOL_FLAGS = int(PoolFlag.PERSISTENT | PoolFlag.SHARED | PoolFlag.EXCLUSIVE_GETS)
+ALL_FEATURES = int(Feature.DEVICE_STATS)
 _U8 = 0xFF
 
 
@@ -269,6 +282,7 @@ class Welcome:
     page_size: int
     max_payload: int
     max_vector: int
+    features: int = 0  # Feature bits the host grants (only ones the guest offered)
 
 
 def _pack(s: struct.Struct, *values: object) -> bytes:
@@ -298,16 +312,19 @@ def parse_hello(p: bytes) -> Hello:
 
 
 def welcome_payload(w: Welcome) -> bytes:
-    return _pack(_WELCOME, w.version, 0, w.page_size, w.max_payload, w.max_vector)
+    if w.features & ~ALL_FEATURES or w.features < 0:
+        raise ValueError(f"unknown features {w.features:#x}")
+    return _pack(_WELCOME, w.version, w.features, w.page_size, w.max_payload, w.max_vector)
 
 
 def parse_welcome(p: bytes) -> Welcome:
+    """The host's limits. `features` is the u16 that version-1 hosts send as 0 (it was reserved)."""
     if len(p) != _WELCOME.size:
         raise ProtocolError(f"HELLO reply payload is {len(p)} bytes, want {_WELCOME.size}")
-    version, reserved, page_size, max_payload, max_vector = _WELCOME.unpack(p)
-    if reserved:
-        raise ProtocolError("HELLO reply reserved field is not 0")
-    return Welcome(version, page_size, max_payload, max_vector)
+    version, features, page_size, max_payload, max_vector = _WELCOME.unpack(p)
+    if features & ~ALL_FEATURES:
+        raise ProtocolError(f"HELLO reply grants unknown features {features:#x}")
+    return Welcome(version, page_size, max_payload, max_vector, features)
 
 
 def pool_spec_payload(flags: int, uuid: bytes = bytes(16)) -> bytes:
@@ -602,6 +619,11 @@ def _check_vector_reply(reader: FrameReader, op: int, status: int, n: int, p: by
         parse_status_vector(p, n)
 
 
+def _check_device_stats(reader: FrameReader, op: int, status: int, index: int, p: bytes) -> None:
+    if status == Status.OK:
+        parse_stats(p)
+
+
 def _check_notice(reader: FrameReader, op: int, status: int, index: int, p: bytes) -> None:
     parse_notice(p)
 
@@ -623,6 +645,7 @@ def _build_rules() -> dict[Role, tuple[_Rule | None, ...]]:
         Op.GET_VEC: _VAR,
         Op.FLUSH_VEC: _VAR,
         Op.STATS: _VAR,
+        Op.DEVICE_STATS: 0,
     }
     request_header: dict[Op, _HeaderCheck] = {
         Op.HELLO: _hello_request,
@@ -648,9 +671,10 @@ def _build_rules() -> dict[Role, tuple[_Rule | None, ...]]:
             request_payload.get(op),
         )
 
-    reply_len_ok = {Op.HELLO: _WELCOME.size, Op.QUERY_POOL: 4, Op.GET: PAGE_SIZE}
+    reply_len_ok = {Op.HELLO: _WELCOME.size, Op.QUERY_POOL: 4, Op.GET: PAGE_SIZE, Op.DEVICE_STATS: _VAR}
     reply_payload: dict[Op, _PayloadCheck] = {
         Op.HELLO: _check_welcome,
+        Op.DEVICE_STATS: _check_device_stats,
         Op.QUERY_POOL: _check_pool_flags,
         Op.PUT_VEC: _check_vector_reply,
         Op.GET_VEC: _check_vector_reply,

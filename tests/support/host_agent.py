@@ -113,14 +113,18 @@ class HostAgentProcess:
         UserWarnings are silenced: the package warns when an engine module's source is newer than
         its mypyc build, which is a development condition, not CLI output under test.
         """
-        extra = ["--control", self.control] if control_flag else []
         return subprocess.run(
-            [sys.executable, "-W", "ignore::UserWarning", "-m", "hostagent", *args, *extra],
+            self.cli_argv(*args, control_flag=control_flag),
             capture_output=True,
             text=True,
             timeout=30,
             check=False,
         )
+
+    def cli_argv(self, *args: str, control_flag: bool = True) -> list[str]:
+        """The argv of `cli`, for a test that runs a long command (`stats --watch`) itself."""
+        extra = ["--control", self.control] if control_flag else []
+        return [sys.executable, "-W", "ignore::UserWarning", "-m", "hostagent", *args, *extra]
 
     def connect(self, guest: str = "g1", hello: bool = True) -> WireGuest:
         g = WireGuest(self.sockets[guest])

@@ -100,19 +100,29 @@ class PrecacheMount:
 def precache(
     host_agent: HostAgentProcess, request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., PrecacheMount]]:
-    """A factory: precache(populate=None) mounts a fresh backing dir as guest g1."""
+    """A factory: precache(populate=None) mounts a fresh backing dir as guest g1 (or `guest`: the host
+    agent keeps one channel a guest, so mounts in use at once need a guest each).
+
+    `tmpfs=True` puts the backing dir on /dev/shm: for tests whose subject is the shim, not the
+    disk (an fsync on the ext4 /tmp here costs more than the shim's own work)."""
     work = Path(tempfile.mkdtemp(prefix="tmem-pc", dir="/tmp"))
+    shm = Path(tempfile.mkdtemp(prefix="tmem-pc", dir="/dev/shm"))
     mounts: list[PrecacheMount] = []
 
-    def make(populate: Callable[[Path], None] | None = None, allow_other: bool = False) -> PrecacheMount:
+    def make(
+        populate: Callable[[Path], None] | None = None,
+        allow_other: bool = False,
+        tmpfs: bool = False,
+        guest: str = "g1",
+    ) -> PrecacheMount:
         n = len(mounts)
-        backing, mountpoint = work / f"backing{n}", work / f"mnt{n}"
+        backing, mountpoint = (shm if tmpfs else work) / f"backing{n}", work / f"mnt{n}"
         backing.mkdir()
         mountpoint.mkdir()
         if populate is not None:
             populate(backing)
         m = PrecacheMount(
-            backing, mountpoint, host_agent.sockets["g1"], work / f"precache{n}.log", allow_other
+            backing, mountpoint, host_agent.sockets[guest], work / f"precache{n}.log", allow_other
         )
         mounts.append(m)
         m.start()
@@ -126,6 +136,7 @@ def precache(
         for m in mounts:
             reap(request, m, "precache")
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(shm, ignore_errors=True)
 
 
 def pool_pages(agent: HostAgentProcess) -> int:

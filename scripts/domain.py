@@ -1,4 +1,5 @@
-"""libvirt domain XML for a lab guest: a pure function of a small guest description.
+"""libvirt domain XML for a lab guest (the lab toolkit's; the product edits existing domains with
+`hostagent.attach`): a pure function of a small guest description.
 
 The guest boots the lab image's extracted kernel and initramfs (direct kernel boot) from a qcow2
 overlay on the shared base image, and has the devices tmem needs and nothing else:

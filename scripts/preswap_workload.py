@@ -1,6 +1,10 @@
 """A verifying workload on a preswap region: random reads and writes, every page checked.
 
-    python -m guestagent.preswap_workload --socket S --pages 4096 --budget 1024 --ops 200000
+    python -m scripts.preswap_workload --socket S --pages 4096 --budget 1024 --ops 200000
+
+Not product: the tests, the demo and the benchmarks run it, on the host from the repository root
+and in lab guests, whose image installs it beside the guest agent (/opt/tmem/scripts/, see
+scripts/build_image.py `guest_code`); it needs only `guestagent.preswap`.
 
 Each page holds a version; version 0 is all zeros (never written), version v > 0 is a header
 (page, version) and 4080 bytes cut from a random buffer at an offset derived from both, so no two
@@ -60,19 +64,36 @@ def swap_counters(proc_dir: str = "/proc") -> dict[str, int]:
     return out
 
 
+class _Memory:
+    """The buffer exercised, and the agent's counters of its region once done."""
+
+    def __init__(self, buf: memoryview) -> None:
+        self.buf = buf
+        self.agent: dict[str, Any] | None = None
+
+
 @contextmanager
-def _anonymous(nbytes: int) -> Iterator[memoryview]:
+def _buffer(socket: str, nbytes: int, budget: int, anonymous: bool, progress: bool) -> Iterator[_Memory]:
+    """The memory to exercise: a preswap region (and its agent's counters afterwards), or plain
+    anonymous memory (the kernel's swap pages it out: the baseline)."""
+    if not anonymous:
+        with preswap.Region(nbytes, socket, budget_pages=budget) as region:
+            if progress:
+                print(json.dumps({"region": region.id}), flush=True)
+            memory = _Memory(region.buf)
+            yield memory
+            memory.agent = preswap.stats(socket)["regions"][str(region.id)]
+        return
     mm = mmap.mmap(-1, nbytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    buf = memoryview(mm)
     try:
-        yield buf
+        with memoryview(mm) as buf:
+            yield _Memory(buf)
     finally:
-        buf.release()
         mm.close()
 
 
 def run(
-    socket_path: str,
+    socket: str,
     pages: int,
     budget: int,
     ops: int,
@@ -90,38 +111,20 @@ def run(
     versions = [0] * pages
     swap0, majflt0 = swap_counters(), resource.getrusage(resource.RUSAGE_SELF).ru_majflt
     started = time.perf_counter()
-    if anonymous:
-        with _anonymous(pages * PAGE) as buf:
-            out = _exercise(
-                buf,
-                pattern,
-                versions,
-                ops,
-                seed=seed,
-                write_ratio=write_ratio,
-                hot_pages=hot_pages,
-                hot_ops=hot_ops,
-                fill=fill,
-            )
-            out["seconds"] = round(time.perf_counter() - started, 3)
-            out["agent"] = None
-    else:
-        with preswap.Region(pages * PAGE, socket_path, budget_pages=budget) as region:
-            if progress:
-                print(json.dumps({"region": region.id}), flush=True)
-            out = _exercise(
-                region.buf,
-                pattern,
-                versions,
-                ops,
-                seed=seed,
-                write_ratio=write_ratio,
-                hot_pages=hot_pages,
-                hot_ops=hot_ops,
-                fill=fill,
-            )
-            out["seconds"] = round(time.perf_counter() - started, 3)
-            out["agent"] = preswap.stats(socket_path)["regions"][str(region.id)]
+    with _buffer(socket, pages * PAGE, budget, anonymous, progress) as memory:
+        out = _exercise(
+            memory.buf,
+            pattern,
+            versions,
+            ops,
+            seed=seed,
+            write_ratio=write_ratio,
+            hot_pages=hot_pages,
+            hot_ops=hot_ops,
+            fill=fill,
+        )
+        out["seconds"] = round(time.perf_counter() - started, 3)
+    out["agent"] = memory.agent
     swap1 = swap_counters()
     out["swap"] = {k: swap1[k] - swap0[k] for k in swap1}
     out["majflt"] = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - majflt0
@@ -171,7 +174,7 @@ def _exercise(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m guestagent.preswap_workload")
+    parser = argparse.ArgumentParser(prog="python -m scripts.preswap_workload")
     parser.add_argument("--socket", default=preswap.DEFAULT_SOCKET)
     parser.add_argument("--pages", type=int, default=4096)
     parser.add_argument("--budget", type=int, default=1024)
@@ -187,20 +190,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help="plain anonymous memory instead of a region (the kernel's swap)",
     )
-    args = parser.parse_args(argv)
-    result = run(
-        args.socket,
-        args.pages,
-        args.budget,
-        args.ops,
-        seed=args.seed,
-        write_ratio=args.write_ratio,
-        hot_pages=args.hot_pages,
-        hot_ops=args.hot_ops,
-        progress=args.progress,
-        fill=args.fill,
-        anonymous=args.anonymous,
-    )
+    result = run(**vars(parser.parse_args(argv)))
     print(json.dumps(result), flush=True)
     sys.exit(1 if result["mismatches"] else 0)
 
