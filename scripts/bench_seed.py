@@ -41,7 +41,7 @@ from typing import Any
 from guestagent.protocol.jsonline import is_listening
 from scripts import lab, seed_figures
 from scripts.demo import tmem_ready
-from scripts.guest import AGENT_UNIT, Guest
+from scripts.guest import Guest
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_LAB = ROOT / "vmconfigs" / "demo.toml"
@@ -111,7 +111,7 @@ def prepare_guest(guest: Guest, config: str) -> str:
     if config == "tmem":
         guest.wait_until(lambda: tmem_ready(guest), 180, "the guest agent's precache mount and preswap")
     else:
-        guest.run("systemctl", "stop", AGENT_UNIT)
+        guest.stop_agent()  # from the daemon's namespace: /usr may be its mount
     if config == "zswap":
         guest.run("sh", "-c", "echo 1 > /sys/module/zswap/parameters/enabled")
         if guest.run("cat", "/sys/module/zswap/parameters/enabled").strip() != "Y":
