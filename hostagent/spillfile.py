@@ -63,7 +63,7 @@ class SpillFile:
             os.pwrite(self._fd, data, page * PAGE_SIZE)
         self.punch(punches)
         if sync:
-            os.fdatasync(self._fd)
+            self.sync()
 
     def punch(self, pages: Iterable[int]) -> None:
         for page in pages:

@@ -93,13 +93,17 @@ class Guest:
             raise GuestCommandFailed(f"{self.name}: guestagent check: {result}")
         return result
 
+    def agent_pid(self) -> str:
+        """The guest agent unit's main pid as systemd says it ("0" when it is not running)."""
+        return self.run("systemctl", "show", "-p", "MainPID", "--value", AGENT_UNIT).strip()
+
     def agent_systemctl(self, *args: str) -> str:
         """systemctl ARGS, for a command that ends the running guest agent (stop, restart, kill):
         run in the daemon's own mount namespace, where /usr is the tree underneath.  Exec'd through
         the daemon's precache mount over /usr, systemctl could die of SIGBUS paging its code in
         after the daemon it stopped is gone (docs/precache.md, limits).  nsenter execs systemctl in
         place, so nothing of the mount stays mapped."""
-        pid = self.run("systemctl", "show", "-p", "MainPID", "--value", AGENT_UNIT).strip()
+        pid = self.agent_pid()
         if pid not in ("", "0"):
             rc, out, err = self.exec("nsenter", f"--mount=/proc/{pid}/ns/mnt", "systemctl", *args)
             if rc == 0:

@@ -90,7 +90,7 @@ def test_default_mount_shows_precache_hits_growing_in_hostagent_stats(running: d
     # where /usr is the tree underneath (its own mount namespace)
     print("system state:", G.exec("systemctl", "is-system-running")[1].strip())
     assert G.run("systemctl", "--failed", "--no-legend", "--plain").strip() == ""
-    pid = G.run("systemctl", "show", "-p", "MainPID", "--value", AGENT_UNIT).strip()
+    pid = G.agent_pid()
     assert G.run("readlink", f"/proc/{pid}/ns/mnt") != G.run("readlink", "/proc/1/ns/mnt")
     assert G.exec("grep", "-q", " /usr fuse", f"/proc/{pid}/mounts")[0] != 0
     made = json.loads(
@@ -138,7 +138,7 @@ def test_a_build_in_the_covered_tree_survives_the_daemon_and_its_rereads_come_fr
     G.run("sh", "-c", f"cd {PROJECT} && {BUILD}", timeout=1800)  # a whole build, through the mount
     pid = G.spawn("sh", "-c", f"cd {PROJECT} && {BUILD}")
     G.wait_until(lambda: G.exec("test", "-e", f"{PROJECT}/adler32.o")[0] == 0, 600, "the build under way")
-    killed = G.run("systemctl", "show", "-p", "MainPID", "--value", AGENT_UNIT).strip()
+    killed = G.agent_pid()
     G.agent_systemctl("kill", "-s", "KILL", "--kill-whom=main", AGENT_UNIT)
     rc, out, err = G.wait(pid, 1800, "the interrupted build")
     print(f"the build the daemon died under: exit {rc} {(out + err)[-300:]!r}")
@@ -148,7 +148,7 @@ def test_a_build_in_the_covered_tree_survives_the_daemon_and_its_rereads_come_fr
     G.wait_until(lambda: G.exec("test", "-e", f"{PROJECT}/Makefile")[0] == 0, 60, "the tree usable")
     G.run("sh", "-c", f"cd {PROJECT} && {BUILD}", timeout=1800)
     G.wait_until(mounted, 120, "the daemon and its mount back (systemd)")
-    assert G.run("systemctl", "show", "-p", "MainPID", "--value", AGENT_UNIT).strip() != killed
+    assert G.agent_pid() != killed
     assert covered() == 1
     G.run("sh", "-c", f"cd {PROJECT} && {BUILD}", timeout=1800)  # through the new mount: puts
     before = G.agent_stats()["precache"]
